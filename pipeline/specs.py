@@ -1,0 +1,71 @@
+"""Plain, frozen value types that cross module boundaries inside `pipeline`.
+
+These are the contracts between config parsing (`config.py`, `jobs.py`), the model side
+(`models.py`, `evaluate.py`) and the orchestration side (`worker.py`, `run.py`). They hold no
+torch, ray or transformers objects, so a config check or `--help` never pays for those imports.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class ModelRef:
+    """Where a model comes from and how it is loaded.
+
+    `name_or_path` is a Hugging Face hub id or a local directory (after ladder resolution,
+    always something `AutoModelForCausalLM.from_pretrained` takes).
+    """
+
+    name_or_path: str
+    torch_dtype: str = "auto"  # "auto": bfloat16 on CUDA, float32 on CPU
+    revision: str | None = None
+    gguf_file: str | None = None
+    quantize_embeddings: bool = False
+    quantize_lm_head: bool = False
+
+
+@dataclass(frozen=True)
+class PerplexitySpec:
+    """One text set scored by strided perplexity."""
+
+    name: str  # e.g. "wikitext2"; becomes the `task` column
+    path: str  # absolute, or relative to EvalSpec.data_root; .xz files are read transparently
+    context_length: int = 512  # tokens per window
+    stride: int = 512  # tokens between window starts; == context_length means disjoint windows
+    max_tokens: int | None = None  # a fixed leading slice of the tokenized text; None: all of it
+
+
+@dataclass(frozen=True)
+class EvalSpec:
+    """What a job measures after quantizing."""
+
+    perplexity: tuple[PerplexitySpec, ...] = ()
+    tasks: tuple[str, ...] = ()  # lm-eval task names (the offline ones in pipeline/tasks/ by default)
+    limit: int | None = None  # examples per lm-eval task; None: all
+    batch_size: int = 32
+    data_root: str = "../shared/data"
+
+
+@dataclass(frozen=True)
+class MetricValue:
+    """One measured number; becomes one results row."""
+
+    task: str
+    metric: str  # e.g. "perplexity", "nats_per_token", "bits_per_byte", "acc", "acc_norm"
+    value: float
+    stderr: float | None = None
+    n_examples: int | None = None
+
+
+@dataclass(frozen=True)
+class QuantReport:
+    """Exact parameter and bit counts of a model after `quantize_model_`."""
+
+    n_params: int  # every parameter of the model
+    n_quantized_params: int  # parameters stored in k bits
+    n_kept_params: int  # parameters of quantized matrices kept in 16 bits (proxy columns)
+    total_model_bits: int  # sum over all parameters, constants and codebooks included
+    bits_per_param: float  # over the quantized matrices only (k + 16/B + ...), the paper's definition
+    extra: dict[str, float] = field(default_factory=dict)
