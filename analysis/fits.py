@@ -1,0 +1,204 @@
+"""Parametric bit-level scaling laws with residual-bootstrap confidence intervals.
+
+Two laws, each fit per (model family, quantization setting) on that setting's curves plus the
+family's 16-bit baseline, so that every precision shares one structure:
+
+- `shared_slope`: metric = a_k + b * log2(total model bits), one intercept a_k per bit width k and
+  one slope b for all (the paper's "almost parallel" curves made explicit);
+- `effective_params` (Kumar et al. 2024): L = A * (N * (1 - exp(-k / gamma)))^(-alpha) + E for a
+  loss L (cross-entropy), N parameters and k bits: fewer bits act as fewer effective parameters.
+
+Intervals come from a residual bootstrap: refit on fitted values plus resampled residuals.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+from scipy.optimize import OptimizeResult, least_squares
+
+from analysis.curves import with_baseline
+from analysis.errors import AnalysisError
+from analysis.tidy import BASELINE_SETTING
+
+log = logging.getLogger(__name__)
+
+CI_LEVEL = 0.95
+PARAM_COLUMNS = ["model_family", "setting", "law", "param", "estimate", "ci_low", "ci_high"]
+QUALITY_COLUMNS = ["model_family", "setting", "law", "n_points", "n_fit_params", "r2", "rmse"]
+
+
+@dataclass(frozen=True)
+class FitResult:
+    """Fitted parameters with CIs, per-point predictions, and goodness of fit (R², RMSE) per group."""
+
+    params: pd.DataFrame  # PARAM_COLUMNS
+    predictions: pd.DataFrame  # curve points + law, predicted, residual
+    quality: pd.DataFrame  # QUALITY_COLUMNS
+    skipped: pd.DataFrame  # model_family, setting, law, reason
+
+
+FitDraws = tuple[dict[str, np.ndarray], np.ndarray]  # (param -> [estimate, *replicates]), fitted values
+Fitter = Callable[[pd.DataFrame, int, np.random.Generator], FitDraws]
+
+
+def fit_law(points: pd.DataFrame, law: str, n_boot: int = 200, seed: int = 0) -> FitResult:
+    """Fit `law` ('shared_slope' or 'effective_params') to every (family, setting) of `points`.
+
+    Groups where the law is not identifiable (one size, too few points, one precision for
+    `effective_params`) are listed in `skipped` with the reason, not fit.
+
+    Raises:
+        AnalysisError: unknown law.
+    """
+    if law not in LAWS:
+        raise AnalysisError(f"unknown law {law!r}; allowed: {sorted(LAWS)}")
+    fitter, min_precisions = LAWS[law]
+    rng = np.random.default_rng(seed)
+    params, predictions, quality, skipped = [], [], [], []
+    for family, setting in _groups(points):
+        group = with_baseline(points, family, setting).reset_index(drop=True)
+        head = {"model_family": family, "setting": setting, "law": law}
+        reason = _unfit_reason(group, min_precisions, n_fit_params=_n_params(law, group))
+        if reason:
+            skipped.append({**head, "reason": reason})
+            continue
+        draws, predicted = fitter(group, n_boot, rng)
+        params.extend(_summarize(head, draws))
+        predictions.append(group.assign(law=law, predicted=predicted, residual=group["value"] - predicted))
+        quality.append(
+            {
+                **head,
+                **_quality(group["value"].to_numpy(), predicted),
+                "n_points": len(group),
+                "n_fit_params": _n_params(law, group),
+            }
+        )
+    return FitResult(
+        params=pd.DataFrame(params, columns=PARAM_COLUMNS),
+        predictions=pd.concat(predictions, ignore_index=True) if predictions else pd.DataFrame(),
+        quality=pd.DataFrame(quality, columns=QUALITY_COLUMNS),
+        skipped=pd.DataFrame(skipped, columns=["model_family", "setting", "law", "reason"]),
+    )
+
+
+def _groups(points: pd.DataFrame) -> list[tuple[str, str]]:
+    pairs = points[["model_family", "setting"]].drop_duplicates()
+    families_with_other = set(pairs.loc[pairs["setting"] != BASELINE_SETTING, "model_family"])
+    keep = (pairs["setting"] != BASELINE_SETTING) | ~pairs["model_family"].isin(families_with_other)
+    return sorted(map(tuple, pairs[keep].to_numpy().tolist()))
+
+
+def _n_params(law: str, group: pd.DataFrame) -> int:
+    return group["bits"].nunique() + 1 if law == "shared_slope" else 4
+
+
+def _unfit_reason(group: pd.DataFrame, min_precisions: int, n_fit_params: int) -> str:
+    if group["n_params"].nunique() < 2:
+        return f"needs >= 2 model sizes, has {group['n_params'].nunique()}"
+    if group["bits"].nunique() < min_precisions:
+        return f"needs >= {min_precisions} bit widths, has {group['bits'].nunique()}"
+    if len(group) <= n_fit_params:
+        return f"needs more points than parameters ({len(group)} <= {n_fit_params})"
+    return ""
+
+
+def _summarize(head: dict[str, str], draws: dict[str, np.ndarray]) -> list[dict[str, object]]:
+    """draws[name][0] is the point estimate, draws[name][1:] the bootstrap replicates."""
+    tail = (1 - CI_LEVEL) / 2 * 100
+    rows = []
+    for name, values in draws.items():
+        boot = values[1:][np.isfinite(values[1:])]
+        low, high = np.percentile(boot, [tail, 100 - tail]) if len(boot) else (np.nan, np.nan)
+        rows.append({**head, "param": name, "estimate": float(values[0]), "ci_low": low, "ci_high": high})
+    return rows
+
+
+def _quality(observed: np.ndarray, predicted: np.ndarray) -> dict[str, float]:
+    residual = observed - predicted
+    total = np.sum((observed - observed.mean()) ** 2)
+    r2 = 1.0 - np.sum(residual**2) / total if total > 0 else np.nan
+    return {"r2": float(r2), "rmse": float(np.sqrt(np.mean(residual**2)))}
+
+
+def _bootstrap_targets(
+    fitted: np.ndarray, residual: np.ndarray, n_boot: int, rng: np.random.Generator
+) -> np.ndarray:
+    """n_boot x n synthetic targets: fitted values plus residuals drawn with replacement (centered)."""
+    centered = residual - residual.mean()
+    picks = rng.integers(0, len(residual), size=(n_boot, len(residual)))
+    return fitted[None, :] + centered[picks]
+
+
+def _fit_shared_slope(group: pd.DataFrame, n_boot: int, rng: np.random.Generator) -> FitDraws:
+    bits = sorted(group["bits"].unique())
+    design = np.column_stack([(group["bits"] == k).to_numpy(float) for k in bits] + [group["log2_bits"]])
+    y = group["value"].to_numpy(float)
+    pinv = np.linalg.pinv(design)
+    coef = pinv @ y
+    fitted = design @ coef
+    targets = _bootstrap_targets(fitted, y - fitted, n_boot, rng)
+    all_coef = np.column_stack([coef, pinv @ targets.T])  # (n_params, 1 + n_boot)
+    names = [f"a_{int(k)}" for k in bits] + ["b"]
+    return dict(zip(names, all_coef, strict=True)), fitted
+
+
+def effective_params_loss(n_params: np.ndarray, bits: np.ndarray, theta: dict[str, float]) -> np.ndarray:
+    """Kumar et al.'s law: A * (N * (1 - exp(-k / gamma)))^(-alpha) + E."""
+    n_eff = n_params * (1.0 - np.exp(-bits / theta["gamma"]))
+    return theta["A"] * n_eff ** (-theta["alpha"]) + theta["E"]
+
+
+def _fit_effective_params(group: pd.DataFrame, n_boot: int, rng: np.random.Generator) -> FitDraws:
+    n = group["n_params"].to_numpy(float)
+    k = group["bits"].to_numpy(float)
+    y = group["value"].to_numpy(float)
+    n_ref = float(np.exp(np.mean(np.log(n))))
+    best = min((_solve_effective(n / n_ref, k, y, start) for start in _starts(y)), key=lambda r: r.cost)
+    fitted = _effective_model(best.x, n / n_ref, k)
+    targets = _bootstrap_targets(fitted, y - fitted, n_boot, rng)
+    replicates = [best.x] + [_solve_effective(n / n_ref, k, t, best.x).x for t in targets]
+    raw = np.array(replicates)  # (1 + n_boot, 4): log A', alpha, log gamma, E
+    draws = {
+        "A": np.exp(raw[:, 0]) * n_ref ** raw[:, 1],  # A' (N / n_ref)^-alpha = A' n_ref^alpha N^-alpha
+        "alpha": raw[:, 1],
+        "gamma": np.exp(raw[:, 2]),
+        "E": raw[:, 3],
+    }
+    return draws, fitted
+
+
+def _effective_model(x: np.ndarray, n_scaled: np.ndarray, k: np.ndarray) -> np.ndarray:
+    log_a, alpha, log_gamma, e = x
+    n_eff = n_scaled * (1.0 - np.exp(-k / np.exp(log_gamma)))
+    return np.exp(log_a) * n_eff ** (-alpha) + e
+
+
+def _starts(y: np.ndarray) -> list[np.ndarray]:
+    e0 = 0.5 * float(np.min(y))
+    log_a0 = float(np.log(max(float(np.mean(y)) - e0, 1e-6)))
+    return [np.array([log_a0, alpha, np.log(gamma), e0]) for alpha in (0.1, 0.5) for gamma in (0.5, 2.0, 8.0)]
+
+
+def _solve_effective(n_scaled: np.ndarray, k: np.ndarray, y: np.ndarray, start: np.ndarray) -> OptimizeResult:
+    upper_e = max(float(np.min(y)), 1e-9)
+    lower = np.array([-30.0, 1e-4, np.log(0.05), 0.0])
+    upper = np.array([30.0, 4.0, np.log(256.0), upper_e])
+    x0 = np.clip(start, lower + 1e-9, upper - 1e-9)
+    return least_squares(
+        lambda x: _effective_model(x, n_scaled, k) - y,
+        x0,
+        bounds=(lower, upper),
+        x_scale="jac",
+        max_nfev=2000,
+    )
+
+
+LAWS: dict[str, tuple[Fitter, int]] = {
+    "shared_slope": (_fit_shared_slope, 1),
+    "effective_params": (_fit_effective_params, 2),
+}

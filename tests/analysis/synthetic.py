@@ -1,0 +1,155 @@
+"""Synthetic studies written as real Parquet through `pipeline.results.write_job_rows`.
+
+Metrics follow known laws so tests can check that the analysis recovers them:
+mean accuracy = a_k + b * log2(total model bits), and cross-entropy =
+A * (N * (1 - exp(-k / gamma)))^(-alpha) + E (Kumar et al. 2024).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from pipeline.results import write_job_rows
+
+TASK_OFFSETS = {"lambada_openai": 0.05, "piqa": 0.1, "hellaswag": -0.1, "winogrande": -0.05}  # sum 0
+
+
+@dataclass(frozen=True)
+class Law:
+    """The true laws behind a synthetic study."""
+
+    intercepts: Mapping[int, float] = field(
+        default_factory=lambda: {3: -1.03, 4: -1.0, 5: -1.02, 6: -1.035, 8: -1.06, 16: -1.2}
+    )
+    slope: float = 0.05
+    A: float = 40.0
+    alpha: float = 0.3
+    gamma: float = 1.5
+    E: float = 1.8
+
+    def accuracy(self, bits: int, total_bits: float) -> float:
+        return self.intercepts[bits] + self.slope * math.log2(total_bits)
+
+    def loss(self, n_params: float, bits: int) -> float:
+        n_eff = n_params * (1 - math.exp(-bits / self.gamma))
+        return self.A * n_eff ** (-self.alpha) + self.E
+
+
+@dataclass(frozen=True)
+class Config:
+    """One synthetic job's model and quantization."""
+
+    n_params: int
+    bits: int
+    dtype: str = "fp"
+    block_size: int | None = 64
+    outlier_fraction: float = 0.0
+    family: str = "toy"
+
+    @property
+    def bits_per_param(self) -> float:
+        if self.bits >= 16:
+            return 16.0
+        constants = 16 / self.block_size if self.block_size else 0.0
+        return self.bits + constants + self.outlier_fraction * (16 - self.bits)
+
+    @property
+    def key(self) -> str:
+        return hashlib.sha256(repr(self).encode()).hexdigest()[:16]
+
+
+def job_rows(
+    cfg: Config, metrics: Iterable[tuple[str, str, float, float | None]], study: str = "synthetic"
+) -> list[dict[str, Any]]:
+    """Result rows of one finished job; `metrics` are (task, metric, value, stderr)."""
+    head = {
+        "job_key": cfg.key,
+        "study": study,
+        "model": f"{cfg.family}-{cfg.n_params}",
+        "model_family": cfg.family,
+        "n_params": cfg.n_params,
+        "n_quantized_params": cfg.n_params if cfg.bits < 16 else 0,
+        "n_kept_params": 0,
+        "dtype": cfg.dtype if cfg.bits < 16 else "none",
+        "bits": cfg.bits,
+        "block_size": cfg.block_size if cfg.bits < 16 else None,
+        "exponent_bits": 2 if cfg.dtype == "fp" and cfg.bits < 16 else None,
+        "outlier_fraction": cfg.outlier_fraction,
+        "centering": False,
+        "bits_per_param": cfg.bits_per_param,
+        "total_model_bits": round(cfg.n_params * cfg.bits_per_param),
+        "status": "ok",
+        "device": "cpu",
+    }
+    return [{**head, "task": t, "metric": m, "value": v, "stderr": s} for t, m, v, s in metrics]
+
+
+def law_metrics(
+    cfg: Config, law: Law, noise: float, rng: np.random.Generator, acc_offset: float = 0.0
+) -> list[tuple[str, str, float, float | None]]:
+    """Accuracy on the paper's four tasks and perplexity metrics on 'wikitext2' from `law`."""
+    total_bits = cfg.n_params * cfg.bits_per_param
+    acc = law.accuracy(cfg.bits, total_bits) + acc_offset + noise * rng.standard_normal()
+    nats = law.loss(cfg.n_params, cfg.bits) + noise * rng.standard_normal()
+    rows: list[tuple[str, str, float, float | None]] = [
+        (task, "acc", acc + offset, noise * 2 if noise else None) for task, offset in TASK_OFFSETS.items()
+    ]
+    rows += [
+        ("wikitext2", "nats_per_token", nats, None),
+        ("wikitext2", "perplexity", math.exp(nats), None),
+        ("wikitext2", "bits_per_byte", nats / math.log(2) / 4.0, None),
+        ("lambada_openai", "perplexity", 30.0, None),
+    ]
+    return rows
+
+
+def write_study(
+    study_dir: Path,
+    configs: Iterable[Config],
+    law: Law | None = None,
+    noise: float = 0.0,
+    seed: int = 0,
+    offset: Callable[[Config], float] | None = None,
+) -> list[Config]:
+    """Write one Parquet file per config; `offset(cfg)` shifts its accuracy (to rank settings)."""
+    law = law or Law()
+    rng = np.random.default_rng(seed)
+    configs = list(configs)
+    for cfg in configs:
+        shift = offset(cfg) if offset else 0.0
+        write_job_rows(study_dir, cfg.key, job_rows(cfg, law_metrics(cfg, law, noise, rng, shift)))
+    return configs
+
+
+def grid(
+    sizes: Iterable[int] = (2_000_000, 8_000_000, 32_000_000, 128_000_000),
+    bits: Iterable[int] = (3, 4, 5, 6, 8),
+    dtypes: Iterable[str] = ("fp",),
+    block_sizes: Iterable[int | None] = (64,),
+    outlier_fractions: Iterable[float] = (0.0,),
+    family: str = "toy",
+) -> list[Config]:
+    """The full grid plus one 16-bit baseline per size."""
+    sizes, bits = list(sizes), list(bits)
+    configs = [
+        Config(n, k, d, b, p, family)
+        for n in sizes
+        for k in bits
+        for d in dtypes
+        for b in block_sizes
+        for p in outlier_fractions
+    ]
+    return configs + [Config(n, 16, family=family) for n in sizes]
+
+
+def write_failed(study_dir: Path, cfg: Config, error: str = "CUDA out of memory") -> None:
+    """A failed job: one row with status 'failed' and its error."""
+    row = {**job_rows(cfg, [(None, None, None, None)])[0], "status": "failed", "error": error}  # type: ignore[list-item]
+    write_job_rows(study_dir, cfg.key, [row])
