@@ -1,0 +1,262 @@
+"""Load a causal LM, find its quantizable weights, quantize them in place, and restore them.
+
+Weights are addressed by parameter name (`model.layers.0.mlp.up_proj.weight`) and always seen as
+`[out_features, in_features]`: GPT-2's `Conv1D` stores `[in, out]`, so its weight is handed out as
+a transposed view (writing into the view writes the parameter). Embeddings and the LM head stay
+16-bit unless asked for; a tied LM head is the embedding matrix, so it is quantized once, and only
+when embeddings are quantized too.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import re
+from collections.abc import Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+from torch import Tensor, nn
+
+from pipeline.specs import ModelRef, QuantReport
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+    from kernels import QuantSpec
+
+log = logging.getLogger(__name__)
+
+TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+# Proxy quantization: model_type -> (attention output projection, inputs of the first FFN matrix),
+# as suffixes of parameter names inside one decoder layer.
+PROXY_PAIRS: dict[str, tuple[str, tuple[str, ...]]] = {
+    "llama": ("self_attn.o_proj.weight", ("mlp.gate_proj.weight", "mlp.up_proj.weight")),
+    "mistral": ("self_attn.o_proj.weight", ("mlp.gate_proj.weight", "mlp.up_proj.weight")),
+    "qwen2": ("self_attn.o_proj.weight", ("mlp.gate_proj.weight", "mlp.up_proj.weight")),
+    "qwen3": ("self_attn.o_proj.weight", ("mlp.gate_proj.weight", "mlp.up_proj.weight")),
+    "gpt_neox": ("attention.dense.weight", ("mlp.dense_h_to_4h.weight",)),
+    "opt": ("self_attn.out_proj.weight", ("fc1.weight",)),
+    "gpt2": ("attn.c_proj.weight", ("mlp.c_fc.weight",)),
+    "bloom": ("self_attention.dense.weight", ("mlp.dense_h_to_4h.weight",)),
+}
+
+
+class QuantizationError(RuntimeError):
+    """Quantization produced a non-finite weight (NaN or Inf)."""
+
+
+def check_model_ref(ref: ModelRef) -> None:
+    """Cheap validation before any job runs: dtype known, local path present or a hub id."""
+    if ref.torch_dtype != "auto" and ref.torch_dtype not in TORCH_DTYPES:
+        raise ValueError(f"torch_dtype {ref.torch_dtype!r} unknown; allowed: 'auto', {sorted(TORCH_DTYPES)}")
+    path = Path(ref.name_or_path).expanduser()
+    if path.exists():
+        if not path.is_dir():
+            raise ValueError(f"model path {ref.name_or_path!r} is a file; give a model directory")
+        if ref.gguf_file and not (path / ref.gguf_file).is_file():
+            raise ValueError(f"gguf_file {ref.gguf_file!r} not found in {ref.name_or_path!r}")
+        return
+    looks_local = ref.name_or_path.startswith(("/", ".", "~")) or not HUB_ID.match(ref.name_or_path)
+    if looks_local:
+        raise ValueError(
+            f"model {ref.name_or_path!r} is neither an existing local directory nor a hub id 'org/name'"
+        )
+
+
+def resolve_torch_dtype(torch_dtype: str, device: str) -> torch.dtype:
+    """`auto` is bfloat16 on CUDA and float32 elsewhere."""
+    if torch_dtype == "auto":
+        return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
+    if torch_dtype not in TORCH_DTYPES:
+        raise ValueError(f"torch_dtype {torch_dtype!r} unknown; allowed: 'auto', {sorted(TORCH_DTYPES)}")
+    return TORCH_DTYPES[torch_dtype]
+
+
+def load_model(ref: ModelRef, device: str) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """Load a causal LM and its tokenizer (hub id or local directory), in eval mode on `device`."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    check_model_ref(ref)
+    source = dict(revision=ref.revision, gguf_file=ref.gguf_file, trust_remote_code=False)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            ref.name_or_path, dtype=resolve_torch_dtype(ref.torch_dtype, device), **source
+        )
+        tokenizer = AutoTokenizer.from_pretrained(ref.name_or_path, **source)
+    except OSError as err:
+        raise ValueError(
+            f"could not load model {ref.name_or_path!r}: no such local directory, and the hub "
+            f"(offline here unless HF_HUB_OFFLINE is unset) did not provide it: {err}"
+        ) from err
+    if tokenizer.pad_token_id is None and tokenizer.eos_token_id is not None:
+        tokenizer.pad_token = tokenizer.eos_token
+    model = model.to(device).eval()
+    model.requires_grad_(False)
+    log.info("loaded %s (%s, %s) on %s", ref.name_or_path, model.config.model_type, model.dtype, device)
+    return model, tokenizer
+
+
+def _is_conv1d(module: nn.Module) -> bool:
+    # transformers' Conv1D (GPT-2 family), matched by name so this module needs no transformers import
+    return type(module).__name__ == "Conv1D" and hasattr(module, "nf") and hasattr(module, "nx")
+
+
+def _tied_lm_head(model: nn.Module) -> bool:
+    out, inp = model.get_output_embeddings(), model.get_input_embeddings()
+    return out is not None and inp is not None and out.weight is inp.weight
+
+
+def linear_weights(
+    model: nn.Module, *, include_embeddings: bool = False, include_lm_head: bool = False
+) -> dict[str, Tensor]:
+    """Every quantizable weight by parameter name, as an `[out, in]` view of the parameter.
+
+    nn.Linear and GPT-2's Conv1D (transposed view) always; nn.Embedding tables when
+    `include_embeddings`; the LM head when `include_lm_head`. A tied LM head is the embedding
+    matrix: it appears once, and asking for it without the embeddings is an error.
+    """
+    lm_head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    tied = lm_head is not None and _tied_lm_head(model)
+    if include_lm_head and tied and not include_embeddings:
+        raise ValueError(
+            "the LM head is tied to the input embeddings: quantizing it quantizes the embeddings too; "
+            "set quantize_embeddings=True as well, or keep quantize_lm_head=False"
+        )
+    weights: dict[str, Tensor] = {}
+    seen: set[int] = set()
+    for name, module in model.named_modules():
+        weight = getattr(module, "weight", None)
+        if not isinstance(weight, nn.Parameter) or id(weight) in seen:
+            continue
+        if module is lm_head and not include_lm_head:
+            continue
+        if isinstance(module, nn.Linear) or (isinstance(module, nn.Embedding) and include_embeddings):
+            view = weight.data
+        elif _is_conv1d(module):
+            view = weight.data.t()
+        else:
+            continue
+        seen.add(id(weight))
+        weights[f"{name}.weight"] = view
+    return weights
+
+
+def snapshot_weights(model: nn.Module) -> dict[str, Tensor]:
+    """A pristine copy of every parameter, on the same device (tied parameters once)."""
+    return {name: param.detach().clone() for name, param in model.named_parameters()}
+
+
+@torch.no_grad()
+def restore_weights_(model: nn.Module, snapshot: Mapping[str, Tensor]) -> None:
+    """Copy a snapshot back into the model's parameters in place (no reallocation)."""
+    params = dict(model.named_parameters())
+    if params.keys() != snapshot.keys():
+        missing, extra = sorted(params.keys() - snapshot.keys()), sorted(snapshot.keys() - params.keys())
+        raise KeyError(f"snapshot does not match the model: missing {missing[:5]}, unexpected {extra[:5]}")
+    for name, param in params.items():
+        param.copy_(snapshot[name])
+
+
+def n_outlier_columns(n_columns: int, fraction: float) -> int:
+    """How many of `n_columns` hidden units a fraction marks: round(fraction * n), at least 1."""
+    return 0 if fraction == 0 else max(1, round(fraction * n_columns))
+
+
+def _check_fraction(fraction: float) -> None:
+    if not 0.0 <= fraction < 1.0:
+        raise ValueError(f"outlier_fraction must be in [0, 1), got {fraction}")
+
+
+def outlier_columns(model: nn.Module, fraction: float) -> dict[str, Tensor]:
+    """Proxy quantization: input columns of each layer's first FFN matrix to keep in 16 bits.
+
+    The hidden units whose row of the attention output projection (`[hidden, in]`) has the top
+    `fraction` standard deviation are the outlier dimensions; the same indices are input columns of
+    the first FFN matrix (or matrices, for gated MLPs). Returns {FFN weight name: sorted indices}.
+    """
+    _check_fraction(fraction)
+    if fraction == 0:
+        return {}
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    if model_type not in PROXY_PAIRS:
+        raise ValueError(
+            f"proxy quantization (outlier_fraction > 0) does not know model_type {model_type!r}; "
+            f"known: {sorted(PROXY_PAIRS)}"
+        )
+    attn_suffix, ffn_suffixes = PROXY_PAIRS[model_type]
+    weights = linear_weights(model)
+    columns: dict[str, Tensor] = {}
+    for name, attn_out in weights.items():
+        if not name.endswith(attn_suffix):
+            continue
+        prefix = name[: -len(attn_suffix)]
+        std = attn_out.float().std(dim=1)
+        top = torch.topk(std, n_outlier_columns(std.numel(), fraction)).indices.sort().values
+        for suffix in ffn_suffixes:
+            ffn_name = prefix + suffix
+            if ffn_name not in weights or weights[ffn_name].shape[1] != std.numel():
+                raise ValueError(f"no first FFN matrix {ffn_name!r} of width {std.numel()} after {name!r}")
+            columns[ffn_name] = top
+    if not columns:
+        raise ValueError(f"no attention output projection '*{attn_suffix}' found in this {model_type} model")
+    return columns
+
+
+def _n_params(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+@torch.no_grad()
+def quantize_model_(
+    model: nn.Module,
+    spec: QuantSpec | None,
+    outlier_fraction: float = 0.0,
+    *,
+    include_embeddings: bool = False,
+    include_lm_head: bool = False,
+) -> QuantReport:
+    """Fake-quantize every quantizable weight in place and count parameters and bits exactly.
+
+    `spec=None` is the 16-bit baseline: weights untouched, every parameter counted at 16 bits.
+    Quantized matrices cost `kernels.bits_per_param(spec, shape, n_keep) * numel` bits (constants,
+    codebooks and kept proxy columns included); every other parameter costs 16 bits.
+    """
+    _check_fraction(outlier_fraction)
+    n_params = _n_params(model)
+    if spec is None:
+        return QuantReport(n_params, 0, 0, 16 * n_params, 16.0)
+    from kernels import bits_per_param, fake_quantize
+
+    weights = linear_weights(model, include_embeddings=include_embeddings, include_lm_head=include_lm_head)
+    keep = outlier_columns(model, outlier_fraction)
+    n_quant = n_kept = quant_bits = 0
+    finite: list[Tensor] = []
+    for name, view in weights.items():
+        cols = keep.get(name)
+        q = fake_quantize(view, spec, keep_columns=cols)
+        finite.append(torch.isfinite(q).all())
+        view.copy_(q)
+        n_keep_cols = 0 if cols is None else cols.numel()
+        n_kept += n_keep_cols * view.shape[0]
+        n_quant += view.numel() - n_keep_cols * view.shape[0]
+        quant_bits += round(
+            bits_per_param(spec, tuple(view.shape), n_keep_columns=n_keep_cols) * view.numel()
+        )
+    flags = torch.stack(finite).tolist() if finite else []
+    bad = [name for name, ok in zip(weights, flags, strict=True) if not ok]
+    if bad:
+        raise QuantizationError(f"non-finite values after quantizing with {spec}: {bad[:5]}")
+    n_matrix = n_quant + n_kept
+    total_bits = quant_bits + 16 * (n_params - n_matrix)
+    return QuantReport(
+        n_params=n_params,
+        n_quantized_params=n_quant,
+        n_kept_params=n_kept,
+        total_model_bits=total_bits,
+        bits_per_param=quant_bits / n_matrix if n_matrix else math.nan,
+        extra={"n_matrices": float(len(weights))},
+    )
