@@ -1,0 +1,271 @@
+"""The `CODEBOOKS` registry: every quantization data type as a sorted codebook in [-1, 1].
+
+A codebook is the set of values a normalized weight (weight / block absmax) may take; a code is an
+index into it. Data-independent codebooks (int, fp, nf, dynamic) are built once per
+(dtype, bits, exponent_bits) and cached; `quantile` is built from the tensor being quantized
+(see `quantile_codebook`).
+
+The nearest-code rule shared by the torch reference and the Triton kernel: with `mids` the
+float32-rounded midpoints of adjacent codebook values, a normalized value `x` gets code
+`#{j : mids[j] < x}`. A value exactly on a midpoint therefore maps to the lower code (toward -inf).
+"""
+
+from __future__ import annotations
+
+import difflib
+import functools
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Generic, TypeVar
+
+import torch
+from torch import Tensor
+
+T = TypeVar("T")
+
+MIN_BITS, MAX_BITS = 3, 16
+MAX_EXPONENT_BITS = 6  # E >= 7 puts normalized codes below float32's normal range (the arithmetic is float32)
+QUANTILE_MAX_SAMPLE = 1 << 20  # values used to estimate a quantile codebook (whole blocks, evenly strided)
+
+
+class Registry(Generic[T]):
+    """A name -> item map that rejects duplicates and answers an unknown name with close matches."""
+
+    def __init__(self, kind: str) -> None:
+        self._kind = kind
+        self._items: dict[str, T] = {}
+
+    def register(self, name: str, item: T) -> T:
+        if name in self._items:
+            raise ValueError(f"{self._kind} {name!r} is already registered")
+        self._items[name] = item
+        return item
+
+    def __getitem__(self, name: str) -> T:
+        if name not in self._items:
+            close = difflib.get_close_matches(str(name), list(self._items), n=3, cutoff=0.4)
+            hint = f"; did you mean {' or '.join(map(repr, close))}?" if close else ""
+            raise KeyError(f"unknown {self._kind} {name!r}{hint} (allowed: {', '.join(self._items)})")
+        return self._items[name]
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._items
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._items)
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+
+@dataclass(frozen=True)
+class DataType:
+    """One quantization data type.
+
+    Attributes:
+        name: registry key, e.g. "nf".
+        build: (bits, exponent_bits) -> float64 values, sorted, max |value| == 1; None when the
+            codebook depends on the tensor (quantile).
+        description: one line for docs and errors.
+    """
+
+    name: str
+    build: Callable[[int, int | None], Tensor] | None
+    description: str
+
+    @property
+    def data_dependent(self) -> bool:
+        return self.build is None
+
+
+@dataclass(frozen=True, eq=False)
+class Levels:
+    """A codebook ready for nearest-code search.
+
+    Attributes:
+        values: float32 [n], sorted ascending, in [-1, 1].
+        mids: float32 [2**bits]: (values[j] + values[j+1]) / 2 rounded once to float32, then padded
+            with +inf to a power of two so a branchless binary search needs exactly `bits` probes.
+    """
+
+    values: Tensor
+    mids: Tensor
+
+
+def default_exponent_bits(bits: int) -> int:
+    """The paper's rule "exponent bits >= half the bits" (2,2,3,3,4,4 for 3..8), capped at 5.
+
+    The cap makes 9..16-bit floats E5 (16 bits: IEEE half's E5M10 layout without inf/NaN).
+    """
+    return min((bits + 1) // 2, 5)
+
+
+def max_exponent_bits(bits: int) -> int:
+    """Largest exponent width allowed at `bits`: at least 0 mantissa bits and E <= 6."""
+    return min(bits - 1, MAX_EXPONENT_BITS)
+
+
+def _normalized(values: Tensor) -> Tensor:
+    values = torch.unique(values.to(torch.float64))  # sorted, merges +0/-0
+    return values / values.abs().max() + 0.0  # + 0.0 turns a -0.0 into +0.0
+
+
+def _int_values(bits: int, exponent_bits: int | None) -> Tensor:
+    m = 2 ** (bits - 1) - 1
+    return torch.arange(-m, m + 1, dtype=torch.float64) / m
+
+
+def _fp_values(bits: int, exponent_bits: int | None) -> Tensor:
+    e_bits = default_exponent_bits(bits) if exponent_bits is None else exponent_bits
+    m_bits = bits - 1 - e_bits
+    bias = 2 ** (e_bits - 1)
+    frac = torch.arange(2**m_bits, dtype=torch.float64) / 2**m_bits
+    subnormal = frac * 2.0 ** (1 - bias)
+    exps = torch.arange(1, 2**e_bits, dtype=torch.float64)
+    normal = ((1 + frac)[None, :] * torch.pow(2.0, exps - bias)[:, None]).reshape(-1)
+    positive = torch.cat([subnormal, normal])
+    return _normalized(torch.cat([-positive, positive]))
+
+
+def _nf_values(bits: int, exponent_bits: int | None) -> Tensor:
+    # QLoRA's construction generalized: 2^(k-1) positive and 2^(k-1)-1 negative normal quantiles plus 0.
+    # The offset is the midpoint of 1-1/(2(n-1)) and 1-1/(2n), rounded to 7 digits as QLoRA's 0.9677083
+    # is; float32 linspace and float32 normalization reproduce the published NF4 table bit for bit.
+    n = 2**bits
+    offset = round(0.5 * ((1 - 1 / (2 * (n - 1))) + (1 - 1 / (2 * n))), 7)
+    pos = torch.special.ndtri(torch.linspace(offset, 0.5, n // 2 + 1)[:-1].double())
+    neg = -torch.special.ndtri(torch.linspace(offset, 0.5, n // 2)[:-1].double())
+    values = torch.cat([pos, neg, torch.zeros(1, dtype=torch.float64)]).float().sort().values
+    return (values / values.max()).double()
+
+
+def _dynamic_values(bits: int, exponent_bits: int | None) -> Tensor:
+    # Sign bit; z leading zeros give the base-10 exponent 10^-z; a 1 bit ends them (indicator); the
+    # remaining F = bits-2-z bits select one of 2^F linear bins of [0.1, 1] (its midpoint), as in
+    # bitsandbytes' dynamic map. All-zero magnitude is 0; the spare "-0" pattern encodes +1.0.
+    magnitudes = []
+    for z in range(bits - 1):
+        f_bits = bits - 2 - z
+        edges = torch.linspace(0.1, 1.0, 2**f_bits + 1, dtype=torch.float64)
+        magnitudes.append(10.0 ** (-z) * (edges[:-1] + edges[1:]) / 2)
+    mag = torch.cat(magnitudes)
+    values = torch.cat([-mag, mag, torch.tensor([0.0, 1.0], dtype=torch.float64)])
+    return torch.sort(values).values
+
+
+CODEBOOKS: Registry[DataType] = Registry("quantization data type")
+CODEBOOKS.register("int", DataType("int", _int_values, "symmetric integer, 2^k-1 levels"))
+CODEBOOKS.register("fp", DataType("fp", _fp_values, "sign, E exponent, k-1-E mantissa bits, subnormals"))
+CODEBOOKS.register("nf", DataType("nf", _nf_values, "normal float: standard-normal quantiles plus 0"))
+CODEBOOKS.register("quantile", DataType("quantile", None, "the tensor's empirical quantiles plus 0"))
+CODEBOOKS.register("dynamic", DataType("dynamic", _dynamic_values, "dynamic base-10 exponent"))
+
+
+def check_bits(bits: object) -> int:
+    """Return `bits` if it is an int in 3..16, else raise ValueError."""
+    if isinstance(bits, bool) or not isinstance(bits, int) or not MIN_BITS <= bits <= MAX_BITS:
+        raise ValueError(f"bits={bits!r} is not allowed; bits must be an int in {MIN_BITS}..{MAX_BITS}")
+    return bits
+
+
+def check_exponent_bits(dtype: str, bits: int, exponent_bits: object) -> int | None:
+    """Validate `exponent_bits` for (dtype, bits); only "fp" takes one."""
+    if exponent_bits is None:
+        return None
+    if dtype != "fp":
+        raise ValueError(f"exponent_bits={exponent_bits!r} is only allowed for dtype 'fp', not {dtype!r}")
+    hi = max_exponent_bits(bits)
+    if isinstance(exponent_bits, bool) or not isinstance(exponent_bits, int) or not 1 <= exponent_bits <= hi:
+        raise ValueError(
+            f"exponent_bits={exponent_bits!r} is impossible for a {bits}-bit float; allowed: 1..{hi} "
+            f"(at least 0 mantissa bits, and E <= {MAX_EXPONENT_BITS} so codes stay in float32's "
+            "normal range)"
+        )
+    return exponent_bits
+
+
+def levels_from_values(values: Tensor) -> Levels:
+    """Levels (float32 values and padded midpoints) from sorted values, on the values' device."""
+    values32 = values.to(torch.float32)
+    n = values32.numel()
+    size = 1 << max(1, (n - 1).bit_length())  # power of two >= n
+    pair = values32.to(torch.float64)
+    mids = ((pair[:-1] + pair[1:]) / 2).to(torch.float32)
+    pad = torch.full((size - mids.numel(),), float("inf"), dtype=torch.float32, device=values.device)
+    return Levels(values=values32.contiguous(), mids=torch.cat([mids, pad]).contiguous())
+
+
+@functools.lru_cache(maxsize=256)
+def static_levels(dtype: str, bits: int, exponent_bits: int | None, device: torch.device) -> Levels:
+    """Cached levels of a data-independent codebook on `device` (cheap to call per weight).
+
+    Callers must not modify the returned tensors.
+    """
+    if device.type != "cpu":
+        cpu = static_levels(dtype, bits, exponent_bits, torch.device("cpu"))
+        return Levels(values=cpu.values.to(device), mids=cpu.mids.to(device))
+    kind = CODEBOOKS[dtype]
+    check_bits(bits)
+    check_exponent_bits(dtype, bits, exponent_bits)
+    if kind.build is None:
+        raise ValueError(
+            f"dtype {dtype!r} is data-dependent: its codebook is built from a tensor "
+            "(pass the tensor: codebook('quantile', bits, w=w), or call fake_quantize)"
+        )
+    return levels_from_values(kind.build(bits, exponent_bits))
+
+
+def quantile_values(normalized_sample: Tensor, bits: int) -> Tensor:
+    """The quantile codebook from a sample of block-normalized values (float32, sorted, max |v| == 1).
+
+    With n = 2^k - 1 equal-mass bins of the empirical CDF Q, code i is the midpoint of Q at its bin's
+    edges, q_i = (Q(i / n) + Q((i+1) / n)) / 2 (the paper's midpoint formula, with the denominator set
+    so the n codes plus an exact 0 fill the 2^k slots); then all are divided by max |q|. Q interpolates
+    linearly between order statistics (float64). Codes repeat if the sample has fewer distinct values
+    than codes (harmless: of equal values the lowest index is always chosen).
+    Runs on the sample's device without a host sync.
+    """
+    s = torch.sort(normalized_sample.reshape(-1).to(torch.float64)).values
+    n_codes = 2**bits - 1
+    probs = torch.arange(n_codes + 1, dtype=torch.float64, device=s.device) / n_codes
+    pos = probs * (s.numel() - 1)
+    lo = pos.floor().long()
+    hi = torch.clamp(lo + 1, max=s.numel() - 1)
+    frac = pos - lo.to(torch.float64)
+    edges = s[lo] + (s[hi] - s[lo]) * frac
+    q = (edges[:-1] + edges[1:]) / 2
+    q = torch.cat([q, torch.zeros(1, dtype=torch.float64, device=s.device)])
+    scale = q.abs().max()
+    q = q / torch.where(scale > 0, scale, torch.ones_like(scale))
+    return torch.sort(q.to(torch.float32)).values
+
+
+def codebook(
+    dtype: str,
+    bits: int,
+    exponent_bits: int | None = None,
+    w: Tensor | None = None,
+    block_size: int | None = None,
+) -> Tensor:
+    """The sorted float32 codebook of a data type, values in [-1, 1].
+
+    Args:
+        dtype: a key of `CODEBOOKS` ("int", "fp", "nf", "quantile", "dynamic").
+        bits: 3..16.
+        exponent_bits: "fp" only; None is `default_exponent_bits(bits)`.
+        w: the weight tensor; required for "quantile", ignored otherwise.
+        block_size: "quantile" only: the blocks whose normalized values the codebook is estimated
+            from (None: one absmax for the whole tensor), as `fake_quantize` does.
+
+    Returns:
+        A new float32 tensor (CPU; quantile: on w's device).
+    """
+    check_bits(bits)
+    check_exponent_bits(dtype, bits, exponent_bits)
+    if CODEBOOKS[dtype].data_dependent:
+        if w is None:
+            raise ValueError(f"dtype {dtype!r} needs the tensor to build its codebook: pass w=<tensor>")
+        from kernels.blockwise import quantile_sample  # blockwise imports this module
+
+        return quantile_values(quantile_sample(w, block_size), bits)
+    return static_levels(dtype, bits, exponent_bits, torch.device("cpu")).values.clone()
