@@ -202,3 +202,45 @@ LAWS: dict[str, tuple[Fitter, int]] = {
     "shared_slope": (_fit_shared_slope, 1),
     "effective_params": (_fit_effective_params, 2),
 }
+
+
+def interpolation_loo(points: pd.DataFrame) -> FitResult:
+    """Goodness of fit of the paper's piecewise-linear interpolation, by leave-one-out.
+
+    Each interior point of a curve (not its smallest or largest model) is predicted by
+    interpolating its two neighbours in log2 bits; the residuals show whether curves are straight
+    enough in log bits for interpolation between measured sizes to be trusted.
+    """
+    preds = []
+    for _, curve in points.groupby(["model_family", "curve"], sort=True):
+        x, y = curve["log2_bits"].to_numpy(), curve["value"].to_numpy()
+        if len(curve) < 3:
+            continue
+        frac = (x[1:-1] - x[:-2]) / (x[2:] - x[:-2])
+        predicted = y[:-2] + frac * (y[2:] - y[:-2])
+        inner = curve.iloc[1:-1]
+        preds.append(
+            inner.assign(law="interpolation", predicted=predicted, residual=inner["value"] - predicted)
+        )
+    if not preds:
+        reason = "leave-one-out needs curves with >= 3 model sizes"
+        pairs = points[["model_family", "setting"]].drop_duplicates()
+        skipped = pairs.assign(law="interpolation", reason=reason)
+        return FitResult(
+            pd.DataFrame(columns=PARAM_COLUMNS),
+            pd.DataFrame(),
+            pd.DataFrame(columns=QUALITY_COLUMNS),
+            skipped,
+        )
+    predictions = pd.concat(preds, ignore_index=True)
+    quality = [
+        {"model_family": f, "setting": s, "law": "interpolation", "n_points": len(g), "n_fit_params": 0,
+         **_quality(g["value"].to_numpy(), g["predicted"].to_numpy())}
+        for (f, s), g in predictions.groupby(["model_family", "setting"])
+    ]  # fmt: skip
+    return FitResult(
+        params=pd.DataFrame(columns=PARAM_COLUMNS),
+        predictions=predictions,
+        quality=pd.DataFrame(quality, columns=QUALITY_COLUMNS),
+        skipped=pd.DataFrame(columns=["model_family", "setting", "law", "reason"]),
+    )

@@ -15,7 +15,7 @@ import logging
 import numpy as np
 import pandas as pd
 
-from analysis.curves import CURVE_KEYS, interpolation_weights
+from analysis.curves import CURVE_KEYS, interpolate_curves, interpolation_weights
 from analysis.errors import AnalysisError
 from analysis.fits import fit_law
 
@@ -140,3 +140,27 @@ def _margin(best: np.ndarray, rival: np.ndarray, prefix: str) -> dict[str, objec
         f"{prefix}margin_ci_high": float(high),
         f"{prefix}decisive": bool(low > 0),
     }
+
+
+def best_per_bits(points: pd.DataFrame, higher_is_better: bool, n_budgets: int = 60) -> pd.DataFrame:
+    """Per family, bit width and budget: the best interpolated value over that width's settings.
+
+    Columns: model_family, bits, budget_bits, value, curve (the setting that gives it).
+    """
+    frames = []
+    for family, budgets in budget_grid(points, n_budgets).items():
+        values = interpolate_curves(points[points["model_family"] == family], budgets)
+        if values.empty:
+            continue
+        best = values.sort_values("value", ascending=not higher_is_better).drop_duplicates(
+            ["bits", "budget_bits"]
+        )
+        frames.append(best)
+    if not frames:
+        return pd.DataFrame(columns=["model_family", "bits", "budget_bits", "value", "curve"])
+    table = pd.concat(frames, ignore_index=True)
+    return (
+        table[["model_family", "bits", "budget_bits", "value", "curve"]]
+        .sort_values(["model_family", "bits", "budget_bits"])
+        .reset_index(drop=True)
+    )

@@ -1,0 +1,89 @@
+"""Figures comparing configurations: Pareto fronts, data type x block size, proxy quantization."""
+
+from __future__ import annotations
+
+import pandas as pd
+from matplotlib.figure import Figure
+
+from analysis.errors import AnalysisError
+from analysis.style import bits_axis, bits_color, category_color, new_figure, styled
+
+
+@styled
+def plot_pareto(tidy: pd.DataFrame, front: pd.DataFrame, metric: str, metric_label: str) -> Figure:
+    """Every configuration's metric against memory (colour = bit width), the front as a step line."""
+    rows = tidy.dropna(subset=[metric, "total_model_bits"])
+    families = sorted(rows["model_family"].unique())
+    if not families:
+        raise AnalysisError(f"no job has a value for {metric!r}")
+    fig, axes = new_figure(len(families))
+    for ax, family in zip(axes, families, strict=True):
+        fam = rows[rows["model_family"] == family]
+        for bits, part in fam.groupby("bits"):
+            ax.scatter(
+                part["total_model_bits"],
+                part[metric],
+                s=12,
+                alpha=0.7,
+                color=bits_color(int(bits)),
+                label=f"{int(bits)}-bit",
+            )
+        edge = front[front["model_family"] == family]
+        ax.step(
+            edge["total_model_bits"], edge[metric], where="post", color="black", linewidth=1.0, label="front"
+        )
+        bits_axis(ax)
+        ax.set_ylabel(metric_label)
+        ax.set_title(f"{family}: Pareto front")
+        ax.legend(loc="best")
+    return fig
+
+
+@styled
+def plot_dtype_block(tidy: pd.DataFrame, metric: str, metric_label: str, bits: int) -> Figure:
+    """The paper's Figure 3: at one precision, one panel per data type, one line per block size."""
+    rows = tidy[(tidy["bits"] == bits) & (tidy["dtype"] != "none") & tidy[metric].notna()]
+    rows = (
+        rows[rows["outlier_fraction"].fillna(0) == 0]
+        if (rows["outlier_fraction"].fillna(0) == 0).any()
+        else rows
+    )
+    if rows.empty:
+        raise AnalysisError(f"no {bits}-bit job has {metric!r}")
+    dtypes = sorted(rows["dtype"].unique())
+    fig, axes = new_figure(len(dtypes))
+    blocks = sorted(rows["block_size"].dropna().unique().tolist())
+    for ax, dtype in zip(axes, dtypes, strict=True):
+        part = rows[rows["dtype"] == dtype]
+        for i, block in enumerate([*blocks, None]):
+            line = part[part["block_size"].isna()] if block is None else part[part["block_size"] == block]
+            line = line.groupby("n_params")[["total_model_bits", metric]].mean()
+            if not line.empty:
+                label = "per tensor" if block is None else f"B={int(block)}"
+                ax.plot(line["total_model_bits"], line[metric], "o-", color=category_color(i), label=label)
+        bits_axis(ax)
+        ax.set_ylabel(metric_label)
+        ax.set_title(f"{bits}-bit {dtype}")
+        ax.legend(loc="best")
+    return fig
+
+
+@styled
+def plot_proxy_effect(pairs: pd.DataFrame, metric_label: str) -> Figure:
+    """Gain of proxy quantization (positive = better) vs model size, one panel per bit width."""
+    if pairs.empty:
+        raise AnalysisError("no matched proxy / plain pairs to plot")
+    widths = sorted(pairs["bits"].unique())
+    fig, axes = new_figure(len(widths))
+    dtypes = sorted(pairs["dtype"].unique())
+    for ax, bits in zip(axes, widths, strict=True):
+        part = pairs[pairs["bits"] == bits]
+        for i, dtype in enumerate(dtypes):
+            rows = part[part["dtype"] == dtype]
+            ax.scatter(rows["n_params"], rows["gain"], s=16, color=category_color(i), label=str(dtype))
+        ax.axhline(0.0, color="#555555", linewidth=0.8)
+        bits_axis(ax, "parameters")
+        ax.set_ylabel(f"gain in {metric_label}")
+        ax.set_title(f"{int(bits)}-bit: proxy quantization")
+        ax.legend(loc="best")
+    return fig

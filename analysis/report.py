@@ -1,0 +1,183 @@
+"""`python -m analysis.report results/<study> [--out DIR]`: figures, an HTML report and a Markdown summary.
+
+This is the one place in `analysis` that writes files: `figures/<name>.png` and `.svg`,
+`report.html` (self-contained: figures embedded) and `summary.md`, all under the output folder
+(default: `<results>/report`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import matplotlib
+
+from analysis.errors import AnalysisError
+from analysis.metrics import check_metric, default_loss, default_metric
+from analysis.render import Section, figure_names, render_html, render_markdown
+from analysis.sections import (
+    Study,
+    answer_section,
+    curves_section,
+    failures_section,
+    fits_section,
+    fixed_precision_section,
+    gaps_section,
+    guarded,
+    optimality_section,
+    optimality_table,
+    pareto_section,
+    proxy_section,
+    study_section,
+)
+from analysis.tidy import PAPER_TASKS, acc_tasks_used, tidy_jobs
+from pipeline.results import ResultsError, load_results
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ReportFiles:
+    """What `build_report` wrote."""
+
+    html: Path
+    markdown: Path
+    figures: tuple[Path, ...]
+    gaps: tuple[str, ...]
+
+
+def load_study(
+    results: Path,
+    metric: str | None = None,
+    tasks: Sequence[str] = PAPER_TASKS,
+    n_boot: int = 300,
+    n_budgets: int = 12,
+) -> Study:
+    """Read a results folder into a `Study` (raises FileNotFoundError, ResultsError, AnalysisError)."""
+    raw = load_results(results)
+    name = str(raw["study"].dropna().iloc[0]) if raw["study"].notna().any() else results.name
+    try:
+        tidy = tidy_jobs(raw, tasks)
+    except AnalysisError as err:
+        log.warning("%s", err)
+        return Study(name, raw, None, None, None, (), n_boot, n_budgets)
+    if metric is not None:
+        check_metric(tidy, metric)
+    return Study(
+        name=name,
+        raw=raw,
+        tidy=tidy,
+        metric=metric or default_metric(tidy),
+        loss=default_loss(tidy),
+        acc_tasks=tuple(acc_tasks_used(raw, tasks)),
+        n_boot=n_boot,
+        n_budgets=n_budgets,
+    )
+
+
+def build_sections(study: Study) -> list[Section]:
+    """Every section of the report, gaps stated where a part could not be produced."""
+    table, reason = None, ""
+    try:
+        table = optimality_table(study)
+    except AnalysisError as err:
+        reason = str(err)
+    body = [
+        guarded("Study", lambda: study_section(study)),
+        guarded("Scaling curves", lambda: curves_section(study)),
+        guarded("Parametric fits", lambda: fits_section(study)),
+        guarded("Bit-optimal precision per memory budget", lambda: optimality_section(study, table))
+        if table is not None
+        else guarded("Bit-optimal precision per memory budget", lambda: _raise(reason)),
+        guarded("Pareto front", lambda: pareto_section(study)),
+        guarded("Data type and block size", lambda: fixed_precision_section(study)),
+        guarded("Proxy quantization at 3 and 4 bits", lambda: proxy_section(study)),
+        guarded("Failed jobs", lambda: failures_section(study)),
+    ]
+    return [answer_section(study, table, reason), gaps_section(body), *body]
+
+
+def _raise(reason: str) -> Section:
+    raise AnalysisError(reason)
+
+
+def write_report(title: str, sections: list[Section], out_dir: Path) -> ReportFiles:
+    """Save every figure as PNG and SVG, then the HTML report and the Markdown summary."""
+    fig_dir = out_dir / "figures"
+    fig_dir.mkdir(parents=True, exist_ok=True)
+    pngs: dict[str, bytes] = {}
+    written: list[Path] = []
+    figures = {b.name: b.figure for s in sections for b in s.blocks if b.figure is not None}
+    for name in figure_names(sections):
+        for ext in ("png", "svg"):
+            path = fig_dir / f"{name}.{ext}"
+            figures[name].savefig(path, format=ext)  # type: ignore[union-attr]
+            written.append(path)
+        pngs[name] = (fig_dir / f"{name}.png").read_bytes()
+    html_path, md_path = out_dir / "report.html", out_dir / "summary.md"
+    html_path.write_text(render_html(title, sections, pngs), encoding="utf-8")
+    md_path.write_text(render_markdown(title, sections), encoding="utf-8")
+    gaps = tuple(f"{s.title}: {g}" for s in sections[2:] for g in s.gaps)
+    return ReportFiles(html_path, md_path, tuple(written), gaps)
+
+
+def build_report(
+    results: str | Path,
+    out_dir: str | Path | None = None,
+    metric: str | None = None,
+    tasks: Sequence[str] = PAPER_TASKS,
+    n_boot: int = 300,
+    n_budgets: int = 12,
+) -> ReportFiles:
+    """Analyse a results folder and write the report (see the module doc for what is written)."""
+    results = Path(results)
+    study = load_study(results, metric, tasks, n_boot, n_budgets)
+    out = (
+        Path(out_dir) if out_dir is not None else (results if results.is_dir() else results.parent) / "report"
+    )
+    sections = build_sections(study)
+    return write_report(f"kbitscale report: {study.name}", sections, out)
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="kbitscale-report", description=__doc__.splitlines()[0])
+    parser.add_argument("results", type=Path, help="a study's results folder, e.g. results/<study>")
+    parser.add_argument("--out", type=Path, default=None, help="output folder (default: <results>/report)")
+    parser.add_argument(
+        "--metric", default=None, help="headline metric column, e.g. mean_acc or ce_wikitext2"
+    )
+    parser.add_argument(
+        "--tasks", default=",".join(PAPER_TASKS), help="comma-separated tasks for mean accuracy"
+    )
+    parser.add_argument("--n-boot", type=int, default=300, help="bootstrap replicates (default 300)")
+    parser.add_argument("--budgets", type=int, default=12, help="memory budgets per family (default 12)")
+    args = parser.parse_args(argv)
+    if args.n_boot < 0 or args.budgets < 1:
+        parser.error(f"--n-boot must be >= 0 and --budgets >= 1; got {args.n_boot} and {args.budgets}")
+    return args
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Console entry point; returns the exit status (2 on bad input)."""
+    matplotlib.use("Agg")  # figures are drawn on Agg canvases; never open a display
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    args = parse_args(argv)
+    tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
+    try:
+        files = build_report(args.results, args.out, args.metric, tasks, args.n_boot, args.budgets)
+    except (FileNotFoundError, ResultsError, AnalysisError) as err:
+        print(f"kbitscale-report: error: {err}", file=sys.stderr)
+        return 2
+    print(f"wrote {files.html}\nwrote {files.markdown}\nwrote {len(files.figures)} figure files under "
+          f"{files.html.parent / 'figures'}")  # fmt: skip
+    for gap in files.gaps:
+        print(f"gap: {gap}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

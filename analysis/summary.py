@@ -1,0 +1,71 @@
+"""The study's answer in words, from the bit-optimality table."""
+
+from __future__ import annotations
+
+import pandas as pd
+
+from analysis.optimality import CI_LEVEL
+
+
+def format_bits(bits: float) -> str:
+    """'3.1e+07 bits (3.9 MB)': total model bits with the memory it takes (1 MB = 10^6 bytes)."""
+    size = bits / 8
+    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if size >= scale:
+            return f"{bits:.2g} bits ({size / scale:.3g} {unit})"
+    return f"{bits:.2g} bits ({size:.3g} B)"
+
+
+def describe_curve(curve: str, info: pd.DataFrame) -> str:
+    """'4-bit, dtype fp (2 exponent bits), block size 64' from a curve label and the jobs' attributes."""
+    rows = info[info["curve"] == curve]
+    if rows.empty:
+        return curve
+    job = rows.iloc[0]
+    if job["dtype"] == "none":
+        return "the 16-bit baseline"
+    parts = [f"{int(job['bits'])}-bit with dtype {job['dtype']}"]
+    if not pd.isna(job["exponent_bits"]):
+        parts[0] += f" ({int(job['exponent_bits'])} exponent bits)"
+    parts.append("one absmax per tensor" if pd.isna(job["block_size"]) else f"block {int(job['block_size'])}")
+    if not pd.isna(job["outlier_fraction"]) and job["outlier_fraction"] > 0:
+        parts.append(f"proxy quantization of {job['outlier_fraction'] * 100:g}% of columns")
+    if bool(job["centering"]) if not pd.isna(job["centering"]) else False:
+        parts.append("centering")
+    return ", ".join(parts)
+
+
+def headline(optimality: pd.DataFrame, info: pd.DataFrame, metric_label: str) -> list[str]:
+    """One sentence per model family: the bit-optimal configuration, how often, and how sure.
+
+    `info` maps curve labels to job attributes (columns curve, dtype, bits, exponent_bits,
+    block_size, outlier_fraction, centering), e.g. the tidy table.
+    """
+    return [
+        _family_headline(family, opt, info, metric_label)
+        for family, opt in optimality.groupby("model_family")
+    ]
+
+
+def _family_headline(family: str, opt: pd.DataFrame, info: pd.DataFrame, metric_label: str) -> str:
+    n_budgets = len(opt)
+    top_curve = opt["winner"].value_counts().idxmax()
+    wins = opt[opt["winner"] == top_curve]
+    top_bits = int(wins["winner_bits"].iloc[0])
+    bits_wins = int((opt["winner_bits"] == top_bits).sum())
+    decisive = int(wins["decisive"].sum())
+    decisive_bits = (
+        int(wins["other_bits_decisive"].fillna(False).astype(bool).sum())
+        if "other_bits_decisive" in wins
+        else 0
+    )
+    half_width = ((wins["margin_ci_high"] - wins["margin_ci_low"]) / 2).median()
+    level = f"{CI_LEVEL:.0%}"
+    return (
+        f"{family}: at budgets from {format_bits(opt['budget_bits'].min())} to "
+        f"{format_bits(opt['budget_bits'].max())}, {describe_curve(top_curve, info)} is bit-optimal for "
+        f"{metric_label} in {len(wins)} of {n_budgets} budgets ({top_bits}-bit with any setting: "
+        f"{bits_wins} of {n_budgets}). Its margin over the runner-up is clear of the bootstrap {level} CI "
+        f"in {decisive} of those {len(wins)} (median margin {wins['margin'].median():.3g}, median CI "
+        f"half-width {half_width:.3g}); over the best other bit width, in {decisive_bits} of {len(wins)}."
+    )
