@@ -1,0 +1,221 @@
+"""Fan jobs out over Ray worker actors with model affinity, retries and progress.
+
+The driver keeps `in_flight_per_worker` jobs queued on each actor (so an actor never waits for
+the driver), hands each actor jobs of the model it already holds, and moves an idle actor to the
+model with the most pending jobs per actor already on it. A job whose actor dies is put back and
+runs elsewhere (or on the restarted actor); after `max_attempts` deaths it is recorded as failed.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter, deque
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from pipeline.config import RayConfig
+from pipeline.jobs import Job
+from pipeline.progress import Progress
+from pipeline.results import job_path, write_job_rows
+from pipeline.specs import ModelRef
+from pipeline.worker import JobResult, WorkerEnv, job_rows
+
+log = logging.getLogger(__name__)
+
+
+class Scheduler:
+    """Which job each worker runs next: stay on the resident model, else join the busiest model."""
+
+    def __init__(self, jobs: Sequence[Job], n_workers: int) -> None:
+        self.pending: dict[ModelRef, deque[Job]] = {}
+        for job in jobs:
+            self.pending.setdefault(job.model, deque()).append(job)
+        self.model_of: list[ModelRef | None] = [None] * n_workers
+        self.workers_on: Counter[ModelRef] = Counter()
+
+    def has_pending(self) -> bool:
+        return any(self.pending.values())
+
+    def next_for(self, worker: int) -> Job | None:
+        """The next job for `worker`, or None when nothing is pending."""
+        current = self.model_of[worker]
+        if current is None or not self.pending.get(current):
+            target = self._busiest_model()
+            if target is None:
+                return None
+            if current is not None:
+                self.workers_on[current] -= 1
+            self.workers_on[target] += 1
+            self.model_of[worker] = current = target
+        return self.pending[current].popleft()
+
+    def requeue(self, job: Job) -> None:
+        """Put `job` back at the front of its model's queue."""
+        self.pending.setdefault(job.model, deque()).appendleft(job)
+
+    def _busiest_model(self) -> ModelRef | None:
+        waiting = [(len(q) / (1 + self.workers_on[m]), m) for m, q in self.pending.items() if q]
+        return max(waiting, key=lambda pair: pair[0])[1] if waiting else None
+
+
+@dataclass(frozen=True)
+class WorkerPlan:
+    """How many worker actors to start and the Ray options of each."""
+
+    count: int
+    options: dict[str, Any]
+    cpu_threads: int
+
+
+def plan_workers(cfg: RayConfig, resources: dict[str, float], n_jobs: int) -> WorkerPlan:
+    """Worker actors for the cluster's resources: per GPU (fractional with workers_per_gpu) or per CPUs."""
+    gpus, cpus = resources.get("GPU", 0.0), resources.get("CPU", 0.0)
+    if gpus > 0:
+        count = int(gpus * cfg.workers_per_gpu + 1e-9)
+        options: dict[str, Any] = {"num_gpus": 1.0 / cfg.workers_per_gpu, "num_cpus": 0}
+    else:
+        count = int(cpus // cfg.cpus_per_worker)
+        options = {"num_gpus": 0, "num_cpus": cfg.cpus_per_worker}
+    count = min(count, cfg.max_workers or count, max(n_jobs, 1))
+    if count < 1:
+        raise RuntimeError(f"the Ray cluster has no room for a worker (resources: {resources})")
+    return WorkerPlan(count, options, cfg.cpus_per_worker)
+
+
+def connect(cfg: RayConfig) -> bool:
+    """Start the embedded local cluster (address None) or join one; True if this call started Ray."""
+    import ray
+
+    if ray.is_initialized():
+        return False
+    kwargs: dict[str, Any] = {"include_dashboard": False, "log_to_driver": True}
+    if cfg.address is None:
+        kwargs.update(num_cpus=cfg.num_cpus, num_gpus=cfg.num_gpus)
+    ray.init(address=cfg.address, **kwargs)
+    return True
+
+
+def start_workers(
+    plan: WorkerPlan, results_root: Path, max_restarts: int, worker_cls: Any = None
+) -> list[Any]:
+    """Create the worker actors (default class: `pipeline.worker.ModelWorker`)."""
+    import ray
+
+    from pipeline.worker import ModelWorker
+
+    actor = ray.remote(worker_cls or ModelWorker).options(**plan.options, max_restarts=max_restarts)
+    return [actor.remote(str(results_root), plan.cpu_threads) for _ in range(plan.count)]
+
+
+def run_jobs(
+    jobs: Sequence[Job],
+    workers: Sequence[Any],
+    progress: Progress,
+    results_root: Path,
+    max_attempts: int = 3,
+    depth: int = 2,
+) -> bool:
+    """Run `jobs` on `workers` until all finish; returns False if interrupted (Ctrl-C)."""
+    import ray
+
+    state = _Flight(Scheduler(jobs, len(workers)), workers, depth)
+    try:
+        while state.scheduler.has_pending() or state.in_flight:
+            state.fill()
+            for ref in state.wait():
+                job, worker = state.in_flight.pop(ref)
+                state.load[worker] -= 1
+                _settle(ref, job, worker, state, progress, results_root, max_attempts, ray)
+            progress.maybe_log()
+    except KeyboardInterrupt:
+        log.warning("interrupted: %d jobs in flight are dropped", len(state.in_flight))
+        return False
+    return True
+
+
+class _Flight:
+    """The driver's bookkeeping: which job runs on which worker, and which workers are alive."""
+
+    def __init__(self, scheduler: Scheduler, workers: Sequence[Any], depth: int) -> None:
+        self.scheduler, self.workers, self.depth = scheduler, list(workers), depth
+        self.in_flight: dict[Any, tuple[Job, int]] = {}
+        self.load = [0] * len(workers)
+        self.alive = [True] * len(workers)
+        self.attempts: Counter[str] = Counter()  # worker deaths per job key
+
+    def fill(self) -> None:
+        for worker, actor in enumerate(self.workers):
+            while self.alive[worker] and self.load[worker] < self.depth:
+                job = self.scheduler.next_for(worker)
+                if job is None:
+                    return
+                self.in_flight[actor.run.remote(job)] = (job, worker)
+                self.load[worker] += 1
+        if self.scheduler.has_pending() and not any(self.alive):
+            raise RuntimeError("every worker actor died; see the Ray logs (e.g. /tmp/ray/session_latest)")
+
+    def wait(self) -> list[Any]:
+        import ray
+
+        refs = list(self.in_flight)
+        ready, _ = ray.wait(refs, num_returns=len(refs), timeout=0)
+        if not ready:
+            ready, _ = ray.wait(refs, num_returns=1, timeout=1.0)
+        return ready
+
+
+def _settle(
+    ref: Any,
+    job: Job,
+    worker: int,
+    state: _Flight,
+    progress: Progress,
+    results_root: Path,
+    max_attempts: int,
+    ray: Any,
+) -> None:
+    """Record a finished call; a dead worker's job goes back in the queue (or fails for good)."""
+    try:
+        result: JobResult = ray.get(ref)
+    except ray.exceptions.RayActorError as err:
+        _on_worker_death(job, worker, state, progress, results_root, max_attempts, err)
+        return
+    if not job_path(results_root / job.study, job.key).exists():  # a node without our disk
+        write_job_rows(results_root / job.study, job.key, result.rows)
+    progress.record(job.key, result.status == "ok", result.error)
+
+
+def _on_worker_death(
+    job: Job,
+    worker: int,
+    state: _Flight,
+    progress: Progress,
+    results_root: Path,
+    max_attempts: int,
+    err: Exception,
+) -> None:
+    attempts = state.attempts
+    attempts[job.key] += 1
+    state.alive[worker] = _is_alive(state.workers[worker])
+    if attempts[job.key] < max_attempts:
+        log.warning("job %s: worker died (%s); retrying elsewhere", job.key[:12], type(err).__name__)
+        progress.retried += 1
+        state.scheduler.requeue(job)
+        return
+    error = f"WorkerDied: the worker died {attempts[job.key]} times running this job ({type(err).__name__})"
+    rows = job_rows(job, None, (), {}, WorkerEnv(device="unknown", versions="{}"), job.model_family, error)
+    write_job_rows(results_root / job.study, job.key, rows)
+    progress.record(job.key, False, error)
+
+
+def _is_alive(actor: Any, timeout_s: float = 120.0) -> bool:
+    """Whether a (possibly restarting) actor answers; restarts re-import torch, hence the timeout."""
+    import ray
+
+    try:
+        ray.get(actor.describe.remote(), timeout=timeout_s)
+        return True
+    except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError):
+        return False

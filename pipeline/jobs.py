@@ -1,0 +1,132 @@
+"""Jobs: one quantize-and-evaluate unit each, keyed by a content hash, deduped and grouped by model.
+
+A job's `key` is the sha256 of the canonical JSON of what determines its numbers: the model
+reference, the QuantSpec (None at 16 bits), the outlier fraction, the eval spec without its
+`data_root` (the same files under another mount are the same data), and `SCHEMA_VERSION`.
+The study is NOT in the key: it only names the folder a job's rows land in, so the same cell in
+two studies is the same job, and rows can be compared or copied between studies by key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import hashlib
+import json
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from pipeline.config import Config, eval_spec, model_ref, quant_spec
+from pipeline.results import SCHEMA_VERSION
+from pipeline.specs import EvalSpec, ModelRef
+
+if TYPE_CHECKING:
+    from kernels import QuantSpec
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """A model as the driver resolved it: where to load it from and how to name it in results."""
+
+    ref: ModelRef
+    label: str  # the `model` column: e.g. "ladder:tiny/1" for a ladder member, else name_or_path
+    family: str | None = None  # the `model_family` column; None: the worker uses HF's model_type
+
+
+ModelResolver = Callable[[ModelRef], Sequence[ModelSource]]
+
+
+@dataclass(frozen=True)
+class Job:
+    """One quantize-and-evaluate unit."""
+
+    model: ModelRef
+    quant: QuantSpec | None  # None: the unquantized 16-bit baseline
+    outlier_fraction: float
+    evals: EvalSpec
+    study: str
+    model_label: str = ""
+    model_family: str | None = None
+
+    @functools.cached_property
+    def canonical(self) -> dict[str, Any]:
+        """What determines this job's numbers, as plain JSON-able data."""
+        return {
+            "schema_version": SCHEMA_VERSION,
+            "model": dataclasses.asdict(self.model),
+            "quant": None if self.quant is None else dataclasses.asdict(self.quant),
+            "outlier_fraction": float(self.outlier_fraction),
+            "evals": {k: v for k, v in dataclasses.asdict(self.evals).items() if k != "data_root"},
+        }
+
+    @functools.cached_property
+    def job_json(self) -> str:
+        """Canonical JSON (sorted keys, no spaces): the text the key hashes."""
+        return json.dumps(self.canonical, sort_keys=True, separators=(",", ":"))
+
+    @functools.cached_property
+    def key(self) -> str:
+        """sha256 hex of `job_json`."""
+        return hashlib.sha256(self.job_json.encode()).hexdigest()
+
+    @property
+    def bits(self) -> int:
+        return 16 if self.quant is None else self.quant.bits
+
+
+def single_source(ref: ModelRef) -> Sequence[ModelSource]:
+    """The resolver for plain models (hub ids, local dirs): the model is its own label."""
+    return [ModelSource(ref=ref, label=ref.name_or_path)]
+
+
+def build_jobs(cells: Iterable[Config], resolve: ModelResolver = single_source) -> list[Job]:
+    """One job per (cell, resolved model), deduped by key in first-seen order.
+
+    `quant.bits=16` becomes the baseline (quant None, outlier fraction 0), so every 16-bit cell of a
+    model and eval collapses into one job. Specs are built once per distinct config value.
+
+    Raises:
+        ValueError, KeyError: a QuantSpec that does not validate (pre-flight catches these first).
+    """
+    quants = _Memo(lambda c: quant_spec(c.quant))
+    evals = _Memo(lambda c: eval_spec(c.eval))
+    sources = _Memo(lambda c: tuple(resolve(model_ref(c.model))))
+    jobs: dict[str, Job] = {}
+    for cell in cells:
+        quant = quants(repr(cell.quant), cell)
+        outliers = 0.0 if quant is None else float(cell.quant.outlier_fraction)
+        spec = evals(repr(cell.eval), cell)
+        for source in sources(repr(cell.model), cell):
+            job = Job(source.ref, quant, outliers, spec, cell.study, source.label, source.family)
+            jobs.setdefault(job.key, job)
+    return list(jobs.values())
+
+
+def group_by_model(jobs: Iterable[Job]) -> dict[ModelRef, list[Job]]:
+    """Jobs per model, models in first-seen order (each model loads once per worker)."""
+    groups: dict[ModelRef, list[Job]] = {}
+    for job in jobs:
+        groups.setdefault(job.model, []).append(job)
+    return groups
+
+
+def split_by_study(jobs: Iterable[Job]) -> dict[str, list[Job]]:
+    """Jobs per study (a sweep may set `study` per cell)."""
+    studies: dict[str, list[Job]] = {}
+    for job in jobs:
+        studies.setdefault(job.study, []).append(job)
+    return studies
+
+
+class _Memo:
+    """Call `make(cell)` once per distinct text key (config dataclasses are unhashable)."""
+
+    def __init__(self, make: Callable[[Config], Any]) -> None:
+        self._make = make
+        self._seen: dict[str, Any] = {}
+
+    def __call__(self, key: str, cell: Config) -> Any:
+        if key not in self._seen:
+            self._seen[key] = self._make(cell)
+        return self._seen[key]

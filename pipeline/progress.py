@@ -1,0 +1,86 @@
+"""Progress of a sweep (done/total, rate, ETA, logged every few seconds) and its end summary."""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+
+log = logging.getLogger(__name__)
+
+
+def format_duration(seconds: float) -> str:
+    """Seconds as "1h02m", "3m05s" or "12s"."""
+    seconds = max(0, round(seconds))
+    hours, rest = divmod(seconds, 3600)
+    minutes, secs = divmod(rest, 60)
+    if hours:
+        return f"{hours}h{minutes:02d}m"
+    if minutes:
+        return f"{minutes}m{secs:02d}s"
+    return f"{secs}s"
+
+
+@dataclass
+class Progress:
+    """Counts jobs as they finish and logs one line at most every `interval_s` seconds."""
+
+    total: int  # jobs to run this time (skipped ones excluded)
+    skipped: int = 0
+    label: str = ""
+    interval_s: float = 5.0
+    done: int = 0
+    failed: int = 0
+    retried: int = 0
+    interrupted: bool = False  # the run stopped early (Ctrl-C)
+    errors: list[tuple[str, str]] = field(default_factory=list)  # (job key, error), in order
+    started: float = field(default_factory=time.monotonic)
+    _last_log: float = field(default_factory=time.monotonic)
+
+    def record(self, key: str, ok: bool, error: str | None = None) -> None:
+        """Count one finished job (`ok` False: failed with `error`)."""
+        self.done += 1
+        if not ok:
+            self.failed += 1
+            self.errors.append((key, error or "unknown error"))
+
+    def line(self) -> str:
+        """E.g. "[demo] 120/450 jobs (3 failed), 2.10 jobs/s, ETA 2m37s"."""
+        elapsed = max(time.monotonic() - self.started, 1e-9)
+        rate = self.done / elapsed
+        left = self.total - self.done
+        eta = format_duration(left / rate) if rate > 0 else "?"
+        prefix = f"[{self.label}] " if self.label else ""
+        return (
+            f"{prefix}{self.done}/{self.total} jobs ({self.failed} failed), "
+            f"{rate:.2f} jobs/s, elapsed {format_duration(elapsed)}, ETA {eta}"
+        )
+
+    def maybe_log(self, force: bool = False) -> None:
+        """Log the progress line if `interval_s` has passed since the last one (or `force`)."""
+        now = time.monotonic()
+        if force or now - self._last_log >= self.interval_s:
+            self._last_log = now
+            log.info(self.line())
+
+    def summary(self, max_errors: int = 5) -> str:
+        """The end-of-run summary: done, skipped, failed, and the first errors."""
+        interrupted = self.interrupted
+        ok = self.done - self.failed
+        head = "interrupted" if interrupted else "finished"
+        lines = [
+            f"{head}{' ' + self.label if self.label else ''}: {ok} done, {self.skipped} skipped "
+            f"(already done), {self.failed} failed, {self.total - self.done} not run, "
+            f"in {format_duration(time.monotonic() - self.started)}"
+        ]
+        if self.retried:
+            lines.append(f"  {self.retried} job(s) retried after a worker died")
+        for key, error in self.errors[:max_errors]:
+            lines.append(f"  failed {key[:12]}: {error}")
+        if len(self.errors) > max_errors:
+            lines.append(f"  ... and {len(self.errors) - max_errors} more failures")
+        if interrupted or self.total - self.done:
+            lines.append("  re-run the same command to run only what is missing")
+        elif self.failed:
+            lines.append("  re-run with rerun_failed=true to retry the failed jobs")
+        return "\n".join(lines)

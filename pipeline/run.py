@@ -1,0 +1,267 @@
+"""`python -m pipeline.run [-m] [overrides...]`: the driver of a sweep.
+
+    python -m pipeline.run                      # the demo study (tiny ladder, local Ray, results/demo/)
+    python -m pipeline.run -m quant.dtype=int,fp,nf,quantile,dynamic quant.bits='range(3,9)' \\
+        quant.block_size=64,1024,null model.name_or_path=<dir-or-hub-id>,<another> study=my_study
+    python -m pipeline.run -m +sweep=paper model.name_or_path=...    # a named grid from sweeps/
+    python -m pipeline.run -m +sweep=smoke dry_run=true              # the plan only; nothing runs
+
+Steps: expand the overrides into cells (pipeline.sweep), check every cell before anything runs
+(one message listing every bad value), resolve ladders (training them on first use), build and
+dedupe jobs, skip jobs that already have an ok result file (failed ones only with
+rerun_failed=true), then fan the rest out over Ray workers with progress on stderr and a summary
+at the end. Re-running the same command after a crash or Ctrl-C runs only what is missing.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from pipeline.config import Config, RayConfig, eval_spec, model_ref, project_path, quant_spec
+from pipeline.jobs import Job, ModelSource, build_jobs, group_by_model, split_by_study
+from pipeline.progress import Progress
+from pipeline.results import STATUS_OK, job_status
+from pipeline.specs import ModelRef
+from pipeline.sweep import ConfigError, expand, plan_sweep
+
+log = logging.getLogger(__name__)
+
+DEFAULT_ARGV = ("-m", "+sweep=demo")
+USAGE = __doc__ or ""
+
+
+@dataclass(frozen=True)
+class Settings:
+    """The run-wide part of the config (taken from the first cell)."""
+
+    results_root: Path
+    rerun_failed: bool
+    dry_run: bool
+    ray: RayConfig
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What a run will do: every job, and those still to run."""
+
+    n_cells: int
+    jobs: tuple[Job, ...]
+    to_run: tuple[Job, ...]
+    skipped: int  # jobs with an ok result already
+    settings: Settings
+
+
+def parse_argv(argv: Sequence[str]) -> tuple[bool, bool, list[str]]:
+    """(multirun, show config, overrides); no arguments at all means the demo study."""
+    args = list(argv) or list(DEFAULT_ARGV)
+    multirun = any(a in ("-m", "--multirun") for a in args)
+    show = any(a in ("--cfg", "--config") for a in args)
+    flags = {"-m", "--multirun", "--cfg", "--config"}
+    unknown = [a for a in args if a.startswith("-") and a not in flags]
+    if unknown:
+        raise ConfigError([f"unknown option(s) {unknown}; allowed: -m/--multirun, --cfg, --help"])
+    return multirun, show, [a for a in args if a not in flags]
+
+
+def preflight(cells: Sequence[Config]) -> None:
+    """Check every distinct quant, model, eval and run setting; raise one ConfigError listing all."""
+    from pipeline.evaluate import check_eval_spec
+    from pipeline.ladder import is_ladder_ref, parse_ladder_ref
+    from pipeline.models import check_model_ref
+
+    problems: dict[str, None] = {}  # ordered set
+    seen: set[str] = set()
+    for cell in cells:
+        for kind, part in (("quant", cell.quant), ("model", cell.model), ("eval", cell.eval)):
+            text = f"{kind}:{part!r}"
+            if text in seen:
+                continue
+            seen.add(text)
+            try:
+                if kind == "quant":
+                    _check_quant(cell)
+                elif kind == "model" and is_ladder_ref(cell.model.name_or_path):
+                    parse_ladder_ref(cell.model.name_or_path)
+                elif kind == "model":
+                    check_model_ref(model_ref(cell.model))
+                elif kind == "eval":
+                    check_eval_spec(eval_spec(cell.eval))
+            except (ValueError, KeyError, TypeError, FileNotFoundError) as err:
+                problems[f"{_describe(kind, part)}: {_message(err)}"] = None
+        for problem in _check_run(cell):
+            problems[problem] = None
+    if problems:
+        raise ConfigError(list(problems))
+
+
+def _check_quant(cell: Config) -> None:
+    if not 0.0 <= cell.quant.outlier_fraction < 1.0:
+        raise ValueError(f"outlier_fraction={cell.quant.outlier_fraction} is not allowed; use 0 <= p < 1")
+    quant_spec(cell.quant)
+
+
+def _check_run(cell: Config) -> list[str]:
+    problems = []
+    if not cell.study or any(c in cell.study for c in "/\\") or cell.study.startswith("."):
+        problems.append(f"study={cell.study!r}: use a plain folder name (no '/', not starting with '.')")
+    ray = cell.ray
+    for name in ("workers_per_gpu", "cpus_per_worker", "max_attempts", "in_flight_per_worker"):
+        if getattr(ray, name) < 1:
+            problems.append(f"ray.{name}={getattr(ray, name)}: must be >= 1")
+    return problems
+
+
+def _describe(kind: str, part: object) -> str:
+    fields = getattr(part, "__dataclass_fields__", {})
+    shown = ", ".join(f"{k}={getattr(part, k)!r}" for k in fields if k not in ("perplexity",))
+    return f"{kind}({shown})"
+
+
+def _message(err: BaseException) -> str:
+    return str(err.args[0]) if isinstance(err, KeyError) and err.args else str(err)
+
+
+def resolve_models(ref: ModelRef, data_root: Path) -> list[ModelSource]:
+    """A ladder reference -> its trained members (training on first use); anything else -> itself."""
+    from pipeline.ladder import is_ladder_ref, resolve_ladder
+
+    if not is_ladder_ref(ref.name_or_path):
+        return [ModelSource(ref=ref, label=ref.name_or_path)]
+    members = resolve_ladder(ref.name_or_path, data_root)
+    named_one = "/" in ref.name_or_path
+    return [
+        ModelSource(
+            ref=ModelRef(**{**ref.__dict__, "name_or_path": member.path}),
+            label=ref.name_or_path if named_one else f"{ref.name_or_path}/{member.size_name}",
+            family=member.family,
+        )
+        for member in members
+    ]
+
+
+def plan_run(overrides: Sequence[str], multirun: bool = True) -> Plan:
+    """Expand, check, resolve ladders, build jobs and subtract finished ones (no job runs here).
+
+    Raises:
+        ConfigError: any bad override or value, before results/ or any ladder is touched.
+    """
+    start = time.perf_counter()
+    cells = expand(plan_sweep(overrides, multirun))
+    preflight(cells)
+    first = cells[0]
+    settings = Settings(project_path(first.results_root), first.rerun_failed, first.dry_run, first.ray)
+    data_root = project_path(first.eval.data_root)
+    if settings.dry_run:
+        jobs = build_jobs(cells)  # ladders stay unresolved: a dry run trains nothing
+    else:
+        try:
+            jobs = build_jobs(cells, lambda ref: resolve_models(ref, data_root))
+        except KeyError as err:
+            raise ConfigError([f"model: {_message(err)}"]) from err
+    to_run, skipped = select_jobs(jobs, settings.results_root, settings.rerun_failed)
+    log.info(
+        "%d cells -> %d jobs (%d models): %d to run, %d already done (planned in %.2fs)",
+        len(cells), len(jobs), len(group_by_model(jobs)), len(to_run), skipped, time.perf_counter() - start,
+    )  # fmt: skip
+    return Plan(len(cells), tuple(jobs), tuple(to_run), skipped, settings)
+
+
+def select_jobs(jobs: Sequence[Job], results_root: Path, rerun_failed: bool) -> tuple[list[Job], int]:
+    """(jobs still to run, number skipped): ok jobs are skipped, failed ones unless `rerun_failed`."""
+    to_run: list[Job] = []
+    skipped = 0
+    for study, study_jobs in split_by_study(jobs).items():
+        status = job_status(results_root / study)
+        for job in study_jobs:
+            state = status.get(job.key)
+            if state == STATUS_OK or (state is not None and not rerun_failed):
+                skipped += 1
+            else:
+                to_run.append(job)
+    return to_run, skipped
+
+
+def execute(plan: Plan, worker_cls: type | None = None) -> Progress:
+    """Run the plan's pending jobs on Ray; returns the final progress (counts and first errors)."""
+    from pipeline.dispatch import connect, plan_workers, run_jobs, start_workers
+
+    label = ",".join(sorted({job.study for job in plan.jobs})) or "none"
+    progress = Progress(total=len(plan.to_run), skipped=plan.skipped, label=label)
+    if not plan.to_run:
+        return progress
+    import ray
+
+    cfg = plan.settings.ray
+    started = connect(cfg)
+    workers: list = []
+    try:
+        workers_plan = plan_workers(cfg, ray.cluster_resources(), len(plan.to_run))
+        workers = start_workers(workers_plan, plan.settings.results_root, cfg.max_attempts, worker_cls)
+        log.info("%d worker(s), each %s", len(workers), workers_plan.options)
+        progress.interrupted = not run_jobs(
+            plan.to_run, workers, progress, plan.settings.results_root, cfg.max_attempts,
+            cfg.in_flight_per_worker,
+        )  # fmt: skip
+    finally:
+        for actor in workers:
+            ray.kill(actor)
+        if started:
+            ray.shutdown()
+    return progress
+
+
+def run_sweep(overrides: Sequence[str], multirun: bool = True) -> tuple[Plan, Progress | None]:
+    """Plan and run a sweep (the programmatic form of the CLI); dry runs return no progress."""
+    plan = plan_run(overrides, multirun)
+    if plan.settings.dry_run:
+        return plan, None
+    return plan, execute(plan)
+
+
+def describe_plan(plan: Plan) -> str:
+    """A short table of a plan: jobs per model and bits."""
+    lines = [f"{plan.n_cells} cells -> {len(plan.jobs)} jobs; {len(plan.to_run)} to run, {plan.skipped} done"]
+    for model, jobs in group_by_model(plan.jobs).items():
+        bits = sorted({job.bits for job in jobs})
+        lines.append(f"  {jobs[0].model_label or model.name_or_path}: {len(jobs)} jobs, bits {bits}")
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """CLI entry point; exit codes: 0 all ok, 1 some job failed, 2 bad config, 130 interrupted."""
+    args = sys.argv[1:] if argv is None else list(argv)
+    if any(a in ("-h", "--help") for a in args):
+        print(USAGE)
+        return 0
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(name)s: %(message)s")
+    try:
+        multirun, show, overrides = parse_argv(args)
+        if not args:
+            log.info("no arguments: running the demo study (python -m pipeline.run -m +sweep=demo)")
+        if show:
+            from dataclasses import asdict
+
+            from omegaconf import OmegaConf
+
+            cells = expand(plan_sweep(overrides, multirun))
+            print(OmegaConf.to_yaml(asdict(cells[0])))
+            return 0
+        plan = plan_run(overrides, multirun)
+    except ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    if plan.settings.dry_run:
+        print(describe_plan(plan))
+        return 0
+    progress = execute(plan)
+    print(progress.summary())
+    return 130 if progress.interrupted else (1 if progress.failed else 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

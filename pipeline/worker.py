@@ -1,0 +1,261 @@
+"""The long-lived worker: one per GPU (or CPU slot), one model resident, jobs run back to back.
+
+`ModelWorker` is a plain class; the driver wraps it with `ray.remote` (so importing this module
+costs no torch or ray). Per job it restores the pristine weights from the on-device snapshot,
+quantizes in place, evaluates with an `Evaluator` built once per (model, eval spec), and writes the
+job's rows itself with `write_job_rows` (atomic), so nothing finished is lost if the driver dies.
+A job that raises becomes one failed row carrying the exception's last traceback line.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import platform
+import time
+import traceback
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from pipeline.jobs import Job
+from pipeline.results import STATUS_FAILED, STATUS_OK, write_job_rows
+from pipeline.specs import EvalSpec, MetricValue, ModelRef, QuantReport
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class JobResult:
+    """What a worker sends back: small, plus the rows so a driver without the worker's disk can write them."""
+
+    key: str
+    status: str
+    error: str | None
+    rows: tuple[Mapping[str, Any], ...]
+    timings: Mapping[str, float] = field(default_factory=dict)  # load_s, restore_s, quantize_s, eval_s, job_s
+    worker: str = ""
+
+
+@dataclass(frozen=True)
+class WorkerEnv:
+    """Facts about the worker that go into every row."""
+
+    device: str
+    versions: str  # JSON
+
+
+def error_line(err: BaseException) -> str:
+    """The last line of the exception's traceback, e.g. "ValueError: bits must be in 3..16"."""
+    return traceback.format_exception_only(type(err), err)[-1].strip()
+
+
+def job_columns(job: Job, report: QuantReport | None, family: str | None) -> dict[str, Any]:
+    """The columns a job's rows share (what was run and how many bits it cost)."""
+    quant = job.quant
+    return {
+        "job_key": job.key,
+        "study": job.study,
+        "model": job.model_label or job.model.name_or_path,
+        "model_family": family,
+        "n_params": report.n_params if report else None,
+        "n_quantized_params": report.n_quantized_params if report else None,
+        "n_kept_params": report.n_kept_params if report else None,
+        "dtype": "none" if quant is None else quant.dtype,
+        "bits": job.bits,
+        "block_size": None if quant is None else quant.block_size,
+        "exponent_bits": None if quant is None or quant.dtype != "fp" else quant.exponent_bits,
+        "outlier_fraction": job.outlier_fraction,
+        "centering": False if quant is None else bool(quant.centering),
+        "bits_per_param": report.bits_per_param if report else None,
+        "total_model_bits": report.total_model_bits if report else None,
+        "job_json": job.job_json,
+    }
+
+
+def job_rows(
+    job: Job,
+    report: QuantReport | None,
+    metrics: Sequence[MetricValue],
+    timings: Mapping[str, float],
+    env: WorkerEnv,
+    family: str | None = None,
+    error: str | None = None,
+) -> list[dict[str, Any]]:
+    """One row per metric (status ok), or a single failed row when `error` is set."""
+    shared = {
+        **job_columns(job, report, family),
+        **{k: timings.get(k) for k in ("load_s", "restore_s", "quantize_s", "eval_s")},
+        "device": env.device,
+        "versions": env.versions,
+        "created_at": datetime.now(UTC),
+    }
+    if error is not None:
+        return [{**shared, "status": STATUS_FAILED, "error": error}]
+    return [
+        {
+            **shared,
+            "task": m.task,
+            "metric": m.metric,
+            "value": m.value,
+            "stderr": m.stderr,
+            "n_examples": m.n_examples,
+            "status": STATUS_OK,
+            "error": None,
+        }
+        for m in metrics
+    ]
+
+
+def check_finite(metrics: Sequence[MetricValue]) -> None:
+    """Raise FloatingPointError on NaN/inf metrics (a diverged or corrupt model is a failed job)."""
+    bad = [f"{m.task}/{m.metric}={m.value}" for m in metrics if not math.isfinite(m.value)]
+    if bad:
+        raise FloatingPointError(f"non-finite metrics: {', '.join(bad)}")
+
+
+def versions_json() -> str:
+    """Package versions of this process, as sorted JSON."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    found: dict[str, str] = {"python": platform.python_version()}
+    for name in ("kbitscale", "torch", "transformers", "lm_eval", "ray"):
+        try:
+            found[name] = version(name.replace("_", "-"))
+        except PackageNotFoundError:
+            found[name] = "unknown"
+    return json.dumps(found, sort_keys=True)
+
+
+class ModelWorker:
+    """Keeps one model resident and runs jobs on it (wrapped as a Ray actor by the driver)."""
+
+    def __init__(self, results_root: str, cpu_threads: int = 1) -> None:
+        import torch
+
+        self._results_root = Path(results_root)
+        self._device = "cuda" if torch.cuda.is_available() else "cpu"
+        if self._device == "cpu":
+            torch.set_num_threads(max(1, cpu_threads))
+        name = torch.cuda.get_device_name() if self._device == "cuda" else f"cpu ({platform.machine()})"
+        self._env = WorkerEnv(device=name, versions=versions_json())
+        self._name = f"{platform.node()}:{id(self):x}"
+        self._ref: ModelRef | None = None
+        self._model: Any = None
+        self._tokenizer: Any = None
+        self._snapshot: Any = None
+        self._family: str | None = None
+        self._evaluators: dict[EvalSpec, Any] = {}
+        self._dirty = False
+        self._load_errors: dict[ModelRef, str] = {}
+
+    def describe(self) -> str:
+        """The device this worker runs on (also forces the actor to start)."""
+        return self._env.device
+
+    def run(self, job: Job) -> JobResult:
+        """Restore, quantize, evaluate and write one job; never raises for a job's own failure."""
+        timings: dict[str, float] = {}
+        start = time.perf_counter()
+        report: QuantReport | None = None
+        try:
+            timings["load_s"] = self._ensure_model(job)
+            timings["restore_s"] = self._restore()
+            report, timings["quantize_s"] = self._quantize(job)
+            metrics, timings["eval_s"] = self._evaluate(job)
+            check_finite(metrics)
+            rows = job_rows(job, report, metrics, timings, self._env, self._family or job.model_family)
+            status, error = STATUS_OK, None
+        except Exception as err:  # a job's failure is data: one failed row, the sweep goes on
+            error = error_line(err)
+            log.warning("job %s failed: %s", job.key[:12], error)
+            self._after_failure()
+            family = self._family or job.model_family
+            rows = job_rows(job, report, (), timings, self._env, family, error=error)
+            status = STATUS_FAILED
+        write_job_rows(self._results_root / job.study, job.key, rows)
+        timings["job_s"] = time.perf_counter() - start
+        log.info("job %s %s in %.2fs", job.key[:12], status, timings["job_s"])
+        return JobResult(job.key, status, error, tuple(rows), timings, self._name)
+
+    def _ensure_model(self, job: Job) -> float:
+        """Load `job.model` unless it is resident; returns seconds spent (0 when resident)."""
+        if job.model == self._ref and self._model is not None:
+            return 0.0
+        if job.model in self._load_errors:
+            raise RuntimeError(f"model failed to load earlier on this worker: {self._load_errors[job.model]}")
+        from pipeline.models import load_model, snapshot_weights
+
+        self._drop_model()
+        start = time.perf_counter()
+        log.info("job %s loading %s", job.key[:12], job.model.name_or_path)
+        try:
+            self._model, self._tokenizer = load_model(job.model, self._device)
+        except Exception as err:
+            self._load_errors[job.model] = error_line(err)
+            raise
+        self._snapshot = snapshot_weights(self._model)
+        self._ref = job.model
+        self._family = job.model_family or getattr(self._model.config, "model_type", None)
+        return self._sync_elapsed(start)
+
+    def _restore(self) -> float:
+        if not self._dirty:
+            return 0.0
+        from pipeline.models import restore_weights_
+
+        start = time.perf_counter()
+        restore_weights_(self._model, self._snapshot)
+        self._dirty = False
+        return self._sync_elapsed(start)
+
+    def _quantize(self, job: Job) -> tuple[QuantReport, float]:
+        from pipeline.models import quantize_model_
+
+        start = time.perf_counter()
+        self._dirty = True  # even a quantization that raises half-way leaves modified weights
+        report = quantize_model_(
+            self._model,
+            job.quant,
+            outlier_fraction=job.outlier_fraction,
+            include_embeddings=job.model.quantize_embeddings,
+            include_lm_head=job.model.quantize_lm_head,
+        )
+        return report, self._sync_elapsed(start)
+
+    def _evaluate(self, job: Job) -> tuple[list[MetricValue], float]:
+        start = time.perf_counter()
+        if job.evals not in self._evaluators:
+            from pipeline.evaluate import Evaluator
+
+            self._evaluators[job.evals] = Evaluator(self._model, self._tokenizer, job.evals)
+        metrics = list(self._evaluators[job.evals].run())
+        return metrics, self._sync_elapsed(start)
+
+    def _sync_elapsed(self, start: float) -> float:
+        if self._device == "cuda":
+            import torch
+
+            torch.cuda.synchronize()
+        return time.perf_counter() - start
+
+    def _after_failure(self) -> None:
+        """Free what a failed job may have left (CUDA OOM); a failed restore forces a reload."""
+        if self._device == "cuda":
+            import torch
+
+            torch.cuda.empty_cache()
+        if self._dirty and self._model is not None:
+            try:
+                self._restore()
+            except Exception as err:
+                log.warning("restore after a failure failed (%s); the model will reload", error_line(err))
+                self._drop_model()
+
+    def _drop_model(self) -> None:
+        self._ref = self._model = self._tokenizer = self._snapshot = self._family = None
+        self._evaluators.clear()
+        self._dirty = False
