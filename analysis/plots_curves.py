@@ -44,6 +44,8 @@ def plot_scaling_curves(
     fig, axes = new_figure(len(settings))
     for ax, setting in zip(axes, settings, strict=True):
         _draw_setting(ax, fam[fam["setting"].isin([setting, BASELINE_SETTING])], fit, family, setting)
+        if ax is not axes[0]:
+            ax.get_legend().remove()
         ax.set_title(setting)
         ax.set_ylabel(metric_label)
     fig.suptitle(f"{family}: {metric_label} vs total model bits")
@@ -85,20 +87,19 @@ def plot_fit_quality(fit: FitResult, metric_label: str, title: str) -> Figure:
         color = bits_color(int(bits))
         obs_ax.scatter(rows["predicted"], rows["value"], s=14, color=color, label=f"{int(bits)}-bit")
         res_ax.scatter(rows["total_model_bits"], rows["residual"], s=14, color=color)
-    low, high = (
-        np.nanmin(pred[["predicted", "value"]].to_numpy()),
-        np.nanmax(pred[["predicted", "value"]].to_numpy()),
-    )
+    values = pred[["predicted", "value"]].to_numpy(float)
+    low, high = np.nanmin(values), np.nanmax(values)
     obs_ax.plot([low, high], [low, high], color="#555555", linewidth=0.8)
-    obs_ax.set_xlabel(f"predicted {metric_label}")
-    obs_ax.set_ylabel(f"observed {metric_label}")
-    obs_ax.legend(loc="best")
-    r2 = ", ".join(f"{r.setting}: R²={r.r2:.3f}" for r in fit.quality.head(4).itertuples())
-    obs_ax.set_title(r2, fontsize=7.5)
+    obs_ax.set_xlabel("predicted")
+    obs_ax.set_ylabel("observed")
+    obs_ax.legend(loc="lower right")
+    r2 = fit.quality["r2"]
+    obs_ax.set_title(f"R² min {r2.min():.3f}, median {r2.median():.3f} over {len(r2)} fits")
     res_ax.axhline(0.0, color="#555555", linewidth=0.8)
     bits_axis(res_ax)
-    res_ax.set_ylabel("residual (observed - predicted)")
-    fig.suptitle(title)
+    res_ax.set_ylabel("residual (observed − predicted)")
+    res_ax.set_title("residuals")
+    fig.suptitle(f"{title}\n{metric_label}")
     return fig
 
 
@@ -111,7 +112,7 @@ def plot_bit_optimality(
     fam_opt = optimality[optimality["model_family"] == family] if not optimality.empty else optimality
     if fam_best.empty:
         raise AnalysisError(f"no interpolated curves for family {family!r}")
-    fig, (top, bottom) = new_figure(2, max_cols=1)
+    fig, (top, bottom) = new_figure(2, max_cols=2)
     for bits, rows in fam_best.groupby("bits"):
         top.plot(
             rows["budget_bits"], rows["value"], color=bits_color(int(bits)), label=f"best {int(bits)}-bit"
@@ -132,7 +133,8 @@ def plot_bit_optimality(
     bits_axis(top, "memory budget (total model bits)")
     top.set_ylabel(metric_label)
     top.legend(loc="best")
-    top.set_title(f"{family}: best precision per memory budget (stars: bit-optimal)")
+    top.set_title("best of each bit width (stars: bit-optimal)")
+    fig.suptitle(f"{family}: bit-optimal precision per memory budget")
     return fig
 
 
@@ -152,4 +154,5 @@ def _draw_margins(ax: Axes, opt: pd.DataFrame) -> None:
     ax.axhline(0.0, color="#555555", linewidth=0.8)
     bits_axis(ax, "memory budget (total model bits)")
     ax.set_ylabel("margin over runner-up")
+    ax.set_title("margin with bootstrap 95% CI")
     ax.legend(loc="best")

@@ -21,10 +21,10 @@ from analysis.metrics import higher_is_better, metric_label
 from analysis.optimality import best_per_bits, bit_optimality
 from analysis.pareto import pareto_front
 from analysis.plots_compare import plot_dtype_block, plot_pareto, plot_proxy_effect
-from analysis.plots_curves import plot_bit_optimality, plot_fit_quality, plot_scaling_curves
+from analysis.plots_curves import MAX_PANELS, plot_bit_optimality, plot_fit_quality, plot_scaling_curves
 from analysis.render import Block, Section
 from analysis.summary import headline
-from analysis.tidy import failed_jobs, study_grid
+from analysis.tidy import BASELINE_SETTING, failed_jobs, study_grid
 
 log = logging.getLogger(__name__)
 
@@ -96,9 +96,19 @@ def curves_section(study: Study) -> Section:
         check_sizes(points)
         fit = fit_law(points, "shared_slope", n_boot=0)
         for family in sorted(points["model_family"].unique()):
+            blocks += _omitted_settings(points, family)
             fig = plot_scaling_curves(points, metric_label(metric), family, fit=fit)
             blocks.append(Block(figure=fig, name=f"curves-{slug(family)}-{slug(metric)}"))
     return Section("Scaling curves", tuple(blocks))
+
+
+def _omitted_settings(points: pd.DataFrame, family: str) -> list[Block]:
+    settings = set(points.loc[points["model_family"] == family, "setting"]) - {BASELINE_SETTING}
+    extra = len(settings) - MAX_PANELS
+    if extra <= 0:
+        return []
+    return [Block(text=f"{family}: {extra} of {len(settings)} settings not drawn (the figure shows the "
+                       f"{MAX_PANELS} with most points); the tables below cover all.")]  # fmt: skip
 
 
 def _fit_blocks(fit: FitResult, label: str, title: str, name: str) -> list[Block]:

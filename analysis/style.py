@@ -29,7 +29,6 @@ STYLE: dict[str, object] = {
     "lines.linewidth": 1.6,
     "lines.markersize": 4.5,
     "savefig.dpi": 150,
-    "savefig.bbox": "tight",
     "svg.fonttype": "none",
 }
 PANEL_SIZE_IN = (3.6, 2.9)
