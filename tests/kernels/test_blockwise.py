@@ -133,7 +133,7 @@ def test_tie_goes_to_lower_code() -> None:
 
 def test_shape_and_dtype_preserved() -> None:
     for shape in [(10,), (3, 4, 5), (1, 1), (129, 65)]:
-        for torch_dtype in TORCH_DTYPES + [torch.float64]:
+        for torch_dtype in [*TORCH_DTYPES, torch.float64]:
             w = _randn(*shape, seed=7, dtype=torch_dtype)
             w_hat = fake_quantize(w, QuantSpec("fp", 5, 16))
             assert w_hat.shape == w.shape and w_hat.dtype == torch_dtype and w_hat.device == w.device

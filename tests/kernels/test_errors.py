@@ -50,12 +50,12 @@ def test_bad_tensors(fn) -> None:
         fn(torch.arange(10), SPEC)
     with pytest.raises(ValueError, match=r"empty \(shape \(0, 4\)\)"):
         fn(torch.zeros(0, 4), SPEC)
-    with pytest.raises(ValueError, match="must be a torch.Tensor"):
+    with pytest.raises(ValueError, match=r"must be a torch\.Tensor"):
         fn([1.0, 2.0], SPEC)
     for bad in (float("nan"), float("inf"), -float("inf")):
         w = torch.randn(4, 64)
         w[2, 5] = bad
-        with pytest.raises(ValueError, match="NaN or Inf .*1 of 4 blocks"):
+        with pytest.raises(ValueError, match=r"NaN or Inf .*1 of 4 blocks"):
             fn(w, SPEC)
 
 
@@ -84,7 +84,7 @@ def test_bad_impl(monkeypatch: pytest.MonkeyPatch) -> None:
     w = torch.randn(4, 8)
     with pytest.raises(ValueError, match="impl='cuda' is not allowed; allowed: auto, torch, triton"):
         fake_quantize(w, SPEC, impl="cuda")  # type: ignore[arg-type]
-    with pytest.raises(ValueError, match="needs (a CUDA tensor|the triton package)"):
+    with pytest.raises(ValueError, match=r"needs (a CUDA tensor|the triton package)"):
         fake_quantize(w, SPEC, impl="triton")
     with pytest.raises(ValueError, match="does not support centering"):
         fake_quantize(w, QuantSpec("int", 4, 64, centering=True), impl="triton")

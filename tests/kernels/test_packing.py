@@ -90,7 +90,7 @@ def test_pack_errors() -> None:
 
 def test_accounting_errors() -> None:
     spec = QuantSpec("int", 4, 64)
-    with pytest.raises(ValueError, match="n_keep_columns=101 is outside 0..100"):
+    with pytest.raises(ValueError, match=r"n_keep_columns=101 is outside 0\.\.100"):
         bits_per_param(spec, (8, 100), n_keep_columns=101)
     with pytest.raises(ValueError, match="2-D"):
         bits_per_param(spec, (8, 10, 10), n_keep_columns=1)
