@@ -222,14 +222,15 @@ def quantize_model_(
     """Fake-quantize every quantizable weight in place and count parameters and bits exactly.
 
     `spec=None` is the 16-bit baseline: weights untouched, every parameter counted at 16 bits.
-    Quantized matrices cost `kernels.bits_per_param(spec, shape, n_keep) * numel` bits (constants,
-    codebooks and kept proxy columns included); every other parameter costs 16 bits.
+    Quantized matrices cost `kernels.weight_bits(spec, shape, n_keep)` bits (constants, codebooks and
+    kept proxy columns included); every other parameter costs 16 bits. A non-finite result raises
+    QuantizationError (the model is then half-quantized: restore it).
     """
     _check_fraction(outlier_fraction)
     n_params = _n_params(model)
     if spec is None:
         return QuantReport(n_params, 0, 0, 16 * n_params, 16.0)
-    from kernels import bits_per_param, fake_quantize
+    from kernels import fake_quantize, weight_bits
 
     weights = linear_weights(model, include_embeddings=include_embeddings, include_lm_head=include_lm_head)
     keep = outlier_columns(model, outlier_fraction)
@@ -237,15 +238,16 @@ def quantize_model_(
     finite: list[Tensor] = []
     for name, view in weights.items():
         cols = keep.get(name)
-        q = fake_quantize(view, spec, keep_columns=cols)
+        try:
+            q = fake_quantize(view, spec, keep_columns=cols)
+        except ValueError as err:  # e.g. a NaN/Inf weight, or a weight the spec cannot take
+            raise ValueError(f"cannot quantize {name} {tuple(view.shape)}: {err}") from err
         finite.append(torch.isfinite(q).all())
         view.copy_(q)
         n_keep_cols = 0 if cols is None else cols.numel()
         n_kept += n_keep_cols * view.shape[0]
         n_quant += view.numel() - n_keep_cols * view.shape[0]
-        quant_bits += round(
-            bits_per_param(spec, tuple(view.shape), n_keep_columns=n_keep_cols) * view.numel()
-        )
+        quant_bits += weight_bits(spec, tuple(view.shape), n_keep_columns=n_keep_cols)
     flags = torch.stack(finite).tolist() if finite else []
     bad = [name for name, ok in zip(weights, flags, strict=True) if not ok]
     if bad:

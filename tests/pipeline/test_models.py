@@ -155,7 +155,7 @@ def test_quantized_counts_exact(llama):
 
 
 def test_quantized_counts_with_proxy_columns(llama):
-    from kernels import bits_per_param
+    from kernels import weight_bits
 
     model, _ = llama
     report = quantize_model_(model, spec(), outlier_fraction=0.02)
@@ -164,7 +164,7 @@ def test_quantized_counts_with_proxy_columns(llama):
     expected = 0
     for name, view in linear_weights(model).items():
         n_keep = 1 if name.endswith(("gate_proj.weight", "up_proj.weight")) else 0
-        expected += round(bits_per_param(spec(), tuple(view.shape), n_keep_columns=n_keep) * view.numel())
+        expected += weight_bits(spec(), tuple(view.shape), n_keep_columns=n_keep)
     assert report.total_model_bits == expected + 16 * (report.n_params - 81_920)
 
 
@@ -198,6 +198,17 @@ def test_proxy_quantization_keeps_columns_exactly(neox):
         assert not torch.equal(view, before[name])
 
 
+def test_quantize_gpt2_conv1d_in_place():
+    model = tiny_gpt2()
+    before = model.transformer.h[0].mlp.c_fc.weight.clone()
+    report = quantize_model_(model, spec(), outlier_fraction=0.02)
+    after = model.transformer.h[0].mlp.c_fc.weight
+    assert not torch.equal(after, before)
+    kept = outlier_columns(tiny_gpt2(), 0.02)["transformer.h.0.mlp.c_fc.weight"]
+    assert torch.equal(after.t()[:, kept], before.t()[:, kept])  # columns of the [out, in] view
+    assert report.n_kept_params == 2 * 256 * 1
+
+
 def test_outlier_columns_gpt2_conv1d():
     cols = outlier_columns(tiny_gpt2(), 0.02)
     assert sorted(cols) == [f"transformer.h.{i}.mlp.c_fc.weight" for i in range(2)]
@@ -220,9 +231,20 @@ def test_proxy_unknown_architecture():
     assert quantize_model_(model, spec()).n_quantized_params > 0
 
 
-def test_nan_after_quantization_raises(llama):
+def test_non_finite_weight_is_named(llama):
     model, _ = llama
     with torch.no_grad():
         model.model.layers[0].mlp.down_proj.weight[0, 0] = math.inf
-    with pytest.raises(QuantizationError, match="down_proj"):
+    with pytest.raises(ValueError, match="down_proj"):
         quantize_model_(model, spec())
+
+
+def test_nan_after_quantization_raises(llama, monkeypatch):
+    import kernels
+
+    def broken(w, spec, keep_columns=None):
+        return torch.full_like(w, math.nan) if w.shape == (64, 128) else w.clone()
+
+    monkeypatch.setattr(kernels, "fake_quantize", broken)
+    with pytest.raises(QuantizationError, match="down_proj"):
+        quantize_model_(llama[0], spec())

@@ -1,0 +1,97 @@
+"""Evaluate an in-memory model: strided perplexity of text sets and lm-eval tasks.
+
+`Evaluator` is built once per resident model; it reads and tokenizes every text and builds every
+lm-eval request then, so `run()` (called after each restore + quantize) only runs forward passes
+and metrics. `check_eval_spec` validates an `EvalSpec` cheaply, before any job runs.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from pipeline.perplexity import check_perplexity_spec, perplexity_metrics, tokenize_text
+from pipeline.specs import EvalSpec, MetricValue
+from pipeline.tasks import OFFLINE_TASKS
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+    from pipeline.lmeval import LmEvalSuite
+
+log = logging.getLogger(__name__)
+
+
+def _check_text_path(path: str, data_root: Path) -> None:
+    from pipeline.corpus import HELDOUT
+
+    if path == HELDOUT:
+        if not (data_root / "corpus").is_dir():
+            raise ValueError(f"perplexity set {path!r} needs {str(data_root / 'corpus')!r}")
+        return
+    file = Path(path) if Path(path).is_absolute() else data_root / path
+    if not file.is_file():
+        raise ValueError(
+            f"perplexity text {path!r} not found (looked for {str(file)!r}); "
+            f"give a file under the data root, an absolute path, or {HELDOUT!r}"
+        )
+
+
+def check_eval_spec(spec: EvalSpec) -> None:
+    """Raise ValueError/KeyError naming the first bad value of an EvalSpec; reads no model."""
+    data_root = Path(spec.data_root).expanduser()
+    if not data_root.is_dir():
+        raise ValueError(f"data_root {spec.data_root!r} is not a directory")
+    if spec.batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {spec.batch_size}")
+    if spec.limit is not None and spec.limit < 1:
+        raise ValueError(f"limit must be >= 1 or None, got {spec.limit}")
+    names = [p.name for p in spec.perplexity] + list(spec.tasks)
+    duplicates = sorted({n for n in names if names.count(n) > 1})
+    if duplicates:
+        raise ValueError(f"duplicate task names in the eval spec: {duplicates}")
+    for ppl in spec.perplexity:
+        check_perplexity_spec(ppl)
+        _check_text_path(ppl.path, data_root)
+    for name in spec.tasks:
+        if name in OFFLINE_TASKS and not (data_root / OFFLINE_TASKS[name][0]).is_file():
+            raise ValueError(f"task {name!r} needs {str(data_root / OFFLINE_TASKS[name][0])!r}")
+    if any(name not in OFFLINE_TASKS for name in spec.tasks):
+        from pipeline.lmeval import check_task_names
+
+        check_task_names(spec.tasks)
+
+
+class Evaluator:
+    """Scores one resident model on an EvalSpec; everything but the forward passes is done once."""
+
+    def __init__(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, spec: EvalSpec) -> None:
+        from pipeline.corpus import resolve_text
+
+        check_eval_spec(spec)
+        self.model, self.spec = model, spec
+        data_root = Path(spec.data_root).expanduser().resolve()
+        self.texts = tuple(
+            tokenize_text(p, resolve_text(p.path, data_root), tokenizer, spec.batch_size, model.device)
+            for p in spec.perplexity
+        )
+        self.suite: LmEvalSuite | None = None
+        if spec.tasks:
+            from pipeline.lmeval import LmEvalSuite
+
+            self.suite = LmEvalSuite(
+                model,
+                tokenizer,
+                spec.tasks,
+                data_root=data_root,
+                limit=spec.limit,
+                batch_size=spec.batch_size,
+            )
+
+    def run(self) -> list[MetricValue]:
+        """Every metric of the spec, for the model's weights as they are now."""
+        metrics = [m for text in self.texts for m in perplexity_metrics(self.model, text)]
+        if self.suite is not None:
+            metrics += self.suite.run()
+        return metrics

@@ -1,0 +1,172 @@
+"""lm-eval tasks on an in-memory model, with every request built and tokenized once per model.
+
+`LmEvalSuite` loads the tasks (offline ones from `pipeline/tasks`, data root as TaskManager
+metadata), builds their requests once, and wraps the model in an `HFLM` whose context/continuation
+encodings are memoized. Each `run()` goes through `lm_eval.evaluator.evaluate` on those same task
+objects: their `build_all_requests` is replaced, per object, by one that only clears the previous
+responses. No lm-eval response cache is used (its key ignores the weights, so it would return the
+first quantization config's answers for every other config). Standard errors are computed here from
+the per-document values (`bootstrap_iters=0`): the sample standard error of the mean, as lm-eval
+reports it, and the delta method for perplexity (lm-eval would bootstrap it in a process pool).
+"""
+
+from __future__ import annotations
+
+import difflib
+import logging
+import math
+import re
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from pipeline.specs import MetricValue
+from pipeline.tasks import OFFLINE_TASKS, TASKS_DIR
+
+if TYPE_CHECKING:
+    from lm_eval.api.task import Task
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+log = logging.getLogger(__name__)
+
+REPORTED_METRICS = ("acc", "acc_norm", "perplexity")
+
+
+def task_manager(names: tuple[str, ...], data_root: Path) -> Any:
+    """A TaskManager over pipeline/tasks; lm-eval's own tasks are indexed only when one is named."""
+    from lm_eval.tasks import TaskManager
+
+    include_defaults = any(name not in OFFLINE_TASKS for name in names)
+    return TaskManager(
+        include_path=str(TASKS_DIR),
+        include_defaults=include_defaults,
+        metadata={"data_root": str(data_root)},
+    )
+
+
+def _named_in_lm_eval_yaml(name: str) -> bool:
+    """A cheap necessary condition for an lm-eval task name: it appears in one of lm-eval's YAMLs."""
+    import lm_eval
+
+    pattern = re.compile(rf"(?<![\w-]){re.escape(name)}(?![\w-])")
+    root = Path(lm_eval.__file__).parent / "tasks"
+    return any(pattern.search(path.read_text(errors="ignore")) for path in root.rglob("*.yaml"))
+
+
+def check_task_names(names: tuple[str, ...]) -> None:
+    """Unknown task names -> KeyError listing the offline tasks.
+
+    Offline names are checked at once; any other name must be registered by lm-eval, which takes
+    indexing its ~14k YAMLs (~25 s), so a name that no lm-eval YAML even mentions fails first.
+    """
+    for name in names:
+        if name in OFFLINE_TASKS:
+            continue
+        if not _named_in_lm_eval_yaml(name) or name not in _lm_eval_task_names():
+            close = difflib.get_close_matches(name, list(OFFLINE_TASKS), n=3)
+            raise KeyError(
+                f"unknown lm-eval task {name!r}; offline tasks: {sorted(OFFLINE_TASKS)}"
+                + (f"; did you mean {close}?" if close else "")
+                + "; other names must be tasks, groups or tags registered by lm-eval"
+            )
+
+
+def _lm_eval_task_names() -> set[str]:
+    from lm_eval.tasks import TaskManager
+
+    return set(TaskManager(include_path=str(TASKS_DIR)).all_tasks)
+
+
+def make_lm(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, batch_size: int) -> Any:
+    """An HFLM over the in-memory model whose (context, continuation) encodings are memoized."""
+    from lm_eval.models.huggingface import HFLM
+
+    class MemoHFLM(HFLM):
+        """HFLM that tokenizes each distinct request once for the life of the model."""
+
+        def __init__(self, **kwargs: Any) -> None:
+            super().__init__(**kwargs)
+            self.encoded: dict[tuple[str, str], tuple[list[int], list[int]]] = {}
+
+        def _encode_pair(self, context: str, continuation: str) -> tuple[list[int], list[int]]:
+            key = (context, continuation)
+            if key not in self.encoded:
+                self.encoded[key] = super()._encode_pair(context, continuation)
+            return self.encoded[key]
+
+    return MemoHFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
+
+
+def _reuse_requests(task: Task) -> None:
+    """Make later `build_all_requests` calls on this task object reuse the instances built now."""
+    instances = list(task.instances)
+
+    def build_all_requests(**_: Any) -> None:
+        for instance in instances:
+            instance.resps = []
+            instance.filtered_resps = {}
+        task._instances = instances
+
+    task.build_all_requests = build_all_requests  # type: ignore[method-assign]
+
+
+def _stderr(metric: str, values: list[float]) -> float | None:
+    n = len(values)
+    if n < 2:
+        return None
+    mean = math.fsum(values) / n
+    std = math.sqrt(math.fsum((v - mean) ** 2 for v in values) / (n - 1))
+    if metric == "perplexity":  # values are log-likelihoods; perplexity = exp(-mean)
+        return math.exp(-mean) * std / math.sqrt(n)
+    return std / math.sqrt(n)
+
+
+def task_metrics(name: str, task_result: dict[str, Any], samples: list[dict[str, Any]]) -> list[MetricValue]:
+    """The reported metrics of one task, stderr from its per-document values."""
+    metrics = []
+    for metric in REPORTED_METRICS:
+        key = f"{metric},none"
+        if key not in task_result:
+            continue
+        values = [float(sample[metric]) for sample in samples]
+        metrics.append(
+            MetricValue(name, metric, float(task_result[key]), _stderr(metric, values), len(samples))
+        )
+    return metrics
+
+
+class LmEvalSuite:
+    """lm-eval tasks for one resident model: requests built and tokenized once, scored per `run()`."""
+
+    def __init__(
+        self,
+        model: PreTrainedModel,
+        tokenizer: PreTrainedTokenizerBase,
+        names: tuple[str, ...],
+        *,
+        data_root: Path,
+        limit: int | None,
+        batch_size: int,
+    ) -> None:
+        check_task_names(names)
+        self.limit = limit
+        self.lm = make_lm(model, tokenizer, batch_size)
+        self.task_dict = task_manager(names, data_root).load(list(names))
+        for task in self.task_dict["tasks"].values():
+            task.build_all_requests(limit=limit, rank=0, world_size=1)
+            for instance in task.instances:
+                context, continuation = instance.args[:2]
+                if context:
+                    self.lm._encode_pair(context, continuation)
+            _reuse_requests(task)
+
+    def run(self) -> list[MetricValue]:
+        """Score every task with the model as it is now."""
+        from lm_eval.evaluator import evaluate
+
+        results = evaluate(
+            self.lm, self.task_dict, limit=self.limit, bootstrap_iters=0, log_samples=True, write_out=False
+        )
+        metrics = []
+        for name in self.task_dict["tasks"]:
+            metrics += task_metrics(name, results["results"][name], results["samples"][name])
+        return metrics

@@ -1,0 +1,153 @@
+"""pipeline.evaluate / pipeline.perplexity: strided perplexity against naive forwards, the 16-bit
+baseline and restore reproducing metrics exactly, and every bad-input path of `check_eval_spec`."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import replace
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from pipeline.evaluate import Evaluator, check_eval_spec
+from pipeline.models import load_model, quantize_model_, restore_weights_, snapshot_weights
+from pipeline.perplexity import encode_text, strided_windows, tokenize_text, total_nats
+from pipeline.specs import EvalSpec, ModelRef, PerplexitySpec
+
+WIKI = "eval/wikitext-2-raw/wiki.test.raw"
+
+
+@pytest.fixture(scope="module")
+def llama(tiny_model_dir):
+    return load_model(ModelRef(str(tiny_model_dir)), "cpu")
+
+
+@pytest.fixture(scope="module")
+def wiki_text(data_root):
+    return (data_root / WIKI).read_text(encoding="utf-8")[:20_000]
+
+
+def ppl_spec(**kwargs) -> PerplexitySpec:
+    return PerplexitySpec(**{"name": "wikitext2", "path": WIKI, "max_tokens": 160, **kwargs})
+
+
+@pytest.mark.parametrize("n, context, stride", [(10, 4, 4), (10, 4, 2), (10, 4, 1), (3, 8, 8), (9, 5, 3)])
+def test_strided_windows_score_each_token_at_most_once(n, context, stride):
+    windows = strided_windows(n, context, stride)
+    scored = [p for w in windows for p in range(w.end - w.n_scored, w.end)]
+    assert len(scored) == len(set(scored)) and 0 not in scored
+    assert all(w.end - w.begin <= context and w.end - w.n_scored > w.begin for w in windows)
+    if stride < context:
+        assert sorted(scored) == list(range(1, n))
+    else:  # disjoint windows: every window's first token goes unscored
+        assert sorted(scored) == [p for p in range(1, n) if p % context != 0]
+
+
+def _nats_naive(model, ids: list[int], context: int) -> float:
+    """Each token p >= 1 scored by a full forward of the (up to) `context` tokens ending at p."""
+    total = 0.0
+    with torch.no_grad():
+        for p in range(1, len(ids)):
+            window = torch.tensor([ids[max(0, p - context + 1) : p + 1]])
+            logits = model(input_ids=window).logits[0, -2]
+            total -= torch.log_softmax(logits.double(), -1)[ids[p]].item()
+    return total
+
+
+def test_perplexity_single_window_equals_full_forward(llama, wiki_text):
+    model, tokenizer = llama
+    text = tokenize_text(ppl_spec(context_length=256, stride=256), wiki_text, tokenizer, 4, model.device)
+    ids, _ = encode_text(wiki_text, tokenizer, 160)
+    assert ids[0] == tokenizer.bos_token_id and text.n_scored == len(ids) - 1 == 160
+    with torch.no_grad():
+        logits = model(input_ids=torch.tensor([ids])).logits[0, :-1]
+    naive = F.cross_entropy(logits.double(), torch.tensor(ids[1:]), reduction="sum").item()
+    assert total_nats(model, text.batches) == pytest.approx(naive, rel=1e-5)
+
+
+def test_perplexity_strided_equals_naive_per_token_forwards(llama, wiki_text):
+    model, tokenizer = llama
+    spec = ppl_spec(context_length=24, stride=1, max_tokens=60)
+    text = tokenize_text(spec, wiki_text, tokenizer, 8, model.device)
+    ids, _ = encode_text(wiki_text, tokenizer, 60)
+    assert text.n_scored == len(ids) - 1
+    assert total_nats(model, text.batches) == pytest.approx(_nats_naive(model, ids, 24), rel=1e-5)
+
+
+def test_perplexity_metrics_relations(llama, data_root):
+    model, tokenizer = llama
+    spec = EvalSpec(perplexity=(ppl_spec(context_length=64, stride=32),), data_root=str(data_root))
+    metrics = {m.metric: m for m in Evaluator(model, tokenizer, spec).run()}
+    assert set(metrics) == {"nats_per_token", "perplexity", "bits_per_byte"}
+    nats = metrics["nats_per_token"].value
+    assert metrics["perplexity"].value == pytest.approx(math.exp(nats))
+    text = (data_root / WIKI).read_text(encoding="utf-8")
+    _, n_bytes = encode_text(text, tokenizer, 160)
+    assert metrics["bits_per_byte"].value == pytest.approx(nats * 160 / math.log(2) / n_bytes)
+    assert all(m.n_examples == 160 and m.task == "wikitext2" for m in metrics.values())
+
+
+def test_baseline_and_restore_reproduce_metrics_exactly(tiny_model_dir, data_root):
+    from kernels import QuantSpec
+
+    model, tokenizer = load_model(ModelRef(str(tiny_model_dir)), "cpu")
+    spec = EvalSpec(
+        perplexity=(ppl_spec(context_length=64, stride=64), ppl_spec(name="heldout", path="corpus:heldout")),
+        data_root=str(data_root),
+    )
+    evaluator = Evaluator(model, tokenizer, spec)
+    before = evaluator.run()
+    snapshot = snapshot_weights(model)
+    quantize_model_(model, None)
+    assert evaluator.run() == before
+    quantize_model_(model, QuantSpec(dtype="int", bits=3, block_size=64))
+    quantized = evaluator.run()
+    assert quantized[0].value != before[0].value
+    restore_weights_(model, snapshot)
+    assert evaluator.run() == before
+
+
+@pytest.mark.parametrize(
+    "change, error, match",
+    [
+        ({"data_root": "/no/such/root"}, ValueError, "data_root"),
+        ({"batch_size": 0}, ValueError, "batch_size"),
+        ({"limit": 0}, ValueError, "limit"),
+        ({"tasks": ("piqa", "piqa")}, ValueError, "duplicate"),
+        ({"tasks": ("hellaswagg",)}, KeyError, "did you mean \\['hellaswag'\\]"),
+        ({"tasks": ("no_such_task_xyz",)}, KeyError, "offline tasks"),
+        ({"perplexity": (ppl_spec(path="eval/missing.txt"),)}, ValueError, "missing.txt"),
+        ({"perplexity": (ppl_spec(context_length=1),)}, ValueError, "context_length"),
+        ({"perplexity": (ppl_spec(context_length=8, stride=9),)}, ValueError, "stride"),
+        ({"perplexity": (ppl_spec(stride=0),)}, ValueError, "stride"),
+        ({"perplexity": (ppl_spec(max_tokens=1),)}, ValueError, "max_tokens"),
+        ({"perplexity": (ppl_spec(), ppl_spec())}, ValueError, "duplicate"),
+    ],
+)
+def test_check_eval_spec_rejects(data_root, change, error, match):
+    spec = replace(EvalSpec(data_root=str(data_root)), **change)
+    with pytest.raises(error, match=match):
+        check_eval_spec(spec)
+
+
+def test_check_eval_spec_accepts_defaults(data_root):
+    check_eval_spec(
+        EvalSpec(
+            perplexity=(ppl_spec(), ppl_spec(name="heldout", path="corpus:heldout")),
+            tasks=("lambada_openai", "piqa", "hellaswag", "winogrande", "arc_easy", "arc_challenge"),
+            limit=5,
+            data_root=str(data_root),
+        )
+    )
+
+
+def test_check_eval_spec_missing_task_data(tmp_path):
+    with pytest.raises(ValueError, match="piqa"):
+        check_eval_spec(EvalSpec(tasks=("piqa",), data_root=str(tmp_path)))
+
+
+def test_text_too_short(llama):
+    model, tokenizer = llama
+    with pytest.raises(ValueError, match="fewer than 2 tokens"):
+        tokenize_text(ppl_spec(), "", tokenizer, 4, model.device)
