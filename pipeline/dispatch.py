@@ -9,6 +9,7 @@ runs elsewhere (or on the restarted actor); after `max_attempts` deaths it is re
 from __future__ import annotations
 
 import logging
+import os
 from collections import Counter, deque
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -105,7 +106,10 @@ def start_workers(
 
     from pipeline.worker import ModelWorker
 
-    actor = ray.remote(worker_cls or ModelWorker).options(**plan.options, max_restarts=max_restarts)
+    quiet = {"TQDM_DISABLE": os.environ.get("TQDM_DISABLE", "1")}  # no progress bars from every worker
+    actor = ray.remote(worker_cls or ModelWorker).options(
+        **plan.options, max_restarts=max_restarts, runtime_env={"env_vars": quiet}
+    )
     return [actor.remote(str(results_root), plan.cpu_threads) for _ in range(plan.count)]
 
 

@@ -145,13 +145,21 @@ def resolve_models(ref: ModelRef, data_root: Path) -> list[ModelSource]:
 
 
 def plan_run(overrides: Sequence[str], multirun: bool = True) -> Plan:
-    """Expand, check, resolve ladders, build jobs and subtract finished ones (no job runs here).
+    """Expand the overrides, then `plan_cells` (no job runs here).
 
     Raises:
         ConfigError: any bad override or value, before results/ or any ladder is touched.
     """
+    return plan_cells(expand(plan_sweep(overrides, multirun)))
+
+
+def plan_cells(cells: Sequence[Config]) -> Plan:
+    """Check every cell, resolve ladders, build and dedupe jobs, and subtract finished ones.
+
+    Raises:
+        ConfigError: any bad value in any cell, before results/ or any ladder is touched.
+    """
     start = time.perf_counter()
-    cells = expand(plan_sweep(overrides, multirun))
     preflight(cells)
     first = cells[0]
     settings = Settings(project_path(first.results_root), first.rerun_failed, first.dry_run, first.ray)

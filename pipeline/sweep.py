@@ -274,7 +274,7 @@ def _check_values(plan: SweepPlan, cfg: Any) -> tuple[dict[tuple[str, Any], Any]
                     continue
                 trial = copy.deepcopy(cfg)
                 try:
-                    OmegaConf.update(trial, axis.key, value, merge=False)
+                    OmegaConf.update(trial, axis.key, value, merge=True)
                     node = OmegaConf.select(trial, axis.key)
                     typed = OmegaConf.to_object(node) if OmegaConf.is_config(node) else node
                     checked[(axis.key, _hashable(value))] = typed

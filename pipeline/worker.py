@@ -67,7 +67,7 @@ def job_columns(job: Job, report: QuantReport | None, family: str | None) -> dic
         "dtype": "none" if quant is None else quant.dtype,
         "bits": job.bits,
         "block_size": None if quant is None else quant.block_size,
-        "exponent_bits": None if quant is None or quant.dtype != "fp" else quant.exponent_bits,
+        "exponent_bits": None if quant is None else quant.resolved_exponent_bits,  # None unless fp
         "outlier_fraction": job.outlier_fraction,
         "centering": False if quant is None else bool(quant.centering),
         "bits_per_param": report.bits_per_param if report else None,
