@@ -149,7 +149,7 @@ def best_per_bits(points: pd.DataFrame, higher_is_better: bool, n_budgets: int =
     """
     frames = []
     for family, budgets in budget_grid(points, n_budgets).items():
-        values = interpolate_curves(points[points["model_family"] == family], budgets)
+        values = interpolate_curves(points[points["model_family"] == family], budgets.tolist())
         if values.empty:
             continue
         best = values.sort_values("value", ascending=not higher_is_better).drop_duplicates(

@@ -44,8 +44,9 @@ def plot_scaling_curves(
     fig, axes = new_figure(len(settings))
     for ax, setting in zip(axes, settings, strict=True):
         _draw_setting(ax, fam[fam["setting"].isin([setting, BASELINE_SETTING])], fit, family, setting)
-        if ax is not axes[0]:
-            ax.get_legend().remove()
+        legend = ax.get_legend()
+        if ax is not axes[0] and legend is not None:
+            legend.remove()
         ax.set_title(setting)
         ax.set_ylabel(metric_label)
     fig.suptitle(f"{family}: {metric_label} vs total model bits")

@@ -44,8 +44,9 @@ def format_table(table: pd.DataFrame) -> pd.DataFrame:
     shown = table.head(MAX_TABLE_ROWS).copy()
     for col in shown.columns:
         values = shown[col]
-        if pd.api.types.is_bool_dtype(values):
-            shown[col] = values.map({True: "yes", False: "no"})
+        non_null = values.dropna()
+        if pd.api.types.is_bool_dtype(values) or (len(non_null) and non_null.map(type).eq(bool).all()):
+            shown[col] = values.map(lambda v: "–" if pd.isna(v) else "yes" if v else "no")
         elif pd.api.types.is_float_dtype(values):
             spec = ".3g" if "bits" in str(col) and values.abs().max() > 1e4 else ".4g"
             shown[col] = values.map(lambda v, s=spec: "–" if pd.isna(v) else format(v, s))

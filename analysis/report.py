@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import matplotlib
+from matplotlib.figure import Figure
 
 from analysis.errors import AnalysisError
 from analysis.metrics import check_metric, default_loss, default_metric
@@ -105,18 +106,27 @@ def _raise(reason: str) -> Section:
     raise AnalysisError(reason)
 
 
+def save_figure(fig: Figure, stem: Path) -> list[Path]:
+    """Save `fig` as `<stem>.png` and `<stem>.svg`; the layout is computed once, then frozen."""
+    fig.draw_without_rendering()
+    fig.set_layout_engine("none")  # both formats reuse the constrained layout of the first draw
+    paths = [stem.with_suffix(".png"), stem.with_suffix(".svg")]
+    for path in paths:
+        fig.savefig(path, format=path.suffix[1:])
+    return paths
+
+
 def write_report(title: str, sections: list[Section], out_dir: Path) -> ReportFiles:
     """Save every figure as PNG and SVG, then the HTML report and the Markdown summary."""
     fig_dir = out_dir / "figures"
     fig_dir.mkdir(parents=True, exist_ok=True)
     pngs: dict[str, bytes] = {}
     written: list[Path] = []
-    figures = {b.name: b.figure for s in sections for b in s.blocks if b.figure is not None}
+    figures: dict[str, Figure] = {
+        b.name: b.figure for s in sections for b in s.blocks if b.figure is not None
+    }
     for name in figure_names(sections):
-        for ext in ("png", "svg"):
-            path = fig_dir / f"{name}.{ext}"
-            figures[name].savefig(path, format=ext)  # type: ignore[union-attr]
-            written.append(path)
+        written += save_figure(figures[name], fig_dir / name)
         pngs[name] = (fig_dir / f"{name}.png").read_bytes()
     html_path, md_path = out_dir / "report.html", out_dir / "summary.md"
     html_path.write_text(render_html(title, sections, pngs), encoding="utf-8")
