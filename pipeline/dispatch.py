@@ -186,7 +186,7 @@ def _settle(
     except ray.exceptions.RayActorError as err:
         _on_worker_death(job, worker, state, progress, results_root, max_attempts, err)
         return
-    if not job_path(results_root / job.study, job.key).exists():  # a node without our disk
+    if result.rows and not job_path(results_root / job.study, job.key).exists():  # a node without our disk
         write_job_rows(results_root / job.study, job.key, result.rows)
     progress.record(job.key, result.status == "ok", result.error)
 

@@ -1,0 +1,204 @@
+"""Orchestration benchmark: driver cost of a 35,000-job sweep, and per-job overhead on a real shape.
+
+    python benchmarks/dispatch.py                       # both parts, CPU, full sizes
+    python benchmarks/dispatch.py --quick               # seconds: 2,000 jobs and a small model
+    python benchmarks/dispatch.py --part overhead --device cuda --jobs 12   # on a GPU machine
+
+Part `dispatch`: `+sweep=paper` over enough hub-id models for >= 35,000 jobs; times expansion,
+pre-flight checks, job building (content keys), resume filtering, and dispatch of every job
+through real Ray to no-op actors (the same driver loop a real sweep uses). Targets: < 60 s of
+driver time in all, < 10 ms scheduling per job.
+
+Part `overhead`: a Pythia-410M-shaped GPT-NeoX (hidden 1024, 24 layers, 16 heads; random weights)
+saved locally, one real worker, several 4-bit jobs: load once, then per job restore + quantize +
+perplexity. Reports restore + quantize + scheduling as a share of job time (target < 5%).
+Prints a table and writes JSON (--out).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import os
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+PAPER_CELLS_PER_MODEL = 201  # sweeps/paper.yaml: 150 + baseline + 50 proxy cells
+
+
+class NoopWorker:
+    """Stands in for ModelWorker: answers at once, writes nothing (isolates the driver's cost)."""
+
+    def __init__(self, results_root: str, cpu_threads: int = 1) -> None:
+        self.results_root = results_root
+
+    def describe(self) -> str:
+        return "noop"
+
+    def run(self, job: Any) -> Any:
+        from pipeline.worker import JobResult
+
+        return JobResult(job.key, "ok", None, (), {}, "noop")
+
+
+def bench_dispatch(n_jobs: int, results_root: Path) -> dict[str, float]:
+    """Seconds per driver phase for a paper-grid sweep of about `n_jobs` jobs (no-op workers)."""
+    import ray
+
+    from pipeline.jobs import build_jobs
+    from pipeline.run import Plan, Settings, execute, preflight, select_jobs
+    from pipeline.sweep import expand, plan_sweep
+
+    n_models = math.ceil(n_jobs / PAPER_CELLS_PER_MODEL)
+    models = ",".join(f"bench/model-{i:04d}" for i in range(n_models))
+    overrides = [
+        "+sweep=paper",
+        f"model.name_or_path={models}",
+        f"results_root={results_root}",
+        "study=bench",
+    ]
+    times: dict[str, float] = {}
+    cpu0, t = time.process_time(), time.perf_counter()
+    cells = expand(plan_sweep(overrides, multirun=True))
+    times["expand_s"], t = time.perf_counter() - t, time.perf_counter()
+    preflight(cells)
+    times["preflight_s"], t = time.perf_counter() - t, time.perf_counter()
+    jobs = build_jobs(cells)
+    times["build_jobs_s"], t = time.perf_counter() - t, time.perf_counter()
+    to_run, skipped = select_jobs(jobs, results_root, rerun_failed=False)
+    times["resume_filter_s"] = time.perf_counter() - t
+    times["plan_cpu_s"] = time.process_time() - cpu0
+    first = cells[0]
+    settings = Settings(results_root, False, False, first.ray)
+    plan = Plan(len(cells), tuple(jobs), tuple(to_run), skipped, settings)
+    t = time.perf_counter()
+    ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
+    times["ray_init_s"] = time.perf_counter() - t
+    cpu0, t = time.process_time(), time.perf_counter()
+    progress = execute(plan, worker_cls=NoopWorker)
+    times["dispatch_s"] = time.perf_counter() - t
+    times["dispatch_cpu_s"] = time.process_time() - cpu0
+    ray.shutdown()
+    assert progress.done == len(jobs) and progress.failed == 0, progress.summary()
+    times["cells"], times["jobs"] = len(cells), len(jobs)
+    times["driver_total_s"] = sum(times[k] for k in ("expand_s", "preflight_s", "build_jobs_s",
+                                                      "resume_filter_s", "dispatch_s"))  # fmt: skip
+    times["dispatch_ms_per_job"] = 1000 * times["dispatch_s"] / len(jobs)
+    return times
+
+
+def save_model(path: Path, quick: bool) -> Path:
+    """A GPT-NeoX of Pythia-410M's shape (or a small one with `quick`), random weights, fp16 on disk."""
+    import torch
+    from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
+
+    from pipeline.corpus import split_corpus
+    from pipeline.tokenizer import train_tokenizer
+
+    train_text, _ = split_corpus(ROOT.parent / "shared" / "data")
+    tokenizer = train_tokenizer([train_text[:300_000]], 1024)
+    shape = dict(hidden_size=256, num_hidden_layers=4, num_attention_heads=4, intermediate_size=1024)
+    if not quick:  # Pythia-410M
+        shape = dict(hidden_size=1024, num_hidden_layers=24, num_attention_heads=16, intermediate_size=4096)
+    config = GPTNeoXConfig(vocab_size=50304, max_position_embeddings=2048, **shape)
+    torch.manual_seed(0)
+    model = GPTNeoXForCausalLM(config).to(torch.float16)
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+def bench_overhead(device: str, n_jobs: int, quick: bool, work: Path) -> dict[str, float]:
+    """Per-job timings of real jobs on one worker; overhead = everything but the evaluation."""
+    import ray
+
+    from pipeline.results import load_results
+    from pipeline.run import execute, plan_run
+
+    model_dir = save_model(work / "model", quick)
+    context, tokens = (256, 2048) if quick else (1024, 8192 if device == "cpu" else 65536)
+    dtypes = ["int", "fp", "nf", "quantile", "dynamic"]
+    overrides = [
+        f"model.name_or_path={model_dir}",
+        f"quant.dtype={','.join(dtypes[: max(1, min(n_jobs, 5))])}",
+        f"quant.block_size={','.join(['64', '128', '256', '1024'][: max(1, math.ceil(n_jobs / 5))])}",
+        "quant.bits=4",
+        f"eval.perplexity=[{{name:wikitext2,path:eval/wikitext-2-raw/wiki.test.raw,"
+        f"context_length:{context},stride:{context},max_tokens:{tokens}}}]",
+        "eval.batch_size=8",
+        f"results_root={work / 'results'}",
+        "study=overhead",
+        "ray.max_workers=1",
+        f"ray.cpus_per_worker={os.cpu_count() if device == 'cpu' else 1}",
+    ]
+    plan = plan_run(overrides)
+    ray.init(num_cpus=os.cpu_count(), num_gpus=0 if device == "cpu" else None, include_dashboard=False)
+    t = time.perf_counter()
+    progress = execute(plan)
+    wall = time.perf_counter() - t
+    ray.shutdown()
+    assert progress.failed == 0, progress.summary()
+    df = load_results(work / "results" / "overhead").drop_duplicates("job_key")
+    load_s = float(df.load_s.sum())
+    restore, quantize, evals = float(df.restore_s.sum()), float(df.quantize_s.sum()), float(df.eval_s.sum())
+    n = len(df)
+    sched = max(0.0, wall - load_s - restore - quantize - evals) / n  # actor start, writes, dispatch
+    job_s = (restore + quantize + evals) / n + sched
+    return {
+        "device": df.device.iloc[0], "jobs": n, "load_s": load_s, "restore_ms": 1000 * restore / n,
+        "quantize_ms": 1000 * quantize / n, "eval_ms": 1000 * evals / n, "sched_and_rest_ms": 1000 * sched,
+        "job_ms": 1000 * job_s, "overhead_share": (restore / n + quantize / n + sched) / job_s,
+        "eval_tokens": tokens, "context_length": context, "wall_s": wall,
+    }  # fmt: skip
+
+
+def table(title: str, values: dict[str, Any]) -> str:
+    rows = [f"{title}", "-" * len(title)]
+    for key, value in values.items():
+        shown = f"{value:,.3f}" if isinstance(value, float) else f"{value}"
+        rows.append(f"  {key:<22} {shown:>16}")
+    return "\n".join(rows)
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--part", choices=["dispatch", "overhead", "all"], default="all")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda (the overhead part)")
+    parser.add_argument("--quick", action="store_true", help="2,000 jobs and a small model: seconds")
+    parser.add_argument("--jobs", type=int, default=None, help="dispatch: jobs (35,000); overhead: jobs (10)")
+    parser.add_argument(
+        "--out", type=Path, default=None, help="JSON output (default benchmarks/dispatch-<dev>.json)"
+    )
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
+    out: dict[str, Any] = {"machine": f"{platform.node()} {platform.machine()} {os.cpu_count()} CPUs"}
+    with tempfile.TemporaryDirectory(prefix="kbit-bench-") as tmp:
+        if args.part in ("dispatch", "all"):
+            n = args.jobs or (2000 if args.quick else 35000)
+            out["dispatch"] = bench_dispatch(n, Path(tmp) / "dispatch")
+            print(table(f"dispatch: {out['dispatch']['jobs']:,} jobs, no-op workers", out["dispatch"]))
+        if args.part in ("overhead", "all"):
+            n = args.jobs if args.part == "overhead" and args.jobs else (5 if args.quick else 10)
+            out["overhead"] = bench_overhead(args.device, n, args.quick, Path(tmp))
+            shape = "small GPT-NeoX" if args.quick else "Pythia-410M-shaped GPT-NeoX"
+            print(table(f"per-job overhead: {shape}, {args.device}", out["overhead"]))
+    path = args.out or ROOT / "benchmarks" / f"dispatch-{args.device}{'-quick' if args.quick else ''}.json"
+    path.write_text(json.dumps(out, indent=2) + "\n")
+    print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
