@@ -192,10 +192,22 @@ def _solve_effective(n_scaled: np.ndarray, k: np.ndarray, y: np.ndarray, start: 
     return least_squares(
         lambda x: _effective_model(x, n_scaled, k) - y,
         x0,
+        jac=lambda x: _effective_jacobian(x, n_scaled, k),
         bounds=(lower, upper),
         x_scale="jac",
         max_nfev=2000,
     )
+
+
+def _effective_jacobian(x: np.ndarray, n_scaled: np.ndarray, k: np.ndarray) -> np.ndarray:
+    """d model / d (log A', alpha, log gamma, E), analytic (the bootstrap refits hundreds of times)."""
+    log_a, alpha, log_gamma, _ = x
+    gamma = np.exp(log_gamma)
+    decay = np.exp(-k / gamma)
+    share = 1.0 - decay
+    power = np.exp(log_a) * (n_scaled * share) ** (-alpha)
+    d_log_gamma = alpha * power * decay * k / (gamma * share)
+    return np.column_stack([power, -power * np.log(n_scaled * share), d_log_gamma, np.ones_like(power)])
 
 
 LAWS: dict[str, tuple[Fitter, int]] = {

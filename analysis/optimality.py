@@ -4,8 +4,8 @@ For a grid of memory budgets (total model bits) per model family, every curve (b
 quantization setting) covering the budget is interpolated there (`analysis.curves`), the best one
 wins, and its margin over the runner-up is compared with a parametric bootstrap: each measured point
 is redrawn from Normal(value, se) and the whole interpolation repeated. `se` is the metric's own
-standard error where the results carry it, else the residual RMS of the family's shared-slope fit
-(a conservative stand-in: it includes misfit as well as noise).
+standard error where the results carry it, else the family's scatter around smooth curves
+(`residual_se`; a conservative stand-in: it includes any misfit as well as noise).
 """
 
 from __future__ import annotations
@@ -17,7 +17,6 @@ import pandas as pd
 
 from analysis.curves import CURVE_KEYS, interpolate_curves, interpolation_weights
 from analysis.errors import AnalysisError
-from analysis.fits import fit_law
 
 log = logging.getLogger(__name__)
 
@@ -42,16 +41,33 @@ def fill_noise(points: pd.DataFrame) -> pd.DataFrame:
     filled["noise_source"] = np.where(filled["se"].notna(), "stderr", "fit residual")
     if filled["se"].notna().all():
         return filled
-    quality = fit_law(points, "shared_slope", n_boot=0).quality
-    rmse = quality.groupby("model_family")["rmse"].mean()
-    fallback = filled["model_family"].map(rmse)
-    filled["se"] = filled["se"].fillna(fallback)
+    filled["se"] = filled["se"].fillna(filled["model_family"].map(residual_se(points)))
     none = filled["se"].isna()
     filled.loc[none, "noise_source"] = "none"
     filled["se"] = filled["se"].fillna(0.0)
     if none.any():
         log.warning("no standard error and no fit residual for %d points: margins get no CI", int(none.sum()))
     return filled
+
+
+def residual_se(points: pd.DataFrame) -> pd.Series:
+    """Per family, the scatter of points around smooth curves: the dof-corrected residual RMS of
+    value = a_k + b_k*x + c*x^2 (x = log2 bits; a line per bit width, curvature c shared per setting).
+
+    NaN for a family without residual degrees of freedom.
+    """
+    result = {}
+    for family, fam in points.groupby("model_family"):
+        ssr, dof = 0.0, 0
+        for _, group in fam.groupby("setting"):
+            x = group["log2_bits"].to_numpy() - group["log2_bits"].mean()
+            dummies = [(group["bits"] == k).to_numpy(float) for k in sorted(group["bits"].unique())]
+            design = np.column_stack([*dummies, *(d * x for d in dummies), x**2])
+            coef, *_ = np.linalg.lstsq(design, group["value"].to_numpy(), rcond=None)
+            ssr += float(np.sum((group["value"].to_numpy() - design @ coef) ** 2))
+            dof += len(group) - np.linalg.matrix_rank(design)
+        result[family] = np.sqrt(ssr / dof) if dof > 0 else np.nan
+    return pd.Series(result, dtype=float)
 
 
 def bit_optimality(

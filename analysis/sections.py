@@ -172,8 +172,9 @@ def optimality_section(study: Study, table: pd.DataFrame) -> Section:
     points = curve_points(tidy, study.metric)
     best = best_per_bits(points, higher_is_better(study.metric))
     text = ("Each curve is interpolated at each budget; 'decisive': the bootstrap 95% CI of the margin "
-            "excludes 0 (points redrawn from their standard errors, or from the shared-slope fit's "
-            "residual RMS where the results carry none); p_win: share of draws the winner wins.")  # fmt: skip
+            "excludes 0 (points redrawn from their standard errors, or where the results carry none, from "
+            "the residual scatter around a_k + b_k·x + c·x², x = log2 bits); p_win: share of draws "
+            "the winner wins.")  # fmt: skip
     blocks = [
         Block(text=text),
         Block(table=table[[c for c in OPTIMALITY_COLUMNS if c in table]], name="Bit-optimality"),

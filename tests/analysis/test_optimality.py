@@ -82,3 +82,13 @@ def test_formatting_helpers(law_tidy: pd.DataFrame) -> None:
     assert format_bits(8e6) == "8e+06 bits (1 MB)"
     assert describe_curve("16-bit", law_tidy) == "the 16-bit baseline"
     assert describe_curve("no such curve", law_tidy) == "no such curve"
+
+
+def test_residual_se_estimates_the_noise_level(law_tidy: pd.DataFrame) -> None:
+    from analysis.optimality import residual_se
+
+    se = residual_se(curve_points(law_tidy, "ce_wikitext2"))  # the synthetic loss has noise sd 0.002
+    assert 0.001 < se["toy"] < 0.006  # conservative: curvature beyond quadratic counts as noise
+    exact = curve_points(law_tidy, "mean_acc")
+    exact = exact.assign(value=0.05 * exact["log2_bits"] - 0.01 * exact["bits"])
+    assert residual_se(exact)["toy"] == pytest.approx(0.0, abs=1e-9)
