@@ -66,9 +66,10 @@ def text_sets(tidy: pd.DataFrame) -> list[str]:
 
 
 def default_metric(tidy: pd.DataFrame) -> str:
-    """The study's headline metric: mean zero-shot accuracy if measured, else cross-entropy."""
+    """The study's headline metric: mean zero-shot accuracy if measured and not constant (tiny
+    models score 0 everywhere), else the cross-entropy of the first text set."""
     present = metric_columns(tidy)
-    if MEAN_ACC in present:
+    if MEAN_ACC in present and tidy[MEAN_ACC].nunique() > 1:
         return MEAN_ACC
     sets = text_sets(tidy)
     if sets:

@@ -93,3 +93,7 @@ def test_default_metrics(law_tidy: pd.DataFrame) -> None:
     assert default_metric(law_tidy) == "mean_acc"
     assert default_loss(law_tidy) == "ce_wikitext2"
     assert default_metric(law_tidy.drop(columns=["mean_acc"])) == "ce_wikitext2"
+
+
+def test_constant_accuracy_is_not_the_headline(law_tidy: pd.DataFrame) -> None:
+    assert default_metric(law_tidy.assign(mean_acc=0.0)) == "ce_wikitext2"  # tiny models: acc 0 everywhere
