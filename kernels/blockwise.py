@@ -14,6 +14,7 @@ block may be shorter and gets its own absmax). In float32, per block:
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import logging
 import math
@@ -177,11 +178,22 @@ def _decode(
     return x_hat.reshape(-1)[: math.prod(shape)].view(tuple(shape)).to(torch_dtype)
 
 
+def reference_fake_quantize(w: Tensor, spec: QuantSpec, levels: Levels, check_finite: bool = True) -> Tensor:
+    """The torch reference `fake_quantize` with given levels (no host sync unless check_finite)."""
+    codes, absmax, mean = _codes_torch(w, spec, levels, check_finite)
+    return _decode(codes, absmax, mean, levels.values, w.shape, w.dtype)
+
+
+@functools.lru_cache(maxsize=1)
+def _has_triton() -> bool:
+    return importlib.util.find_spec("triton") is not None
+
+
 def resolve_impl(impl: str, w: Tensor, spec: QuantSpec) -> str:
     """Pick "torch" or "triton" for this call, or raise ValueError for an impossible request."""
     if impl not in IMPLS:
         raise ValueError(f"impl={impl!r} is not allowed; allowed: {', '.join(IMPLS)}")
-    has_triton = importlib.util.find_spec("triton") is not None
+    has_triton = _has_triton()
     if impl == "auto":
         return "triton" if (w.is_cuda and has_triton and not spec.centering) else "torch"
     if impl == "triton":
@@ -245,8 +257,7 @@ def fake_quantize(
         from kernels.triton_fused import fused_fake_quantize
 
         return fused_fake_quantize(w, spec, levels, check_finite=check_finite)
-    codes, absmax, mean = _codes_torch(w, spec, levels, check_finite)
-    return _decode(codes, absmax, mean, levels.values, w.shape, w.dtype)
+    return reference_fake_quantize(w, spec, levels, check_finite)
 
 
 def quantize(w: Tensor, spec: QuantSpec, *, impl: Impl = "auto") -> QuantizedTensor:

@@ -1,0 +1,229 @@
+"""Benchmark `kernels.fake_quantize`: fused Triton kernel vs torch reference vs torch.compile'd reference.
+
+For each weight shape x bits x data type x block size it times (CUDA events, after warm-up, several
+launches between two events so no host sync sits inside the timed region):
+
+  fused_ms    the Triton kernel alone (codebook levels prepared, no NaN check)
+  api_ms      the public call `fake_quantize(w, spec)` as a sweep makes it (codebook lookup or quantile
+              estimation, kernel, NaN/Inf check with its one host sync)
+  torch_ms    the torch reference (levels prepared, no NaN check)
+  compile_ms  the torch.compile'd reference (only for some configs in --quick: compilation is slow)
+
+and the bandwidth each achieves, bytes read + written (2 x numel x element size) / time, as a fraction of
+the device's copy bandwidth measured in the same run (a large device-to-device copy). It also checks that
+the fused output equals the reference bit for bit. On a CPU machine the GPU-only columns are left empty.
+
+    python benchmarks/kernels.py --quick --out kernels.json       # < 90 s on one H100
+    python benchmarks/kernels.py --out kernels.json                # the full grid, compile for all
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import itertools
+import json
+import os
+import platform
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+
+import torch
+
+# Run as `python benchmarks/kernels.py`, this file's folder heads sys.path and its name would shadow the
+# `kernels` package: import the package from the repository root instead.
+_HERE = Path(__file__).resolve().parent
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _HERE]
+sys.path.insert(0, str(_HERE.parent))
+
+from kernels import QuantSpec, fake_quantize  # noqa: E402
+from kernels.blockwise import levels_for, reference_fake_quantize  # noqa: E402
+
+GPU_SHAPES = [(8192, 8192), (14336, 4096)]
+CPU_SHAPES = [(1024, 1024), (1792, 512)]  # the GPU shapes / 64 in numel, same aspect
+BITS = [3, 4, 8]
+DTYPES = ["int", "fp", "nf", "quantile", "dynamic"]
+BLOCKS: list[int | None] = [64, 1024, None]
+QUICK_COMPILE = [("nf", 4, 64)]  # configs (dtype, bits, block) given a torch.compile column in --quick
+
+
+@dataclass(frozen=True)
+class Row:
+    shape: tuple[int, int]
+    dtype: str
+    bits: int
+    block_size: int | None
+    fused_ms: float | None
+    api_ms: float | None
+    torch_ms: float
+    compile_ms: float | None
+    fused_frac_copy_bw: float | None
+    torch_frac_copy_bw: float
+    compile_frac_copy_bw: float | None
+    bit_exact: bool | None
+
+
+def time_ms(fn: Callable[[], object], reps: int, warmup: int, device: torch.device) -> float:
+    """Mean milliseconds per call; on CUDA, `reps` back-to-back launches between two events."""
+    for _ in range(warmup):
+        fn()
+    if device.type == "cuda":
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        torch.cuda.synchronize()
+        start.record()
+        for _ in range(reps):
+            fn()
+        end.record()
+        end.synchronize()
+        return start.elapsed_time(end) / reps
+    t0 = time.perf_counter()
+    for _ in range(reps):
+        fn()
+    return (time.perf_counter() - t0) * 1e3 / reps
+
+
+def copy_bandwidth_gbps(device: torch.device, reps: int) -> float:
+    """Bytes read + written per second of a large device-to-device copy (1 GiB; 256 MiB on CPU)."""
+    n_bytes = (1 << 30) if device.type == "cuda" else (1 << 28)
+    src = torch.empty(n_bytes, dtype=torch.uint8, device=device)
+    dst = torch.empty_like(src)
+    ms = time_ms(lambda: dst.copy_(src), reps=reps, warmup=2, device=device)
+    return 2 * n_bytes / (ms * 1e-3) / 1e9
+
+
+def _frac(ms: float | None, n_bytes: int, copy_gbps: float) -> float | None:
+    return None if ms is None else n_bytes / (ms * 1e-3) / 1e9 / copy_gbps
+
+
+def _weight(shape: tuple[int, ...], device: torch.device) -> torch.Tensor:
+    g = torch.Generator(device=device).manual_seed(0)
+    return (torch.randn(*shape, generator=g, device=device) * 0.02).to(torch.bfloat16)
+
+
+def _n_bytes(w: torch.Tensor) -> int:
+    return 2 * w.numel() * w.element_size()
+
+
+def bench_config(w: torch.Tensor, spec: QuantSpec, reps: int, copy_gbps: float) -> Row:
+    """Time one (weight, spec) without torch.compile and check the fused kernel against the reference."""
+    device = w.device
+    levels = levels_for(w, spec)
+    ref_fn = functools.partial(reference_fake_quantize, w, spec, levels, False)
+    torch_ms = time_ms(ref_fn, reps, 1, device)
+    fused_ms = api_ms = None
+    exact = None
+    if device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1":  # interpreter: CPU end-to-end test
+        from kernels.triton_fused import fused_fake_quantize
+
+        fused_fn = functools.partial(fused_fake_quantize, w, spec, levels, False)
+        fused_ms = time_ms(fused_fn, reps, 2, device)
+        api_ms = time_ms(lambda: fake_quantize(w, spec), reps, 1, device)
+        exact = bool(torch.equal(fused_fn(), ref_fn()))
+    return Row(
+        shape=(w.shape[0], w.shape[1]), dtype=spec.dtype, bits=spec.bits, block_size=spec.block_size,
+        fused_ms=fused_ms, api_ms=api_ms, torch_ms=torch_ms, compile_ms=None,
+        fused_frac_copy_bw=_frac(fused_ms, _n_bytes(w), copy_gbps),
+        torch_frac_copy_bw=_frac(torch_ms, _n_bytes(w), copy_gbps) or 0.0,
+        compile_frac_copy_bw=None, bit_exact=exact,
+    )  # fmt: skip
+
+
+def add_compile(row: Row, w: torch.Tensor, reps: int, copy_gbps: float) -> Row:
+    """The row with the torch.compile'd reference timed (compilation happens in the warm-up)."""
+    spec = QuantSpec(row.dtype, row.bits, row.block_size)
+    levels = levels_for(w, spec)
+    compiled = torch.compile(reference_fake_quantize, dynamic=False)
+    ms = time_ms(lambda: compiled(w, spec, levels, False), reps, 2, w.device)
+    return replace(row, compile_ms=ms, compile_frac_copy_bw=_frac(ms, _n_bytes(w), copy_gbps))
+
+
+def _fmt(v: object, spec: str = ".3f") -> str:
+    return "-" if v is None else format(v, spec) if isinstance(v, float) else str(v)
+
+
+def format_table(rows: list[Row]) -> str:
+    """A Markdown table of the rows."""
+    head = "| shape | dtype | bits | block | fused ms | api ms | torch ms | compile ms | fused/copy | " \
+           "torch/copy | compile/copy | bit-exact |"  # fmt: skip
+    lines = [head, "|" + "---|" * 12]
+    for r in rows:
+        cells = [f"{r.shape[0]}x{r.shape[1]}", r.dtype, str(r.bits), str(r.block_size or "tensor"),
+                 _fmt(r.fused_ms), _fmt(r.api_ms), _fmt(r.torch_ms), _fmt(r.compile_ms),
+                 _fmt(r.fused_frac_copy_bw, ".2f"), _fmt(r.torch_frac_copy_bw, ".2f"),
+                 _fmt(r.compile_frac_copy_bw, ".2f"), _fmt(r.bit_exact)]  # fmt: skip
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--out", type=Path, default=None, help="write the results as JSON here")
+    p.add_argument("--quick", action="store_true", help="fewer reps; torch.compile only for a few configs")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--reps", type=int, default=None, help="timed calls per measurement")
+    p.add_argument("--shapes", default=None, help="e.g. 8192x8192,14336x4096 (default: per device)")
+    p.add_argument("--dtypes", default=",".join(DTYPES))
+    p.add_argument("--bits", default=",".join(map(str, BITS)))
+    p.add_argument("--no-compile", action="store_true", help="skip the torch.compile column")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    device = torch.device(args.device)
+    reps = args.reps or (3 if args.quick else 20)
+    if args.shapes:
+        shapes = [tuple(int(d) for d in s.split("x")) for s in args.shapes.split(",")]
+    else:
+        shapes = GPU_SHAPES if device.type == "cuda" else CPU_SHAPES
+    t_start = time.perf_counter()
+    copy_gbps = copy_bandwidth_gbps(device, reps=max(reps, 5))
+    meta = {"device": device_name(device), "torch": torch.__version__, "triton": _triton_version(),
+            "copy_gbps": copy_gbps, "reps": reps, "quick": args.quick,
+            "bytes_rule": "2 x numel x element size (bf16 read + written)"}  # fmt: skip
+    print(f"device: {meta['device']}; copy bandwidth {copy_gbps:.1f} GB/s (read + write)", flush=True)
+    rows: list[Row] = []
+    grid = list(itertools.product(shapes, args.dtypes.split(","), map(int, args.bits.split(",")), BLOCKS))
+    for shape, dtype, bits, block in grid:
+        rows.append(bench_config(_weight(shape, device), QuantSpec(dtype, bits, block), reps, copy_gbps))
+        print(format_table(rows[-1:]).splitlines()[-1], flush=True)
+        _write(args.out, meta, rows, time.perf_counter() - t_start)  # partial results survive a timeout
+    for i, (shape, dtype, bits, block) in enumerate(grid):  # compile last: slow, and optional in --quick
+        quick_pick = (dtype, bits, block) in QUICK_COMPILE and shape == shapes[0]
+        if not args.no_compile and (quick_pick if args.quick else device.type == "cuda"):
+            rows[i] = add_compile(rows[i], _weight(shape, device), reps, copy_gbps)
+            print(format_table(rows[i : i + 1]).splitlines()[-1], flush=True)
+            _write(args.out, meta, rows, time.perf_counter() - t_start)
+    wall_s = time.perf_counter() - t_start
+    _write(args.out, meta, rows, wall_s)
+    ok = all(r.bit_exact is not False for r in rows)
+    print(format_table(rows))
+    print(f"wall {wall_s:.1f} s; fused output bit-exact with the reference in every row: {ok}")
+    return 0 if ok else 1
+
+
+def _write(out: Path | None, meta: dict, rows: list[Row], wall_s: float) -> None:
+    if out is not None:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps({**meta, "wall_s": wall_s, "rows": [asdict(r) for r in rows]}, indent=1))
+
+
+def _triton_version() -> str | None:
+    try:
+        import triton
+    except ImportError:
+        return None
+    return triton.__version__
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,66 @@
+"""On a CUDA device: the fused Triton kernel equals the torch reference bit for bit on fresh inputs."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+from kernels import CODEBOOKS, QuantSpec, fake_quantize, quantize
+
+pytestmark = pytest.mark.gpu
+
+SEED = int.from_bytes(os.urandom(4), "little")  # fresh inputs every run; printed on failure
+# (shape, bits, block_size, torch_dtype): tails everywhere, both kernel paths (fused; two-pass for
+# block_size=None and blocks wider than MAX_FUSED_BLOCK), 3..16 bits. Kept short: few compilations.
+CASES = [
+    ((1000, 333), 3, 64, torch.bfloat16),
+    ((4099, 4096), 4, 64, torch.bfloat16),
+    ((1000, 333), 4, 100, torch.float16),
+    ((4099, 4096), 8, 1024, torch.bfloat16),
+    ((513, 257), 5, None, torch.float32),
+    ((1000, 333), 4, 16384, torch.bfloat16),
+    ((257, 129), 16, 64, torch.float32),
+]
+
+
+def _fresh(shape: tuple[int, ...], torch_dtype: torch.dtype, salt: int) -> torch.Tensor:
+    g = torch.Generator(device="cuda").manual_seed(SEED + salt)
+    w = torch.randn(*shape, generator=g, device="cuda") * 0.02
+    w[0, : min(shape[1], 64)] = 0  # an all-zero block
+    w.view(-1)[-1] = 0.5  # an outlier in the tail block
+    return w.to(torch_dtype)
+
+
+@pytest.mark.parametrize("dtype", list(CODEBOOKS))
+def test_fused_equals_reference(dtype: str) -> None:
+    for salt, (shape, bits, block, torch_dtype) in enumerate(CASES):
+        w = _fresh(shape, torch_dtype, salt)
+        spec = QuantSpec(dtype, bits, block)
+        ref = fake_quantize(w, spec, impl="torch")
+        fused = fake_quantize(w, spec, impl="triton")
+        assert torch.equal(ref, fused), f"seed={SEED} {spec} {shape} {torch_dtype}"
+        if bits == 4:
+            qr, qf = quantize(w, spec, impl="torch"), quantize(w, spec, impl="triton")
+            assert torch.equal(qr.codes, qf.codes), f"codes differ: seed={SEED} {spec} {shape}"
+            assert torch.equal(qr.absmax, qf.absmax), f"absmax differs: seed={SEED} {spec} {shape}"
+
+
+def test_auto_uses_the_kernel_and_keeps_columns() -> None:
+    w = _fresh((512, 256), torch.bfloat16, 99)
+    spec = QuantSpec("nf", 4, 64)
+    assert torch.equal(fake_quantize(w, spec), fake_quantize(w, spec, impl="triton"))
+    keep = torch.tensor([3, 100, 255], device="cuda")
+    assert torch.equal(fake_quantize(w, spec, keep, impl="torch"), fake_quantize(w, spec, keep))
+    centered = QuantSpec("nf", 4, 64, centering=True)  # torch only
+    assert torch.equal(fake_quantize(w, centered), fake_quantize(w, centered, impl="torch"))
+
+
+def test_nan_and_inf_are_rejected_on_gpu() -> None:
+    for block in (64, None):
+        for bad in (float("nan"), float("inf")):
+            w = _fresh((64, 64), torch.bfloat16, 7)
+            w[10, 10] = bad
+            with pytest.raises(ValueError, match="NaN or Inf"):
+                fake_quantize(w, QuantSpec("int", 4, block), impl="triton")
