@@ -54,16 +54,24 @@ class Job:
         """What determines this job's numbers, as plain JSON-able data."""
         return {
             "schema_version": SCHEMA_VERSION,
-            "model": dataclasses.asdict(self.model),
-            "quant": None if self.quant is None else dataclasses.asdict(self.quant),
+            "model": _plain(self.model),
+            "quant": None if self.quant is None else _plain(self.quant),
             "outlier_fraction": float(self.outlier_fraction),
-            "evals": {k: v for k, v in dataclasses.asdict(self.evals).items() if k != "data_root"},
+            "evals": _plain(self.evals),
         }
 
     @functools.cached_property
     def job_json(self) -> str:
-        """Canonical JSON (sorted keys, no spaces): the text the key hashes."""
-        return json.dumps(self.canonical, sort_keys=True, separators=(",", ":"))
+        """Canonical JSON (sorted keys, no spaces): the text the key hashes.
+
+        Assembled from memoized per-spec JSON; equal to `_dumps(self.canonical)` (a test checks).
+        """
+        quant = "null" if self.quant is None else _spec_json(self.quant)
+        return (
+            f'{{"evals":{_spec_json(self.evals)},"model":{_spec_json(self.model)},'
+            f'"outlier_fraction":{_dumps(float(self.outlier_fraction))},"quant":{quant},'
+            f'"schema_version":{SCHEMA_VERSION}}}'
+        )
 
     @functools.cached_property
     def key(self) -> str:
@@ -73,6 +81,25 @@ class Job:
     @property
     def bits(self) -> int:
         return 16 if self.quant is None else self.quant.bits
+
+
+@functools.lru_cache(maxsize=4096)
+def _plain(spec: Any) -> dict[str, Any]:
+    """`dataclasses.asdict` of a frozen spec (an EvalSpec without its data_root), memoized.
+
+    A 35,000-job grid has few distinct specs. The returned dict is shared: read it, never modify it.
+    """
+    plain = dataclasses.asdict(spec)
+    return {k: v for k, v in plain.items() if k != "data_root"} if isinstance(spec, EvalSpec) else plain
+
+
+@functools.lru_cache(maxsize=4096)
+def _spec_json(spec: Any) -> str:
+    return _dumps(_plain(spec))
+
+
+def _dumps(value: Any) -> str:
+    return json.dumps(value, sort_keys=True, separators=(",", ":"))
 
 
 def single_source(ref: ModelRef) -> Sequence[ModelSource]:

@@ -76,8 +76,12 @@ def preflight(cells: Sequence[Config]) -> None:
 
     problems: dict[str, None] = {}  # ordered set
     seen: set[str] = set()
+    seen_ids: set[int] = set()  # cells share sub-configs; `cells` keeps them alive, so ids are stable
     for cell in cells:
         for kind, part in (("quant", cell.quant), ("model", cell.model), ("eval", cell.eval)):
+            if id(part) in seen_ids:
+                continue
+            seen_ids.add(id(part))
             text = f"{kind}:{part!r}"
             if text in seen:
                 continue
@@ -93,8 +97,10 @@ def preflight(cells: Sequence[Config]) -> None:
                     check_eval_spec(eval_spec(cell.eval))
             except (ValueError, KeyError, TypeError, FileNotFoundError) as err:
                 problems[f"{_describe(kind, part)}: {_message(err)}"] = None
-        for problem in _check_run(cell):
-            problems[problem] = None
+        if id(cell.ray) not in seen_ids or cell.study not in seen:
+            seen_ids.add(id(cell.ray))
+            seen.add(cell.study)
+            problems.update(dict.fromkeys(_check_run(cell)))
     if problems:
         raise ConfigError(list(problems))
 

@@ -19,6 +19,7 @@ command line's own sweeps multiply every grid.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import itertools
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -139,13 +140,29 @@ def expand(plan: SweepPlan) -> list[Config]:
     cells: list[Config] = []
     for grid in plan.grids:
         groups = [a for a in grid if a.is_group]
-        values = [a for a in grid if not a.is_group]
-        keys = [a.key for a in values]
         for choice in itertools.product(*(a.values for a in groups)):
             base = composed[_combo_key(groups, choice)][1]
-            for combo in itertools.product(*(a.values for a in values)):
-                typed = {k: checked[(k, _hashable(v))] for k, v in zip(keys, combo, strict=True)}
-                cells.append(replace_path(base, typed) if typed else base)
+            cells += _grid_cells(base, [a for a in grid if not a.is_group], checked)
+    return cells
+
+
+def _grid_cells(base: Config, axes: Sequence[Axis], checked: dict[tuple[str, Any], Any]) -> list[Config]:
+    """The product of `axes` applied to `base`; each distinct sub-config (e.g. `quant`) is built once."""
+    typed = [[checked[(a.key, _hashable(v))] for v in a.values] for a in axes]
+    heads: dict[str, list[int]] = {}
+    for i, axis in enumerate(axes):
+        heads.setdefault(axis.key.partition(".")[0], []).append(i)
+    parts: dict[tuple[str, tuple[int, ...]], Any] = {}
+    cells = []
+    for combo in itertools.product(*(range(len(values)) for values in typed)):
+        changes = {}
+        for head, members in heads.items():
+            key = (head, tuple(combo[i] for i in members))
+            if key not in parts:
+                updates = {axes[i].key: typed[i][combo[i]] for i in members}
+                parts[key] = getattr(replace_path(base, updates), head)
+            changes[head] = parts[key]
+        cells.append(dataclasses.replace(base, **changes) if changes else base)
     return cells
 
 
@@ -267,19 +284,22 @@ def _check_values(plan: SweepPlan, cfg: Any) -> tuple[dict[tuple[str, Any], Any]
 
     checked: dict[tuple[str, Any], Any] = {}
     problems: list[str] = []
+    trials: dict[str, Any] = {}  # one working copy per key: a deepcopy costs ~10 ms
     for grid in plan.grids:
         for axis in (a for a in grid if not a.is_group):
             for value in axis.values:
                 if (axis.key, _hashable(value)) in checked:
                     continue
-                trial = copy.deepcopy(cfg)
+                if axis.key not in trials or isinstance(value, dict):  # dicts merge: start clean
+                    trials[axis.key] = copy.deepcopy(cfg)
                 try:
-                    OmegaConf.update(trial, axis.key, value, merge=True)
-                    node = OmegaConf.select(trial, axis.key)
+                    OmegaConf.update(trials[axis.key], axis.key, value, merge=True)
+                    node = OmegaConf.select(trials[axis.key], axis.key)
                     typed = OmegaConf.to_object(node) if OmegaConf.is_config(node) else node
                     checked[(axis.key, _hashable(value))] = typed
                 except (OmegaConfBaseException, ValueError) as err:
                     problems.append(f"{axis.key}={value}: {_one_line(err)}")
+                    trials.pop(axis.key)  # a failed update may leave the node half set
     return checked, problems
 
 

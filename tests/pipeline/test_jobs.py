@@ -26,6 +26,14 @@ def one_job(*overrides: str) -> Job:
     return job
 
 
+def test_assembled_json_is_the_canonical_json():
+    from pipeline.jobs import _dumps
+
+    grid = cells("model.name_or_path=org/m", "quant.bits=3,16", "quant.dtype=fp,nf", "eval=smoke")
+    for job in build_jobs(grid):
+        assert job.job_json == _dumps(job.canonical)
+
+
 def test_key_is_stable_and_content_addressed():
     a = one_job("model.name_or_path=org/m", "quant.bits=4")
     b = one_job("model.name_or_path=org/m", "quant.bits=4")
