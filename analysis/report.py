@@ -19,7 +19,7 @@ from matplotlib.figure import Figure
 
 from analysis.errors import AnalysisError
 from analysis.metrics import check_metric, default_loss, default_metric
-from analysis.render import Section, figure_names, render_html, render_markdown
+from analysis.render import Block, Section, figure_names, render_html, render_markdown
 from analysis.sections import (
     Study,
     answer_section,
@@ -87,23 +87,20 @@ def build_sections(study: Study) -> list[Section]:
         table = optimality_table(study)
     except AnalysisError as err:
         reason = str(err)
+    optimality_title = "Bit-optimal precision per memory budget"
     body = [
         guarded("Study", lambda: study_section(study)),
         guarded("Scaling curves", lambda: curves_section(study)),
         guarded("Parametric fits", lambda: fits_section(study)),
-        guarded("Bit-optimal precision per memory budget", lambda: optimality_section(study, table))
+        guarded(optimality_title, lambda: optimality_section(study, table))
         if table is not None
-        else guarded("Bit-optimal precision per memory budget", lambda: _raise(reason)),
+        else Section(optimality_title, (Block(gap=reason),)),
         guarded("Pareto front", lambda: pareto_section(study)),
         guarded("Data type and block size", lambda: fixed_precision_section(study)),
         guarded("Proxy quantization at 3 and 4 bits", lambda: proxy_section(study)),
         guarded("Failed jobs", lambda: failures_section(study)),
     ]
     return [answer_section(study, table, reason), gaps_section(body), *body]
-
-
-def _raise(reason: str) -> Section:
-    raise AnalysisError(reason)
 
 
 def save_figure(fig: Figure, stem: Path) -> list[Path]:

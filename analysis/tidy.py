@@ -56,22 +56,21 @@ def setting_labels(jobs: pd.DataFrame) -> pd.Series:
 
 
 def _setting_label(row: pd.Series) -> str:
-    if row["dtype"] == "none" or _as_int(row["bits"]) >= 16:
+    if row["dtype"] == "none" or (not pd.isna(row["bits"]) and int(row["bits"]) >= 16):
         return BASELINE_SETTING
     parts = [str(row["dtype"])]
     if not pd.isna(row["exponent_bits"]):
         parts.append(f"e{int(row['exponent_bits'])}")
-    parts.append(f"B{int(row['block_size'])}" if not pd.isna(row["block_size"]) else "per-tensor")
-    fraction = 0.0 if pd.isna(row["outlier_fraction"]) else float(row["outlier_fraction"])
-    if fraction > 0:
-        parts.append(f"proxy {fraction * 100:g}%")
-    if bool(row["centering"]) if not pd.isna(row["centering"]) else False:
+    parts.append("per-tensor" if pd.isna(row["block_size"]) else f"B{int(row['block_size'])}")
+    if _present(row["outlier_fraction"]) and row["outlier_fraction"] > 0:
+        parts.append(f"proxy {row['outlier_fraction'] * 100:g}%")
+    if _present(row["centering"]) and bool(row["centering"]):
         parts.append("centered")
     return " ".join(parts)
 
 
-def _as_int(value: object) -> int:
-    return -1 if pd.isna(value) else int(value)  # type: ignore[call-overload]
+def _present(value: object) -> bool:
+    return not pd.isna(value)
 
 
 def curve_labels(jobs: pd.DataFrame) -> pd.Series:
