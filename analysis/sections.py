@@ -23,7 +23,7 @@ from analysis.pareto import pareto_front
 from analysis.plots_compare import plot_dtype_block, plot_pareto, plot_proxy_effect
 from analysis.plots_curves import MAX_PANELS, plot_bit_optimality, plot_fit_quality, plot_scaling_curves
 from analysis.render import Block, Section
-from analysis.summary import headline
+from analysis.summary import headline, overall_line
 from analysis.tidy import BASELINE_SETTING, failed_jobs, study_grid
 
 log = logging.getLogger(__name__)
@@ -77,6 +77,7 @@ def study_section(study: Study) -> Section:
         counts = study.tidy.pivot_table(
             index="model", columns="bits", values="job_key", aggfunc="count", fill_value=0
         )
+        counts = counts.reindex(study.tidy.sort_values("n_params")["model"].unique())
         blocks.append(
             Block(
                 table=counts.reset_index().rename_axis(columns=None), name="Finished jobs per model and bits"
@@ -191,6 +192,8 @@ def answer_section(study: Study, table: pd.DataFrame | None, reason: str) -> Sec
         return Section("Answer", (Block(gap=f"no bit-optimality answer: {reason}"),))
     assert study.metric is not None and study.tidy is not None
     lines = headline(table, study.tidy, metric_label(study.metric))
+    if table["model_family"].nunique() > 1:
+        lines.append(overall_line(table))
     return Section("Answer", tuple(Block(text=line) for line in lines))
 
 

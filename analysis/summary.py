@@ -69,3 +69,11 @@ def _family_headline(family: str, opt: pd.DataFrame, info: pd.DataFrame, metric_
         f"in {decisive} of those {len(wins)} (median margin {wins['margin'].median():.3g}, median CI "
         f"half-width {half_width:.3g}); over the best other bit width, in {decisive_bits} of {len(wins)}."
     )
+
+
+def overall_line(optimality: pd.DataFrame) -> str:
+    """Across all families: how many budgets each bit width wins, most first."""
+    wins = optimality["winner_bits"].value_counts()
+    parts = ", ".join(f"{int(bits)}-bit {n}" for bits, n in wins.items())
+    families = optimality["model_family"].nunique()
+    return f"Across {families} model families and {len(optimality)} budgets, wins per bit width: {parts}."

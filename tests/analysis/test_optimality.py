@@ -92,3 +92,19 @@ def test_residual_se_estimates_the_noise_level(law_tidy: pd.DataFrame) -> None:
     exact = curve_points(law_tidy, "mean_acc")
     exact = exact.assign(value=0.05 * exact["log2_bits"] - 0.01 * exact["bits"])
     assert residual_se(exact)["toy"] == pytest.approx(0.0, abs=1e-9)
+
+
+def test_two_families_get_one_sentence_each_and_an_overall_line(tmp_path: Path) -> None:
+    from analysis.summary import overall_line
+
+    configs = grid(sizes=(1_000_000, 4_000_000), bits=(3, 4)) + grid(
+        sizes=(2_000_000, 8_000_000), bits=(4, 8), family="big"
+    )
+    write_study(tmp_path, configs, noise=0.001)
+    tidy = tidy_jobs(load_results(tmp_path))
+    table = bit_optimality(curve_points(tidy, "mean_acc"), higher_is_better=True, n_budgets=6, n_boot=50)
+    assert set(table["model_family"]) == {"toy", "big"}
+    sentences = headline(table, tidy, "mean zero-shot accuracy")
+    assert [s.split(":")[0] for s in sentences] == ["big", "toy"]
+    line = overall_line(table)
+    assert line.startswith(f"Across 2 model families and {len(table)} budgets") and "4-bit" in line
