@@ -25,6 +25,7 @@ import itertools
 import json
 import os
 import platform
+import statistics
 import sys
 import time
 from collections.abc import Callable
@@ -195,20 +196,44 @@ def main(argv: list[str] | None = None) -> int:
     grid = list(itertools.product(shapes, args.dtypes.split(","), map(int, args.bits.split(",")), BLOCKS))
     for shape, dtype, bits, block in grid:
         rows.append(bench_config(_weight(shape, device), QuantSpec(dtype, bits, block), reps, copy_gbps))
-        print(format_table(rows[-1:]).splitlines()[-1], flush=True)
+        print(".", end="", flush=True, file=sys.stderr)
         _write(args.out, meta, rows, time.perf_counter() - t_start)  # partial results survive a timeout
     for i, (shape, dtype, bits, block) in enumerate(grid):  # compile last: slow, and optional in --quick
         quick_pick = (dtype, bits, block) in QUICK_COMPILE and shape == shapes[0]
         if not args.no_compile and (quick_pick if args.quick else device.type == "cuda"):
             rows[i] = add_compile(rows[i], _weight(shape, device), reps, copy_gbps)
-            print(format_table(rows[i : i + 1]).splitlines()[-1], flush=True)
+            print("c", end="", flush=True, file=sys.stderr)
             _write(args.out, meta, rows, time.perf_counter() - t_start)
     wall_s = time.perf_counter() - t_start
     _write(args.out, meta, rows, wall_s)
     ok = all(r.bit_exact is not False for r in rows)
-    print(format_table(rows))
+    table = format_table(rows) + "\n\n" + summarize(rows)
+    print("\n" + table)
     print(f"wall {wall_s:.1f} s; fused output bit-exact with the reference in every row: {ok}")
+    if args.out is not None:
+        args.out.with_suffix(".md").write_text(f"{meta['device']}, copy {copy_gbps:.0f} GB/s\n\n{table}\n")
     return 0 if ok else 1
+
+
+def summarize(rows: list[Row]) -> str:
+    """Median fraction of copy bandwidth per block size (all shapes, dtypes and bits)."""
+    lines = [
+        "| block | fused/copy median (min) | torch/copy median | compile/copy median |",
+        "|---|---|---|---|",
+    ]
+    for block in BLOCKS:
+        sel = [r for r in rows if r.block_size == block]
+        if not sel:
+            continue
+        fused = [r.fused_frac_copy_bw for r in sel if r.fused_frac_copy_bw is not None]
+        comp = [r.compile_frac_copy_bw for r in sel if r.compile_frac_copy_bw is not None]
+        cells = [
+            f"{statistics.median(fused):.2f} ({min(fused):.2f})" if fused else "-",
+            f"{statistics.median(r.torch_frac_copy_bw for r in sel):.2f}",
+            f"{statistics.median(comp):.2f}" if comp else "-",
+        ]
+        lines.append(f"| {block or 'tensor'} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
 
 
 def _write(out: Path | None, meta: dict, rows: list[Row], wall_s: float) -> None:
