@@ -15,7 +15,7 @@ import logging
 import numpy as np
 import pandas as pd
 
-from analysis.curves import CURVE_KEYS, interpolate_curves, interpolation_weights
+from analysis.curves import CURVE_KEYS, interpolation_weights
 from analysis.errors import AnalysisError
 
 log = logging.getLogger(__name__)
@@ -158,25 +158,35 @@ def _margin(best: np.ndarray, rival: np.ndarray, prefix: str) -> dict[str, objec
     }
 
 
-def best_per_bits(points: pd.DataFrame, higher_is_better: bool, n_budgets: int = 60) -> pd.DataFrame:
+BEST_COLUMNS = ["model_family", "bits", "budget_bits", "value", "ci_low", "ci_high", "curve"]
+
+
+def best_per_bits(
+    points: pd.DataFrame, higher_is_better: bool, n_budgets: int = 60, n_boot: int = 200, seed: int = 0
+) -> pd.DataFrame:
     """Per family, bit width and budget: the best interpolated value over that width's settings.
 
-    Columns: model_family, bits, budget_bits, value, curve (the setting that gives it).
+    `ci_low` / `ci_high`: the bootstrap 95% interval of that curve's interpolated value (points
+    redrawn as in `bit_optimality`). Columns: `BEST_COLUMNS` (curve: the setting that gives it).
     """
+    points = fill_noise(points)
+    rng = np.random.default_rng(seed)
+    tail = (1 - CI_LEVEL) / 2 * 100
     frames = []
     for family, budgets in budget_grid(points, n_budgets).items():
-        values = interpolate_curves(points[points["model_family"] == family], budgets.tolist())
-        if values.empty:
-            continue
-        best = values.sort_values("value", ascending=not higher_is_better).drop_duplicates(
-            ["bits", "budget_bits"]
+        curves, values = _interpolated_draws(points[points["model_family"] == family], budgets, n_boot, rng)
+        low, high = (
+            np.percentile(values[:, :, 1:], [tail, 100 - tail], axis=2) if n_boot else (values[:, :, 0],) * 2
         )
-        frames.append(best)
+        for c, curve in curves.iterrows():
+            keep = ~np.isnan(values[c, :, 0])
+            frames.append(pd.DataFrame({
+                "model_family": family, "bits": curve["bits"], "budget_bits": budgets[keep],
+                "value": values[c, keep, 0], "ci_low": low[c, keep], "ci_high": high[c, keep],
+                "curve": curve["curve"],
+            }))  # fmt: skip
     if not frames:
-        return pd.DataFrame(columns=["model_family", "bits", "budget_bits", "value", "curve"])
-    table = pd.concat(frames, ignore_index=True)
-    return (
-        table[["model_family", "bits", "budget_bits", "value", "curve"]]
-        .sort_values(["model_family", "bits", "budget_bits"])
-        .reset_index(drop=True)
-    )
+        return pd.DataFrame(columns=BEST_COLUMNS)
+    table = pd.concat(frames, ignore_index=True).sort_values("value", ascending=not higher_is_better)
+    best = table.drop_duplicates(["model_family", "bits", "budget_bits"])
+    return best[BEST_COLUMNS].sort_values(["model_family", "bits", "budget_bits"]).reset_index(drop=True)

@@ -115,8 +115,10 @@ def plot_bit_optimality(
         raise AnalysisError(f"no interpolated curves for family {family!r}")
     fig, (top, bottom) = new_figure(2, max_cols=2)
     for bits, rows in fam_best.groupby("bits"):
-        top.plot(
-            rows["budget_bits"], rows["value"], color=bits_color(int(bits)), label=f"best {int(bits)}-bit"
+        color = bits_color(int(bits))
+        top.plot(rows["budget_bits"], rows["value"], color=color, label=f"best {int(bits)}-bit")
+        top.fill_between(
+            rows["budget_bits"], rows["ci_low"], rows["ci_high"], color=color, alpha=0.15, linewidth=0
         )
     if not fam_opt.empty:
         for bits, rows in fam_opt.groupby("winner_bits"):
@@ -134,7 +136,7 @@ def plot_bit_optimality(
     bits_axis(top, "memory budget (total model bits)")
     top.set_ylabel(metric_label)
     top.legend(loc="best")
-    top.set_title("best of each bit width (stars: bit-optimal)")
+    top.set_title("best of each bit width, 95% band (stars: bit-optimal)")
     fig.suptitle(f"{family}: bit-optimal precision per memory budget")
     return fig
 

@@ -171,7 +171,7 @@ def optimality_section(study: Study, table: pd.DataFrame) -> Section:
     assert study.metric is not None
     tidy = study.require_tidy()
     points = curve_points(tidy, study.metric)
-    best = best_per_bits(points, higher_is_better(study.metric))
+    best = best_per_bits(points, higher_is_better(study.metric), n_boot=study.n_boot, seed=study.seed)
     text = ("Each curve is interpolated at each budget; 'decisive': the bootstrap 95% CI of the margin "
             "excludes 0 (points redrawn from their standard errors, or where the results carry none, from "
             "the residual scatter around a_k + b_k·x + c·x², x = log2 bits); p_win: share of draws "

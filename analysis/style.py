@@ -14,6 +14,7 @@ import matplotlib as mpl
 from matplotlib.axes import Axes
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+from matplotlib.ticker import NullFormatter
 
 STYLE: dict[str, Any] = {
     "font.size": 9,
@@ -84,4 +85,5 @@ def category_color(index: int) -> str:
 def bits_axis(ax: Axes, label: str = "total model bits") -> None:
     """A log-scaled memory axis."""
     ax.set_xscale("log")
+    ax.xaxis.set_minor_formatter(NullFormatter())  # minor labels collide on ranges under a decade
     ax.set_xlabel(label)

@@ -66,6 +66,8 @@ def test_best_per_bits_is_the_upper_envelope(law_tidy: pd.DataFrame) -> None:
     best = best_per_bits(points, higher_is_better=True, n_budgets=20)
     assert set(best["bits"]) == {3, 4, 5, 6, 8, 16}
     assert not best.duplicated(["model_family", "bits", "budget_bits"]).any()
+    assert (best["ci_low"] <= best["value"]).all() and (best["value"] <= best["ci_high"]).all()
+    assert (best["ci_high"] - best["ci_low"]).between(0.0, 0.02).all()  # se 0.002 per point
 
 
 def test_headline_states_the_answer(law_tidy: pd.DataFrame) -> None:
