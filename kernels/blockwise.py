@@ -159,7 +159,9 @@ def levels_for(w: Tensor, spec: QuantSpec) -> Levels:
     return static_levels(spec.dtype, spec.bits, spec.resolved_exponent_bits, w.device)
 
 
-def _codes_torch(w: Tensor, spec: QuantSpec, levels: Levels, check_finite: bool):
+def _codes_torch(
+    w: Tensor, spec: QuantSpec, levels: Levels, check_finite: bool
+) -> tuple[Tensor, Tensor, Tensor | None]:
     """Reference codes: (codes [n_blocks, B] int32, absmax, mean or None)."""
     blocks, count = _padded_blocks(w, effective_block_size(spec.block_size, w.numel()))
     xn, absmax, mean = normalize_rows(blocks, count, spec.centering)
@@ -247,9 +249,9 @@ def fake_quantize(
         if cols.numel():
             quantized = torch.ones(w.shape[1], dtype=torch.bool)
             quantized[cols] = False
-            quantized = quantized.to(w.device)
             out = w.detach().clone()
-            if bool(quantized.any()):
+            if cols.numel() < w.shape[1]:
+                quantized = quantized.to(w.device)
                 out[:, quantized] = fake_quantize(w[:, quantized], spec, impl=impl, check_finite=check_finite)
             return out
     levels = levels_for(w, spec)
@@ -276,7 +278,7 @@ def quantize(w: Tensor, spec: QuantSpec, *, impl: Impl = "auto") -> QuantizedTen
     return QuantizedTensor(
         codes=codes.to(code_dtype),
         absmax=absmax,
-        codebook=levels.values,
+        codebook=levels.values.clone(),  # static levels are cached: never hand out the cached tensor
         shape=tuple(w.shape),
         torch_dtype=w.dtype,
         spec=spec,

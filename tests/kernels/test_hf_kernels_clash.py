@@ -39,6 +39,17 @@ with torch.no_grad():
     w_hat = kernels.fake_quantize(w, kernels.QuantSpec("nf", 4, 64))
 out.update(shape=list(b.shape), same=bool(torch.equal(a, b)), finite=bool(torch.isfinite(b).all()),
            quant_err=float((w_hat - w).abs().max() / w.abs().max()))
+# Without distribution metadata (repo on sys.path, not installed) the probe imports `kernels` and
+# reads `__version__`: none, so "N/A", which is_kernels_available() treats as unavailable.
+import importlib.metadata as md
+real_version = md.version
+def no_metadata(name):
+    if name in ("kbitscale", "kernels"):
+        raise md.PackageNotFoundError(name)
+    return real_version(name)
+md.version = no_metadata
+out["no_metadata_probe"] = list(import_utils._is_package_available("kernels", return_version=True))
+md.version = real_version
 from transformers.integrations import hub_kernels
 out["hub_names_imported"] = hasattr(hub_kernels, "get_kernel_hub")  # bound only when available
 print(json.dumps(out))
@@ -58,5 +69,6 @@ def test_transformers_sees_no_hub_kernels_and_runs_a_model(tmp_path: Path) -> No
     assert out["hub_names_imported"] is False
     assert Path(out["kernels_file"]).resolve().parent == repo / "kernels"
     assert out["has_version"] is False
+    assert out["no_metadata_probe"] == [True, "N/A"]
     assert out["shape"] == [2, 12, 96] and out["same"] and out["finite"]
     assert 0 < out["quant_err"] < 0.2
