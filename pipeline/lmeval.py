@@ -106,7 +106,7 @@ def _reuse_requests(task: Task) -> None:
             instance.filtered_resps = {}
         task._instances = instances
 
-    task.build_all_requests = build_all_requests  # type: ignore[method-assign]
+    task.build_all_requests = build_all_requests
 
 
 def _stderr(metric: str, values: list[float]) -> float | None:

@@ -94,7 +94,7 @@ def load_model(ref: ModelRef, device: str) -> tuple[PreTrainedModel, PreTrainedT
         ) from err
     if tokenizer.pad_token_id is None and tokenizer.eos_token_id is not None:
         tokenizer.pad_token = tokenizer.eos_token
-    model = model.to(device).eval()
+    model = model.to(device).eval()  # type: ignore[arg-type]
     model.requires_grad_(False)
     log.info("loaded %s (%s, %s) on %s", ref.name_or_path, model.config.model_type, model.dtype, device)
     return model, tokenizer
@@ -105,13 +105,13 @@ def _is_conv1d(module: nn.Module) -> bool:
     return type(module).__name__ == "Conv1D" and hasattr(module, "nf") and hasattr(module, "nx")
 
 
-def _tied_lm_head(model: nn.Module) -> bool:
+def _tied_lm_head(model: PreTrainedModel) -> bool:
     out, inp = model.get_output_embeddings(), model.get_input_embeddings()
     return out is not None and inp is not None and out.weight is inp.weight
 
 
 def linear_weights(
-    model: nn.Module, *, include_embeddings: bool = False, include_lm_head: bool = False
+    model: PreTrainedModel, *, include_embeddings: bool = False, include_lm_head: bool = False
 ) -> dict[str, Tensor]:
     """Every quantizable weight by parameter name, as an `[out, in]` view of the parameter.
 
@@ -171,7 +171,7 @@ def _check_fraction(fraction: float) -> None:
         raise ValueError(f"outlier_fraction must be in [0, 1), got {fraction}")
 
 
-def outlier_columns(model: nn.Module, fraction: float) -> dict[str, Tensor]:
+def outlier_columns(model: PreTrainedModel, fraction: float) -> dict[str, Tensor]:
     """Proxy quantization: input columns of each layer's first FFN matrix to keep in 16 bits.
 
     The hidden units whose row of the attention output projection (`[hidden, in]`) has the top
@@ -212,7 +212,7 @@ def _n_params(model: nn.Module) -> int:
 
 @torch.no_grad()
 def quantize_model_(
-    model: nn.Module,
+    model: PreTrainedModel,
     spec: QuantSpec | None,
     outlier_fraction: float = 0.0,
     *,

@@ -92,7 +92,7 @@ def encode_text(
     ids = tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"]
     if max_tokens is not None and len(ids) > max_tokens:
         ids = ids[:max_tokens]
-        text = tokenizer.decode(ids, clean_up_tokenization_spaces=False)
+        text = str(tokenizer.decode(ids, clean_up_tokenization_spaces=False))
     bos = tokenizer.bos_token_id
     return ([bos] if bos is not None else []) + list(ids), len(text.encode("utf-8"))
 
