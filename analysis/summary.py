@@ -53,21 +53,27 @@ def _family_headline(family: str, opt: pd.DataFrame, info: pd.DataFrame, metric_
     wins = opt[opt["winner"] == top_curve]
     top_bits = int(wins["winner_bits"].iloc[0])
     bits_wins = int((opt["winner_bits"] == top_bits).sum())
-    decisive = int(wins["decisive"].sum())
-    decisive_bits = (
-        int(wins["other_bits_decisive"].fillna(False).astype(bool).sum())
-        if "other_bits_decisive" in wins
-        else 0
-    )
-    half_width = ((wins["margin_ci_high"] - wins["margin_ci_low"]) / 2).median()
-    level = f"{CI_LEVEL:.0%}"
-    return (
+    answer = (
         f"{family}: at budgets from {format_bits(opt['budget_bits'].min())} to "
         f"{format_bits(opt['budget_bits'].max())}, {describe_curve(top_curve, info)} is bit-optimal for "
         f"{metric_label} in {len(wins)} of {n_budgets} budgets ({top_bits}-bit with any setting: "
-        f"{bits_wins} of {n_budgets}). Its margin over the runner-up is clear of the bootstrap {level} CI "
-        f"in {decisive} of those {len(wins)} (median margin {wins['margin'].median():.3g}, median CI "
-        f"half-width {half_width:.3g}); over the best other bit width, in {decisive_bits} of {len(wins)}."
+        f"{bits_wins} of {n_budgets})."
+    )
+    return f"{answer} {_certainty(wins)}"
+
+
+def _certainty(wins: pd.DataFrame) -> str:
+    """How often the winner's margin is clear of the bootstrap CI, against any rival and other widths."""
+    half_width = ((wins["margin_ci_high"] - wins["margin_ci_low"]) / 2).median()
+    if pd.isna(half_width):
+        return f"Margins have no CI (no bootstrap draws); median margin {wins['margin'].median():.3g}."
+    decisive = int(wins["decisive"].sum())
+    other = wins["other_bits_decisive"] if "other_bits_decisive" in wins else pd.Series(dtype=bool)
+    decisive_bits = int(other.fillna(False).astype(bool).sum())
+    return (
+        f"Its margin over the runner-up is clear of the bootstrap {CI_LEVEL:.0%} CI in {decisive} of those "
+        f"{len(wins)} (median margin {wins['margin'].median():.3g}, median CI half-width {half_width:.3g}); "
+        f"over the best other bit width, in {decisive_bits} of {len(wins)}."
     )
 
 

@@ -110,3 +110,9 @@ def test_two_families_get_one_sentence_each_and_an_overall_line(tmp_path: Path) 
     assert [s.split(":")[0] for s in sentences] == ["big", "toy"]
     line = overall_line(table)
     assert line.startswith(f"Across 2 model families and {len(table)} budgets") and "4-bit" in line
+
+
+def test_without_bootstrap_the_answer_says_there_is_no_ci(law_tidy: pd.DataFrame) -> None:
+    table = bit_optimality(curve_points(law_tidy, "mean_acc"), higher_is_better=True, n_budgets=4, n_boot=0)
+    assert table["margin_ci_low"].isna().all() and not table["decisive"].any()
+    assert "Margins have no CI" in headline(table, law_tidy, "accuracy")[0]
