@@ -38,23 +38,29 @@ class NoopWorker:
     """Stands in for ModelWorker: answers at once, writes nothing (isolates the driver's cost)."""
 
     def __init__(self, results_root: str, cpu_threads: int = 1) -> None:
+        # Import at start what unpickling a Job needs (kernels imports torch), as ModelWorker does.
+        import kernels  # noqa: F401
+        import pipeline.worker  # noqa: F401
+
         self.results_root = results_root
 
     def describe(self) -> str:
         return "noop"
 
-    def run(self, job: Any) -> Any:
+    def run_batch(self, jobs: list[Any]) -> list[Any]:
         from pipeline.worker import JobResult
 
-        return JobResult(job.key, "ok", None, (), {}, "noop")
+        return [JobResult(job.key, "ok", None, (), {"job_s": 0.0}, "noop") for job in jobs]
 
 
 def bench_dispatch(n_jobs: int, results_root: Path) -> dict[str, float]:
     """Seconds per driver phase for a paper-grid sweep of about `n_jobs` jobs (no-op workers)."""
     import ray
 
+    from pipeline.dispatch import plan_workers, run_jobs, start_workers
     from pipeline.jobs import build_jobs
-    from pipeline.run import Plan, Settings, execute, preflight, select_jobs
+    from pipeline.progress import Progress
+    from pipeline.run import Plan, Settings, preflight, select_jobs
     from pipeline.sweep import expand, plan_sweep
 
     n_models = math.ceil(n_jobs / PAPER_CELLS_PER_MODEL)
@@ -82,10 +88,19 @@ def bench_dispatch(n_jobs: int, results_root: Path) -> dict[str, float]:
     t = time.perf_counter()
     ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
     times["ray_init_s"] = time.perf_counter() - t
+    t = time.perf_counter()
+    cfg = first.ray
+    workers = start_workers(
+        plan_workers(cfg, ray.cluster_resources(), len(jobs)), results_root, 3, NoopWorker
+    )
+    ray.get([w.describe.remote() for w in workers])
+    times["workers_start_s"] = time.perf_counter() - t
+    progress = Progress(total=len(plan.to_run))
     cpu0, t = time.process_time(), time.perf_counter()
-    progress = execute(plan, worker_cls=NoopWorker)
+    run_jobs(plan.to_run, workers, progress, results_root, cfg.max_attempts, cfg.in_flight_per_worker)
     times["dispatch_s"] = time.perf_counter() - t
     times["dispatch_cpu_s"] = time.process_time() - cpu0
+    times["workers"] = len(workers)
     ray.shutdown()
     assert progress.done == len(jobs) and progress.failed == 0, progress.summary()
     times["cells"], times["jobs"] = len(cells), len(jobs)

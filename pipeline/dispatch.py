@@ -1,14 +1,17 @@
 """Fan jobs out over Ray worker actors with model affinity, retries and progress.
 
-The driver keeps `in_flight_per_worker` jobs queued on each actor (so an actor never waits for
-the driver), hands each actor jobs of the model it already holds, and moves an idle actor to the
-model with the most pending jobs per actor already on it. A job whose actor dies is put back and
-runs elsewhere (or on the restarted actor); after `max_attempts` deaths it is recorded as failed.
+The driver keeps `in_flight_per_worker` calls queued on each actor, so an actor never waits for
+the driver; a call carries one job, or a batch of about BATCH_S seconds of work when jobs are short
+(Ray's per-call cost, ~1-5 ms, would otherwise dominate). It hands each actor jobs of the model
+it already holds, and moves an idle actor to the model with the most pending jobs per actor
+already on it. A job whose actor dies is put back and runs elsewhere (or on the restarted actor);
+after `max_attempts` deaths it is recorded as failed.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import os
 from collections import Counter, deque
 from collections.abc import Sequence
@@ -24,6 +27,9 @@ from pipeline.specs import ModelRef
 from pipeline.worker import JobResult, WorkerEnv, job_rows
 
 log = logging.getLogger(__name__)
+
+BATCH_S = 0.25  # short jobs travel in batches of about this many seconds of work per call
+MAX_BATCH = 64  # at most this many jobs per call (all are retried if the worker dies)
 
 
 class Scheduler:
@@ -129,36 +135,55 @@ def run_jobs(
         while state.scheduler.has_pending() or state.in_flight:
             state.fill()
             for ref in state.wait():
-                job, worker = state.in_flight.pop(ref)
+                batch, worker = state.in_flight.pop(ref)
                 state.load[worker] -= 1
-                _settle(ref, job, worker, state, progress, results_root, max_attempts, ray)
+                _settle(ref, batch, worker, state, progress, results_root, max_attempts, ray)
             progress.maybe_log()
     except KeyboardInterrupt:
-        log.warning("interrupted: %d jobs in flight are dropped", len(state.in_flight))
+        n_jobs = sum(len(batch) for batch, _ in state.in_flight.values())
+        log.warning("interrupted: %d jobs in flight are dropped", n_jobs)
         return False
     return True
 
 
 class _Flight:
-    """The driver's bookkeeping: which job runs on which worker, and which workers are alive."""
+    """The driver's bookkeeping: which jobs run on which worker, and which workers are alive."""
 
     def __init__(self, scheduler: Scheduler, workers: Sequence[Any], depth: int) -> None:
         self.scheduler, self.workers, self.depth = scheduler, list(workers), depth
-        self.in_flight: dict[Any, tuple[Job, int]] = {}
+        self.in_flight: dict[Any, tuple[list[Job], int]] = {}  # call -> (its jobs, worker index)
         self.load = [0] * len(workers)
         self.alive = [True] * len(workers)
         self.attempts: Counter[str] = Counter()  # worker deaths per job key
+        self.job_s: list[float | None] = [None] * len(workers)  # moving average of job seconds
+
+    def batch_of(self, worker: int) -> int:
+        """Jobs per call: 1, or about BATCH_S seconds of work when jobs are short (no-ops, tiny models)."""
+        job_s = self.job_s[worker]
+        if job_s is None:
+            return 1
+        return max(1, min(MAX_BATCH, math.floor(BATCH_S / max(job_s, 1e-4))))
+
+    def observe(self, worker: int, job_s: float) -> None:
+        last = self.job_s[worker]
+        self.job_s[worker] = job_s if last is None else 0.8 * last + 0.2 * job_s
 
     def fill(self) -> None:
         for worker, actor in enumerate(self.workers):
             while self.alive[worker] and self.load[worker] < self.depth:
-                job = self.scheduler.next_for(worker)
-                if job is None:
-                    return
-                self.in_flight[actor.run.remote(job)] = (job, worker)
+                batch = self._take(worker, self.batch_of(worker))
+                if not batch:
+                    break
+                self.in_flight[actor.run_batch.remote(batch)] = (batch, worker)
                 self.load[worker] += 1
         if self.scheduler.has_pending() and not any(self.alive):
             raise RuntimeError("every worker actor died; see the Ray logs (e.g. /tmp/ray/session_latest)")
+
+    def _take(self, worker: int, n: int) -> list[Job]:
+        batch: list[Job] = []
+        while len(batch) < n and (job := self.scheduler.next_for(worker)) is not None:
+            batch.append(job)
+        return batch
 
     def wait(self) -> list[Any]:
         import ray
@@ -172,7 +197,7 @@ class _Flight:
 
 def _settle(
     ref: Any,
-    job: Job,
+    batch: list[Job],
     worker: int,
     state: _Flight,
     progress: Progress,
@@ -180,20 +205,23 @@ def _settle(
     max_attempts: int,
     ray: Any,
 ) -> None:
-    """Record a finished call; a dead worker's job goes back in the queue (or fails for good)."""
+    """Record a finished call; a dead worker's jobs go back in the queue (or fail for good)."""
     try:
-        result: JobResult = ray.get(ref)
+        results: list[JobResult] = ray.get(ref)
     except ray.exceptions.RayActorError as err:
-        _on_worker_death(job, worker, state, progress, results_root, max_attempts, err)
+        state.alive[worker] = _is_alive(state.workers[worker])
+        for job in batch:
+            _on_worker_death(job, state, progress, results_root, max_attempts, err)
         return
-    if result.rows and not job_path(results_root / job.study, job.key).exists():  # a node without our disk
-        write_job_rows(results_root / job.study, job.key, result.rows)
-    progress.record(job.key, result.status == "ok", result.error)
+    for job, result in zip(batch, results, strict=True):
+        state.observe(worker, result.timings.get("job_s", 0.0))
+        if result.rows and not job_path(results_root / job.study, job.key).exists():  # not our disk
+            write_job_rows(results_root / job.study, job.key, result.rows)
+        progress.record(job.key, result.status == "ok", result.error)
 
 
 def _on_worker_death(
     job: Job,
-    worker: int,
     state: _Flight,
     progress: Progress,
     results_root: Path,
@@ -202,7 +230,6 @@ def _on_worker_death(
 ) -> None:
     attempts = state.attempts
     attempts[job.key] += 1
-    state.alive[worker] = _is_alive(state.workers[worker])
     if attempts[job.key] < max_attempts:
         log.warning("job %s: worker died (%s); retrying elsewhere", job.key[:12], type(err).__name__)
         progress.retried += 1
