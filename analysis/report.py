@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import matplotlib
+import pandas as pd
 from matplotlib.figure import Figure
 
 from analysis.errors import AnalysisError
@@ -60,7 +61,7 @@ def load_study(
 ) -> Study:
     """Read a results folder into a `Study` (raises FileNotFoundError, ResultsError, AnalysisError)."""
     raw = load_results(results)
-    name = str(raw["study"].dropna().iloc[0]) if raw["study"].notna().any() else results.name
+    name = study_name(raw, results)
     try:
         tidy = tidy_jobs(raw, tasks)
     except AnalysisError as err:
@@ -78,6 +79,14 @@ def load_study(
         n_boot=n_boot,
         n_budgets=n_budgets,
     )
+
+
+def study_name(raw: pd.DataFrame, results: Path) -> str:
+    """The study column's value; several studies read together are named together."""
+    names = sorted(str(n) for n in raw["study"].dropna().unique())
+    if not names:
+        return results.name
+    return ", ".join(names) if len(names) <= 3 else f"{len(names)} studies ({names[0]}, ...)"
 
 
 def build_sections(study: Study) -> list[Section]:
