@@ -11,10 +11,11 @@ from collections.abc import Callable
 from typing import Any, ParamSpec, TypeVar
 
 import matplotlib as mpl
+import numpy as np
 from matplotlib.axes import Axes
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
-from matplotlib.ticker import NullFormatter
+from matplotlib.ticker import EngFormatter, FuncFormatter, LogLocator
 
 STYLE: dict[str, Any] = {
     "font.size": 9,
@@ -83,7 +84,16 @@ def category_color(index: int) -> str:
 
 
 def bits_axis(ax: Axes, label: str = "total model bits") -> None:
-    """A log-scaled memory axis."""
+    """A log-scaled memory axis with compact labels (10M, 200M, 1G); 2x and 5x ticks are labelled
+    only where the axis spans under two decades, so labels never collide."""
     ax.set_xscale("log")
-    ax.xaxis.set_minor_formatter(NullFormatter())  # minor labels collide on ranges under a decade
+    eng = EngFormatter(places=0, sep="")
+    ax.xaxis.set_major_formatter(eng)
+    ax.xaxis.set_minor_locator(LogLocator(base=10, subs=(2.0, 5.0)))
+    ax.xaxis.set_minor_formatter(FuncFormatter(lambda x, _: eng(x) if _decades(ax) < 2 else ""))
     ax.set_xlabel(label)
+
+
+def _decades(ax: Axes) -> float:
+    low, high = ax.get_xlim()
+    return float(np.log10(high / low)) if low > 0 and high > 0 else 0.0
