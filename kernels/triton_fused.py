@@ -15,6 +15,7 @@ outputs equal the reference's bit for bit. Written for Triton 3.6 and 3.9.
 from __future__ import annotations
 
 import math
+import os
 
 import torch
 import triton
@@ -32,8 +33,15 @@ TILE = 4096  # elements per program
 @triton.jit
 def _nearest_code(xn, mids_ptr, LOG2_LEVELS: tl.constexpr):
     # #(mids < xn) over 2^LOG2_LEVELS sorted midpoints padded with +inf: exactly LOG2_LEVELS probes.
-    code = tl.zeros_like(xn).to(tl.int32)
-    for s in tl.static_range(LOG2_LEVELS):
+    # The first two levels probe at most three fixed midpoints: scalar loads and a select, no gather.
+    top = 1 << (LOG2_LEVELS - 1)
+    code = tl.where(tl.load(mids_ptr + (top - 1)) < xn, top, 0)
+    if LOG2_LEVELS >= 2:
+        quarter = top // 2
+        low = tl.load(mids_ptr + (quarter - 1))
+        high = tl.load(mids_ptr + (top + quarter - 1))
+        code = tl.where(tl.where(code == 0, low, high) < xn, code + quarter, code)
+    for s in tl.static_range(2, LOG2_LEVELS):
         half = 1 << (LOG2_LEVELS - 1 - s)
         probe = tl.load(mids_ptr + code + (half - 1))
         code = tl.where(probe < xn, code + half, code)
@@ -41,10 +49,10 @@ def _nearest_code(xn, mids_ptr, LOG2_LEVELS: tl.constexpr):
 
 
 @triton.jit
-def _cast_out(y, out_ptr, OUT_BF16: tl.constexpr):
-    # float32 -> output dtype, round-to-nearest-even. bf16 is rounded by hand (bias 0x7FFF plus the lowest
-    # kept bit) because Triton's interpreter truncates a float32 -> bf16 cast; the GPU would round the same.
-    if OUT_BF16:
+def _cast_out(y, out_ptr, BF16_BY_HAND: tl.constexpr):
+    # float32 -> the output dtype, round-to-nearest-even (as torch's .to()). Triton's interpreter truncates
+    # a float32 -> bf16 cast, so there bf16 is rounded by hand; compiled, cvt.rn.bf16.f32 does the same.
+    if BF16_BY_HAND:
         bits = y.to(tl.int32, bitcast=True).to(tl.int64) & 0xFFFFFFFF
         bits = (bits + ((bits >> 16) & 1) + 0x7FFF) >> 16
         out = bits.to(tl.int16).to(tl.bfloat16, bitcast=True)
@@ -57,7 +65,7 @@ def _cast_out(y, out_ptr, OUT_BF16: tl.constexpr):
 def _fused_blocks_kernel(
     x_ptr, out_ptr, codes_ptr, absmax_ptr, values_ptr, mids_ptr, n, n_blocks, block,
     ROWS: tl.constexpr, BLOCK_P2: tl.constexpr, LOG2_LEVELS: tl.constexpr,
-    STORE_OUT: tl.constexpr, STORE_CODES: tl.constexpr, OUT_BF16: tl.constexpr,
+    STORE_OUT: tl.constexpr, STORE_CODES: tl.constexpr, BF16_BY_HAND: tl.constexpr,
 ):  # fmt: skip
     rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
     cols = tl.arange(0, BLOCK_P2)
@@ -72,7 +80,7 @@ def _fused_blocks_kernel(
     code = _nearest_code(x * inv[:, None], mids_ptr, LOG2_LEVELS)
     if STORE_OUT:
         y = tl.load(values_ptr + code) * absmax[:, None]
-        tl.store(out_ptr + offs, _cast_out(y, out_ptr, OUT_BF16), mask=mask)
+        tl.store(out_ptr + offs, _cast_out(y, out_ptr, BF16_BY_HAND), mask=mask)
     if STORE_CODES:
         tl.store(codes_ptr + offs, code.to(codes_ptr.dtype.element_ty), mask=mask)
     tl.store(absmax_ptr + rows, tl.where(nonfinite > 0, float("nan"), absmax), mask=rows < n_blocks)
@@ -82,7 +90,7 @@ def _fused_blocks_kernel(
 def _scaled_kernel(
     x_ptr, out_ptr, codes_ptr, absmax_ptr, values_ptr, mids_ptr, n, block,
     TILE: tl.constexpr, LOG2_LEVELS: tl.constexpr, STORE_OUT: tl.constexpr, STORE_CODES: tl.constexpr,
-    OUT_BF16: tl.constexpr,
+    BF16_BY_HAND: tl.constexpr,
 ):  # fmt: skip
     offs = tl.program_id(0).to(tl.int64) * TILE + tl.arange(0, TILE)
     mask = offs < n
@@ -93,7 +101,7 @@ def _scaled_kernel(
     code = _nearest_code(x * inv, mids_ptr, LOG2_LEVELS)
     if STORE_OUT:
         y = tl.load(values_ptr + code) * absmax
-        tl.store(out_ptr + offs, _cast_out(y, out_ptr, OUT_BF16), mask=mask)
+        tl.store(out_ptr + offs, _cast_out(y, out_ptr, BF16_BY_HAND), mask=mask)
     if STORE_CODES:
         tl.store(codes_ptr + offs, code.to(codes_ptr.dtype.element_ty), mask=mask)
 
@@ -130,7 +138,7 @@ def _launch(
         "LOG2_LEVELS": log2_levels,
         "STORE_OUT": store_out,
         "STORE_CODES": codes is not None,
-        "OUT_BF16": x.dtype == torch.bfloat16,
+        "BF16_BY_HAND": x.dtype == torch.bfloat16 and os.environ.get("TRITON_INTERPRET") == "1",
     }
     if block <= MAX_FUSED_BLOCK and spec.block_size is not None:
         block_p2 = triton.next_power_of_2(block)

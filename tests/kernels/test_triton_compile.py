@@ -36,17 +36,18 @@ def _check(ptx: str) -> None:
     assert "div.rn.f32" in ptx and "div.full" not in ptx and "div.approx" not in ptx
     assert not re.search(r"\bfma\.rn\.f32", ptx), "a fused multiply-add would change the rounding"
     assert "ld.global.v4.b32" in ptx, "weights should load as 16-byte vectors"
+    assert re.search(r"cvt\.rn\.bf16(x2)?\.f32", ptx), "bf16 output rounds to nearest even, as torch's .to()"
 
 
-@pytest.mark.parametrize("log2_levels", [4, 16])
+@pytest.mark.parametrize("log2_levels", [1, 3, 4, 16])
 def test_fused_kernel_compiles_for_sm90(log2_levels: int) -> None:
     from kernels.triton_fused import _fused_blocks_kernel
 
     sig = {**COMMON, "n_blocks": "i32", "block": "i32"}
-    sig.update(dict.fromkeys(["ROWS", "BLOCK_P2", "LOG2_LEVELS", "STORE_OUT", "STORE_CODES", "OUT_BF16"],
+    sig.update(dict.fromkeys(["ROWS", "BLOCK_P2", "LOG2_LEVELS", "STORE_OUT", "STORE_CODES", "BF16_BY_HAND"],
                              "constexpr"))  # fmt: skip
     consts = {"ROWS": 64, "BLOCK_P2": 64, "LOG2_LEVELS": log2_levels, "STORE_OUT": True,
-              "STORE_CODES": log2_levels == 4, "OUT_BF16": True}  # fmt: skip
+              "STORE_CODES": log2_levels == 4, "BF16_BY_HAND": False}  # fmt: skip
     _check(_ptx(_fused_blocks_kernel, sig, consts))
 
 
@@ -54,6 +55,7 @@ def test_two_pass_kernel_compiles_for_sm90() -> None:
     from kernels.triton_fused import _scaled_kernel
 
     sig = {**COMMON, "block": "i32"}
-    sig.update(dict.fromkeys(["TILE", "LOG2_LEVELS", "STORE_OUT", "STORE_CODES", "OUT_BF16"], "constexpr"))
-    consts = {"TILE": 4096, "LOG2_LEVELS": 8, "STORE_OUT": True, "STORE_CODES": False, "OUT_BF16": True}
+    flags = ["TILE", "LOG2_LEVELS", "STORE_OUT", "STORE_CODES", "BF16_BY_HAND"]
+    sig.update(dict.fromkeys(flags, "constexpr"))
+    consts = {"TILE": 4096, "LOG2_LEVELS": 8, "STORE_OUT": True, "STORE_CODES": False, "BF16_BY_HAND": False}
     _check(_ptx(_scaled_kernel, sig, consts))
