@@ -66,7 +66,15 @@ def check_eval_spec(spec: EvalSpec) -> None:
 class Evaluator:
     """Scores one resident model on an EvalSpec; everything but the forward passes is done once."""
 
-    def __init__(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, spec: EvalSpec) -> None:
+    def __init__(
+        self,
+        model: PreTrainedModel,
+        tokenizer: PreTrainedTokenizerBase,
+        spec: EvalSpec,
+        *,
+        scorer: str = "hflm",
+    ) -> None:
+        """`scorer`: "hflm" (lm-eval's HFLM) or "fast" (`pipeline.fastscore.FastScorer`)."""
         from pipeline.corpus import resolve_text
 
         check_eval_spec(spec)
@@ -87,6 +95,7 @@ class Evaluator:
                 data_root=data_root,
                 limit=spec.limit,
                 batch_size=spec.batch_size,
+                scorer=scorer,
             )
 
     def run(self) -> list[MetricValue]:

@@ -93,7 +93,25 @@ def make_lm(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, batch_si
                 self.encoded[key] = super()._encode_pair(context, continuation)
             return self.encoded[key]
 
+        def pretokenize(self, context: str, continuation: str) -> None:
+            """Encode one request ahead of scoring (empty contexts are cheap and not memoized)."""
+            if context:
+                self._encode_pair(context, continuation)
+
     return MemoHFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
+
+
+def make_scorer(
+    scorer: str, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, batch_size: int
+) -> Any:
+    """The lm-eval LM that answers requests: "hflm" (lm-eval's HFLM) or "fast" (`FastScorer`)."""
+    if scorer == "hflm":
+        return make_lm(model, tokenizer, batch_size)
+    if scorer == "fast":
+        from pipeline.fastscore import FastScorer
+
+        return FastScorer(model, tokenizer, batch_size)
+    raise ValueError(f"scorer {scorer!r} unknown; allowed: 'hflm', 'fast'")
 
 
 def _reuse_requests(task: Task) -> None:
@@ -135,7 +153,11 @@ def task_metrics(name: str, task_result: dict[str, Any], samples: list[dict[str,
 
 
 class LmEvalSuite:
-    """lm-eval tasks for one resident model: requests built and tokenized once, scored per `run()`."""
+    """lm-eval tasks for one resident model: requests built and tokenized once, scored per `run()`.
+
+    `scorer="fast"` answers log-likelihood requests with `FastScorer` (shared contexts run once)
+    instead of HFLM; lm-eval still turns the answers into metrics.
+    """
 
     def __init__(
         self,
@@ -146,17 +168,17 @@ class LmEvalSuite:
         data_root: Path,
         limit: int | None,
         batch_size: int,
+        scorer: str = "hflm",
     ) -> None:
         check_task_names(names)
         self.limit = limit
-        self.lm = make_lm(model, tokenizer, batch_size)
+        self.lm = make_scorer(scorer, model, tokenizer, batch_size)
         self.task_dict = task_manager(names, data_root).load(list(names))
         for task in self.task_dict["tasks"].values():
             task.build_all_requests(limit=limit, rank=0, world_size=1)
             for instance in task.instances:
-                context, continuation = instance.args[:2]
-                if context:
-                    self.lm._encode_pair(context, continuation)
+                if instance.request_type == "loglikelihood":
+                    self.lm.pretokenize(*instance.args[:2])
             _reuse_requests(task)
 
     def run(self) -> list[MetricValue]:

@@ -175,3 +175,38 @@ def test_cached_suite_matches_plain_lm_eval_across_weight_changes(tiny_model_dir
             if key[1] != "perplexity":  # lm-eval bootstraps perplexity's stderr; ours is the delta method
                 assert ours[key].stderr == pytest.approx(stderr, rel=1e-9), key
             assert ours[key].n_examples == limit
+
+
+def test_fast_scorer_gives_lm_eval_accuracies(llama, data_root):
+    model, tokenizer = llama
+    names, limit = ("lambada_openai", "hellaswag", "winogrande", "arc_challenge"), 6
+    runs = {}
+    for scorer in ("hflm", "fast"):
+        suite = LmEvalSuite(
+            model, tokenizer, names, data_root=data_root, limit=limit, batch_size=4, scorer=scorer
+        )
+        runs[scorer] = {(m.task, m.metric): m for m in suite.run()}
+    assert runs["fast"].keys() == runs["hflm"].keys()
+    for key, ref in runs["hflm"].items():
+        tolerance = 1e-5 if key[1] == "perplexity" else 0  # summed log-probs agree to float rounding
+        assert runs["fast"][key].value == pytest.approx(ref.value, rel=tolerance, abs=0), key
+
+
+def test_fast_scorer_loglikelihoods_match_hflm(llama, tasks):
+    from pipeline.fastscore import FastScorer
+    from pipeline.lmeval import make_lm
+
+    model, tokenizer = llama
+    requests = []
+    for name in ("hellaswag", "arc_challenge", "lambada_openai"):
+        tasks[name].build_all_requests(limit=3, rank=0, world_size=1)
+        requests += tasks[name].instances
+    fast = FastScorer(model, tokenizer, batch_size=2).loglikelihood(requests)
+    hflm = make_lm(model, tokenizer, 2).loglikelihood(requests)
+    for (lp_fast, greedy_fast), (lp_hf, greedy_hf) in zip(fast, hflm, strict=True):
+        assert lp_fast == pytest.approx(lp_hf, rel=1e-5) and greedy_fast == greedy_hf
+
+
+def test_unknown_scorer(llama, data_root):
+    with pytest.raises(ValueError, match="scorer 'slow' unknown"):
+        LmEvalSuite(*llama, ("piqa",), data_root=data_root, limit=1, batch_size=1, scorer="slow")
