@@ -58,6 +58,7 @@ def load_study(
     tasks: Sequence[str] = PAPER_TASKS,
     n_boot: int = 300,
     n_budgets: int = 12,
+    fixed_bits: int | None = None,
 ) -> Study:
     """Read a results folder into a `Study` (raises FileNotFoundError, ResultsError, AnalysisError)."""
     raw = load_results(results)
@@ -66,7 +67,7 @@ def load_study(
         tidy = tidy_jobs(raw, tasks)
     except AnalysisError as err:
         log.warning("%s", err)
-        return Study(name, raw, None, None, None, (), n_boot, n_budgets)
+        return Study(name, raw, None, None, None, (), n_boot, n_budgets, fixed_bits=fixed_bits)
     if metric is not None:
         check_metric(tidy, metric)
     return Study(
@@ -78,6 +79,7 @@ def load_study(
         acc_tasks=tuple(acc_tasks_used(raw, tasks)),
         n_boot=n_boot,
         n_budgets=n_budgets,
+        fixed_bits=fixed_bits,
     )
 
 
@@ -148,10 +150,11 @@ def build_report(
     tasks: Sequence[str] = PAPER_TASKS,
     n_boot: int = 300,
     n_budgets: int = 12,
+    fixed_bits: int | None = None,
 ) -> ReportFiles:
     """Analyse a results folder and write the report (see the module doc for what is written)."""
     results = Path(results)
-    study = load_study(results, metric, tasks, n_boot, n_budgets)
+    study = load_study(results, metric, tasks, n_boot, n_budgets, fixed_bits)
     out = (
         Path(out_dir) if out_dir is not None else (results if results.is_dir() else results.parent) / "report"
     )
@@ -171,6 +174,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--n-boot", type=int, default=300, help="bootstrap replicates (default 300)")
     parser.add_argument("--budgets", type=int, default=12, help="memory budgets per family (default 12)")
+    parser.add_argument(
+        "--fixed-bits", type=int, default=None, help="precision of the dtype x block size table"
+    )
     args = parser.parse_args(argv)
     if args.n_boot < 0 or args.budgets < 1:
         parser.error(f"--n-boot must be >= 0 and --budgets >= 1; got {args.n_boot} and {args.budgets}")
@@ -184,7 +190,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
     try:
-        files = build_report(args.results, args.out, args.metric, tasks, args.n_boot, args.budgets)
+        files = build_report(
+            args.results, args.out, args.metric, tasks, args.n_boot, args.budgets, args.fixed_bits
+        )
     except (FileNotFoundError, ResultsError, AnalysisError) as err:
         print(f"kbitscale-report: error: {err}", file=sys.stderr)
         return 2

@@ -42,6 +42,9 @@ class Study:
     n_boot: int = 300
     n_budgets: int = 12
     seed: int = 0
+    fixed_bits: int | None = (
+        None  # precision of the data type x block size comparison; None: 4 or most common
+    )
 
     def require_tidy(self) -> pd.DataFrame:
         if self.tidy is None or self.metric is None:
@@ -214,7 +217,7 @@ def fixed_precision_section(study: Study) -> Section:
     """Data type x block size at one precision (the paper's Figure 3)."""
     tidy = study.require_tidy()
     assert study.metric is not None
-    bits = default_fixed_bits(tidy)
+    bits = study.fixed_bits if study.fixed_bits is not None else default_fixed_bits(tidy)
     table = dtype_block_table(tidy, study.metric, bits)
     fig = plot_dtype_block(tidy, study.metric, metric_label(study.metric), bits)
     name = f"{bits}-bit: data type x block size (one column per model; rank 1 = best mean)"
