@@ -131,47 +131,54 @@ def save_model(path: Path, quick: bool) -> Path:
     return path
 
 
-def bench_overhead(device: str, n_jobs: int, quick: bool, work: Path) -> dict[str, float]:
-    """Per-job timings of real jobs on one worker; overhead = everything but the evaluation."""
+def bench_overhead(device: str, n_jobs: int, quick: bool, work: Path) -> dict[str, Any]:
+    """Per-job timings of real 4-bit jobs on one warm worker (model loaded, Evaluator built)."""
     import ray
+    import torch
 
+    from pipeline.dispatch import plan_workers, run_jobs, start_workers
+    from pipeline.progress import Progress
     from pipeline.results import load_results
-    from pipeline.run import execute, plan_run
+    from pipeline.run import plan_run
 
     model_dir = save_model(work / "model", quick)
-    context, tokens = (256, 2048) if quick else (1024, 8192 if device == "cpu" else 65536)
-    dtypes = ["int", "fp", "nf", "quantile", "dynamic"]
+    context, tokens = (256, 2048) if quick else (1024, 2048 if device == "cpu" else 65536)
+    blocks = ["64", "128", "256", "1024", "null"][: max(1, math.ceil((n_jobs + 1) / 5))]
     overrides = [
-        f"model.name_or_path={model_dir}",
-        f"quant.dtype={','.join(dtypes[: max(1, min(n_jobs, 5))])}",
-        f"quant.block_size={','.join(['64', '128', '256', '1024'][: max(1, math.ceil(n_jobs / 5))])}",
-        "quant.bits=4",
+        f"model.name_or_path={model_dir}", "quant.dtype=int,fp,nf,quantile,dynamic",
+        f"quant.block_size={','.join(blocks)}", "quant.bits=4", "eval.batch_size=8",
         f"eval.perplexity=[{{name:wikitext2,path:eval/wikitext-2-raw/wiki.test.raw,"
         f"context_length:{context},stride:{context},max_tokens:{tokens}}}]",
-        "eval.batch_size=8",
-        f"results_root={work / 'results'}",
-        "study=overhead",
-        "ray.max_workers=1",
+        f"results_root={work / 'results'}", "study=overhead", "ray.max_workers=1",
         f"ray.cpus_per_worker={os.cpu_count() if device == 'cpu' else 1}",
-    ]
+    ]  # fmt: skip
     plan = plan_run(overrides)
+    jobs = plan.to_run[: n_jobs + 1]
     ray.init(num_cpus=os.cpu_count(), num_gpus=0 if device == "cpu" else None, include_dashboard=False)
+    cfg, root = plan.settings.ray, plan.settings.results_root
+    workers = start_workers(plan_workers(cfg, ray.cluster_resources(), 1), root, cfg.max_attempts)
+    ray.get([w.describe.remote() for w in workers])
     t = time.perf_counter()
-    progress = execute(plan)
+    run_jobs(jobs[:1], workers, Progress(total=1), root)  # load + Evaluator: once per model per worker
+    first_s, t = time.perf_counter() - t, time.perf_counter()
+    progress = Progress(total=len(jobs) - 1)
+    run_jobs(jobs[1:], workers, progress, root, cfg.max_attempts, cfg.in_flight_per_worker)
     wall = time.perf_counter() - t
     ray.shutdown()
     assert progress.failed == 0, progress.summary()
-    df = load_results(work / "results" / "overhead").drop_duplicates("job_key")
-    load_s = float(df.load_s.sum())
-    restore, quantize, evals = float(df.restore_s.sum()), float(df.quantize_s.sum()), float(df.eval_s.sum())
+    df = load_results(root / "overhead").drop_duplicates("job_key")
+    df = df[df.job_key.isin([j.key for j in jobs[1:]])]
     n = len(df)
-    sched = max(0.0, wall - load_s - restore - quantize - evals) / n  # actor start, writes, dispatch
-    job_s = (restore + quantize + evals) / n + sched
+    restore, quantize, evals = (float(df[c].sum()) / n for c in ("restore_s", "quantize_s", "eval_s"))
+    job_s = wall / n
+    other = max(0.0, job_s - restore - quantize - evals)  # Ray call, row writes, driver, Python
+    n_params = int(df.n_params.iloc[0])
     return {
-        "device": df.device.iloc[0], "jobs": n, "load_s": load_s, "restore_ms": 1000 * restore / n,
-        "quantize_ms": 1000 * quantize / n, "eval_ms": 1000 * evals / n, "sched_and_rest_ms": 1000 * sched,
-        "job_ms": 1000 * job_s, "overhead_share": (restore / n + quantize / n + sched) / job_s,
-        "eval_tokens": tokens, "context_length": context, "wall_s": wall,
+        "device": df.device.iloc[0], "model_params": n_params, "jobs": n, "first_job_s": first_s,
+        "restore_ms": 1000 * restore, "quantize_ms": 1000 * quantize, "eval_ms": 1000 * evals,
+        "scheduling_and_rest_ms": 1000 * other, "job_ms": 1000 * job_s,
+        "overhead_share": (restore + quantize + other) / job_s, "scheduling_share": other / job_s,
+        "eval_tokens": tokens, "context_length": context, "torch_threads": torch.get_num_threads(),
     }  # fmt: skip
 
 
