@@ -174,7 +174,7 @@ def _decode(
     codes: Tensor, absmax: Tensor, mean: Tensor | None, values: Tensor, shape: Sequence[int], torch_dtype
 ) -> Tensor:
     """codebook[code] * absmax (+ mean) for [n_blocks, B] codes, cropped to `shape`, cast to torch_dtype."""
-    x_hat = values[codes.long()] * absmax[:, None]
+    x_hat = values[codes] * absmax[:, None]  # int32 codes index directly
     if mean is not None:
         x_hat = x_hat + mean[:, None]
     return x_hat.reshape(-1)[: math.prod(shape)].view(tuple(shape)).to(torch_dtype)
