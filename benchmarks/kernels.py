@@ -65,6 +65,7 @@ class Row:
     torch_frac_copy_bw: float
     compile_frac_copy_bw: float | None
     bit_exact: bool | None
+    compile_bit_exact: bool | None = None  # informational: inductor may round differently
 
 
 def time_ms(fn: Callable[[], object], reps: int, warmup: int, device: torch.device) -> float:
@@ -138,7 +139,11 @@ def add_compile(row: Row, w: torch.Tensor, reps: int, copy_gbps: float) -> Row:
     levels = levels_for(w, spec)
     compiled = torch.compile(reference_fake_quantize, dynamic=False)
     ms = time_ms(lambda: compiled(w, spec, levels, False), reps, 2, w.device)
-    return replace(row, compile_ms=ms, compile_frac_copy_bw=_frac(ms, _n_bytes(w), copy_gbps))
+    reference = reference_fake_quantize(w, spec, levels, False)
+    same = bool(torch.equal(compiled(w, spec, levels, False), reference))
+    return replace(
+        row, compile_ms=ms, compile_frac_copy_bw=_frac(ms, _n_bytes(w), copy_gbps), compile_bit_exact=same
+    )
 
 
 def _fmt(v: object, spec: str = ".3f") -> str:
