@@ -1,0 +1,225 @@
+"""Pythia-style model ladders: trained once from the corpus, cached, and named by sweeps.
+
+A sweep names a ladder as `ladder:<name>` (every size) or `ladder:<name>/<size name or index>`;
+`resolve_ladder` turns that into checkpoint folders, training what is missing first. Layout:
+
+    $KBIT_CACHE/ladders/<name>-<config hash>/      (KBIT_CACHE defaults to ~/.cache/kbitscale)
+        tokenizer/, train_ids.npy, heldout_ids.npy   shared by every size, made once
+        <size name>/                                 save_pretrained + tokenizer + kbitscale_ladder.json
+
+Each member is trained in a hidden temporary folder and renamed into place when complete, so a
+crash never leaves half a member, and a member whose folder exists is never trained again.
+CLI: `python -m pipeline.ladder <name> [--data-root DIR] [--force] [--size NAME] [--max-steps N]`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import fcntl
+import logging
+import os
+import shutil
+import sys
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from pipeline.ladder_configs import LADDERS, LadderConfig, ModelSize, config_hash, get_ladder, smoke_config
+from pipeline.train import CACHED_ARRAYS, METADATA_FILE, MemberMetadata, prepare_data, train_member
+
+log = logging.getLogger(__name__)
+
+LADDER_PREFIX = "ladder:"
+DEFAULT_DATA_ROOT = "../shared/data"
+
+
+@dataclass(frozen=True)
+class LadderMember:
+    """One trained size of a ladder, loadable with `AutoModelForCausalLM.from_pretrained(path)`."""
+
+    path: str
+    family: str  # the ladder's name
+    size_name: str
+    n_params: int
+    non_embedding_params: int
+    tokens_seen: int
+    val_loss: float  # mean next-token loss (nats) on the corpus's held-out split
+
+
+def default_data_root() -> str:
+    """`$KBIT_DATA_ROOT`, else `../shared/data` (relative to the working directory)."""
+    return os.environ.get("KBIT_DATA_ROOT", DEFAULT_DATA_ROOT)
+
+
+def cache_root(cache: str | Path | None = None) -> Path:
+    """Where ladders live: `<cache>/ladders`; `cache` defaults to `$KBIT_CACHE` or ~/.cache/kbitscale."""
+    base = cache or os.environ.get("KBIT_CACHE") or Path.home() / ".cache" / "kbitscale"
+    return Path(base).expanduser() / "ladders"
+
+
+def ladder_dir(config: LadderConfig, cache: str | Path | None = None) -> Path:
+    """The folder of ladder `config` (its name and config hash)."""
+    return cache_root(cache) / f"{config.name}-{config_hash(config)}"
+
+
+def is_ladder_ref(name_or_path: str) -> bool:
+    """Whether a model name is a ladder reference (`ladder:<name>` or `ladder:<name>/<size>`)."""
+    return name_or_path.startswith(LADDER_PREFIX)
+
+
+def parse_ladder_ref(ref: str) -> tuple[LadderConfig, tuple[ModelSize, ...]]:
+    """(ladder, the sizes named) of `ladder:<name>[/<size>]`; KeyError lists known ladders or sizes."""
+    if not is_ladder_ref(ref):
+        raise ValueError(f"{ref!r} is not a ladder reference; expected '{LADDER_PREFIX}<name>[/<size>]'")
+    name, _, size = ref.removeprefix(LADDER_PREFIX).partition("/")
+    config = get_ladder(name)
+    return config, (config.size(size),) if "/" in ref else config.sizes
+
+
+def member_from_folder(folder: Path) -> LadderMember:
+    """The `LadderMember` a trained folder describes (from its `kbitscale_ladder.json`)."""
+    meta = MemberMetadata.read(folder)
+    return LadderMember(
+        path=str(folder), family=meta.ladder, size_name=meta.size_name, n_params=meta.n_params,
+        non_embedding_params=meta.non_embedding_params, tokens_seen=meta.tokens_seen, val_loss=meta.val_loss,
+    )  # fmt: skip
+
+
+@contextlib.contextmanager
+def _locked(folder: Path) -> Iterator[None]:
+    """Hold an exclusive lock on `folder` so concurrent resolvers train each member once."""
+    folder.mkdir(parents=True, exist_ok=True)
+    with open(folder / ".lock", "w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _remove(path: Path) -> None:
+    """Remove a folder or file by renaming it aside first, so it vanishes atomically."""
+    if not path.exists():
+        return
+    trash = path.with_name(f".trash-{path.name}-{os.getpid()}")
+    os.replace(path, trash)
+    shutil.rmtree(trash) if trash.is_dir() else trash.unlink()
+
+
+def _clean_stale(folder: Path) -> None:
+    """Drop temporary folders left by crashed runs (safe: we hold the ladder's lock)."""
+    for stale in folder.glob(".tmp-*"):
+        shutil.rmtree(stale, ignore_errors=True)
+    for stale in folder.glob(".trash-*"):
+        shutil.rmtree(stale, ignore_errors=True)
+
+
+def train_ladder(
+    config: LadderConfig,
+    data_root: str | Path,
+    sizes: Sequence[ModelSize] | None = None,
+    *,
+    force: bool = False,
+    cache: str | Path | None = None,
+) -> list[LadderMember]:
+    """Train the missing `sizes` (default: all) of `config` and return them, smallest first.
+
+    Args:
+        config: the ladder.
+        data_root: folder holding `corpus/` (see `pipeline.corpus`).
+        sizes: the sizes wanted; members already trained are reused.
+        force: retrain these sizes and re-tokenize, replacing what the cache holds.
+        cache: the cache base folder (default `$KBIT_CACHE` or ~/.cache/kbitscale).
+    """
+    folder = ladder_dir(config, cache)
+    wanted = tuple(sizes) if sizes is not None else config.sizes
+    with _locked(folder):
+        _clean_stale(folder)
+        if force:
+            for path in ("tokenizer", *CACHED_ARRAYS, *(s.name for s in wanted)):
+                _remove(folder / path)
+        missing = [size for size in wanted if not (folder / size.name / METADATA_FILE).is_file()]
+        if missing:
+            log.info(
+                "ladder %s: training %s into %s", config.name, ", ".join(s.name for s in missing), folder
+            )
+            data = prepare_data(config, data_root, folder)
+        for size in missing:
+            tmp = folder / f".tmp-{size.name}-{os.getpid()}"
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir()
+            train_member(config, size, data, tmp)
+            os.replace(tmp, folder / size.name)
+    return [member_from_folder(folder / size.name) for size in wanted]
+
+
+def resolve_ladder(
+    name_or_path: str, data_root: str | Path | None = None, cache: str | Path | None = None
+) -> list[LadderMember]:
+    """The members a ladder reference names, training any that are missing (first use only).
+
+    Args:
+        name_or_path: `ladder:<name>` (every size) or `ladder:<name>/<size name or index>`.
+        data_root: folder holding `corpus/`; default `$KBIT_DATA_ROOT` or ../shared/data.
+        cache: the cache base folder (default `$KBIT_CACHE` or ~/.cache/kbitscale).
+
+    Raises:
+        KeyError: unknown ladder or size (the message lists the known ones).
+        ValueError: `name_or_path` is not a ladder reference.
+    """
+    config, sizes = parse_ladder_ref(name_or_path)
+    return train_ladder(config, data_root or default_data_root(), sizes, cache=cache)
+
+
+def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m pipeline.ladder", description=__doc__.split("\n")[0])
+    parser.add_argument("name", nargs="?", help=f"ladder to train: one of {', '.join(LADDERS)}")
+    parser.add_argument("--list", action="store_true", help="list the ladders and their sizes, then exit")
+    parser.add_argument("--data-root", default=None, help="folder holding corpus/ (default ../shared/data)")
+    parser.add_argument(
+        "--cache", default=None, help="cache base folder (default $KBIT_CACHE or ~/.cache/kbitscale)"
+    )
+    parser.add_argument("--size", action="append", help="train only this size (name or index); repeatable")
+    parser.add_argument("--force", action="store_true", help="retrain (and re-tokenize) even if cached")
+    parser.add_argument("--max-steps", type=int, help="smoke run: cap the steps (a separate cached ladder)")
+    parser.add_argument("--max-chars", type=int, help="smoke run: cap the training characters")
+    args = parser.parse_args(argv)
+    if not args.list and not args.name:
+        parser.error("give a ladder name or --list")
+    return args
+
+
+def _describe(config: LadderConfig) -> str:
+    sizes = ", ".join(f"{s.name} ({s.non_embedding_params / 1e6:.2f}M)" for s in config.sizes)
+    return f"{config.name}: {config.tokens / 1e6:.1f}M tokens per size; sizes {sizes}"
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Train (or reuse) a ladder and print one line per member."""
+    args = _parse_args(argv)
+    if args.list:
+        print("\n".join(_describe(config) for config in LADDERS.values()))
+        return 0
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S", stream=sys.stderr
+    )
+    config = get_ladder(args.name)
+    if args.max_chars is not None:
+        config = dataclasses.replace(config, max_train_chars=args.max_chars)
+    if args.max_steps is not None:
+        config = smoke_config(config, args.max_steps)
+    sizes = [config.size(s) for s in args.size] if args.size else None
+    members = train_ladder(
+        config, args.data_root or default_data_root(), sizes, force=args.force, cache=args.cache
+    )
+    print(f"{'size':<8} {'params':>12} {'non-emb':>12} {'tokens':>12} {'val loss':>9}  path")
+    for m in members:
+        print(f"{m.size_name:<8} {m.n_params:>12,} {m.non_embedding_params:>12,} {m.tokens_seen:>12,} "
+              f"{m.val_loss:>9.4f}  {m.path}")  # fmt: skip
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,196 @@
+"""Model-ladder configurations: Pythia-style families where only the model size changes.
+
+Every size of a ladder sees the same tokens in the same order, with the same seed, optimizer and
+learning-rate schedule. Configs are frozen and validated at construction; `config_hash` names a
+ladder's cache folder, so changing any field that affects training trains a new ladder.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from dataclasses import dataclass
+from typing import Literal
+
+SCHEMA_VERSION = 1
+ARCHITECTURES = ("llama",)
+# Fields that do not change what is trained, so they stay out of the hash.
+_UNHASHED_FIELDS = ("log_every",)
+
+
+@dataclass(frozen=True)
+class ModelSize:
+    """One rung of a ladder: a decoder-only transformer's shape."""
+
+    name: str  # how sweeps name it: "ladder:<ladder>/<name>"
+    d_model: int
+    n_layers: int
+    n_heads: int
+    d_ff: int  # width of the gated MLP (Llama: gate, up and down projections)
+
+    def __post_init__(self) -> None:
+        if not self.name or "/" in self.name or not self.name.isprintable():
+            raise ValueError(f"size name must be a non-empty printable string without '/', got {self.name!r}")
+        for field in ("d_model", "n_layers", "n_heads", "d_ff"):
+            if getattr(self, field) < 1:
+                raise ValueError(f"{field} of size {self.name!r} must be >= 1, got {getattr(self, field)}")
+        if self.d_model % self.n_heads:
+            raise ValueError(
+                f"d_model={self.d_model} of size {self.name!r} is not divisible by n_heads={self.n_heads}"
+            )
+
+    @property
+    def non_embedding_params(self) -> int:
+        """Parameters outside the embedding and unembedding matrices (Llama, untied, no biases)."""
+        per_layer = 4 * self.d_model**2 + 3 * self.d_model * self.d_ff + 2 * self.d_model
+        return self.n_layers * per_layer + self.d_model  # + the final norm
+
+
+@dataclass(frozen=True)
+class LadderConfig:
+    """A family of models trained identically except for their size."""
+
+    name: str
+    sizes: tuple[ModelSize, ...]  # smallest first
+    vocab_size: int  # of the byte-level BPE trained on this ladder's training text
+    seq_len: int  # tokens per training sequence; also the models' max_position_embeddings
+    batch_size: int  # sequences per optimizer step
+    steps: int  # optimizer steps per size
+    lr: float  # peak learning rate (AdamW)
+    warmup_steps: int  # linear warm-up, then cosine decay to lr * min_lr_ratio at `steps`
+    min_lr_ratio: float = 0.1
+    weight_decay: float = 0.1  # on matrices only; norms are not decayed
+    grad_clip: float = 1.0
+    seed: int = 1234
+    architecture: Literal["llama"] = "llama"
+    max_train_chars: int | None = None  # a fixed, evenly spread slice of the training text; None: all
+    eval_tokens: int | None = None  # held-out tokens scored for the validation loss; None: all
+    log_every: int = 50  # steps between progress lines
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "sizes", tuple(self.sizes))
+        if not self.sizes:
+            raise ValueError(f"ladder {self.name!r} has no sizes")
+        names = [size.name for size in self.sizes]
+        if len(set(names)) != len(names):
+            raise ValueError(f"ladder {self.name!r} repeats a size name: {names}")
+        if self.architecture not in ARCHITECTURES:
+            raise ValueError(f"architecture {self.architecture!r} is not one of {ARCHITECTURES}")
+        for field in ("vocab_size", "seq_len", "batch_size", "steps", "log_every"):
+            if getattr(self, field) < 1:
+                raise ValueError(f"{field} of ladder {self.name!r} must be >= 1, got {getattr(self, field)}")
+        if not 0 <= self.warmup_steps < self.steps:
+            raise ValueError(f"warmup_steps={self.warmup_steps} must be in [0, steps={self.steps})")
+        if self.lr <= 0 or not 0 <= self.min_lr_ratio <= 1:
+            raise ValueError(f"need lr > 0 and min_lr_ratio in [0, 1], got {self.lr}, {self.min_lr_ratio}")
+        for field in ("max_train_chars", "eval_tokens"):
+            value = getattr(self, field)
+            if value is not None and value < self.seq_len:
+                raise ValueError(f"{field}={value} must be None or >= seq_len={self.seq_len}")
+
+    @property
+    def tokens_per_step(self) -> int:
+        return self.batch_size * self.seq_len
+
+    @property
+    def tokens(self) -> int:
+        """Training tokens every size sees."""
+        return self.steps * self.tokens_per_step
+
+    def size(self, name_or_index: str) -> ModelSize:
+        """A size by name or by index ("0" is the smallest); KeyError lists the known ones."""
+        for size in self.sizes:
+            if size.name == name_or_index:
+                return size
+        if name_or_index.lstrip("-").isdigit() and -len(self.sizes) <= int(name_or_index) < len(self.sizes):
+            return self.sizes[int(name_or_index)]
+        known = ", ".join(size.name for size in self.sizes)
+        raise KeyError(
+            f"ladder {self.name!r} has no size {name_or_index!r}; known sizes: {known} "
+            f"(or an index 0..{len(self.sizes) - 1})"
+        )
+
+
+def config_hash(config: LadderConfig) -> str:
+    """12 hex digits of sha256 over the canonical JSON of everything that shapes training."""
+    fields = {k: v for k, v in dataclasses.asdict(config).items() if k not in _UNHASHED_FIELDS}
+    canonical = json.dumps({"schema": SCHEMA_VERSION, **fields}, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(canonical.encode()).hexdigest()[:12]
+
+
+def smoke_config(config: LadderConfig, max_steps: int) -> LadderConfig:
+    """A ladder cut to `max_steps` (and as many held-out tokens as one step sees), for smoke runs.
+
+    Its hash differs from the full ladder's, so a smoke run never masquerades as the real ladder.
+    """
+    if max_steps < 1:
+        raise ValueError(f"max_steps must be >= 1, got {max_steps}")
+    steps = min(max_steps, config.steps)
+    eval_tokens = min(config.eval_tokens or config.tokens_per_step, config.tokens_per_step)
+    return dataclasses.replace(
+        config, steps=steps, warmup_steps=min(config.warmup_steps, steps - 1), eval_tokens=eval_tokens
+    )
+
+
+def _size(name: str, d_model: int, n_layers: int, head_dim: int = 64) -> ModelSize:
+    """A Llama-shaped size: heads of `head_dim`, MLP width ~8/3 d_model rounded up to 32."""
+    d_ff = -(-(8 * d_model) // 3 // 32) * 32
+    return ModelSize(name, d_model, n_layers, max(1, d_model // head_dim), d_ff)
+
+
+LADDERS: dict[str, LadderConfig] = {
+    # Trains in seconds on a CPU: for tests only.
+    "test": LadderConfig(
+        name="test",
+        sizes=(_size("xs", 16, 1, 8), _size("s", 32, 2, 16), _size("m", 64, 2, 16)),
+        vocab_size=384,
+        seq_len=64,
+        batch_size=8,
+        steps=100,
+        lr=3e-3,
+        warmup_steps=10,
+        max_train_chars=200_000,
+        eval_tokens=8_192,
+        log_every=20,
+    ),
+    # A few minutes on a 2-core CPU: the demo study's models.
+    "tiny": LadderConfig(
+        name="tiny",
+        sizes=(_size("d64", 64, 2, 32), _size("d96", 96, 3, 32), _size("d128", 128, 4, 32)),
+        vocab_size=2048,
+        seq_len=256,
+        batch_size=8,
+        steps=350,
+        lr=3e-3,
+        warmup_steps=30,
+        max_train_chars=2_000_000,
+        eval_tokens=32_768,
+    ),
+    # Minutes on one H100 (bf16 autocast): ~0.8M to ~38M non-embedding parameters.
+    "h100": LadderConfig(
+        name="h100",
+        sizes=(
+            _size("d128", 128, 4),
+            _size("d192", 192, 5),
+            _size("d256", 256, 6),
+            _size("d320", 320, 8),
+            _size("d384", 384, 10),
+            _size("d512", 512, 12),
+        ),
+        vocab_size=8192,
+        seq_len=512,
+        batch_size=64,
+        steps=600,
+        lr=1.5e-3,
+        warmup_steps=60,
+        log_every=100,
+    ),
+}
+
+
+def get_ladder(name: str) -> LadderConfig:
+    """The registered ladder `name`; KeyError lists the known ones."""
+    if name not in LADDERS:
+        raise KeyError(f"unknown ladder {name!r}; known ladders: {', '.join(sorted(LADDERS))}")
+    return LADDERS[name]
