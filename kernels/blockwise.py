@@ -5,8 +5,9 @@ bit): the weight is flattened row-major and cut into blocks of `block_size` valu
 block may be shorter and gets its own absmax). In float32, per block:
 
     absmax = max |x|                       (an all-zero block uses 1 for the scale below; output 0)
-    inv    = 1 / absmax                    (one IEEE round-to-nearest division per block)
-    code   = #{j : mids[j] < x * inv}      (nearest codebook value; exact midpoint -> the lower code)
+    s      = 2^64 if absmax < 2^-64 else 1 (exact; keeps 1 / absmax finite for tiny blocks)
+    inv    = 1 / (absmax * s)              (one IEEE round-to-nearest division per block)
+    code   = #{j : mids[j] < (x * s) * inv} (nearest codebook value; exact midpoint -> the lower code)
     x_hat  = codebook[code] * absmax       (then cast to the weight's torch dtype, round-to-nearest-even)
 
 `centering` subtracts the block mean (sum / count in float32) first and adds it back last (torch only).
@@ -42,6 +43,7 @@ log = logging.getLogger(__name__)
 Impl = Literal["auto", "torch", "triton"]
 IMPLS: tuple[str, ...] = ("auto", "torch", "triton")
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+TINY_ABSMAX, TINY_SCALE = 2.0**-64, 2.0**64  # exact powers of two, shared with the Triton kernel
 
 
 @dataclass(frozen=True, eq=False)
@@ -111,8 +113,10 @@ def normalize_rows(xb: Tensor, count: Tensor | None, centering: bool) -> tuple[T
         valid = torch.arange(xb.shape[1], device=xb.device)[None, :] < count[:, None]
         xb = torch.where(valid, xb - mean[:, None], torch.zeros((), device=xb.device))
     absmax = xb.abs().amax(dim=1)
-    inv = torch.reciprocal(torch.where(absmax > 0, absmax, torch.ones_like(absmax)))
-    return xb * inv[:, None], absmax, mean
+    # Blocks with absmax < 2^-64 are first scaled by 2^64 (exact) so 1/absmax cannot overflow to inf.
+    scale = torch.where(absmax < TINY_ABSMAX, TINY_SCALE, 1.0)
+    inv = torch.reciprocal(torch.where(absmax > 0, absmax, torch.ones_like(absmax)) * scale)
+    return (xb * scale[:, None]) * inv[:, None], absmax, mean
 
 
 def _padded_blocks(w: Tensor, block: int) -> tuple[Tensor, Tensor]:

@@ -7,8 +7,8 @@ dequantizes and stores. Larger blocks and block_size=None take two passes: torch
 absmax (exact: a max), then the kernel quantizes with it.
 
 The arithmetic is the torch reference's, operation for operation (see kernels/blockwise.py):
-inv = 1 / absmax with IEEE round-to-nearest (`tl.div_rn`; Triton's `/` is approximate), x * inv,
-code = #(mids < x * inv), codebook[code] * absmax, cast with round-to-nearest-even. So the codes and
+inv = 1 / (absmax * s) with IEEE round-to-nearest (`tl.div_rn`; Triton's `/` is approximate),
+code = #(mids < (x * s) * inv), codebook[code] * absmax, cast with round-to-nearest-even. So the codes and
 outputs equal the reference's bit for bit. Written for Triton 3.6 and 3.9.
 """
 
@@ -26,6 +26,8 @@ from kernels.blockwise import check_finite_absmax, effective_block_size
 from kernels.codebooks import Levels
 from kernels.spec import QuantSpec
 
+TINY_ABSMAX = tl.constexpr(2.0**-64)  # as blockwise.TINY_ABSMAX: tiny blocks are scaled by 2^64 first
+TINY_SCALE = tl.constexpr(2.0**64)
 MAX_FUSED_BLOCK = 8192  # widest (padded) block one program holds in registers
 TILE = 4096  # elements per program
 
@@ -75,9 +77,10 @@ def _fused_blocks_kernel(
     ax = tl.abs(x)
     absmax = tl.max(ax, axis=1)
     nonfinite = tl.max(((x != x) | (ax == float("inf"))).to(tl.int32), axis=1)
-    safe = tl.where(absmax > 0, absmax, 1.0)
+    scale = tl.where(absmax < TINY_ABSMAX, TINY_SCALE, 1.0)
+    safe = tl.where(absmax > 0, absmax, 1.0) * scale
     inv = tl.div_rn(tl.full(safe.shape, 1.0, tl.float32), safe)
-    code = _nearest_code(x * inv[:, None], mids_ptr, LOG2_LEVELS)
+    code = _nearest_code((x * scale[:, None]) * inv[:, None], mids_ptr, LOG2_LEVELS)
     if STORE_OUT:
         y = tl.load(values_ptr + code) * absmax[:, None]
         tl.store(out_ptr + offs, _cast_out(y, out_ptr, BF16_BY_HAND), mask=mask)
@@ -96,9 +99,10 @@ def _scaled_kernel(
     mask = offs < n
     x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     absmax = tl.load(absmax_ptr + offs // block, mask=mask, other=1.0)
-    safe = tl.where(absmax > 0, absmax, 1.0)
+    scale = tl.where(absmax < TINY_ABSMAX, TINY_SCALE, 1.0)
+    safe = tl.where(absmax > 0, absmax, 1.0) * scale
     inv = tl.div_rn(tl.full(safe.shape, 1.0, tl.float32), safe)
-    code = _nearest_code(x * inv, mids_ptr, LOG2_LEVELS)
+    code = _nearest_code((x * scale) * inv, mids_ptr, LOG2_LEVELS)
     if STORE_OUT:
         y = tl.load(values_ptr + code) * absmax
         tl.store(out_ptr + offs, _cast_out(y, out_ptr, BF16_BY_HAND), mask=mask)

@@ -123,6 +123,17 @@ def test_all_zero_block_is_safe(dtype: str) -> None:
     assert bool((fake_quantize(torch.zeros(3, 5), QuantSpec(dtype, 4, None)) == 0).all())
 
 
+@pytest.mark.parametrize("torch_dtype", [torch.float32, torch.bfloat16])
+def test_tiny_blocks_stay_finite(torch_dtype: torch.dtype) -> None:
+    # absmax below 2^-64 (down to subnormals): 1 / absmax would overflow without the exact 2^64 rescale
+    w = torch.tensor([1e-39, 0.0, -5e-40, 3e-40, 1e-30, -2e-30, 3e-21, 1e-21]).to(torch_dtype)
+    w_hat = fake_quantize(w, QuantSpec("int", 4, 2))
+    assert bool(torch.isfinite(w_hat).all())
+    assert w_hat[0] == w[0] and w_hat[5] == w[5] and w_hat[6] == w[6], "each block's max is exact"
+    half_step = w.reshape(4, 2).abs().amax(1).repeat_interleave(2) / 14  # int4: steps of absmax / 7
+    assert bool(((w_hat - w).abs() <= half_step * 1.01 + 1e-45).all())
+
+
 def test_tie_goes_to_lower_code() -> None:
     v = codebook("int", 3).double()
     mid = float(((v[3] + v[4]) / 2).float())  # between 0 and 1/3, rounded to float32

@@ -57,6 +57,16 @@ def test_auto_uses_the_kernel_and_keeps_columns() -> None:
     assert torch.equal(fake_quantize(w, centered), fake_quantize(w, centered, impl="torch"))
 
 
+def test_tiny_and_subnormal_blocks() -> None:
+    # absmax < 2^-64 and bf16/float32 subnormals: the exact 2^64 rescale, no flush-to-zero anywhere
+    base = torch.tensor([1e-39, 0.0, -5e-40, 3e-40, 7e-45, 1e-30, -2e-30, 1e-20], device="cuda")
+    for torch_dtype in (torch.bfloat16, torch.float32):
+        w = (base.repeat(1000) * torch.rand(8000, device="cuda")).to(torch_dtype).reshape(80, 100)
+        for block in (2, 64, None):
+            spec = QuantSpec("nf", 4, block)
+            assert torch.equal(fake_quantize(w, spec, impl="torch"), fake_quantize(w, spec, impl="triton"))
+
+
 def test_nan_and_inf_are_rejected_on_gpu() -> None:
     for block in (64, None):
         for bad in (float("nan"), float("inf")):
