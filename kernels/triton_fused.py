@@ -4,7 +4,7 @@ One pass per block for block sizes up to `MAX_FUSED_BLOCK`: each program loads R
 takes their absmax, normalizes, finds the nearest code by a branchless binary search over the
 codebook's sorted midpoints (read from global memory, so codebooks of up to 2^16 entries work),
 dequantizes and stores. Larger blocks and block_size=None take two passes: torch computes the block
-absmax (exact: a max), then the kernel quantizes with it.
+absmax (exact: a max) and its IEEE reciprocal, then the kernel quantizes with them.
 
 The arithmetic is the torch reference's, operation for operation (see kernels/blockwise.py):
 inv = 1 / (absmax * s) with IEEE round-to-nearest (`tl.div_rn`; Triton's `/` is approximate),
@@ -22,12 +22,13 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from kernels import blockwise
 from kernels.blockwise import check_finite_absmax, effective_block_size
 from kernels.codebooks import Levels
 from kernels.spec import QuantSpec
 
-TINY_ABSMAX = tl.constexpr(2.0**-64)  # as blockwise.TINY_ABSMAX: tiny blocks are scaled by 2^64 first
-TINY_SCALE = tl.constexpr(2.0**64)
+TINY_ABSMAX = tl.constexpr(blockwise.TINY_ABSMAX)  # blocks with a smaller absmax are scaled by 2^64 first
+TINY_SCALE = tl.constexpr(blockwise.TINY_SCALE)
 MAX_FUSED_BLOCK = 8192  # widest (padded) block one program holds in registers
 TILE = 4096  # elements per program
 
@@ -91,7 +92,7 @@ def _fused_blocks_kernel(
 
 @triton.jit
 def _scaled_kernel(
-    x_ptr, out_ptr, codes_ptr, absmax_ptr, values_ptr, mids_ptr, n, block,
+    x_ptr, out_ptr, codes_ptr, absmax_ptr, inv_ptr, values_ptr, mids_ptr, n, block,
     TILE: tl.constexpr, LOG2_LEVELS: tl.constexpr, STORE_OUT: tl.constexpr, STORE_CODES: tl.constexpr,
     BF16_BY_HAND: tl.constexpr,
 ):  # fmt: skip
@@ -99,9 +100,8 @@ def _scaled_kernel(
     mask = offs < n
     x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     absmax = tl.load(absmax_ptr + offs // block, mask=mask, other=1.0)
+    inv = tl.load(inv_ptr + offs // block, mask=mask, other=1.0)  # torch's IEEE 1 / (absmax * scale)
     scale = tl.where(absmax < TINY_ABSMAX, TINY_SCALE, 1.0)
-    safe = tl.where(absmax > 0, absmax, 1.0) * scale
-    inv = tl.div_rn(tl.full(safe.shape, 1.0, tl.float32), safe)
     code = _nearest_code((x * scale) * inv, mids_ptr, LOG2_LEVELS)
     if STORE_OUT:
         y = tl.load(values_ptr + code) * absmax
@@ -155,9 +155,11 @@ def _launch(
         )  # fmt: skip
     else:
         absmax = block_absmax(x.reshape(-1), block)
+        scale = torch.where(absmax < TINY_ABSMAX.value, TINY_SCALE.value, 1.0)
+        inv = torch.reciprocal(torch.where(absmax > 0, absmax, torch.ones_like(absmax)) * scale)
         grid = (triton.cdiv(n, TILE),)
         _scaled_kernel[grid](
-            *args, absmax, levels.values, levels.mids, n, block, TILE=TILE, num_warps=8, **flags
+            *args, absmax, inv, levels.values, levels.mids, n, block, TILE=TILE, num_warps=8, **flags
         )  # fmt: skip
     return out, codes, absmax
 
