@@ -217,7 +217,8 @@ def main(argv: list[str] | None = None) -> int:
             shape = "small GPT-NeoX" if args.quick else "Pythia-410M-shaped GPT-NeoX"
             print(table(f"per-job overhead: {shape}, {args.device}", out["overhead"]))
     path = args.out or ROOT / "benchmarks" / f"dispatch-{args.device}{'-quick' if args.quick else ''}.json"
-    path.write_text(json.dumps(out, indent=2) + "\n")
+    earlier = json.loads(path.read_text()) if path.exists() else {}
+    path.write_text(json.dumps({**earlier, **out}, indent=2) + "\n")  # one part run keeps the other
     print(f"wrote {path}")
     return 0
 

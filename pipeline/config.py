@@ -107,6 +107,7 @@ class Config:
     results_root: str = "results"  # relative to the project root
     rerun_failed: bool = False
     dry_run: bool = False
+    report: bool = False  # write the analysis report of each study after the sweep (the demo does)
 
 
 def register_configs() -> None:

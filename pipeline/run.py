@@ -43,6 +43,7 @@ class Settings:
     rerun_failed: bool
     dry_run: bool
     ray: RayConfig
+    report: bool = False
 
 
 @dataclass(frozen=True)
@@ -168,7 +169,9 @@ def plan_cells(cells: Sequence[Config]) -> Plan:
     start = time.perf_counter()
     preflight(cells)
     first = cells[0]
-    settings = Settings(project_path(first.results_root), first.rerun_failed, first.dry_run, first.ray)
+    settings = Settings(
+        project_path(first.results_root), first.rerun_failed, first.dry_run, first.ray, first.report
+    )
     data_root = project_path(first.eval.data_root)
     if settings.dry_run:
         jobs = build_jobs(cells)  # ladders stay unresolved: a dry run trains nothing
@@ -246,6 +249,15 @@ def describe_plan(plan: Plan) -> str:
     return "\n".join(lines)
 
 
+def write_reports(plan: Plan) -> None:
+    """The analysis report of each study of the plan (a report that fails is logged, not fatal)."""
+    from analysis.report import main as report_main
+
+    for study in sorted({job.study for job in plan.jobs}):
+        if report_main([str(plan.settings.results_root / study)]) != 0:
+            log.warning("the report of study %s could not be written (see above)", study)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """CLI entry point; exit codes: 0 all ok, 1 some job failed, 2 bad config, 130 interrupted."""
     args = sys.argv[1:] if argv is None else list(argv)
@@ -274,6 +286,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     progress = execute(plan)
     print(progress.summary())
+    if plan.settings.report and not progress.interrupted:
+        write_reports(plan)
     return 130 if progress.interrupted else (1 if progress.failed else 0)
 
 

@@ -99,6 +99,7 @@ def test_demo_grid_has_the_stated_size():
     assert {c.quant.bits for c in cells} == {3, 4, 5, 6, 8, 16}
     assert {p.name for p in cells[0].eval.perplexity} == {"wikitext2", "heldout"}
     assert {c.model.name_or_path for c in cells} == {"ladder:tiny"}
+    assert all(c.report for c in cells) and not load_config([]).report
 
 
 def test_paper_grid_is_the_union_of_its_grids():
