@@ -213,6 +213,12 @@ def _settle(
         for job in batch:
             _on_worker_death(job, state, progress, results_root, max_attempts, err)
         return
+    except ray.exceptions.RayError as err:  # the call itself failed (e.g. a Job that cannot unpickle)
+        for job in batch:
+            _record_failure(
+                job, f"{type(err).__name__}: {str(err).strip().splitlines()[-1]}", progress, results_root
+            )
+        return
     for job, result in zip(batch, results, strict=True):
         state.observe(worker, result.timings.get("job_s", 0.0))
         if result.rows and not job_path(results_root / job.study, job.key).exists():  # not our disk
@@ -236,6 +242,11 @@ def _on_worker_death(
         state.scheduler.requeue(job)
         return
     error = f"WorkerDied: the worker died {attempts[job.key]} times running this job ({type(err).__name__})"
+    _record_failure(job, error, progress, results_root)
+
+
+def _record_failure(job: Job, error: str, progress: Progress, results_root: Path) -> None:
+    """A failed row written by the driver, for a job no worker could report on."""
     rows = job_rows(job, None, (), {}, WorkerEnv(device="unknown", versions="{}"), job.model_family, error)
     write_job_rows(results_root / job.study, job.key, rows)
     progress.record(job.key, False, error)

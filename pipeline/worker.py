@@ -180,7 +180,10 @@ class ModelWorker:
             family = self._family or job.model_family
             rows = job_rows(job, report, (), timings, self._env, family, error=error)
             status = STATUS_FAILED
-        write_job_rows(self._results_root / job.study, job.key, rows)
+        try:
+            write_job_rows(self._results_root / job.study, job.key, rows)
+        except OSError as err:  # e.g. no shared disk on this node: the driver writes the rows
+            log.warning("job %s: could not write its rows here (%s)", job.key[:12], error_line(err))
         timings["job_s"] = time.perf_counter() - start
         log.info("job %s %s in %.2fs", job.key[:12], status, timings["job_s"])
         return JobResult(job.key, status, error, tuple(rows), timings, self._name)
