@@ -6,8 +6,9 @@ differently:
 - requests are grouped by context; each distinct context runs once (with the KV cache kept), and
   all of its continuations run after it in one batch, reading the cache (`batch_select_indices`
   repeats a context's cache for each of its continuations);
-- contexts are batched by exact length (no padding); continuations are right-padded, which cannot
-  change their real tokens under causal attention;
+- distinct contexts are sorted by length and batched (little padding); contexts and continuations
+  are right-padded, which cannot change their real tokens under causal attention, and the
+  continuations read the cache through an attention mask that hides the contexts' padding;
 - logits are computed only where scored: the context's last position, and the continuation's
   positions but its last.
 Because it is an lm-eval `LM`, lm-eval's own `evaluate` turns its answers into metrics.
@@ -21,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 from lm_eval.api.model import LM
+from torch import Tensor
 
 from pipeline.lmeval import make_lm
 from pipeline.perplexity import accepts_logits_to_keep
@@ -69,54 +71,93 @@ class FastScorer(LM):
         by_context: dict[tuple[int, ...], list[int]] = defaultdict(list)
         for index, (ctx, _) in enumerate(pairs):
             by_context[ctx].append(index)
-        by_length: dict[int, list[tuple[int, ...]]] = defaultdict(list)
-        for ctx in by_context:
-            by_length[len(ctx)].append(ctx)
+        contexts = sorted(by_context, key=len, reverse=True)  # batches of similar length: little padding
         answers: list[tuple[float, bool]] = [(0.0, False)] * len(requests)
-        for length in sorted(by_length, reverse=True):
-            contexts = by_length[length]
-            for start in range(0, len(contexts), self.batch_size):
-                chunk = contexts[start : start + self.batch_size]
-                rows = [index for ctx in chunk for index in by_context[ctx]]
-                owners = [i for i, ctx in enumerate(chunk) for _ in by_context[ctx]]
-                conts = [pairs[index][1] for index in rows]
-                for index, answer in zip(rows, self.score(chunk, owners, conts), strict=True):
-                    answers[index] = answer
+        for start in range(0, len(contexts), self.batch_size):
+            chunk = contexts[start : start + self.batch_size]
+            rows = [index for ctx in chunk for index in by_context[ctx]]
+            owners = [i for i, ctx in enumerate(chunk) for _ in by_context[ctx]]
+            conts = [pairs[index][1] for index in rows]
+            for index, answer in zip(rows, self.score(chunk, owners, conts), strict=True):
+                answers[index] = answer
         return answers
 
     @torch.inference_mode()
     def score(
         self, contexts: list[tuple[int, ...]], owners: list[int], conts: list[tuple[int, ...]]
     ) -> list[tuple[float, bool]]:
-        """Score continuations `conts`, each after `contexts[owners[i]]` (contexts of equal length)."""
-        device = self.model.device
-        owner = torch.tensor(owners, device=device)
-        n_max = max(len(c) for c in conts)
-        targets = torch.zeros(len(conts), n_max, dtype=torch.long)
-        for i, cont in enumerate(conts):
-            targets[i, : len(cont)] = torch.tensor(cont)
-        targets = targets.to(device)
-        lengths = torch.tensor([len(c) for c in conts], device=device)
-        if not contexts[0]:  # the whole input was truncated away (len(cont) == max_length + 1)
+        """Score continuations `conts`, each after `contexts[owners[i]]`.
+
+        Contexts are right-padded: their real tokens never see the padding (causal attention), and
+        the first continuation token is predicted at each context's own last position. The other
+        continuation tokens run in sub-batches of similar length that read the contexts' cache
+        through an attention mask hiding its padding, at explicit positions `len(context) + j`.
+        """
+        if not all(contexts):  # the whole input was truncated away (len(cont) == max_length + 1)
             raise ValueError("a continuation as long as the model's max_length is not supported")
-        kwargs: dict[str, Any] = {"logits_to_keep": 1} if self.keep_logits else {}
-        out = self.model(input_ids=torch.tensor(contexts, device=device), use_cache=n_max > 1, **kwargs)
-        logprobs = [out.logits[:, -1:].float().log_softmax(-1)[owner]]  # predicts continuation token 0
-        if n_max > 1:
-            cache = out.past_key_values
-            cache.batch_select_indices(owner)
-            rest = self.model(input_ids=targets[:, :-1], past_key_values=cache, use_cache=False).logits
-            logprobs.append(rest.float().log_softmax(-1))
-        logprobs_t = torch.cat(logprobs, dim=1)  # [rows, n_max, vocab]: position j predicts token j
-        token_lp = logprobs_t.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
-        greedy = logprobs_t.argmax(-1) == targets
-        valid = torch.arange(n_max, device=device)[None, :] < lengths[:, None]
-        total = (token_lp * valid).sum(-1)
-        all_greedy = (greedy | ~valid).all(-1)
-        return list(zip(total.tolist(), all_greedy.tolist(), strict=True))
+        device = self.model.device
+        ctx_ids, ctx_mask = _right_pad(contexts, device)
+        ctx_len = ctx_mask.sum(1)
+        last = ctx_len - 1
+        kwargs: dict[str, Any] = {}
+        if self.keep_logits:  # the LM head runs only at the batch's distinct last positions
+            keep = torch.unique(last)
+            kwargs["logits_to_keep"] = keep
+            last = torch.searchsorted(keep, last)
+        needs_cache = max(len(c) for c in conts) > 1
+        out = self.model(input_ids=ctx_ids, use_cache=needs_cache, **kwargs)
+        first = out.logits[torch.arange(len(contexts), device=device), last].float().log_softmax(-1)
+        order = sorted(range(len(conts)), key=lambda i: len(conts[i]), reverse=True)
+        answers: list[tuple[float, bool]] = [(0.0, False)] * len(conts)
+        for start in range(0, len(order), self.batch_size):
+            rows = order[start : start + self.batch_size]
+            owner = torch.tensor([owners[i] for i in rows], device=device)
+            targets, valid = _right_pad([conts[i] for i in rows], device)
+            logprobs = [first[owner].unsqueeze(1)]  # predicts continuation token 0
+            if targets.shape[1] > 1:
+                logits = self._continue(out.past_key_values, owner, ctx_mask, ctx_len, targets[:, :-1])
+                logprobs.append(logits.float().log_softmax(-1))
+            for i, answer in zip(rows, _sum_scored(torch.cat(logprobs, 1), targets, valid), strict=True):
+                answers[i] = answer
+        return answers
+
+    def _continue(
+        self, cache: Any, owner: Tensor, ctx_mask: Tensor, ctx_len: Tensor, inputs: Tensor
+    ) -> Tensor:
+        """Logits of `inputs` (continuations minus their last token) after their contexts' cache."""
+        from transformers import DynamicCache
+
+        rows_cache = DynamicCache([(layer.keys[owner], layer.values[owner]) for layer in cache.layers])
+        mask = torch.cat([ctx_mask[owner], torch.ones_like(inputs, dtype=torch.bool)], 1)
+        positions = ctx_len[owner, None] + torch.arange(inputs.shape[1], device=inputs.device)
+        return self.model(
+            input_ids=inputs,
+            past_key_values=rows_cache,
+            attention_mask=mask.long(),
+            position_ids=positions,
+            use_cache=False,
+        ).logits
 
     def loglikelihood_rolling(self, requests: list[Instance]) -> list[float]:
         raise NotImplementedError("FastScorer scores loglikelihood requests only; use HFLM for rolling")
 
     def generate_until(self, requests: list[Instance]) -> list[str]:
         raise NotImplementedError("FastScorer scores loglikelihood requests only; use HFLM for generation")
+
+
+def _sum_scored(logprobs: Tensor, targets: Tensor, valid: Tensor) -> list[tuple[float, bool]]:
+    """Per row: summed log-prob of the real target tokens, and whether each is the argmax."""
+    token_lp = logprobs.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+    greedy = (logprobs.argmax(-1) == targets) | ~valid
+    return list(zip((token_lp * valid).sum(-1).tolist(), greedy.all(-1).tolist(), strict=True))
+
+
+def _right_pad(sequences: list[tuple[int, ...]], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(ids [n, longest] padded with 0, mask [n, longest] True at real tokens)."""
+    longest = max(len(seq) for seq in sequences)
+    ids = torch.zeros(len(sequences), longest, dtype=torch.long)
+    mask = torch.zeros(len(sequences), longest, dtype=torch.bool)
+    for i, seq in enumerate(sequences):
+        ids[i, : len(seq)] = torch.tensor(seq)
+        mask[i, : len(seq)] = True
+    return ids.to(device), mask.to(device)
