@@ -15,6 +15,7 @@ at the end. Re-running the same command after a crash or Ctrl-C runs only what i
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import sys
 import time
@@ -107,9 +108,24 @@ def preflight(cells: Sequence[Config]) -> None:
 
 
 def _check_quant(cell: Config) -> None:
-    if not 0.0 <= cell.quant.outlier_fraction < 1.0:
-        raise ValueError(f"outlier_fraction={cell.quant.outlier_fraction} is not allowed; use 0 <= p < 1")
-    quant_spec(cell.quant)
+    """Raise one ValueError naming every bad quant field (QuantSpec stops at the first)."""
+    quant = cell.quant
+    messages: dict[str, None] = {}
+    if not 0.0 <= quant.outlier_fraction < 1.0:
+        messages[f"outlier_fraction={quant.outlier_fraction} is not allowed; use 0 <= p < 1"] = None
+    probes = [  # each field alone next to known-good values, then the whole spec
+        dataclasses.replace(quant, bits=4, block_size=64, exponent_bits=None),
+        dataclasses.replace(quant, dtype="int", block_size=64, exponent_bits=None),
+        dataclasses.replace(quant, dtype="int", bits=4, exponent_bits=None),
+        quant,
+    ]
+    for probe in probes:
+        try:
+            quant_spec(probe)
+        except (ValueError, KeyError, TypeError) as err:
+            messages[_message(err)] = None
+    if messages:
+        raise ValueError("; ".join(messages))
 
 
 def _check_run(cell: Config) -> list[str]:

@@ -220,6 +220,13 @@ def test_every_bad_value_in_one_message(tiny_model_dir, tmp_path):
     assert not (tmp_path / "r").exists()
 
 
+def test_every_bad_field_of_one_cell_is_named(tiny_model_dir, tmp_path, capsys):
+    argv = [f"model.name_or_path={tiny_model_dir}", f"results_root={tmp_path}", "quant.bits=2"]
+    assert main([*argv, "quant.dtype=foo", "quant.block_size=0"]) == 2
+    err = capsys.readouterr().err
+    assert "bits=2" in err and "'foo'" in err and "block_size=0" in err
+
+
 def test_demo_is_the_default_and_plans_offline(tmp_path):
     from pipeline.run import parse_argv
 
