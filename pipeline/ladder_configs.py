@@ -28,6 +28,7 @@ class ModelSize:
     n_layers: int
     n_heads: int
     d_ff: int  # width of the gated MLP (Llama: gate, up and down projections)
+    lr: float | None = None  # this size's peak learning rate (Pythia lowers it with size); None: ladder's
 
     def __post_init__(self) -> None:
         if not self.name or "/" in self.name or not self.name.isprintable():
@@ -35,6 +36,8 @@ class ModelSize:
         for field in ("d_model", "n_layers", "n_heads", "d_ff"):
             if getattr(self, field) < 1:
                 raise ValueError(f"{field} of size {self.name!r} must be >= 1, got {getattr(self, field)}")
+        if self.lr is not None and self.lr <= 0:
+            raise ValueError(f"lr of size {self.name!r} must be > 0 or None, got {self.lr}")
         if self.d_model % self.n_heads:
             raise ValueError(
                 f"d_model={self.d_model} of size {self.name!r} is not divisible by n_heads={self.n_heads}"
@@ -57,7 +60,7 @@ class LadderConfig:
     seq_len: int  # tokens per training sequence; also the models' max_position_embeddings
     batch_size: int  # sequences per optimizer step
     steps: int  # optimizer steps per size
-    lr: float  # peak learning rate (AdamW)
+    lr: float  # peak learning rate (AdamW) of sizes that set none
     warmup_steps: int  # linear warm-up, then cosine decay to lr * min_lr_ratio at `steps`
     min_lr_ratio: float = 0.1
     weight_decay: float = 0.1  # on matrices only; norms are not decayed
@@ -133,10 +136,10 @@ def smoke_config(config: LadderConfig, max_steps: int) -> LadderConfig:
     )
 
 
-def _size(name: str, d_model: int, n_layers: int, head_dim: int = 64) -> ModelSize:
+def _size(name: str, d_model: int, n_layers: int, head_dim: int = 64, lr: float | None = None) -> ModelSize:
     """A Llama-shaped size: heads of `head_dim`, MLP width ~8/3 d_model rounded up to 32."""
     d_ff = -(-(8 * d_model) // 3 // 32) * 32
-    return ModelSize(name, d_model, n_layers, max(1, d_model // head_dim), d_ff)
+    return ModelSize(name, d_model, n_layers, max(1, d_model // head_dim), d_ff, lr)
 
 
 LADDERS: dict[str, LadderConfig] = {
@@ -157,13 +160,13 @@ LADDERS: dict[str, LadderConfig] = {
     # A few minutes on a 2-core CPU: the demo study's models.
     "tiny": LadderConfig(
         name="tiny",
-        sizes=(_size("d64", 64, 2, 32), _size("d96", 96, 3, 32), _size("d128", 128, 4, 32)),
-        vocab_size=2048,
-        seq_len=256,
-        batch_size=8,
-        steps=350,
+        sizes=(_size("d16", 16, 1, 16), _size("d32", 32, 2, 32), _size("d64", 64, 2, 32)),
+        vocab_size=1024,
+        seq_len=128,
+        batch_size=16,
+        steps=250,
         lr=3e-3,
-        warmup_steps=30,
+        warmup_steps=25,
         max_train_chars=2_000_000,
         eval_tokens=32_768,
     ),

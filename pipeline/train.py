@@ -160,13 +160,17 @@ def count_params(model: torch.nn.Module) -> tuple[int, int]:
     return total, total - sum(p.numel() for p in params if id(p) in embedding)
 
 
-def lr_at(step: int, config: LadderConfig) -> float:
-    """Linear warm-up over `warmup_steps`, then cosine decay to `lr * min_lr_ratio` at `steps`."""
+def lr_at(step: int, config: LadderConfig, peak: float | None = None) -> float:
+    """Linear warm-up over `warmup_steps`, then cosine decay to `peak * min_lr_ratio` at `steps`.
+
+    `peak` defaults to the ladder's `lr`; a size may set its own (`ModelSize.lr`).
+    """
+    peak = config.lr if peak is None else peak
     if step < config.warmup_steps:
-        return config.lr * (step + 1) / config.warmup_steps
+        return peak * (step + 1) / config.warmup_steps
     progress = (step - config.warmup_steps) / max(1, config.steps - config.warmup_steps)
-    floor = config.lr * config.min_lr_ratio
-    return floor + (config.lr - floor) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+    floor = peak * config.min_lr_ratio
+    return floor + (peak - floor) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
 
 def window_order(n_steps: int, batch_size: int, n_windows: int, seed: int) -> np.ndarray:
@@ -229,7 +233,7 @@ def _optimizer(model: torch.nn.Module, config: LadderConfig, device: torch.devic
 
 
 def _log_progress(
-    label: str, step: int, config: LadderConfig, loss: float, times: tuple[float, float, int]
+    label: str, step: int, config: LadderConfig, loss: float, lr: float, times: tuple[float, float, int]
 ) -> None:
     import torch
 
@@ -239,7 +243,7 @@ def _log_progress(
     eta_s = (now - start) / (step + 1) * (config.steps - step - 1)
     log.info(
         "%s step %d/%d loss %.3f lr %.2e %.0f tok/s ETA %dm%02ds (%d threads)",
-        label, step + 1, config.steps, loss, lr_at(step, config), tokens_per_s, eta_s // 60, eta_s % 60,
+        label, step + 1, config.steps, loss, lr, tokens_per_s, eta_s // 60, eta_s % 60,
         torch.get_num_threads(),
     )  # fmt: skip
 
@@ -265,7 +269,9 @@ def cpu_threads(own_threads: int = 1) -> int:
     return max(1, min(cores, cores - others))
 
 
-def train_loop(model: LlamaForCausalLM, train_ids: np.ndarray, config: LadderConfig, label: str) -> float:
+def train_loop(
+    model: LlamaForCausalLM, train_ids: np.ndarray, config: LadderConfig, label: str, peak_lr: float
+) -> float:
     """Train `model` in place for `config.steps` steps; returns the mean loss of the last 10% of steps."""
     import torch
 
@@ -280,7 +286,7 @@ def train_loop(model: LlamaForCausalLM, train_ids: np.ndarray, config: LadderCon
     last_step = 0
     for step in range(config.steps):
         for group in optimizer.param_groups:
-            group["lr"] = lr_at(step, config)
+            group["lr"] = lr_at(step, config, peak_lr)
         rows = order[step * config.batch_size : (step + 1) * config.batch_size]
         batch = _windows(train_ids, config.seq_len, rows).to(device, non_blocking=True)
         with _autocast(device):
@@ -292,7 +298,8 @@ def train_loop(model: LlamaForCausalLM, train_ids: np.ndarray, config: LadderCon
         if step >= config.steps - tail:
             recent.append(loss.item())
         if (step + 1) % config.log_every == 0 or step + 1 == config.steps:
-            _log_progress(label, step, config, loss.item(), (start, last, last_step))
+            lr = lr_at(step, config, peak_lr)
+            _log_progress(label, step, config, loss.item(), lr, (start, last, last_step))
             if device.type == "cpu":
                 torch.set_num_threads(cpu_threads(torch.get_num_threads()))
             last, last_step = time.perf_counter(), step + 1
@@ -316,7 +323,7 @@ def train_member(config: LadderConfig, size: ModelSize, data: LadderData, out_di
         n_params, non_embedding = count_params(model)
         log.info("%s: %d parameters (%d non-embedding), %d tokens on %s", label, n_params, non_embedding,
                  config.tokens, device)  # fmt: skip
-        train_loss = train_loop(model, data.train_ids, config, label)
+        train_loss = train_loop(model, data.train_ids, config, label, size.lr or config.lr)
         val_loss, val_tokens = evaluate_loss(model, data.heldout_ids, config)
         wall_s = time.perf_counter() - start
     finally:
