@@ -26,7 +26,7 @@ from pipeline.ladder_configs import LadderConfig, ModelSize, config_hash
 
 if TYPE_CHECKING:
     import torch
-    from transformers import LlamaForCausalLM, PreTrainedTokenizerFast
+    from transformers import LlamaForCausalLM, PreTrainedModel, PreTrainedTokenizerFast
 
 log = logging.getLogger(__name__)
 
@@ -152,7 +152,7 @@ def build_model(
     return LlamaForCausalLM(model_config)
 
 
-def count_params(model: torch.nn.Module) -> tuple[int, int]:
+def count_params(model: PreTrainedModel) -> tuple[int, int]:
     """(all parameters, parameters outside the input embedding and the LM head)."""
     embedding = {id(model.get_input_embeddings().weight), id(model.get_output_embeddings().weight)}
     params = list(model.parameters())
@@ -319,7 +319,8 @@ def train_member(config: LadderConfig, size: ModelSize, data: LadderData, out_di
         torch.backends.cuda.matmul.allow_tf32 = True
     try:
         start = time.perf_counter()
-        model = build_model(config, size, data.tokenizer).to(device)
+        model = build_model(config, size, data.tokenizer)
+        model.to(device)  # type: ignore[arg-type]  # in place; transformers types .to oddly
         n_params, non_embedding = count_params(model)
         log.info("%s: %d parameters (%d non-embedding), %d tokens on %s", label, n_params, non_embedding,
                  config.tokens, device)  # fmt: skip
@@ -335,7 +336,8 @@ def train_member(config: LadderConfig, size: ModelSize, data: LadderData, out_di
         final_train_loss=train_loss, val_loss=val_loss, val_tokens=val_tokens, wall_s=round(wall_s, 2),
         device=str(device), size=dataclasses.asdict(size), config=dataclasses.asdict(config),
     )  # fmt: skip
-    model.to("cpu").save_pretrained(out_dir)
+    model.to("cpu")  # type: ignore[arg-type]
+    model.save_pretrained(out_dir)
     data.tokenizer.save_pretrained(out_dir)
     (out_dir / METADATA_FILE).write_text(metadata.to_json())
     return metadata
