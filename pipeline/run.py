@@ -33,6 +33,7 @@ from pipeline.sweep import ConfigError, expand, plan_sweep
 log = logging.getLogger(__name__)
 
 DEFAULT_ARGV = ("-m", "+sweep=demo")
+REPORT_N_BOOT = 20  # bootstrap replicates of the report written with report=true (~2 s CPU each)
 USAGE = __doc__ or ""
 
 
@@ -270,7 +271,8 @@ def write_reports(plan: Plan) -> None:
     from analysis.report import main as report_main
 
     for study in sorted({job.study for job in plan.jobs}):
-        if report_main([str(plan.settings.results_root / study)]) != 0:
+        # few bootstrap replicates (the CLI default is 300) keep the demo report to about a minute
+        if report_main([str(plan.settings.results_root / study), "--n-boot", str(REPORT_N_BOOT)]) != 0:
             log.warning("the report of study %s could not be written (see above)", study)
 
 
