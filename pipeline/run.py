@@ -156,16 +156,21 @@ def resolve_models(ref: ModelRef, data_root: Path) -> list[ModelSource]:
 
     if not is_ladder_ref(ref.name_or_path):
         return [ModelSource(ref=ref, label=ref.name_or_path)]
-    members = resolve_ladder(ref.name_or_path, data_root)
-    named_one = "/" in ref.name_or_path
     return [
         ModelSource(
-            ref=ModelRef(**{**ref.__dict__, "name_or_path": member.path}),
-            label=ref.name_or_path if named_one else f"{ref.name_or_path}/{member.size_name}",
+            ref=dataclasses.replace(ref, name_or_path=member.path),
+            label=ladder_label(member.family, member.size_name, Path(member.path)),
             family=member.family,
         )
-        for member in members
+        for member in resolve_ladder(ref.name_or_path, data_root)
     ]
+
+
+def ladder_label(family: str, size_name: str, path: Path) -> str:
+    """E.g. "ladder:tiny/d32@570f1b5f": the ladder's config hash (its cache folder's suffix) keeps
+    members of a retuned ladder apart from the old ones in the same study."""
+    version = path.parent.name.rpartition("-")[2][:8]
+    return f"ladder:{family}/{size_name}@{version}"
 
 
 def plan_run(overrides: Sequence[str], multirun: bool = True) -> Plan:

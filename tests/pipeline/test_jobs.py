@@ -195,3 +195,16 @@ def test_replace_path_fast_path_matches_composition():
     composed = load_config(["quant.bits=5", "quant.block_size=null"])
     fast = replace_path(load_config([]), {"quant.bits": 5, "quant.block_size": None})
     assert composed == fast
+
+
+def test_ladder_reference_resolves_to_labelled_trained_members(data_root, tmp_path, monkeypatch):
+    from pipeline.config import model_ref
+    from pipeline.run import resolve_models
+
+    monkeypatch.setenv("KBIT_CACHE", str(tmp_path))
+    (cell,) = cells("model.name_or_path=ladder:test/xs")
+    (source,) = resolve_models(model_ref(cell.model), data_root)
+    assert Path(source.ref.name_or_path).is_dir() and source.family == "test"
+    assert source.label.startswith("ladder:test/xs@") and len(source.label) == len("ladder:test/xs@") + 8
+    (plain,) = resolve_models(model_ref(cells("model.name_or_path=org/m")[0].model), data_root)
+    assert plain.label == "org/m" and plain.family is None
