@@ -22,6 +22,7 @@ from analysis.errors import AnalysisError
 from analysis.metrics import check_metric, default_loss, default_metric
 from analysis.render import Block, Section, figure_names, render_html, render_markdown
 from analysis.sections import (
+    N_BOOT,
     Study,
     answer_section,
     curves_section,
@@ -56,7 +57,7 @@ def load_study(
     results: Path,
     metric: str | None = None,
     tasks: Sequence[str] = PAPER_TASKS,
-    n_boot: int = 300,
+    n_boot: int = N_BOOT,
     n_budgets: int = 12,
     fixed_bits: int | None = None,
 ) -> Study:
@@ -148,7 +149,7 @@ def build_report(
     out_dir: str | Path | None = None,
     metric: str | None = None,
     tasks: Sequence[str] = PAPER_TASKS,
-    n_boot: int = 300,
+    n_boot: int = N_BOOT,
     n_budgets: int = 12,
     fixed_bits: int | None = None,
 ) -> ReportFiles:
@@ -172,7 +173,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--tasks", default=",".join(PAPER_TASKS), help="comma-separated tasks for mean accuracy"
     )
-    parser.add_argument("--n-boot", type=int, default=300, help="bootstrap replicates (default 300)")
+    parser.add_argument("--n-boot", type=int, default=N_BOOT, help=f"bootstrap replicates (default {N_BOOT})")
     parser.add_argument("--budgets", type=int, default=12, help="memory budgets per family (default 12)")
     parser.add_argument(
         "--fixed-bits", type=int, default=None, help="precision of the dtype x block size table"

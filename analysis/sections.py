@@ -28,6 +28,8 @@ from analysis.tidy import BASELINE_SETTING, failed_jobs, study_grid
 
 log = logging.getLogger(__name__)
 
+N_BOOT = 1000  # bootstrap replicates of every CI (the demo study's report takes about 20 s CPU at this)
+
 
 @dataclass(frozen=True)
 class Study:
@@ -39,7 +41,7 @@ class Study:
     metric: str | None  # headline metric column
     loss: str | None  # loss column for the effective-parameter law
     acc_tasks: tuple[str, ...]
-    n_boot: int = 300
+    n_boot: int = N_BOOT
     n_budgets: int = 12
     seed: int = 0
     fixed_bits: int | None = (
