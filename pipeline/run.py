@@ -33,7 +33,6 @@ from pipeline.sweep import ConfigError, expand, plan_sweep
 log = logging.getLogger(__name__)
 
 DEFAULT_ARGV = ("-m", "+sweep=demo")
-REPORT_N_BOOT = 20  # bootstrap replicates of the report written with report=true (~2 s CPU each)
 USAGE = __doc__ or ""
 
 
@@ -276,8 +275,7 @@ def write_reports(plan: Plan) -> None:
     from analysis.report import main as report_main
 
     for study in sorted({job.study for job in plan.jobs}):
-        # few bootstrap replicates (the CLI default is 300) keep the demo report to about a minute
-        if report_main([str(plan.settings.results_root / study), "--n-boot", str(REPORT_N_BOOT)]) != 0:
+        if report_main([str(plan.settings.results_root / study)]) != 0:
             log.warning("the report of study %s could not be written (see above)", study)
 
 
