@@ -5,7 +5,11 @@ the driver; a call carries one job, or a batch of about BATCH_S seconds of work 
 (Ray's per-call cost, ~1-5 ms, would otherwise dominate). It hands each actor jobs of the model
 it already holds, and moves an idle actor to the model with the most pending jobs per actor
 already on it. A job whose actor dies is put back and runs elsewhere (or on the restarted actor);
-after `max_attempts` deaths it is recorded as failed.
+after `max_attempts` deaths it is recorded as failed. A dead actor gets no work until a `describe`
+probe answers (Ray restarted it); the probe never blocks the loop, so a lost node (whose actors
+cannot be placed again while the other nodes' GPUs are taken) costs no time: the others go on.
+Calls to an actor that Ray lists as not alive (its node died) may never return, so every HEALTH_S
+the driver reads Ray's actor table and treats such an actor's calls as failed.
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import time
 from collections import Counter, deque
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -30,6 +35,8 @@ log = logging.getLogger(__name__)
 
 BATCH_S = 0.25  # short jobs travel in batches of about this many seconds of work per call
 MAX_BATCH = 64  # at most this many jobs per call (all are retried if the worker dies)
+HEALTH_S = 5.0  # how often the driver asks Ray's actor table whether busy actors are still alive
+PROBE_S = 120.0  # a dead actor that does not answer within this long (restarts re-import torch) stays dead
 
 
 class Scheduler:
@@ -135,9 +142,21 @@ def run_jobs(
         while state.scheduler.has_pending() or state.in_flight:
             state.fill()
             for ref in state.wait():
+                if ref in state.probes:
+                    state.settle_probe(ref)
+                    continue
                 batch, worker = state.in_flight.pop(ref)
                 state.load[worker] -= 1
                 _settle(ref, batch, worker, state, progress, results_root, max_attempts, ray)
+            state.expire_probes()
+            for worker in state.lost_workers():
+                for ref in [r for r, (_, w) in state.in_flight.items() if w == worker]:
+                    batch, _ = state.in_flight.pop(ref)
+                    state.load[worker] -= 1
+                    ray.cancel(ref, force=False)
+                    for job in batch:
+                        _on_worker_death(job, state, progress, results_root, max_attempts, RuntimeError())
+                state.on_death(worker)
             progress.maybe_log()
     except KeyboardInterrupt:
         n_jobs = sum(len(batch) for batch, _ in state.in_flight.values())
@@ -154,6 +173,8 @@ class _Flight:
         self.in_flight: dict[Any, tuple[list[Job], int]] = {}  # call -> (its jobs, worker index)
         self.load = [0] * len(workers)
         self.alive = [True] * len(workers)
+        self.probes: dict[Any, tuple[int, float]] = {}  # describe() call -> (dead worker, deadline)
+        self.next_health = time.monotonic() + HEALTH_S
         self.attempts: Counter[str] = Counter()  # worker deaths per job key
         self.job_s: list[float | None] = [None] * len(workers)  # moving average of job seconds
 
@@ -176,7 +197,7 @@ class _Flight:
                     break
                 self.in_flight[actor.run_batch.remote(batch)] = (batch, worker)
                 self.load[worker] += 1
-        if self.scheduler.has_pending() and not any(self.alive):
+        if self.scheduler.has_pending() and not any(self.alive) and not self.probes:
             raise RuntimeError("every worker actor died; see the Ray logs (e.g. /tmp/ray/session_latest)")
 
     def _take(self, worker: int, n: int) -> list[Job]:
@@ -185,10 +206,56 @@ class _Flight:
             batch.append(job)
         return batch
 
+    def on_death(self, worker: int) -> None:
+        """Stop feeding `worker` and probe it (once) to learn whether Ray restarted it."""
+        if self.alive[worker]:
+            self.alive[worker] = False
+            self.probes[self.workers[worker].describe.remote()] = (worker, time.monotonic() + PROBE_S)
+
+    def lost_workers(self) -> list[int]:
+        """Workers with calls in flight that Ray's actor table lists as RESTARTING or DEAD (each HEALTH_S)."""
+        now = time.monotonic()
+        if now < self.next_health:
+            return []
+        self.next_health = now + HEALTH_S
+        busy = {w for _, w in self.in_flight.values()}
+        if not busy:
+            return []
+        try:  # a private Ray API (no dashboard needed); if it changes, the check is off, nothing breaks
+            from ray._private.state import actors
+
+            table = actors()
+            ids = {w: self.workers[w]._actor_id.hex() for w in busy}
+        except Exception:
+            return []
+        lost = [w for w, i in ids.items() if table.get(i, {}).get("State") in ("RESTARTING", "DEAD")]
+        for worker in lost:
+            log.warning("worker %d is %s; its calls go elsewhere", worker, table[ids[worker]]["State"])
+        return lost
+
+    def settle_probe(self, ref: Any) -> None:
+        import ray
+
+        worker, _ = self.probes.pop(ref)
+        try:
+            ray.get(ref)
+        except ray.exceptions.RayError as err:
+            log.warning("worker %d is gone for good (%s)", worker, type(err).__name__)
+            return
+        log.info("worker %d is back (restarted)", worker)
+        self.alive[worker] = True
+
+    def expire_probes(self) -> None:
+        now = time.monotonic()
+        for ref, (worker, deadline) in list(self.probes.items()):
+            if now > deadline:
+                log.warning("worker %d did not come back in %.0f s; going on without it", worker, PROBE_S)
+                del self.probes[ref]
+
     def wait(self) -> list[Any]:
         import ray
 
-        refs = list(self.in_flight)
+        refs = [*self.in_flight, *self.probes]
         ready, _ = ray.wait(refs, num_returns=len(refs), timeout=0)
         if not ready:
             ready, _ = ray.wait(refs, num_returns=1, timeout=1.0)
@@ -209,7 +276,7 @@ def _settle(
     try:
         results: list[JobResult] = ray.get(ref)
     except ray.exceptions.RayActorError as err:
-        state.alive[worker] = _is_alive(state.workers[worker])
+        state.on_death(worker)
         for job in batch:
             _on_worker_death(job, state, progress, results_root, max_attempts, err)
         return
@@ -250,14 +317,3 @@ def _record_failure(job: Job, error: str, progress: Progress, results_root: Path
     rows = job_rows(job, None, (), {}, WorkerEnv(device="unknown", versions="{}"), job.model_family, error)
     write_job_rows(results_root / job.study, job.key, rows)
     progress.record(job.key, False, error)
-
-
-def _is_alive(actor: Any, timeout_s: float = 120.0) -> bool:
-    """Whether a (possibly restarting) actor answers; restarts re-import torch, hence the timeout."""
-    import ray
-
-    try:
-        ray.get(actor.describe.remote(), timeout=timeout_s)
-        return True
-    except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError):
-        return False

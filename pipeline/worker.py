@@ -13,6 +13,7 @@ import json
 import logging
 import math
 import platform
+import sys
 import time
 import traceback
 from collections.abc import Mapping, Sequence
@@ -130,6 +131,20 @@ def versions_json() -> str:
     return json.dumps(found, sort_keys=True)
 
 
+def ray_placement() -> str:
+    """Where Ray placed this process, e.g. "@node-1a2b3c4d/gpu0" (GPU ids as Ray assigned them, so
+    fractional workers sharing a GPU show the same id); "" outside a Ray worker."""
+    ray = sys.modules.get("ray")  # imported in every Ray worker process; never imported here
+    if ray is None or not ray.is_initialized():
+        return ""
+    try:
+        node = ray.get_runtime_context().get_node_id()[:8]
+        gpus = ",".join(str(g) for g in ray.get_gpu_ids())
+    except Exception:  # placement is a label only: never fail a worker for it
+        return ""
+    return f"@node-{node}" + (f"/gpu{gpus}" if gpus else "")
+
+
 class ModelWorker:
     """Keeps one model resident and runs jobs on it (wrapped as a Ray actor by the driver)."""
 
@@ -141,7 +156,7 @@ class ModelWorker:
         if self._device == "cpu":
             torch.set_num_threads(max(1, cpu_threads))
         name = torch.cuda.get_device_name() if self._device == "cuda" else f"cpu ({platform.machine()})"
-        self._env = WorkerEnv(device=name, versions=versions_json())
+        self._env = WorkerEnv(device=name + ray_placement(), versions=versions_json())
         self._name = f"{platform.node()}:{id(self):x}"
         self._ref: ModelRef | None = None
         self._model: Any = None
