@@ -107,7 +107,9 @@ def connect(cfg: RayConfig) -> bool:
     kwargs: dict[str, Any] = {"include_dashboard": False, "log_to_driver": True}
     if cfg.address is None:
         kwargs.update(num_cpus=cfg.num_cpus, num_gpus=cfg.num_gpus)
-    ray.init(address=cfg.address, **kwargs)
+    # "local" always starts a new embedded cluster: a bare ray.init() would join any cluster already
+    # running on this machine (or RAY_ADDRESS), which is what ray.address=auto is for.
+    ray.init(address=cfg.address or "local", **kwargs)
     return True
 
 
