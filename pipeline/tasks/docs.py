@@ -6,11 +6,12 @@ Kept free of torch and transformers; `datasets` is imported when documents are l
 from __future__ import annotations
 
 import json
-import lzma
 import os
 import re
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+
+from pipeline.corpus import read_text
 
 if TYPE_CHECKING:
     import datasets
@@ -20,11 +21,7 @@ DEFAULT_DATA_ROOT = "../shared/data"
 
 def read_jsonl(path: Path) -> list[dict[str, Any]]:
     """Every JSON line of a `.jsonl` or `.jsonl.xz` file."""
-    if path.suffix == ".xz":
-        with lzma.open(path, "rt", encoding="utf-8") as handle:
-            return [json.loads(line) for line in handle if line.strip()]
-    with path.open(encoding="utf-8") as handle:
-        return [json.loads(line) for line in handle if line.strip()]
+    return [json.loads(line) for line in read_text(path).split("\n") if line.strip()]
 
 
 def data_path(data_file: str, data_root: str | None = None) -> Path:
