@@ -74,6 +74,7 @@ class EvalConfig:
     limit: int | None = None
     batch_size: int = 32
     data_root: str = "../shared/data"  # relative to the project root
+    scorer: str = "hflm"  # "hflm" (lm-eval's HFLM) or "fast" (FastScorer: same accuracies, a test checks)
 
 
 @dataclass
@@ -200,6 +201,7 @@ def eval_spec(evals: EvalConfig) -> EvalSpec:
         limit=evals.limit,
         batch_size=evals.batch_size,
         data_root=str(project_path(evals.data_root)),
+        scorer=evals.scorer,
     )
 
 

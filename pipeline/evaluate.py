@@ -22,6 +22,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+SCORERS = ("hflm", "fast")
+
 
 def _check_text_path(path: str, data_root: Path) -> None:
     from pipeline.corpus import HELDOUT
@@ -45,6 +47,8 @@ def check_eval_spec(spec: EvalSpec) -> None:
         raise ValueError(f"data_root {spec.data_root!r} is not a directory")
     if spec.batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {spec.batch_size}")
+    if spec.scorer not in SCORERS:
+        raise ValueError(f"scorer {spec.scorer!r} unknown; allowed: {', '.join(map(repr, SCORERS))}")
     if spec.limit is not None and spec.limit < 1:
         raise ValueError(f"limit must be >= 1 or None, got {spec.limit}")
     names = [p.name for p in spec.perplexity] + list(spec.tasks)
@@ -63,6 +67,18 @@ def check_eval_spec(spec: EvalSpec) -> None:
         check_task_names(spec.tasks)
 
 
+def check_context_fits(spec: EvalSpec, model: PreTrainedModel) -> None:
+    """Raise ValueError if a perplexity window is longer than the model's position table."""
+    max_positions = getattr(model.config, "max_position_embeddings", None)
+    for ppl in spec.perplexity:
+        if max_positions is not None and ppl.context_length > max_positions:
+            raise ValueError(
+                f"perplexity {ppl.name!r}: context_length={ppl.context_length} exceeds the model's "
+                f"max_position_embeddings={max_positions}; use a context_length <= {max_positions} "
+                f"(e.g. eval=paper_ladder for ladders trained on 512-token sequences)"
+            )
+
+
 class Evaluator:
     """Scores one resident model on an EvalSpec; everything but the forward passes is done once."""
 
@@ -72,12 +88,14 @@ class Evaluator:
         tokenizer: PreTrainedTokenizerBase,
         spec: EvalSpec,
         *,
-        scorer: str = "hflm",
+        scorer: str | None = None,
     ) -> None:
-        """`scorer`: "hflm" (lm-eval's HFLM) or "fast" (`pipeline.fastscore.FastScorer`)."""
+        """`scorer` overrides `spec.scorer`: "hflm" (lm-eval's HFLM) or "fast" (`FastScorer`)."""
         from pipeline.corpus import resolve_text
 
         check_eval_spec(spec)
+        check_context_fits(spec, model)
+        scorer = scorer or spec.scorer
         self.model, self.spec = model, spec
         data_root = Path(spec.data_root).expanduser().resolve()
         self.texts = tuple(

@@ -9,6 +9,7 @@ when embeddings are quantized too.
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import re
@@ -65,6 +66,29 @@ def check_model_ref(ref: ModelRef) -> None:
         raise ValueError(
             f"model {ref.name_or_path!r} is neither an existing local directory nor a hub id 'org/name'"
         )
+
+
+def max_positions(name_or_path: str) -> int | None:
+    """The longest sequence a model takes, read without loading it: a ladder's `seq_len`, or a local
+    directory's `config.json` (`max_position_embeddings` or `n_positions`); None when not known here."""
+    from pipeline.ladder import is_ladder_ref, parse_ladder_ref
+
+    if is_ladder_ref(name_or_path):
+        try:
+            return parse_ladder_ref(name_or_path)[0].seq_len
+        except (KeyError, ValueError):
+            return None  # preflight reports the bad reference itself
+    config = Path(name_or_path).expanduser() / "config.json"
+    if not config.is_file():
+        return None
+    try:
+        fields = json.loads(config.read_text())
+    except (OSError, ValueError):
+        return None
+    for key in ("max_position_embeddings", "n_positions"):
+        if isinstance(fields.get(key), int):
+            return fields[key]
+    return None
 
 
 def resolve_torch_dtype(torch_dtype: str, device: str) -> torch.dtype:

@@ -99,6 +99,10 @@ def preflight(cells: Sequence[Config]) -> None:
                     check_eval_spec(eval_spec(cell.eval))
             except (ValueError, KeyError, TypeError, FileNotFoundError) as err:
                 problems[f"{_describe(kind, part)}: {_message(err)}"] = None
+        pair = f"fit:{cell.model.name_or_path}:{id(cell.eval)}"
+        if pair not in seen:
+            seen.add(pair)
+            problems.update(dict.fromkeys(_check_context_fits(cell)))
         if id(cell.ray) not in seen_ids or cell.study not in seen:
             seen_ids.add(id(cell.ray))
             seen.add(cell.study)
@@ -126,6 +130,19 @@ def _check_quant(cell: Config) -> None:
             messages[_message(err)] = None
     if messages:
         raise ValueError("; ".join(messages))
+
+
+def _check_context_fits(cell: Config) -> list[str]:
+    """Perplexity windows longer than the model's positions (known without loading it, else skipped)."""
+    from pipeline.models import max_positions
+
+    limit = max_positions(cell.model.name_or_path)
+    return [
+        f"eval perplexity {p.name!r}: context_length={p.context_length} exceeds {cell.model.name_or_path!r}'s "
+        f"{limit} positions; use context_length <= {limit} (eval=paper_ladder fits the ladders)"
+        for p in cell.eval.perplexity
+        if limit is not None and p.context_length > limit
+    ]
 
 
 def _check_run(cell: Config) -> list[str]:

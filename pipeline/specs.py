@@ -46,6 +46,7 @@ class EvalSpec:
     limit: int | None = None  # examples per lm-eval task; None: all
     batch_size: int = 32
     data_root: str = "../shared/data"
+    scorer: str = "hflm"  # lm-eval log-likelihoods: "hflm" (lm-eval's HFLM) or "fast" (pipeline.fastscore)
 
 
 @dataclass(frozen=True)

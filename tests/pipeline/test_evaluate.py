@@ -147,6 +147,22 @@ def test_check_eval_spec_missing_task_data(tmp_path):
         check_eval_spec(EvalSpec(tasks=("piqa",), data_root=str(tmp_path)))
 
 
+def test_evaluator_rejects_windows_longer_than_the_model(llama, data_root):
+    model, tokenizer = llama
+    limit = model.config.max_position_embeddings
+    spec = EvalSpec(perplexity=(ppl_spec(context_length=limit + 1, stride=limit),), data_root=str(data_root))
+    with pytest.raises(ValueError, match=f"context_length={limit + 1} exceeds .*max_position_embeddings={limit}"):
+        Evaluator(model, tokenizer, spec)
+
+
+def test_max_positions_reads_config_without_loading(tiny_model_dir, tmp_path):
+    from pipeline.models import max_positions
+
+    assert max_positions(str(tiny_model_dir)) == 512
+    assert max_positions("ladder:h100/d128") == 512 and max_positions("ladder:tiny") == 256
+    assert max_positions(str(tmp_path)) is None and max_positions("org/hub-model") is None
+
+
 def test_text_too_short(llama):
     model, tokenizer = llama
     with pytest.raises(ValueError, match="fewer than 2 tokens"):

@@ -190,6 +190,8 @@ BAD_INPUTS = [
     (["quant.outlier_fraction=1.5"], "outlier_fraction"),
     (["model=ladder/tiny", "model.name_or_path=ladder:nope"], "nope"),
     (["study=../escape"], "study"),
+    (["eval.scorer=fastest"], "scorer 'fastest' unknown; allowed: 'hflm', 'fast'"),
+    (["eval=paper"], "context_length=1024 exceeds"),  # the test model has 512 positions (config.json)
 ]
 
 
@@ -200,6 +202,13 @@ def test_bad_input_fails_before_anything_runs(overrides, needle, tiny_model_dir,
     assert main(argv) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: invalid configuration") and needle in err
+    assert not root.exists()
+
+
+def test_ladder_context_checked_before_training(tmp_path, capsys):
+    root = tmp_path / "results"
+    assert main(["model=ladder/h100", "eval=paper", f"results_root={root}"]) == 2
+    assert "context_length=1024 exceeds 'ladder:h100''s 512 positions" in capsys.readouterr().err
     assert not root.exists()
 
 

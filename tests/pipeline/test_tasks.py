@@ -192,6 +192,17 @@ def test_fast_scorer_gives_lm_eval_accuracies(llama, data_root):
         assert runs["fast"][key].value == pytest.approx(ref.value, rel=tolerance, abs=0), key
 
 
+def test_eval_spec_scorer_picks_the_scorer(llama, data_root):
+    from pipeline.evaluate import Evaluator
+    from pipeline.fastscore import FastScorer
+    from pipeline.specs import EvalSpec
+
+    model, tokenizer = llama
+    spec = EvalSpec(tasks=("piqa",), limit=2, batch_size=2, data_root=str(data_root), scorer="fast")
+    assert isinstance(Evaluator(model, tokenizer, spec).suite.lm, FastScorer)
+    assert not isinstance(Evaluator(model, tokenizer, spec, scorer="hflm").suite.lm, FastScorer)
+
+
 def test_fast_scorer_loglikelihoods_match_hflm(llama, tasks):
     from pipeline.fastscore import FastScorer
     from pipeline.lmeval import make_lm

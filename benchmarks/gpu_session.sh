@@ -1,0 +1,95 @@
+#!/usr/bin/env bash
+# The GPU runs of issues 6 and 7, one device call per phase, as run on a lent 2 x H200 machine.
+#
+#   bash benchmarks/gpu_session.sh study    # train the h100 ladder on GPU 0 while GPU 1 runs
+#                                           # benchmarks/evaluation.py; then the paper grid on GPU 0
+#   bash benchmarks/gpu_session.sh resume   # the paper grid on every GPU (resumes: done jobs are skipped)
+#   bash benchmarks/gpu_session.sh scale    # issue 7: one sweep on 1 GPU, then on all; a worker killed
+#                                           # mid-sweep; benchmarks/dispatch.py's per-job overhead
+#
+# Needs (see ../shared/device/README.md): .whl/site.tar.xz (Ray, Hydra, lm-eval) and .carry/data (a copy
+# of ../shared/data), both carried. Everything stops by $BUDGET seconds (default 550) so that a 600 s
+# call returns its files: logs, benchmark JSON and a tarball of results/<study>/ under $OUT. Rows are
+# written per job, atomically, so a sweep cut at the deadline resumes where it stopped.
+set -uo pipefail
+phase=${1:?usage: gpu_session.sh study|resume|scale}
+start=$SECONDS
+budget=${BUDGET:-550}
+OUT=${OUT:-/tmp/kbit-out}
+mkdir -p "$OUT" /tmp/site
+left() { echo $((budget - (SECONDS - start))); }
+
+if [ ! -d /tmp/site/ray ]; then tar xJf .whl/site.tar.xz -C /tmp/site || exit 1; fi
+export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 TQDM_DISABLE=1
+export KBIT_DATA_ROOT=.carry/data KBIT_CACHE=$PWD/.kcache
+export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
+nvidia-smi --query-gpu=index,name,memory.total,clocks.max.sm --format=csv,noheader
+python3 -c "import torch, transformers, ray, lm_eval; print('torch', torch.__version__, 'transformers',
+transformers.__version__, 'ray', ray.__version__, 'lm_eval', lm_eval.__version__)"
+
+LADDER=${LADDER:-h100} EVAL=${EVAL:-paper_ladder}  # LADDER=tiny EVAL=smoke: a CPU dry run of this script
+STUDY_ARGS=(-m +sweep=paper model=ladder/$LADDER eval=$EVAL eval.data_root=.carry/data)
+quiet() { grep --line-buffered -v -E "it/s\]|s/it\]|^\s*$"; }
+
+train_ladder() {  # no-op when the ladder is already in $KBIT_CACHE
+  local t=$SECONDS
+  CUDA_VISIBLE_DEVICES=${1:-0} python3 -m pipeline.ladder "$LADDER" 2>&1 | tee -a "$OUT/ladder.log" | tail -8
+  echo "ladder: $((SECONDS - t)) s"
+}
+
+sweep() {  # sweep <seconds> <overrides...>: the paper grid until done or the deadline
+  local seconds=$1; shift
+  echo "sweep for at most ${seconds}s: $*"
+  timeout --signal=INT --kill-after=20 "$seconds" python3 -m pipeline.run "$@" 2>&1 | quiet >>"$OUT/sweep.log"
+  echo "sweep exit ${PIPESTATUS[0]}"; tail -4 "$OUT/sweep.log"
+}
+
+pack_results() {  # results/<study> -> $OUT/results-<study>.tar.gz (every row, even of a cut sweep)
+  [ -d "results/$1" ] && tar czf "$OUT/results-$1.tar.gz" "results/$1" && ls -la "$OUT/results-$1.tar.gz"
+}
+
+case $phase in
+study)
+  CUDA_VISIBLE_DEVICES=1 timeout $(($(left) - 15)) python3 benchmarks/evaluation.py --shape pythia-410m \
+    --device cuda --limit 500 --configs 5 --naive-configs 3 --batch-size 64 --data-root .carry/data \
+    --out "$OUT/evaluation-h200.json" >"$OUT/evaluation.log" 2>&1 &
+  bench=$!
+  train_ladder 0
+  tar czf "$OUT/ladder-meta.tar.gz" -C .kcache ladders --exclude='*.safetensors' --exclude='*.npy' \
+    --exclude='*.bin' 2>/dev/null
+  CUDA_VISIBLE_DEVICES=0 sweep $(($(left) - 25)) "${STUDY_ARGS[@]}" ray.workers_per_gpu=3
+  wait $bench; echo "evaluation benchmark exit $?"
+  pack_results paper
+  tail -60 "$OUT/evaluation.log"
+  ;;
+resume)
+  train_ladder 0
+  sweep $(($(left) - 20)) "${STUDY_ARGS[@]}" ray.workers_per_gpu=3
+  pack_results paper
+  ;;
+scale)
+  train_ladder 0
+  GRID=(-m model=ladder/$LADDER eval=$EVAL eval.limit=${SCALE_LIMIT:-200} eval.data_root=.carry/data
+    quant.dtype=int,fp,nf,quantile quant.bits=3,4,5,6 quant.block_size=64,1024 ray.workers_per_gpu=3)
+  declare -A wall
+  for run in 1 n; do  # the 1-GPU run gets 60% of what is left, the N-GPU run what remains
+    t=$SECONDS
+    extra=(); share=$(($(left) - 170))
+    [ $run = 1 ] && extra=(ray.num_gpus=1) && share=$((($(left) - 200) * 6 / 10))
+    sweep $share "${GRID[@]}" study=scale-$run "${extra[@]}"
+    wall[$run]=$((SECONDS - t)); echo "scale-$run wall: ${wall[$run]} s" | tee -a "$OUT/scale.txt"
+  done
+  # A worker killed mid-sweep: kill -9 one ModelWorker 25 s into a fresh study on every GPU
+  (sleep 25; pid=$(pgrep -f "ray::ModelWorker" | head -1); echo "killing ModelWorker pid $pid" \
+    | tee -a "$OUT/scale.txt"; kill -9 "$pid") &
+  sweep $(($(left) - 50)) "${GRID[@]}" quant.bits=3,4 study=scale-kill
+  grep -E "retried|finished|interrupted" "$OUT/sweep.log" | tail -3 | tee -a "$OUT/scale.txt"
+  python3 benchmarks/scaling_check.py --one results/scale-1 --many results/scale-n --kill results/scale-kill \
+    --wall-one "${wall[1]}" --wall-many "${wall[n]}" --out "$OUT/scaling.json" 2>&1 | tee -a "$OUT/scale.txt"
+  for s in scale-1 scale-n scale-kill; do pack_results $s; done
+  [ "$(left)" -gt 60 ] && CUDA_VISIBLE_DEVICES=0 timeout $(($(left) - 5)) python3 benchmarks/dispatch.py --part overhead \
+    --device cuda --jobs 12 --out "$OUT/dispatch-overhead-h200.json" 2>&1 | tail -25
+  ;;
+*) echo "unknown phase $phase; use study, resume or scale" >&2; exit 2 ;;
+esac
+echo "phase $phase done in $((SECONDS - start)) s"
