@@ -4,6 +4,8 @@
 #   bash benchmarks/gpu_session.sh study    # train the h100 ladder on GPU 0 while GPU 1 runs
 #                                           # benchmarks/evaluation.py; then the paper grid on GPU 0
 #   bash benchmarks/gpu_session.sh resume   # the paper grid on every GPU (resumes: done jobs are skipped)
+#   bash benchmarks/gpu_session.sh final    # what ran last: issue 7's scaling run, then the grid scored by
+#                                           # WikiText-2 alone, with a worker killed mid-sweep (see below)
 #   bash benchmarks/gpu_session.sh scale    # issue 7: one sweep on 1 GPU, then on all; a worker killed
 #                                           # mid-sweep; benchmarks/dispatch.py's per-job overhead
 #
@@ -21,7 +23,7 @@ left() { echo $((budget - (SECONDS - start))); }
 
 if [ ! -d /tmp/site/ray ]; then tar xJf .whl/site.tar.xz -C /tmp/site || exit 1; fi
 export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 TQDM_DISABLE=1
-export KBIT_DATA_ROOT=.carry/data KBIT_CACHE=$PWD/.kcache
+export KBIT_DATA_ROOT=.carry/data KBIT_CACHE=/tmp/kcache  # outside the synced tree
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 nvidia-smi --query-gpu=index,name,memory.total,clocks.max.sm --format=csv,noheader
 python3 -c "import torch, transformers, ray, lm_eval; print('torch', torch.__version__, 'transformers',
@@ -89,6 +91,33 @@ scale)
   for s in scale-1 scale-n scale-kill; do pack_results $s; done
   [ "$(left)" -gt 60 ] && CUDA_VISIBLE_DEVICES=0 timeout $(($(left) - 5)) python3 benchmarks/dispatch.py --part overhead \
     --device cuda --jobs 12 --out "$OUT/dispatch-overhead-h200.json" 2>&1 | tail -25
+  ;;
+final)
+  # The plan that fits one call once the study measured ~2.6 s of lm-eval work per zero-shot job:
+  # WikiText-2 only (eval=paper_ppl). Issue 7 first: a 192-job grid on 1 GPU (study scale-1), then on
+  # every GPU into study paper-ppl; then the whole paper grid into paper-ppl (the 192 done jobs are
+  # skipped) with one ModelWorker killed 30 s in; then checks, and the dispatch benchmark if time is left.
+  train_ladder 0
+  EV=(eval=${EVAL_PPL:-paper_ppl} eval.data_root=.carry/data ray.workers_per_gpu=${WPG:-2})
+  GRID=(-m model=ladder/$LADDER "${EV[@]}" quant.dtype=int,fp,nf,quantile quant.bits=3,4,5,6 quant.block_size=64,1024)
+  t=$SECONDS; sweep $((($(left) - 100) / 3)) "${GRID[@]}" study=scale-1 ray.num_gpus=1; w1=$((SECONDS - t))
+  t=$SECONDS; sweep $((($(left) - 100) / 2)) "${GRID[@]}" study=paper-ppl; wn=$((SECONDS - t))
+  echo "walls: 1 GPU ${w1} s, all GPUs ${wn} s" | tee -a "$OUT/scale.txt"
+  python3 benchmarks/scaling_check.py --one results/scale-1 --many results/paper-ppl --wall-one $w1 \
+    --wall-many $wn --out "$OUT/scaling.json" 2>&1 | tee -a "$OUT/scale.txt"
+  planned=$(python3 -m pipeline.run "${STUDY_ARGS[@]:0:3}" "${EV[@]}" study=paper-ppl dry_run=true 2>/dev/null \
+    | sed -n 's/^\([0-9]*\) cells -> \([0-9]*\) jobs.*/\2/p')  # per model: a dry run trains no ladder
+  sizes=$(python3 -c "from pipeline.ladder_configs import get_ladder; print(len(get_ladder('$LADDER').sizes))")
+  planned=$((${planned:-0} * sizes))
+  (sleep 30; pid=$(pgrep -f "ray::ModelWorker" | head -1); echo "killing ModelWorker pid $pid" \
+    | tee -a "$OUT/scale.txt"; kill -9 "$pid") &
+  sweep $(($(left) - 40)) "${STUDY_ARGS[@]:0:3}" "${EV[@]}" study=paper-ppl
+  grep -E "retried|finished|interrupted" "$OUT/sweep.log" | tail -3 | tee -a "$OUT/scale.txt"
+  python3 benchmarks/scaling_check.py --kill results/paper-ppl --kill-jobs "$planned" \
+    --out "$OUT/kill.json" 2>&1 | tee -a "$OUT/scale.txt"
+  tar czf "$OUT/results.tar.gz" results/scale-1 results/paper-ppl && ls -la "$OUT/results.tar.gz"
+  [ "$(left)" -gt 45 ] && CUDA_VISIBLE_DEVICES=0 timeout $(($(left) - 5)) python3 benchmarks/dispatch.py \
+    --part overhead --device cuda --jobs 12 --out "$OUT/dispatch-overhead-h200.json" 2>&1 | tail -25
   ;;
 *) echo "unknown phase $phase; use study, resume or scale" >&2; exit 2 ;;
 esac

@@ -1,13 +1,14 @@
 """Issue 7's checks on the studies of a scaling run: same rows on 1 and N GPUs, none lost or doubled.
 
     python benchmarks/scaling_check.py --one results/scale-1 --many results/scale-n \
-        --wall-one 300 --wall-many 160 [--kill results/scale-kill] [--out scaling.json]
+        --wall-one 300 --wall-many 160 [--out scaling.json]
+    python benchmarks/scaling_check.py --kill results/paper-ppl --kill-jobs 1206 [--out kill.json]
 
 Per study: jobs, ok/failed jobs, duplicated (job_key, task, metric) rows, and the devices the rows
-name. Across studies: the 1-GPU and N-GPU runs must hold the same job keys with every job ok, and a
-study run while a worker was killed must hold every key of the same grid that the 1-GPU run holds
-(its grid is the 1-GPU grid cut to fewer bit widths). Efficiency = wall(1) / (N x wall(N)), N = distinct GPUs
-named by the N-GPU rows. Prints a table and writes JSON; exits 1 if a check fails.
+name. Scaling: the 1-GPU and N-GPU runs must hold the same job keys with every job ok; efficiency =
+wall(1) / (N x wall(N)), N = distinct GPUs named by the N-GPU rows. Killed worker: the study run
+while a worker was killed must hold exactly the `--kill-jobs` jobs it planned, each once, all ok.
+Prints a table and writes JSON; exits 1 if a check fails.
 """
 
 from __future__ import annotations
@@ -49,61 +50,77 @@ def _public(facts: dict) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--one", type=Path, required=True, help="study run on one GPU")
-    parser.add_argument("--many", type=Path, required=True, help="the same study run on N GPUs")
-    parser.add_argument("--wall-one", type=float, required=True, help="seconds of the 1-GPU run")
-    parser.add_argument("--wall-many", type=float, required=True, help="seconds of the N-GPU run")
+    parser.add_argument("--one", type=Path, help="study run on one GPU")
+    parser.add_argument("--many", type=Path, help="the same study run on N GPUs")
+    parser.add_argument("--wall-one", type=float, help="seconds of the 1-GPU run")
+    parser.add_argument("--wall-many", type=float, help="seconds of the N-GPU run")
     parser.add_argument("--kill", type=Path, default=None, help="study run while a worker was killed")
+    parser.add_argument("--kill-jobs", type=int, default=None, help="jobs that study planned")
     parser.add_argument("--out", type=Path, default=None, help="JSON output")
     args = parser.parse_args(argv)
-
-    one, many = study_facts(args.one), study_facts(args.many)
-    n_gpus = len(many["gpus"])
-    checks = {
-        "same keys on 1 and N GPUs": one["keys"] == many["keys"],
-        "every job ok (1 GPU)": one["failed_jobs"] == 0,
-        "every job ok (N GPUs)": many["failed_jobs"] == 0,
-        "no duplicated rows": one["duplicated_rows"] == many["duplicated_rows"] == 0,
-        "N-GPU rows name several GPUs": n_gpus > 1,
-    }
-    kill = None
+    if args.one is None and args.kill is None:
+        parser.error("give --one/--many/--wall-one/--wall-many, or --kill/--kill-jobs, or both")
+    report: dict = {"checks": {}}
+    if args.one is not None:
+        if None in (args.many, args.wall_one, args.wall_many):
+            parser.error("--one needs --many, --wall-one and --wall-many")
+        report.update(scaling(args.one, args.many, args.wall_one, args.wall_many, report["checks"]))
     if args.kill is not None:
+        if args.kill_jobs is None:
+            parser.error("--kill needs --kill-jobs")
         kill = study_facts(args.kill)
-        bits = set(kill["bits_by_key"].values())  # its grid is the 1-GPU grid cut to these bits
-        expected = {k for k, b in one["bits_by_key"].items() if b in bits}
-        checks["killed-worker run: every key once, all ok"] = (
-            set(kill["keys"]) == expected and kill["failed_jobs"] == 0 and kill["duplicated_rows"] == 0
+        print(
+            f"killed-worker run: {kill['jobs']} jobs (planned {args.kill_jobs}), {kill['ok_jobs']} ok, "
+            f"{kill['failed_jobs']} failed, {kill['duplicated_rows']} duplicated rows, GPUs {kill['gpus']}"
         )
-    efficiency = args.wall_one / (n_gpus * args.wall_many) if n_gpus else float("nan")
-    report = {
-        "gpus": n_gpus,
-        "jobs": many["jobs"],
-        "wall_one_s": args.wall_one,
-        "wall_many_s": args.wall_many,
-        "jobs_per_s_one": one["jobs"] / args.wall_one,
-        "jobs_per_s_many": many["jobs"] / args.wall_many,
-        "speedup": args.wall_one / args.wall_many,
-        "efficiency": efficiency,
-        "checks": checks,
-        "studies": {name: _public(s) for name, s in (("one", one), ("many", many), ("kill", kill)) if s},
-    }
+        report["checks"]["killed-worker run: every planned job once, all ok"] = (
+            kill["jobs"] == kill["ok_jobs"] == args.kill_jobs and kill["duplicated_rows"] == 0
+        )
+        report["kill"] = _public(kill)
+    for name, ok in report["checks"].items():
+        print(f"{'PASS' if ok else 'FAIL'}  {name}")
+    if args.out is not None:
+        args.out.write_text(json.dumps(report, indent=2, default=str))
+    return 0 if all(report["checks"].values()) else 1
+
+
+def scaling(one_path: Path, many_path: Path, wall_one: float, wall_many: float, checks: dict) -> dict:
+    """The 1-GPU versus N-GPU comparison; adds its checks to `checks`."""
+    one, many = study_facts(one_path), study_facts(many_path)
+    n_gpus = len(many["gpus"])
+    checks.update(
+        {
+            "same keys on 1 and N GPUs": one["keys"] == many["keys"],
+            "every job ok (1 GPU)": one["failed_jobs"] == 0,
+            "every job ok (N GPUs)": many["failed_jobs"] == 0,
+            "no duplicated rows": one["duplicated_rows"] == many["duplicated_rows"] == 0,
+            "N-GPU rows name several GPUs": n_gpus > 1,
+        }
+    )
+    efficiency = wall_one / (n_gpus * wall_many) if n_gpus else float("nan")
     print("| run | jobs | ok | failed | duplicated rows | GPUs named | wall s | jobs/s |")
     print("|---|---|---|---|---|---|---|---|")
-    for name, facts, wall in (("1 GPU", one, args.wall_one), (f"{n_gpus} GPUs", many, args.wall_many)):
+    for name, facts, wall in (("1 GPU", one, wall_one), (f"{n_gpus} GPUs", many, wall_many)):
         rate = facts["jobs"] / wall
         print(
             f"| {name} | {facts['jobs']} | {facts['ok_jobs']} | {facts['failed_jobs']} | "
             f"{facts['duplicated_rows']} | {', '.join(facts['gpus'])} | {wall:.0f} | {rate:.2f} |"
         )
-    if kill is not None:
-        print(f"| killed worker | {kill['jobs']} | {kill['ok_jobs']} | {kill['failed_jobs']} | "
-              f"{kill['duplicated_rows']} | {', '.join(kill['gpus'])} | - | - |")  # fmt: skip
-    print(f"speed-up {report['speedup']:.2f}x on {n_gpus} GPUs: efficiency {efficiency:.1%} (target >= 90%)")
-    for name, ok in checks.items():
-        print(f"{'PASS' if ok else 'FAIL'}  {name}")
-    if args.out is not None:
-        args.out.write_text(json.dumps(report, indent=2, default=str))
-    return 0 if all(checks.values()) else 1
+    print(
+        f"speed-up {wall_one / wall_many:.2f}x on {n_gpus} GPUs: efficiency {efficiency:.1%} (target >= 90%)"
+    )
+    return {
+        "gpus": n_gpus,
+        "jobs": many["jobs"],
+        "wall_one_s": wall_one,
+        "wall_many_s": wall_many,
+        "jobs_per_s_one": one["jobs"] / wall_one,
+        "jobs_per_s_many": many["jobs"] / wall_many,
+        "speedup": wall_one / wall_many,
+        "efficiency": efficiency,
+        "one": _public(one),
+        "many": _public(many),
+    }
 
 
 if __name__ == "__main__":

@@ -151,6 +151,7 @@ def train_ladder(
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir()
             train_member(config, size, data, tmp)
+            _remove(folder / size.name)  # a folder without metadata is an incomplete member
             os.replace(tmp, folder / size.name)
     return [member_from_folder(folder / size.name) for size in wanted]
 

@@ -136,9 +136,9 @@ def _check_context_fits(cell: Config) -> list[str]:
     """Perplexity windows longer than the model's positions (known without loading it, else skipped)."""
     from pipeline.models import max_positions
 
-    limit = max_positions(cell.model.name_or_path)
+    model, limit = cell.model.name_or_path, max_positions(cell.model.name_or_path)
     return [
-        f"eval perplexity {p.name!r}: context_length={p.context_length} exceeds {cell.model.name_or_path!r}'s "
+        f"eval perplexity {p.name!r}: context_length={p.context_length} exceeds {model!r}'s "
         f"{limit} positions; use context_length <= {limit} (eval=paper_ladder fits the ladders)"
         for p in cell.eval.perplexity
         if limit is not None and p.context_length > limit

@@ -151,7 +151,8 @@ def test_evaluator_rejects_windows_longer_than_the_model(llama, data_root):
     model, tokenizer = llama
     limit = model.config.max_position_embeddings
     spec = EvalSpec(perplexity=(ppl_spec(context_length=limit + 1, stride=limit),), data_root=str(data_root))
-    with pytest.raises(ValueError, match=f"context_length={limit + 1} exceeds .*max_position_embeddings={limit}"):
+    needle = f"context_length={limit + 1} exceeds .*max_position_embeddings={limit}"
+    with pytest.raises(ValueError, match=needle):
         Evaluator(model, tokenizer, spec)
 
 

@@ -179,3 +179,12 @@ def test_a_crash_leaves_no_half_member(
     (member,) = train_ladder(config, data_root, cache=tmp_path)
     assert (Path(member.path) / METADATA_FILE).is_file()
     assert not list(folder.glob(".tmp-*"))
+
+
+def test_a_member_folder_without_metadata_is_retrained(tmp_path: Path, data_root: Path) -> None:
+    """A copy that lost files (a partial sync, a disk cleaner) is replaced, not a crash."""
+    config: LadderConfig = dataclasses.replace(TEST, sizes=TEST.sizes[:1], steps=4, warmup_steps=1)
+    (member,) = train_ladder(config, data_root, cache=tmp_path)
+    (Path(member.path) / METADATA_FILE).unlink()
+    (again,) = train_ladder(config, data_root, cache=tmp_path)
+    assert again.path == member.path and (Path(again.path) / METADATA_FILE).is_file()
