@@ -74,7 +74,8 @@ class EvalConfig:
     limit: int | None = None
     batch_size: int = 32
     data_root: str = "../shared/data"  # relative to the project root
-    scorer: str = "hflm"  # "hflm" (lm-eval's HFLM) or "fast" (FastScorer: same accuracies, a test checks)
+    # "hflm" (lm-eval's HFLM + evaluate) or "fast" (FastScorer + pipeline.fastmetrics: same values)
+    scorer: str = "hflm"
 
 
 @dataclass

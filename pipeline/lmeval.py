@@ -8,6 +8,8 @@ responses. No lm-eval response cache is used (its key ignores the weights, so it
 first quantization config's answers for every other config). Standard errors are computed here from
 the per-document values (`bootstrap_iters=0`): the sample standard error of the mean, as lm-eval
 reports it, and the delta method for perplexity (lm-eval would bootstrap it in a process pool).
+With `metrics="numpy"` (the default of `scorer="fast"`), `pipeline.fastmetrics` computes the same
+values straight from the log-likelihoods instead of `evaluate`, for suites it can plan.
 """
 
 from __future__ import annotations
@@ -25,6 +27,8 @@ from pipeline.tasks import OFFLINE_TASKS, TASKS_DIR
 if TYPE_CHECKING:
     from lm_eval.api.task import Task
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+    from pipeline.fastmetrics import SuitePlan
 
 log = logging.getLogger(__name__)
 
@@ -101,6 +105,9 @@ def make_lm(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, batch_si
     return MemoHFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
 
 
+METRICS_PATHS = ("lm_eval", "numpy")
+
+
 def make_scorer(
     scorer: str, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, batch_size: int
 ) -> Any:
@@ -127,7 +134,8 @@ def _reuse_requests(task: Task) -> None:
     task.build_all_requests = build_all_requests
 
 
-def _stderr(metric: str, values: list[float]) -> float | None:
+def metric_stderr(metric: str, values: list[float]) -> float | None:
+    """Standard error of a metric from its per-document values (perplexity: the delta method)."""
     n = len(values)
     if n < 2:
         return None
@@ -147,7 +155,7 @@ def task_metrics(name: str, task_result: dict[str, Any], samples: list[dict[str,
             continue
         values = [float(sample[metric]) for sample in samples]
         metrics.append(
-            MetricValue(name, metric, float(task_result[key]), _stderr(metric, values), len(samples))
+            MetricValue(name, metric, float(task_result[key]), metric_stderr(metric, values), len(samples))
         )
     return metrics
 
@@ -156,7 +164,9 @@ class LmEvalSuite:
     """lm-eval tasks for one resident model: requests built and tokenized once, scored per `run()`.
 
     `scorer="fast"` answers log-likelihood requests with `FastScorer` (shared contexts run once)
-    instead of HFLM; lm-eval still turns the answers into metrics.
+    instead of HFLM. `metrics` picks what turns the answers into metrics: "lm_eval" (lm-eval's
+    `evaluate`) or "numpy" (`pipeline.fastmetrics`: the same values, for suites whose every task
+    it supports, else lm-eval's); None: "numpy" with the fast scorer, "lm_eval" with HFLM.
     """
 
     def __init__(
@@ -169,8 +179,12 @@ class LmEvalSuite:
         limit: int | None,
         batch_size: int,
         scorer: str = "hflm",
+        metrics: str | None = None,
     ) -> None:
         check_task_names(names)
+        metrics = metrics or ("numpy" if scorer == "fast" else "lm_eval")
+        if metrics not in METRICS_PATHS:
+            raise ValueError(f"metrics {metrics!r} unknown; allowed: {', '.join(map(repr, METRICS_PATHS))}")
         self.limit = limit
         self.lm = make_scorer(scorer, model, tokenizer, batch_size)
         self.task_dict = task_manager(names, data_root).load(list(names))
@@ -180,9 +194,18 @@ class LmEvalSuite:
                 if instance.request_type == "loglikelihood":
                     self.lm.pretokenize(*instance.args[:2])
             _reuse_requests(task)
+        self.plan: SuitePlan | None = None
+        if metrics == "numpy":
+            from pipeline.fastmetrics import plan_suite
+
+            self.plan = plan_suite(self.task_dict["tasks"], limit)
 
     def run(self) -> list[MetricValue]:
         """Score every task with the model as it is now."""
+        if self.plan is not None:
+            from pipeline.fastmetrics import score_suite
+
+            return score_suite(self.plan, self.lm)
         from lm_eval.evaluator import evaluate
 
         results = evaluate(

@@ -46,7 +46,9 @@ class EvalSpec:
     limit: int | None = None  # examples per lm-eval task; None: all
     batch_size: int = 32
     data_root: str = "../shared/data"
-    scorer: str = "hflm"  # lm-eval log-likelihoods: "hflm" (lm-eval's HFLM) or "fast" (pipeline.fastscore)
+    # "hflm": lm-eval's HFLM + lm-eval's evaluate (the reference); "fast": pipeline.fastscore's scorer +
+    # pipeline.fastmetrics (lm-eval's exact metric values; lm-eval's evaluate for tasks it cannot plan)
+    scorer: str = "hflm"
 
 
 @dataclass(frozen=True)
