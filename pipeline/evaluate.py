@@ -74,8 +74,7 @@ def check_context_fits(spec: EvalSpec, model: PreTrainedModel) -> None:
         if max_positions is not None and ppl.context_length > max_positions:
             raise ValueError(
                 f"perplexity {ppl.name!r}: context_length={ppl.context_length} exceeds the model's "
-                f"max_position_embeddings={max_positions}; use a context_length <= {max_positions} "
-                f"(e.g. eval=paper_ladder for ladders trained on 512-token sequences)"
+                f"max_position_embeddings={max_positions}; use a context_length <= {max_positions}"
             )
 
 

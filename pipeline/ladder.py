@@ -156,6 +156,15 @@ def train_ladder(
     return [member_from_folder(folder / size.name) for size in wanted]
 
 
+def cached_ladder(name_or_path: str, cache: str | Path | None = None) -> list[LadderMember] | None:
+    """The members a ladder reference names if every one is already trained, else None (trains nothing)."""
+    config, sizes = parse_ladder_ref(name_or_path)
+    folder = ladder_dir(config, cache)
+    if not all((folder / size.name / METADATA_FILE).is_file() for size in sizes):
+        return None
+    return [member_from_folder(folder / size.name) for size in sizes]
+
+
 def resolve_ladder(
     name_or_path: str, data_root: str | Path | None = None, cache: str | Path | None = None
 ) -> list[LadderMember]:

@@ -139,7 +139,7 @@ def _check_context_fits(cell: Config) -> list[str]:
     model, limit = cell.model.name_or_path, max_positions(cell.model.name_or_path)
     return [
         f"eval perplexity {p.name!r}: context_length={p.context_length} exceeds {model!r}'s "
-        f"{limit} positions; use context_length <= {limit} (eval=paper_ladder fits the ladders)"
+        f"{limit} positions; use context_length <= {limit}"
         for p in cell.eval.perplexity
         if limit is not None and p.context_length > limit
     ]
@@ -166,19 +166,23 @@ def _message(err: BaseException) -> str:
     return str(err.args[0]) if isinstance(err, KeyError) and err.args else str(err)
 
 
-def resolve_models(ref: ModelRef, data_root: Path) -> list[ModelSource]:
-    """A ladder reference -> its trained members (training on first use); anything else -> itself."""
-    from pipeline.ladder import is_ladder_ref, resolve_ladder
+def resolve_models(ref: ModelRef, data_root: Path, train: bool = True) -> list[ModelSource]:
+    """A ladder reference -> its trained members (training on first use; with `train=False`, the
+    reference itself unless every member is cached); anything else -> itself."""
+    from pipeline.ladder import cached_ladder, is_ladder_ref, resolve_ladder
 
     if not is_ladder_ref(ref.name_or_path):
         return [ModelSource(ref=ref, label=ref.name_or_path)]
+    members = resolve_ladder(ref.name_or_path, data_root) if train else cached_ladder(ref.name_or_path)
+    if members is None:
+        return [ModelSource(ref=ref, label=f"{ref.name_or_path} (not trained yet: counted as one model)")]
     return [
         ModelSource(
             ref=dataclasses.replace(ref, name_or_path=member.path),
             label=ladder_label(member.family, member.size_name, Path(member.path)),
             family=member.family,
         )
-        for member in resolve_ladder(ref.name_or_path, data_root)
+        for member in members
     ]
 
 
@@ -211,8 +215,8 @@ def plan_cells(cells: Sequence[Config]) -> Plan:
         project_path(first.results_root), first.rerun_failed, first.dry_run, first.ray, first.report
     )
     data_root = project_path(first.eval.data_root)
-    if settings.dry_run:
-        jobs = build_jobs(cells)  # ladders stay unresolved: a dry run trains nothing
+    if settings.dry_run:  # a dry run trains nothing: ladders not trained yet stay one unresolved model
+        jobs = build_jobs(cells, lambda ref: resolve_models(ref, data_root, train=False))
     else:
         try:
             jobs = build_jobs(cells, lambda ref: resolve_models(ref, data_root))

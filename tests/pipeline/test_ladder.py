@@ -188,3 +188,21 @@ def test_a_member_folder_without_metadata_is_retrained(tmp_path: Path, data_root
     (Path(member.path) / METADATA_FILE).unlink()
     (again,) = train_ladder(config, data_root, cache=tmp_path)
     assert again.path == member.path and (Path(again.path) / METADATA_FILE).is_file()
+
+
+def test_dry_run_counts_a_cached_ladder_per_size(trained: list[LadderMember], tmp_path: Path) -> None:
+    from pipeline.ladder import cached_ladder
+    from pipeline.run import plan_run
+
+    assert cached_ladder("ladder:test") == trained and cached_ladder("ladder:test/1") == [trained[1]]
+    plan = plan_run(
+        [
+            "model.name_or_path=ladder:test",
+            "eval.perplexity=[{name:wikitext2,path:eval/wikitext-2-raw/wiki.test.raw,context_length:64,stride:64}]",
+            "quant.bits=3,4",
+            "dry_run=true",
+            f"results_root={tmp_path}",
+        ]
+    )
+    assert len(plan.jobs) == 2 * len(trained)
+    assert {job.model.name_or_path for job in plan.jobs} == {m.path for m in trained}

@@ -236,10 +236,12 @@ def test_every_bad_field_of_one_cell_is_named(tiny_model_dir, tmp_path, capsys):
     assert "bits=2" in err and "'foo'" in err and "block_size=0" in err
 
 
-def test_demo_is_the_default_and_plans_offline(tmp_path):
+def test_demo_is_the_default_and_plans_offline(tmp_path, monkeypatch):
     from pipeline.run import parse_argv
 
+    monkeypatch.setenv("KBIT_CACHE", str(tmp_path / "cache"))  # no ladder trained: one model counted
     assert parse_argv([]) == (True, False, ["+sweep=demo"])
     plan = plan_run(["+sweep=demo", "dry_run=true", f"results_root={tmp_path}"])
     assert plan.n_cells == 76 and len(plan.jobs) == 76 and len(plan.to_run) == 76
     assert {j.study for j in plan.jobs} == {"demo"}
+    assert "not trained yet" in plan.jobs[0].model_label and not (tmp_path / "cache").exists()
