@@ -590,11 +590,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
+def offline_environment() -> None:
+    """No hub or dataset downloads, no tokenizer thread pools (set before transformers is imported)."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    offline_environment()
     if args.naive_job is not None:  # child process of the naive baseline
         print(json.dumps(naive_job(json.loads(args.naive_job))))
         return 0

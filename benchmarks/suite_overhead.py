@@ -38,7 +38,14 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from evaluation import DEFAULT_DATA, Timers, build_model, count_forwards, device_name  # noqa: E402
+from evaluation import (  # noqa: E402
+    DEFAULT_DATA,
+    Timers,
+    build_model,
+    count_forwards,
+    device_name,
+    offline_environment,
+)
 
 TASKS = ("lambada_openai", "piqa", "hellaswag", "winogrande")
 VARIANTS = "hflm:lm_eval,hflm:numpy,fast:lm_eval,fast"
@@ -148,9 +155,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    offline_environment()
     import torch
 
     from pipeline.models import load_model
