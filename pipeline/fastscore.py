@@ -16,6 +16,7 @@ Because it is an lm-eval `LM`, lm-eval's own `evaluate` turns its answers into m
 
 from __future__ import annotations
 
+import itertools
 import logging
 from collections import defaultdict
 from typing import TYPE_CHECKING, Any
@@ -73,8 +74,8 @@ class FastScorer(LM):
             by_context[ctx].append(index)
         contexts = sorted(by_context, key=len, reverse=True)  # batches of similar length: little padding
         answers: list[tuple[float, bool]] = [(0.0, False)] * len(requests)
-        for start in range(0, len(contexts), self.batch_size):
-            chunk = contexts[start : start + self.batch_size]
+        for chunk_rows in length_batches([len(c) for c in contexts], self.batch_size):
+            chunk = [contexts[i] for i in chunk_rows]
             rows = [index for ctx in chunk for index in by_context[ctx]]
             owners = [i for i, ctx in enumerate(chunk) for _ in by_context[ctx]]
             conts = [pairs[index][1] for index in rows]
@@ -109,8 +110,8 @@ class FastScorer(LM):
         first = out.logits[torch.arange(len(contexts), device=device), last].float().log_softmax(-1)
         order = sorted(range(len(conts)), key=lambda i: len(conts[i]), reverse=True)
         answers: list[tuple[float, bool]] = [(0.0, False)] * len(conts)
-        for start in range(0, len(order), self.batch_size):
-            rows = order[start : start + self.batch_size]
+        for batch in length_batches([len(conts[i]) for i in order], self.batch_size):
+            rows = [order[i] for i in batch]
             owner = torch.tensor([owners[i] for i in rows], device=device)
             targets, valid = _right_pad([conts[i] for i in rows], device)
             logprobs = [first[owner].unsqueeze(1)]  # predicts continuation token 0
@@ -143,6 +144,34 @@ class FastScorer(LM):
 
     def generate_until(self, requests: list[Instance]) -> list[str]:
         raise NotImplementedError("FastScorer scores loglikelihood requests only; use HFLM for generation")
+
+
+def length_batches(
+    lengths: list[int], batch_size: int, max_padding: float = 0.25, free_padding: int = 8
+) -> list[list[int]]:
+    """Split positions of `lengths` (sorted longest first) into batches of at most `batch_size` whose
+    padding (to each batch's first, longest entry) stays within `max_padding` of the padded area, or
+    within `free_padding` tokens a row (short rows: a few pad tokens cost less than another call).
+
+    A fixed count would pad a batch holding one long outlier and many short rows to the outlier's
+    length (PIQA's solutions range from a few tokens to hundreds); the padding bound starts a new
+    batch instead, so a few long rows run in small batches and the rest stay full.
+    """
+    if any(a < b for a, b in itertools.pairwise(lengths)):
+        raise ValueError("lengths must be sorted longest first")
+    batches: list[list[int]] = []
+    real = 0
+    for index, length in enumerate(lengths):
+        if batches and len(batches[-1]) < batch_size:
+            longest = lengths[batches[-1][0]]
+            area = longest * (len(batches[-1]) + 1)
+            if area - (real + length) <= max(max_padding * area, free_padding * batch_size):
+                batches[-1].append(index)
+                real += length
+                continue
+        batches.append([index])
+        real = length
+    return batches
 
 
 def _sum_scored(logprobs: Tensor, targets: Tensor, valid: Tensor) -> list[tuple[float, bool]]:

@@ -221,3 +221,22 @@ def test_fast_scorer_loglikelihoods_match_hflm(llama, tasks):
 def test_unknown_scorer(llama, data_root):
     with pytest.raises(ValueError, match="scorer 'slow' unknown"):
         LmEvalSuite(*llama, ("piqa",), data_root=data_root, limit=1, batch_size=1, scorer="slow")
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_length_batches_cover_every_row_once_with_bounded_padding(seed):
+    import random
+
+    from pipeline.fastscore import length_batches
+
+    rng = random.Random(seed)
+    lengths = sorted((rng.choice([1, 2, 5, 30, 300]) + rng.randrange(20) for _ in range(500)), reverse=True)
+    batches = length_batches(lengths, batch_size=64, max_padding=0.25, free_padding=8)
+    assert [i for batch in batches for i in batch] == list(range(len(lengths)))
+    for batch in batches:
+        area = lengths[batch[0]] * len(batch)
+        assert 1 <= len(batch) <= 64
+        assert area - sum(lengths[i] for i in batch) <= max(0.25 * area, 8 * 64)
+    assert len(batches) < len(lengths) / 4  # rows of similar length still share a batch
+    with pytest.raises(ValueError, match="longest first"):
+        length_batches([1, 2], batch_size=4)
