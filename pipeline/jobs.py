@@ -2,7 +2,9 @@
 
 A job's `key` is the sha256 of the canonical JSON of what determines its numbers: the model
 reference, the QuantSpec (None at 16 bits), the outlier fraction, the eval spec without its
-`data_root` (the same files under another mount are the same data), and `SCHEMA_VERSION`.
+`data_root` (the same files under another mount are the same data), and `SCHEMA_VERSION`. A ladder
+member is keyed by its label (`ladder:h100/d128@<config hash>`), not by the cache folder it was
+loaded from, so a ladder study resumes on any machine whose cache holds the same ladder config.
 The study is NOT in the key: it only names the folder a job's rows land in, so the same cell in
 two studies is the same job, and rows can be compared or copied between studies by key.
 """
@@ -34,6 +36,7 @@ class ModelSource:
     family: str | None = None  # the `model_family` column; None: the worker uses HF's model_type
 
 
+LADDER_LABEL_PREFIX = "ladder:"  # labels of resolved ladder members (pipeline.run.ladder_label)
 ModelResolver = Callable[[ModelRef], Sequence[ModelSource]]
 
 
@@ -54,7 +57,7 @@ class Job:
         """What determines this job's numbers, as plain JSON-able data."""
         return {
             "schema_version": SCHEMA_VERSION,
-            "model": _plain(self.model),
+            "model": json.loads(self._model_json),
             "quant": None if self.quant is None else _plain(self.quant),
             "outlier_fraction": float(self.outlier_fraction),
             "evals": _plain(self.evals),
@@ -68,10 +71,17 @@ class Job:
         """
         quant = "null" if self.quant is None else _spec_json(self.quant)
         return (
-            f'{{"evals":{_spec_json(self.evals)},"model":{_spec_json(self.model)},'
+            f'{{"evals":{_spec_json(self.evals)},"model":{self._model_json},'
             f'"outlier_fraction":{_dumps(float(self.outlier_fraction))},"quant":{quant},'
             f'"schema_version":{SCHEMA_VERSION}}}'
         )
+
+    @functools.cached_property
+    def _model_json(self) -> str:
+        """The model part of the key: a ladder member by its label, anything else by its reference."""
+        if self.model_label.startswith(LADDER_LABEL_PREFIX) and "@" in self.model_label:
+            return _ladder_model_json(self.model, self.model_label)
+        return _spec_json(self.model)
 
     @functools.cached_property
     def key(self) -> str:
@@ -96,6 +106,11 @@ def _plain(spec: Any) -> dict[str, Any]:
 @functools.lru_cache(maxsize=4096)
 def _spec_json(spec: Any) -> str:
     return _dumps(_plain(spec))
+
+
+@functools.lru_cache(maxsize=4096)
+def _ladder_model_json(model: ModelRef, label: str) -> str:
+    return _dumps({**_plain(model), "name_or_path": label})
 
 
 def _dumps(value: Any) -> str:

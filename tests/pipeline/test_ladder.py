@@ -206,3 +206,27 @@ def test_dry_run_counts_a_cached_ladder_per_size(trained: list[LadderMember], tm
     )
     assert len(plan.jobs) == 2 * len(trained)
     assert {job.model.name_or_path for job in plan.jobs} == {m.path for m in trained}
+
+
+def test_ladder_jobs_keep_their_keys_in_another_cache(
+    trained: list[LadderMember], cache: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Keys name a member by its label (ladder, size, config hash), not the folder it loads from."""
+    import shutil
+
+    from pipeline.run import plan_run
+
+    argv = [
+        "model.name_or_path=ladder:test",
+        "eval.perplexity=[{name:wikitext2,path:eval/wikitext-2-raw/wiki.test.raw,context_length:64,stride:64}]",
+        "quant.bits=4",
+        "dry_run=true",
+        f"results_root={tmp_path / 'results'}",
+    ]
+    here = plan_run(argv)
+    shutil.copytree(cache, tmp_path / "moved")
+    monkeypatch.setenv("KBIT_CACHE", str(tmp_path / "moved"))
+    there = plan_run(argv)
+    assert {j.model.name_or_path for j in here.jobs}.isdisjoint({j.model.name_or_path for j in there.jobs})
+    assert [j.key for j in here.jobs] == [j.key for j in there.jobs] and len(here.jobs) == len(trained)
+    assert all(j.model_label in j.job_json and j.model.name_or_path not in j.job_json for j in here.jobs)
