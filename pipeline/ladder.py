@@ -26,7 +26,15 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from pipeline.ladder_configs import LADDERS, LadderConfig, ModelSize, config_hash, get_ladder, smoke_config
+from pipeline.ladder_configs import (
+    LADDERS,
+    LadderConfig,
+    ModelSize,
+    config_hash,
+    get_ladder,
+    smoke_config,
+    tuning_config,
+)
 from pipeline.train import CACHED_ARRAYS, METADATA_FILE, MemberMetadata, prepare_data, train_member
 
 log = logging.getLogger(__name__)
@@ -195,6 +203,14 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--force", action="store_true", help="retrain (and re-tokenize) even if cached")
     parser.add_argument("--max-steps", type=int, help="smoke run: cap the steps (a separate cached ladder)")
     parser.add_argument("--max-chars", type=int, help="smoke run: cap the training characters")
+    parser.add_argument(
+        "--lr",
+        type=float,
+        help="tuning run: this peak learning rate for every size (a separately cached ladder)",
+    )
+    parser.add_argument(
+        "--steps", type=int, help="tuning run: this many optimizer steps, 10%% warm-up (separately cached)"
+    )
     args = parser.parse_args(argv)
     if not args.list and not args.name:
         parser.error("give a ladder name or --list")
@@ -218,6 +234,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     config = get_ladder(args.name)
     if args.max_chars is not None:
         config = dataclasses.replace(config, max_train_chars=args.max_chars)
+    if args.lr is not None or args.steps is not None:
+        config = tuning_config(config, lr=args.lr, steps=args.steps)
     if args.max_steps is not None:
         config = smoke_config(config, args.max_steps)
     sizes = [config.size(s) for s in args.size] if args.size else None

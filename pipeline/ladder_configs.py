@@ -136,6 +136,21 @@ def smoke_config(config: LadderConfig, max_steps: int) -> LadderConfig:
     )
 
 
+def tuning_config(config: LadderConfig, *, lr: float | None = None, steps: int | None = None) -> LadderConfig:
+    """A ladder with one peak learning rate for every size and/or another step count (10% warm-up).
+
+    For learning-rate and length sweeps (`python -m pipeline.ladder h100 --lr 2e-3`): the hash changes,
+    so a tuning run is cached beside the registered ladder, never in its place.
+    """
+    if lr is not None:
+        config = dataclasses.replace(
+            config, lr=lr, sizes=tuple(dataclasses.replace(s, lr=None) for s in config.sizes)
+        )
+    if steps is not None:
+        config = dataclasses.replace(config, steps=steps, warmup_steps=steps // 10)
+    return config
+
+
 def _size(name: str, d_model: int, n_layers: int, head_dim: int = 64, lr: float | None = None) -> ModelSize:
     """A Llama-shaped size: heads of `head_dim`, MLP width ~8/3 d_model rounded up to 32."""
     d_ff = -(-(8 * d_model) // 3 // 32) * 32

@@ -230,3 +230,17 @@ def test_ladder_jobs_keep_their_keys_in_another_cache(
     assert {j.model.name_or_path for j in here.jobs}.isdisjoint({j.model.name_or_path for j in there.jobs})
     assert [j.key for j in here.jobs] == [j.key for j in there.jobs] and len(here.jobs) == len(trained)
     assert all(j.model_label in j.job_json and j.model.name_or_path not in j.job_json for j in here.jobs)
+
+
+def test_tuning_runs_are_cached_beside_the_registered_ladder(tmp_path: Path, data_root: Path) -> None:
+    from pipeline.ladder_configs import tuning_config
+
+    base = dataclasses.replace(TEST, sizes=TEST.sizes[:1], steps=4, warmup_steps=1)
+    tuned = tuning_config(base, lr=1e-3, steps=6)
+    assert (tuned.lr, tuned.steps, tuned.warmup_steps, tuned.sizes[0].lr) == (1e-3, 6, 0, None)
+    assert ladder_dir(tuned, tmp_path) != ladder_dir(base, tmp_path)
+    (member,) = train_ladder(tuned, data_root, cache=tmp_path)
+    assert member.tokens_seen == 6 * TEST.batch_size * TEST.seq_len
+    assert not ladder_dir(base, tmp_path).exists()
+    with pytest.raises(ValueError, match="steps"):
+        tuning_config(base, steps=0)
