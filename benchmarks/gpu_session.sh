@@ -6,8 +6,8 @@
 #   bash benchmarks/gpu_session.sh resume   # the paper grid on every GPU (resumes: done jobs are skipped)
 #   bash benchmarks/gpu_session.sh final    # what ran last: issue 7's scaling run, then the grid scored by
 #                                           # WikiText-2 alone, with a worker killed mid-sweep (see below)
-#   bash benchmarks/gpu_session.sh scale    # issue 7: one sweep on 1 GPU, then on all; a worker killed
-#                                           # mid-sweep; benchmarks/dispatch.py's per-job overhead
+#   bash benchmarks/gpu_session.sh after    # the calls that followed 'final' on the same warm machine:
+#                                           # finish the grid, per-job overhead, the 1-vs-2-GPU pair again
 #
 # Needs (see ../shared/device/README.md): .whl/site.tar.xz (Ray, Hydra, lm-eval) and .carry/data (a copy
 # of ../shared/data), both carried. Everything stops by $BUDGET seconds (default 550) so that a 600 s
@@ -69,29 +69,6 @@ resume)
   sweep $(($(left) - 20)) "${STUDY_ARGS[@]}" ray.workers_per_gpu=3
   pack_results paper
   ;;
-scale)
-  train_ladder 0
-  GRID=(-m model=ladder/$LADDER eval=$EVAL eval.limit=${SCALE_LIMIT:-200} eval.data_root=.carry/data
-    quant.dtype=int,fp,nf,quantile quant.bits=3,4,5,6 quant.block_size=64,1024 ray.workers_per_gpu=3)
-  declare -A wall
-  for run in 1 n; do  # the 1-GPU run gets 60% of what is left, the N-GPU run what remains
-    t=$SECONDS
-    extra=(); share=$(($(left) - 170))
-    [ $run = 1 ] && extra=(ray.num_gpus=1) && share=$((($(left) - 200) * 6 / 10))
-    sweep $share "${GRID[@]}" study=scale-$run "${extra[@]}"
-    wall[$run]=$((SECONDS - t)); echo "scale-$run wall: ${wall[$run]} s" | tee -a "$OUT/scale.txt"
-  done
-  # A worker killed mid-sweep: kill -9 one ModelWorker 25 s into a fresh study on every GPU
-  (sleep 25; pid=$(pgrep -f "ray::ModelWorker" | head -1); echo "killing ModelWorker pid $pid" \
-    | tee -a "$OUT/scale.txt"; kill -9 "$pid") &
-  sweep $(($(left) - 50)) "${GRID[@]}" quant.bits=3,4 study=scale-kill
-  grep -E "retried|finished|interrupted" "$OUT/sweep.log" | tail -3 | tee -a "$OUT/scale.txt"
-  python3 benchmarks/scaling_check.py --one results/scale-1 --many results/scale-n --kill results/scale-kill \
-    --wall-one "${wall[1]}" --wall-many "${wall[n]}" --out "$OUT/scaling.json" 2>&1 | tee -a "$OUT/scale.txt"
-  for s in scale-1 scale-n scale-kill; do pack_results $s; done
-  [ "$(left)" -gt 60 ] && CUDA_VISIBLE_DEVICES=0 timeout $(($(left) - 5)) python3 benchmarks/dispatch.py --part overhead \
-    --device cuda --jobs 12 --out "$OUT/dispatch-overhead-h200.json" 2>&1 | tail -25
-  ;;
 final)
   # The plan that fits one call once the study measured ~2.6 s of lm-eval work per zero-shot job:
   # WikiText-2 only (eval=paper_ppl). Issue 7 first: a 192-job grid on 1 GPU (study scale-1), then on
@@ -119,6 +96,22 @@ final)
   [ "$(left)" -gt 45 ] && CUDA_VISIBLE_DEVICES=0 timeout $(($(left) - 5)) python3 benchmarks/dispatch.py \
     --part overhead --device cuda --jobs 12 --out "$OUT/dispatch-overhead-h200.json" 2>&1 | tail -25
   ;;
-*) echo "unknown phase $phase; use study, resume or scale" >&2; exit 2 ;;
+after)
+  sweep $(($(left) - 400)) "${STUDY_ARGS[@]:0:3}" eval=paper_ppl eval.data_root=.carry/data \
+    ray.workers_per_gpu=2 study=paper-ppl
+  python3 benchmarks/scaling_check.py --kill results/paper-ppl --kill-jobs 1206 --out "$OUT/kill-final.json"
+  tar czf "$OUT/results-final.tar.gz" results/paper-ppl
+  mkdir -p ../shared && ln -sfn "$PWD/.carry/data" ../shared/data  # dispatch.py reads ../shared/data
+  CUDA_VISIBLE_DEVICES=0 timeout 200 python3 benchmarks/dispatch.py --part overhead --device cuda --jobs 12 \
+    --out "$OUT/dispatch-overhead-h200.json" 2>&1 | tail -16
+  G=(-m model=ladder/$LADDER eval=paper_ppl eval.data_root=.carry/data ray.workers_per_gpu=2
+    quant.dtype=int,fp,nf,quantile quant.bits=3,4,5,6 quant.block_size=64,1024)
+  t=$SECONDS; sweep 160 "${G[@]}" study=s1 ray.num_gpus=1; w1=$((SECONDS - t))
+  t=$SECONDS; sweep 120 "${G[@]}" study=s2; w2=$((SECONDS - t))
+  python3 benchmarks/scaling_check.py --one results/s1 --many results/s2 --wall-one $w1 --wall-many $w2 \
+    --out "$OUT/scaling2.json"
+  tar czf "$OUT/scale2.tar.gz" results/s1 results/s2
+  ;;
+*) echo "unknown phase $phase; use study, resume, final or after" >&2; exit 2 ;;
 esac
 echo "phase $phase done in $((SECONDS - start)) s"
