@@ -31,6 +31,9 @@ transformers.__version__, 'ray', ray.__version__, 'lm_eval', lm_eval.__version__
 
 LADDER=${LADDER:-h100} EVAL=${EVAL:-paper_ladder}  # LADDER=tiny EVAL=smoke: a CPU dry run of this script
 STUDY_ARGS=(-m +sweep=paper model=ladder/$LADDER eval=$EVAL eval.data_root=.carry/data)
+# Issue 7's 192-job grid (WikiText-2 only, two workers per GPU), run on 1 GPU and on every GPU
+EV=(eval=${EVAL_PPL:-paper_ppl} eval.data_root=.carry/data ray.workers_per_gpu=2)
+SCALE_GRID=(-m model=ladder/$LADDER "${EV[@]}" quant.dtype=int,fp,nf,quantile quant.bits=3,4,5,6 quant.block_size=64,1024)
 quiet() { grep --line-buffered -v -E "it/s\]|s/it\]|^\s*$"; }
 
 train_ladder() {  # no-op when the ladder is already in $KBIT_CACHE
@@ -57,8 +60,6 @@ study)
     --out "$OUT/evaluation-h200.json" >"$OUT/evaluation.log" 2>&1 &
   bench=$!
   train_ladder 0
-  tar czf "$OUT/ladder-meta.tar.gz" -C .kcache ladders --exclude='*.safetensors' --exclude='*.npy' \
-    --exclude='*.bin' 2>/dev/null
   CUDA_VISIBLE_DEVICES=0 sweep $(($(left) - 25)) "${STUDY_ARGS[@]}" ray.workers_per_gpu=3
   wait $bench; echo "evaluation benchmark exit $?"
   pack_results paper
@@ -75,39 +76,32 @@ final)
   # every GPU into study paper-ppl; then the whole paper grid into paper-ppl (the 192 done jobs are
   # skipped) with one ModelWorker killed 30 s in; then checks, and the dispatch benchmark if time is left.
   train_ladder 0
-  EV=(eval=${EVAL_PPL:-paper_ppl} eval.data_root=.carry/data ray.workers_per_gpu=${WPG:-2})
-  GRID=(-m model=ladder/$LADDER "${EV[@]}" quant.dtype=int,fp,nf,quantile quant.bits=3,4,5,6 quant.block_size=64,1024)
-  t=$SECONDS; sweep $((($(left) - 100) / 3)) "${GRID[@]}" study=scale-1 ray.num_gpus=1; w1=$((SECONDS - t))
-  t=$SECONDS; sweep $((($(left) - 100) / 2)) "${GRID[@]}" study=paper-ppl; wn=$((SECONDS - t))
+  t=$SECONDS; sweep $((($(left) - 100) / 3)) "${SCALE_GRID[@]}" study=scale-1 ray.num_gpus=1; w1=$((SECONDS - t))
+  t=$SECONDS; sweep $((($(left) - 100) / 2)) "${SCALE_GRID[@]}" study=paper-ppl; wn=$((SECONDS - t))
   echo "walls: 1 GPU ${w1} s, all GPUs ${wn} s" | tee -a "$OUT/scale.txt"
   python3 benchmarks/scaling_check.py --one results/scale-1 --many results/paper-ppl --wall-one $w1 \
     --wall-many $wn --out "$OUT/scaling.json" 2>&1 | tee -a "$OUT/scale.txt"
   planned=$(python3 -m pipeline.run "${STUDY_ARGS[@]:0:3}" "${EV[@]}" study=paper-ppl dry_run=true 2>/dev/null \
-    | sed -n 's/^\([0-9]*\) cells -> \([0-9]*\) jobs.*/\2/p')  # per model: a dry run trains no ladder
-  sizes=$(python3 -c "from pipeline.ladder_configs import get_ladder; print(len(get_ladder('$LADDER').sizes))")
-  planned=$((${planned:-0} * sizes))
+    | sed -n 's/^\([0-9]*\) cells -> \([0-9]*\) jobs.*/\2/p')  # the ladder is cached: counted per size
   (sleep 30; pid=$(pgrep -f "ray::ModelWorker" | head -1); echo "killing ModelWorker pid $pid" \
     | tee -a "$OUT/scale.txt"; kill -9 "$pid") &
   sweep $(($(left) - 40)) "${STUDY_ARGS[@]:0:3}" "${EV[@]}" study=paper-ppl
   grep -E "retried|finished|interrupted" "$OUT/sweep.log" | tail -3 | tee -a "$OUT/scale.txt"
-  python3 benchmarks/scaling_check.py --kill results/paper-ppl --kill-jobs "$planned" \
+  python3 benchmarks/scaling_check.py --kill results/paper-ppl --kill-jobs "${planned:-0}" \
     --out "$OUT/kill.json" 2>&1 | tee -a "$OUT/scale.txt"
   tar czf "$OUT/results.tar.gz" results/scale-1 results/paper-ppl && ls -la "$OUT/results.tar.gz"
   [ "$(left)" -gt 45 ] && CUDA_VISIBLE_DEVICES=0 timeout $(($(left) - 5)) python3 benchmarks/dispatch.py \
     --part overhead --device cuda --jobs 12 --out "$OUT/dispatch-overhead-h200.json" 2>&1 | tail -25
   ;;
 after)
-  sweep $(($(left) - 400)) "${STUDY_ARGS[@]:0:3}" eval=paper_ppl eval.data_root=.carry/data \
-    ray.workers_per_gpu=2 study=paper-ppl
+  sweep $(($(left) - 400)) "${STUDY_ARGS[@]:0:3}" "${EV[@]}" study=paper-ppl
   python3 benchmarks/scaling_check.py --kill results/paper-ppl --kill-jobs 1206 --out "$OUT/kill-final.json"
   tar czf "$OUT/results-final.tar.gz" results/paper-ppl
   mkdir -p ../shared && ln -sfn "$PWD/.carry/data" ../shared/data  # dispatch.py reads ../shared/data
   CUDA_VISIBLE_DEVICES=0 timeout 200 python3 benchmarks/dispatch.py --part overhead --device cuda --jobs 12 \
     --out "$OUT/dispatch-overhead-h200.json" 2>&1 | tail -16
-  G=(-m model=ladder/$LADDER eval=paper_ppl eval.data_root=.carry/data ray.workers_per_gpu=2
-    quant.dtype=int,fp,nf,quantile quant.bits=3,4,5,6 quant.block_size=64,1024)
-  t=$SECONDS; sweep 160 "${G[@]}" study=s1 ray.num_gpus=1; w1=$((SECONDS - t))
-  t=$SECONDS; sweep 120 "${G[@]}" study=s2; w2=$((SECONDS - t))
+  t=$SECONDS; sweep 160 "${SCALE_GRID[@]}" study=s1 ray.num_gpus=1; w1=$((SECONDS - t))
+  t=$SECONDS; sweep 120 "${SCALE_GRID[@]}" study=s2; w2=$((SECONDS - t))
   python3 benchmarks/scaling_check.py --one results/s1 --many results/s2 --wall-one $w1 --wall-many $w2 \
     --out "$OUT/scaling2.json"
   tar czf "$OUT/scale2.tar.gz" results/s1 results/s2

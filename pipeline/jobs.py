@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from pipeline.config import Config, eval_spec, model_ref, quant_spec
+from pipeline.ladder_configs import LADDER_PREFIX
 from pipeline.results import SCHEMA_VERSION
 from pipeline.specs import EvalSpec, ModelRef
 
@@ -36,7 +37,6 @@ class ModelSource:
     family: str | None = None  # the `model_family` column; None: the worker uses HF's model_type
 
 
-LADDER_LABEL_PREFIX = "ladder:"  # labels of resolved ladder members (pipeline.run.ladder_label)
 ModelResolver = Callable[[ModelRef], Sequence[ModelSource]]
 
 
@@ -79,7 +79,7 @@ class Job:
     @functools.cached_property
     def _model_json(self) -> str:
         """The model part of the key: a ladder member by its label, anything else by its reference."""
-        if self.model_label.startswith(LADDER_LABEL_PREFIX) and "@" in self.model_label:
+        if self.model_label.startswith(LADDER_PREFIX) and "@" in self.model_label:
             return _ladder_model_json(self.model, self.model_label)
         return _spec_json(self.model)
 

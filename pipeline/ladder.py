@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pipeline.ladder_configs import (
+    LADDER_PREFIX,
     LADDERS,
     LadderConfig,
     ModelSize,
@@ -39,7 +40,6 @@ from pipeline.train import CACHED_ARRAYS, METADATA_FILE, MemberMetadata, prepare
 
 log = logging.getLogger(__name__)
 
-LADDER_PREFIX = "ladder:"
 DEFAULT_DATA_ROOT = "../shared/data"
 
 

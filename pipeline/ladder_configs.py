@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 SCHEMA_VERSION = 1
+LADDER_PREFIX = "ladder:"  # sweeps name ladders `ladder:<name>[/<size>]`; results label members so
 ARCHITECTURES = ("llama",)
 # Fields that do not change what is trained, so they stay out of the hash.
 _UNHASHED_FIELDS = ("log_every",)

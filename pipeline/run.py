@@ -25,6 +25,7 @@ from pathlib import Path
 
 from pipeline.config import Config, RayConfig, eval_spec, model_ref, project_path, quant_spec
 from pipeline.jobs import Job, ModelSource, build_jobs, group_by_model, split_by_study
+from pipeline.ladder_configs import LADDER_PREFIX
 from pipeline.progress import Progress
 from pipeline.results import STATUS_OK, job_status
 from pipeline.specs import ModelRef
@@ -190,7 +191,7 @@ def ladder_label(family: str, size_name: str, path: Path) -> str:
     """E.g. "ladder:tiny/d32@570f1b5f": the ladder's config hash (its cache folder's suffix) keeps
     members of a retuned ladder apart from the old ones in the same study."""
     version = path.parent.name.rpartition("-")[2][:8]
-    return f"ladder:{family}/{size_name}@{version}"
+    return f"{LADDER_PREFIX}{family}/{size_name}@{version}"
 
 
 def plan_run(overrides: Sequence[str], multirun: bool = True) -> Plan:
