@@ -8,16 +8,18 @@ and metrics. `check_eval_spec` validates an `EvalSpec` cheaply, before any job r
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from pipeline.perplexity import check_perplexity_spec, perplexity_metrics, tokenize_text
-from pipeline.specs import EvalSpec, MetricValue
+from pipeline.specs import EvalSpec, MetricValue, PerplexitySpec
 from pipeline.tasks import OFFLINE_TASKS
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+    from pipeline.config import PerplexityConfig
     from pipeline.lmeval import LmEvalSuite
 
 log = logging.getLogger(__name__)
@@ -67,15 +69,24 @@ def check_eval_spec(spec: EvalSpec) -> None:
         check_task_names(spec.tasks)
 
 
+def context_problems(
+    perplexity: Sequence[PerplexitySpec | PerplexityConfig], model: str, limit: int | None
+) -> list[str]:
+    """One message per perplexity window longer than `model`'s `limit` positions (None: unknown)."""
+    return [
+        f"perplexity {p.name!r}: context_length={p.context_length} exceeds {model!r}'s {limit} positions "
+        f"(max_position_embeddings={limit}); use context_length <= {limit}"
+        for p in perplexity
+        if limit is not None and p.context_length > limit
+    ]
+
+
 def check_context_fits(spec: EvalSpec, model: PreTrainedModel) -> None:
     """Raise ValueError if a perplexity window is longer than the model's position table."""
-    max_positions = getattr(model.config, "max_position_embeddings", None)
-    for ppl in spec.perplexity:
-        if max_positions is not None and ppl.context_length > max_positions:
-            raise ValueError(
-                f"perplexity {ppl.name!r}: context_length={ppl.context_length} exceeds the model's "
-                f"max_position_embeddings={max_positions}; use a context_length <= {max_positions}"
-            )
+    limit = getattr(model.config, "max_position_embeddings", None)
+    problems = context_problems(spec.perplexity, model.config.name_or_path, limit)
+    if problems:
+        raise ValueError("; ".join(problems))
 
 
 class Evaluator:

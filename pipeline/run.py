@@ -135,14 +135,12 @@ def _check_quant(cell: Config) -> None:
 
 def _check_context_fits(cell: Config) -> list[str]:
     """Perplexity windows longer than the model's positions (known without loading it, else skipped)."""
+    from pipeline.evaluate import context_problems
     from pipeline.models import max_positions
 
-    model, limit = cell.model.name_or_path, max_positions(cell.model.name_or_path)
+    name = cell.model.name_or_path
     return [
-        f"eval perplexity {p.name!r}: context_length={p.context_length} exceeds {model!r}'s "
-        f"{limit} positions; use context_length <= {limit}"
-        for p in cell.eval.perplexity
-        if limit is not None and p.context_length > limit
+        f"eval {problem}" for problem in context_problems(cell.eval.perplexity, name, max_positions(name))
     ]
 
 
