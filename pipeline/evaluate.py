@@ -84,7 +84,7 @@ def context_problems(
 def check_context_fits(spec: EvalSpec, model: PreTrainedModel) -> None:
     """Raise ValueError if a perplexity window is longer than the model's position table."""
     limit = getattr(model.config, "max_position_embeddings", None)
-    problems = context_problems(spec.perplexity, model.config.name_or_path, limit)
+    problems = context_problems(spec.perplexity, model.config.name_or_path or "the model", limit)
     if problems:
         raise ValueError("; ".join(problems))
 
