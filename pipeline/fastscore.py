@@ -1,17 +1,24 @@
-"""`FastScorer`: an lm-eval `LM` that scores log-likelihood requests with shared contexts run once.
+"""`FastScorer`: an lm-eval `LM` that scores log-likelihood requests in large packed batches.
 
 It answers `loglikelihood` exactly as lm-eval's HFLM defines it (the same tokenization: it encodes
 through a memoized HFLM, and the same left truncation to `max_length + 1` tokens), but computes it
 differently:
-- requests are grouped by context; each distinct context runs once (with the KV cache kept), and
-  all of its continuations run after it in one batch, reading the cache (`batch_select_indices`
-  repeats a context's cache for each of its continuations);
-- distinct contexts are sorted by length and batched (little padding); contexts and continuations
-  are right-padded, which cannot change their real tokens under causal attention, and the
-  continuations read the cache through an attention mask that hides the contexts' padding;
-- logits are computed only where scored: the context's last position, and the continuation's
-  positions but its last.
-Because it is an lm-eval `LM`, lm-eval's own `evaluate` turns its answers into metrics.
+- requests are grouped by context, and each distinct context becomes one packed row: the context
+  once, then every continuation of it (minus its last token) one after another. A 4-D attention
+  mask lets each continuation see the context and itself only, and `position_ids` restart at the
+  context's length for every continuation, so each one is scored as if it ran alone after the
+  context; the shared context runs once, in the same forward as its continuations;
+- rows are sorted by length and batched by padding and by tokens (`length_batches`), so a batch is
+  one large forward;
+- the LM head runs only at the scored positions (the context's last one and every continuation
+  position), on the decoder's hidden states, and log-probabilities come from a chunked logsumexp;
+- the layout (ids, positions, segments, gather indices) is built once per request list and kept on
+  the device, so a later call with the same requests (every configuration of a study) only runs the
+  forwards.
+`check_packing` verifies on a probe, when the scorer is built, that the model honours the mask and
+the positions and that its logits are its LM head applied to its decoder's output; an architecture
+that does not (ALiBi from a 2-D mask, soft-capped logits) gets a clear error naming `scorer=hflm`.
+Because it is an lm-eval `LM`, lm-eval's own `evaluate` can turn its answers into metrics.
 """
 
 from __future__ import annotations
@@ -19,14 +26,14 @@ from __future__ import annotations
 import itertools
 import logging
 from collections import defaultdict
-from typing import TYPE_CHECKING, Any
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from lm_eval.api.model import LM
 from torch import Tensor
 
 from pipeline.lmeval import make_lm
-from pipeline.perplexity import accepts_logits_to_keep
 
 if TYPE_CHECKING:
     from lm_eval.api.instance import Instance
@@ -35,6 +42,102 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 Pair = tuple[tuple[int, ...], tuple[int, ...]]  # (context ids, continuation ids)
+TOKENS_PER_ROW = 256  # a batch holds at most batch_size rows and batch_size * TOKENS_PER_ROW tokens
+LOGIT_CHUNK = 1 << 27  # logits materialized at once (positions x vocab), ~0.5 GB in float32
+PAD_MULTIPLE = 8  # rows are padded to a multiple of 8 tokens (aligned attention masks, tensor cores)
+
+
+@dataclass(frozen=True)
+class PackedRow:
+    """One context and its continuations laid out as one sequence (plain lists, built on the CPU)."""
+
+    tokens: list[int]
+    positions: list[int]
+    segments: list[int]  # 0: the context; k >= 1: the k-th continuation
+    scored: list[int]  # indices into `tokens` whose logits are needed, ascending
+    entries: list[tuple[int, int, int]]  # (index into `scored`, target token, request) per scored token
+
+
+def pack_row(context: tuple[int, ...], continuations: list[tuple[int, tuple[int, ...]]]) -> PackedRow:
+    """Lay out `context` followed by each (request, continuation)'s tokens but its last.
+
+    The context's last position predicts every continuation's first token; position
+    `len(context) + j` of continuation k (its own token j) predicts its token j + 1.
+    """
+    c = len(context)
+    tokens, positions, segments = list(context), list(range(c)), [0] * c
+    scored = [c - 1]
+    entries = [(0, cont[0], request) for request, cont in continuations]
+    for k, (request, cont) in enumerate(continuations, start=1):
+        for j, token in enumerate(cont[:-1]):
+            scored.append(len(tokens))
+            entries.append((len(scored) - 1, cont[j + 1], request))
+            tokens.append(token)
+            positions.append(c + j)
+            segments.append(k)
+    return PackedRow(tokens, positions, segments, scored, entries)
+
+
+@dataclass(frozen=True)
+class PackedBatch:
+    """Rows of one forward, right-padded to `width`, with the gather indices of what is scored."""
+
+    input_ids: Tensor  # [rows, width]
+    position_ids: Tensor  # [rows, width]
+    segments: Tensor  # [rows, width]; -1 at padding
+    scored: Tensor  # [P] flat indices into rows * width
+    chunks: tuple[tuple[int, int, int, int], ...]  # (scored start, end, entries start, end) per LM-head chunk
+    entry_position: Tensor  # [E] index into `scored`, nondecreasing
+    entry_target: Tensor  # [E]
+    entry_request: Tensor  # [E]
+    real_tokens: int
+
+
+def batch_rows(rows: list[PackedRow], device: torch.device, chunk_positions: int) -> PackedBatch:
+    """Pad `rows` into one batch (tensors on `device`), LM-head work cut into chunks of positions."""
+    width = -(-max(len(r.tokens) for r in rows) // PAD_MULTIPLE) * PAD_MULTIPLE
+    ids = torch.zeros(len(rows), width, dtype=torch.long)
+    positions = torch.zeros(len(rows), width, dtype=torch.long)
+    segments = torch.full((len(rows), width), -1, dtype=torch.long)
+    scored: list[int] = []
+    entries: list[tuple[int, int, int]] = []
+    for b, row in enumerate(rows):
+        n = len(row.tokens)
+        ids[b, :n] = torch.tensor(row.tokens)
+        positions[b, :n] = torch.tensor(row.positions)
+        positions[b, n:] = torch.arange(row.positions[-1] + 1, row.positions[-1] + 1 + width - n)
+        segments[b, :n] = torch.tensor(row.segments)
+        entries += [(len(scored) + s, target, request) for s, target, request in row.entries]
+        scored += [b * width + i for i in row.scored]
+    entry = torch.tensor(entries, dtype=torch.long).reshape(-1, 3)
+    starts = list(range(0, len(scored), chunk_positions))
+    bounds = torch.searchsorted(entry[:, 0].contiguous(), torch.tensor([*starts, len(scored)])).tolist()
+    chunks = tuple(
+        (start, min(start + chunk_positions, len(scored)), bounds[i], bounds[i + 1])
+        for i, start in enumerate(starts)
+    )
+    return PackedBatch(
+        ids.to(device),
+        positions.to(device),
+        segments.to(device),
+        torch.tensor(scored, dtype=torch.long, device=device),
+        chunks,
+        *(entry[:, i].to(device) for i in range(3)),
+        real_tokens=sum(len(r.tokens) for r in rows),
+    )
+
+
+def attention_bias(segments: Tensor, dtype: torch.dtype) -> Tensor:
+    """[rows, 1, width, width] additive mask: a token sees earlier tokens of its context or its own segment.
+
+    Padding (segment -1) sees earlier padding and the context, so no query row is fully masked.
+    """
+    n = segments.shape[1]
+    causal = torch.ones(n, n, dtype=torch.bool, device=segments.device).tril()
+    key, query = segments[:, None, :], segments[:, :, None]
+    allowed = causal & ((key == 0) | (key == query))
+    bias = torch.zeros(allowed.shape, dtype=dtype, device=segments.device)
+    return bias.masked_fill_(~allowed, torch.finfo(dtype).min).unsqueeze(1)
 
 
 class FastScorer(LM):
@@ -43,9 +146,13 @@ class FastScorer(LM):
     def __init__(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, batch_size: int) -> None:
         super().__init__()
         self.model, self.batch_size = model, batch_size
+        self.body, self.head = model.base_model, model.get_output_embeddings()
+        if self.body is model or self.head is None:
+            raise ValueError(f"{type(model).__name__} has no separate decoder and LM head; use scorer=hflm")
         self.hf = make_lm(model, tokenizer, batch_size)  # tokenization identical to HFLM's, memoized
-        self.keep_logits = accepts_logits_to_keep(model)
         self.encoded: dict[tuple[str, str], Pair] = {}
+        self._plan: tuple[tuple[Pair, ...], list[PackedBatch]] | None = None
+        check_packing(self)
 
     def encode(self, context: str, continuation: str) -> Pair:
         """Context and continuation ids as HFLM builds them, context left-truncated like HFLM's input."""
@@ -68,76 +175,60 @@ class FastScorer(LM):
 
     def loglikelihood(self, requests: list[Instance], disable_tqdm: bool = False) -> list[tuple[float, bool]]:
         """(sum of continuation log-probs, whether every continuation token is the argmax) per request."""
-        pairs = [self.encode(*request.args[:2]) for request in requests]
-        by_context: dict[tuple[int, ...], list[int]] = defaultdict(list)
-        for index, (ctx, _) in enumerate(pairs):
-            by_context[ctx].append(index)
-        contexts = sorted(by_context, key=len, reverse=True)  # batches of similar length: little padding
-        answers: list[tuple[float, bool]] = [(0.0, False)] * len(requests)
-        for chunk_rows in length_batches([len(c) for c in contexts], self.batch_size):
-            chunk = [contexts[i] for i in chunk_rows]
-            rows = [index for ctx in chunk for index in by_context[ctx]]
-            owners = [i for i, ctx in enumerate(chunk) for _ in by_context[ctx]]
-            conts = [pairs[index][1] for index in rows]
-            for index, answer in zip(rows, self.score(chunk, owners, conts), strict=True):
-                answers[index] = answer
-        return answers
+        return self.score_pairs([self.encode(*request.args[:2]) for request in requests])
+
+    def score_pairs(self, pairs: list[Pair]) -> list[tuple[float, bool]]:
+        """Answers for (context ids, continuation ids) pairs; the layout is kept for the same pairs."""
+        key = tuple(pairs)
+        if self._plan is None or self._plan[0] != key:
+            self._plan = (key, self.plan(pairs))
+        return self.run(self._plan[1], len(pairs))
+
+    def plan(self, pairs: list[Pair]) -> list[PackedBatch]:
+        """Pack the pairs one row per distinct context, sorted longest first, into batches."""
+        if any(not ctx for ctx, _ in pairs):  # the whole input was truncated away
+            raise ValueError("a continuation as long as the model's max_length is not supported")
+        by_context: dict[tuple[int, ...], list[tuple[int, tuple[int, ...]]]] = defaultdict(list)
+        for index, (ctx, cont) in enumerate(pairs):
+            by_context[ctx].append((index, cont))
+        rows = sorted(
+            (pack_row(ctx, conts) for ctx, conts in by_context.items()), key=lambda r: -len(r.tokens)
+        )
+        vocab = self.head.weight.shape[0]
+        chunk = max(1, LOGIT_CHUNK // vocab)
+        budget = self.batch_size * TOKENS_PER_ROW
+        return [
+            batch_rows([rows[i] for i in batch], self.model.device, chunk)
+            for batch in length_batches([len(r.tokens) for r in rows], self.batch_size, max_tokens=budget)
+        ]
+
+    def hidden(self, batch: PackedBatch) -> Tensor:
+        """The decoder's output for a batch, flattened to [rows * width, hidden]."""
+        hidden = self.body(
+            input_ids=batch.input_ids,
+            attention_mask=attention_bias(batch.segments, self.model.dtype),
+            position_ids=batch.position_ids,
+            use_cache=False,
+        ).last_hidden_state
+        return hidden.reshape(-1, hidden.shape[-1])
 
     @torch.inference_mode()
-    def score(
-        self, contexts: list[tuple[int, ...]], owners: list[int], conts: list[tuple[int, ...]]
-    ) -> list[tuple[float, bool]]:
-        """Score continuations `conts`, each after `contexts[owners[i]]`.
-
-        Contexts are right-padded: their real tokens never see the padding (causal attention), and
-        the first continuation token is predicted at each context's own last position. The other
-        continuation tokens run in sub-batches of similar length that read the contexts' cache
-        through an attention mask hiding its padding, at explicit positions `len(context) + j`.
-        """
-        if not all(contexts):  # the whole input was truncated away (len(cont) == max_length + 1)
-            raise ValueError("a continuation as long as the model's max_length is not supported")
+    def run(self, batches: list[PackedBatch], n_requests: int) -> list[tuple[float, bool]]:
+        """Forward every batch; sum each request's token log-probs and count its non-argmax tokens."""
         device = self.model.device
-        ctx_ids, ctx_mask = _right_pad(contexts, device)
-        ctx_len = ctx_mask.sum(1)
-        last = ctx_len - 1
-        kwargs: dict[str, Any] = {}
-        if self.keep_logits:  # the LM head runs only at the batch's distinct last positions
-            keep = torch.unique(last)
-            kwargs["logits_to_keep"] = keep
-            last = torch.searchsorted(keep, last)
-        needs_cache = max(len(c) for c in conts) > 1
-        out = self.model(input_ids=ctx_ids, use_cache=needs_cache, **kwargs)
-        first = out.logits[torch.arange(len(contexts), device=device), last].float().log_softmax(-1)
-        order = sorted(range(len(conts)), key=lambda i: len(conts[i]), reverse=True)
-        answers: list[tuple[float, bool]] = [(0.0, False)] * len(conts)
-        for batch in length_batches([len(conts[i]) for i in order], self.batch_size):
-            rows = [order[i] for i in batch]
-            owner = torch.tensor([owners[i] for i in rows], device=device)
-            targets, valid = _right_pad([conts[i] for i in rows], device)
-            logprobs = [first[owner].unsqueeze(1)]  # predicts continuation token 0
-            if targets.shape[1] > 1:
-                logits = self._continue(out.past_key_values, owner, ctx_mask, ctx_len, targets[:, :-1])
-                logprobs.append(logits.float().log_softmax(-1))
-            for i, answer in zip(rows, _sum_scored(torch.cat(logprobs, 1), targets, valid), strict=True):
-                answers[i] = answer
-        return answers
-
-    def _continue(
-        self, cache: Any, owner: Tensor, ctx_mask: Tensor, ctx_len: Tensor, inputs: Tensor
-    ) -> Tensor:
-        """Logits of `inputs` (continuations minus their last token) after their contexts' cache."""
-        from transformers import DynamicCache
-
-        rows_cache = DynamicCache([(layer.keys[owner], layer.values[owner]) for layer in cache.layers])
-        mask = torch.cat([ctx_mask[owner], torch.ones_like(inputs, dtype=torch.bool)], 1)
-        positions = ctx_len[owner, None] + torch.arange(inputs.shape[1], device=inputs.device)
-        return self.model(
-            input_ids=inputs,
-            past_key_values=rows_cache,
-            attention_mask=mask.long(),
-            position_ids=positions,
-            use_cache=False,
-        ).logits
+        logprob = torch.zeros(n_requests, dtype=torch.float32, device=device)
+        misses = torch.zeros(n_requests, dtype=torch.int32, device=device)
+        for batch in batches:
+            hidden = self.hidden(batch)
+            for start, end, first, last in batch.chunks:
+                logits = self.head(hidden[batch.scored[start:end]]).float()
+                lse, best = logits.logsumexp(-1), logits.argmax(-1)
+                pos = batch.entry_position[first:last] - start
+                target = batch.entry_target[first:last]
+                request = batch.entry_request[first:last]
+                logprob.index_add_(0, request, logits[pos, target] - lse[pos])
+                misses.index_add_(0, request, (best[pos] != target).int())
+        return list(zip(logprob.tolist(), (misses == 0).tolist(), strict=True))
 
     def loglikelihood_rolling(self, requests: list[Instance]) -> list[float]:
         raise NotImplementedError("FastScorer scores loglikelihood requests only; use HFLM for rolling")
@@ -146,12 +237,77 @@ class FastScorer(LM):
         raise NotImplementedError("FastScorer scores loglikelihood requests only; use HFLM for generation")
 
 
+def probe_pairs(vocab: int) -> list[Pair]:
+    """Two continuations sharing a context, and one of them alone after another context."""
+    ids = [(7 * i + 3) % vocab for i in range(12)]
+    context, first, second = tuple(ids[:4]), tuple(ids[4:7]), tuple(ids[7:10])
+    return [(context, first), (context, second), (tuple(ids[10:12]) + context, second)]
+
+
+@torch.inference_mode()
+def packed_logits(scorer: FastScorer, pairs: list[Pair]) -> list[Tensor]:
+    """Per pair, the [len(continuation), vocab] logits predicting its tokens, from packed batches."""
+    per_request: dict[int, list[Tensor]] = defaultdict(list)
+    for batch in scorer.plan(pairs):
+        logits = scorer.head(scorer.hidden(batch)[batch.scored]).float()
+        for position, request in zip(
+            batch.entry_position.tolist(), batch.entry_request.tolist(), strict=True
+        ):
+            per_request[request].append(logits[position])
+    return [torch.stack(per_request[i]) for i in range(len(pairs))]
+
+
+@torch.inference_mode()
+def plain_logits(model: PreTrainedModel, pairs: list[Pair]) -> list[Tensor]:
+    """The same logits from one plain, unpadded forward per pair (HFLM's way): the reference."""
+    return [
+        model(input_ids=torch.tensor([list(ctx + cont)[:-1]], device=model.device))
+        .logits[0, len(ctx) - 1 :]
+        .float()
+        for ctx, cont in pairs
+    ]
+
+
+def check_packing(scorer: FastScorer) -> None:
+    """Raise ValueError unless packed logits equal plain forwards' on a probe (in the model's dtype).
+
+    A model that ignores the 4-D mask lets a continuation see its siblings, one that ignores
+    `position_ids` shifts every continuation after the first: either moves the logits far more than
+    rounding does (relative L2 distance; bf16 rounding stays well under the tolerance).
+    """
+    model = scorer.model
+    pairs = probe_pairs(scorer.head.weight.shape[0])
+    tolerance = 1e-4 if model.dtype == torch.float32 else 2e-2
+    try:
+        distances = [
+            float((got - want).norm() / want.norm().clamp_min(1e-12))
+            for got, want in zip(packed_logits(scorer, pairs), plain_logits(model, pairs), strict=True)
+        ]
+    except Exception as err:  # e.g. an ALiBi model that builds its bias from a 2-D mask
+        raise ValueError(
+            f"FastScorer cannot score {type(model).__name__}: a packed forward failed ({err}); "
+            "use eval.scorer=hflm"
+        ) from err
+    if max(distances) > tolerance:
+        raise ValueError(
+            f"FastScorer cannot score {type(model).__name__}: packed logits differ from plain forwards' by "
+            f"{max(distances):.2e} (relative; allowed {tolerance:.0e}): the model ignores a 4-D attention "
+            "mask or position_ids, or its logits are not its LM head on its decoder's output; "
+            "use eval.scorer=hflm"
+        )
+
+
 def length_batches(
-    lengths: list[int], batch_size: int, max_padding: float = 0.25, free_padding: int = 8
+    lengths: list[int],
+    batch_size: int,
+    max_padding: float = 0.25,
+    free_padding: int = 8,
+    max_tokens: int | None = None,
 ) -> list[list[int]]:
-    """Split positions of `lengths` (sorted longest first) into batches of at most `batch_size` whose
-    padding (to each batch's first, longest entry) stays within `max_padding` of the padded area, or
-    within `free_padding` tokens a row (short rows: a few pad tokens cost less than another call).
+    """Split positions of `lengths` (sorted longest first) into batches of at most `batch_size` rows
+    and `max_tokens` padded tokens (a longer row goes alone), whose padding (to each batch's first,
+    longest entry) stays within `max_padding` of the padded area, or within `free_padding` tokens a
+    row (short rows: a few pad tokens cost less than another call).
 
     A fixed count would pad a batch holding one long outlier and many short rows to the outlier's
     length (PIQA's solutions range from a few tokens to hundreds); the padding bound starts a new
@@ -165,28 +321,11 @@ def length_batches(
         if batches and len(batches[-1]) < batch_size:
             longest = lengths[batches[-1][0]]
             area = longest * (len(batches[-1]) + 1)
-            if area - (real + length) <= max(max_padding * area, free_padding * batch_size):
+            padding_ok = area - (real + length) <= max(max_padding * area, free_padding * batch_size)
+            if padding_ok and (max_tokens is None or area <= max_tokens):
                 batches[-1].append(index)
                 real += length
                 continue
         batches.append([index])
         real = length
     return batches
-
-
-def _sum_scored(logprobs: Tensor, targets: Tensor, valid: Tensor) -> list[tuple[float, bool]]:
-    """Per row: summed log-prob of the real target tokens, and whether each is the argmax."""
-    token_lp = logprobs.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
-    greedy = (logprobs.argmax(-1) == targets) | ~valid
-    return list(zip((token_lp * valid).sum(-1).tolist(), greedy.all(-1).tolist(), strict=True))
-
-
-def _right_pad(sequences: list[tuple[int, ...]], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """(ids [n, longest] padded with 0, mask [n, longest] True at real tokens)."""
-    longest = max(len(seq) for seq in sequences)
-    ids = torch.zeros(len(sequences), longest, dtype=torch.long)
-    mask = torch.zeros(len(sequences), longest, dtype=torch.bool)
-    for i, seq in enumerate(sequences):
-        ids[i, : len(seq)] = torch.tensor(seq)
-        mask[i, : len(seq)] = True
-    return ids.to(device), mask.to(device)

@@ -1,0 +1,105 @@
+"""FastScorer's packed layout: rows, masks, batches, the probe check, and answers equal to HFLM's."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from pipeline import fastscore
+from pipeline.fastscore import FastScorer, attention_bias, length_batches, pack_row
+from pipeline.lmeval import make_lm, task_manager
+from pipeline.models import load_model
+from pipeline.specs import ModelRef
+
+NAMES = ("lambada_openai", "piqa", "hellaswag", "winogrande")
+
+
+@pytest.fixture(scope="module")
+def requests(data_root):
+    tasks = task_manager(NAMES, data_root).load(list(NAMES))["tasks"]
+    out = []
+    for name in NAMES:
+        tasks[name].build_all_requests(limit=4, rank=0, world_size=1)
+        out += tasks[name].instances
+    return out
+
+
+def test_pack_row_puts_the_context_once_and_each_continuation_after_it():
+    row = pack_row((1, 2, 3), [(7, (4, 5, 9)), (8, (6,))])
+    assert row.tokens == [1, 2, 3, 4, 5]  # continuations lose their last token; (6,) adds none
+    assert row.positions == [0, 1, 2, 3, 4]
+    assert row.segments == [0, 0, 0, 1, 1]
+    assert row.scored == [2, 3, 4]
+    # (scored index, target, request): the context's last position predicts both first tokens
+    assert row.entries == [(0, 4, 7), (0, 6, 8), (1, 5, 7), (2, 9, 7)]
+    two = pack_row((1, 2), [(0, (3, 4)), (1, (5, 6, 7))])
+    assert two.positions == [0, 1, 2, 2, 3] and two.segments == [0, 0, 1, 2, 2]
+
+
+def test_attention_bias_shows_each_continuation_the_context_and_itself():
+    segments = torch.tensor([[0, 0, 1, 1, 2, 2, -1, -1]])
+    allowed = attention_bias(segments, torch.float32)[0, 0] == 0
+    assert allowed[3].nonzero().flatten().tolist() == [0, 1, 2, 3]
+    assert allowed[5].nonzero().flatten().tolist() == [0, 1, 4, 5]
+    assert allowed[1].nonzero().flatten().tolist() == [0, 1]
+    assert allowed.any(-1).all()  # padding rows see something: no NaN from an empty softmax
+
+
+@pytest.mark.parametrize("model_dir", ["tiny_model_dir", "tiny_neox_dir"])
+def test_packed_answers_equal_hflm_across_batches_and_chunks(model_dir, requests, request, monkeypatch):
+    model, tokenizer = load_model(ModelRef(str(request.getfixturevalue(model_dir))), "cpu")
+    monkeypatch.setattr(fastscore, "LOGIT_CHUNK", 7 * model.config.vocab_size)  # several LM-head chunks
+    scorer = FastScorer(model, tokenizer, batch_size=3)
+    fast = scorer.loglikelihood(requests)
+    hflm = make_lm(model, tokenizer, 3).loglikelihood(requests)
+    assert len(scorer._plan[1]) > 3 and any(len(b.chunks) > 1 for b in scorer._plan[1])
+    for (lp_fast, greedy_fast), (lp_hf, greedy_hf) in zip(fast, hflm, strict=True):
+        assert lp_fast == pytest.approx(lp_hf, rel=1e-5) and greedy_fast == greedy_hf
+
+
+def test_plan_is_kept_for_the_same_requests_and_answers_follow_the_weights(tiny_neox_dir, requests):
+    from kernels import QuantSpec
+    from pipeline.models import quantize_model_
+
+    model, tokenizer = load_model(ModelRef(str(tiny_neox_dir)), "cpu")
+    scorer = FastScorer(model, tokenizer, batch_size=8)
+    before = scorer.loglikelihood(requests)
+    plan = scorer._plan[1]
+    quantize_model_(model, QuantSpec("int", 3, 64))
+    after = scorer.loglikelihood(requests)
+    assert scorer._plan[1] is plan
+    assert after != before
+    hflm = make_lm(model, tokenizer, 8).loglikelihood(requests)
+    for (lp, greedy), (lp_hf, greedy_hf) in zip(after, hflm, strict=True):
+        assert lp == pytest.approx(lp_hf, rel=1e-5) and greedy == greedy_hf
+    scorer.loglikelihood(requests[:5])
+    assert scorer._plan[1] is not plan  # other requests: a new layout
+
+
+def test_a_model_that_cannot_be_packed_is_refused_by_name(tiny_tokenizer):
+    from transformers import BloomConfig, BloomForCausalLM
+
+    bloom = BloomForCausalLM(BloomConfig(vocab_size=len(tiny_tokenizer), hidden_size=32, n_layer=1, n_head=2))
+    with pytest.raises(ValueError, match=r"cannot score BloomForCausalLM.*use eval\.scorer=hflm"):
+        FastScorer(bloom.eval(), tiny_tokenizer, batch_size=2)
+
+
+def test_the_probe_catches_a_mask_that_lets_continuations_see_each_other(tiny_neox_dir, monkeypatch):
+    model, tokenizer = load_model(ModelRef(str(tiny_neox_dir)), "cpu")
+    causal_only = fastscore.attention_bias  # what a model that ignores the segments would compute
+
+    def leaky(segments, dtype):
+        return causal_only(segments.clamp(max=0), dtype)
+
+    monkeypatch.setattr(fastscore, "attention_bias", leaky)
+    with pytest.raises(ValueError, match="packed logits differ from plain forwards'"):
+        FastScorer(model, tokenizer, batch_size=2)
+
+
+def test_length_batches_respect_the_token_budget():
+    lengths = [300, 120, 100, 100, 90, 90, 90, 80, 80, 10, 5]
+    batches = length_batches(lengths, batch_size=8, max_padding=1.0, max_tokens=250)
+    assert [i for batch in batches for i in batch] == list(range(len(lengths)))
+    for batch in batches:
+        assert len(batch) == 1 or lengths[batch[0]] * len(batch) <= 250
+    assert batches[0] == [0]  # a row over the budget runs alone
