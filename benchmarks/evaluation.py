@@ -11,10 +11,10 @@
    restore + quantize + `Evaluator.run()`. Every phase is timed by wrapping the functions that do
    it (task loading, request building, tokenization, forward passes, log-likelihood scoring, the
    rest of lm-eval's `evaluate` = metrics), first run and later runs apart.
-3. Evaluation MFU: forward FLOPs actually done (counted per forward call, padding included) over
-   the evaluation time, against a dense matmul measured in the same run (bf16 on CUDA, fp32 on CPU).
-   FLOPs of one forward of B rows of T new tokens after P cached ones, logits at K positions per row:
-   2 * N_body * B * T + 4 * L * d * B * T * (P + (T + 1) / 2) + 2 * d * V * B * K,
+3. Evaluation MFU: forward FLOPs actually done (counted per decoder and LM-head call, padding
+   included) over the evaluation time, against a dense matmul measured in the same run (bf16 on
+   CUDA, fp32 on CPU). FLOPs of a decoder forward of B rows of T new tokens after P cached ones:
+   2 * N_body * B * T + 4 * L * d * B * T * (P + (T + 1) / 2); of the LM head at K positions: 2 * d * V * K;
    N_body = parameters outside the input embedding and the LM head, L layers, d hidden, V vocab.
 4. The naive baseline, per config: a fresh Python process (`--naive process`, the default) that
    imports torch and lm-eval, loads the model from disk, quantizes it, wraps it in a fresh HFLM and
@@ -208,28 +208,43 @@ class FlopModel:
             body, cfg.num_hidden_layers, cfg.hidden_size, model.get_output_embeddings().weight.shape[0]
         )
 
-    def forward_flops(self, rows: int, new: int, past: int, kept: int) -> float:
-        """FLOPs of one forward: `rows` x `new` tokens after `past` cached, logits at `kept` per row."""
+    def body_flops(self, rows: int, new: int, past: int) -> float:
+        """FLOPs of one decoder forward: `rows` x `new` tokens after `past` cached ones."""
         tokens = rows * new
-        attention = 4 * self.layers * self.hidden * tokens * (past + (new + 1) / 2)
-        return 2 * self.body_params * tokens + attention + 2 * self.hidden * self.vocab * rows * kept
+        return 2 * self.body_params * tokens + 4 * self.layers * self.hidden * tokens * (past + (new + 1) / 2)
+
+    def head_flops(self, positions: int) -> float:
+        """FLOPs of the LM head at `positions` positions."""
+        return 2 * self.hidden * self.vocab * positions
 
 
 def count_forwards(model: Any, timers: Timers) -> Callable[[], None]:
-    """Time every top-level forward and count its tokens and FLOPs; returns a remover."""
+    """Time every decoder and LM-head forward and count tokens and FLOPs; returns a remover.
+
+    The hooks sit on the decoder (`model.base_model`) and the LM head, so they see HFLM's forwards
+    (the causal LM calls both) and FastScorer's (it calls them itself) alike.
+    """
     flop_model = FlopModel.of(model)
     clock: list[float] = []
 
-    def before(_: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+    def before_body(_: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         ids = kwargs.get("input_ids", args[0] if args else None)
         rows, new = ids.shape
         cache = kwargs.get("past_key_values")
         past = cache.get_seq_length() if cache is not None else 0
-        keep = kwargs.get("logits_to_keep", 0)
-        kept = new if isinstance(keep, int) and keep == 0 else (keep if isinstance(keep, int) else len(keep))
         timers.counts["forward_calls"] += 1
         timers.counts["forward_tokens"] += rows * new
-        timers.counts["forward_flops"] += flop_model.forward_flops(rows, new, past, kept)
+        timers.counts["forward_flops"] += flop_model.body_flops(rows, new, past)
+        start()
+
+    def before_head(_: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        hidden = args[0] if args else kwargs["input"]
+        positions = hidden.numel() // hidden.shape[-1]
+        timers.counts["head_positions"] += positions
+        timers.counts["forward_flops"] += flop_model.head_flops(positions)
+        start()
+
+    def start() -> None:
         timers.sync()
         clock.append(time.perf_counter())
 
@@ -237,9 +252,12 @@ def count_forwards(model: Any, timers: Timers) -> Callable[[], None]:
         timers.sync()
         timers.seconds["forward"] += time.perf_counter() - clock.pop()
 
+    body, head = model.base_model, model.get_output_embeddings()
     handles = [
-        model.register_forward_pre_hook(before, with_kwargs=True),
-        model.register_forward_hook(after),
+        body.register_forward_pre_hook(before_body, with_kwargs=True),
+        body.register_forward_hook(after),
+        head.register_forward_pre_hook(before_head, with_kwargs=True),
+        head.register_forward_hook(after),
     ]
 
     def remove() -> None:
@@ -340,6 +358,9 @@ def pipeline_runs(
     remove()
     for scorer in scorers:
         out[scorer]["steady"] = steady_state(out[scorer]["jobs"])
+        lm = evaluators[scorer].suite.lm
+        if hasattr(lm, "layout_stats"):
+            out[scorer]["layout"] = lm.layout_stats()
     return out
 
 

@@ -202,6 +202,17 @@ class FastScorer(LM):
             for batch in length_batches([len(r.tokens) for r in rows], self.batch_size, max_tokens=budget)
         ]
 
+    def layout_stats(self) -> dict[str, int]:
+        """Size of the kept layout: batches, rows, real and padded tokens, LM-head positions."""
+        batches = self._plan[1] if self._plan is not None else []
+        return {
+            "batches": len(batches),
+            "rows": sum(b.input_ids.shape[0] for b in batches),
+            "real_tokens": sum(b.real_tokens for b in batches),
+            "padded_tokens": sum(b.input_ids.numel() for b in batches),
+            "scored_positions": sum(b.scored.numel() for b in batches),
+        }
+
     def hidden(self, batch: PackedBatch) -> Tensor:
         """The decoder's output for a batch, flattened to [rows * width, hidden]."""
         hidden = self.body(
