@@ -53,6 +53,11 @@ pack_results() {  # results/<study> -> $OUT/results-<study>.tar.gz (every row, e
   [ -d "results/$1" ] && tar czf "$OUT/results-$1.tar.gz" "results/$1" && ls -la "$OUT/results-$1.tar.gz"
 }
 
+collect_members() {  # every trained member's metadata (config, val loss) -> $OUT/members.tar.gz
+  (cd "$KBIT_CACHE" 2>/dev/null && find . -name "*.json" -size -64k | tar czf "$OUT/members.tar.gz" -T -) \
+    && ls -la "$OUT/members.tar.gz"
+}
+
 case $phase in
 study)
   CUDA_VISIBLE_DEVICES=1 timeout $(($(left) - 15)) python3 benchmarks/evaluation.py --shape pythia-410m \
@@ -106,6 +111,23 @@ after)
     --out "$OUT/scaling2.json"
   tar czf "$OUT/scale2.tar.gz" results/s1 results/s2
   ;;
-*) echo "unknown phase $phase; use study, resume, final or after" >&2; exit 2 ;;
+tune)
+  # Session 2, call 1. GPU 1: the evaluation benchmark with the packed FastScorer (batch 256); then a
+  # ladder at lr 4e-3. GPU 0: the ladder at lr 2e-3 and 3e-3 at once (small models leave the GPU idle).
+  CUDA_VISIBLE_DEVICES=1 timeout 330 python3 benchmarks/evaluation.py --shape pythia-410m --device cuda \
+    --limit 500 --configs 5 --naive-configs 3 --batch-size ${EVAL_BATCH:-256} --data-root .carry/data \
+    --out "$OUT/evaluation-h200-packed.json" >"$OUT/evaluation.log" 2>&1 &
+  bench=$!
+  for lr in ${LRS:-2e-3 3e-3}; do
+    CUDA_VISIBLE_DEVICES=0 timeout $(($(left) - 30)) python3 -m pipeline.ladder "$LADDER" --lr "$lr" \
+      >"$OUT/ladder-lr$lr.log" 2>&1 &
+  done
+  wait $bench; echo "evaluation benchmark exit $?"; tail -30 "$OUT/evaluation.log"
+  CUDA_VISIBLE_DEVICES=1 timeout $(($(left) - 30)) python3 -m pipeline.ladder "$LADDER" --lr ${LR_LATE:-4e-3} \
+    >"$OUT/ladder-lr${LR_LATE:-4e-3}.log" 2>&1 &
+  wait
+  collect_members
+  ;;
+*) echo "unknown phase $phase; use study, resume, final, after or tune" >&2; exit 2 ;;
 esac
 echo "phase $phase done in $((SECONDS - start)) s"
