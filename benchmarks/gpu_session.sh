@@ -21,11 +21,11 @@ OUT=${OUT:-/tmp/kbit-out}
 mkdir -p "$OUT" /tmp/site
 left() { echo $((budget - (SECONDS - start))); }
 
-if [ ! -d /tmp/site/ray ]; then tar xJf .whl/site.tar.xz -C /tmp/site || exit 1; fi
+if [ -z "${NO_SITE:-}" ] && [ ! -d /tmp/site/ray ]; then tar xJf .whl/site.tar.xz -C /tmp/site || exit 1; fi  # NO_SITE=1: a local venv
 export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 TQDM_DISABLE=1
 export KBIT_DATA_ROOT=.carry/data KBIT_CACHE=/tmp/kcache  # outside the synced tree
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
-nvidia-smi --query-gpu=index,name,memory.total,clocks.max.sm --format=csv,noheader
+command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=index,name,memory.total,clocks.max.sm --format=csv,noheader
 python3 -c "import torch, transformers, ray, lm_eval; print('torch', torch.__version__, 'transformers',
 transformers.__version__, 'ray', ray.__version__, 'lm_eval', lm_eval.__version__)"
 
@@ -128,6 +128,22 @@ tune)
   wait
   collect_members
   ;;
-*) echo "unknown phase $phase; use study, resume, final, after or tune" >&2; exit 2 ;;
+retuned)
+  # Session 2, calls 2 and 3: the re-tuned ladder (1,200 steps at 2e-3), its sizes split over two GPUs
+  # (each member trains under its own lock), then the paper grid on both GPUs. Call 2: GRID_EVAL=paper_ppl
+  # STUDY=paper-ppl; call 3: GRID_EVAL=paper_ladder SCORER=fast STUDY=paper-zeroshot (its own trainings,
+  # so every row of a study comes from one training of each size).
+  t=$SECONDS
+  CUDA_VISIBLE_DEVICES=0 python3 -m pipeline.ladder "$LADDER" ${SIZES_GPU0:---size d512 --size d384} \
+    >"$OUT/ladder-gpu0.log" 2>&1 &
+  CUDA_VISIBLE_DEVICES=1 python3 -m pipeline.ladder "$LADDER" \
+    ${SIZES_GPU1:---size d320 --size d256 --size d192 --size d128} >"$OUT/ladder-gpu1.log" 2>&1 &
+  wait; echo "ladder: $((SECONDS - t)) s"; grep -h "validation loss" "$OUT"/ladder-gpu*.log; collect_members
+  sweep $(($(left) - 25)) -m +sweep=paper model=ladder/$LADDER eval=${GRID_EVAL:-paper_ppl} \
+    eval.data_root=.carry/data eval.scorer=${SCORER:-hflm} ray.workers_per_gpu=${WORKERS:-2} \
+    study=${STUDY:-paper-ppl}
+  pack_results "${STUDY:-paper-ppl}"
+  ;;
+*) echo "unknown phase $phase; use study, resume, final, after, tune or retuned" >&2; exit 2 ;;
 esac
 echo "phase $phase done in $((SECONDS - start)) s"

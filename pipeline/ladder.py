@@ -96,10 +96,10 @@ def member_from_folder(folder: Path) -> LadderMember:
 
 
 @contextlib.contextmanager
-def _locked(folder: Path) -> Iterator[None]:
-    """Hold an exclusive lock on `folder` so concurrent resolvers train each member once."""
+def _locked(folder: Path, name: str = "") -> Iterator[None]:
+    """Hold an exclusive lock on `folder` (or on its member `name`) so concurrent runs train each once."""
     folder.mkdir(parents=True, exist_ok=True)
-    with open(folder / ".lock", "w") as handle:
+    with open(folder / f".lock{'-' + name if name else ''}", "w") as handle:
         fcntl.flock(handle, fcntl.LOCK_EX)
         try:
             yield
@@ -116,12 +116,10 @@ def _remove(path: Path) -> None:
     shutil.rmtree(trash) if trash.is_dir() else trash.unlink()
 
 
-def _clean_stale(folder: Path) -> None:
-    """Drop temporary folders left by crashed runs (safe: we hold the ladder's lock)."""
-    for stale in folder.glob(".tmp-*"):
-        shutil.rmtree(stale, ignore_errors=True)
-    for stale in folder.glob(".trash-*"):
-        shutil.rmtree(stale, ignore_errors=True)
+def _clean_stale(folder: Path, name: str) -> None:
+    """Drop what crashed runs left of `name` (safe: we hold the lock that guards it)."""
+    for stale in [*folder.glob(f".tmp-{name}-*"), *folder.glob(f".trash-{name}-*")]:
+        shutil.rmtree(stale, ignore_errors=True) if stale.is_dir() else stale.unlink(missing_ok=True)
 
 
 def train_ladder(
@@ -134,6 +132,9 @@ def train_ladder(
 ) -> list[LadderMember]:
     """Train the missing `sizes` (default: all) of `config` and return them, smallest first.
 
+    The ladder's data is prepared under a lock on the ladder; each member trains under its own
+    lock, so processes given different sizes (one per GPU) train them at the same time.
+
     Args:
         config: the ladder.
         data_root: folder holding `corpus/` (see `pipeline.corpus`).
@@ -144,7 +145,10 @@ def train_ladder(
     folder = ladder_dir(config, cache)
     wanted = tuple(sizes) if sizes is not None else config.sizes
     with _locked(folder):
-        _clean_stale(folder)
+        for path in ("tokenizer", *CACHED_ARRAYS):
+            _clean_stale(folder, path)
+        for stale in folder.glob(".*.tmp"):  # prepare_data's temporaries (written under this lock)
+            shutil.rmtree(stale, ignore_errors=True) if stale.is_dir() else stale.unlink(missing_ok=True)
         if force:
             for path in ("tokenizer", *CACHED_ARRAYS, *(s.name for s in wanted)):
                 _remove(folder / path)
@@ -154,9 +158,12 @@ def train_ladder(
                 "ladder %s: training %s into %s", config.name, ", ".join(s.name for s in missing), folder
             )
             data = prepare_data(config, data_root, folder)
-        for size in missing:
+    for size in missing:
+        with _locked(folder, size.name):
+            if (folder / size.name / METADATA_FILE).is_file():  # another process trained it meanwhile
+                continue
+            _clean_stale(folder, size.name)
             tmp = folder / f".tmp-{size.name}-{os.getpid()}"
-            shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir()
             train_member(config, size, data, tmp)
             _remove(folder / size.name)  # a folder without metadata is an incomplete member

@@ -244,3 +244,26 @@ def test_tuning_runs_are_cached_beside_the_registered_ladder(tmp_path: Path, dat
     assert not ladder_dir(base, tmp_path).exists()
     with pytest.raises(ValueError, match="steps"):
         tuning_config(base, steps=0)
+
+
+def _train_sizes(config: LadderConfig, data_root: Path, cache: Path, names: list[str]) -> list[str]:
+    return [m.path for m in train_ladder(config, data_root, [config.size(n) for n in names], cache=cache)]
+
+
+def test_processes_given_different_sizes_train_them_side_by_side(tmp_path: Path, data_root: Path) -> None:
+    """One process per GPU, each with its own sizes: the data is prepared once, every member trained once."""
+    import concurrent.futures
+    import multiprocessing
+
+    config: LadderConfig = dataclasses.replace(TEST, steps=4, warmup_steps=1)
+    context = multiprocessing.get_context("spawn")
+    with concurrent.futures.ProcessPoolExecutor(2, mp_context=context) as pool:
+        first = pool.submit(_train_sizes, config, data_root, tmp_path, ["xs", "m"])
+        second = pool.submit(_train_sizes, config, data_root, tmp_path, ["s"])
+        paths = first.result(timeout=300) + second.result(timeout=300)
+    folder = ladder_dir(config, tmp_path)
+    assert sorted(Path(p).name for p in paths) == ["m", "s", "xs"]
+    assert all((Path(p) / METADATA_FILE).is_file() for p in paths)
+    assert not list(folder.glob(".tmp-*")) and not list(folder.glob(".*.tmp"))
+    members = train_ladder(config, data_root, cache=tmp_path)  # all cached now: nothing retrains
+    assert [m.path for m in members] == [str(folder / n) for n in ("xs", "s", "m")]
