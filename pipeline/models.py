@@ -255,25 +255,34 @@ def quantize_model_(
     if spec is None:
         return QuantReport(n_params, 0, 0, 16 * n_params, 16.0)
     from kernels import fake_quantize, weight_bits
+    from kernels.blockwise import resolve_impl
 
     weights = linear_weights(model, include_embeddings=include_embeddings, include_lm_head=include_lm_head)
     keep = outlier_columns(model, outlier_fraction)
     n_quant = n_kept = quant_bits = 0
-    finite: list[Tensor] = []
+    finite_in: list[Tensor] = []  # checked on the device and read once at the end: no sync per matrix
+    finite_out: list[Tensor] = []
     for name, view in weights.items():
         cols = keep.get(name)
+        finite_in.append(torch.isfinite(view).all())
+        # the fused kernel maps NaN/Inf to NaN without a host sync; the torch path must check first
+        fused = resolve_impl("auto", view, spec) == "triton"
         try:
-            q = fake_quantize(view, spec, keep_columns=cols)
-        except ValueError as err:  # e.g. a NaN/Inf weight, or a weight the spec cannot take
+            q = fake_quantize(view, spec, keep_columns=cols, check_finite=not fused)
+        except ValueError as err:  # e.g. a NaN/Inf weight (torch path), or a weight the spec cannot take
             raise ValueError(f"cannot quantize {name} {tuple(view.shape)}: {err}") from err
-        finite.append(torch.isfinite(q).all())
+        finite_out.append(torch.isfinite(q).all())
         view.copy_(q)
         n_keep_cols = 0 if cols is None else cols.numel()
         n_kept += n_keep_cols * view.shape[0]
         n_quant += view.numel() - n_keep_cols * view.shape[0]
         quant_bits += weight_bits(spec, tuple(view.shape), n_keep_columns=n_keep_cols)
-    flags = torch.stack(finite).tolist() if finite else []
-    bad = [name for name, ok in zip(weights, flags, strict=True) if not ok]
+    flags = torch.stack(finite_in + finite_out).tolist() if weights else []
+    names = list(weights)
+    bad_in = [name for name, ok in zip(names, flags[: len(names)], strict=True) if not ok]
+    if bad_in:
+        raise ValueError(f"cannot quantize {bad_in[:5]}: the weights hold NaN or Inf (before quantization)")
+    bad = [name for name, ok in zip(names, flags[len(names) :], strict=True) if not ok]
     if bad:
         raise QuantizationError(f"non-finite values after quantizing with {spec}: {bad[:5]}")
     n_matrix = n_quant + n_kept

@@ -242,9 +242,26 @@ def test_non_finite_weight_is_named(llama):
 def test_nan_after_quantization_raises(llama, monkeypatch):
     import kernels
 
-    def broken(w, spec, keep_columns=None):
+    def broken(w, spec, keep_columns=None, **_):
         return torch.full_like(w, math.nan) if w.shape == (64, 128) else w.clone()
 
     monkeypatch.setattr(kernels, "fake_quantize", broken)
     with pytest.raises(QuantizationError, match="down_proj"):
         quantize_model_(llama[0], spec())
+
+
+@pytest.mark.gpu
+def test_fused_path_names_a_non_finite_weight_and_matches_the_reference(tiny_model_dir):
+    """On CUDA the per-matrix finiteness sync is skipped; the one batched check still names the matrix."""
+    import copy
+
+    model, _ = load_model(ModelRef(str(tiny_model_dir)), "cuda")
+    reference = copy.deepcopy(model).cpu()  # same weights and dtype, quantized by the torch reference
+    quantize_model_(model, spec())
+    quantize_model_(reference, spec())
+    for (name, got), want in zip(model.named_parameters(), reference.parameters(), strict=True):
+        assert torch.equal(got.cpu(), want), name
+    with torch.no_grad():
+        model.model.layers[0].mlp.down_proj.weight[0, 0] = math.inf
+    with pytest.raises(ValueError, match=r"down_proj.*NaN or Inf"):
+        quantize_model_(model, spec())
