@@ -8,10 +8,11 @@ differently:
   mask lets each continuation see the context and itself only, and `position_ids` restart at the
   context's length for every continuation, so each one is scored as if it ran alone after the
   context; the shared context runs once, in the same forward as its continuations;
-- rows are sorted by length and batched by padding and by tokens (`length_batches`), so a batch is
-  one large forward;
+- rows are sorted by length and batched by padding and by tokens (`length_batches`): a forward
+  holds up to `batch_size * 256` tokens however short the rows, so it is one large forward;
 - the LM head runs only at the scored positions (the context's last one and every continuation
-  position), on the decoder's hidden states, and log-probabilities come from a chunked logsumexp;
+  position), on the decoder's hidden states, in chunks; `kernels.logprobs.token_logprobs` reads each
+  chunk's logits once (a fused Triton kernel on CUDA) for the log-probabilities and the argmax;
 - the layout (ids, positions, segments, gather indices) is built once per request list and kept on
   the device, so a later call with the same requests (every configuration of a study) only runs the
   forwards.
@@ -33,6 +34,7 @@ import torch
 from lm_eval.api.model import LM
 from torch import Tensor
 
+from kernels.logprobs import token_logprobs
 from pipeline.lmeval import make_lm
 
 if TYPE_CHECKING:
@@ -42,8 +44,8 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 Pair = tuple[tuple[int, ...], tuple[int, ...]]  # (context ids, continuation ids)
-TOKENS_PER_ROW = 256  # a batch holds at most batch_size rows and batch_size * TOKENS_PER_ROW tokens
-LOGIT_CHUNK = 1 << 27  # logits materialized at once (positions x vocab), ~0.5 GB in float32
+TOKENS_PER_ROW = 256  # a batch holds at most batch_size * TOKENS_PER_ROW tokens (padding included)
+LOGIT_CHUNK = 1 << 28  # logits materialized at once (positions x vocab): 0.5 GB in bf16
 PAD_MULTIPLE = 8  # rows are padded to a multiple of 8 tokens (aligned attention masks, tensor cores)
 
 
@@ -196,10 +198,10 @@ class FastScorer(LM):
         )
         vocab = self.head.weight.shape[0]
         chunk = max(1, LOGIT_CHUNK // vocab)
-        budget = self.batch_size * TOKENS_PER_ROW
+        budget = self.batch_size * TOKENS_PER_ROW  # tokens, not rows: short rows fill a large forward
         return [
             batch_rows([rows[i] for i in batch], self.model.device, chunk)
-            for batch in length_batches([len(r.tokens) for r in rows], self.batch_size, max_tokens=budget)
+            for batch in length_batches([len(r.tokens) for r in rows], budget, max_tokens=budget)
         ]
 
     def layout_stats(self) -> dict[str, int]:
@@ -232,13 +234,12 @@ class FastScorer(LM):
         for batch in batches:
             hidden = self.hidden(batch)
             for start, end, first, last in batch.chunks:
-                logits = self.head(hidden[batch.scored[start:end]]).float()
-                lse, best = logits.logsumexp(-1), logits.argmax(-1)
-                pos = batch.entry_position[first:last] - start
-                target = batch.entry_target[first:last]
+                logits = self.head(hidden[batch.scored[start:end]])
+                rows = batch.entry_position[first:last] - start
+                lp, greedy = token_logprobs(logits, rows, batch.entry_target[first:last])
                 request = batch.entry_request[first:last]
-                logprob.index_add_(0, request, logits[pos, target] - lse[pos])
-                misses.index_add_(0, request, (best[pos] != target).int())
+                logprob.index_add_(0, request, lp)
+                misses.index_add_(0, request, (~greedy).int())
         return list(zip(logprob.tolist(), (misses == 0).tolist(), strict=True))
 
     def loglikelihood_rolling(self, requests: list[Instance]) -> list[float]:
@@ -332,7 +333,9 @@ def length_batches(
         if batches and len(batches[-1]) < batch_size:
             longest = lengths[batches[-1][0]]
             area = longest * (len(batches[-1]) + 1)
-            padding_ok = area - (real + length) <= max(max_padding * area, free_padding * batch_size)
+            padding_ok = area - (real + length) <= max(
+                max_padding * area, free_padding * (len(batches[-1]) + 1)
+            )
             if padding_ok and (max_tokens is None or area <= max_tokens):
                 batches[-1].append(index)
                 real += length

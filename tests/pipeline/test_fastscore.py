@@ -103,3 +103,14 @@ def test_length_batches_respect_the_token_budget():
     for batch in batches:
         assert len(batch) == 1 or lengths[batch[0]] * len(batch) <= 250
     assert batches[0] == [0]  # a row over the budget runs alone
+
+
+@pytest.mark.gpu
+def test_packed_answers_equal_hflm_on_the_gpu(tiny_neox_dir, requests):
+    """The CUDA path: SDPA with the 4-D mask and the fused log-prob kernel (float32 weights)."""
+    model, tokenizer = load_model(ModelRef(str(tiny_neox_dir)), "cuda")
+    model = model.float()
+    fast = FastScorer(model, tokenizer, batch_size=3).loglikelihood(requests)
+    hflm = make_lm(model, tokenizer, 3).loglikelihood(requests)
+    for (lp_fast, greedy_fast), (lp_hf, greedy_hf) in zip(fast, hflm, strict=True):
+        assert lp_fast == pytest.approx(lp_hf, rel=1e-3, abs=1e-3) and greedy_fast == greedy_hf
