@@ -144,6 +144,25 @@ retuned)
     study=${STUDY:-paper-ppl}
   pack_results "${STUDY:-paper-ppl}"
   ;;
-*) echo "unknown phase $phase; use study, resume, final, after, tune or retuned" >&2; exit 2 ;;
+heldout)
+  # Session 2, call 4. GPU 1: the GPU tests of the new code, then the evaluation benchmark (packed
+  # FastScorer, token batches, fused log-prob kernel, no per-matrix sync in quantize; naive baseline in
+  # the same run), then three ladder sizes; GPU 0: the other three. Then the paper grid scored on the
+  # ladder's own held-out corpus (eval=heldout_ppl) on both GPUs.
+  ( CUDA_VISIBLE_DEVICES=1 python3 -m pytest -q -m gpu -p no:cacheprovider tests/kernels/test_logprobs.py \
+      tests/pipeline/test_fastscore.py tests/pipeline/test_models.py 2>&1 | tail -4
+    CUDA_VISIBLE_DEVICES=1 timeout 200 python3 benchmarks/evaluation.py --shape pythia-410m --device cuda \
+      --limit 500 --configs 5 --naive-configs 2 --batch-size 256 --scorers fast --data-root .carry/data \
+      --out "$OUT/evaluation-h200-fused.json" >"$OUT/evaluation.log" 2>&1; echo "benchmark exit $?"
+    CUDA_VISIBLE_DEVICES=1 python3 -m pipeline.ladder "$LADDER" --size d320 --size d256 --size d192 \
+      >"$OUT/ladder-gpu1.log" 2>&1 ) &
+  CUDA_VISIBLE_DEVICES=0 python3 -m pipeline.ladder "$LADDER" --size d512 --size d384 --size d128 \
+    >"$OUT/ladder-gpu0.log" 2>&1
+  wait; tail -12 "$OUT/evaluation.log"; grep -h "validation loss" "$OUT"/ladder-gpu*.log; collect_members
+  sweep $(($(left) - 20)) -m +sweep=paper model=ladder/$LADDER eval=heldout_ppl eval.data_root=.carry/data \
+    ray.workers_per_gpu=2 study=paper-heldout
+  pack_results paper-heldout
+  ;;
+*) echo "unknown phase $phase; use study, resume, final, after, tune, retuned or heldout" >&2; exit 2 ;;
 esac
 echo "phase $phase done in $((SECONDS - start)) s"
