@@ -8,13 +8,21 @@
 #                                           # WikiText-2 alone, with a worker killed mid-sweep (see below)
 #   bash benchmarks/gpu_session.sh after    # the calls that followed 'final' on the same warm machine:
 #                                           # finish the grid, per-job overhead, the 1-vs-2-GPU pair again
+# Second session (the re-tuned ladder; four calls, 27 of the 30 device minutes):
+#   bash benchmarks/gpu_session.sh tune     # evaluation benchmark (packed FastScorer) + lr sweep at 600 steps
+#   GRID_EVAL=paper_ppl STUDY=paper-ppl bash benchmarks/gpu_session.sh retuned   # ladder split over 2 GPUs,
+#                                           # then the paper grid on WikiText-2
+#   GRID_EVAL=paper_ladder SCORER=fast STUDY=paper-zeroshot bash benchmarks/gpu_session.sh retuned
+#                                           # (the next call, on the still-warm machine: same ladder)
+#   bash benchmarks/gpu_session.sh heldout  # GPU tests, evaluation benchmark (fused path), ladder again,
+#                                           # the paper grid on the ladder's held-out corpus
 #
 # Needs (see ../shared/device/README.md): .whl/site.tar.xz (Ray, Hydra, lm-eval) and .carry/data (a copy
 # of ../shared/data), both carried. Everything stops by $BUDGET seconds (default 550) so that a 600 s
 # call returns its files: logs, benchmark JSON and a tarball of results/<study>/ under $OUT. Rows are
 # written per job, atomically, so a sweep cut at the deadline resumes where it stopped.
 set -uo pipefail
-phase=${1:?usage: gpu_session.sh study|resume|scale}
+phase=${1:?usage: gpu_session.sh study|resume|final|after|tune|retuned|heldout}
 start=$SECONDS
 budget=${BUDGET:-550}
 OUT=${OUT:-/tmp/kbit-out}
