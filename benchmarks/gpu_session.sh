@@ -139,8 +139,9 @@ tune)
 retuned)
   # Session 2, calls 2 and 3: the re-tuned ladder (1,200 steps at 2e-3), its sizes split over two GPUs
   # (each member trains under its own lock), then the paper grid on both GPUs. Call 2: GRID_EVAL=paper_ppl
-  # STUDY=paper-ppl; call 3: GRID_EVAL=paper_ladder SCORER=fast STUDY=paper-zeroshot (its own trainings,
-  # so every row of a study comes from one training of each size).
+  # STUDY=paper-ppl; call 3: GRID_EVAL=paper_ladder SCORER=fast STUDY=paper-zeroshot (it ran on the
+  # still-warm machine, whose cache kept the ladder: the same trained models as call 2; on a fresh
+  # machine it retrains, and every row of a study still comes from one training of each size).
   t=$SECONDS
   CUDA_VISIBLE_DEVICES=0 python3 -m pipeline.ladder "$LADDER" ${SIZES_GPU0:---size d512 --size d384} \
     >"$OUT/ladder-gpu0.log" 2>&1 &
