@@ -25,6 +25,20 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 SCORERS = ("hflm", "fast")
+# Architectures the packed FastScorer cannot score, found when it was built (its probe refuses them
+# too, but only after the model is loaded on a worker): refused in pre-flight when the model's local
+# config.json names them.
+UNPACKABLE = {"bloom": "its ALiBi bias is built from a 2-D mask"}
+
+
+def scorer_problems(scorer: str, has_tasks: bool, model: str, model_type: str | None) -> list[str]:
+    """A message if `scorer` cannot score `model` (of `model_type`, None: unknown) on lm-eval tasks."""
+    if scorer != "fast" or not has_tasks or model_type not in UNPACKABLE:
+        return []
+    return [
+        f"eval.scorer='fast' cannot score {model!r} ({model_type}: {UNPACKABLE[model_type]}); "
+        "use eval.scorer=hflm"
+    ]
 
 
 def _check_text_path(path: str, data_root: Path) -> None:

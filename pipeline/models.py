@@ -15,7 +15,7 @@ import math
 import re
 from collections.abc import Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor, nn
@@ -68,6 +68,18 @@ def check_model_ref(ref: ModelRef) -> None:
         )
 
 
+def local_config(name_or_path: str) -> dict[str, Any] | None:
+    """A local model directory's `config.json` as a dict; None for hub ids, ladders or unreadable files."""
+    config = Path(name_or_path).expanduser() / "config.json"
+    if not config.is_file():
+        return None
+    try:
+        fields = json.loads(config.read_text())
+    except (OSError, ValueError):
+        return None
+    return fields if isinstance(fields, dict) else None
+
+
 def max_positions(name_or_path: str) -> int | None:
     """The longest sequence a model takes, read without loading it: a ladder's `seq_len`, or a local
     directory's `config.json` (`max_position_embeddings` or `n_positions`); None when not known here."""
@@ -78,13 +90,7 @@ def max_positions(name_or_path: str) -> int | None:
             return parse_ladder_ref(name_or_path)[0].seq_len
         except (KeyError, ValueError):
             return None  # preflight reports the bad reference itself
-    config = Path(name_or_path).expanduser() / "config.json"
-    if not config.is_file():
-        return None
-    try:
-        fields = json.loads(config.read_text())
-    except (OSError, ValueError):
-        return None
+    fields = local_config(name_or_path) or {}
     for key in ("max_position_embeddings", "n_positions"):
         if isinstance(fields.get(key), int):
             return fields[key]

@@ -134,14 +134,16 @@ def _check_quant(cell: Config) -> None:
 
 
 def _check_context_fits(cell: Config) -> list[str]:
-    """Perplexity windows longer than the model's positions (known without loading it, else skipped)."""
-    from pipeline.evaluate import context_problems
-    from pipeline.models import max_positions
+    """Perplexity windows longer than the model's positions, and a scorer that cannot score the model
+    (both known without loading it, else skipped)."""
+    from pipeline.evaluate import context_problems, scorer_problems
+    from pipeline.models import local_config, max_positions
 
     name = cell.model.name_or_path
+    model_type = (local_config(name) or {}).get("model_type")
     return [
         f"eval {problem}" for problem in context_problems(cell.eval.perplexity, name, max_positions(name))
-    ]
+    ] + scorer_problems(cell.eval.scorer, bool(cell.eval.tasks), name, model_type)
 
 
 def _check_run(cell: Config) -> list[str]:
