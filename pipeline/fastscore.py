@@ -122,13 +122,16 @@ def batch_rows(rows: list[PackedRow], device: torch.device, chunk_positions: int
         (start, min(start + chunk_positions, len(scored)), bounds[i], bounds[i + 1])
         for i, start in enumerate(starts)
     )
+    position, target, request = (entry[:, i].to(device) for i in range(3))
     return PackedBatch(
-        ids.to(device),
-        positions.to(device),
-        segments.to(device),
-        torch.tensor(scored, dtype=torch.long, device=device),
-        chunks,
-        *(entry[:, i].to(device) for i in range(3)),
+        input_ids=ids.to(device),
+        position_ids=positions.to(device),
+        segments=segments.to(device),
+        scored=torch.tensor(scored, dtype=torch.long, device=device),
+        chunks=chunks,
+        entry_position=position,
+        entry_target=target,
+        entry_request=request,
         real_tokens=sum(len(r.tokens) for r in rows),
     )
 
