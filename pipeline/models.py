@@ -9,6 +9,7 @@ when embeddings are quantized too.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -240,6 +241,52 @@ def _n_params(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
+GROUP_BYTES = 256 << 20  # matrices quantized in one call at most (the stack and its output are extra memory)
+
+
+def quantization_groups(
+    weights: dict[str, Tensor], keep: dict[str, Tensor], spec: QuantSpec, max_bytes: int = GROUP_BYTES
+) -> list[list[str]]:
+    """Names of the matrices to quantize together, one kernel call a group, in first-seen order.
+
+    Matrices of one shape, dtype and device are stacked when that changes no result: a static codebook
+    (not quantile), no centering, no kept proxy columns, and blocks that never straddle two matrices.
+    On a GPU this turns ~100 small launches (and their Python) into a few; each group holds at most
+    `max_bytes` of weights. Anything else is a group of one.
+    """
+    from kernels import CODEBOOKS
+
+    stackable = not CODEBOOKS[spec.dtype].data_dependent and not spec.centering
+    groups: list[list[str]] = []
+    open_groups: dict[tuple[Any, ...], list[str]] = {}
+    for name, view in weights.items():
+        cols = keep.get(name)
+        aligned = spec.block_size is None or view.numel() % spec.block_size == 0
+        if not (stackable and aligned and view.dim() == 2 and (cols is None or cols.numel() == 0)):
+            groups.append([name])
+            continue
+        key = (tuple(view.shape), view.dtype, view.device)
+        group = open_groups.get(key)
+        if group is None or (len(group) + 1) * view.numel() * view.element_size() > max_bytes:
+            group = open_groups[key] = []
+            groups.append(group)
+        group.append(name)
+    return groups
+
+
+def _group_spec(spec: QuantSpec, views: list[Tensor]) -> QuantSpec:
+    """The spec for a stack of `views`: per-tensor scaling becomes one block per matrix."""
+    if spec.block_size is None and len(views) > 1:
+        return dataclasses.replace(spec, block_size=views[0].numel())
+    return spec
+
+
+def _raise_non_finite(names: list[str], flags: list[bool]) -> None:
+    bad = [name for name, ok in zip(names, flags, strict=True) if not ok]
+    if bad:
+        raise ValueError(f"cannot quantize {bad[:5]}: the weights hold NaN or Inf (before quantization)")
+
+
 @torch.no_grad()
 def quantize_model_(
     model: PreTrainedModel,
@@ -265,30 +312,35 @@ def quantize_model_(
 
     weights = linear_weights(model, include_embeddings=include_embeddings, include_lm_head=include_lm_head)
     keep = outlier_columns(model, outlier_fraction)
+    groups = quantization_groups(weights, keep, spec)
     n_quant = n_kept = quant_bits = 0
     finite_in: list[Tensor] = []  # checked on the device and read once at the end: no sync per matrix
     finite_out: list[Tensor] = []
-    for name, view in weights.items():
-        cols = keep.get(name)
-        finite_in.append(torch.isfinite(view).all())
-        # the fused kernel maps NaN/Inf to NaN without a host sync; the torch path must check first
-        fused = resolve_impl("auto", view, spec) == "triton"
+    for group in groups:
+        views = [weights[name] for name in group]
+        w = views[0] if len(views) == 1 else torch.stack(views)
+        ok = torch.isfinite(w).reshape(len(views), -1).all(1)
+        # the fused kernel maps NaN/Inf to NaN; the torch path cannot take them: name them first
+        if resolve_impl("auto", w, spec) != "triton":
+            _raise_non_finite(group, ok.tolist())
+        finite_in.append(ok)
+        cols = keep.get(group[0]) if len(group) == 1 else None
         try:
-            q = fake_quantize(view, spec, keep_columns=cols, check_finite=not fused)
-        except ValueError as err:  # e.g. a NaN/Inf weight (torch path), or a weight the spec cannot take
-            raise ValueError(f"cannot quantize {name} {tuple(view.shape)}: {err}") from err
-        finite_out.append(torch.isfinite(q).all())
-        view.copy_(q)
-        n_keep_cols = 0 if cols is None else cols.numel()
-        n_kept += n_keep_cols * view.shape[0]
-        n_quant += view.numel() - n_keep_cols * view.shape[0]
-        quant_bits += weight_bits(spec, tuple(view.shape), n_keep_columns=n_keep_cols)
-    flags = torch.stack(finite_in + finite_out).tolist() if weights else []
-    names = list(weights)
-    bad_in = [name for name, ok in zip(names, flags[: len(names)], strict=True) if not ok]
-    if bad_in:
-        raise ValueError(f"cannot quantize {bad_in[:5]}: the weights hold NaN or Inf (before quantization)")
-    bad = [name for name, ok in zip(names, flags[len(names) :], strict=True) if not ok]
+            q = fake_quantize(w, _group_spec(spec, views), keep_columns=cols, check_finite=False)
+        except ValueError as err:  # a weight the spec cannot take
+            raise ValueError(f"cannot quantize {group[0]} {tuple(views[0].shape)}: {err}") from err
+        finite_out.append(torch.isfinite(q).reshape(len(views), -1).all(1))
+        for view, quantized in zip(views, q.unbind(0) if len(views) > 1 else [q], strict=True):
+            view.copy_(quantized)
+        for view in views:
+            n_keep_cols = 0 if cols is None else cols.numel()
+            n_kept += n_keep_cols * view.shape[0]
+            n_quant += view.numel() - n_keep_cols * view.shape[0]
+            quant_bits += weight_bits(spec, tuple(view.shape), n_keep_columns=n_keep_cols)
+    order = [name for group in groups for name in group]
+    _raise_non_finite(order, torch.cat(finite_in).tolist() if order else [])
+    flags = torch.cat(finite_out).tolist() if order else []
+    bad = [name for name, ok_out in zip(order, flags, strict=True) if not ok_out]
     if bad:
         raise QuantizationError(f"non-finite values after quantizing with {spec}: {bad[:5]}")
     n_matrix = n_quant + n_kept

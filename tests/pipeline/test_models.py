@@ -243,7 +243,7 @@ def test_nan_after_quantization_raises(llama, monkeypatch):
     import kernels
 
     def broken(w, spec, keep_columns=None, **_):
-        return torch.full_like(w, math.nan) if w.shape == (64, 128) else w.clone()
+        return torch.full_like(w, math.nan) if w.shape[-2:] == (64, 128) else w.clone()
 
     monkeypatch.setattr(kernels, "fake_quantize", broken)
     with pytest.raises(QuantizationError, match="down_proj"):
@@ -265,3 +265,48 @@ def test_fused_path_names_a_non_finite_weight_and_matches_the_reference(tiny_mod
         model.model.layers[0].mlp.down_proj.weight[0, 0] = math.inf
     with pytest.raises(ValueError, match=r"down_proj.*NaN or Inf"):
         quantize_model_(model, spec())
+
+
+@pytest.mark.parametrize(
+    "quant",
+    [
+        dict(dtype="nf", bits=4, block_size=64),
+        dict(dtype="int", bits=3, block_size=None),
+        dict(dtype="fp", bits=5, block_size=100),  # blocks that would straddle matrices: not stacked
+        dict(dtype="dynamic", bits=4, block_size=128),
+        dict(dtype="quantile", bits=3, block_size=64),  # data-dependent codebook: not stacked
+    ],
+)
+@pytest.mark.parametrize("fraction", [0.0, 0.05])
+def test_stacked_groups_quantize_exactly_like_one_matrix_at_a_time(neox, quant, fraction, monkeypatch):
+    import copy
+
+    from kernels import QuantSpec
+    from pipeline import models
+
+    model, _ = neox
+    alone = copy.deepcopy(model)
+    spec = QuantSpec(**quant)
+    weights = models.linear_weights(model)
+    groups = models.quantization_groups(weights, models.outlier_columns(model, fraction), spec)
+    stacked = any(len(g) > 1 for g in groups)
+    assert stacked == (quant["dtype"] != "quantile" and quant["block_size"] != 100), groups
+    report = quantize_model_(model, spec, fraction)
+    monkeypatch.setattr(models, "GROUP_BYTES", 0)  # every matrix on its own
+    assert all(len(g) == 1 for g in models.quantization_groups(weights, {}, spec, max_bytes=0))
+    assert quantize_model_(alone, spec, fraction) == report
+    for (name, got), want in zip(model.named_parameters(), alone.parameters(), strict=True):
+        assert torch.equal(got, want), name
+
+
+def test_groups_respect_the_byte_cap(neox):
+    from kernels import QuantSpec
+    from pipeline import models
+
+    weights = models.linear_weights(neox[0])
+    spec = QuantSpec("nf", 4, 64)
+    one_each = max(v.numel() * v.element_size() for v in weights.values())
+    for group in models.quantization_groups(weights, {}, spec, max_bytes=2 * one_each):
+        assert sum(weights[n].numel() * weights[n].element_size() for n in group) <= 2 * one_each
+    names = [n for g in models.quantization_groups(weights, {}, spec) for n in g]
+    assert sorted(names) == sorted(weights)
