@@ -25,7 +25,6 @@ Because it is an lm-eval `LM`, lm-eval's own `evaluate` can turn its answers int
 from __future__ import annotations
 
 import itertools
-import logging
 from collections import defaultdict
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -40,8 +39,6 @@ from pipeline.lmeval import make_lm
 if TYPE_CHECKING:
     from lm_eval.api.instance import Instance
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
-
-log = logging.getLogger(__name__)
 
 Pair = tuple[tuple[int, ...], tuple[int, ...]]  # (context ids, continuation ids)
 TOKENS_PER_ROW = 256  # a batch holds at most batch_size * TOKENS_PER_ROW tokens (padding included)
@@ -93,7 +90,7 @@ class PackedBatch:
     segments: Tensor  # [rows, width]; -1 at padding
     scored: Tensor  # [P] flat indices into rows * width
     chunks: tuple[tuple[int, int, int, int], ...]  # (scored start, end, entries start, end) per LM-head chunk
-    entry_position: Tensor  # [E] index into `scored`, nondecreasing
+    entry_position: Tensor  # [E] index into its chunk's slice of `scored`
     entry_target: Tensor  # [E]
     entry_request: Tensor  # [E]
     real_tokens: int
@@ -122,6 +119,7 @@ def batch_rows(rows: list[PackedRow], device: torch.device, chunk_positions: int
         (start, min(start + chunk_positions, len(scored)), bounds[i], bounds[i + 1])
         for i, start in enumerate(starts)
     )
+    entry[:, 0] %= chunk_positions  # chunks start at multiples of chunk_positions: index within one
     position, target, request = (entry[:, i].to(device) for i in range(3))
     return PackedBatch(
         input_ids=ids.to(device),
@@ -244,7 +242,7 @@ class FastScorer(LM):
             hidden = self.hidden(batch)
             for start, end, first, last in batch.chunks:
                 logits = self.head(hidden[batch.scored[start:end]])
-                rows = batch.entry_position[first:last] - start
+                rows = batch.entry_position[first:last]
                 lp, greedy = token_logprobs(logits, rows, batch.entry_target[first:last])
                 request = batch.entry_request[first:last]
                 logprob.index_add_(0, request, lp)
@@ -270,11 +268,12 @@ def packed_logits(scorer: FastScorer, pairs: list[Pair]) -> list[Tensor]:
     """Per pair, the [len(continuation), vocab] logits predicting its tokens, from packed batches."""
     per_request: dict[int, list[Tensor]] = defaultdict(list)
     for batch in scorer.plan(pairs):
-        logits = scorer.head(scorer.hidden(batch)[batch.scored]).float()
-        for position, request in zip(
-            batch.entry_position.tolist(), batch.entry_request.tolist(), strict=True
-        ):
-            per_request[request].append(logits[position])
+        hidden = scorer.hidden(batch)
+        for start, end, first, last in batch.chunks:
+            logits = scorer.head(hidden[batch.scored[start:end]]).float()
+            rows, requests = batch.entry_position[first:last], batch.entry_request[first:last]
+            for row, request in zip(rows.tolist(), requests.tolist(), strict=True):
+                per_request[request].append(logits[row])
     return [torch.stack(per_request[i]) for i in range(len(pairs))]
 
 

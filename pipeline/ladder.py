@@ -116,9 +116,9 @@ def _remove(path: Path) -> None:
     shutil.rmtree(trash) if trash.is_dir() else trash.unlink()
 
 
-def _clean_stale(folder: Path, name: str) -> None:
-    """Drop what crashed runs left of `name` (safe: we hold the lock that guards it)."""
-    for stale in [*folder.glob(f".tmp-{name}-*"), *folder.glob(f".trash-{name}-*")]:
+def _clean_stale(folder: Path, *patterns: str) -> None:
+    """Drop what crashed runs left under `patterns` (safe: we hold the lock that guards them)."""
+    for stale in (path for pattern in patterns for path in folder.glob(pattern)):
         shutil.rmtree(stale, ignore_errors=True) if stale.is_dir() else stale.unlink(missing_ok=True)
 
 
@@ -145,10 +145,8 @@ def train_ladder(
     folder = ladder_dir(config, cache)
     wanted = tuple(sizes) if sizes is not None else config.sizes
     with _locked(folder):
-        for path in ("tokenizer", *CACHED_ARRAYS):
-            _clean_stale(folder, path)
-        for stale in folder.glob(".*.tmp"):  # prepare_data's temporaries (written under this lock)
-            shutil.rmtree(stale, ignore_errors=True) if stale.is_dir() else stale.unlink(missing_ok=True)
+        # prepare_data's temporaries and trash of the shared data (written only under this lock)
+        _clean_stale(folder, ".*.tmp", *(f".trash-{path}-*" for path in ("tokenizer", *CACHED_ARRAYS)))
         if force:
             for path in ("tokenizer", *CACHED_ARRAYS, *(s.name for s in wanted)):
                 _remove(folder / path)
@@ -162,7 +160,7 @@ def train_ladder(
         with _locked(folder, size.name):
             if (folder / size.name / METADATA_FILE).is_file():  # another process trained it meanwhile
                 continue
-            _clean_stale(folder, size.name)
+            _clean_stale(folder, f".tmp-{size.name}-*", f".trash-{size.name}-*")
             tmp = folder / f".tmp-{size.name}-{os.getpid()}"
             tmp.mkdir()
             train_member(config, size, data, tmp)
