@@ -20,7 +20,10 @@
    imports torch and lm-eval, loads the model from disk, quantizes it, wraps it in a fresh HFLM and
    runs `lm_eval.simple_evaluate` with a fresh TaskManager (lm-eval's task index plus pipeline/tasks,
    `--naive-index all`, as the CLI does) and lm-eval's default bootstrap, as one CLI run per config.
-5. Prints a table and writes JSON (device, torch version, matmul rate, every timing) to `--out`.
+5. The forward floor (FastScorer): a job's own forwards alone, back to back with no scoring, metrics,
+   restore or quantize; the overhead share of an uninstrumented job is 1 - floor / job.
+6. `--compile on|off|auto` sets `EvalSpec.compile` (torch.compile of the decoder blocks; auto: CUDA).
+7. Prints a table and writes JSON (device, torch version, matmul rate, every timing) to `--out`.
 """
 
 from __future__ import annotations
@@ -68,6 +71,7 @@ SHAPES: dict[str, dict[str, int]] = {
         vocab_size=50304,
     ),
 }
+COMPILE = {"auto": None, "on": True, "off": False}
 TOKENIZER_VOCAB = 1024
 TOKENIZER_CHARS = 300_000
 
@@ -325,6 +329,7 @@ def pipeline_runs(
     data_root: Path,
     scorers: tuple[str, ...],
     peak: float,
+    compile_blocks: bool | None = None,
 ) -> dict[str, Any]:
     """The pipeline's way: load and snapshot once, an Evaluator per scorer, then restore+quantize+run.
 
@@ -341,7 +346,9 @@ def pipeline_runs(
         snapshot = snapshot_weights(model)
     out: dict[str, Any] = {"setup": timers.reset(), "n_params": sum(p.numel() for p in model.parameters())}
     out["body_params"] = FlopModel.of(model).body_params
-    spec = EvalSpec(tasks=tasks, limit=limit, batch_size=batch_size, data_root=str(data_root))
+    spec = EvalSpec(
+        tasks=tasks, limit=limit, batch_size=batch_size, data_root=str(data_root), compile=compile_blocks
+    )
     remove = count_forwards(model, timers)
     evaluators = {}
     for scorer in scorers:
@@ -365,7 +372,25 @@ def pipeline_runs(
         lm = evaluators[scorer].suite.lm
         if hasattr(lm, "layout_stats"):
             out[scorer]["layout"] = lm.layout_stats()
+            out[scorer]["floor_s"] = forward_floor(lm, timers)
     return out
+
+
+def forward_floor(scorer: Any, timers: Timers, reps: int = 3) -> float:
+    """Seconds of a FastScorer job's forward passes alone (decoder + LM head at the scored positions,
+    back to back, synced only at the ends; median of `reps`): what a job cannot do without."""
+    import torch
+
+    times = []
+    with torch.inference_mode():
+        for _ in range(reps):
+            with timers.block("floor"):
+                for batch in scorer._plan[1]:
+                    hidden = scorer.hidden(batch)
+                    for start, end, _, _ in batch.chunks:
+                        scorer.head(hidden[batch.scored[start:end]])
+            times.append(timers.reset()["floor_s"])
+    return statistics.median(times)
 
 
 def timed_job(
@@ -529,6 +554,9 @@ def summary(result: dict[str, Any]) -> dict[str, Any]:
                 "mfu_job_clean": steady["forward_flops"] / clean_s / result["matmul"]["flops"],
                 "speedup_clean": naive_s / clean_s if naive_s else None,
             }
+            floor = pipe[scorer].get("floor_s")
+            if floor:  # the job's own forwards, back to back: the rest of a clean job is overhead
+                out[scorer] |= {"floor_s": floor, "overhead_share_clean": 1 - floor / clean_s}
     return out
 
 
@@ -545,7 +573,8 @@ def render(result: dict[str, Any]) -> str:
     lines = [
         f"{result['device']}; matmul {result['matmul']['flops'] / 1e9:.1f} GFLOP/s "
         f"({result['matmul']['dtype']} {result['matmul']['n']}^2); model {pipe['n_params']:,} params; "
-        f"load {pipe['setup']['load_s']:.3f} s, snapshot {pipe['setup']['snapshot_s']:.4f} s",
+        f"load {pipe['setup']['load_s']:.3f} s, snapshot {pipe['setup']['snapshot_s']:.4f} s; "
+        f"decoder blocks compiled: {result['settings'].get('compile', 'off')}",
         "",
     ]
     phases = [
@@ -611,12 +640,20 @@ def render(result: dict[str, Any]) -> str:
         "",
         "Uninstrumented (the same configs again, device synced only around each job):",
         "",
-        "| scorer | s/config | configs/hour | MFU over the whole job | speed-up |",
-        "|---|---|---|---|---|",
+        "| scorer | s/config | configs/hour | MFU over the whole job | speed-up | forwards alone s "
+        "| overhead share (1 - forwards alone / job) |",
+        "|---|---|---|---|---|---|---|",
     ]
     for s in scorers:
         h = result["summary"][s]
-        keys = ["s_per_config_clean", "configs_per_hour_clean", "mfu_job_clean", "speedup_clean"]
+        keys = [
+            "s_per_config_clean",
+            "configs_per_hour_clean",
+            "mfu_job_clean",
+            "speedup_clean",
+            "floor_s",
+            "overhead_share_clean",
+        ]
         lines.append(f"| {s} | " + " | ".join(fmt(h.get(k)) for k in keys) + " |")
     return "\n".join(lines)
 
@@ -630,6 +667,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--configs", type=int, default=3, help="quantization configs (first N of CONFIGS)")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--scorers", default="hflm,fast", help="pipeline scorers to time")
+    parser.add_argument(
+        "--compile",
+        choices=sorted(COMPILE),
+        default="auto",
+        help="torch.compile the decoder blocks (EvalSpec.compile): auto = on CUDA only",
+    )
     parser.add_argument("--naive", choices=["process", "inprocess", "none"], default="process")
     parser.add_argument("--naive-configs", type=int, default=None, help="naive runs (default: --configs)")
     parser.add_argument(
@@ -685,6 +728,7 @@ def main(argv: list[str] | None = None) -> int:
             "configs": args.configs,
             "batch_size": args.batch_size,
             "scorers": scorers,
+            "compile": args.compile,
             "naive": args.naive,
             "naive_index": args.naive_index,
             "naive_bootstrap": args.naive_bootstrap,
@@ -704,6 +748,7 @@ def main(argv: list[str] | None = None) -> int:
             data_root,
             scorers,
             result["matmul"]["flops"],
+            COMPILE[args.compile],
         )
         save(result, args.out)  # a run cut short by a time limit keeps what finished
         if args.naive != "none":

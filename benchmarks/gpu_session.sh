@@ -16,13 +16,15 @@
 #                                           # (the next call, on the still-warm machine: same ladder)
 #   bash benchmarks/gpu_session.sh heldout  # GPU tests, evaluation benchmark (fused path), ladder again,
 #                                           # the paper grid on the ladder's held-out corpus
+# Third session (one H200):
+#   bash benchmarks/gpu_session.sh compile  # GPU tests, evaluation benchmark compiled and eager
 #
 # Needs (see ../shared/device/README.md): .whl/site.tar.xz (Ray, Hydra, lm-eval) and .carry/data (a copy
 # of ../shared/data), both carried. Everything stops by $BUDGET seconds (default 550) so that a 600 s
 # call returns its files: logs, benchmark JSON and a tarball of results/<study>/ under $OUT. Rows are
 # written per job, atomically, so a sweep cut at the deadline resumes where it stopped.
 set -uo pipefail
-phase=${1:?usage: gpu_session.sh study|resume|final|after|tune|retuned|heldout}
+phase=${1:?usage: gpu_session.sh study|resume|final|after|tune|retuned|heldout|compile}
 start=$SECONDS
 budget=${BUDGET:-550}
 OUT=${OUT:-/tmp/kbit-out}
@@ -172,6 +174,21 @@ heldout)
     ray.workers_per_gpu=2 study=paper-heldout
   pack_results paper-heldout
   ;;
-*) echo "unknown phase $phase; use study, resume, final, after, tune, retuned or heldout" >&2; exit 2 ;;
+compile)
+  # Session 3, call 1 (one H200): the GPU tests, then the evaluation benchmark with the decoder blocks
+  # compiled (naive baseline in the same run) and without (eager, no naive runs).
+  export TORCHINDUCTOR_CACHE_DIR=/tmp/inductor
+  python3 -m pytest -q -m gpu -p no:cacheprovider tests/kernels/test_logprobs.py tests/pipeline/test_fastscore.py \
+    tests/pipeline/test_models.py 2>&1 | tail -4
+  bench() {  # bench <name> <timeout> <args...>
+    local name=$1 seconds=$2; shift 2
+    timeout "$seconds" python3 benchmarks/evaluation.py --shape pythia-410m --device cuda --limit 500 \
+      --configs 5 --batch-size 256 --scorers fast --data-root .carry/data --out "$OUT/evaluation-h200-$name.json" \
+      "$@" >"$OUT/evaluation-$name.log" 2>&1; echo "benchmark $name exit $?"; tail -9 "$OUT/evaluation-$name.log"
+  }
+  bench compiled $(($(left) - 100)) --compile on --naive-configs 2
+  bench eager $(($(left) - 5)) --compile off --naive none
+  ;;
+*) echo "unknown phase $phase; use study, resume, final, after, tune, retuned, heldout or compile" >&2; exit 2 ;;
 esac
 echo "phase $phase done in $((SECONDS - start)) s"

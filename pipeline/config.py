@@ -76,6 +76,8 @@ class EvalConfig:
     data_root: str = "../shared/data"  # relative to the project root
     # "hflm" (lm-eval's HFLM + evaluate) or "fast" (FastScorer + pipeline.fastmetrics: same values)
     scorer: str = "hflm"
+    # torch.compile the decoder blocks once per resident model: null (auto: on CUDA only), true, false
+    compile: bool | None = None
 
 
 @dataclass
@@ -203,6 +205,7 @@ def eval_spec(evals: EvalConfig) -> EvalSpec:
         batch_size=evals.batch_size,
         data_root=str(project_path(evals.data_root)),
         scorer=evals.scorer,
+        compile=evals.compile,
     )
 
 

@@ -41,6 +41,11 @@ def scorer_problems(scorer: str, has_tasks: bool, model: str, model_type: str | 
     ]
 
 
+def should_compile(setting: bool | None, device_type: str) -> bool:
+    """`EvalSpec.compile` resolved for a device: None (auto) compiles on CUDA only."""
+    return device_type == "cuda" if setting is None else setting
+
+
 def _check_text_path(path: str, data_root: Path) -> None:
     from pipeline.corpus import HELDOUT
 
@@ -65,6 +70,8 @@ def check_eval_spec(spec: EvalSpec) -> None:
         raise ValueError(f"batch_size must be >= 1, got {spec.batch_size}")
     if spec.scorer not in SCORERS:
         raise ValueError(f"scorer {spec.scorer!r} unknown; allowed: {', '.join(map(repr, SCORERS))}")
+    if spec.compile not in (None, True, False):
+        raise ValueError(f"compile must be true, false or null (auto: on CUDA only), got {spec.compile!r}")
     if spec.limit is not None and spec.limit < 1:
         raise ValueError(f"limit must be >= 1 or None, got {spec.limit}")
     names = [p.name for p in spec.perplexity] + list(spec.tasks)
@@ -121,6 +128,10 @@ class Evaluator:
         check_context_fits(spec, model)
         scorer = scorer or spec.scorer
         self.model, self.spec = model, spec
+        if should_compile(spec.compile, model.device.type):
+            from pipeline.models import compile_layers
+
+            log.info("compiled %d decoder blocks", compile_layers(model))
         data_root = Path(spec.data_root).expanduser().resolve()
         self.texts = tuple(
             tokenize_text(p, resolve_text(p.path, data_root), tokenizer, spec.batch_size, model.device)

@@ -24,6 +24,9 @@ from pipeline.ladder_configs import LADDER_PREFIX
 from pipeline.results import SCHEMA_VERSION
 from pipeline.specs import EvalSpec, ModelRef
 
+# EvalSpec fields that change where inputs are read or how fast, not the numbers: kept out of the key
+EVAL_NOT_KEYED = frozenset({"data_root", "compile"})
+
 if TYPE_CHECKING:
     from kernels import QuantSpec
 
@@ -95,12 +98,14 @@ class Job:
 
 @functools.lru_cache(maxsize=4096)
 def _plain(spec: Any) -> dict[str, Any]:
-    """`dataclasses.asdict` of a frozen spec (an EvalSpec without its data_root), memoized.
+    """`dataclasses.asdict` of a frozen spec (an EvalSpec without data_root and compile), memoized.
 
     A 35,000-job grid has few distinct specs. The returned dict is shared: read it, never modify it.
     """
     plain = dataclasses.asdict(spec)
-    return {k: v for k, v in plain.items() if k != "data_root"} if isinstance(spec, EvalSpec) else plain
+    if isinstance(spec, EvalSpec):
+        return {k: v for k, v in plain.items() if k not in EVAL_NOT_KEYED}
+    return plain
 
 
 @functools.lru_cache(maxsize=4096)

@@ -59,9 +59,10 @@ def test_key_changes_with_what_changes_the_numbers(change: str):
     assert one_job("model.name_or_path=org/m", change).key != base.key
 
 
-def test_key_ignores_study_and_data_root(tmp_path: Path):
+def test_key_ignores_study_data_root_and_compile(tmp_path: Path):
     base = one_job("model.name_or_path=org/m")
     assert one_job("model.name_or_path=org/m", "study=other").key == base.key
+    assert one_job("model.name_or_path=org/m", "eval.compile=true").key == base.key
     assert one_job("model.name_or_path=org/m", f"eval.data_root={tmp_path}").key == base.key
 
 

@@ -310,3 +310,19 @@ def test_groups_respect_the_byte_cap(neox):
         assert sum(weights[n].numel() * weights[n].element_size() for n in group) <= 2 * one_each
     names = [n for g in models.quantization_groups(weights, {}, spec) for n in g]
     assert sorted(names) == sorted(weights)
+
+
+def test_decoder_layers_are_the_repeated_blocks(llama, neox):
+    from pipeline.models import decoder_layers
+
+    assert [type(m).__name__ for m in decoder_layers(llama[0])] == ["LlamaDecoderLayer"] * 2
+    assert decoder_layers(neox[0]) == list(neox[0].gpt_neox.layers)
+    gpt2 = tiny_gpt2()
+    assert decoder_layers(gpt2) == list(gpt2.transformer.h)
+
+
+def test_compile_layers_refuses_a_model_without_blocks():
+    from pipeline.models import compile_layers
+
+    with pytest.raises(ValueError, match="no repeated decoder blocks"):
+        compile_layers(torch.nn.Sequential(torch.nn.Linear(2, 2)))
