@@ -17,7 +17,8 @@
 #   bash benchmarks/gpu_session.sh heldout  # GPU tests, evaluation benchmark (fused path), ladder again,
 #                                           # the paper grid on the ladder's held-out corpus
 # Third session (one H200):
-#   bash benchmarks/gpu_session.sh compile  # GPU tests, evaluation benchmark compiled and eager
+#   EAGER=1 bash benchmarks/gpu_session.sh compile  # GPU tests, evaluation benchmark compiled and eager
+#   bash benchmarks/gpu_session.sh compile  # GPU tests, forward profile, evaluation benchmark (compiled)
 #
 # Needs (see ../shared/device/README.md): .whl/site.tar.xz (Ray, Hydra, lm-eval) and .carry/data (a copy
 # of ../shared/data), both carried. Everything stops by $BUDGET seconds (default 550) so that a 600 s
@@ -186,8 +187,14 @@ compile)
       --configs 5 --batch-size 256 --scorers fast --data-root .carry/data --out "$OUT/evaluation-h200-$name.json" \
       "$@" >"$OUT/evaluation-$name.log" 2>&1; echo "benchmark $name exit $?"; tail -9 "$OUT/evaluation-$name.log"
   }
-  bench compiled $(($(left) - 100)) --compile on --naive-configs 2
-  bench eager $(($(left) - 5)) --compile off --naive none
+  if [ -n "${EAGER:-}" ]; then  # call 1 (compile_layers then compiled every size dynamic)
+    bench compiled $(($(left) - 100)) --compile on --naive-configs 2
+    bench eager $(($(left) - 5)) --compile off --naive none
+  else  # call 3: where the forward's time goes (eager, compiled three ways), then the benchmark
+    python3 benchmarks/forward_profile.py --device cuda --out "$OUT/forward-profile-h200.json" 2>&1 \
+      | grep -v -i warn | grep -A40 "^NVIDIA"
+    bench compiled $(($(left) - 5)) --compile on --naive-configs 2
+  fi
   ;;
 *) echo "unknown phase $phase; use study, resume, final, after, tune, retuned, heldout or compile" >&2; exit 2 ;;
 esac

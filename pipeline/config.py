@@ -76,7 +76,8 @@ class EvalConfig:
     data_root: str = "../shared/data"  # relative to the project root
     # "hflm" (lm-eval's HFLM + evaluate) or "fast" (FastScorer + pipeline.fastmetrics: same values)
     scorer: str = "hflm"
-    # torch.compile the decoder blocks once per resident model: null (auto: on CUDA only), true, false
+    # torch.compile the decoder blocks once per resident model: null (auto: on CUDA, except for lm-eval
+    # tasks scored by hflm), true, false. Not in the job key: it changes speed, not the numbers.
     compile: bool | None = None
 
 

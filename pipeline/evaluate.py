@@ -41,9 +41,13 @@ def scorer_problems(scorer: str, has_tasks: bool, model: str, model_type: str | 
     ]
 
 
-def should_compile(setting: bool | None, device_type: str) -> bool:
-    """`EvalSpec.compile` resolved for a device: None (auto) compiles on CUDA only."""
-    return device_type == "cuda" if setting is None else setting
+def should_compile(setting: bool | None, device_type: str, scorer: str, has_tasks: bool) -> bool:
+    """`EvalSpec.compile` resolved: None (auto) compiles on CUDA when every forward has a planned
+    shape (FastScorer's batches, perplexity windows): HFLM's batch widths vary batch by batch, and a
+    compiled block compiles once per width."""
+    if setting is not None:
+        return setting
+    return device_type == "cuda" and (scorer == "fast" or not has_tasks)
 
 
 def _check_text_path(path: str, data_root: Path) -> None:
@@ -128,7 +132,7 @@ class Evaluator:
         check_context_fits(spec, model)
         scorer = scorer or spec.scorer
         self.model, self.spec = model, spec
-        if should_compile(spec.compile, model.device.type):
+        if should_compile(spec.compile, model.device.type, scorer, bool(spec.tasks)):
             from pipeline.models import compile_layers
 
             log.info("compiled %d decoder blocks", compile_layers(model))

@@ -49,7 +49,8 @@ class EvalSpec:
     # "hflm": lm-eval's HFLM + lm-eval's evaluate (the reference); "fast": pipeline.fastscore's scorer +
     # pipeline.fastmetrics (lm-eval's exact metric values; lm-eval's evaluate for tasks it cannot plan)
     scorer: str = "hflm"
-    # torch.compile the decoder blocks before scoring (`models.compile_layers`); None: on CUDA only.
+    # torch.compile the decoder blocks before scoring (`models.compile_layers`); None (auto): on CUDA,
+    # unless lm-eval tasks are scored by HFLM (its batch widths vary: a compile per width).
     # Not in the job key (like data_root): it changes speed, and the numbers only by bf16 rounding.
     compile: bool | None = None
 

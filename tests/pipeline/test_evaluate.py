@@ -168,3 +168,20 @@ def test_text_too_short(llama):
     model, tokenizer = llama
     with pytest.raises(ValueError, match="fewer than 2 tokens"):
         tokenize_text(ppl_spec(), "", tokenizer, 4, model.device)
+
+
+@pytest.mark.parametrize(
+    ("setting", "device", "scorer", "tasks", "want"),
+    [
+        (None, "cuda", "fast", True, True),
+        (None, "cuda", "hflm", False, True),  # perplexity only: fixed windows
+        (None, "cuda", "hflm", True, False),  # HFLM's widths vary batch by batch
+        (None, "cpu", "fast", True, False),
+        (True, "cpu", "hflm", True, True),
+        (False, "cuda", "fast", True, False),
+    ],
+)
+def test_compile_auto_is_on_for_planned_shapes_on_cuda(setting, device, scorer, tasks, want):
+    from pipeline.evaluate import should_compile
+
+    assert should_compile(setting, device, scorer, tasks) is want

@@ -133,7 +133,7 @@ def compiled_answers_match(model_dir, requests, device: str, rel: float) -> None
     restore_weights_(model, snapshot)
 
     assert compile_layers(model) == model.config.num_hidden_layers
-    scorer = FastScorer(model, tokenizer, batch_size=3)
+    scorer = FastScorer(model, tokenizer, batch_size=3)  # the probe's shapes, then several batch widths
     got = [scorer.loglikelihood(requests)]
     graphs = counters["stats"]["unique_graphs"]
     quantize_model_(model, QuantSpec("nf", 4, 64))
