@@ -145,7 +145,7 @@ def decoder_layers(model: nn.Module) -> list[nn.Module]:
 
 # Compiled blocks get one graph per batch width (rows are dynamic): allow many widths before dynamo
 # gives up and runs a new width eagerly (still correct, only slower).
-COMPILE_LIMITS = {
+COMPILE_LIMITS: dict[str, Any] = {
     "automatic_dynamic_shapes": False,
     "recompile_limit": 512,
     "accumulated_recompile_limit": 4096,
@@ -171,7 +171,7 @@ def compile_layers(model: nn.Module) -> int:
     forward = torch.compile(type(layers[0]).forward)
     for layer in layers:
         if not isinstance(layer.forward, functools.partial):
-            layer.forward = functools.partial(_rows_dynamic, forward, layer)  # type: ignore[method-assign]
+            layer.forward = functools.partial(_rows_dynamic, forward, layer)
     return len(layers)
 
 
@@ -183,7 +183,7 @@ def _rows_dynamic(compiled: Any, layer: nn.Module, *args: Any, **kwargs: Any) ->
         for tensor in value if isinstance(value, tuple) else (value,):
             if isinstance(tensor, Tensor) and tensor.dim() and tensor.shape[0] == rows:
                 torch._dynamo.maybe_mark_dynamic(tensor, 0)
-    with torch._dynamo.config.patch(**COMPILE_LIMITS):
+    with torch._dynamo.config.patch(COMPILE_LIMITS):
         return compiled(layer, *args, **kwargs)
 
 
