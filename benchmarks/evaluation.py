@@ -330,6 +330,7 @@ def pipeline_runs(
     scorers: tuple[str, ...],
     peak: float,
     compile_blocks: bool | None = None,
+    profile_job: bool = False,
 ) -> dict[str, Any]:
     """The pipeline's way: load and snapshot once, an Evaluator per scorer, then restore+quantize+run.
 
@@ -367,6 +368,9 @@ def pipeline_runs(
         out[scorer]["clean_jobs_s"] = [
             clean_job(model, snapshot, quant, evaluators[scorer], timers) for quant in quant_specs(n_configs)
         ]
+    if profile_job and device.startswith("cuda"):
+        for scorer in scorers:
+            out[scorer]["job_profile"] = job_profile(model, snapshot, quant_specs(2)[1], evaluators[scorer])
     for scorer in scorers:
         out[scorer]["steady"] = steady_state(out[scorer]["jobs"])
         lm = evaluators[scorer].suite.lm
@@ -374,6 +378,46 @@ def pipeline_runs(
             out[scorer]["layout"] = lm.layout_stats()
             out[scorer]["floor_s"] = forward_floor(lm, timers)
     return out
+
+
+def job_profile(model: Any, snapshot: Any, quant: Any, evaluator: Any) -> dict[str, Any]:
+    """One uninstrumented job under torch.profiler: wall seconds, GPU kernel seconds by class, and the
+    GPU's idle time (wall minus kernel time: launch latency, host syncs, CPU work the GPU waits for)."""
+    import torch
+    from torch.profiler import ProfilerActivity
+
+    from benchmarks.forward_profile import kernel_class
+    from pipeline.models import quantize_model_, restore_weights_
+
+    restore_weights_(model, snapshot)
+    quantize_model_(model, quant)
+    evaluator.run()  # warm
+    torch.cuda.synchronize()
+    with torch.profiler.profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        start = time.perf_counter()
+        restore_weights_(model, snapshot)
+        quantize_model_(model, quant)
+        evaluator.run()
+        torch.cuda.synchronize()
+        wall = time.perf_counter() - start
+    by_class: dict[str, float] = defaultdict(float)
+    cpu_ops = []
+    for event in prof.key_averages():
+        if event.device_time_total > 0 and not event.key.startswith(
+            ("aten::", "cuda", "Torch-Compiled", "##")
+        ):
+            by_class[kernel_class(event.key)] += event.device_time_total / 1e6
+        if event.self_cpu_time_total > 0:
+            cpu_ops.append((event.self_cpu_time_total / 1e6, event.count, event.key[:100]))
+    cpu_ops.sort(reverse=True)
+    busy = sum(by_class.values())
+    return {
+        "wall_s": wall,
+        "kernel_s": busy,
+        "idle_s": wall - busy,
+        "by_class": dict(by_class),
+        "top_cpu_self": cpu_ops[:25],
+    }
 
 
 def forward_floor(scorer: Any, timers: Timers, reps: int = 3) -> float:
@@ -655,6 +699,15 @@ def render(result: dict[str, Any]) -> str:
             "overhead_share_clean",
         ]
         lines.append(f"| {s} | " + " | ".join(fmt(h.get(k)) for k in keys) + " |")
+    for s in scorers:
+        prof = pipe[s].get("job_profile")
+        if prof:
+            classes = ", ".join(f"{k} {v * 1e3:.1f}" for k, v in sorted(prof["by_class"].items()))
+            lines += [
+                "",
+                f"One {s} job under the profiler: wall {prof['wall_s'] * 1e3:.1f} ms, GPU kernels "
+                f"{prof['kernel_s'] * 1e3:.1f} ms ({classes}), GPU idle {prof['idle_s'] * 1e3:.1f} ms",
+            ]
     return "\n".join(lines)
 
 
@@ -673,6 +726,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         default="auto",
         help="torch.compile the decoder blocks (EvalSpec.compile): auto = on CUDA only",
     )
+    parser.add_argument("--profile-job", action="store_true", help="profile one job (CUDA): GPU idle time")
     parser.add_argument("--naive", choices=["process", "inprocess", "none"], default="process")
     parser.add_argument("--naive-configs", type=int, default=None, help="naive runs (default: --configs)")
     parser.add_argument(
@@ -749,6 +803,7 @@ def main(argv: list[str] | None = None) -> int:
             scorers,
             result["matmul"]["flops"],
             COMPILE[args.compile],
+            args.profile_job,
         )
         save(result, args.out)  # a run cut short by a time limit keeps what finished
         if args.naive != "none":
