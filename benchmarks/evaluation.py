@@ -370,7 +370,12 @@ def pipeline_runs(
         ]
     if profile_job and device.startswith("cuda"):
         for scorer in scorers:
-            out[scorer]["job_profile"] = job_profile(model, snapshot, quant_specs(2)[1], evaluators[scorer])
+            try:
+                out[scorer]["job_profile"] = job_profile(
+                    model, snapshot, quant_specs(2)[1], evaluators[scorer]
+                )
+            except Exception as err:  # a profiler problem must not cost the run's other numbers
+                out[scorer]["job_profile_error"] = repr(err)
     for scorer in scorers:
         out[scorer]["steady"] = steady_state(out[scorer]["jobs"])
         lm = evaluators[scorer].suite.lm
