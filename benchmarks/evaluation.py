@@ -21,7 +21,8 @@
    runs `lm_eval.simple_evaluate` with a fresh TaskManager (lm-eval's task index plus pipeline/tasks,
    `--naive-index all`, as the CLI does) and lm-eval's default bootstrap, as one CLI run per config.
 5. The forward floor (FastScorer): a job's own forwards alone, back to back with no scoring, metrics,
-   restore or quantize; the overhead share of an uninstrumented job is 1 - floor / job.
+   restore or quantize, run right after each uninstrumented job (pairs, so clock drift cancels); the
+   overhead share of an uninstrumented job is 1 - median floor / median job.
 6. `--compile on|off|auto` sets `EvalSpec.compile` (torch.compile of the decoder blocks; auto: CUDA).
 7. Prints a table and writes JSON (device, torch version, matmul rate, every timing) to `--out`.
 """
@@ -365,9 +366,16 @@ def pipeline_runs(
             out[scorer]["jobs"].append(job)
     remove()
     for scorer in scorers:  # the same jobs again without the hooks' syncs: the time a study sees
-        out[scorer]["clean_jobs_s"] = [
-            clean_job(model, snapshot, quant, evaluators[scorer], timers) for quant in quant_specs(n_configs)
-        ]
+        lm = evaluators[scorer].suite.lm
+        clean, floors = [], []
+        for quant in quant_specs(n_configs):  # each job paired with its forwards alone: drift cancels
+            clean.append(clean_job(model, snapshot, quant, evaluators[scorer], timers))
+            if hasattr(lm, "layout_stats"):
+                floors.append(forward_floor(lm, timers, reps=1))
+        out[scorer]["clean_jobs_s"] = clean
+        if floors:
+            out[scorer]["floors_s"] = floors
+            out[scorer]["floor_s"] = statistics.median(floors)
     if profile_job and device.startswith("cuda"):
         for scorer in scorers:
             try:
@@ -381,7 +389,6 @@ def pipeline_runs(
         lm = evaluators[scorer].suite.lm
         if hasattr(lm, "layout_stats"):
             out[scorer]["layout"] = lm.layout_stats()
-            out[scorer]["floor_s"] = forward_floor(lm, timers)
     return out
 
 
@@ -389,6 +396,7 @@ def job_profile(model: Any, snapshot: Any, quant: Any, evaluator: Any) -> dict[s
     """One uninstrumented job under torch.profiler: wall seconds, GPU kernel seconds by class, and the
     GPU's idle time (wall minus kernel time: launch latency, host syncs, CPU work the GPU waits for)."""
     import torch
+    from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity
 
     from benchmarks.forward_profile import kernel_class
@@ -408,9 +416,7 @@ def job_profile(model: Any, snapshot: Any, quant: Any, evaluator: Any) -> dict[s
     by_class: dict[str, float] = defaultdict(float)
     cpu_ops = []
     for event in prof.key_averages():
-        if event.device_time_total > 0 and not event.key.startswith(
-            ("aten::", "cuda", "Torch-Compiled", "##")
-        ):
+        if event.device_type == DeviceType.CUDA:  # kernels and copies, each counted once
             by_class[kernel_class(event.key)] += event.device_time_total / 1e6
         if event.self_cpu_time_total > 0:
             cpu_ops.append((event.self_cpu_time_total / 1e6, event.count, event.key[:100]))

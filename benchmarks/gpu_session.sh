@@ -17,8 +17,9 @@
 #   bash benchmarks/gpu_session.sh heldout  # GPU tests, evaluation benchmark (fused path), ladder again,
 #                                           # the paper grid on the ladder's held-out corpus
 # Third session (one H200):
-#   EAGER=1 bash benchmarks/gpu_session.sh compile  # GPU tests, evaluation benchmark compiled and eager
-#   bash benchmarks/gpu_session.sh compile  # GPU tests, forward profile, evaluation benchmark (compiled)
+#   EAGER=1 bash benchmarks/gpu_session.sh compile    # GPU tests, evaluation benchmark compiled and eager
+#   PROFILE=1 bash benchmarks/gpu_session.sh compile  # forward profile, evaluation benchmark (compiled)
+#   bash benchmarks/gpu_session.sh compile            # GPU tests, evaluation benchmark (compiled, profiled)
 #
 # Needs (see ../shared/device/README.md): .whl/site.tar.xz (Ray, Hydra, lm-eval) and .carry/data (a copy
 # of ../shared/data), both carried. Everything stops by $BUDGET seconds (default 550) so that a 600 s
@@ -176,24 +177,29 @@ heldout)
   pack_results paper-heldout
   ;;
 compile)
-  # Session 3, call 1 (one H200): the GPU tests, then the evaluation benchmark with the decoder blocks
-  # compiled (naive baseline in the same run) and without (eager, no naive runs).
+  # Session 3 (one H200). Call 1 (EAGER=1): the GPU tests, then the evaluation benchmark with the decoder
+  # blocks compiled every size dynamic (naive baseline in the same run) and eager. Call 3 (PROFILE=1):
+  # the forward profile (eager, compiled three ways), then the benchmark as compile_layers does it now.
+  # Last call (neither): the GPU tests, then the benchmark with its forwards-alone pairs and one job
+  # under the profiler.
   export TORCHINDUCTOR_CACHE_DIR=/tmp/inductor
-  python3 -m pytest -q -m gpu -p no:cacheprovider tests/kernels/test_logprobs.py tests/pipeline/test_fastscore.py \
-    tests/pipeline/test_models.py 2>&1 | tail -4
+  [ -n "${PROFILE:-}" ] || python3 -m pytest -q -m gpu -p no:cacheprovider tests/kernels/test_logprobs.py \
+    tests/pipeline/test_fastscore.py tests/pipeline/test_models.py tests/pipeline/test_evaluate.py 2>&1 | tail -4
   bench() {  # bench <name> <timeout> <args...>
     local name=$1 seconds=$2; shift 2
     timeout "$seconds" python3 benchmarks/evaluation.py --shape pythia-410m --device cuda --limit 500 \
       --configs 5 --batch-size 256 --scorers fast --data-root .carry/data --out "$OUT/evaluation-h200-$name.json" \
-      "$@" >"$OUT/evaluation-$name.log" 2>&1; echo "benchmark $name exit $?"; tail -9 "$OUT/evaluation-$name.log"
+      "$@" >"$OUT/evaluation-$name.log" 2>&1; echo "benchmark $name exit $?"; tail -11 "$OUT/evaluation-$name.log"
   }
-  if [ -n "${EAGER:-}" ]; then  # call 1 (compile_layers then compiled every size dynamic)
+  if [ -n "${EAGER:-}" ]; then
     bench compiled $(($(left) - 100)) --compile on --naive-configs 2
     bench eager $(($(left) - 5)) --compile off --naive none
-  else  # call 3: where the forward's time goes (eager, compiled three ways), then the benchmark
+  elif [ -n "${PROFILE:-}" ]; then
     python3 benchmarks/forward_profile.py --device cuda --out "$OUT/forward-profile-h200.json" 2>&1 \
       | grep -v -i warn | grep -A40 "^NVIDIA"
     bench compiled $(($(left) - 5)) --compile on --naive-configs 2
+  else
+    bench compiled $(($(left) - 5)) --compile on --naive-configs 2 --profile-job
   fi
   ;;
 *) echo "unknown phase $phase; use study, resume, final, after, tune, retuned, heldout or compile" >&2; exit 2 ;;

@@ -123,6 +123,7 @@ def test_baseline_and_restore_reproduce_metrics_exactly(tiny_model_dir, data_roo
         ({"perplexity": (ppl_spec(stride=0),)}, ValueError, "stride"),
         ({"perplexity": (ppl_spec(max_tokens=1),)}, ValueError, "max_tokens"),
         ({"perplexity": (ppl_spec(), ppl_spec())}, ValueError, "duplicate"),
+        ({"compile": "yes"}, ValueError, "compile must be true, false or null"),
     ],
 )
 def test_check_eval_spec_rejects(data_root, change, error, match):
@@ -185,3 +186,22 @@ def test_compile_auto_is_on_for_planned_shapes_on_cuda(setting, device, scorer, 
     from pipeline.evaluate import should_compile
 
     assert should_compile(setting, device, scorer, tasks) is want
+
+
+@pytest.mark.gpu
+def test_compiled_perplexity_equals_eager_on_the_gpu(tiny_neox_dir, data_root):
+    """Auto compile on CUDA (perplexity only): the same nats as eager, float32 weights."""
+    from pipeline.models import is_compiled
+
+    spec = EvalSpec(
+        perplexity=(ppl_spec(max_tokens=3000, context_length=128, stride=96),),
+        data_root=str(data_root),
+        batch_size=4,
+    )
+    eager_model, tokenizer = load_model(ModelRef(str(tiny_neox_dir)), "cuda")
+    eager = Evaluator(eager_model.float(), tokenizer, replace(spec, compile=False)).run()
+    model, _ = load_model(ModelRef(str(tiny_neox_dir)), "cuda")
+    evaluator = Evaluator(model.float(), tokenizer, spec)
+    assert is_compiled(model) and not is_compiled(eager_model)
+    for got, want in zip(evaluator.run(), eager, strict=True):
+        assert got.value == pytest.approx(want.value, rel=1e-4)
