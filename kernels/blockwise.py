@@ -32,7 +32,9 @@ from kernels.codebooks import (
     CODEBOOKS,
     QUANTILE_MAX_SAMPLE,
     Levels,
+    levels_from_value_rows,
     levels_from_values,
+    quantile_value_rows,
     quantile_values,
     static_levels,
 )
@@ -155,6 +157,21 @@ def quantile_sample(w: Tensor, block_size: int | None, centering: bool = False) 
     return normalize_rows(rows, count, centering)[0].reshape(-1)
 
 
+def quantile_levels(ws: Sequence[Tensor], spec: QuantSpec) -> list[Levels]:
+    """`levels_for(w, spec)` of each of same-shaped tensors `ws` for a quantile spec, in one batch.
+
+    Equal bit for bit to one call per tensor (a test checks); the G samples are sorted in one call.
+    """
+    if not CODEBOOKS[spec.dtype].data_dependent:
+        raise ValueError(f"quantile_levels needs a data-dependent dtype, got {spec.dtype!r}")
+    if len({tuple(w.shape) for w in ws}) > 1:
+        raise ValueError(
+            f"quantile_levels needs same-shaped tensors, got {sorted({tuple(w.shape) for w in ws})}"
+        )
+    samples = torch.stack([quantile_sample(w, spec.block_size, spec.centering) for w in ws])
+    return levels_from_value_rows(quantile_value_rows(samples, spec.bits))
+
+
 def levels_for(w: Tensor, spec: QuantSpec) -> Levels:
     """The codebook levels to quantize `w` with, on w's device (cached unless data-dependent)."""
     if CODEBOOKS[spec.dtype].data_dependent:
@@ -231,6 +248,7 @@ def fake_quantize(
     *,
     impl: Impl = "auto",
     check_finite: bool = True,
+    levels: Levels | None = None,
 ) -> Tensor:
     """Quantize and dequantize `w` (the hot path). Same shape and torch dtype as `w`.
 
@@ -243,11 +261,15 @@ def fake_quantize(
         impl: "auto" (fused Triton kernel for CUDA tensors without centering, else torch), "torch",
             or "triton".
         check_finite: raise ValueError if w has NaN/Inf (one host sync on a tiny tensor).
+        levels: `levels_for(w, spec)` computed by the caller (e.g. `quantile_levels` for a batch of
+            matrices); not with keep_columns.
 
     Returns:
         The fake-quantized tensor.
     """
     check_weight(w)
+    if levels is not None and keep_columns is not None and len(keep_columns):
+        raise ValueError("levels cannot be given with keep_columns (the kept columns change the codebook)")
     if keep_columns is not None:
         cols = _check_keep_columns(w, keep_columns)
         if cols.numel():
@@ -258,7 +280,7 @@ def fake_quantize(
                 quantized = quantized.to(w.device)
                 out[:, quantized] = fake_quantize(w[:, quantized], spec, impl=impl, check_finite=check_finite)
             return out
-    levels = levels_for(w, spec)
+    levels = levels_for(w, spec) if levels is None else levels
     if resolve_impl(impl, w, spec) == "triton":
         from kernels.triton_fused import fused_fake_quantize
 

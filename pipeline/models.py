@@ -336,6 +336,39 @@ def quantization_groups(
     return groups
 
 
+QUANTILE_BATCH = 32  # quantile codebooks estimated in one batch at most (2^20 float64 values each)
+
+
+def batched_codebooks(
+    weights: dict[str, Tensor], groups: list[list[str]], keep: dict[str, Tensor], spec: QuantSpec
+) -> dict[str, Any]:
+    """Quantile codebook levels of every matrix quantized alone and whole, same shapes batched.
+
+    A quantile codebook is estimated from its own matrix (a sort of up to 2^20 values): one batched
+    sort for each shape's matrices instead of ~30 kernels per matrix (96 matrices of a 410M model:
+    0.27 s per job on an H200 before). Equal bit for bit to one estimate per matrix (a test checks).
+    Empty for static codebooks.
+    """
+    from kernels import CODEBOOKS
+    from kernels.blockwise import quantile_levels
+
+    if not CODEBOOKS[spec.dtype].data_dependent:
+        return {}
+    by_shape: dict[tuple[Any, ...], list[str]] = {}
+    for group in groups:
+        name = group[0]
+        cols = keep.get(name)
+        if len(group) == 1 and (cols is None or cols.numel() == 0):
+            view = weights[name]
+            by_shape.setdefault((tuple(view.shape), view.dtype, view.device), []).append(name)
+    out: dict[str, Any] = {}
+    for names in by_shape.values():
+        for start in range(0, len(names), QUANTILE_BATCH):
+            chunk = names[start : start + QUANTILE_BATCH]
+            out.update(zip(chunk, quantile_levels([weights[n] for n in chunk], spec), strict=True))
+    return out
+
+
 def _group_spec(spec: QuantSpec, views: list[Tensor]) -> QuantSpec:
     """The spec for a stack of `views`: per-tensor scaling becomes one block per matrix."""
     if spec.block_size is None and len(views) > 1:
@@ -375,6 +408,7 @@ def quantize_model_(
     weights = linear_weights(model, include_embeddings=include_embeddings, include_lm_head=include_lm_head)
     keep = outlier_columns(model, outlier_fraction)
     groups = quantization_groups(weights, keep, spec)
+    codebooks = batched_codebooks(weights, groups, keep, spec)
     n_quant = n_kept = quant_bits = 0
     finite_in: list[Tensor] = []  # checked on the device and read once at the end: no sync per matrix
     finite_out: list[Tensor] = []
@@ -388,7 +422,13 @@ def quantize_model_(
         finite_in.append(ok)
         cols = keep.get(group[0]) if len(group) == 1 else None
         try:
-            q = fake_quantize(w, _group_spec(spec, views), keep_columns=cols, check_finite=False)
+            q = fake_quantize(
+                w,
+                _group_spec(spec, views),
+                keep_columns=cols,
+                check_finite=False,
+                levels=codebooks.get(group[0]) if len(group) == 1 else None,
+            )
         except ValueError as err:  # a weight the spec cannot take
             raise ValueError(f"cannot quantize {group[0]} {tuple(views[0].shape)}: {err}") from err
         finite_out.append(torch.isfinite(q).reshape(len(views), -1).all(1))

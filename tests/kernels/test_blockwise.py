@@ -192,3 +192,23 @@ def test_quantile_large_tensor_subsample_is_deterministic() -> None:
         a = levels_for(w, spec).values
         assert a.numel() == 16 and torch.equal(a, levels_for(w.clone(), spec).values)
         assert float(a.abs().max()) == 1.0 and bool((a == 0).any())
+
+
+@pytest.mark.parametrize(
+    ("shape", "block_size"),
+    [((96, 80), 64), ((96, 80), None), ((1100, 1000), 64), ((1100, 1000), None), ((40, 33), 7)],
+)
+def test_batched_quantile_levels_equal_one_estimate_per_tensor(shape, block_size) -> None:
+    """One batched sort for G codebooks: bit for bit the per-tensor estimate (small and subsampled)."""
+    from kernels.blockwise import levels_for, quantile_levels
+
+    torch.manual_seed(1)
+    spec = QuantSpec("quantile", 3, block_size)
+    ws = [torch.randn(shape) * (i + 1) for i in range(3)] + [torch.zeros(shape)]
+    for got, w in zip(quantile_levels(ws, spec), ws, strict=True):
+        want = levels_for(w, spec)
+        assert torch.equal(got.values, want.values) and torch.equal(got.mids, want.mids)
+    with pytest.raises(ValueError, match="same-shaped"):
+        quantile_levels([torch.randn(4, 8), torch.randn(8, 4)], spec)
+    with pytest.raises(ValueError, match="data-dependent"):
+        quantile_levels(ws, QuantSpec("nf", 4, 64))

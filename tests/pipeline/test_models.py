@@ -326,3 +326,26 @@ def test_compile_layers_refuses_a_model_without_blocks():
 
     with pytest.raises(ValueError, match="no repeated decoder blocks"):
         compile_layers(torch.nn.Sequential(torch.nn.Linear(2, 2)))
+
+
+@pytest.mark.parametrize("fraction", [0.0, 0.05])
+def test_batched_quantile_codebooks_quantize_exactly_like_one_estimate_per_matrix(
+    neox, fraction, monkeypatch
+):
+    import copy
+
+    from kernels import QuantSpec
+    from pipeline import models
+
+    model, _ = neox
+    alone = copy.deepcopy(model)
+    spec = QuantSpec("quantile", 4, 64)
+    weights = models.linear_weights(model)
+    groups = models.quantization_groups(weights, {}, spec)
+    assert len(models.batched_codebooks(weights, groups, {}, spec)) == len(weights)
+    monkeypatch.setattr(models, "QUANTILE_BATCH", 3)  # several batches of one shape
+    report = quantize_model_(model, spec, fraction)
+    monkeypatch.setattr(models, "batched_codebooks", lambda *args: {})  # levels_for per matrix
+    assert quantize_model_(alone, spec, fraction) == report
+    for (name, got), want in zip(model.named_parameters(), alone.parameters(), strict=True):
+        assert torch.equal(got, want), name
