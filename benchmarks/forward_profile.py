@@ -120,6 +120,7 @@ def compiled_variant(model: Any, mode: str, fn: Any, flops: float, peak: float, 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--device", default="cuda")
+    parser.add_argument("--shape", default="pythia-410m", choices=["tiny", "pythia-410m"])
     parser.add_argument("--rows", type=int, default=256)
     parser.add_argument("--context", type=int, default=176)
     parser.add_argument("--continuations", type=int, default=4)
@@ -133,7 +134,8 @@ def main() -> int:
     from benchmarks.evaluation import SHAPES, FlopModel, matmul_rate
     from pipeline.fastscore import attention_bias
 
-    dims = dict(SHAPES["pythia-410m"])
+    dims = dict(SHAPES[args.shape])
+    dims.setdefault("vocab_size", 1024)
     config = GPTNeoXConfig(max_position_embeddings=2048, tie_word_embeddings=False, **dims)
     torch.manual_seed(0)
     model = GPTNeoXForCausalLM(config).to(args.device, torch.bfloat16).eval()
