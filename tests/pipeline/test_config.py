@@ -62,6 +62,13 @@ def test_defaults_score_wikitext2_slice_offline():
     assert cfg.results_root == "results" and cfg.ray.address is None
 
 
+@pytest.mark.parametrize(
+    ("override", "want"), [([], None), (["eval.compile=true"], True), (["eval.compile=false"], False)]
+)
+def test_eval_compile_reaches_the_eval_spec(override, want):
+    assert eval_spec(load_config(override).eval).compile is want
+
+
 def test_paths_are_relative_to_project_root(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     monkeypatch.chdir(tmp_path)
     spec = eval_spec(load_config([]).eval)
@@ -140,6 +147,7 @@ def test_replace_path_sets_nested_fields():
         (["+sweep=nope"], True, "allowed: ['demo', 'paper', 'smoke']"),
         (["quant.bits=interval(3,4)"], True, "interval"),
         (["quant.bits=="], True, "quant.bits"),
+        (["eval.compile=maybe"], False, "eval.compile=maybe: Value 'maybe' is not a valid bool"),
     ],
 )
 def test_bad_overrides_fail_with_one_clear_message(overrides, multirun, needle):
