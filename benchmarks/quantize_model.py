@@ -14,11 +14,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
-import time
 from pathlib import Path
-from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -32,18 +29,6 @@ CONFIGS = [
 ]
 
 
-def median_seconds(fn: Any, reps: int, sync: Any) -> float:
-    fn()
-    sync()
-    times = []
-    for _ in range(reps):
-        start = time.perf_counter()
-        fn()
-        sync()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
-
-
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--device", default="cuda")
@@ -55,11 +40,11 @@ def main() -> int:
     from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
 
     from benchmarks.evaluation import SHAPES
+    from benchmarks.forward_profile import timed
     from kernels import QuantSpec
     from pipeline import models
 
     cuda = args.device.startswith("cuda")
-    sync = torch.cuda.synchronize if cuda else (lambda: None)
     dims = dict(SHAPES[args.shape])
     dims.setdefault("vocab_size", 1024)
     torch.manual_seed(0)
@@ -69,8 +54,8 @@ def main() -> int:
     weights = list(models.linear_weights(model).values())
     copies = [w.clone() for w in weights]
     n_bytes = sum(w.numel() * w.element_size() for w in weights)
-    floor = median_seconds(lambda: torch._foreach_copy_(weights, copies), args.reps, sync)
-    restore = median_seconds(lambda: models.restore_weights_(model, snapshot), args.reps, sync)
+    floor = timed(lambda: torch._foreach_copy_(weights, copies), args.reps)
+    restore = timed(lambda: models.restore_weights_(model, snapshot), args.reps)
     rows = []
     batched = models.batched_codebooks
     for dtype, bits, block in CONFIGS:
@@ -85,7 +70,7 @@ def main() -> int:
                 models.restore_weights_(model, snapshot)
                 models.quantize_model_(model, spec)
 
-            seconds = median_seconds(job, args.reps, sync) - restore
+            seconds = timed(job, args.reps) - restore
             rows.append(
                 {"config": spec.name, "codebooks": way, "quantize_s": seconds, "x_floor": seconds / floor}
             )
