@@ -371,7 +371,7 @@ def pipeline_runs(
         for quant in quant_specs(n_configs):  # each job paired with its forwards alone: drift cancels
             clean.append(clean_job(model, snapshot, quant, evaluators[scorer], timers))
             if hasattr(lm, "layout_stats"):
-                floors.append(forward_floor(lm, timers, reps=1))
+                floors.append(forward_floor(lm, timers))
         out[scorer]["clean_jobs_s"] = clean
         if floors:
             out[scorer]["floors_s"] = floors
@@ -400,17 +400,12 @@ def job_profile(model: Any, snapshot: Any, quant: Any, evaluator: Any) -> dict[s
     from torch.profiler import ProfilerActivity
 
     from benchmarks.forward_profile import kernel_class
-    from pipeline.models import quantize_model_, restore_weights_
 
-    restore_weights_(model, snapshot)
-    quantize_model_(model, quant)
-    evaluator.run()  # warm
+    run_job(model, snapshot, quant, evaluator)  # warm
     torch.cuda.synchronize()
     with torch.profiler.profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         start = time.perf_counter()
-        restore_weights_(model, snapshot)
-        quantize_model_(model, quant)
-        evaluator.run()
+        run_job(model, snapshot, quant, evaluator)
         torch.cuda.synchronize()
         wall = time.perf_counter() - start
     by_class: dict[str, float] = defaultdict(float)
@@ -431,21 +426,17 @@ def job_profile(model: Any, snapshot: Any, quant: Any, evaluator: Any) -> dict[s
     }
 
 
-def forward_floor(scorer: Any, timers: Timers, reps: int = 3) -> float:
+def forward_floor(scorer: Any, timers: Timers) -> float:
     """Seconds of a FastScorer job's forward passes alone (decoder + LM head at the scored positions,
-    back to back, synced only at the ends; median of `reps`): what a job cannot do without."""
+    back to back, synced only at the ends): what a job cannot do without."""
     import torch
 
-    times = []
-    with torch.inference_mode():
-        for _ in range(reps):
-            with timers.block("floor"):
-                for batch in scorer._plan[1]:
-                    hidden = scorer.hidden(batch)
-                    for start, end, _, _ in batch.chunks:
-                        scorer.head(hidden[batch.scored[start:end]])
-            times.append(timers.reset()["floor_s"])
-    return statistics.median(times)
+    with torch.inference_mode(), timers.block("floor"):
+        for batch in scorer._plan[1]:
+            hidden = scorer.hidden(batch)
+            for start, end, _, _ in batch.chunks:
+                scorer.head(hidden[batch.scored[start:end]])
+    return timers.reset()["floor_s"]
 
 
 def timed_job(
@@ -467,14 +458,19 @@ def timed_job(
     return job
 
 
-def clean_job(model: Any, snapshot: Any, quant: Any, evaluator: Any, timers: Timers) -> float:
-    """Wall seconds of one uninstrumented job (restore, quantize, evaluate; device synced at the ends)."""
+def run_job(model: Any, snapshot: Any, quant: Any, evaluator: Any) -> None:
+    """One job as the worker runs it after the first: restore, quantize, evaluate."""
     from pipeline.models import quantize_model_, restore_weights_
 
+    restore_weights_(model, snapshot)
+    quantize_model_(model, quant)
+    evaluator.run()
+
+
+def clean_job(model: Any, snapshot: Any, quant: Any, evaluator: Any, timers: Timers) -> float:
+    """Wall seconds of one uninstrumented job (device synced at the ends)."""
     with timers.block("clean"):
-        restore_weights_(model, snapshot)
-        quantize_model_(model, quant)
-        evaluator.run()
+        run_job(model, snapshot, quant, evaluator)
     return timers.reset()["clean_s"]
 
 

@@ -75,7 +75,7 @@ def check_eval_spec(spec: EvalSpec) -> None:
     if spec.scorer not in SCORERS:
         raise ValueError(f"scorer {spec.scorer!r} unknown; allowed: {', '.join(map(repr, SCORERS))}")
     if spec.compile not in (None, True, False):
-        raise ValueError(f"compile must be true, false or null (auto: on CUDA only), got {spec.compile!r}")
+        raise ValueError(f"compile must be true, false or null (auto), got {spec.compile!r}")
     if spec.limit is not None and spec.limit < 1:
         raise ValueError(f"limit must be >= 1 or None, got {spec.limit}")
     names = [p.name for p in spec.perplexity] + list(spec.tasks)

@@ -339,10 +339,8 @@ def quantization_groups(
 QUANTILE_BATCH = 32  # quantile codebooks estimated in one batch at most (2^20 float64 values each)
 
 
-def batched_codebooks(
-    weights: dict[str, Tensor], groups: list[list[str]], keep: dict[str, Tensor], spec: QuantSpec
-) -> dict[str, Any]:
-    """Quantile codebook levels of every matrix quantized alone and whole, same shapes batched.
+def batched_codebooks(weights: dict[str, Tensor], keep: dict[str, Tensor], spec: QuantSpec) -> dict[str, Any]:
+    """Quantile codebook levels of every matrix quantized whole (no kept columns), same shapes batched.
 
     A quantile codebook is estimated from its own matrix (a sort of up to 2^20 values): one batched
     sort for each shape's matrices instead of ~30 kernels per matrix (96 matrices of a 410M model:
@@ -355,11 +353,9 @@ def batched_codebooks(
     if not CODEBOOKS[spec.dtype].data_dependent:
         return {}
     by_shape: dict[tuple[Any, ...], list[str]] = {}
-    for group in groups:
-        name = group[0]
+    for name, view in weights.items():
         cols = keep.get(name)
-        if len(group) == 1 and (cols is None or cols.numel() == 0):
-            view = weights[name]
+        if cols is None or cols.numel() == 0:
             by_shape.setdefault((tuple(view.shape), view.dtype, view.device), []).append(name)
     out: dict[str, Any] = {}
     for names in by_shape.values():
@@ -408,7 +404,7 @@ def quantize_model_(
     weights = linear_weights(model, include_embeddings=include_embeddings, include_lm_head=include_lm_head)
     keep = outlier_columns(model, outlier_fraction)
     groups = quantization_groups(weights, keep, spec)
-    codebooks = batched_codebooks(weights, groups, keep, spec)
+    codebooks = batched_codebooks(weights, keep, spec)  # data-dependent codebooks: never stacked
     n_quant = n_kept = quant_bits = 0
     finite_in: list[Tensor] = []  # checked on the device and read once at the end: no sync per matrix
     finite_out: list[Tensor] = []
@@ -427,7 +423,7 @@ def quantize_model_(
                 _group_spec(spec, views),
                 keep_columns=cols,
                 check_finite=False,
-                levels=codebooks.get(group[0]) if len(group) == 1 else None,
+                levels=codebooks.get(group[0]),
             )
         except ValueError as err:  # a weight the spec cannot take
             raise ValueError(f"cannot quantize {group[0]} {tuple(views[0].shape)}: {err}") from err

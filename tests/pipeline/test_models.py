@@ -341,8 +341,7 @@ def test_batched_quantile_codebooks_quantize_exactly_like_one_estimate_per_matri
     alone = copy.deepcopy(model)
     spec = QuantSpec("quantile", 4, 64)
     weights = models.linear_weights(model)
-    groups = models.quantization_groups(weights, {}, spec)
-    assert len(models.batched_codebooks(weights, groups, {}, spec)) == len(weights)
+    assert len(models.batched_codebooks(weights, {}, spec)) == len(weights)
     monkeypatch.setattr(models, "QUANTILE_BATCH", 3)  # several batches of one shape
     report = quantize_model_(model, spec, fraction)
     monkeypatch.setattr(models, "batched_codebooks", lambda *args: {})  # levels_for per matrix
