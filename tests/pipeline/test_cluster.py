@@ -33,11 +33,15 @@ EVAL = [
 GRID_A = ["quant.dtype=int,fp,nf", "quant.bits=3,4", "quant.block_size=64,null"]  # 12 jobs
 GRID_B = ["quant.dtype=int,fp,nf", "quant.bits=5,6", "quant.block_size=64,null"]  # 12 more
 MARKER = ".hang-once"
+RELEASE = ".release"  # written by the test only after the sweep returned
 
 
 class HangingWorker(ModelWorker):
-    """The first job any worker is handed hangs (up to 60 s) after writing "<node id> <job key>"
-    to a marker file, so the test knows which node to remove while that job is in flight."""
+    """The first job any worker is handed hangs after writing "<node id> <job key>" to a marker
+    file, so the test knows which node to remove while that job is in flight. It hangs until the
+    test writes the release file after the sweep returned, so its result can only come from a
+    rerun on the other node. No clock is asserted; the 15-minute bound only keeps a failed node
+    removal from hanging CI for ever."""
 
     def run(self, job):  # type: ignore[no-untyped-def]
         import ray
@@ -49,7 +53,10 @@ class HangingWorker(ModelWorker):
             return super().run(job)
         os.write(fd, f"{ray.get_runtime_context().get_node_id()} {job.key}".encode())
         os.close(fd)
-        time.sleep(60)  # the node is removed long before this ends
+        release = self._results_root / RELEASE
+        deadline = time.monotonic() + 900
+        while not release.exists() and time.monotonic() < deadline:
+            time.sleep(0.5)  # the node is removed while this waits; the release never comes in time
         return super().run(job)
 
 
@@ -112,11 +119,11 @@ def swept(cluster, tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactor
     rows_a = load_results(root / "cluster")
 
     removed: dict[str, object] = {}
+    sweep_returned = threading.Event()
 
-    def remove_hanging_node() -> None:
-        deadline = time.monotonic() + 120
+    def remove_hanging_node() -> None:  # waits as long as the sweep runs, however busy the machine
         marker = root / MARKER
-        while time.monotonic() < deadline:
+        while not sweep_returned.is_set():
             text = marker.read_text() if marker.exists() else ""
             if text:
                 node_id, key = text.split()
@@ -129,9 +136,10 @@ def swept(cluster, tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactor
     remover = threading.Thread(target=remove_hanging_node, daemon=True)
     remover.start()
     plan_b = plan_run(overrides(cluster, root, tiny_model_dir, GRID_B))
-    started = time.monotonic()
     progress_b = execute(plan_b, worker_cls=HangingWorker)
-    remover.join(timeout=5)
+    sweep_returned.set()
+    (root / RELEASE).touch()
+    remover.join()
     return {
         "root": root,
         "nodes": set(nodes_before),
@@ -140,7 +148,6 @@ def swept(cluster, tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactor
         "rows_a": rows_a,
         "plan_b": plan_b,
         "progress_b": progress_b,
-        "seconds_b": time.monotonic() - started,
         "removed": removed,
     }
 
@@ -161,7 +168,6 @@ def test_removed_node_loses_nothing(swept):
     removed, progress = swept["removed"], swept["progress_b"]
     assert removed, "the hanging job never started, so no node was removed"
     assert progress.retried >= 1 and progress.failed == 0 and progress.done == 12
-    assert swept["seconds_b"] < 60  # the lost node's actors were not waited for (they cannot return)
     rows = load_results(swept["root"] / "cluster")
     hung = rows[rows.job_key == removed["key"]]
     assert len(hung) and set(hung.status) == {STATUS_OK}
