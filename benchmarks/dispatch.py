@@ -115,8 +115,8 @@ def save_model(path: Path, quick: bool) -> Path:
     import torch
     from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
 
-    from pipeline.corpus import split_corpus
-    from pipeline.tokenizer import train_tokenizer
+    from pipeline.ladders.corpus import split_corpus
+    from pipeline.ladders.tokenizer import train_tokenizer
 
     train_text, _ = split_corpus(ROOT.parent / "shared" / "data")
     tokenizer = train_tokenizer([train_text[:300_000]], 1024)

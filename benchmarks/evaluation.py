@@ -5,7 +5,7 @@
         --out benchmarks/results/evaluation-h100.json
 
 1. Builds a GPT-NeoX of the named shape with random weights and a BPE tokenizer trained by
-   `pipeline.tokenizer.train_tokenizer`, saved to a temporary directory, so every load is real.
+   `pipeline.ladders.tokenizer.train_tokenizer`, saved to a temporary directory, so every load is real.
 2. The pipeline's way, as `ModelWorker` runs a job: load once, snapshot once, build an `Evaluator`
    once per scorer ("hflm": lm-eval's HFLM; "fast": `FastScorer`), then per quantization config
    restore + quantize + `Evaluator.run()`. Every phase is timed by wrapping the functions that do
@@ -170,8 +170,8 @@ def build_model(shape: str, path: Path, device: str, data_root: Path) -> Path:
     import torch
     from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
 
-    from pipeline.corpus import split_corpus
-    from pipeline.tokenizer import train_tokenizer
+    from pipeline.ladders.corpus import split_corpus
+    from pipeline.ladders.tokenizer import train_tokenizer
 
     train_text, _ = split_corpus(data_root)
     tokenizer = train_tokenizer([train_text[:TOKENIZER_CHARS]], TOKENIZER_VOCAB)
@@ -287,7 +287,7 @@ def build_evaluator(model: Any, tokenizer: Any, spec: Any, scorer: str, timers: 
     from lm_eval.api.task import Task
     from lm_eval.tasks import TaskManager
 
-    from pipeline.evaluate import Evaluator
+    from pipeline.evals.evaluate import Evaluator
 
     patches = [
         (TaskManager, "__init__", "task_index"),
@@ -493,7 +493,7 @@ def naive_job(args: dict[str, Any]) -> dict[str, float]:
     from kernels import QuantSpec
     from pipeline.models import load_model, quantize_model_
     from pipeline.specs import ModelRef
-    from pipeline.tasks import TASKS_DIR
+    from pipeline.evals.tasks import TASKS_DIR
 
     times["import_s"], t = time.perf_counter() - t, time.perf_counter()
     sync = device_sync(args["device"])

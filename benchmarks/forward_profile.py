@@ -3,7 +3,7 @@
     python benchmarks/forward_profile.py --device cuda --out benchmarks/results/forward-profile-h200.json
 
 One synthetic batch shaped like FastScorer's (rows of a context followed by continuations, a 4-D
-additive mask from `pipeline.fastscore.attention_bias`, restarting position ids) runs through the
+additive mask from `pipeline.evals.fastscore.attention_bias`, restarting position ids) runs through the
 decoder in several variants, each timed (CUDA events, median of reps) and profiled:
 - `packed`: as FastScorer runs it (eager, SDPA with the 4-D bias);
 - `causal`: the same tokens with a plain causal mask (SDPA may take flash attention): attention's price;
@@ -132,7 +132,7 @@ def main() -> int:
     from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
 
     from benchmarks.evaluation import SHAPES, FlopModel, matmul_rate
-    from pipeline.fastscore import attention_bias
+    from pipeline.evals.fastscore import attention_bias
 
     dims = dict(SHAPES[args.shape])
     dims.setdefault("vocab_size", 1024)

@@ -50,7 +50,7 @@ quiet() { grep --line-buffered -v -E "it/s\]|s/it\]|^\s*$"; }
 
 train_ladder() {  # no-op when the ladder is already in $KBIT_CACHE
   local t=$SECONDS
-  CUDA_VISIBLE_DEVICES=${1:-0} python3 -m pipeline.ladder "$LADDER" 2>&1 | tee -a "$OUT/ladder.log" | tail -8
+  CUDA_VISIBLE_DEVICES=${1:-0} python3 -m pipeline.ladders.ladder "$LADDER" 2>&1 | tee -a "$OUT/ladder.log" | tail -8
   echo "ladder: $((SECONDS - t)) s"
 }
 
@@ -131,11 +131,11 @@ tune)
     --out "$OUT/evaluation-h200-packed.json" >"$OUT/evaluation.log" 2>&1 &
   bench=$!
   for lr in ${LRS:-2e-3 3e-3}; do
-    CUDA_VISIBLE_DEVICES=0 timeout $(($(left) - 30)) python3 -m pipeline.ladder "$LADDER" --lr "$lr" \
+    CUDA_VISIBLE_DEVICES=0 timeout $(($(left) - 30)) python3 -m pipeline.ladders.ladder "$LADDER" --lr "$lr" \
       >"$OUT/ladder-lr$lr.log" 2>&1 &
   done
   wait $bench; echo "evaluation benchmark exit $?"; tail -30 "$OUT/evaluation.log"
-  CUDA_VISIBLE_DEVICES=1 timeout $(($(left) - 30)) python3 -m pipeline.ladder "$LADDER" --lr ${LR_LATE:-4e-3} \
+  CUDA_VISIBLE_DEVICES=1 timeout $(($(left) - 30)) python3 -m pipeline.ladders.ladder "$LADDER" --lr ${LR_LATE:-4e-3} \
     >"$OUT/ladder-lr${LR_LATE:-4e-3}.log" 2>&1 &
   wait
   collect_members
@@ -147,9 +147,9 @@ retuned)
   # still-warm machine, whose cache kept the ladder: the same trained models as call 2; on a fresh
   # machine it retrains, and every row of a study still comes from one training of each size).
   t=$SECONDS
-  CUDA_VISIBLE_DEVICES=0 python3 -m pipeline.ladder "$LADDER" ${SIZES_GPU0:---size d512 --size d384} \
+  CUDA_VISIBLE_DEVICES=0 python3 -m pipeline.ladders.ladder "$LADDER" ${SIZES_GPU0:---size d512 --size d384} \
     >"$OUT/ladder-gpu0.log" 2>&1 &
-  CUDA_VISIBLE_DEVICES=1 python3 -m pipeline.ladder "$LADDER" \
+  CUDA_VISIBLE_DEVICES=1 python3 -m pipeline.ladders.ladder "$LADDER" \
     ${SIZES_GPU1:---size d320 --size d256 --size d192 --size d128} >"$OUT/ladder-gpu1.log" 2>&1 &
   wait; echo "ladder: $((SECONDS - t)) s"; grep -h "validation loss" "$OUT"/ladder-gpu*.log; collect_members
   sweep $(($(left) - 25)) -m +sweep=paper model=ladder/$LADDER eval=${GRID_EVAL:-paper_ppl} \
@@ -167,9 +167,9 @@ heldout)
     CUDA_VISIBLE_DEVICES=1 timeout 200 python3 benchmarks/evaluation.py --shape pythia-410m --device cuda \
       --limit 500 --configs 5 --naive-configs 2 --batch-size 256 --scorers fast --data-root .carry/data \
       --out "$OUT/evaluation-h200-fused.json" >"$OUT/evaluation.log" 2>&1; echo "benchmark exit $?"
-    CUDA_VISIBLE_DEVICES=1 python3 -m pipeline.ladder "$LADDER" --size d320 --size d256 --size d192 \
+    CUDA_VISIBLE_DEVICES=1 python3 -m pipeline.ladders.ladder "$LADDER" --size d320 --size d256 --size d192 \
       >"$OUT/ladder-gpu1.log" 2>&1 ) &
-  CUDA_VISIBLE_DEVICES=0 python3 -m pipeline.ladder "$LADDER" --size d512 --size d384 --size d128 \
+  CUDA_VISIBLE_DEVICES=0 python3 -m pipeline.ladders.ladder "$LADDER" --size d512 --size d384 --size d128 \
     >"$OUT/ladder-gpu0.log" 2>&1
   wait; tail -12 "$OUT/evaluation.log"; grep -h "validation loss" "$OUT"/ladder-gpu*.log; collect_members
   sweep $(($(left) - 20)) -m +sweep=paper model=ladder/$LADDER eval=heldout_ppl eval.data_root=.carry/data \

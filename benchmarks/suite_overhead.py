@@ -4,10 +4,10 @@
     python benchmarks/suite_overhead.py --limit 500 --profile fast:lm_eval
 
 Builds the "tiny" random-weight GPT-NeoX of `benchmarks/evaluation.py` (BPE trained by
-`pipeline.tokenizer.train_tokenizer` on the corpus), then one `LmEvalSuite` per variant over the
+`pipeline.ladders.tokenizer.train_tokenizer` on the corpus), then one `LmEvalSuite` per variant over the
 four offline tasks (lambada_openai, piqa, hellaswag, winogrande) with `--limit` documents each. A
 variant is `scorer[:metrics]`: the scorer ("hflm": lm-eval's HFLM, "fast": `FastScorer`) and the
-metrics path ("lm_eval": lm-eval's `evaluate`, "numpy": `pipeline.fastmetrics`; left out: the
+metrics path ("lm_eval": lm-eval's `evaluate`, "numpy": `pipeline.evals.fastmetrics`; left out: the
 suite's default for that scorer). Each `run()` is split into
 - forward: top-level model forwards (forward hooks),
 - scoring: the scorer's `loglikelihood` minus its forwards (batching, padding, log-softmax, gathers),
@@ -54,7 +54,7 @@ PHASES = ("run", "forward", "scoring", "metrics", "overhead")
 
 def build_suite(model: Any, tokenizer: Any, variant: str, args: argparse.Namespace) -> Any:
     """The `LmEvalSuite` of one variant (`scorer[:metrics]`)."""
-    from pipeline.lmeval import LmEvalSuite
+    from pipeline.evals.lmeval import LmEvalSuite
 
     scorer, _, metrics = variant.partition(":")
     extra = {"metrics": metrics} if metrics else {}

@@ -38,6 +38,7 @@ from kernels.codebooks import (
     quantile_values,
     static_levels,
 )
+from kernels.scaling import TINY_ABSMAX, TINY_SCALE, check_finite_absmax, effective_block_size
 from kernels.spec import QuantSpec
 
 log = logging.getLogger(__name__)
@@ -45,7 +46,6 @@ log = logging.getLogger(__name__)
 Impl = Literal["auto", "torch", "triton"]
 IMPLS: tuple[str, ...] = ("auto", "torch", "triton")
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-TINY_ABSMAX, TINY_SCALE = 2.0**-64, 2.0**64  # exact powers of two, shared with the Triton kernel
 
 
 @dataclass(frozen=True, eq=False)
@@ -80,21 +80,6 @@ def check_weight(w: object) -> Tensor:
     if w.numel() == 0:
         raise ValueError(f"w is empty (shape {tuple(w.shape)}); quantize needs at least one value")
     return w
-
-
-def effective_block_size(block_size: int | None, numel: int) -> int:
-    """Values per block for a tensor of `numel` values (a block never exceeds the tensor)."""
-    return numel if block_size is None else min(block_size, numel)
-
-
-def check_finite_absmax(absmax: Tensor) -> None:
-    """Raise ValueError if any block absmax is NaN/Inf (NaN and Inf propagate into it). Syncs the host."""
-    bad = int((~torch.isfinite(absmax)).sum())
-    if bad:
-        raise ValueError(
-            f"w contains NaN or Inf (in {bad} of {absmax.numel()} blocks); "
-            "only finite weights can be quantized"
-        )
 
 
 def normalize_rows(xb: Tensor, count: Tensor | None, centering: bool) -> tuple[Tensor, Tensor, Tensor | None]:

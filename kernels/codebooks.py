@@ -12,50 +12,18 @@ float32-rounded midpoints of adjacent codebook values, a normalized value `x` ge
 
 from __future__ import annotations
 
-import difflib
 import functools
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Generic, TypeVar
 
 import torch
 from torch import Tensor
 
-T = TypeVar("T")
+from kernels.registry import Registry
 
 MIN_BITS, MAX_BITS = 3, 16
 MAX_EXPONENT_BITS = 6  # E >= 7 puts normalized codes below float32's normal range (the arithmetic is float32)
 QUANTILE_MAX_SAMPLE = 1 << 20  # values used to estimate a quantile codebook (whole blocks, evenly strided)
-
-
-class Registry(Generic[T]):
-    """A name -> item map that rejects duplicates and answers an unknown name with close matches."""
-
-    def __init__(self, kind: str) -> None:
-        self._kind = kind
-        self._items: dict[str, T] = {}
-
-    def register(self, name: str, item: T) -> T:
-        if name in self._items:
-            raise ValueError(f"{self._kind} {name!r} is already registered")
-        self._items[name] = item
-        return item
-
-    def __getitem__(self, name: str) -> T:
-        if name not in self._items:
-            close = difflib.get_close_matches(str(name), list(self._items), n=3, cutoff=0.4)
-            hint = f"; did you mean {' or '.join(map(repr, close))}?" if close else ""
-            raise KeyError(f"unknown {self._kind} {name!r}{hint} (allowed: {', '.join(self._items)})")
-        return self._items[name]
-
-    def __contains__(self, name: object) -> bool:
-        return name in self._items
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(self._items)
-
-    def __len__(self) -> int:
-        return len(self._items)
 
 
 @dataclass(frozen=True)

@@ -22,13 +22,13 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from kernels import blockwise
-from kernels.blockwise import check_finite_absmax, effective_block_size
+from kernels import scaling
 from kernels.codebooks import Levels
+from kernels.scaling import check_finite_absmax, effective_block_size
 from kernels.spec import QuantSpec
 
-TINY_ABSMAX = tl.constexpr(blockwise.TINY_ABSMAX)  # blocks with a smaller absmax are scaled by 2^64 first
-TINY_SCALE = tl.constexpr(blockwise.TINY_SCALE)
+TINY_ABSMAX = tl.constexpr(scaling.TINY_ABSMAX)  # blocks with a smaller absmax are scaled by 2^64 first
+TINY_SCALE = tl.constexpr(scaling.TINY_SCALE)
 MAX_FUSED_BLOCK = 8192  # widest (padded) block one program holds in registers
 TILE = 4096  # elements per program
 

@@ -74,7 +74,7 @@ class EvalConfig:
     limit: int | None = None
     batch_size: int = 32
     data_root: str = "../shared/data"  # relative to the project root
-    # "hflm" (lm-eval's HFLM + evaluate) or "fast" (FastScorer + pipeline.fastmetrics: same values)
+    # "hflm" (lm-eval's HFLM + evaluate) or "fast" (FastScorer + pipeline.evals.fastmetrics: same values)
     scorer: str = "hflm"
     # torch.compile the decoder blocks once per resident model: null (auto: on CUDA, except for lm-eval
     # tasks scored by hflm), true, false. Not in the job key: it changes speed, not the numbers.

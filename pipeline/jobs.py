@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from pipeline.config import Config, eval_spec, model_ref, quant_spec
-from pipeline.ladder_configs import LADDER_PREFIX
+from pipeline.ladders.configs import LADDER_PREFIX
 from pipeline.results import SCHEMA_VERSION
 from pipeline.specs import EvalSpec, ModelRef
 

@@ -85,7 +85,7 @@ def local_config(name_or_path: str) -> dict[str, Any] | None:
 def max_positions(name_or_path: str) -> int | None:
     """The longest sequence a model takes, read without loading it: a ladder's `seq_len`, or a local
     directory's `config.json` (`max_position_embeddings` or `n_positions`); None when not known here."""
-    from pipeline.ladder import is_ladder_ref, parse_ladder_ref
+    from pipeline.ladders.ladder import is_ladder_ref, parse_ladder_ref
 
     if is_ladder_ref(name_or_path):
         try:

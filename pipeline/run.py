@@ -25,7 +25,7 @@ from pathlib import Path
 
 from pipeline.config import Config, RayConfig, eval_spec, model_ref, project_path, quant_spec
 from pipeline.jobs import Job, ModelSource, build_jobs, group_by_model, split_by_study
-from pipeline.ladder_configs import LADDER_PREFIX
+from pipeline.ladders.configs import LADDER_PREFIX
 from pipeline.progress import Progress
 from pipeline.results import STATUS_OK, job_status
 from pipeline.specs import ModelRef
@@ -73,8 +73,8 @@ def parse_argv(argv: Sequence[str]) -> tuple[bool, bool, list[str]]:
 
 def preflight(cells: Sequence[Config]) -> None:
     """Check every distinct quant, model, eval and run setting; raise one ConfigError listing all."""
-    from pipeline.evaluate import check_eval_spec
-    from pipeline.ladder import is_ladder_ref, parse_ladder_ref
+    from pipeline.evals.evaluate import check_eval_spec
+    from pipeline.ladders.ladder import is_ladder_ref, parse_ladder_ref
     from pipeline.models import check_model_ref
 
     problems: dict[str, None] = {}  # ordered set
@@ -136,7 +136,7 @@ def _check_quant(cell: Config) -> None:
 def _check_context_fits(cell: Config) -> list[str]:
     """Perplexity windows longer than the model's positions, and a scorer that cannot score the model
     (both known without loading it, else skipped)."""
-    from pipeline.evaluate import context_problems, scorer_problems
+    from pipeline.evals.evaluate import context_problems, scorer_problems
     from pipeline.models import local_config, max_positions
 
     name = cell.model.name_or_path
@@ -170,7 +170,7 @@ def _message(err: BaseException) -> str:
 def resolve_models(ref: ModelRef, data_root: Path, train: bool = True) -> list[ModelSource]:
     """A ladder reference -> its trained members (training on first use; with `train=False`, the
     reference itself unless every member is cached); anything else -> itself."""
-    from pipeline.ladder import cached_ladder, is_ladder_ref, resolve_ladder
+    from pipeline.ladders.ladder import cached_ladder, is_ladder_ref, resolve_ladder
 
     if not is_ladder_ref(ref.name_or_path):
         return [ModelSource(ref=ref, label=ref.name_or_path)]

@@ -42,12 +42,12 @@ class EvalSpec:
     """What a job measures after quantizing."""
 
     perplexity: tuple[PerplexitySpec, ...] = ()
-    tasks: tuple[str, ...] = ()  # lm-eval task names (the offline ones in pipeline/tasks/ by default)
+    tasks: tuple[str, ...] = ()  # lm-eval task names (the offline ones in pipeline/evals/tasks/ by default)
     limit: int | None = None  # examples per lm-eval task; None: all
     batch_size: int = 32
     data_root: str = "../shared/data"
-    # "hflm": lm-eval's HFLM + lm-eval's evaluate (the reference); "fast": pipeline.fastscore's scorer +
-    # pipeline.fastmetrics (lm-eval's exact metric values; lm-eval's evaluate for tasks it cannot plan)
+    # "hflm": lm-eval's HFLM + lm-eval's evaluate (the reference); "fast": pipeline.evals.fastscore's scorer +
+    # pipeline.evals.fastmetrics (lm-eval's exact metric values; lm-eval's evaluate for tasks it cannot plan)
     scorer: str = "hflm"
     # torch.compile the decoder blocks before scoring (`models.compile_layers`); None (auto): on CUDA,
     # unless lm-eval tasks are scored by HFLM (its batch widths vary: a compile per width).

@@ -251,7 +251,7 @@ class ModelWorker:
     def _evaluate(self, job: Job) -> tuple[list[MetricValue], float]:
         start = time.perf_counter()
         if job.evals not in self._evaluators:
-            from pipeline.evaluate import Evaluator
+            from pipeline.evals.evaluate import Evaluator
 
             self._evaluators[job.evals] = Evaluator(self._model, self._tokenizer, job.evals)
         metrics = list(self._evaluators[job.evals].run())

@@ -19,8 +19,8 @@ TINY_CORPUS_CHARS = 200_000
 @pytest.fixture(scope="session")
 def tiny_tokenizer(data_root: Path):
     """A small deterministic BPE trained on the first characters of the corpus' training split."""
-    from pipeline.corpus import split_corpus
-    from pipeline.tokenizer import train_tokenizer
+    from pipeline.ladders.corpus import split_corpus
+    from pipeline.ladders.tokenizer import train_tokenizer
 
     train_text, _ = split_corpus(data_root)
     return train_tokenizer([train_text[:TINY_CORPUS_CHARS]], TINY_VOCAB)

@@ -2,8 +2,8 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.corpus import HELDOUT, corpus_files, resolve_text, split_corpus, split_document
-from pipeline.tokenizer import train_tokenizer
+from pipeline.ladders.corpus import HELDOUT, corpus_files, resolve_text, split_corpus, split_document
+from pipeline.ladders.tokenizer import train_tokenizer
 
 
 def test_corpus_is_read_in_a_fixed_order(data_root: Path) -> None:

@@ -1,4 +1,4 @@
-"""pipeline.evaluate / pipeline.perplexity: strided perplexity against naive forwards, the 16-bit
+"""pipeline.evals.evaluate / pipeline.evals.perplexity: strided perplexity against naive forwards, the 16-bit
 baseline and restore reproducing metrics exactly, and every bad-input path of `check_eval_spec`."""
 
 from __future__ import annotations
@@ -10,9 +10,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from pipeline.evaluate import Evaluator, check_eval_spec
+from pipeline.evals.evaluate import Evaluator, check_eval_spec
 from pipeline.models import load_model, quantize_model_, restore_weights_, snapshot_weights
-from pipeline.perplexity import encode_text, strided_windows, tokenize_text, total_nats
+from pipeline.evals.perplexity import encode_text, strided_windows, tokenize_text, total_nats
 from pipeline.specs import EvalSpec, ModelRef, PerplexitySpec
 
 WIKI = "eval/wikitext-2-raw/wiki.test.raw"
@@ -183,7 +183,7 @@ def test_text_too_short(llama):
     ],
 )
 def test_compile_auto_is_on_for_planned_shapes_on_cuda(setting, device, scorer, tasks, want):
-    from pipeline.evaluate import should_compile
+    from pipeline.evals.evaluate import should_compile
 
     assert should_compile(setting, device, scorer, tasks) is want
 

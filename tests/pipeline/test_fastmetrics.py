@@ -1,10 +1,10 @@
-"""`pipeline.fastmetrics` gives exactly lm-eval's metric values, on a real model and the offline data."""
+"""`pipeline.evals.fastmetrics` gives exactly lm-eval's metric values, on a real model and the offline data."""
 
 from __future__ import annotations
 
 import pytest
 
-from pipeline.lmeval import LmEvalSuite
+from pipeline.evals.lmeval import LmEvalSuite
 from pipeline.models import load_model
 from pipeline.specs import ModelRef
 
@@ -39,7 +39,7 @@ def test_numpy_metrics_equal_lm_eval_metrics(llama, data_root, scorer):
 
 def test_metrics_path_defaults_and_fallback(llama, data_root):
     """hflm keeps lm-eval's evaluate; fast uses numpy metrics; a task it cannot plan falls back."""
-    from pipeline.fastmetrics import plan_suite
+    from pipeline.evals.fastmetrics import plan_suite
 
     model, tokenizer = llama
     hflm = LmEvalSuite(model, tokenizer, ("piqa",), data_root=data_root, limit=2, batch_size=2)

@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from pipeline import fastscore
-from pipeline.fastscore import FastScorer, attention_bias, length_batches, pack_row
-from pipeline.lmeval import make_lm, task_manager
+from pipeline.evals import fastscore
+from pipeline.evals.fastscore import FastScorer, attention_bias, length_batches, pack_row
+from pipeline.evals.lmeval import make_lm, task_manager
 from pipeline.models import load_model
 from pipeline.specs import ModelRef
 

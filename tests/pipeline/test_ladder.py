@@ -10,8 +10,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pipeline import ladder as ladder_module
-from pipeline.ladder import (
+from pipeline.ladders import ladder as ladder_module
+from pipeline.ladders.ladder import (
     LadderMember,
     is_ladder_ref,
     ladder_dir,
@@ -20,8 +20,8 @@ from pipeline.ladder import (
     resolve_ladder,
     train_ladder,
 )
-from pipeline.ladder_configs import LADDERS, LadderConfig, ModelSize, config_hash, get_ladder, smoke_config
-from pipeline.train import METADATA_FILE, chunk_text, evaluate_loss, lr_at, window_order
+from pipeline.ladders.configs import LADDERS, LadderConfig, ModelSize, config_hash, get_ladder, smoke_config
+from pipeline.ladders.train import METADATA_FILE, chunk_text, evaluate_loss, lr_at, window_order
 
 TEST = get_ladder("test")
 
@@ -42,8 +42,8 @@ def trained(cache: Path, data_root: Path) -> list[LadderMember]:
 
 
 def test_tokenizer_is_deterministic(data_root: Path) -> None:
-    from pipeline.corpus import split_corpus
-    from pipeline.tokenizer import train_tokenizer
+    from pipeline.ladders.corpus import split_corpus
+    from pipeline.ladders.tokenizer import train_tokenizer
 
     chunks = chunk_text(split_corpus(data_root)[0], 100_000)
     first, second = train_tokenizer(chunks, 512), train_tokenizer(list(chunks), 512)
@@ -191,7 +191,7 @@ def test_a_member_folder_without_metadata_is_retrained(tmp_path: Path, data_root
 
 
 def test_dry_run_counts_a_cached_ladder_per_size(trained: list[LadderMember], tmp_path: Path) -> None:
-    from pipeline.ladder import cached_ladder
+    from pipeline.ladders.ladder import cached_ladder
     from pipeline.run import plan_run
 
     assert cached_ladder("ladder:test") == trained and cached_ladder("ladder:test/1") == [trained[1]]
@@ -233,7 +233,7 @@ def test_ladder_jobs_keep_their_keys_in_another_cache(
 
 
 def test_tuning_runs_are_cached_beside_the_registered_ladder(tmp_path: Path, data_root: Path) -> None:
-    from pipeline.ladder_configs import tuning_config
+    from pipeline.ladders.configs import tuning_config
 
     base = dataclasses.replace(TEST, sizes=TEST.sizes[:1], steps=4, warmup_steps=1)
     tuned = tuning_config(base, lr=1e-3, steps=6)

@@ -146,7 +146,7 @@ def test_sixteen_bit_cell_is_the_unquantized_model(swept, tiny_model_dir: Path):
     import torch
 
     from pipeline.config import eval_spec
-    from pipeline.evaluate import Evaluator
+    from pipeline.evals.evaluate import Evaluator
     from pipeline.models import load_model
 
     cell = cells([*common(swept["root"]), f"model.name_or_path={tiny_model_dir}", "quant.bits=16"])[0]

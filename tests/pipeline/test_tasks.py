@@ -8,12 +8,12 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.evaluate import Evaluator
-from pipeline.lmeval import LmEvalSuite, task_manager
+from pipeline.evals.evaluate import Evaluator
+from pipeline.evals.lmeval import LmEvalSuite, task_manager
 from pipeline.models import load_model
 from pipeline.specs import EvalSpec, ModelRef
-from pipeline.tasks import OFFLINE_TASKS, TASKS_DIR
-from pipeline.tasks.docs import (
+from pipeline.evals.tasks import OFFLINE_TASKS, TASKS_DIR
+from pipeline.evals.tasks.docs import (
     data_path,
     hellaswag_doc,
     read_jsonl,
@@ -193,8 +193,8 @@ def test_fast_scorer_gives_lm_eval_accuracies(llama, data_root):
 
 
 def test_eval_spec_scorer_picks_the_scorer(llama, data_root):
-    from pipeline.evaluate import Evaluator
-    from pipeline.fastscore import FastScorer
+    from pipeline.evals.evaluate import Evaluator
+    from pipeline.evals.fastscore import FastScorer
     from pipeline.specs import EvalSpec
 
     model, tokenizer = llama
@@ -204,8 +204,8 @@ def test_eval_spec_scorer_picks_the_scorer(llama, data_root):
 
 
 def test_fast_scorer_loglikelihoods_match_hflm(llama, tasks):
-    from pipeline.fastscore import FastScorer
-    from pipeline.lmeval import make_lm
+    from pipeline.evals.fastscore import FastScorer
+    from pipeline.evals.lmeval import make_lm
 
     model, tokenizer = llama
     requests = []
@@ -227,7 +227,7 @@ def test_unknown_scorer(llama, data_root):
 def test_length_batches_cover_every_row_once_with_bounded_padding(seed):
     import random
 
-    from pipeline.fastscore import length_batches
+    from pipeline.evals.fastscore import length_batches
 
     rng = random.Random(seed)
     lengths = sorted((rng.choice([1, 2, 5, 30, 300]) + rng.randrange(20) for _ in range(500)), reverse=True)

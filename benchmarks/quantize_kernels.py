@@ -13,8 +13,8 @@ and the bandwidth each achieves, bytes read + written (2 x numel x element size)
 the device's copy bandwidth measured in the same run (a large device-to-device copy). It also checks that
 the fused output equals the reference bit for bit. On a CPU machine the GPU-only columns are left empty.
 
-    python benchmarks/kernels.py --quick --out kernels.json       # < 90 s on one H100
-    python benchmarks/kernels.py --out kernels.json                # the full grid, compile for all
+    python benchmarks/quantize_kernels.py --quick --out kernels.json       # < 90 s on one H100
+    python benchmarks/quantize_kernels.py --out kernels.json                # the full grid, compile for all
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ from pathlib import Path
 
 import torch
 
-# Run as `python benchmarks/kernels.py`, this file's folder heads sys.path and its name would shadow the
+# Run as `python benchmarks/quantize_kernels.py`, this file's folder heads sys.path and its name would shadow the
 # `kernels` package: import the package from the repository root instead.
 _HERE = Path(__file__).resolve().parent
 sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _HERE]

@@ -9,7 +9,7 @@ A sweep names a ladder as `ladder:<name>` (every size) or `ladder:<name>/<size n
 
 Each member is trained in a hidden temporary folder and renamed into place when complete, so a
 crash never leaves half a member, and a member whose folder exists is never trained again.
-CLI: `python -m pipeline.ladder <name> [--data-root DIR] [--force] [--size NAME] [--max-steps N]`.
+CLI: `python -m pipeline.ladders <name> [--data-root DIR] [--force] [--size NAME] [--max-steps N]`.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from pipeline.ladder_configs import (
+from pipeline.ladders.configs import (
     LADDER_PREFIX,
     LADDERS,
     LadderConfig,
@@ -36,7 +36,7 @@ from pipeline.ladder_configs import (
     smoke_config,
     tuning_config,
 )
-from pipeline.train import CACHED_ARRAYS, METADATA_FILE, MemberMetadata, prepare_data, train_member
+from pipeline.ladders.train import CACHED_ARRAYS, METADATA_FILE, MemberMetadata, prepare_data, train_member
 
 log = logging.getLogger(__name__)
 
@@ -137,7 +137,7 @@ def train_ladder(
 
     Args:
         config: the ladder.
-        data_root: folder holding `corpus/` (see `pipeline.corpus`).
+        data_root: folder holding `corpus/` (see `pipeline.ladders.corpus`).
         sizes: the sizes wanted; members already trained are reused.
         force: retrain these sizes and re-tokenize, replacing what the cache holds.
         cache: the cache base folder (default `$KBIT_CACHE` or ~/.cache/kbitscale).
@@ -197,7 +197,7 @@ def resolve_ladder(
 
 
 def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m pipeline.ladder", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m pipeline.ladders", description=__doc__.split("\n")[0])
     parser.add_argument("name", nargs="?", help=f"ladder to train: one of {', '.join(LADDERS)}")
     parser.add_argument("--list", action="store_true", help="list the ladders and their sizes, then exit")
     parser.add_argument("--data-root", default=None, help="folder holding corpus/ (default ../shared/data)")

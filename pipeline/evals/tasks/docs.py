@@ -11,7 +11,7 @@ import re
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from pipeline.corpus import read_text
+from pipeline.ladders.corpus import read_text
 
 if TYPE_CHECKING:
     import datasets

@@ -12,15 +12,15 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from pipeline.perplexity import check_perplexity_spec, perplexity_metrics, tokenize_text
+from pipeline.evals.perplexity import check_perplexity_spec, perplexity_metrics, tokenize_text
 from pipeline.specs import EvalSpec, MetricValue, PerplexitySpec
-from pipeline.tasks import OFFLINE_TASKS
+from pipeline.evals.tasks import OFFLINE_TASKS
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
     from pipeline.config import PerplexityConfig
-    from pipeline.lmeval import LmEvalSuite
+    from pipeline.evals.lmeval import LmEvalSuite
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +51,7 @@ def should_compile(setting: bool | None, device_type: str, scorer: str, has_task
 
 
 def _check_text_path(path: str, data_root: Path) -> None:
-    from pipeline.corpus import HELDOUT
+    from pipeline.ladders.corpus import HELDOUT
 
     if path == HELDOUT:
         if not (data_root / "corpus").is_dir():
@@ -89,7 +89,7 @@ def check_eval_spec(spec: EvalSpec) -> None:
         if name in OFFLINE_TASKS and not (data_root / OFFLINE_TASKS[name][0]).is_file():
             raise ValueError(f"task {name!r} needs {str(data_root / OFFLINE_TASKS[name][0])!r}")
     if any(name not in OFFLINE_TASKS for name in spec.tasks):
-        from pipeline.lmeval import check_task_names
+        from pipeline.evals.lmeval import check_task_names
 
         check_task_names(spec.tasks)
 
@@ -126,7 +126,7 @@ class Evaluator:
         scorer: str | None = None,
     ) -> None:
         """`scorer` overrides `spec.scorer`: "hflm" (lm-eval's HFLM) or "fast" (`FastScorer`)."""
-        from pipeline.corpus import resolve_text
+        from pipeline.ladders.corpus import resolve_text
 
         check_eval_spec(spec)
         check_context_fits(spec, model)
@@ -143,7 +143,7 @@ class Evaluator:
         )
         self.suite: LmEvalSuite | None = None
         if spec.tasks:
-            from pipeline.lmeval import LmEvalSuite
+            from pipeline.evals.lmeval import LmEvalSuite
 
             self.suite = LmEvalSuite(
                 model,

@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from pipeline.lmeval import REPORTED_METRICS, metric_stderr
+from pipeline.evals.lmeval import REPORTED_METRICS, metric_stderr
 from pipeline.specs import MetricValue
 
 if TYPE_CHECKING:

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from pipeline.ladder_configs import LadderConfig, ModelSize, config_hash
+from pipeline.ladders.configs import LadderConfig, ModelSize, config_hash
 
 if TYPE_CHECKING:
     import torch
@@ -99,8 +99,8 @@ def prepare_data(config: LadderConfig, data_root: str | Path, ladder_dir: Path) 
     """Train the tokenizer and tokenize the corpus once; later calls read the cache in `ladder_dir`."""
     from transformers import PreTrainedTokenizerFast
 
-    from pipeline.corpus import split_corpus
-    from pipeline.tokenizer import train_tokenizer
+    from pipeline.ladders.corpus import split_corpus
+    from pipeline.ladders.tokenizer import train_tokenizer
 
     tok_dir, train_path, heldout_path = (
         ladder_dir / n for n in ("tokenizer", "train_ids.npy", "heldout_ids.npy")

@@ -8,7 +8,7 @@ responses. No lm-eval response cache is used (its key ignores the weights, so it
 first quantization config's answers for every other config). Standard errors are computed here from
 the per-document values (`bootstrap_iters=0`): the sample standard error of the mean, as lm-eval
 reports it, and the delta method for perplexity (lm-eval would bootstrap it in a process pool).
-With `metrics="numpy"` (the default of `scorer="fast"`), `pipeline.fastmetrics` computes the same
+With `metrics="numpy"` (the default of `scorer="fast"`), `pipeline.evals.fastmetrics` computes the same
 values straight from the log-likelihoods instead of `evaluate`, for suites it can plan.
 """
 
@@ -22,13 +22,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from pipeline.specs import MetricValue
-from pipeline.tasks import OFFLINE_TASKS, TASKS_DIR
+from pipeline.evals.tasks import OFFLINE_TASKS, TASKS_DIR
 
 if TYPE_CHECKING:
     from lm_eval.api.task import Task
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-    from pipeline.fastmetrics import SuitePlan
+    from pipeline.evals.fastmetrics import SuitePlan
 
 log = logging.getLogger(__name__)
 
@@ -115,7 +115,7 @@ def make_scorer(
     if scorer == "hflm":
         return make_lm(model, tokenizer, batch_size)
     if scorer == "fast":
-        from pipeline.fastscore import FastScorer
+        from pipeline.evals.fastscore import FastScorer
 
         return FastScorer(model, tokenizer, batch_size)
     raise ValueError(f"scorer {scorer!r} unknown; allowed: 'hflm', 'fast'")
@@ -165,7 +165,7 @@ class LmEvalSuite:
 
     `scorer="fast"` answers log-likelihood requests with `FastScorer` (shared contexts run once)
     instead of HFLM. `metrics` picks what turns the answers into metrics: "lm_eval" (lm-eval's
-    `evaluate`) or "numpy" (`pipeline.fastmetrics`: the same values, for suites whose every task
+    `evaluate`) or "numpy" (`pipeline.evals.fastmetrics`: the same values, for suites whose every task
     it supports, else lm-eval's); None: "numpy" with the fast scorer, "lm_eval" with HFLM.
     """
 
@@ -196,14 +196,14 @@ class LmEvalSuite:
             _reuse_requests(task)
         self.plan: SuitePlan | None = None
         if metrics == "numpy":
-            from pipeline.fastmetrics import plan_suite
+            from pipeline.evals.fastmetrics import plan_suite
 
             self.plan = plan_suite(self.task_dict["tasks"], limit)
 
     def run(self) -> list[MetricValue]:
         """Score every task with the model as it is now."""
         if self.plan is not None:
-            from pipeline.fastmetrics import score_suite
+            from pipeline.evals.fastmetrics import score_suite
 
             return score_suite(self.plan, self.lm)
         from lm_eval.evaluator import evaluate

@@ -34,7 +34,7 @@ from lm_eval.api.model import LM
 from torch import Tensor
 
 from kernels.logprobs import token_logprobs
-from pipeline.lmeval import make_lm
+from pipeline.evals.lmeval import make_lm
 
 if TYPE_CHECKING:
     from lm_eval.api.instance import Instance

@@ -2,7 +2,7 @@
 
 Each YAML here has the name, prompts and metrics of lm-eval 0.4.13's task of the same name (so
 they override lm-eval's hub-backed definitions when both are indexed) but loads its documents
-through `pipeline.tasks.docs.load_split` from `<data_root>/<data_file>`. The data root travels as
+through `pipeline.evals.tasks.docs.load_split` from `<data_root>/<data_file>`. The data root travels as
 TaskManager metadata (`TaskManager(include_path=TASKS_DIR, metadata={"data_root": ...})`), so
 the YAMLs need no templating; without it they read `$KBIT_DATA_ROOT` or `../shared/data`.
 """

@@ -140,7 +140,7 @@ def smoke_config(config: LadderConfig, max_steps: int) -> LadderConfig:
 def tuning_config(config: LadderConfig, *, lr: float | None = None, steps: int | None = None) -> LadderConfig:
     """A ladder with one peak learning rate for every size and/or another step count (10% warm-up).
 
-    For learning-rate and length sweeps (`python -m pipeline.ladder h100 --lr 2e-3`): the hash changes,
+    For learning-rate and length sweeps (`python -m pipeline.ladders h100 --lr 2e-3`): the hash changes,
     so a tuning run is cached beside the registered ladder, never in its place.
     """
     if lr is not None:
