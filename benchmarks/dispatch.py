@@ -26,6 +26,7 @@ import platform
 import sys
 import tempfile
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -37,7 +38,7 @@ PAPER_CELLS_PER_MODEL = 201  # sweeps/paper.yaml: 150 + baseline + 50 proxy cell
 class NoopWorker:
     """Stands in for ModelWorker: answers at once, writes nothing (isolates the driver's cost)."""
 
-    def __init__(self, results_root: str, cpu_threads: int = 1) -> None:
+    def __init__(self, results_root: str, cpu_threads: int = 1, plugins: Sequence[str] = ()) -> None:
         # Import at start what unpickling a Job needs (kernels imports torch), as ModelWorker does.
         import kernels  # noqa: F401
         import pipeline.worker  # noqa: F401

@@ -45,6 +45,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from pipeline.recipe import Recipe
+
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 DEFAULT_DATA = ROOT.parent / "shared" / "data"
@@ -449,7 +451,7 @@ def timed_job(
         if dirty:
             restore_weights_(model, snapshot)
     with timers.block("quantize"):
-        quantize_model_(model, quant)
+        quantize_model_(model, Recipe.of(quant))
     with timers.block("eval"):
         metrics = evaluator.run()
     job: dict[str, Any] = breakdown(timers.reset())
@@ -463,7 +465,7 @@ def run_job(model: Any, snapshot: Any, quant: Any, evaluator: Any) -> None:
     from pipeline.models import quantize_model_, restore_weights_
 
     restore_weights_(model, snapshot)
-    quantize_model_(model, quant)
+    quantize_model_(model, Recipe.of(quant))
     evaluator.run()
 
 
@@ -491,16 +493,16 @@ def naive_job(args: dict[str, Any]) -> dict[str, float]:
     from lm_eval.tasks import TaskManager
 
     from kernels import QuantSpec
+    from pipeline.evals.tasks import TASKS_DIR
     from pipeline.models import load_model, quantize_model_
     from pipeline.specs import ModelRef
-    from pipeline.evals.tasks import TASKS_DIR
 
     times["import_s"], t = time.perf_counter() - t, time.perf_counter()
     sync = device_sync(args["device"])
     model, tokenizer = load_model(ModelRef(args["model_dir"]), args["device"])
     sync()
     times["load_s"], t = time.perf_counter() - t, time.perf_counter()
-    quantize_model_(model, QuantSpec(*args["config"]))
+    quantize_model_(model, Recipe.of(QuantSpec(*args["config"])))
     sync()
     times["quantize_s"], t = time.perf_counter() - t, time.perf_counter()
     lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=args["batch_size"])

@@ -34,8 +34,7 @@ from pathlib import Path
 
 import torch
 
-# Run as `python benchmarks/quantize_kernels.py`, this file's folder heads sys.path and its name would shadow the
-# `kernels` package: import the package from the repository root instead.
+# Run as a script, this file's folder heads sys.path: import the `kernels` package from the repository root.
 _HERE = Path(__file__).resolve().parent
 sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _HERE]
 sys.path.insert(0, str(_HERE.parent))

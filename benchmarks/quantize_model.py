@@ -17,6 +17,8 @@ import json
 import sys
 from pathlib import Path
 
+from pipeline.recipe import Recipe
+
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 CONFIGS = [
@@ -68,7 +70,7 @@ def main() -> int:
 
             def job(spec: QuantSpec = spec) -> None:
                 models.restore_weights_(model, snapshot)
-                models.quantize_model_(model, spec)
+                models.quantize_model_(model, Recipe.of(spec))
 
             seconds = timed(job, args.reps) - restore
             rows.append(

@@ -39,7 +39,20 @@ _HOME = {
     "weight_bits": "packing",
     "QuantSpec": "spec",
 }
-__all__ = sorted(_HOME)
+__all__ = [
+    "CODEBOOKS",
+    "QuantSpec",
+    "QuantizedTensor",
+    "bits_per_param",
+    "codebook",
+    "default_exponent_bits",
+    "dequantize",
+    "fake_quantize",
+    "pack",
+    "quantize",
+    "unpack",
+    "weight_bits",
+]
 
 
 def __getattr__(name: str) -> Any:

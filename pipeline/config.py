@@ -2,10 +2,14 @@
 
 The schema lives here as dataclasses registered in Hydra's ConfigStore (`base_config`); the values
 live in `conf/` (one YAML per group option). Only this module and `pipeline.run` touch Hydra or
-OmegaConf: a composed `DictConfig` becomes a typed `Config` at once (`OmegaConf.to_object`), and
-`model_ref` / `quant_spec` / `eval_spec` turn its parts into the frozen specs the rest of the
-pipeline takes. Relative paths (`eval.data_root`, `results_root`) are relative to the project root,
-never to the current directory.
+OmegaConf: a composed `DictConfig` becomes a typed `Config` at once (`OmegaConf.to_object`), and one
+generic path, `to_spec`, turns a config part into the frozen spec of the same field names (lists
+become tuples, dicts sorted pairs): `model_ref`, `recipe` and `eval_spec` are that call plus what
+differs (ladder member paths, absolute data roots). Relative paths (`eval.data_root`,
+`results_root`) are relative to the project root, never to the current directory.
+
+Mutable config dataclasses beside frozen specs, rather than one class: OmegaConf updates a config in
+place while a sweep's values are checked, and a frozen structured config cannot be updated.
 """
 
 from __future__ import annotations
@@ -15,18 +19,17 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import Any, TypeVar, get_args, get_origin, get_type_hints
 
-from pipeline.specs import EvalSpec, ModelRef, PerplexitySpec
-
-if TYPE_CHECKING:
-    from kernels import QuantSpec
+from pipeline.recipe import Recipe
+from pipeline.specs import EvalSpec, ModelRef
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 CONF_DIR = PROJECT_ROOT / "conf"
 SWEEPS_DIR = PROJECT_ROOT / "sweeps"
-BASELINE_BITS = 16  # quant.bits=16: the unquantized 16-bit baseline
 GROUPS = ("model", "quant", "eval", "ray")
+# Keys that hold for the whole run: a sweep giving them several values is refused (`run_wide_problems`)
+RUN_WIDE = ("results_root", "rerun_failed", "dry_run", "report", "plugins", "ray")
 T = TypeVar("T")
 
 
@@ -38,20 +41,22 @@ class ModelConfig:
     torch_dtype: str = "auto"
     revision: str | None = None
     gguf_file: str | None = None
-    quantize_embeddings: bool = False
-    quantize_lm_head: bool = False
 
 
 @dataclass
 class QuantConfig:
-    """`quant` group: the QuantSpec fields plus the proxy-quantization outlier fraction."""
+    """`quant` group: the fields of `pipeline.recipe.Recipe` (one recipe per cell)."""
 
+    method: str = "rtn"  # a registered method (pipeline.methods.METHODS)
     dtype: str = "int"
-    bits: int = 4  # 16: the unquantized baseline, whatever dtype and block_size say
+    bits: int = 4  # 16: the unquantized baseline, whatever else this group says
     block_size: int | None = 64  # null: one absmax per tensor
     exponent_bits: int | None = None  # fp only; null: the paper's choice for the bits
     centering: bool = False
     outlier_fraction: float = 0.0  # p of proxy quantization; 0: off
+    quantize_embeddings: bool = False  # quantize the embedding tables too
+    quantize_lm_head: bool = False  # quantize the LM head too (a tied head needs quantize_embeddings)
+    params: dict[str, Any] = field(default_factory=dict)  # the method's own parameters
 
 
 @dataclass
@@ -113,6 +118,7 @@ class Config:
     rerun_failed: bool = False
     dry_run: bool = False
     report: bool = False  # write the analysis report of each study after the sweep (the demo does)
+    plugins: list[str] = field(default_factory=list)  # modules imported by the driver and every worker
 
 
 def register_configs() -> None:
@@ -133,10 +139,17 @@ def hydra_context() -> Iterator[None]:
 
 
 def compose(overrides: Sequence[str] = ()) -> Any:
-    """Compose conf/config.yaml with `overrides` (call inside `hydra_context`); returns a DictConfig."""
-    from hydra import compose as hydra_compose
+    """Compose conf/config.yaml with `overrides` (call inside `hydra_context`); returns a DictConfig.
 
-    return hydra_compose(config_name="config", overrides=list(overrides))
+    `quant.params` takes any key (each method has its own; `Recipe` checks them against the method,
+    naming the allowed ones), so it is the one node outside Hydra's struct mode.
+    """
+    from hydra import compose as hydra_compose
+    from omegaconf import OmegaConf
+
+    cfg = hydra_compose(config_name="config", overrides=list(overrides))
+    OmegaConf.set_struct(cfg.quant.params, False)
+    return cfg
 
 
 def to_config(cfg: Any) -> Config:
@@ -166,48 +179,79 @@ def project_path(path: str) -> Path:
     return expanded if expanded.is_absolute() else (PROJECT_ROOT / expanded).resolve()
 
 
+def to_spec(part: Any, spec_type: type[T]) -> T:
+    """The frozen spec of a config part: fields of the same names, lists as tuples, dicts as sorted
+    pairs, nested config dataclasses converted to the spec type the field names."""
+    hints = get_type_hints(spec_type)
+    values = {
+        f.name: _frozen(getattr(part, f.name), hints[f.name])
+        for f in dataclasses.fields(spec_type)  # type: ignore[arg-type]
+        if hasattr(part, f.name)
+    }
+    return spec_type(**values)
+
+
+def _frozen(value: Any, hint: Any) -> Any:
+    if isinstance(value, dict):
+        return tuple(sorted(value.items()))
+    if isinstance(value, list | tuple):
+        args = [a for a in get_args(hint) if a is not Ellipsis]
+        item = args[0] if args and get_origin(hint) is tuple else None
+        return tuple(_frozen(v, item) for v in value)
+    if dataclasses.is_dataclass(value) and isinstance(hint, type):
+        return to_spec(value, hint)
+    return value
+
+
 def model_ref(model: ModelConfig, name_or_path: str | None = None) -> ModelRef:
     """The `ModelRef` of a model config; `name_or_path` replaces the configured one (ladder members)."""
-    return ModelRef(
-        name_or_path=name_or_path or model.name_or_path,
-        torch_dtype=model.torch_dtype,
-        revision=model.revision,
-        gguf_file=model.gguf_file,
-        quantize_embeddings=model.quantize_embeddings,
-        quantize_lm_head=model.quantize_lm_head,
-    )
+    ref = to_spec(model, ModelRef)
+    return dataclasses.replace(ref, name_or_path=name_or_path) if name_or_path else ref
 
 
-def quant_spec(quant: QuantConfig) -> QuantSpec | None:
-    """The `QuantSpec` of a quant config, or None for the 16-bit baseline.
+def recipe(quant: QuantConfig) -> Recipe:
+    """The `Recipe` of a quant config (the baseline for bits=16).
 
     Raises:
-        ValueError, KeyError: from `QuantSpec`, naming the bad value and the allowed ones.
+        ValueError, KeyError: from `Recipe`, naming the bad value and the allowed ones.
     """
-    if quant.bits == BASELINE_BITS:
-        return None
-    from kernels import QuantSpec
-
-    return QuantSpec(
-        dtype=quant.dtype,
-        bits=quant.bits,
-        block_size=quant.block_size,
-        exponent_bits=quant.exponent_bits,
-        centering=quant.centering,
-    )
+    return to_spec(quant, Recipe)
 
 
 def eval_spec(evals: EvalConfig) -> EvalSpec:
     """The `EvalSpec` of an eval config, with `data_root` made absolute."""
-    return EvalSpec(
-        perplexity=tuple(PerplexitySpec(**dataclasses.asdict(p)) for p in evals.perplexity),
-        tasks=tuple(evals.tasks),
-        limit=evals.limit,
-        batch_size=evals.batch_size,
-        data_root=str(project_path(evals.data_root)),
-        scorer=evals.scorer,
-        compile=evals.compile,
-    )
+    spec = to_spec(evals, EvalSpec)
+    return dataclasses.replace(spec, data_root=str(project_path(evals.data_root)))
+
+
+def run_wide_problems(cells: Sequence[Config]) -> list[str]:
+    """A message per run-wide key (`RUN_WIDE`) that the cells give more than one value."""
+    problems = []
+    for key in RUN_WIDE:
+        values = list(dict.fromkeys(repr(getattr(cell, key)) for cell in cells))
+        if len(values) > 1:
+            problems.append(
+                f"{key} holds for the whole run but the sweep gives it {len(values)} values "
+                f"({', '.join(values[:4])}); run one command per value"
+            )
+    return problems
+
+
+def import_plugins(modules: Sequence[str]) -> None:
+    """Import the `plugins` modules (each registers methods or other records when imported).
+
+    Raises:
+        ValueError: a module that cannot be imported, naming it and the error.
+    """
+    import importlib
+
+    for name in modules:
+        try:
+            importlib.import_module(name)
+        except ImportError as err:
+            raise ValueError(
+                f"plugins: cannot import {name!r} ({err}); give a module on the Python path"
+            ) from err
 
 
 def replace_path(cfg: T, updates: dict[str, Any]) -> T:

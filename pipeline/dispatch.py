@@ -114,9 +114,13 @@ def connect(cfg: RayConfig) -> bool:
 
 
 def start_workers(
-    plan: WorkerPlan, results_root: Path, max_restarts: int, worker_cls: Any = None
+    plan: WorkerPlan,
+    results_root: Path,
+    max_restarts: int,
+    worker_cls: Any = None,
+    plugins: Sequence[str] = (),
 ) -> list[Any]:
-    """Create the worker actors (default class: `pipeline.worker.ModelWorker`)."""
+    """Create the worker actors (default class: `pipeline.worker.ModelWorker`); each imports `plugins`."""
     import ray
 
     from pipeline.worker import ModelWorker
@@ -125,7 +129,7 @@ def start_workers(
     actor = ray.remote(worker_cls or ModelWorker).options(
         **plan.options, max_restarts=max_restarts, runtime_env={"env_vars": quiet}
     )
-    return [actor.remote(str(results_root), plan.cpu_threads) for _ in range(plan.count)]
+    return [actor.remote(str(results_root), plan.cpu_threads, list(plugins)) for _ in range(plan.count)]
 
 
 def run_jobs(

@@ -1,8 +1,11 @@
 """Jobs: one quantize-and-evaluate unit each, keyed by a content hash, deduped and grouped by model.
 
 A job's `key` is the sha256 of the canonical JSON of what determines its numbers: the model
-reference, the QuantSpec (None at 16 bits), the outlier fraction, the eval spec without its
-`data_root` (the same files under another mount are the same data), and `SCHEMA_VERSION`. A ladder
+reference, the recipe, the eval spec without its `data_root` (the same files under another mount
+are the same data) and `KEY_VERSION`. The key has its own version, apart from the results schema's:
+a new results column changes no key; a change in what a key means bumps KEY_VERSION on purpose
+(every study then reruns). Version 2: the recipe replaced the QuantSpec, outlier fraction and the
+model's quantization scope (version 1). A ladder
 member is keyed by its label (`ladder:h100/d128@<config hash>`), not by the cache folder it was
 loaded from, so a ladder study resumes on any machine whose cache holds the same ladder config.
 The study is NOT in the key: it only names the folder a job's rows land in, so the same cell in
@@ -17,18 +20,16 @@ import hashlib
 import json
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from pipeline.config import Config, eval_spec, model_ref, quant_spec
+from pipeline.config import Config, eval_spec, model_ref, recipe
 from pipeline.ladders.configs import LADDER_PREFIX
-from pipeline.results import SCHEMA_VERSION
+from pipeline.recipe import Recipe
 from pipeline.specs import EvalSpec, ModelRef
 
+KEY_VERSION = 2
 # EvalSpec fields that change where inputs are read or how fast, not the numbers: kept out of the key
 EVAL_NOT_KEYED = frozenset({"data_root", "compile"})
-
-if TYPE_CHECKING:
-    from kernels import QuantSpec
 
 
 @dataclass(frozen=True)
@@ -48,8 +49,7 @@ class Job:
     """One quantize-and-evaluate unit."""
 
     model: ModelRef
-    quant: QuantSpec | None  # None: the unquantized 16-bit baseline
-    outlier_fraction: float
+    recipe: Recipe  # recipe.is_baseline: the unquantized 16-bit baseline
     evals: EvalSpec
     study: str
     model_label: str = ""
@@ -59,10 +59,9 @@ class Job:
     def canonical(self) -> dict[str, Any]:
         """What determines this job's numbers, as plain JSON-able data."""
         return {
-            "schema_version": SCHEMA_VERSION,
+            "key_version": KEY_VERSION,
             "model": json.loads(self._model_json),
-            "quant": None if self.quant is None else _plain(self.quant),
-            "outlier_fraction": float(self.outlier_fraction),
+            "recipe": self.recipe.plain(),
             "evals": _plain(self.evals),
         }
 
@@ -72,11 +71,9 @@ class Job:
 
         Assembled from memoized per-spec JSON; equal to `_dumps(self.canonical)` (a test checks).
         """
-        quant = "null" if self.quant is None else _spec_json(self.quant)
         return (
-            f'{{"evals":{_spec_json(self.evals)},"model":{self._model_json},'
-            f'"outlier_fraction":{_dumps(float(self.outlier_fraction))},"quant":{quant},'
-            f'"schema_version":{SCHEMA_VERSION}}}'
+            f'{{"evals":{_spec_json(self.evals)},"key_version":{KEY_VERSION},'
+            f'"model":{self._model_json},"recipe":{_recipe_json(self.recipe)}}}'
         )
 
     @functools.cached_property
@@ -93,7 +90,7 @@ class Job:
 
     @property
     def bits(self) -> int:
-        return 16 if self.quant is None else self.quant.bits
+        return self.recipe.bits
 
 
 @functools.lru_cache(maxsize=4096)
@@ -114,6 +111,11 @@ def _spec_json(spec: Any) -> str:
 
 
 @functools.lru_cache(maxsize=4096)
+def _recipe_json(recipe: Recipe) -> str:
+    return _dumps(recipe.plain())
+
+
+@functools.lru_cache(maxsize=4096)
 def _ladder_model_json(model: ModelRef, label: str) -> str:
     return _dumps({**_plain(model), "name_or_path": label})
 
@@ -130,22 +132,21 @@ def single_source(ref: ModelRef) -> Sequence[ModelSource]:
 def build_jobs(cells: Iterable[Config], resolve: ModelResolver = single_source) -> list[Job]:
     """One job per (cell, resolved model), deduped by key in first-seen order.
 
-    `quant.bits=16` becomes the baseline (quant None, outlier fraction 0), so every 16-bit cell of a
-    model and eval collapses into one job. Specs are built once per distinct config value.
+    `quant.bits=16` becomes the baseline recipe, so every 16-bit cell of a model and eval collapses
+    into one job. Specs are built once per distinct config value.
 
     Raises:
-        ValueError, KeyError: a QuantSpec that does not validate (pre-flight catches these first).
+        ValueError, KeyError: a recipe that does not validate (pre-flight catches these first).
     """
-    quants = _Memo(lambda c: quant_spec(c.quant))
+    recipes = _Memo(lambda c: recipe(c.quant))
     evals = _Memo(lambda c: eval_spec(c.eval))
     sources = _Memo(lambda c: tuple(resolve(model_ref(c.model))))
     jobs: dict[str, Job] = {}
     for cell in cells:
-        quant = quants(repr(cell.quant), cell)
-        outliers = 0.0 if quant is None else float(cell.quant.outlier_fraction)
+        quant = recipes(repr(cell.quant), cell)
         spec = evals(repr(cell.eval), cell)
         for source in sources(repr(cell.model), cell):
-            job = Job(source.ref, quant, outliers, spec, cell.study, source.label, source.family)
+            job = Job(source.ref, quant, spec, cell.study, source.label, source.family)
             jobs.setdefault(job.key, job)
     return list(jobs.values())
 

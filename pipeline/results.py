@@ -3,21 +3,30 @@
 Pure pandas/pyarrow (no torch, no ray), so `analysis` can read results through `load_results`.
 Files are written atomically (temp file in the same folder + `os.replace`), so a crash or kill -9
 leaves either the old file or the new one, never half a file; readers skip temp files.
+
+Schema evolution: each file records its SCHEMA_VERSION in its Parquet metadata (none: schema 1), and
+`load_results` fills the columns added since from `ADDED_COLUMNS`. Fills derived from the row's
+`job_json` are exact where the job held the value, at the cost of one JSON parse per distinct job.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import uuid
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+SCHEMA_VERSION_KEY = b"kbitscale.schema_version"  # Parquet key-value metadata; absent: schema 1
 TMP_PREFIX = ".tmp-"
 STATUS_OK = "ok"
 STATUS_FAILED = "failed"
@@ -37,6 +46,10 @@ SCHEMA = pa.schema(
         ("exponent_bits", pa.int64()),  # null unless dtype == "fp"
         ("outlier_fraction", pa.float64()),
         ("centering", pa.bool_()),
+        ("method", pa.string()),  # registered quantization method, e.g. "rtn"; "none" iff bits == 16
+        ("method_params", pa.string()),  # canonical JSON of the method's own parameters; "{}": none
+        ("quantize_embeddings", pa.bool_()),  # scope: the input embeddings are quantized too
+        ("quantize_lm_head", pa.bool_()),  # scope: the output head is quantized too
         ("bits_per_param", pa.float64()),
         ("total_model_bits", pa.int64()),
         ("task", pa.string()),
@@ -44,6 +57,11 @@ SCHEMA = pa.schema(
         ("value", pa.float64()),
         ("stderr", pa.float64()),
         ("n_examples", pa.int64()),
+        ("scorer", pa.string()),  # lm-eval task rows: EvalSpec.scorer ("hflm" or "fast"); else null
+        ("eval_limit", pa.int64()),  # lm-eval task rows: examples per task (null: all); else null
+        ("context_length", pa.int64()),  # perplexity rows: tokens per window; else null
+        ("stride", pa.int64()),  # perplexity rows: tokens between window starts; else null
+        ("max_tokens", pa.int64()),  # perplexity rows: leading tokens scored (null: all); else null
         ("status", pa.string()),  # "ok" or "failed"
         ("error", pa.string()),
         ("load_s", pa.float64()),  # model load, charged to the first job of a worker
@@ -63,20 +81,101 @@ class ResultsError(ValueError):
     """A results folder or file that does not match the schema."""
 
 
+@dataclass(frozen=True)
+class FillInput:
+    """What a fill may read: one distinct (job_json, task, bits) of rows from an older file."""
+
+    job: Mapping[str, Any]  # the rows' job_json, parsed (canonical JSON of the job)
+    task: str | None  # null on a failed row
+    bits: int | None
+
+
+@dataclass(frozen=True)
+class AddedColumn:
+    """A column added to SCHEMA after schema 1, and its value on rows of files written before."""
+
+    since: int  # the SCHEMA_VERSION that added it
+    fill: Callable[[FillInput], Any]  # its value on rows whose file predates `since`
+
+
+def _evals(row: FillInput) -> Mapping[str, Any]:
+    return row.job.get("evals") or {}
+
+
+def _perplexity_window(row: FillInput) -> Mapping[str, Any]:
+    """The evals.perplexity entry named like the row's task ({} when the row is no perplexity row)."""
+    entries = _evals(row).get("perplexity") or ()
+    return next((entry for entry in entries if entry.get("name") == row.task), {})
+
+
+def _lm_eval_setting(name: str, default: Any = None) -> Callable[[FillInput], Any]:
+    """evals.<name> on lm-eval task rows (task set, not a perplexity name); null on other rows."""
+
+    def fill(row: FillInput) -> Any:
+        lm_eval_row = row.task is not None and not _perplexity_window(row)
+        return _evals(row).get(name, default) if lm_eval_row else None
+
+    return fill
+
+
+def _window_setting(name: str) -> Callable[[FillInput], Any]:
+    """The perplexity entry's <name> on perplexity rows; null on other rows."""
+    return lambda row: _perplexity_window(row).get(name)
+
+
+def _scope(name: str) -> Callable[[FillInput], bool]:
+    """model.<name> of the job (False where the job predates the field)."""
+    return lambda row: bool((row.job.get("model") or {}).get(name, False))
+
+
+# Every column added after schema 1: the next schema change adds one entry here (and bumps
+# SCHEMA_VERSION); `load_results` fills it on rows of older files. Schema 1 knew one method,
+# round-to-nearest ("rtn"), with no parameters; the unquantized baseline ran at 16 bits.
+ADDED_COLUMNS: dict[str, AddedColumn] = {
+    "method": AddedColumn(2, lambda row: "none" if row.bits == 16 else "rtn"),
+    "method_params": AddedColumn(2, lambda row: "{}"),
+    "quantize_embeddings": AddedColumn(2, _scope("quantize_embeddings")),
+    "quantize_lm_head": AddedColumn(2, _scope("quantize_lm_head")),
+    "scorer": AddedColumn(2, _lm_eval_setting("scorer", "hflm")),  # jobs before `scorer` ran HFLM
+    "eval_limit": AddedColumn(2, _lm_eval_setting("limit")),
+    "context_length": AddedColumn(2, _window_setting("context_length")),
+    "stride": AddedColumn(2, _window_setting("stride")),
+    "max_tokens": AddedColumn(2, _window_setting("max_tokens")),
+}
+assert set(ADDED_COLUMNS) <= set(COLUMNS), "every added column is in SCHEMA"
+assert all(1 < c.since <= SCHEMA_VERSION for c in ADDED_COLUMNS.values()), "added in 2..SCHEMA_VERSION"
+
+
+def schema_columns(version: int) -> tuple[str, ...]:
+    """The columns a file written under schema `version` holds, in SCHEMA order."""
+    if not 1 <= version <= SCHEMA_VERSION:
+        raise ValueError(f"schema version {version!r} unknown; known: 1..{SCHEMA_VERSION}")
+    return tuple(n for n in COLUMNS if n not in ADDED_COLUMNS or ADDED_COLUMNS[n].since <= version)
+
+
+_SCHEMAS = {  # schema version -> the Arrow schema its files hold
+    v: pa.schema([SCHEMA.field(n) for n in schema_columns(v)]) for v in range(1, SCHEMA_VERSION + 1)
+}
+
+
 def job_path(study_dir: Path, job_key: str) -> Path:
     """Where the rows of one job live."""
     return study_dir / f"{job_key}.parquet"
 
 
 def rows_to_table(rows: Iterable[Mapping[str, Any]]) -> pa.Table:
-    """Rows (dicts keyed by column) -> a table with exactly SCHEMA; unknown keys are an error."""
+    """Rows (dicts keyed by column) -> a table with exactly SCHEMA, tagged with SCHEMA_VERSION.
+
+    Missing keys become null; unknown keys are an error.
+    """
     rows = list(rows)
     for row in rows:
         unknown = set(row) - set(COLUMNS)
         if unknown:
             raise ResultsError(f"unknown result columns {sorted(unknown)}; allowed: {list(COLUMNS)}")
     columns = {name: [row.get(name) for row in rows] for name in COLUMNS}
-    return pa.Table.from_pydict(columns, schema=SCHEMA)
+    table = pa.Table.from_pydict(columns, schema=SCHEMA)
+    return table.replace_schema_metadata({SCHEMA_VERSION_KEY: str(SCHEMA_VERSION).encode()})
 
 
 def write_job_rows(study_dir: Path, job_key: str, rows: Iterable[Mapping[str, Any]]) -> Path:
@@ -103,10 +202,16 @@ def result_files(path: Path) -> list[Path]:
 
 
 def job_status(study_dir: Path) -> dict[str, str]:
-    """job_key -> "ok" | "failed" for every finished job file of a study (cheap: reads two columns)."""
+    """job_key -> "ok" | "failed" for every finished job file of a study (cheap: reads two columns).
+
+    Both columns exist since schema 1, so files of every schema answer.
+
+    Raises:
+        ResultsError: a file that is no readable Parquet or lacks `job_key` or `status`.
+    """
     status: dict[str, str] = {}
     for file in result_files(study_dir) if study_dir.exists() else []:
-        table = pq.read_table(file, columns=["job_key", "status"])
+        table = _read(file, columns=["job_key", "status"])
         keys, states = table.column("job_key").to_pylist(), table.column("status").to_pylist()
         for key, state in zip(keys, states, strict=True):
             if status.get(key) != STATUS_FAILED:  # any failed row marks the job failed
@@ -115,11 +220,15 @@ def job_status(study_dir: Path) -> dict[str, str]:
 
 
 def load_results(path: str | os.PathLike[str]) -> pd.DataFrame:
-    """Read every finished result file under `path` into one DataFrame, validating the schema.
+    """Read every finished result file under `path` into one DataFrame with SCHEMA's columns.
+
+    Files of any schema version read: columns added after a file's version are filled as
+    `ADDED_COLUMNS` says. Rows keep file order.
 
     Raises:
         FileNotFoundError: `path` does not exist.
-        ResultsError: no result files, or a file whose columns or types differ from SCHEMA.
+        ResultsError: no result files; a file that is no readable Parquet, names an unknown schema
+            version, or whose columns or types differ from its own schema version's.
     """
     root = Path(path)
     if not root.exists():
@@ -127,24 +236,129 @@ def load_results(path: str | os.PathLike[str]) -> pd.DataFrame:
     files = result_files(root)
     if not files:
         raise ResultsError(f"no result files (*.parquet) under {str(root)!r}")
-    tables = [_read_validated(file) for file in files]
-    return pa.concat_tables(tables).to_pandas(types_mapper=_pandas_type)
+    by_version: dict[int, list[tuple[int, Path, pa.Table]]] = {}
+    for index, file in enumerate(files):
+        version, table = _read_validated(file)
+        by_version.setdefault(version, []).append((index, file, table))
+    parts: dict[int, pa.Table] = {}
+    for version, members in by_version.items():
+        sizes = [(file, table.num_rows) for _, file, table in members]
+        upgraded = _upgrade(pa.concat_tables([table for _, _, table in members]), version, sizes)
+        offset = 0
+        for index, _, table in members:  # cut back into files (zero-copy) to keep file order
+            parts[index] = upgraded.slice(offset, table.num_rows)
+            offset += table.num_rows
+    return pa.concat_tables([parts[i] for i in range(len(files))]).to_pandas(types_mapper=_pandas_type)
 
 
-def _read_validated(file: Path) -> pa.Table:
+def _read(file: Path, columns: list[str] | None = None) -> pa.Table:
+    """One file's table (or just `columns` of it); a foreign or broken file is a ResultsError."""
     try:
-        table = pq.read_table(file)
+        with pq.ParquetFile(file) as parquet:  # about twice as fast as pq.read_table on small files
+            missing = [name for name in columns or () if name not in parquet.schema_arrow.names]
+            if missing:
+                raise ResultsError(f"{file}: missing columns {missing}; expected {columns}")
+            return parquet.read(columns=columns)
     except (pa.ArrowInvalid, OSError) as err:
         raise ResultsError(f"{file}: not a readable Parquet file ({err})") from err
-    missing = [name for name in COLUMNS if name not in table.column_names]
+
+
+def _schema_version(file: Path, schema: pa.Schema) -> int:
+    """The schema version a file was written under (1 when its metadata has none)."""
+    raw = (schema.metadata or {}).get(SCHEMA_VERSION_KEY)
+    if raw is None:
+        return 1
+    try:
+        version = int(raw)
+    except ValueError:
+        version = -1
+    if not 1 <= version <= SCHEMA_VERSION:
+        raise ResultsError(
+            f"{file}: schema version {raw!r} unknown; this code reads 1..{SCHEMA_VERSION} "
+            "(a newer kbitscale may have written it)"
+        )
+    return version
+
+
+def _read_validated(file: Path) -> tuple[int, pa.Table]:
+    """(schema version, table with exactly that version's columns and types)."""
+    table = _read(file)
+    version = _schema_version(file, table.schema)
+    want = _SCHEMAS[version]
+    present = set(table.column_names)
+    missing = [name for name in want.names if name not in present]
     if missing:
-        raise ResultsError(f"{file}: missing columns {missing}; expected {list(COLUMNS)}")
-    table = table.select(list(COLUMNS))
-    for name in COLUMNS:
-        got, want = table.schema.field(name).type, SCHEMA.field(name).type
-        if got != want and not pa.types.is_null(got):
-            raise ResultsError(f"{file}: column {name!r} has type {got}, expected {want}")
-    return table.cast(SCHEMA)
+        raise ResultsError(
+            f"{file}: missing columns {missing} of its schema {version}; expected {want.names}"
+        )
+    table = table.select(want.names)
+    if table.schema.equals(want):  # the common case, without a look at each field
+        return version, table
+    for field in want:
+        got = table.schema.field(field.name).type
+        if got != field.type and not pa.types.is_null(got):
+            raise ResultsError(f"{file}: column {field.name!r} has type {got}, expected {field.type}")
+    return version, table.cast(want)
+
+
+def _upgrade(table: pa.Table, version: int, sizes: Sequence[tuple[Path, int]]) -> pa.Table:
+    """Append the columns added after `version`, filled per distinct (job_json, task, bits).
+
+    `table` is the files of `sizes` (file, row count) concatenated in order; they name a bad file.
+    """
+    added = [name for name, column in ADDED_COLUMNS.items() if column.since > version]
+    if not added:
+        return table
+    inputs, row_input = _fill_inputs(table, sizes)
+    for name in added:
+        field = SCHEMA.field(name)
+        values = pa.array([ADDED_COLUMNS[name].fill(row) for row in inputs], type=field.type)
+        table = table.append_column(field, values.take(row_input))
+    return table.select(list(COLUMNS))
+
+
+def _fill_inputs(table: pa.Table, sizes: Sequence[tuple[Path, int]]) -> tuple[list[FillInput], pa.Array]:
+    """The distinct (job_json, task, bits) of `table` as FillInputs, and each row's index into them.
+
+    Vectorized: each column is dictionary-encoded, the codes combined, and only the distinct
+    combinations (about one per job and task) reach Python; each distinct job_json is parsed once.
+    """
+    codes, values = [], []
+    for name in ("job_json", "task", "bits"):
+        encoded = pc.dictionary_encode(table.column(name).combine_chunks(), null_encoding="encode")
+        codes.append(encoded.indices.to_numpy(zero_copy_only=False).astype(np.int64))
+        values.append(encoded.dictionary.to_pylist())
+    jobs = [_parse_job(text) for text in values[0]]
+    for code, job in enumerate(jobs):
+        if job is None:
+            file = _file_of_row(sizes, int(np.argmax(codes[0] == code)))
+            raise ResultsError(
+                f"{file}: job_json {str(values[0][code])[:80]!r} is no JSON object; "
+                f"the columns added since the file's schema are filled from it: {list(ADDED_COLUMNS)}"
+            )
+    n_tasks, n_bits = len(values[1]), len(values[2])
+    distinct, row_input = np.unique((codes[0] * n_tasks + codes[1]) * n_bits + codes[2], return_inverse=True)
+    inputs = []
+    for combined in distinct.tolist():
+        job_code, rest = divmod(combined, n_tasks * n_bits)
+        task_code, bits_code = divmod(rest, n_bits)
+        inputs.append(FillInput(jobs[job_code], values[1][task_code], values[2][bits_code]))
+    return inputs, pa.array(row_input.reshape(-1))
+
+
+def _parse_job(text: str | None) -> dict[str, Any] | None:
+    """A job_json parsed; None when it is null, no JSON, or no JSON object."""
+    try:
+        job = json.loads(text) if text is not None else None
+    except json.JSONDecodeError:
+        return None
+    return job if isinstance(job, dict) else None
+
+
+def _file_of_row(sizes: Sequence[tuple[Path, int]], row: int) -> Path:
+    """The file that row `row` of the concatenated `sizes` files came from."""
+    ends = np.cumsum([n_rows for _, n_rows in sizes])
+    return sizes[int(np.searchsorted(ends, row, side="right"))][0]
 
 
 def _pandas_type(arrow_type: pa.DataType) -> Any:

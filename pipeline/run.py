@@ -22,8 +22,18 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
-from pipeline.config import Config, RayConfig, eval_spec, model_ref, project_path, quant_spec
+from pipeline.config import (
+    Config,
+    RayConfig,
+    eval_spec,
+    import_plugins,
+    model_ref,
+    project_path,
+    recipe,
+    run_wide_problems,
+)
 from pipeline.jobs import Job, ModelSource, build_jobs, group_by_model, split_by_study
 from pipeline.ladders.configs import LADDER_PREFIX
 from pipeline.progress import Progress
@@ -39,13 +49,14 @@ USAGE = __doc__ or ""
 
 @dataclass(frozen=True)
 class Settings:
-    """The run-wide part of the config (taken from the first cell)."""
+    """The run-wide part of the config (`config.RUN_WIDE`: one value for every cell)."""
 
     results_root: Path
     rerun_failed: bool
     dry_run: bool
     ray: RayConfig
     report: bool = False
+    plugins: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -113,24 +124,32 @@ def preflight(cells: Sequence[Config]) -> None:
 
 
 def _check_quant(cell: Config) -> None:
-    """Raise one ValueError naming every bad quant field (QuantSpec stops at the first)."""
+    """Raise one ValueError naming every bad quant field (`Recipe` stops at the first)."""
     quant = cell.quant
     messages: dict[str, None] = {}
-    if not 0.0 <= quant.outlier_fraction < 1.0:
-        messages[f"outlier_fraction={quant.outlier_fraction} is not allowed; use 0 <= p < 1"] = None
-    probes = [  # each field alone next to known-good values, then the whole spec
-        dataclasses.replace(quant, bits=4, block_size=64, exponent_bits=None),
-        dataclasses.replace(quant, dtype="int", block_size=64, exponent_bits=None),
-        dataclasses.replace(quant, dtype="int", bits=4, exponent_bits=None),
+    known: dict[str, Any] = {
+        "method": "rtn",
+        "dtype": "int",
+        "bits": 4,
+        "block_size": 64,
+        "exponent_bits": None,
+    }
+    probes = [  # each field alone next to known-good values, then the whole recipe
+        *(dataclasses.replace(quant, **_except(known, name), params={}) for name in known),
+        dataclasses.replace(quant, **_except(known, "method")),  # the method's own parameters
         quant,
     ]
     for probe in probes:
         try:
-            quant_spec(probe)
+            recipe(probe)
         except (ValueError, KeyError, TypeError) as err:
             messages[_message(err)] = None
     if messages:
         raise ValueError("; ".join(messages))
+
+
+def _except(values: dict[str, Any], key: str) -> dict[str, Any]:
+    return {k: v for k, v in values.items() if k != key}
 
 
 def _check_context_fits(cell: Config) -> list[str]:
@@ -210,10 +229,22 @@ def plan_cells(cells: Sequence[Config]) -> Plan:
         ConfigError: any bad value in any cell, before results/ or any ladder is touched.
     """
     start = time.perf_counter()
-    preflight(cells)
     first = cells[0]
+    problems = run_wide_problems(cells)
+    try:
+        import_plugins(first.plugins)  # before pre-flight: a plugin may register the method it checks
+    except ValueError as err:
+        problems.append(str(err))
+    if problems:
+        raise ConfigError(problems)
+    preflight(cells)
     settings = Settings(
-        project_path(first.results_root), first.rerun_failed, first.dry_run, first.ray, first.report
+        project_path(first.results_root),
+        first.rerun_failed,
+        first.dry_run,
+        first.ray,
+        first.report,
+        tuple(first.plugins),
     )
     data_root = project_path(first.eval.data_root)
     if settings.dry_run:  # a dry run trains nothing: ladders not trained yet stay one unresolved model
@@ -261,7 +292,9 @@ def execute(plan: Plan, worker_cls: type | None = None) -> Progress:
     workers: list = []
     try:
         workers_plan = plan_workers(cfg, ray.cluster_resources(), len(plan.to_run))
-        workers = start_workers(workers_plan, plan.settings.results_root, cfg.max_attempts, worker_cls)
+        workers = start_workers(
+            workers_plan, plan.settings.results_root, cfg.max_attempts, worker_cls, plan.settings.plugins
+        )
         log.info("%d worker(s), each %s", len(workers), workers_plan.options)
         progress.interrupted = not run_jobs(
             plan.to_run, workers, progress, plan.settings.results_root, cfg.max_attempts,
@@ -273,14 +306,6 @@ def execute(plan: Plan, worker_cls: type | None = None) -> Progress:
         if started:
             ray.shutdown()
     return progress
-
-
-def run_sweep(overrides: Sequence[str], multirun: bool = True) -> tuple[Plan, Progress | None]:
-    """Plan and run a sweep (the programmatic form of the CLI); dry runs return no progress."""
-    plan = plan_run(overrides, multirun)
-    if plan.settings.dry_run:
-        return plan, None
-    return plan, execute(plan)
 
 
 def describe_plan(plan: Plan) -> str:

@@ -1,13 +1,13 @@
 """Plain, frozen value types that cross module boundaries inside `pipeline`.
 
 These are the contracts between config parsing (`config.py`, `jobs.py`), the model side
-(`models.py`, `evaluate.py`) and the orchestration side (`worker.py`, `run.py`). They hold no
+(`models/`, `evals/`) and the orchestration side (`worker.py`, `run.py`). They hold no
 torch, ray or transformers objects, so a config check or `--help` never pays for those imports.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 
 @dataclass(frozen=True)
@@ -22,8 +22,6 @@ class ModelRef:
     torch_dtype: str = "auto"  # "auto": bfloat16 on CUDA, float32 on CPU
     revision: str | None = None
     gguf_file: str | None = None
-    quantize_embeddings: bool = False
-    quantize_lm_head: bool = False
 
 
 @dataclass(frozen=True)
@@ -75,4 +73,3 @@ class QuantReport:
     n_kept_params: int  # parameters of quantized matrices kept in 16 bits (proxy columns)
     total_model_bits: int  # sum over all parameters, constants and codebooks included
     bits_per_param: float  # over the quantized matrices only (k + 16/B + ...), the paper's definition
-    extra: dict[str, float] = field(default_factory=dict)

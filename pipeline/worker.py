@@ -56,7 +56,8 @@ def error_line(err: BaseException) -> str:
 
 def job_columns(job: Job, report: QuantReport | None, family: str | None) -> dict[str, Any]:
     """The columns a job's rows share (what was run and how many bits it cost)."""
-    quant = job.quant
+    recipe = job.recipe
+    spec = recipe.spec
     return {
         "job_key": job.key,
         "study": job.study,
@@ -65,12 +66,16 @@ def job_columns(job: Job, report: QuantReport | None, family: str | None) -> dic
         "n_params": report.n_params if report else None,
         "n_quantized_params": report.n_quantized_params if report else None,
         "n_kept_params": report.n_kept_params if report else None,
-        "dtype": "none" if quant is None else quant.dtype,
-        "bits": job.bits,
-        "block_size": None if quant is None else quant.block_size,
-        "exponent_bits": None if quant is None else quant.resolved_exponent_bits,  # None unless fp
-        "outlier_fraction": job.outlier_fraction,
-        "centering": False if quant is None else bool(quant.centering),
+        "method": recipe.method,
+        "method_params": recipe.params_json,
+        "dtype": recipe.dtype,
+        "bits": recipe.bits,
+        "block_size": recipe.block_size,
+        "exponent_bits": None if spec is None else spec.resolved_exponent_bits,  # None unless fp
+        "outlier_fraction": recipe.outlier_fraction,
+        "centering": recipe.centering,
+        "quantize_embeddings": recipe.quantize_embeddings,
+        "quantize_lm_head": recipe.quantize_lm_head,
         "bits_per_param": report.bits_per_param if report else None,
         "total_model_bits": report.total_model_bits if report else None,
         "job_json": job.job_json,
@@ -99,6 +104,7 @@ def job_rows(
     return [
         {
             **shared,
+            **eval_columns(job.evals, m.task),
             "task": m.task,
             "metric": m.metric,
             "value": m.value,
@@ -109,6 +115,15 @@ def job_rows(
         }
         for m in metrics
     ]
+
+
+def eval_columns(evals: EvalSpec, task: str) -> dict[str, Any]:
+    """The evaluation settings behind one task's numbers: window settings on a perplexity set's rows,
+    the scorer and example limit on an lm-eval task's rows (the others null)."""
+    for ppl in evals.perplexity:
+        if ppl.name == task:
+            return {"context_length": ppl.context_length, "stride": ppl.stride, "max_tokens": ppl.max_tokens}
+    return {"scorer": evals.scorer, "eval_limit": evals.limit}
 
 
 def check_finite(metrics: Sequence[MetricValue]) -> None:
@@ -148,9 +163,12 @@ def ray_placement() -> str:
 class ModelWorker:
     """Keeps one model resident and runs jobs on it (wrapped as a Ray actor by the driver)."""
 
-    def __init__(self, results_root: str, cpu_threads: int = 1) -> None:
+    def __init__(self, results_root: str, cpu_threads: int = 1, plugins: Sequence[str] = ()) -> None:
         import torch
 
+        from pipeline.config import import_plugins
+
+        import_plugins(plugins)  # methods (or other records) the driver's config named
         self._results_root = Path(results_root)
         self._device = "cuda" if torch.cuda.is_available() else "cpu"
         if self._device == "cpu":
@@ -164,6 +182,7 @@ class ModelWorker:
         self._snapshot: Any = None
         self._family: str | None = None
         self._evaluators: dict[EvalSpec, Any] = {}
+        self._method_cache: dict[str, Any] = {}  # per resident model (e.g. Hessians), see QuantizeRequest
         self._dirty = False
         self._load_errors: dict[ModelRef, str] = {}
 
@@ -239,13 +258,7 @@ class ModelWorker:
 
         start = time.perf_counter()
         self._dirty = True  # even a quantization that raises half-way leaves modified weights
-        report = quantize_model_(
-            self._model,
-            job.quant,
-            outlier_fraction=job.outlier_fraction,
-            include_embeddings=job.model.quantize_embeddings,
-            include_lm_head=job.model.quantize_lm_head,
-        )
+        report = quantize_model_(self._model, job.recipe, self._method_cache)
         return report, self._sync_elapsed(start)
 
     def _evaluate(self, job: Job) -> tuple[list[MetricValue], float]:
@@ -280,4 +293,5 @@ class ModelWorker:
     def _drop_model(self) -> None:
         self._ref = self._model = self._tokenizer = self._snapshot = self._family = None
         self._evaluators.clear()
+        self._method_cache.clear()
         self._dirty = False

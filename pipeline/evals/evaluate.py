@@ -13,8 +13,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from pipeline.evals.perplexity import check_perplexity_spec, perplexity_metrics, tokenize_text
-from pipeline.specs import EvalSpec, MetricValue, PerplexitySpec
 from pipeline.evals.tasks import OFFLINE_TASKS
+from pipeline.models.architectures import UNPACKABLE
+from pipeline.specs import EvalSpec, MetricValue, PerplexitySpec
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -25,10 +26,6 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 SCORERS = ("hflm", "fast")
-# Architectures the packed FastScorer cannot score, found when it was built (its probe refuses them
-# too, but only after the model is loaded on a worker): refused in pre-flight when the model's local
-# config.json names them.
-UNPACKABLE = {"bloom": "its ALiBi bias is built from a 2-D mask"}
 
 
 def scorer_problems(scorer: str, has_tasks: bool, model: str, model_type: str | None) -> list[str]:

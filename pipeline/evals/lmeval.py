@@ -21,8 +21,8 @@ import re
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from pipeline.specs import MetricValue
 from pipeline.evals.tasks import OFFLINE_TASKS, TASKS_DIR
+from pipeline.specs import MetricValue
 
 if TYPE_CHECKING:
     from lm_eval.api.task import Task

@@ -1,4 +1,4 @@
-"""benchmarks/quantize_kernels.py runs end to end on a CPU (GPU-only columns empty) and writes its JSON and table."""
+"""benchmarks/quantize_kernels.py runs end to end on a CPU (GPU-only columns empty), with its JSON and table."""
 
 from __future__ import annotations
 
@@ -11,8 +11,8 @@ from pathlib import Path
 def test_benchmark_runs_on_cpu(tmp_path: Path) -> None:
     repo = Path(__file__).resolve().parents[2]
     out = tmp_path / "kernels.json"
-    cmd = [sys.executable, "benchmarks/quantize_kernels.py", "--quick", "--device", "cpu", "--shapes", "32x64",
-           "--dtypes", "int,quantile", "--bits", "4", "--reps", "1", "--no-compile",
+    cmd = [sys.executable, "benchmarks/quantize_kernels.py", "--quick", "--device", "cpu",
+           "--shapes", "32x64", "--dtypes", "int,quantile", "--bits", "4", "--reps", "1", "--no-compile",
            "--out", str(out)]  # fmt: skip
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=repo)
     assert proc.returncode == 0, proc.stderr[-3000:]

@@ -11,8 +11,9 @@ import torch
 import torch.nn.functional as F
 
 from pipeline.evals.evaluate import Evaluator, check_eval_spec
-from pipeline.models import load_model, quantize_model_, restore_weights_, snapshot_weights
 from pipeline.evals.perplexity import encode_text, strided_windows, tokenize_text, total_nats
+from pipeline.models import load_model, quantize_model_, restore_weights_, snapshot_weights
+from pipeline.recipe import Recipe
 from pipeline.specs import EvalSpec, ModelRef, PerplexitySpec
 
 WIKI = "eval/wikitext-2-raw/wiki.test.raw"
@@ -99,9 +100,9 @@ def test_baseline_and_restore_reproduce_metrics_exactly(tiny_model_dir, data_roo
     evaluator = Evaluator(model, tokenizer, spec)
     before = evaluator.run()
     snapshot = snapshot_weights(model)
-    quantize_model_(model, None)
+    quantize_model_(model, Recipe.of(None))
     assert evaluator.run() == before
-    quantize_model_(model, QuantSpec(dtype="int", bits=3, block_size=64))
+    quantize_model_(model, Recipe.of(QuantSpec(dtype="int", bits=3, block_size=64)))
     quantized = evaluator.run()
     assert quantized[0].value != before[0].value
     restore_weights_(model, snapshot)

@@ -1,4 +1,4 @@
-"""`pipeline.evals.fastmetrics` gives exactly lm-eval's metric values, on a real model and the offline data."""
+"""`pipeline.evals.fastmetrics` gives exactly lm-eval's metric values, on a real model and offline data."""
 
 from __future__ import annotations
 

@@ -9,6 +9,7 @@ from pipeline.evals import fastscore
 from pipeline.evals.fastscore import FastScorer, attention_bias, length_batches, pack_row
 from pipeline.evals.lmeval import make_lm, task_manager
 from pipeline.models import load_model
+from pipeline.recipe import Recipe
 from pipeline.specs import ModelRef
 
 NAMES = ("lambada_openai", "piqa", "hellaswag", "winogrande")
@@ -65,7 +66,7 @@ def test_plan_is_kept_for_the_same_requests_and_answers_follow_the_weights(tiny_
     scorer = FastScorer(model, tokenizer, batch_size=8)
     before = scorer.loglikelihood(requests)
     plan = scorer._plan[1]
-    quantize_model_(model, QuantSpec("int", 3, 64))
+    quantize_model_(model, Recipe.of(QuantSpec("int", 3, 64)))
     after = scorer.loglikelihood(requests)
     assert scorer._plan[1] is plan
     assert after != before
@@ -128,7 +129,7 @@ def compiled_answers_match(model_dir, requests, device: str, rel: float) -> None
     snapshot = snapshot_weights(model)
     eager = FastScorer(model, tokenizer, batch_size=3)
     want = [eager.loglikelihood(requests)]
-    quantize_model_(model, QuantSpec("nf", 4, 64))
+    quantize_model_(model, Recipe.of(QuantSpec("nf", 4, 64)))
     want.append(eager.loglikelihood(requests))
     restore_weights_(model, snapshot)
 
@@ -136,7 +137,7 @@ def compiled_answers_match(model_dir, requests, device: str, rel: float) -> None
     scorer = FastScorer(model, tokenizer, batch_size=3)  # the probe's shapes, then several batch widths
     got = [scorer.loglikelihood(requests)]
     graphs = counters["stats"]["unique_graphs"]
-    quantize_model_(model, QuantSpec("nf", 4, 64))
+    quantize_model_(model, Recipe.of(QuantSpec("nf", 4, 64)))
     got.append(scorer.loglikelihood(requests))
     assert counters["stats"]["unique_graphs"] == graphs  # new weights, same graphs: no recompile
     assert got[1] != got[0]  # the compiled blocks read the quantized weights

@@ -9,8 +9,9 @@ import pytest
 
 from pipeline.config import RayConfig, load_config, replace_path
 from pipeline.dispatch import Scheduler, plan_workers
-from pipeline.jobs import Job, ModelSource, build_jobs, group_by_model
+from pipeline.jobs import KEY_VERSION, Job, ModelSource, build_jobs, group_by_model
 from pipeline.progress import Progress, format_duration
+from pipeline.recipe import BASELINE
 from pipeline.results import COLUMNS, load_results, write_job_rows
 from pipeline.specs import MetricValue, ModelRef, QuantReport
 from pipeline.sweep import expand, plan_sweep
@@ -38,7 +39,8 @@ def test_key_is_stable_and_content_addressed():
     a = one_job("model.name_or_path=org/m", "quant.bits=4")
     b = one_job("model.name_or_path=org/m", "quant.bits=4")
     assert a.key == b.key and len(a.key) == 64
-    assert a.canonical["schema_version"] == 1 and '"bits":4' in a.job_json
+    assert a.canonical["key_version"] == KEY_VERSION and '"bits":4' in a.job_json
+    assert '"method":"rtn"' in a.job_json
 
 
 @pytest.mark.parametrize(
@@ -49,6 +51,8 @@ def test_key_is_stable_and_content_addressed():
         "quant.block_size=128",
         "quant.centering=true",
         "quant.outlier_fraction=0.02",
+        "quant.quantize_embeddings=true",
+        "quant.quantize_lm_head=true",
         "model.name_or_path=org/other",
         "model.torch_dtype=float32",
         "eval=smoke",
@@ -73,12 +77,13 @@ def test_sixteen_bits_collapse_to_one_baseline_per_model_and_eval():
             "quant.dtype=int,fp,nf",
             "quant.block_size=64,null",
             "quant.outlier_fraction=0,0.02",
+            "quant.quantize_embeddings=false,true",
             "quant.bits=16",
             "eval=wikitext2,smoke",
         )
     )
     assert len(jobs) == 2 * 2
-    assert all(j.quant is None and j.outlier_fraction == 0.0 and j.bits == 16 for j in jobs)
+    assert all(j.recipe == BASELINE and j.recipe.method == "none" and j.bits == 16 for j in jobs)
 
 
 def test_identical_cells_dedupe_in_first_seen_order():

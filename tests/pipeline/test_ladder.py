@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from pipeline.ladders import ladder as ladder_module
+from pipeline.ladders.configs import LADDERS, LadderConfig, ModelSize, config_hash, get_ladder, smoke_config
 from pipeline.ladders.ladder import (
     LadderMember,
     is_ladder_ref,
@@ -20,7 +21,6 @@ from pipeline.ladders.ladder import (
     resolve_ladder,
     train_ladder,
 )
-from pipeline.ladders.configs import LADDERS, LadderConfig, ModelSize, config_hash, get_ladder, smoke_config
 from pipeline.ladders.train import METADATA_FILE, chunk_text, evaluate_loss, lr_at, window_order
 
 TEST = get_ladder("test")

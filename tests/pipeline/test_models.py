@@ -17,6 +17,7 @@ from pipeline.models import (
     restore_weights_,
     snapshot_weights,
 )
+from pipeline.recipe import Recipe
 from pipeline.specs import ModelRef
 
 INT4_B64 = {"dtype": "int", "bits": 4, "block_size": 64}
@@ -121,7 +122,7 @@ def test_snapshot_restore_bit_identical(llama):
     model, _ = llama
     snap = snapshot_weights(model)
     pointers = {n: p.data_ptr() for n, p in model.named_parameters()}
-    quantize_model_(model, spec(bits=3))
+    quantize_model_(model, Recipe.of(spec(bits=3)))
     assert not torch.equal(
         model.model.layers[0].mlp.up_proj.weight, snap["model.layers.0.mlp.up_proj.weight"]
     )
@@ -135,7 +136,7 @@ def test_snapshot_restore_bit_identical(llama):
 def test_baseline_none_leaves_weights_and_counts(llama):
     model, _ = llama
     snap = snapshot_weights(model)
-    report = quantize_model_(model, None)
+    report = quantize_model_(model, Recipe.of(None))
     n = sum(p.numel() for p in model.parameters())
     assert (report.n_params, report.n_quantized_params, report.n_kept_params) == (n, 0, 0)
     assert report.total_model_bits == 16 * n and report.bits_per_param == 16.0
@@ -144,7 +145,7 @@ def test_baseline_none_leaves_weights_and_counts(llama):
 
 def test_quantized_counts_exact(llama):
     model, _ = llama
-    report = quantize_model_(model, spec())
+    report = quantize_model_(model, Recipe.of(spec()))
     n = sum(p.numel() for p in model.parameters())
     n_linear = 2 * (4 * 64 * 64 + 3 * 64 * 128)  # q, k, v, o + gate, up, down per layer
     assert report.n_params == n == 147_776
@@ -158,7 +159,7 @@ def test_quantized_counts_with_proxy_columns(llama):
     from kernels import weight_bits
 
     model, _ = llama
-    report = quantize_model_(model, spec(), outlier_fraction=0.02)
+    report = quantize_model_(model, Recipe.of(spec(), outlier_fraction=0.02))
     kept = 2 * 2 * 128 * 1  # layers x (gate, up) x rows x round(0.02 * 64) columns
     assert report.n_kept_params == kept
     expected = 0
@@ -170,7 +171,7 @@ def test_quantized_counts_with_proxy_columns(llama):
 
 def test_quantize_embeddings_and_head_counts(llama):
     model, _ = llama
-    report = quantize_model_(model, spec(), include_embeddings=True, include_lm_head=True)
+    report = quantize_model_(model, Recipe.of(spec(), quantize_embeddings=True, quantize_lm_head=True))
     vocab = model.config.vocab_size
     assert report.n_quantized_params == 81_920 + 2 * vocab * 64
 
@@ -191,7 +192,7 @@ def test_proxy_quantization_keeps_columns_exactly(neox):
     model, _ = neox
     cols = outlier_columns(model, 0.05)
     before = {n: w.clone() for n, w in linear_weights(model).items()}
-    quantize_model_(model, spec(bits=3), outlier_fraction=0.05)
+    quantize_model_(model, Recipe.of(spec(bits=3), outlier_fraction=0.05))
     for name, view in linear_weights(model).items():
         if name in cols:
             assert torch.equal(view[:, cols[name]], before[name][:, cols[name]])
@@ -201,7 +202,7 @@ def test_proxy_quantization_keeps_columns_exactly(neox):
 def test_quantize_gpt2_conv1d_in_place():
     model = tiny_gpt2()
     before = model.transformer.h[0].mlp.c_fc.weight.clone()
-    report = quantize_model_(model, spec(), outlier_fraction=0.02)
+    report = quantize_model_(model, Recipe.of(spec(), outlier_fraction=0.02))
     after = model.transformer.h[0].mlp.c_fc.weight
     assert not torch.equal(after, before)
     kept = outlier_columns(tiny_gpt2(), 0.02)["transformer.h.0.mlp.c_fc.weight"]
@@ -217,7 +218,7 @@ def test_outlier_columns_gpt2_conv1d():
 @pytest.mark.parametrize("fraction", [-0.1, 1.0, 2.0])
 def test_bad_outlier_fraction(llama, fraction):
     with pytest.raises(ValueError, match="outlier_fraction"):
-        quantize_model_(llama[0], spec(), outlier_fraction=fraction)
+        quantize_model_(llama[0], Recipe.of(spec(), outlier_fraction=fraction))
 
 
 def test_proxy_unknown_architecture():
@@ -227,8 +228,8 @@ def test_proxy_unknown_architecture():
         GPTJConfig(vocab_size=64, n_positions=32, n_embd=32, n_layer=1, n_head=4, rotary_dim=4)
     )
     with pytest.raises(ValueError, match="gptj"):
-        quantize_model_(model, spec(), outlier_fraction=0.02)
-    assert quantize_model_(model, spec()).n_quantized_params > 0
+        quantize_model_(model, Recipe.of(spec(), outlier_fraction=0.02))
+    assert quantize_model_(model, Recipe.of(spec())).n_quantized_params > 0
 
 
 def test_non_finite_weight_is_named(llama):
@@ -236,7 +237,7 @@ def test_non_finite_weight_is_named(llama):
     with torch.no_grad():
         model.model.layers[0].mlp.down_proj.weight[0, 0] = math.inf
     with pytest.raises(ValueError, match="down_proj"):
-        quantize_model_(model, spec())
+        quantize_model_(model, Recipe.of(spec()))
 
 
 def test_nan_after_quantization_raises(llama, monkeypatch):
@@ -247,7 +248,7 @@ def test_nan_after_quantization_raises(llama, monkeypatch):
 
     monkeypatch.setattr(kernels, "fake_quantize", broken)
     with pytest.raises(QuantizationError, match="down_proj"):
-        quantize_model_(llama[0], spec())
+        quantize_model_(llama[0], Recipe.of(spec()))
 
 
 @pytest.mark.gpu
@@ -257,14 +258,14 @@ def test_fused_path_names_a_non_finite_weight_and_matches_the_reference(tiny_mod
 
     model, _ = load_model(ModelRef(str(tiny_model_dir)), "cuda")
     reference = copy.deepcopy(model).cpu()  # same weights and dtype, quantized by the torch reference
-    quantize_model_(model, spec())
-    quantize_model_(reference, spec())
+    quantize_model_(model, Recipe.of(spec()))
+    quantize_model_(reference, Recipe.of(spec()))
     for (name, got), want in zip(model.named_parameters(), reference.parameters(), strict=True):
         assert torch.equal(got.cpu(), want), name
     with torch.no_grad():
         model.model.layers[0].mlp.down_proj.weight[0, 0] = math.inf
     with pytest.raises(ValueError, match=r"down_proj.*NaN or Inf"):
-        quantize_model_(model, spec())
+        quantize_model_(model, Recipe.of(spec()))
 
 
 @pytest.mark.parametrize(
@@ -283,18 +284,19 @@ def test_stacked_groups_quantize_exactly_like_one_matrix_at_a_time(neox, quant, 
 
     from kernels import QuantSpec
     from pipeline import models
+    from pipeline.methods import rtn
 
     model, _ = neox
     alone = copy.deepcopy(model)
     spec = QuantSpec(**quant)
     weights = models.linear_weights(model)
-    groups = models.quantization_groups(weights, models.outlier_columns(model, fraction), spec)
+    groups = rtn.quantization_groups(weights, models.outlier_columns(model, fraction), spec)
     stacked = any(len(g) > 1 for g in groups)
     assert stacked == (quant["dtype"] != "quantile" and quant["block_size"] != 100), groups
-    report = quantize_model_(model, spec, fraction)
-    monkeypatch.setattr(models, "GROUP_BYTES", 0)  # every matrix on its own
-    assert all(len(g) == 1 for g in models.quantization_groups(weights, {}, spec, max_bytes=0))
-    assert quantize_model_(alone, spec, fraction) == report
+    report = quantize_model_(model, Recipe.of(spec, outlier_fraction=fraction))
+    monkeypatch.setattr(rtn, "GROUP_BYTES", 0)  # every matrix on its own
+    assert all(len(g) == 1 for g in rtn.quantization_groups(weights, {}, spec, max_bytes=0))
+    assert quantize_model_(alone, Recipe.of(spec, outlier_fraction=fraction)) == report
     for (name, got), want in zip(model.named_parameters(), alone.parameters(), strict=True):
         assert torch.equal(got, want), name
 
@@ -302,13 +304,14 @@ def test_stacked_groups_quantize_exactly_like_one_matrix_at_a_time(neox, quant, 
 def test_groups_respect_the_byte_cap(neox):
     from kernels import QuantSpec
     from pipeline import models
+    from pipeline.methods import rtn
 
     weights = models.linear_weights(neox[0])
     spec = QuantSpec("nf", 4, 64)
     one_each = max(v.numel() * v.element_size() for v in weights.values())
-    for group in models.quantization_groups(weights, {}, spec, max_bytes=2 * one_each):
+    for group in rtn.quantization_groups(weights, {}, spec, max_bytes=2 * one_each):
         assert sum(weights[n].numel() * weights[n].element_size() for n in group) <= 2 * one_each
-    names = [n for g in models.quantization_groups(weights, {}, spec) for n in g]
+    names = [n for g in rtn.quantization_groups(weights, {}, spec) for n in g]
     assert sorted(names) == sorted(weights)
 
 
@@ -336,15 +339,16 @@ def test_batched_quantile_codebooks_quantize_exactly_like_one_estimate_per_matri
 
     from kernels import QuantSpec
     from pipeline import models
+    from pipeline.methods import rtn
 
     model, _ = neox
     alone = copy.deepcopy(model)
     spec = QuantSpec("quantile", 4, 64)
     weights = models.linear_weights(model)
-    assert len(models.batched_codebooks(weights, {}, spec)) == len(weights)
-    monkeypatch.setattr(models, "QUANTILE_BATCH", 3)  # several batches of one shape
-    report = quantize_model_(model, spec, fraction)
-    monkeypatch.setattr(models, "batched_codebooks", lambda *args: {})  # levels_for per matrix
-    assert quantize_model_(alone, spec, fraction) == report
+    assert len(rtn.batched_codebooks(weights, {}, spec)) == len(weights)
+    monkeypatch.setattr(rtn, "QUANTILE_BATCH", 3)  # several batches of one shape
+    report = quantize_model_(model, Recipe.of(spec, outlier_fraction=fraction))
+    monkeypatch.setattr(rtn, "batched_codebooks", lambda *args: {})  # levels_for per matrix
+    assert quantize_model_(alone, Recipe.of(spec, outlier_fraction=fraction)) == report
     for (name, got), want in zip(model.named_parameters(), alone.parameters(), strict=True):
         assert torch.equal(got, want), name

@@ -8,6 +8,8 @@ import pytest
 
 from pipeline.results import (
     COLUMNS,
+    SCHEMA_VERSION,
+    SCHEMA_VERSION_KEY,
     TMP_PREFIX,
     ResultsError,
     job_status,
@@ -33,12 +35,14 @@ def _row(job_key: str, metric: str = "perplexity", value: float = 12.5, **extra:
     return row | extra
 
 
-def test_rows_round_trip_with_the_schema(tmp_path: Path) -> None:
-    write_job_rows(tmp_path, "a", [_row("a"), _row("a", "bits_per_byte", 1.1)])
+def test_rows_round_trip_with_the_schema_and_its_version(tmp_path: Path) -> None:
+    path = write_job_rows(tmp_path, "a", [_row("a"), _row("a", "bits_per_byte", 1.1)])
     write_job_rows(tmp_path, "b", [_row("b", block_size=64)])
+    assert pq.read_metadata(path).metadata[SCHEMA_VERSION_KEY] == str(SCHEMA_VERSION).encode()
     frame = load_results(tmp_path)
     assert list(frame.columns) == list(COLUMNS)
     assert len(frame) == 3
+    assert frame["method"].isna().all()  # a key the writer left out is null, never filled
     assert frame["block_size"].dtype == pd.Int64Dtype()
     assert frame.loc[frame.job_key == "b", "block_size"].iloc[0] == 64
     assert frame.loc[frame.job_key == "a", "block_size"].isna().all()

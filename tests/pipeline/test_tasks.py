@@ -10,8 +10,6 @@ import pytest
 
 from pipeline.evals.evaluate import Evaluator
 from pipeline.evals.lmeval import LmEvalSuite, task_manager
-from pipeline.models import load_model
-from pipeline.specs import EvalSpec, ModelRef
 from pipeline.evals.tasks import OFFLINE_TASKS, TASKS_DIR
 from pipeline.evals.tasks.docs import (
     data_path,
@@ -21,6 +19,9 @@ from pipeline.evals.tasks.docs import (
     winogrande_target,
     winogrande_text,
 )
+from pipeline.models import load_model
+from pipeline.recipe import Recipe
+from pipeline.specs import EvalSpec, ModelRef
 
 NAMES = tuple(OFFLINE_TASKS)
 COUNTS = {
@@ -166,7 +167,7 @@ def test_cached_suite_matches_plain_lm_eval_across_weight_changes(tiny_model_dir
     snapshot = snapshot_weights(model)
     for quant in (None, QuantSpec(dtype="int", bits=3, block_size=64)):
         restore_weights_(model, snapshot)
-        quantize_model_(model, quant)
+        quantize_model_(model, Recipe.of(quant))
         ours = {(m.task, m.metric): m for m in suite.run()}
         plain = _plain_lm_eval(model, tokenizer, names, data_root, limit)
         assert ours.keys() == plain.keys()

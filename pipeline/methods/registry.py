@@ -1,0 +1,123 @@
+"""The `METHODS` registry: a quantization method is one module that registers one `Method` record.
+
+A record says what the method is called, its own parameters (a frozen dataclass with defaults that
+validates itself), whether it needs calibration data, which data types and bit widths it takes, and
+the one function that quantizes a resident model's selected weights in place. `Recipe` validates
+against the record in pre-flight; `pipeline.models.quantize_model_` calls it on the worker and
+counts the bits (`weight_bits`: storage per matrix, RTN's unless the method stores something else).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from kernels.registry import Registry, unknown_name
+
+if TYPE_CHECKING:
+    from torch import Tensor, nn
+
+    from kernels import QuantSpec
+    from pipeline.recipe import ParamPairs, Recipe
+
+
+class QuantizationError(RuntimeError):
+    """Quantization produced a non-finite weight (NaN or Inf)."""
+
+
+@dataclass
+class QuantizeRequest:
+    """What a method's `quantize_` gets: the resident model and the views it writes in place.
+
+    Attributes:
+        model: the resident model (its selected weights are already views in `weights`).
+        weights: parameter name -> `[out, in]` view of every weight in the recipe's scope.
+        keep: parameter name -> input columns proxy quantization keeps in 16 bits.
+        recipe: the recipe (`recipe.spec` the codes, `recipe.params` the method's parameters).
+        cache: per-model state the worker keeps across jobs of one model (e.g. Hessians); empty after a
+            model load. A method must key what it stores by everything the stored value depends on.
+    """
+
+    model: nn.Module
+    weights: dict[str, Tensor]
+    keep: dict[str, Tensor]
+    recipe: Recipe
+    cache: dict[str, Any] = field(default_factory=dict)
+
+
+WeightBits = Callable[["QuantSpec", tuple[int, ...], int], int]
+
+
+@dataclass(frozen=True)
+class Method:
+    """One registered quantization method.
+
+    Attributes:
+        name: the `quant.method` value.
+        quantize_: writes quantized values into `request.weights` in place; raises
+            `QuantizationError` on a non-finite result and `ValueError` on a weight it cannot take.
+        description: one line for docs and `--help`.
+        params: a frozen dataclass of the method's own parameters (defaults for all; `__post_init__`
+            raises ValueError naming a bad value); None: the method has none.
+        needs_calibration: whether the method reads calibration text (`quant.calibration`).
+        dtypes: the data types it takes; None: every registered one.
+        bits: the bit widths it takes (the baseline, 16, is not a method's business).
+        weight_bits: (spec, [out, in] shape, kept columns) -> stored bits of one matrix; None: RTN's
+            (`kernels.weight_bits`): the method changes values, not storage.
+    """
+
+    name: str
+    quantize_: Callable[[QuantizeRequest], None]
+    description: str
+    params: type | None = None
+    needs_calibration: bool = False
+    dtypes: tuple[str, ...] | None = None
+    bits: tuple[int, ...] = tuple(range(3, 16))
+    weight_bits: WeightBits | None = None
+
+    def resolve_params(self, given: Mapping[str, Any]) -> ParamPairs:
+        """`given` checked against `params`, defaults filled in, as sorted (name, value) pairs."""
+        if self.params is None:
+            if given:
+                raise ValueError(f"quant.method={self.name!r} takes no parameters; got {sorted(given)}")
+            return ()
+        allowed = [f.name for f in dataclasses.fields(self.params)]
+        for name in given:
+            if name not in allowed:
+                raise unknown_name(f"parameter of method {self.name!r}", name, allowed)
+        values = dataclasses.asdict(self.params(**given))
+        return tuple(sorted(values.items()))
+
+    def check(self, recipe: Recipe) -> None:
+        """Raise ValueError if the recipe's data type or bits are not the method's."""
+        if self.dtypes is not None and recipe.dtype not in self.dtypes:
+            raise ValueError(
+                f"quant.method={self.name!r} does not take dtype={recipe.dtype!r}; "
+                f"allowed: {list(self.dtypes)}"
+            )
+        if recipe.bits not in self.bits:
+            raise ValueError(
+                f"quant.method={self.name!r} does not take bits={recipe.bits}; allowed: "
+                f"{_ranges(self.bits)} (16: the unquantized baseline)"
+            )
+
+
+METHODS: Registry[Method] = Registry("quantization method")
+
+
+def register_method(method: Method) -> Method:
+    """Add a method to `METHODS` (a second method of the same name is an error)."""
+    return METHODS.register(method.name, method)
+
+
+def _ranges(values: tuple[int, ...]) -> str:
+    """(3, 4, 5, 8) -> "3..5, 8"."""
+    runs: list[list[int]] = []
+    for v in sorted(values):
+        if runs and v == runs[-1][-1] + 1:
+            runs[-1].append(v)
+        else:
+            runs.append([v])
+    return ", ".join(f"{r[0]}..{r[-1]}" if len(r) > 2 else ", ".join(map(str, r)) for r in runs)

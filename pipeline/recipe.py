@@ -1,0 +1,137 @@
+"""`Recipe`: everything that changes a quantized model, in one frozen value.
+
+A recipe names a registered method (`pipeline.methods.METHODS`), the data type, bits, block size,
+exponent bits and centering of its codes (`kernels.QuantSpec`), the proxy-quantization outlier
+fraction, the scope (embeddings, LM head) and the method's own parameters. It is validated at
+construction, so a bad value fails in pre-flight, naming the value and what is allowed.
+
+The 16-bit baseline has one spelling: `bits=16`. Whatever else a 16-bit recipe says, it is
+rewritten to `BASELINE` (method and dtype "none", nothing else set), so every 16-bit cell of a sweep
+is one job and one row, whichever method axis it came from.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from kernels import QuantSpec
+
+BASELINE_BITS = 16
+NONE = "none"  # method and dtype of the 16-bit baseline
+ParamPairs = tuple[tuple[str, Any], ...]
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """One quantization recipe; `bits=16` is the unquantized baseline.
+
+    Attributes:
+        method: a key of `METHODS` ("rtn": round-to-nearest, the paper's zero-shot quantization).
+        dtype, bits, block_size, exponent_bits, centering: the codes, as `kernels.QuantSpec` takes them.
+        outlier_fraction: p of proxy quantization (input columns kept in 16 bits); 0: off.
+        quantize_embeddings, quantize_lm_head: the scope beyond the linear layers.
+        params: the method's own parameters as sorted (name, value) pairs, defaults filled in.
+
+    Raises:
+        KeyError: an unknown method or data type (with close matches).
+        ValueError: a value the method or the data type does not take.
+    """
+
+    method: str = "rtn"
+    dtype: str = "int"
+    bits: int = 4
+    block_size: int | None = 64
+    exponent_bits: int | None = None
+    centering: bool = False
+    outlier_fraction: float = 0.0
+    quantize_embeddings: bool = False
+    quantize_lm_head: bool = False
+    params: ParamPairs = ()
+
+    def __post_init__(self) -> None:
+        if self.bits == BASELINE_BITS:
+            for name, value in _BASELINE_FIELDS.items():
+                object.__setattr__(self, name, value)
+            return
+        from pipeline.methods import METHODS
+
+        method = METHODS[self.method]
+        object.__setattr__(self, "outlier_fraction", float(self.outlier_fraction))
+        object.__setattr__(self, "params", method.resolve_params(dict(self.params)))
+        check_fraction(self.outlier_fraction)
+        for name in ("quantize_embeddings", "quantize_lm_head"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name}={getattr(self, name)!r} is not allowed; use true or false")
+        method.check(self)
+        _ = self.spec  # the codes validate
+
+    @classmethod
+    def of(cls, spec: QuantSpec | None, method: str = "rtn", **fields: Any) -> Recipe:
+        """The recipe quantizing to `spec`'s codes (None: the baseline) with the other `fields` set."""
+        if spec is None:
+            return BASELINE
+        codes = {f.name: getattr(spec, f.name) for f in dataclasses.fields(spec)}
+        return cls(method=method, **codes, **fields)
+
+    @property
+    def is_baseline(self) -> bool:
+        return self.bits == BASELINE_BITS
+
+    @functools.cached_property
+    def spec(self) -> QuantSpec | None:
+        """The codes as `kernels.QuantSpec`; None for the baseline."""
+        if self.is_baseline:
+            return None
+        from kernels import QuantSpec
+
+        return QuantSpec(self.dtype, self.bits, self.block_size, self.exponent_bits, self.centering)
+
+    @property
+    def params_json(self) -> str:
+        """The method's own parameters as canonical JSON ("{}" when it has none)."""
+        return json.dumps(dict(self.params), sort_keys=True, separators=(",", ":"))
+
+    @property
+    def name(self) -> str:
+        """A short label, e.g. "int4-b64", "gptq-nf3-b64-p2%", "16-bit"."""
+        if self.is_baseline:
+            return "16-bit"
+        assert self.spec is not None
+        parts = [] if self.method == "rtn" else [self.method]
+        parts.append(self.spec.name)
+        if self.outlier_fraction:
+            parts.append(f"p{self.outlier_fraction * 100:g}%")
+        parts += [s for s, on in (("emb", self.quantize_embeddings), ("head", self.quantize_lm_head)) if on]
+        return "-".join(parts)
+
+    def plain(self) -> dict[str, Any]:
+        """JSON-able fields (params as a dict): what the job key hashes."""
+        return {
+            **{f.name: getattr(self, f.name) for f in dataclasses.fields(self)},
+            "params": dict(self.params),
+        }
+
+
+_BASELINE_FIELDS: dict[str, Any] = {
+    "method": NONE,
+    "dtype": NONE,
+    "block_size": None,
+    "exponent_bits": None,
+    "centering": False,
+    "outlier_fraction": 0.0,
+    "quantize_embeddings": False,
+    "quantize_lm_head": False,
+    "params": (),
+}
+BASELINE = Recipe(bits=BASELINE_BITS)
+
+
+def check_fraction(fraction: float) -> None:
+    """Proxy quantization's p must be in [0, 1)."""
+    if not 0.0 <= fraction < 1.0:
+        raise ValueError(f"outlier_fraction={fraction} is not allowed; use 0 <= p < 1")
