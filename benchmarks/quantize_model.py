@@ -6,7 +6,7 @@ A GPT-NeoX of Pythia-410M's shape (random weights, bf16 on CUDA) is quantized pe
 job does it (restore from the resident snapshot, then `quantize_model_`), synced at the ends; median
 of --reps. The floor is the same bytes moved by a plain copy: every quantized matrix read once and
 written once (`torch._foreach_copy_` of the matrices onto themselves' snapshot). For the quantile
-type the per-matrix codebook path (`pipeline.models.batched_codebooks` off) runs too.
+type the per-matrix codebook path (`pipeline.methods.rtn.batched_codebooks` off) runs too.
 Prints a table and writes JSON (device, torch version, every timing) to --out.
 """
 
@@ -16,8 +16,6 @@ import argparse
 import json
 import sys
 from pathlib import Path
-
-from pipeline.recipe import Recipe
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -45,6 +43,8 @@ def main() -> int:
     from benchmarks.forward_profile import timed
     from kernels import QuantSpec
     from pipeline import models
+    from pipeline.methods import rtn
+    from pipeline.recipe import Recipe
 
     cuda = args.device.startswith("cuda")
     dims = dict(SHAPES[args.shape])
@@ -59,14 +59,14 @@ def main() -> int:
     floor = timed(lambda: torch._foreach_copy_(weights, copies), args.reps)
     restore = timed(lambda: models.restore_weights_(model, snapshot), args.reps)
     rows = []
-    batched = models.batched_codebooks
+    batched = rtn.batched_codebooks
     for dtype, bits, block in CONFIGS:
         spec = QuantSpec(dtype, bits, block)
         ways = (
             [("batched", batched), ("per matrix", lambda *a: {})] if dtype == "quantile" else [("", batched)]
         )
         for way, codebooks in ways:
-            models.batched_codebooks = codebooks
+            rtn.batched_codebooks = codebooks
 
             def job(spec: QuantSpec = spec) -> None:
                 models.restore_weights_(model, snapshot)

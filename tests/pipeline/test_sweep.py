@@ -132,9 +132,14 @@ def test_rows_fill_every_column(swept):
     df = load_results(swept["root"] / "e2e")
     ok = df[df.status == STATUS_OK]
     assert set(ok.task) == {"wikitext2", "lambada_openai"}
-    may_be_null = {"block_size", "exponent_bits", "stderr", "error", "n_examples"}
-    for column in set(COLUMNS) - may_be_null:
+    may_be_null = {"block_size", "exponent_bits", "stderr", "error", "n_examples", "max_tokens", "eval_limit"}
+    per_task = {"scorer", "eval_limit", "context_length", "stride", "max_tokens"}  # set by the row's task
+    for column in set(COLUMNS) - may_be_null - per_task:
         assert ok[column].notna().all(), column
+    ppl, task = ok[ok.task == "wikitext2"], ok[ok.task == "lambada_openai"]
+    assert set(ppl.context_length) == {128} and set(ppl.stride) == {128} and set(ppl.max_tokens) == {1024}
+    assert ppl.scorer.isna().all() and task.context_length.isna().all()
+    assert set(task.scorer) == {"hflm"} and set(task.eval_limit) == {4}
     assert ok[ok.dtype == "fp"].exponent_bits.notna().all()
     assert (ok.load_s >= 0).all() and (ok.eval_s > 0).all()
     assert {"torch", "transformers", "kbitscale"} <= set(__import__("json").loads(ok.versions.iloc[0]))
