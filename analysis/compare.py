@@ -9,6 +9,7 @@ import pandas as pd
 
 from analysis.errors import AnalysisError
 from analysis.metrics import check_metric, higher_is_better
+from analysis.tidy import METHOD_COLUMNS, method_scope_labels, with_method
 
 SETTING_COLUMNS = ["dtype", "exponent_bits", "block_size"]
 MATCH_COLUMNS = [
@@ -21,6 +22,7 @@ MATCH_COLUMNS = [
     "block_size",
     "centering",
 ]
+METHOD = "method"  # column naming method + scope, shown only where a comparison holds several
 
 
 def default_fixed_bits(tidy: pd.DataFrame) -> int:
@@ -42,7 +44,8 @@ def dtype_block_table(tidy: pd.DataFrame, metric: str, bits: int) -> pd.DataFram
     """Metric per (data type, block size) at one precision: one column per model, mean and rank.
 
     Only jobs without proxy columns or centering are compared (where the study has them). Rank 1
-    is the best mean over models; a setting missing a model gets NaN for it and no mean.
+    is the best mean over models; a setting missing a model gets NaN for it and no mean. Where the
+    jobs use more than one method or scope, a `method` column keeps them apart.
 
     Raises:
         AnalysisError: `metric` has no values, or no job has `bits`.
@@ -55,9 +58,9 @@ def dtype_block_table(tidy: pd.DataFrame, metric: str, bits: int) -> pd.DataFram
         raise AnalysisError(f"no quantized {bits}-bit job with {metric!r}; measured bit widths: {have}")
     key = rows[SETTING_COLUMNS].astype(object).where(rows[SETTING_COLUMNS].notna(), "per-tensor")
     key["exponent_bits"] = rows["exponent_bits"].astype(object).where(rows["exponent_bits"].notna(), "-")
-    table = rows.assign(**{c: key[c] for c in SETTING_COLUMNS}).pivot_table(
-        index=SETTING_COLUMNS, columns="model", values=metric, aggfunc="mean"
-    )
+    rows = rows.assign(**{c: key[c] for c in SETTING_COLUMNS}, **{METHOD: method_scope_labels(rows)})
+    index = [*SETTING_COLUMNS, METHOD] if rows[METHOD].nunique() > 1 else SETTING_COLUMNS
+    table = rows.pivot_table(index=index, columns="model", values=metric, aggfunc="mean")
     models = rows.drop_duplicates("model").sort_values("n_params")["model"].tolist()
     table = table.reindex(columns=models)
     table["mean"] = table.mean(axis=1, skipna=False)
@@ -70,12 +73,13 @@ def proxy_effect(tidy: pd.DataFrame, metric: str, bits: Sequence[int] = (3, 4)) 
 
     Returns one row per matched pair with `value_plain`, `value_proxy`, `delta` (proxy - plain),
     `gain` (delta signed so positive = proxy better), and the extra bits per parameter it costs.
+    Pairs match in method and scope too; a `method` column names them where pairs hold several.
 
     Raises:
         AnalysisError: `metric` has no values, or no job at `bits` used proxy quantization.
     """
     check_metric(tidy, metric)
-    rows = tidy[tidy["bits"].isin(list(bits)) & tidy[metric].notna()]
+    rows = with_method(tidy[tidy["bits"].isin(list(bits)) & tidy[metric].notna()])
     proxy = rows[rows["outlier_fraction"].fillna(0) > 0]
     plain = rows[rows["outlier_fraction"].fillna(0) == 0]
     if proxy.empty or plain.empty:
@@ -83,10 +87,13 @@ def proxy_effect(tidy: pd.DataFrame, metric: str, bits: Sequence[int] = (3, 4)) 
             f"proxy quantization needs jobs with and without outlier_fraction > 0 at bits {list(bits)}; "
             f"found {len(proxy)} with and {len(plain)} without"
         )
-    keep = [*MATCH_COLUMNS, "bits_per_param", metric]
-    pairs = proxy[[*keep, "outlier_fraction"]].merge(
-        plain[keep], on=MATCH_COLUMNS, suffixes=("_proxy", "_plain")
-    )
+    match = [*MATCH_COLUMNS, *METHOD_COLUMNS]
+    keep = [*match, "bits_per_param", metric]
+    pairs = proxy[[*keep, "outlier_fraction"]].merge(plain[keep], on=match, suffixes=("_proxy", "_plain"))
+    methods = method_scope_labels(pairs)
+    pairs = pairs.drop(columns=list(METHOD_COLUMNS))
+    if methods.nunique() > 1:
+        pairs.insert(len(MATCH_COLUMNS), METHOD, methods)
     pairs = pairs.rename(columns={f"{metric}_proxy": "value_proxy", f"{metric}_plain": "value_plain"})
     pairs["delta"] = pairs["value_proxy"] - pairs["value_plain"]
     pairs["gain"] = pairs["delta"] * (1.0 if higher_is_better(metric) else -1.0)
@@ -99,9 +106,10 @@ def proxy_effect(tidy: pd.DataFrame, metric: str, bits: Sequence[int] = (3, 4)) 
 
 
 def proxy_summary(pairs: pd.DataFrame) -> pd.DataFrame:
-    """Mean gain of proxy quantization per (bits, outlier_fraction) and how often it helps."""
+    """Mean gain of proxy quantization per (bits, [method,] outlier_fraction) and how often it helps."""
+    keys = ["bits", METHOD, "outlier_fraction"] if METHOD in pairs else ["bits", "outlier_fraction"]
     return (
-        pairs.groupby(["bits", "outlier_fraction"])
+        pairs.groupby(keys)
         .agg(
             n_pairs=("gain", "size"),
             mean_gain=("gain", "mean"),

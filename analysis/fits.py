@@ -151,12 +151,6 @@ def _fit_shared_slope(group: pd.DataFrame, n_boot: int, rng: np.random.Generator
     return dict(zip(names, all_coef, strict=True)), fitted
 
 
-def effective_params_loss(n_params: np.ndarray, bits: np.ndarray, theta: dict[str, float]) -> np.ndarray:
-    """Kumar et al.'s law: A * (N * (1 - exp(-k / gamma)))^(-alpha) + E."""
-    n_eff = n_params * (1.0 - np.exp(-bits / theta["gamma"]))
-    return theta["A"] * n_eff ** (-theta["alpha"]) + theta["E"]
-
-
 def _fit_effective_params(group: pd.DataFrame, n_boot: int, rng: np.random.Generator) -> FitDraws:
     n = group["n_params"].to_numpy(float)
     k = group["bits"].to_numpy(float)

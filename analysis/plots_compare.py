@@ -7,6 +7,7 @@ from matplotlib.figure import Figure
 
 from analysis.errors import AnalysisError
 from analysis.style import bits_axis, bits_color, category_color, new_figure, styled
+from analysis.tidy import method_scope_labels
 
 
 @styled
@@ -41,7 +42,8 @@ def plot_pareto(tidy: pd.DataFrame, front: pd.DataFrame, metric: str, metric_lab
 
 @styled
 def plot_dtype_block(tidy: pd.DataFrame, metric: str, metric_label: str, bits: int) -> Figure:
-    """The paper's Figure 3: at one precision, one panel per data type, one line per block size."""
+    """The paper's Figure 3: at one precision, one panel per data type, one line per block size
+    (and per method and scope, where the jobs use several)."""
     rows = tidy[(tidy["bits"] == bits) & (tidy["dtype"] != "none") & tidy[metric].notna()]
     rows = (
         rows[rows["outlier_fraction"].fillna(0) == 0]
@@ -50,22 +52,32 @@ def plot_dtype_block(tidy: pd.DataFrame, metric: str, metric_label: str, bits: i
     )
     if rows.empty:
         raise AnalysisError(f"no {bits}-bit job has {metric!r}")
+    methods = method_scope_labels(rows)
+    rows = rows.assign(line_method=methods if methods.nunique() > 1 else "")
     dtypes = sorted(rows["dtype"].unique())
     fig, axes = new_figure(len(dtypes))
     blocks = sorted(rows["block_size"].dropna().unique().tolist())
+    lines = [(block, method) for method in sorted(rows["line_method"].unique()) for block in [*blocks, None]]
     for ax, dtype in zip(axes, dtypes, strict=True):
         part = rows[rows["dtype"] == dtype]
-        for i, block in enumerate([*blocks, None]):
-            line = part[part["block_size"].isna()] if block is None else part[part["block_size"] == block]
+        for i, (block, method) in enumerate(lines):
+            line = part[part["line_method"] == method]
+            line = line[line["block_size"].isna()] if block is None else line[line["block_size"] == block]
             line = line.groupby("n_params")[["total_model_bits", metric]].mean()
             if not line.empty:
-                label = "per tensor" if block is None else f"B={int(block)}"
+                label = _line_label(block, method)
                 ax.plot(line["total_model_bits"], line[metric], "o-", color=category_color(i), label=label)
         bits_axis(ax)
         ax.set_ylabel(metric_label)
         ax.set_title(f"{bits}-bit {dtype}")
         ax.legend(loc="best")
     return fig
+
+
+def _line_label(block: float | None, method: str) -> str:
+    """'B=64', 'per tensor', with the method and scope where lines differ in them: 'B=64 gptq'."""
+    label = "per tensor" if block is None else f"B={int(block)}"
+    return f"{label} {method}" if method else label
 
 
 @styled

@@ -63,7 +63,19 @@ def load_study(
 ) -> Study:
     """Read a results folder into a `Study` (raises FileNotFoundError, ResultsError, AnalysisError)."""
     raw = load_results(results)
-    name = study_name(raw, results)
+    return study_from_results(raw, study_name(raw, results), metric, tasks, n_boot, n_budgets, fixed_bits)
+
+
+def study_from_results(
+    raw: pd.DataFrame,
+    name: str,
+    metric: str | None = None,
+    tasks: Sequence[str] = PAPER_TASKS,
+    n_boot: int = N_BOOT,
+    n_budgets: int = 12,
+    fixed_bits: int | None = None,
+) -> Study:
+    """A `Study` from result rows already read (raises AnalysisError for an unknown `metric`)."""
     try:
         tidy = tidy_jobs(raw, tasks)
     except AnalysisError as err:
@@ -168,7 +180,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("results", type=Path, help="a study's results folder, e.g. results/<study>")
     parser.add_argument("--out", type=Path, default=None, help="output folder (default: <results>/report)")
     parser.add_argument(
-        "--metric", default=None, help="headline metric column, e.g. mean_acc or ce_wikitext2"
+        "--metric",
+        default=None,
+        help="headline metric column, e.g. mean_acc, ce_wikitext2 or ppl_wikitext2@ctx128s128 (a variant)",
     )
     parser.add_argument(
         "--tasks", default=",".join(PAPER_TASKS), help="comma-separated tasks for mean accuracy"

@@ -17,7 +17,7 @@ from analysis.compare import default_fixed_bits, dtype_block_table, proxy_effect
 from analysis.curves import check_sizes, curve_points
 from analysis.errors import AnalysisError
 from analysis.fits import FitResult, fit_law, interpolation_loo
-from analysis.metrics import higher_is_better, metric_label
+from analysis.metrics import higher_is_better, metric_label, split_variant, variant_columns
 from analysis.optimality import best_per_bits, bit_optimality
 from analysis.pareto import pareto_front
 from analysis.plots_compare import plot_dtype_block, plot_pareto, plot_proxy_effect
@@ -77,7 +77,7 @@ def study_section(study: Study) -> Section:
         text += f" Headline metric: {metric_label(study.metric)}."
     if study.acc_tasks:
         text += f" Mean zero-shot accuracy over: {', '.join(study.acc_tasks)}."
-    blocks = [Block(text=text), Block(table=grid, name="Grid")]
+    blocks = [Block(text=text), *_variants_note(study), Block(table=grid, name="Grid")]
     if study.tidy is not None:
         counts = study.tidy.pivot_table(
             index="model", columns="bits", values="job_key", aggfunc="count", fill_value=0
@@ -89,6 +89,19 @@ def study_section(study: Study) -> Section:
             )
         )
     return Section("Study", tuple(blocks))
+
+
+def _variants_note(study: Study) -> list[Block]:
+    """Which metrics were measured under several evaluation variants, and which column is used."""
+    split = variant_columns(study.tidy) if study.tidy is not None else []
+    if not split:
+        return []
+    bases = sorted({split_variant(c)[0] for c in split})
+    chosen = ", ".join(f"{role} {c}" for role, c in (("headline", study.metric), ("loss", study.loss)) if c)
+    return [Block(text=f"Evaluation variants: {', '.join(bases)} were measured under more than one "
+                       "evaluation setting (scorer / example limit, or context / stride / max tokens). Each "
+                       f"variant is its own column, never averaged with another: {', '.join(split)}. This "
+                       f"report uses {chosen} (--metric picks the headline).")]  # fmt: skip
 
 
 def curves_section(study: Study) -> Section:

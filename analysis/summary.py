@@ -5,6 +5,9 @@ from __future__ import annotations
 import pandas as pd
 
 from analysis.optimality import CI_LEVEL
+from analysis.tidy import DEFAULT_METHOD, method_label, with_method
+
+SCOPE_WORDS = {"quantize_embeddings": "embeddings", "quantize_lm_head": "LM head"}
 
 
 def format_bits(bits: float) -> str:
@@ -17,14 +20,17 @@ def format_bits(bits: float) -> str:
 
 
 def describe_curve(curve: str, info: pd.DataFrame) -> str:
-    """'4-bit, dtype fp (2 exponent bits), block size 64' from a curve label and the jobs' attributes."""
+    """'4-bit with dtype fp (2 exponent bits), block 64' from a curve label and the jobs' attributes;
+    a method other than round-to-nearest, and a wider scope, are named ('4-bit gptq with ...')."""
     rows = info[info["curve"] == curve]
     if rows.empty:
         return curve
-    job = rows.iloc[0]
+    job = with_method(rows.iloc[:1]).iloc[0]
     if job["dtype"] == "none":
         return "the 16-bit baseline"
-    parts = [f"{int(job['bits'])}-bit with dtype {job['dtype']}"]
+    method = method_label(job["method"], job["method_params"])
+    named = "" if method == DEFAULT_METHOD else f" {method}"
+    parts = [f"{int(job['bits'])}-bit{named} with dtype {job['dtype']}"]
     if not pd.isna(job["exponent_bits"]):
         parts[0] += f" ({int(job['exponent_bits'])} exponent bits)"
     parts.append("one absmax per tensor" if pd.isna(job["block_size"]) else f"block {int(job['block_size'])}")
@@ -32,6 +38,7 @@ def describe_curve(curve: str, info: pd.DataFrame) -> str:
         parts.append(f"proxy quantization of {job['outlier_fraction'] * 100:g}% of columns")
     if bool(job["centering"]) if not pd.isna(job["centering"]) else False:
         parts.append("centering")
+    parts += [f"{what} quantized too" for col, what in SCOPE_WORDS.items() if job[col]]
     return ", ".join(parts)
 
 

@@ -1,13 +1,19 @@
 """Results (one row per job, task and metric) -> one row per job, with labels for curves.
 
 `tidy_jobs` is the table every other analysis step reads: job attributes (model, family, size,
-quantization setting, bits per parameter, total model bits), the metric columns named in
-`analysis.metrics`, and two labels: `setting` (the quantization setting without the bit width,
-e.g. 'fp e2 B64 proxy 2%') and `curve` (bit width + setting, e.g. '4-bit fp e2 B64').
+quantization method and setting, scope, bits per parameter, total model bits), the metric columns
+named in `analysis.metrics`, and two labels: `setting` (the quantization setting without the bit
+width, e.g. 'fp e2 B64 proxy 2%') and `curve` (bit width + setting, e.g. '4-bit fp e2 B64').
+
+A setting names its method unless it is round-to-nearest ('gptq int B64', with the method's own
+parameters where it has any: 'gptq(damp=0.01) int B64') and a wider quantization scope ('+emb',
+'+head'), so rtn studies keep their labels and any other method or scope is a setting of its own.
+The 16-bit baseline is one setting, '16-bit', shared by all methods.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Sequence
 
@@ -15,23 +21,35 @@ import numpy as np
 import pandas as pd
 
 from analysis.errors import AnalysisError
-from analysis.metrics import MEAN_ACC, se_column
+from analysis.eval_variants import variant_suffixes
+from analysis.metrics import MEAN_ACC, is_metric_column, se_column, split_variant, variant_column
 
 log = logging.getLogger(__name__)
 
 PAPER_TASKS: tuple[str, ...] = ("lambada_openai", "piqa", "hellaswag", "winogrande")
 BASELINE_SETTING = "16-bit"
+DEFAULT_METHOD, BASELINE_METHOD, NO_PARAMS = "rtn", "none", "{}"
+SCOPE_LABELS = {"quantize_embeddings": "+emb", "quantize_lm_head": "+head"}  # setting label parts
+SCOPE_COLUMNS: tuple[str, ...] = tuple(SCOPE_LABELS)
+METHOD_COLUMNS: tuple[str, ...] = ("method", "method_params", *SCOPE_COLUMNS)  # optional in the input
 JOB_COLUMNS: tuple[str, ...] = (
     "job_key", "study", "model", "model_family", "n_params", "n_quantized_params", "n_kept_params",
-    "dtype", "bits", "block_size", "exponent_bits", "outlier_fraction", "centering",
-    "bits_per_param", "total_model_bits",
+    "method", "method_params", "dtype", "bits", "block_size", "exponent_bits", "outlier_fraction",
+    "centering", "quantize_embeddings", "quantize_lm_head", "bits_per_param", "total_model_bits",
 )  # fmt: skip
-REQUIRED_COLUMNS: tuple[str, ...] = (*JOB_COLUMNS, "task", "metric", "value", "stderr", "status", "error")
+REQUIRED_COLUMNS: tuple[str, ...] = (
+    *(c for c in JOB_COLUMNS if c not in METHOD_COLUMNS), "task", "metric", "value", "stderr", "status",
+    "error",
+)  # fmt: skip
 PPL_PREFIXES = {"perplexity": "ppl_", "nats_per_token": "ce_", "bits_per_byte": "bpb_"}
 
 
-def check_results(raw: pd.DataFrame) -> None:
-    """Raise `AnalysisError` if `raw` is empty or lacks a column of the results schema."""
+def check_results(raw: pd.DataFrame) -> pd.DataFrame:
+    """`raw` with the method and scope columns filled where absent or null (see `with_method`).
+
+    Raises:
+        AnalysisError: `raw` is empty or lacks a column of the results schema.
+    """
     missing = [c for c in REQUIRED_COLUMNS if c not in raw.columns]
     if missing:
         raise AnalysisError(
@@ -40,25 +58,80 @@ def check_results(raw: pd.DataFrame) -> None:
         )
     if raw.empty:
         raise AnalysisError("results hold no rows")
+    return with_method(raw)
+
+
+def with_method(raw: pd.DataFrame) -> pd.DataFrame:
+    """A copy of `raw` with `METHOD_COLUMNS` filled where absent or null (results written before
+    they existed, synthetic tables): method 'rtn' ('none' for the 16-bit baseline), no method
+    parameters ('{}'), embeddings and LM head left unquantized."""
+    out = raw.copy()
+    baseline = ((out["dtype"] == "none") | (out["bits"] >= 16)).fillna(False).astype(bool)
+    default = pd.Series(np.where(baseline, BASELINE_METHOD, DEFAULT_METHOD), index=out.index)
+    out["method"] = out["method"].fillna(default) if "method" in out else default
+    out["method_params"] = out["method_params"].fillna(NO_PARAMS) if "method_params" in out else NO_PARAMS
+    for col in SCOPE_COLUMNS:
+        out[col] = out[col].fillna(False).astype(bool) if col in out else False
+    return out
+
+
+def method_label(method: str, params: str = NO_PARAMS) -> str:
+    """'rtn', or a method with its own parameters compactly: 'gptq(damp=0.01,group_size=128)'."""
+    if params in ("", NO_PARAMS):
+        return method
+    try:
+        parsed = json.loads(params)
+    except json.JSONDecodeError:
+        return f"{method}({params})"
+    if not isinstance(parsed, dict):
+        return f"{method}({params})"
+    items = (
+        f"{k}={v if isinstance(v, str) else json.dumps(v, separators=(',', ':'))}" for k, v in parsed.items()
+    )
+    return f"{method}({','.join(items)})"
+
+
+def method_labels(jobs: pd.DataFrame) -> pd.Series:
+    """Per row, its `method_label`, e.g. 'rtn', 'none' (the baseline), 'gptq(damp=0.01)'."""
+    jobs = with_method(jobs)
+    pairs = zip(jobs["method"], jobs["method_params"], strict=True)
+    return pd.Series([method_label(m, p) for m, p in pairs], index=jobs.index, dtype=object)
+
+
+def method_scope_labels(jobs: pd.DataFrame) -> pd.Series:
+    """Per row, its method and scope, e.g. 'rtn', 'gptq(damp=0.01)', 'rtn +emb +head'."""
+    jobs = with_method(jobs)
+    labels = method_labels(jobs)
+    for col, label in SCOPE_LABELS.items():
+        labels = labels + np.where(jobs[col], f" {label}", "")
+    return labels
+
+
+def _scope(row: pd.Series) -> list[str]:
+    return [label for col, label in SCOPE_LABELS.items() if bool(row[col])]
 
 
 def failed_jobs(raw: pd.DataFrame) -> pd.DataFrame:
     """One row per failed job (any row with status 'failed'): its attributes and its error."""
-    check_results(raw)
-    failed = raw[raw["status"] != "ok"]
-    cols = ["job_key", "model", "model_family", "dtype", "bits", "block_size", "outlier_fraction", "error"]
-    return failed.drop_duplicates("job_key")[cols].sort_values(["model", "bits"]).reset_index(drop=True)
+    raw = check_results(raw)
+    failed = raw[raw["status"] != "ok"].drop_duplicates("job_key")
+    failed = failed.assign(method=method_labels(failed))
+    cols = ["job_key", "model", "model_family", "method", "dtype", "bits", "block_size", "outlier_fraction",
+            "error"]  # fmt: skip
+    return failed[cols].sort_values(["model", "bits"]).reset_index(drop=True)
 
 
 def setting_labels(jobs: pd.DataFrame) -> pd.Series:
     """The quantization setting of each job without its bit width, e.g. 'nf B64 proxy 2%'."""
-    return jobs.apply(_setting_label, axis=1).astype(str)
+    return with_method(jobs).apply(_setting_label, axis=1).astype(str)
 
 
 def _setting_label(row: pd.Series) -> str:
     if row["dtype"] == "none" or (not pd.isna(row["bits"]) and int(row["bits"]) >= 16):
         return BASELINE_SETTING
-    parts = [str(row["dtype"])]
+    method = method_label(row["method"], row["method_params"])
+    parts = [] if method == DEFAULT_METHOD else [method]
+    parts.append(str(row["dtype"]))
     if not pd.isna(row["exponent_bits"]):
         parts.append(f"e{int(row['exponent_bits'])}")
     parts.append("per-tensor" if pd.isna(row["block_size"]) else f"B{int(row['block_size'])}")
@@ -66,7 +139,7 @@ def _setting_label(row: pd.Series) -> str:
         parts.append(f"proxy {row['outlier_fraction'] * 100:g}%")
     if _present(row["centering"]) and bool(row["centering"]):
         parts.append("centered")
-    return " ".join(parts)
+    return " ".join([*parts, *_scope(row)])
 
 
 def _present(value: object) -> bool:
@@ -93,12 +166,14 @@ def tidy_jobs(raw: pd.DataFrame, tasks: Sequence[str] = PAPER_TASKS) -> pd.DataF
     """One row per finished job: attributes, labels and metric columns (see `analysis.metrics`).
 
     Failed jobs are left out here and listed by `failed_jobs`. `mean_acc` is the mean of 'acc'
-    over the chosen `tasks` that the study measured; a job lacking one of them gets NaN.
+    over the chosen `tasks` that the study measured; a job lacking one of them gets NaN. A task
+    measured under several evaluation variants gets one column per variant (`analysis.eval_variants`),
+    and so does the mean accuracy.
 
     Raises:
         AnalysisError: a column is missing, or no job finished.
     """
-    check_results(raw)
+    raw = check_results(raw)
     failed = set(raw.loc[raw["status"] != "ok", "job_key"])
     ok = raw[~raw["job_key"].isin(failed)]
     if ok.empty:
@@ -116,7 +191,8 @@ def tidy_jobs(raw: pd.DataFrame, tasks: Sequence[str] = PAPER_TASKS) -> pd.DataF
 
 
 def _metric_table(ok: pd.DataFrame) -> pd.DataFrame:
-    """Pivot metric rows to columns `acc_<task>`, `ppl_<set>`, `ce_<set>`, `bpb_<set>` (+ `_se`)."""
+    """Pivot metric rows to columns `acc_<task>`, `ppl_<set>`, `ce_<set>`, `bpb_<set>` (+ `_se`),
+    each suffixed `@<variant>` where its task was measured under several evaluation variants."""
     rows = ok[ok["metric"].notna() & ok["value"].notna()]
     text_sets = set(rows.loc[rows["metric"] == "nats_per_token", "task"])
     is_text = rows["task"].isin(text_sets)
@@ -124,9 +200,12 @@ def _metric_table(ok: pd.DataFrame) -> pd.DataFrame:
     names[(rows["metric"] == "acc") & ~is_text] = "acc_" + rows["task"]
     for metric, prefix in PPL_PREFIXES.items():
         names[(rows["metric"] == metric) & is_text] = prefix + rows["task"]
-    rows = rows.assign(column=names).dropna(subset=["column"])
+    keep = names.notna()
+    rows, names, is_text = rows[keep], names[keep], is_text[keep]
     if rows.empty:
         return pd.DataFrame(index=pd.Index([], name="job_key"))
+    suffixes = variant_suffixes(rows, is_text)
+    rows = rows.assign(column=[variant_column(n, v) for n, v in zip(names, suffixes, strict=True)])
     values = rows.pivot_table(index="job_key", columns="column", values="value", aggfunc="first")
     stderr = rows.pivot_table(index="job_key", columns="column", values="stderr", aggfunc="first")
     stderr = stderr.reindex(columns=values.columns).rename(columns=se_column)
@@ -134,25 +213,43 @@ def _metric_table(ok: pd.DataFrame) -> pd.DataFrame:
 
 
 def _add_mean_acc(jobs: pd.DataFrame, tasks: list[str]) -> pd.DataFrame:
+    """`mean_acc` over `tasks`; one `mean_acc@<variant>` per evaluation variant where tasks have several."""
     if not tasks:
         return jobs
-    cols = [f"acc_{t}" for t in tasks]
-    jobs[MEAN_ACC] = jobs[cols].mean(axis=1, skipna=False)
-    se_cols = [se_column(c) for c in cols]
-    jobs[se_column(MEAN_ACC)] = np.sqrt((jobs[se_cols] ** 2).sum(axis=1, min_count=len(cols))) / len(cols)
-    incomplete = int(jobs[MEAN_ACC].isna().sum())
-    if incomplete:
-        log.warning("%d jobs lack one of the tasks %s: no mean accuracy for them", incomplete, tasks)
+    values = [c for c in jobs.columns if is_metric_column(c)]
+    per_task = {t: [c for c in values if split_variant(c)[0] == f"acc_{t}"] for t in tasks}
+    split = {t for t, cols in per_task.items() if any(split_variant(c)[1] for c in cols)}
+    found = sorted({split_variant(c)[1] for t in split for c in per_task[t]})
+    for variant in found or [""]:
+        cols = [variant_column(f"acc_{t}", variant if t in split else "") for t in tasks]
+        missing = [c for c in cols if c not in jobs]
+        if missing:
+            log.warning("no %s: no job has %s", variant_column(MEAN_ACC, variant), missing)
+            continue
+        _add_mean(jobs, cols, variant_column(MEAN_ACC, variant), tasks)
     return jobs
+
+
+def _add_mean(jobs: pd.DataFrame, cols: list[str], name: str, tasks: list[str]) -> None:
+    jobs[name] = jobs[cols].mean(axis=1, skipna=False)
+    se_cols = [se_column(c) for c in cols]
+    jobs[se_column(name)] = np.sqrt((jobs[se_cols] ** 2).sum(axis=1, min_count=len(cols))) / len(cols)
+    incomplete = int(jobs[name].isna().sum())
+    if incomplete and name == MEAN_ACC:
+        log.warning("%d jobs lack one of the tasks %s: no mean accuracy for them", incomplete, tasks)
 
 
 def study_grid(raw: pd.DataFrame) -> pd.DataFrame:
     """The study's grid: each axis, its distinct values, and job counts (finished / failed)."""
-    check_results(raw)
+    raw = check_results(raw)
     jobs = raw.drop_duplicates("job_key")
+    jobs = jobs.assign(method=method_labels(jobs))
     status = raw.groupby("job_key")["status"].agg(lambda s: "failed" if (s != "ok").any() else "ok")
-    axes = ["model_family", "model", "n_params", "bits", "dtype", "block_size", "exponent_bits",
-            "outlier_fraction", "centering"]  # fmt: skip
+    axes = ["model_family", "model", "n_params", "bits", "method", "dtype", "block_size", "exponent_bits",
+            "outlier_fraction", "centering", *SCOPE_COLUMNS]  # fmt: skip
+    # method and scope are shown where a study departs from the paper's default (rtn, linear layers
+    # only), so a grid of the paper's kind reads as it always did
+    axes = [a for a in axes if a not in _DEFAULT_ONLY or not _at_default(jobs[a], _DEFAULT_ONLY[a])]
     rows = [
         {
             "axis": a,
@@ -167,6 +264,17 @@ def study_grid(raw: pd.DataFrame) -> pd.DataFrame:
     rows.append({"axis": "jobs finished", "values": str(int((status == "ok").sum()))})
     rows.append({"axis": "jobs failed", "values": str(int((status != "ok").sum()))})
     return pd.DataFrame(rows)
+
+
+_DEFAULT_ONLY: dict[str, set[object]] = {
+    "method": {"rtn", "none"},
+    "quantize_embeddings": {False},
+    "quantize_lm_head": {False},
+}
+
+
+def _at_default(values: pd.Series, defaults: set[object]) -> bool:
+    return set(values.dropna().tolist()) <= defaults
 
 
 def _fmt(value: object) -> str:

@@ -3,6 +3,9 @@
 Metrics follow known laws so tests can check that the analysis recovers them:
 mean accuracy = a_k + b * log2(total model bits), and cross-entropy =
 A * (N * (1 - exp(-k / gamma)))^(-alpha) + E (Kumar et al. 2024).
+
+A job's method, scope and evaluation settings (`Config.method`, `Config.evals`, ...) are written to
+the result columns of the same names.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ import numpy as np
 from pipeline.results import write_job_rows
 
 TASK_OFFSETS = {"lambada_openai": 0.05, "piqa": 0.1, "hellaswag": -0.1, "winogrande": -0.05}  # sum 0
+TEXT_SET = "wikitext2"  # the perplexity text set of every synthetic job
 
 
 @dataclass(frozen=True)
@@ -43,8 +47,30 @@ class Law:
 
 
 @dataclass(frozen=True)
+class Evals:
+    """How a synthetic job was evaluated: lm-eval tasks (scorer, limit) and perplexity (context, ...)."""
+
+    scorer: str | None = None
+    eval_limit: int | None = None
+    context_length: int | None = None
+    stride: int | None = None
+    max_tokens: int | None = None
+
+    def columns(self, task: str | None) -> dict[str, Any]:
+        """The evaluation columns of one result row of `task` (perplexity fields on the text set)."""
+        text = task == TEXT_SET
+        return {
+            "scorer": None if text else self.scorer,
+            "eval_limit": None if text else self.eval_limit,
+            "context_length": self.context_length if text else None,
+            "stride": self.stride if text else None,
+            "max_tokens": self.max_tokens if text else None,
+        }
+
+
+@dataclass(frozen=True)
 class Config:
-    """One synthetic job's model and quantization."""
+    """One synthetic job's model, quantization and evaluation."""
 
     n_params: int
     bits: int
@@ -52,6 +78,11 @@ class Config:
     block_size: int | None = 64
     outlier_fraction: float = 0.0
     family: str = "toy"
+    method: str = "rtn"
+    method_params: str = "{}"
+    quantize_embeddings: bool = False
+    quantize_lm_head: bool = False
+    evals: Evals = Evals()
 
     @property
     def bits_per_param(self) -> float:
@@ -63,6 +94,17 @@ class Config:
     @property
     def key(self) -> str:
         return hashlib.sha256(repr(self).encode()).hexdigest()[:16]
+
+
+def job_columns(cfg: Config, task: str | None) -> dict[str, Any]:
+    """The method, scope and evaluation columns of one result row (method 'none' at 16 bits)."""
+    return {
+        "method": cfg.method if cfg.bits < 16 else "none",
+        "method_params": cfg.method_params if cfg.bits < 16 else "{}",
+        "quantize_embeddings": cfg.quantize_embeddings,
+        "quantize_lm_head": cfg.quantize_lm_head,
+        **cfg.evals.columns(task),
+    }
 
 
 def job_rows(
@@ -88,7 +130,10 @@ def job_rows(
         "status": "ok",
         "device": "cpu",
     }
-    return [{**head, "task": t, "metric": m, "value": v, "stderr": s} for t, m, v, s in metrics]
+    return [
+        {**head, **job_columns(cfg, t), "task": t, "metric": m, "value": v, "stderr": s}
+        for t, m, v, s in metrics
+    ]
 
 
 def law_metrics(

@@ -7,8 +7,9 @@ import pandas as pd
 import pytest
 
 from analysis.errors import AnalysisError
+from analysis.eval_variants import EVAL_COLUMNS
 from analysis.metrics import default_loss, default_metric, higher_is_better, metric_label
-from analysis.tidy import failed_jobs, study_grid, tidy_jobs
+from analysis.tidy import METHOD_COLUMNS, failed_jobs, study_grid, tidy_jobs
 from pipeline.results import load_results
 from tests.analysis.synthetic import (
     TASK_OFFSETS,
@@ -65,9 +66,12 @@ def test_failed_jobs_are_listed_not_dropped_silently(tmp_path: Path) -> None:
     raw = load_results(tmp_path)
     failed = failed_jobs(raw)
     assert failed["error"].tolist() == ["boom: out of memory"]
+    assert failed["method"].tolist() == ["rtn"]
     assert len(tidy_jobs(raw)) == 1
     grid = study_grid(raw).set_index("axis")["values"]
     assert grid["jobs finished"] == "1" and grid["jobs failed"] == "1"
+    # a study of the paper's kind (rtn, linear layers only) shows no method or scope axis
+    assert not {"method", "quantize_embeddings", "quantize_lm_head"} & set(grid.index)
 
 
 def test_all_jobs_failed_is_a_clear_error(tmp_path: Path) -> None:
@@ -97,3 +101,39 @@ def test_default_metrics(law_tidy: pd.DataFrame) -> None:
 
 def test_constant_accuracy_is_not_the_headline(law_tidy: pd.DataFrame) -> None:
     assert default_metric(law_tidy.assign(mean_acc=0.0)) == "ce_wikitext2"  # tiny models: acc 0 everywhere
+
+
+# The tidy table of a study with the paper's tasks before method, scope and evaluation columns existed.
+COLUMNS_BEFORE = [
+    "job_key", "study", "model", "model_family", "n_params", "n_quantized_params", "n_kept_params",
+    "dtype", "bits", "block_size", "exponent_bits", "outlier_fraction", "centering", "bits_per_param",
+    "total_model_bits", "acc_hellaswag", "acc_lambada_openai", "acc_piqa", "acc_winogrande",
+    "bpb_wikitext2", "ce_wikitext2", "ppl_wikitext2", "acc_hellaswag_se", "acc_lambada_openai_se",
+    "acc_piqa_se", "acc_winogrande_se", "bpb_wikitext2_se", "ce_wikitext2_se", "ppl_wikitext2_se",
+    "mean_acc", "mean_acc_se", "setting", "curve",
+]  # fmt: skip
+
+
+def test_results_without_method_or_eval_columns_tidy_as_before(law_study: Path) -> None:
+    raw = load_results(law_study).drop(columns=[*METHOD_COLUMNS, *EVAL_COLUMNS], errors="ignore")
+    tidy = tidy_jobs(raw)
+    assert [c for c in tidy.columns if c not in METHOD_COLUMNS] == COLUMNS_BEFORE
+    assert set(tidy["setting"]) == {"fp e2 B64", "16-bit"}
+    assert set(tidy["curve"]) == {"3-bit fp e2 B64", "4-bit fp e2 B64", "5-bit fp e2 B64", "6-bit fp e2 B64",
+                                  "8-bit fp e2 B64", "16-bit"}  # fmt: skip
+    text = (raw["task"] == "wikitext2").tolist()
+    explicit = raw.assign(
+        method=["none" if b >= 16 else "rtn" for b in raw["bits"]],
+        method_params="{}",
+        quantize_embeddings=False,
+        quantize_lm_head=False,
+        scorer=[None if t else "hflm" for t in text],
+        eval_limit=None,
+        context_length=[512 if t else None for t in text],
+        stride=[256 if t else None for t in text],
+        max_tokens=None,
+    )
+    pd.testing.assert_frame_equal(tidy_jobs(explicit), tidy)
+    assert (tidy["method"] == np.where(tidy["bits"] >= 16, "none", "rtn")).all()
+    assert (tidy["method_params"] == "{}").all()
+    assert not tidy["quantize_embeddings"].any() and not tidy["quantize_lm_head"].any()
