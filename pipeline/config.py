@@ -44,6 +44,16 @@ class ModelConfig:
 
 
 @dataclass
+class CalibrationConfig:
+    """`quant.calibration`: the text a calibrating method (gptq) reads; see `CalibrationSpec`."""
+
+    source: str | None = None  # corpus:train, a text file, file.jsonl:field, file.parquet:column
+    n_samples: int = 128
+    seq_len: int | None = None  # null: min(2048, the model's positions)
+    seed: int = 0
+
+
+@dataclass
 class QuantConfig:
     """`quant` group: the fields of `pipeline.recipe.Recipe` (one recipe per cell)."""
 
@@ -57,6 +67,7 @@ class QuantConfig:
     quantize_embeddings: bool = False  # quantize the embedding tables too
     quantize_lm_head: bool = False  # quantize the LM head too (a tied head needs quantize_embeddings)
     params: dict[str, Any] = field(default_factory=dict)  # the method's own parameters
+    calibration: CalibrationConfig = field(default_factory=CalibrationConfig)  # methods that calibrate
 
 
 @dataclass
@@ -198,8 +209,11 @@ def _frozen(value: Any, hint: Any) -> Any:
         args = [a for a in get_args(hint) if a is not Ellipsis]
         item = args[0] if args and get_origin(hint) is tuple else None
         return tuple(_frozen(v, item) for v in value)
-    if dataclasses.is_dataclass(value) and isinstance(hint, type):
-        return to_spec(value, hint)
+    if dataclasses.is_dataclass(value):
+        spec_types = [
+            t for t in (hint, *get_args(hint)) if isinstance(t, type) and dataclasses.is_dataclass(t)
+        ]
+        return to_spec(value, spec_types[0]) if spec_types else value
     return value
 
 

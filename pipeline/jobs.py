@@ -2,10 +2,16 @@
 
 A job's `key` is the sha256 of the canonical JSON of what determines its numbers: the model
 reference, the recipe, the eval spec without its `data_root` (the same files under another mount
-are the same data) and `KEY_VERSION`. The key has its own version, apart from the results schema's:
-a new results column changes no key; a change in what a key means bumps KEY_VERSION on purpose
-(every study then reruns). Version 2: the recipe replaced the QuantSpec, outlier fraction and the
-model's quantization scope (version 1). A ladder
+are the same data), the sha256 of a calibrating recipe's source text, and `KEY_VERSION`. The
+calibration token ids follow from that text, the spec and the model's tokenizer (all keyed), so the
+driver does not tokenize; the worker records their hash in the `calibration` column.
+
+The key has its own version, apart from the results schema's: a new results column changes no key;
+a change in what a key means bumps KEY_VERSION on purpose (every earlier study then reruns on
+resume; its rows still load). Version 2: the recipe replaced version 1's QuantSpec, outlier fraction
+and the model's quantization scope.
+
+A ladder
 member is keyed by its label (`ladder:h100/d128@<config hash>`), not by the cache folder it was
 loaded from, so a ladder study resumes on any machine whose cache holds the same ladder config.
 The study is NOT in the key: it only names the folder a job's rows land in, so the same cell in
@@ -54,6 +60,7 @@ class Job:
     study: str
     model_label: str = ""
     model_family: str | None = None
+    calibration_sha256: str | None = None  # the calibration source's content (see `source_fingerprint`)
 
     @functools.cached_property
     def canonical(self) -> dict[str, Any]:
@@ -63,6 +70,7 @@ class Job:
             "model": json.loads(self._model_json),
             "recipe": self.recipe.plain(),
             "evals": _plain(self.evals),
+            "calibration_sha256": self.calibration_sha256,
         }
 
     @functools.cached_property
@@ -72,8 +80,8 @@ class Job:
         Assembled from memoized per-spec JSON; equal to `_dumps(self.canonical)` (a test checks).
         """
         return (
-            f'{{"evals":{_spec_json(self.evals)},"key_version":{KEY_VERSION},'
-            f'"model":{self._model_json},"recipe":{_recipe_json(self.recipe)}}}'
+            f'{{"calibration_sha256":{_dumps(self.calibration_sha256)},"evals":{_spec_json(self.evals)},'
+            f'"key_version":{KEY_VERSION},"model":{self._model_json},"recipe":{_recipe_json(self.recipe)}}}'
         )
 
     @functools.cached_property
@@ -139,6 +147,7 @@ def build_jobs(cells: Iterable[Config], resolve: ModelResolver = single_source) 
         ValueError, KeyError: a recipe that does not validate (pre-flight catches these first).
     """
     recipes = _Memo(lambda c: recipe(c.quant))
+    fingerprints = _Memo(lambda c: _calibration_sha256(recipes(repr(c.quant), c), c))
     evals = _Memo(lambda c: eval_spec(c.eval))
     sources = _Memo(lambda c: tuple(resolve(model_ref(c.model))))
     jobs: dict[str, Job] = {}
@@ -146,9 +155,20 @@ def build_jobs(cells: Iterable[Config], resolve: ModelResolver = single_source) 
         quant = recipes(repr(cell.quant), cell)
         spec = evals(repr(cell.eval), cell)
         for source in sources(repr(cell.model), cell):
-            job = Job(source.ref, quant, spec, cell.study, source.label, source.family)
+            sha = fingerprints(repr(cell.quant) + repr(cell.eval.data_root), cell)
+            job = Job(source.ref, quant, spec, cell.study, source.label, source.family, sha)
             jobs.setdefault(job.key, job)
     return list(jobs.values())
+
+
+def _calibration_sha256(quant: Recipe, cell: Config) -> str | None:
+    """The content hash of a calibrating recipe's source text (None without calibration)."""
+    if quant.calibration is None or quant.calibration.source is None:
+        return None
+    from pipeline.calibration import source_fingerprint
+    from pipeline.config import project_path
+
+    return source_fingerprint(quant.calibration.source, project_path(cell.eval.data_root))
 
 
 def group_by_model(jobs: Iterable[Job]) -> dict[ModelRef, list[Job]]:

@@ -18,6 +18,8 @@ import json
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from pipeline.calibration import CalibrationSpec
+
 if TYPE_CHECKING:
     from kernels import QuantSpec
 
@@ -36,6 +38,7 @@ class Recipe:
         outlier_fraction: p of proxy quantization (input columns kept in 16 bits); 0: off.
         quantize_embeddings, quantize_lm_head: the scope beyond the linear layers.
         params: the method's own parameters as sorted (name, value) pairs, defaults filled in.
+        calibration: the calibration text of a method that needs one; None (always, for the others).
 
     Raises:
         KeyError: an unknown method or data type (with close matches).
@@ -52,6 +55,7 @@ class Recipe:
     quantize_embeddings: bool = False
     quantize_lm_head: bool = False
     params: ParamPairs = ()
+    calibration: CalibrationSpec | None = None
 
     def __post_init__(self) -> None:
         if self.bits == BASELINE_BITS:
@@ -67,6 +71,13 @@ class Recipe:
         for name in ("quantize_embeddings", "quantize_lm_head"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name}={getattr(self, name)!r} is not allowed; use true or false")
+        if not method.needs_calibration:
+            object.__setattr__(self, "calibration", None)
+        elif self.calibration is None or self.calibration.source is None:
+            raise ValueError(
+                f"quant.method={self.method!r} needs calibration text: set quant.calibration.source "
+                "(corpus:train, a text file, file.jsonl:field or file.parquet:column)"
+            )
         method.check(self)
         _ = self.spec  # the codes validate
 
@@ -111,10 +122,9 @@ class Recipe:
 
     def plain(self) -> dict[str, Any]:
         """JSON-able fields (params as a dict): what the job key hashes."""
-        return {
-            **{f.name: getattr(self, f.name) for f in dataclasses.fields(self)},
-            "params": dict(self.params),
-        }
+        fields = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        calibration = None if self.calibration is None else dataclasses.asdict(self.calibration)
+        return {**fields, "params": dict(self.params), "calibration": calibration}
 
 
 _BASELINE_FIELDS: dict[str, Any] = {
@@ -127,6 +137,7 @@ _BASELINE_FIELDS: dict[str, Any] = {
     "quantize_embeddings": False,
     "quantize_lm_head": False,
     "params": (),
+    "calibration": None,
 }
 BASELINE = Recipe(bits=BASELINE_BITS)
 

@@ -50,6 +50,9 @@ SCHEMA = pa.schema(
         ("method_params", pa.string()),  # canonical JSON of the method's own parameters; "{}": none
         ("quantize_embeddings", pa.bool_()),  # scope: the input embeddings are quantized too
         ("quantize_lm_head", pa.bool_()),  # scope: the output head is quantized too
+        # canonical JSON of the calibration (source, n_samples, seq_len, seed, sha256 of the token ids);
+        # null for methods without calibration
+        ("calibration", pa.string()),
         ("bits_per_param", pa.float64()),
         ("total_model_bits", pa.int64()),
         ("task", pa.string()),
@@ -136,6 +139,7 @@ ADDED_COLUMNS: dict[str, AddedColumn] = {
     "method_params": AddedColumn(2, lambda row: "{}"),
     "quantize_embeddings": AddedColumn(2, _scope("quantize_embeddings")),
     "quantize_lm_head": AddedColumn(2, _scope("quantize_lm_head")),
+    "calibration": AddedColumn(2, lambda row: None),  # no method calibrated before schema 2
     "scorer": AddedColumn(2, _lm_eval_setting("scorer", "hflm")),  # jobs before `scorer` ran HFLM
     "eval_limit": AddedColumn(2, _lm_eval_setting("limit")),
     "context_length": AddedColumn(2, _window_setting("context_length")),

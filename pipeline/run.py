@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from pipeline.calibration import CalibrationSpec
 from pipeline.config import (
     Config,
     RayConfig,
@@ -33,6 +34,7 @@ from pipeline.config import (
     project_path,
     recipe,
     run_wide_problems,
+    to_spec,
 )
 from pipeline.jobs import Job, ModelSource, build_jobs, group_by_model, split_by_study
 from pipeline.ladders.configs import LADDER_PREFIX
@@ -111,6 +113,10 @@ def preflight(cells: Sequence[Config]) -> None:
                     check_eval_spec(eval_spec(cell.eval))
             except (ValueError, KeyError, TypeError, FileNotFoundError) as err:
                 problems[f"{_describe(kind, part)}: {_message(err)}"] = None
+        calibrated = f"cal:{cell.model.name_or_path}:{id(cell.quant)}:{id(cell.eval)}"
+        if cell.quant.calibration.source is not None and calibrated not in seen:
+            seen.add(calibrated)
+            problems.update(dict.fromkeys(_check_calibration(cell)))
         pair = f"fit:{cell.model.name_or_path}:{id(cell.eval)}"
         if pair not in seen:
             seen.add(pair)
@@ -163,6 +169,25 @@ def _check_context_fits(cell: Config) -> list[str]:
     return [
         f"eval {problem}" for problem in context_problems(cell.eval.perplexity, name, max_positions(name))
     ] + scorer_problems(cell.eval.scorer, bool(cell.eval.tasks), name, model_type)
+
+
+def _check_calibration(cell: Config) -> list[str]:
+    """Calibration text that is an evaluation text, missing, or longer windows than the model takes."""
+    from pipeline.calibration import check_calibration, resolve_seq_len
+    from pipeline.methods import METHODS
+    from pipeline.models import max_positions
+
+    if cell.quant.method not in METHODS or cell.quant.bits == 16:
+        return []  # reported by the quant check; the baseline calibrates nothing
+    spec = to_spec(cell.quant.calibration, CalibrationSpec)
+    texts = [p.path for p in cell.eval.perplexity]
+    needed = METHODS[cell.quant.method].needs_calibration
+    problems = check_calibration(spec, project_path(cell.eval.data_root), texts, needed)
+    try:
+        resolve_seq_len(spec, max_positions(cell.model.name_or_path))
+    except ValueError as err:
+        problems.append(f"quant.calibration: {err}")
+    return problems
 
 
 def _check_run(cell: Config) -> list[str]:

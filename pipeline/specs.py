@@ -73,3 +73,4 @@ class QuantReport:
     n_kept_params: int  # parameters of quantized matrices kept in 16 bits (proxy columns)
     total_model_bits: int  # sum over all parameters, constants and codebooks included
     bits_per_param: float  # over the quantized matrices only (k + 16/B + ...), the paper's definition
+    calibration: str | None = None  # canonical JSON of the calibration used (spec + token-id sha256)

@@ -76,6 +76,7 @@ def job_columns(job: Job, report: QuantReport | None, family: str | None) -> dic
         "centering": recipe.centering,
         "quantize_embeddings": recipe.quantize_embeddings,
         "quantize_lm_head": recipe.quantize_lm_head,
+        "calibration": None if report is None else report.calibration,
         "bits_per_param": report.bits_per_param if report else None,
         "total_model_bits": report.total_model_bits if report else None,
         "job_json": job.job_json,
@@ -182,7 +183,8 @@ class ModelWorker:
         self._snapshot: Any = None
         self._family: str | None = None
         self._evaluators: dict[EvalSpec, Any] = {}
-        self._method_cache: dict[str, Any] = {}  # per resident model (e.g. Hessians), see QuantizeRequest
+        self._method_cache: dict[Any, Any] = {}  # per resident model (e.g. Hessians), see QuantizeRequest
+        self._calibration: dict[Any, Any] = {}  # CalibrationSpec -> token windows, per resident model
         self._dirty = False
         self._load_errors: dict[ModelRef, str] = {}
 
@@ -258,8 +260,23 @@ class ModelWorker:
 
         start = time.perf_counter()
         self._dirty = True  # even a quantization that raises half-way leaves modified weights
-        report = quantize_model_(self._model, job.recipe, self._method_cache)
+        tokens = self._calibration_tokens(job)
+        report = quantize_model_(self._model, job.recipe, self._method_cache, tokens)
         return report, self._sync_elapsed(start)
+
+    def _calibration_tokens(self, job: Job) -> Any:
+        """The calibration windows of a calibrating recipe (tokenized once per model and spec)."""
+        spec = job.recipe.calibration
+        if spec is None:
+            return None
+        if spec not in self._calibration:
+            from pipeline.calibration import calibration_tokens
+
+            positions = getattr(self._model.config, "max_position_embeddings", None)
+            self._calibration[spec] = calibration_tokens(
+                spec, self._tokenizer, Path(job.evals.data_root), positions
+            )
+        return self._calibration[spec]
 
     def _evaluate(self, job: Job) -> tuple[list[MetricValue], float]:
         start = time.perf_counter()
@@ -294,4 +311,5 @@ class ModelWorker:
         self._ref = self._model = self._tokenizer = self._snapshot = self._family = None
         self._evaluators.clear()
         self._method_cache.clear()
+        self._calibration.clear()
         self._dirty = False

@@ -38,13 +38,17 @@ class QuantizeRequest:
         recipe: the recipe (`recipe.spec` the codes, `recipe.params` the method's parameters).
         cache: per-model state the worker keeps across jobs of one model (e.g. Hessians); empty after a
             model load. A method must key what it stores by everything the stored value depends on.
+        calibration: int64 [n_samples, seq_len] calibration token windows (methods that need them).
+        calibration_key: what identifies those windows (for cache keys): the recipe's calibration spec.
     """
 
     model: nn.Module
     weights: dict[str, Tensor]
     keep: dict[str, Tensor]
     recipe: Recipe
-    cache: dict[str, Any] = field(default_factory=dict)
+    cache: dict[Any, Any] = field(default_factory=dict)
+    calibration: Tensor | None = None
+    calibration_key: Any = None
 
 
 WeightBits = Callable[["QuantSpec", tuple[int, ...], int], int]
@@ -66,6 +70,7 @@ class Method:
         bits: the bit widths it takes (the baseline, 16, is not a method's business).
         weight_bits: (spec, [out, in] shape, kept columns) -> stored bits of one matrix; None: RTN's
             (`kernels.weight_bits`): the method changes values, not storage.
+        extra_check: raises ValueError for a recipe the method cannot run (beyond dtypes and bits).
     """
 
     name: str
@@ -76,6 +81,7 @@ class Method:
     dtypes: tuple[str, ...] | None = None
     bits: tuple[int, ...] = tuple(range(3, 16))
     weight_bits: WeightBits | None = None
+    extra_check: Callable[[Recipe], None] | None = None
 
     def resolve_params(self, given: Mapping[str, Any]) -> ParamPairs:
         """`given` checked against `params`, defaults filled in, as sorted (name, value) pairs."""
@@ -102,6 +108,8 @@ class Method:
                 f"quant.method={self.name!r} does not take bits={recipe.bits}; allowed: "
                 f"{_ranges(self.bits)} (16: the unquantized baseline)"
             )
+        if self.extra_check is not None:
+            self.extra_check(recipe)
 
 
 METHODS: Registry[Method] = Registry("quantization method")

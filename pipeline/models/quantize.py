@@ -6,6 +6,8 @@ for every method, from the method's `weight_bits` (RTN's unless the method store
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import math
 from typing import TYPE_CHECKING, Any
 
@@ -25,15 +27,18 @@ if TYPE_CHECKING:
 
 @torch.no_grad()
 def quantize_model_(
-    model: PreTrainedModel, recipe: Recipe, cache: dict[str, Any] | None = None
+    model: PreTrainedModel,
+    recipe: Recipe,
+    cache: dict[Any, Any] | None = None,
+    calibration: Tensor | None = None,
 ) -> QuantReport:
     """Quantize every weight in the recipe's scope in place; count parameters and bits exactly.
 
     The baseline (bits=16) leaves the weights untouched and counts every parameter at 16 bits.
     Quantized matrices cost the method's `weight_bits` (constants, codebooks and kept proxy columns
     included); every other parameter costs 16 bits. `cache` is the worker's per-model state, handed
-    to the method. A non-finite result raises `QuantizationError` (the model is then half-quantized:
-    restore it).
+    to the method; `calibration` the token windows of a calibrating recipe. A non-finite result raises
+    `QuantizationError` (the model is then half-quantized: restore it).
     """
     total = n_params(model)
     if recipe.is_baseline:
@@ -43,8 +48,28 @@ def quantize_model_(
         model, include_embeddings=recipe.quantize_embeddings, include_lm_head=recipe.quantize_lm_head
     )
     keep = outlier_columns(model, recipe.outlier_fraction)
-    method.quantize_(QuantizeRequest(model, weights, keep, recipe, {} if cache is None else cache))
-    return count_bits(total, weights, keep, recipe, method.weight_bits)
+    if method.needs_calibration and calibration is None:
+        raise ValueError(f"quant.method={recipe.method!r} needs calibration token windows")
+    request = QuantizeRequest(
+        model, weights, keep, recipe, {} if cache is None else cache, calibration, recipe.calibration
+    )
+    method.quantize_(request)
+    report = count_bits(total, weights, keep, recipe, method.weight_bits)
+    if calibration is None or recipe.calibration is None:
+        return report
+    return dataclasses.replace(report, calibration=calibration_json(recipe.calibration, calibration))
+
+
+def calibration_json(spec: Any, tokens: Tensor) -> str:
+    """The `calibration` column: the spec with the resolved window length and the token ids' sha256."""
+    from pipeline.calibration import tokens_hash
+
+    fields = {
+        **dataclasses.asdict(spec),
+        "seq_len": int(tokens.shape[1]),
+        "tokens_sha256": tokens_hash(tokens),
+    }
+    return json.dumps(fields, sort_keys=True, separators=(",", ":"))
 
 
 def count_bits(

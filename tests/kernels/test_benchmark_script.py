@@ -1,4 +1,4 @@
-"""benchmarks/quantize_kernels.py runs end to end on a CPU (GPU-only columns empty), with its JSON and table."""
+"""benchmarks/quantize_kernels.py runs end to end on a CPU (GPU-only columns empty), JSON and table."""
 
 from __future__ import annotations
 

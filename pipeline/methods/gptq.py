@@ -1,0 +1,221 @@
+"""`gptq`: one-shot quantization (Frantar et al., 2022) with any data type and block size of the zoo.
+
+The solve is `kernels.gptq.gptq_quantize`; this module gathers its inputs from a resident model:
+calibration windows (`pipeline.calibration`), per-layer Hessians, the original weights with proxy
+columns removed, and the codebook. Two Hessian modes (`quant.params.hessians`):
+
+- `shared` (default): every layer's H from the 16-bit model, collected once per model and calibration
+  set and kept in the worker's per-model cache, so each further configuration pays only the solves.
+- `sequential`: GPTQ's own order: decoder block by block, each block's H from inputs produced by the
+  already-quantized blocks before it (the calibration pass is repeated for every configuration).
+
+Proxy quantization: the kept 16-bit columns are taken out of the problem (W and H restricted to the
+quantized columns), exactly the matrix RTN quantizes; the kept columns keep their original values.
+Quantile codebooks are estimated from that matrix's original weights, the codebook RTN would use.
+Same-shaped matrices (across layers) are solved together in batches of at most `SOLVE_BYTES` of H.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from pipeline.methods.hessians import Hessians, block_inputs, collect_hessians, finish_hessians, hessian_hooks
+from pipeline.methods.registry import Method, QuantizationError, QuantizeRequest, register_method
+
+log = logging.getLogger(__name__)
+
+HESSIAN_MODES = ("shared", "sequential")
+HESSIAN_DEVICES = ("auto", "cuda", "cpu")
+SOLVE_BYTES = 2 << 30  # Hessians solved in one batch at most
+
+
+@dataclass(frozen=True)
+class GPTQParams:
+    """`quant.params` of `quant.method=gptq`."""
+
+    damp: float = 0.01  # fraction of mean(diag H) added to the diagonal
+    lazy_block: int = 128  # columns per lazy batch update
+    act_order: bool = False  # columns by descending diag(H), static block scales
+    hessians: str = "shared"  # "shared" (16-bit model, once per model) or "sequential" (GPTQ's own)
+    hessian_device: str = "auto"  # where Hessians live: "auto" (the model's device), "cuda", "cpu"
+
+    def __post_init__(self) -> None:
+        from kernels.gptq import GPTQSettings
+
+        GPTQSettings(self.damp, self.lazy_block, self.act_order)  # validates the three
+        if self.hessians not in HESSIAN_MODES:
+            raise ValueError(
+                f"gptq hessians={self.hessians!r} is not allowed; allowed: {list(HESSIAN_MODES)}"
+            )
+        if self.hessian_device not in HESSIAN_DEVICES:
+            raise ValueError(
+                f"gptq hessian_device={self.hessian_device!r} is not allowed; "
+                f"allowed: {list(HESSIAN_DEVICES)}"
+            )
+
+
+def check_recipe(recipe: Any) -> None:
+    """GPTQ needs input activations: embedding tables have none."""
+    if recipe.quantize_embeddings:
+        raise ValueError(
+            "quant.method='gptq' cannot quantize embedding tables (they have no input activations); "
+            "set quant.quantize_embeddings=false"
+        )
+
+
+def quantize_(request: QuantizeRequest) -> None:
+    """GPTQ-quantize every weight of the request in place."""
+    params = GPTQParams(**dict(request.recipe.params))
+    if request.calibration is None:
+        raise ValueError("quant.method='gptq' needs calibration tokens (quant.calibration.source)")
+    device = _hessian_device(request.model, params.hessian_device)
+    if params.hessians == "shared":
+        key = ("gptq-hessians", request.calibration_key, tuple(request.weights), str(device))
+        if key not in request.cache:
+            request.cache.clear()  # one set of Hessians per model at a time: they are large
+            request.cache[key] = collect_hessians(request.model, request.weights, request.calibration, device)
+        solve_(request.weights, request.keep, request.cache[key], request.recipe, params)
+    else:
+        _sequential_(request, params, device)
+    _check_finite(request.weights)
+
+
+def _hessian_device(model: nn.Module, setting: str) -> torch.device:
+    model_device = next(model.parameters()).device
+    if setting == "cuda" and not torch.cuda.is_available():
+        raise ValueError("gptq hessian_device='cuda' but no CUDA device is visible; use 'auto' or 'cpu'")
+    return model_device if setting == "auto" else torch.device(setting)
+
+
+@torch.no_grad()
+def solve_(
+    weights: dict[str, Tensor], keep: dict[str, Tensor], hessians: Hessians, recipe: Any, params: GPTQParams
+) -> None:
+    """Solve every named weight with its H (same shapes batched) and write the results in place."""
+    batches: dict[tuple[Any, ...], list[str]] = {}
+    for name, view in weights.items():
+        n_keep = 0 if keep.get(name) is None else keep[name].numel()
+        batches.setdefault((view.shape[0], view.shape[1] - n_keep, view.dtype), []).append(name)
+    for (_, cols, _), names in batches.items():
+        per_batch = max(1, SOLVE_BYTES // (cols * cols * 4))
+        for start in range(0, len(names), per_batch):
+            _solve_batch_(names[start : start + per_batch], weights, keep, hessians, recipe, params)
+
+
+def _solve_batch_(
+    names: list[str],
+    weights: dict[str, Tensor],
+    keep: dict[str, Tensor],
+    hessians: Hessians,
+    recipe: Any,
+    params: GPTQParams,
+) -> None:
+    from kernels.blockwise import levels_for
+    from kernels.gptq import GPTQSettings, gptq_quantize
+
+    spec = recipe.spec
+    device = weights[names[0]].device
+    columns = [_quantized_columns(weights[n], keep.get(n)) for n in names]
+    ws = [
+        weights[n][:, cols] if cols is not None else weights[n]
+        for n, cols in zip(names, columns, strict=True)
+    ]
+    hs = [_restrict(hessians.of(n), cols).to(device) for n, cols in zip(names, columns, strict=True)]
+    settings = GPTQSettings(params.damp, params.lazy_block, params.act_order)
+    if spec.dtype == "quantile":  # one codebook per matrix: solve one at a time
+        solved = [
+            gptq_quantize(w[None], h[None], levels_for(w, spec), spec.block_size, spec.centering, settings)[0]
+            for w, h in zip(ws, hs, strict=True)
+        ]
+    else:
+        levels = levels_for(ws[0], spec)
+        solved = list(
+            gptq_quantize(torch.stack(ws), torch.stack(hs), levels, spec.block_size, spec.centering, settings)
+        )
+    for name, cols, q in zip(names, columns, solved, strict=True):
+        view = weights[name]
+        if cols is None:
+            view.copy_(q)
+        else:
+            view[:, cols] = q.to(view.dtype)
+
+
+def _quantized_columns(view: Tensor, kept: Tensor | None) -> Tensor | None:
+    """Indices of the columns GPTQ quantizes (None: all of them)."""
+    if kept is None or kept.numel() == 0:
+        return None
+    mask = torch.ones(view.shape[1], dtype=torch.bool, device=view.device)
+    mask[kept.to(view.device)] = False
+    return torch.nonzero(mask).flatten()
+
+
+def _restrict(h: Tensor, cols: Tensor | None) -> Tensor:
+    if cols is None:
+        return h
+    cols = cols.to(h.device)
+    return h.index_select(0, cols).index_select(1, cols)
+
+
+def _sequential_(request: QuantizeRequest, params: GPTQParams, device: torch.device) -> None:
+    """Block by block: H from the quantized earlier blocks' outputs, then solve, then move on."""
+    from pipeline.methods.hessians import run_block
+    from pipeline.models.weights import decoder_layers
+
+    model, weights = request.model, request.weights
+    blocks = decoder_layers(model)
+    if not blocks:
+        raise ValueError(f"gptq hessians='sequential': no decoder blocks found in {type(model).__name__}")
+    assert request.calibration is not None
+    inputs = block_inputs(model, blocks[0], request.calibration)
+    owner = _block_of(model, blocks, weights)
+    for index, block in enumerate(blocks):
+        names = [n for n in weights if owner.get(n) == index]
+        hessians = Hessians()
+        with torch.no_grad(), hessian_hooks(model, names, hessians, device, root=block):
+            run_block(block, inputs)
+        solve_(
+            {n: weights[n] for n in names}, request.keep, finish_hessians(hessians), request.recipe, params
+        )
+        inputs = run_block(block, inputs)  # the next block sees this block quantized
+    rest = [n for n in weights if n not in owner]  # e.g. the LM head: after every block is quantized
+    if rest:
+        solve_(
+            {n: weights[n] for n in rest},
+            request.keep,
+            collect_hessians(model, rest, request.calibration, device),
+            request.recipe,
+            params,
+        )
+
+
+def _block_of(model: nn.Module, blocks: list[nn.Module], weights: dict[str, Tensor]) -> dict[str, int]:
+    """Weight name -> index of the decoder block holding its module (absent: outside every block)."""
+    from pipeline.methods.hessians import module_of
+
+    index = {id(m): i for i, block in enumerate(blocks) for m in block.modules()}
+    found = {n: index.get(id(model.get_submodule(module_of(n)))) for n in weights}
+    return {n: i for n, i in found.items() if i is not None}
+
+
+def _check_finite(weights: dict[str, Tensor]) -> None:
+    flags = torch.stack([torch.isfinite(w).all() for w in weights.values()]).tolist() if weights else []
+    bad = [n for n, ok in zip(weights, flags, strict=True) if not ok]
+    if bad:
+        raise QuantizationError(f"non-finite values after gptq: {bad[:5]}")
+
+
+GPTQ = register_method(
+    Method(
+        name="gptq",
+        quantize_=quantize_,
+        description="GPTQ one-shot quantization (Frantar et al. 2022): Hessian-weighted error feedback",
+        params=GPTQParams,
+        needs_calibration=True,
+        extra_check=check_recipe,
+    )
+)
