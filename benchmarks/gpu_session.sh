@@ -20,6 +20,9 @@
 #   EAGER=1 bash benchmarks/gpu_session.sh compile    # GPU tests, evaluation benchmark compiled and eager
 #   PROFILE=1 bash benchmarks/gpu_session.sh compile  # forward profile, evaluation benchmark (compiled)
 #   bash benchmarks/gpu_session.sh compile            # GPU tests, evaluation benchmark (compiled, profiled)
+# Fourth session (one H200, GPTQ):
+#   bash benchmarks/gpu_session.sh gptq        # GPU tests, benchmarks/gptq.py at the 410M and 1.4B shapes
+#   bash benchmarks/gpu_session.sh gptq-study  # h100 ladder (three processes on the one GPU), sweeps/gptq.yaml
 #
 # Needs (see ../shared/device/README.md): .whl/site.tar.xz (Ray, Hydra, lm-eval) and .carry/data (a copy
 # of ../shared/data), both carried. Everything stops by $BUDGET seconds (default 550) so that a 600 s
@@ -202,6 +205,26 @@ compile)
     bench compiled $(($(left) - 5)) --compile on --naive-configs 2 --profile-job
   fi
   ;;
-*) echo "unknown phase $phase; use study, resume, final, after, tune, retuned, heldout or compile" >&2; exit 2 ;;
+gptq)
+  python3 -m pytest -q -m gpu -p no:cacheprovider tests/kernels tests/pipeline/test_models.py \
+    tests/pipeline/test_fastscore.py 2>&1 | tail -3
+  for shape in pythia-410m pythia-1.4b; do
+    timeout $(($(left) - 10)) python3 benchmarks/gptq.py --shape $shape --device cuda --data-root .carry/data \
+      --out "$OUT/gptq-h200-$shape.json" >"$OUT/gptq-$shape.log" 2>&1
+    echo "gptq $shape exit $?"; grep -v -i -E "warn|it/s" "$OUT/gptq-$shape.log" | tail -14
+  done
+  ;;
+gptq-study)
+  # the ladder: three processes share the GPU (per-member locks), two sizes each, balanced by size
+  t=$SECONDS
+  for pair in "d128 d512" "d192 d384" "d256 d320"; do
+    (for size in $pair; do python3 -m pipeline.ladders "$LADDER" --size "$size" >>"$OUT/ladder.log" 2>&1; done) &
+  done
+  wait; echo "ladder: $((SECONDS - t)) s"; python3 -m pipeline.ladders "$LADDER" 2>&1 | tail -7
+  sweep $(($(left) - 40)) -m +sweep=gptq model=ladder/$LADDER eval.data_root=.carry/data ray.workers_per_gpu=4 \
+    report=true
+  pack_results gptq; collect_members
+  ;;
+*) echo "unknown phase $phase; use study, resume, final, after, tune, retuned, heldout, compile, gptq or gptq-study" >&2; exit 2 ;;
 esac
 echo "phase $phase done in $((SECONDS - start)) s"

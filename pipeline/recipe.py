@@ -104,8 +104,17 @@ class Recipe:
 
     @property
     def params_json(self) -> str:
-        """The method's own parameters as canonical JSON ("{}" when it has none)."""
-        return json.dumps(dict(self.params), sort_keys=True, separators=(",", ":"))
+        """The method's parameters that differ from its defaults, as canonical JSON ("{}": none).
+
+        The `method_params` column and the analysis label; the job key hashes every parameter.
+        """
+        if self.is_baseline:
+            return "{}"
+        from pipeline.methods import METHODS
+
+        defaults = METHODS[self.method].defaults()
+        changed = {k: v for k, v in self.params if k not in defaults or defaults[k] != v}
+        return json.dumps(changed, sort_keys=True, separators=(",", ":"))
 
     @property
     def name(self) -> str:

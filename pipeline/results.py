@@ -47,7 +47,7 @@ SCHEMA = pa.schema(
         ("outlier_fraction", pa.float64()),
         ("centering", pa.bool_()),
         ("method", pa.string()),  # registered quantization method, e.g. "rtn"; "none" iff bits == 16
-        ("method_params", pa.string()),  # canonical JSON of the method's own parameters; "{}": none
+        ("method_params", pa.string()),  # canonical JSON of the method's parameters off their defaults
         ("quantize_embeddings", pa.bool_()),  # scope: the input embeddings are quantized too
         ("quantize_lm_head", pa.bool_()),  # scope: the output head is quantized too
         # canonical JSON of the calibration (source, n_samples, seq_len, seed, sha256 of the token ids);

@@ -96,6 +96,10 @@ class Method:
         values = dataclasses.asdict(self.params(**given))
         return tuple(sorted(values.items()))
 
+    def defaults(self) -> dict[str, Any]:
+        """The method's parameters at their defaults."""
+        return {} if self.params is None else dataclasses.asdict(self.params())
+
     def check(self, recipe: Recipe) -> None:
         """Raise ValueError if the recipe's data type or bits are not the method's."""
         if self.dtypes is not None and recipe.dtype not in self.dtypes:

@@ -40,3 +40,17 @@ def test_forward_profile_compares_eager_compiled_and_gemm_variants(tmp_path: Pat
     assert list(variants) == ["packed", "causal", "gemm", "compiled-dynamic", "compiled-static", "compiled"]
     assert record["tokens"] == 9 * 24 and all(v["seconds"] > 0 for v in variants.values())
     assert set(variants["compiled"]["other_shapes_s"]) == {"6x24", "9x18", "1x18"}
+
+
+def test_gptq_benchmark_times_hessians_solves_and_the_naive_way(tmp_path: Path) -> None:
+    out = tmp_path / "g.json"
+    proc = subprocess.run(
+        [sys.executable, "benchmarks/gptq.py", "--shape", "tiny", "--device", "cpu", "--samples", "4",
+         "--seq-len", "64", "--no-jobs", "--out", str(out)],
+        capture_output=True, text=True, timeout=600, cwd=REPO,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    record = json.loads(out.read_text())
+    assert record["hessians_gib"] > 0 and record["calibration_tokens"] == 4 * 64
+    assert [r["config"] for r in record["solves"]][:2] == ["gptq-int4-b64", "gptq-nf3-b64"]
+    assert "| gptq-quantile4-b64 |" in proc.stdout and "naive (one matrix at a time" in proc.stdout
