@@ -56,6 +56,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--jobs", type=int, default=2, help="whole jobs per method (median of the later ones)"
     )
     parser.add_argument("--no-jobs", action="store_true", help="solves only (no evaluation)")
+    parser.add_argument("--dtypes", default="int,nf,fp,quantile", help="data types of the solves to time")
     parser.add_argument("--out", type=Path)
     return parser.parse_args(argv)
 
@@ -137,7 +138,7 @@ def main(argv: list[str] | None = None) -> int:
     result["float32_flops"] = rate
     floor_s = solve_flops(weights, {}) / rate
     rows = []
-    for dtype, bits, block in CONFIGS:
+    for dtype, bits, block in [c for c in CONFIGS if c[0] in args.dtypes.split(",")]:
         recipe = Recipe(method="gptq", dtype=dtype, bits=bits, block_size=block, calibration=spec)
         key = ("gptq-hessians", spec, tuple(weights), str(device))
 

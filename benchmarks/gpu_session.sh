@@ -215,15 +215,22 @@ gptq)
   done
   ;;
 gptq-study)
-  # the ladder: three processes share the GPU (per-member locks), two sizes each, balanced by size
+  # the ladder: processes share the GPU (per-member locks), SIZES in groups (default: all six, in three
+  # processes balanced by size), then sweeps/gptq.yaml on those sizes; BENCH=1: then the 1.4B benchmark
   t=$SECONDS
-  for pair in "d128 d512" "d192 d384" "d256 d320"; do
-    (for size in $pair; do python3 -m pipeline.ladders "$LADDER" --size "$size" >>"$OUT/ladder.log" 2>&1; done) &
+  for group in ${SIZE_GROUPS:-"d128,d512" "d192,d384" "d256,d320"}; do
+    (for size in ${group//,/ }; do python3 -m pipeline.ladders "$LADDER" --size "$size" >>"$OUT/ladder.log" 2>&1; done) &
   done
-  wait; echo "ladder: $((SECONDS - t)) s"; python3 -m pipeline.ladders "$LADDER" 2>&1 | tail -7
-  sweep $(($(left) - 40)) -m +sweep=gptq model=ladder/$LADDER eval.data_root=.carry/data ray.workers_per_gpu=4 \
-    report=true
+  wait; echo "ladder: $((SECONDS - t)) s"
+  members=$(echo ${SIZE_GROUPS:-d128,d512,d192,d384,d256,d320} | tr ' ' ',')
+  sweep $(($(left) - ${RESERVE:-40})) -m +sweep=gptq "model.name_or_path=$(for s in ${members//,/ }; do printf 'ladder:%s/%s,' "$LADDER" "$s"; done | sed 's/,$//')" \
+    eval.data_root=.carry/data ray.workers_per_gpu=4 report=true
   pack_results gptq; collect_members
+  if [ -n "${BENCH:-}" ]; then
+    timeout $(($(left) - 5)) python3 benchmarks/gptq.py --shape pythia-1.4b --device cuda --data-root .carry/data \
+      --dtypes int,nf,fp --jobs 2 --out "$OUT/gptq-h200-pythia-1.4b.json" >"$OUT/gptq-1.4b.log" 2>&1
+    echo "gptq 1.4b exit $?"; grep -v -i -E "warn|it/s" "$OUT/gptq-1.4b.log" | tail -14
+  fi
   ;;
 *) echo "unknown phase $phase; use study, resume, final, after, tune, retuned, heldout, compile, gptq or gptq-study" >&2; exit 2 ;;
 esac

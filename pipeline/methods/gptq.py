@@ -73,7 +73,16 @@ def quantize_(request: QuantizeRequest) -> None:
     params = GPTQParams(**dict(request.recipe.params))
     if request.calibration is None:
         raise ValueError("quant.method='gptq' needs calibration tokens (quant.calibration.source)")
+    from pipeline.models.compile import eager_layers
+
     device = _hessian_device(request.model, params.hessian_device)
+    with eager_layers(request.model):
+        _quantize_eagerly(request, params, device)
+    _check_finite(request.weights)
+
+
+def _quantize_eagerly(request: QuantizeRequest, params: GPTQParams, device: torch.device) -> None:
+    assert request.calibration is not None
     if params.hessians == "shared":
         key = ("gptq-hessians", request.calibration_key, tuple(request.weights), str(device))
         if key not in request.cache:
@@ -82,7 +91,6 @@ def quantize_(request: QuantizeRequest) -> None:
         solve_(request.weights, request.keep, request.cache[key], request.recipe, params)
     else:
         _sequential_(request, params, device)
-    _check_finite(request.weights)
 
 
 def _hessian_device(model: nn.Module, setting: str) -> torch.device:

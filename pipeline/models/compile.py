@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import functools
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -58,3 +60,21 @@ def is_compiled(model: nn.Module) -> bool:
     """Whether `compile_layers` compiled this model's blocks."""
     layers = decoder_layers(model)
     return bool(layers) and isinstance(layers[0].forward, functools.partial)
+
+
+@contextmanager
+def eager_layers(model: nn.Module) -> Iterator[None]:
+    """Run compiled decoder blocks eagerly inside the block, then compiled again.
+
+    Calibration passes need this: forward hooks registered after compiling (Hessians) and direct
+    block calls with captured inputs (sequential GPTQ) are not reliably seen by a compiled graph
+    (on CPU the hooks did not fire at all; on an H200 sequential GPTQ found Hessians missing).
+    """
+    saved = {
+        layer: layer.__dict__.pop("forward") for layer in decoder_layers(model) if "forward" in layer.__dict__
+    }
+    try:
+        yield
+    finally:
+        for layer, forward in saved.items():
+            layer.forward = forward

@@ -168,3 +168,30 @@ def test_calibration_is_in_the_key_only_where_a_method_reads_it(tiny_model_dir: 
     assert len(rtn) == 1 and rtn[0].calibration_sha256 is None  # rtn ignores calibration: one job
     gptq_jobs = plan_run([*base, "quant.method=gptq", "quant.calibration.seed=0,1"]).jobs
     assert len({j.key for j in gptq_jobs}) == 2 and all(j.calibration_sha256 for j in gptq_jobs)
+
+
+def test_calibration_passes_run_compiled_blocks_eagerly(tiny_model_dir: Path, tokens):
+    """A worker compiles the blocks at its first evaluation; GPTQ's hooks must still see every input."""
+    from pipeline.models import compile_layers, is_compiled
+    from pipeline.models.compile import eager_layers
+
+    model, _ = load_model(ModelRef(name_or_path=str(tiny_model_dir)), "cpu")
+    names = list(linear_weights(model))
+    want = collect_hessians(model, names, tokens, torch.device("cpu"))
+    compile_layers(model)
+    with eager_layers(model):
+        assert not is_compiled(model)
+        got = collect_hessians(model, names, tokens, torch.device("cpu"))
+    assert is_compiled(model)  # compiled again after the pass
+    assert got.owner == want.owner and all(torch.equal(got.h[k], want.h[k]) for k in want.h)
+    compiled, reference = (
+        copy.deepcopy(model),
+        load_model(ModelRef(name_or_path=str(tiny_model_dir)), "cpu")[0],
+    )
+    recipe = gptq(dtype="int", bits=3, params={"hessians": "sequential"})
+    quantize_model_(compiled, recipe, calibration=tokens)
+    quantize_model_(reference, recipe, calibration=tokens)
+    for (name, a), b in zip(
+        linear_weights(compiled).items(), linear_weights(reference).values(), strict=True
+    ):
+        assert torch.equal(a, b), name
