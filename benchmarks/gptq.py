@@ -133,6 +133,7 @@ def main(argv: list[str] | None = None) -> int:
 
     result["hessians_s"] = timed(collect, sync)
     result["hessians_gib"] = hessians.nbytes / 2**30
+    checkpoint(args.out, result)
     result["calibration_tokens"] = int(tokens.numel())
     rate = float32_rate(args.device)
     result["float32_flops"] = rate
@@ -148,6 +149,8 @@ def main(argv: list[str] | None = None) -> int:
 
         restore_s = timed(lambda: restore_weights_(model, snapshot), sync)
         seconds = statistics.median(timed(solve, sync) for _ in range(2)) - restore_s
+        result["solves"] = rows  # so far: a run cut by its time limit keeps what it measured
+        checkpoint(args.out, result)
         rows.append(
             {"config": recipe.name, "solve_s": seconds, "floor_s": floor_s, "of_floor": floor_s / seconds}
         )
@@ -161,6 +164,7 @@ def main(argv: list[str] | None = None) -> int:
     naive["solve_s"] = timed(lambda: quantize_model_(model, recipe, {key: hessians}, tokens), sync)
     gptq_module.SOLVE_BYTES = saved
     result["solves"] = rows
+    checkpoint(args.out, result)
     result["naive_one_matrix_at_a_time_s"] = naive["solve_s"]
     if not args.no_jobs:
         cfg = load_config(["eval=paper_ladder", f"eval.data_root={data_root}", f"eval.limit={args.limit}"])
@@ -186,6 +190,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.out:
         args.out.write_text(json.dumps(result, indent=2))
     return 0
+
+
+def checkpoint(out: Path | None, result: dict[str, Any]) -> None:
+    """Write what has been measured so far (the final write adds the rest)."""
+    if out:
+        out.write_text(json.dumps(result, indent=2))
 
 
 def render(result: dict[str, Any]) -> str:

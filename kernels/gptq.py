@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import itertools
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -131,22 +131,44 @@ class _Scales:
             self.mean[:, blocks] = mean
 
 
-def quantize_column(x: Tensor, ids: Tensor, scales: _Scales, levels: Levels) -> Tensor:
+@dataclass(frozen=True)
+class Codebooks:
+    """One codebook per matrix of a batch (quantile): values [G, n] and mids [G, m], float32."""
+
+    values: Tensor
+    mids: Tensor
+
+    @classmethod
+    def stack(cls, levels: Sequence[Levels]) -> Codebooks:
+        return cls(torch.stack([lv.values for lv in levels]), torch.stack([lv.mids for lv in levels]))
+
+
+def quantize_column(x: Tensor, ids: Tensor, scales: _Scales, levels: Levels | Codebooks) -> Tensor:
     """The nearest codes of column values x [G, rows] in blocks `ids` ([rows] or [G, rows]), decoded."""
     pick = (lambda t: t[:, ids]) if ids.dim() == 1 else (lambda t: torch.gather(t, 1, ids))
     mean = None if scales.mean is None else pick(scales.mean)
     centered = x if mean is None else x - mean
-    codes = torch.bucketize((centered * pick(scales.scale)) * pick(scales.inv), levels.mids, out_int32=True)
-    q = levels.values[codes] * pick(scales.absmax)
+    normalized = (centered * pick(scales.scale)) * pick(scales.inv)
+    if isinstance(levels, Codebooks):  # per matrix: searchsorted counts mids < x, as bucketize does
+        codes = torch.searchsorted(levels.mids, normalized.contiguous())
+        q = torch.gather(levels.values, 1, codes) * pick(scales.absmax)
+    else:
+        q = levels.values[torch.bucketize(normalized, levels.mids, out_int32=True)] * pick(scales.absmax)
     return q if mean is None else q + mean
 
 
 def gptq_quantize(
-    w: Tensor, h: Tensor, levels: Levels, block_size: int | None, centering: bool, settings: GPTQSettings
+    w: Tensor,
+    h: Tensor,
+    levels: Levels | Codebooks,
+    block_size: int | None,
+    centering: bool,
+    settings: GPTQSettings,
 ) -> Tensor:
     """GPTQ-quantize G same-shaped matrices w [G, out, in] with Hessians h [G, in, in]; float32 result.
 
-    `levels`: the codebook (for quantile, estimated by the caller from the original weights).
+    `levels`: the codebook shared by the batch, or `Codebooks` with one per matrix (quantile: estimated by
+    the caller from each matrix's original weights).
     """
     if w.dim() != 3 or h.shape != (w.shape[0], w.shape[2], w.shape[2]):
         raise ValueError(
@@ -185,7 +207,7 @@ def _solve_batch(
     i2: int,
     block_ids: Callable[[int], Tensor],
     scales: _Scales,
-    levels: Levels,
+    levels: Levels | Codebooks,
 ) -> None:
     """Quantize columns i1..i2 of w in place (w holds q there after), then push their error right."""
     w1 = w[:, :, i1:i2].clone()
@@ -205,7 +227,7 @@ def _solve_batch(
 def _act_order(
     w: Tensor,
     h: Tensor,
-    levels: Levels,
+    levels: Levels | Codebooks,
     size: int,
     centering: bool,
     settings: GPTQSettings,

@@ -124,7 +124,7 @@ def _solve_batch_(
     params: GPTQParams,
 ) -> None:
     from kernels.blockwise import levels_for
-    from kernels.gptq import GPTQSettings, gptq_quantize
+    from kernels.gptq import Codebooks, GPTQSettings, gptq_quantize
 
     spec = recipe.spec
     device = weights[names[0]].device
@@ -135,16 +135,13 @@ def _solve_batch_(
     ]
     hs = [_restrict(hessians.of(n), cols).to(device) for n, cols in zip(names, columns, strict=True)]
     settings = GPTQSettings(params.damp, params.lazy_block, params.act_order)
-    if spec.dtype == "quantile":  # one codebook per matrix: solve one at a time
-        solved = [
-            gptq_quantize(w[None], h[None], levels_for(w, spec), spec.block_size, spec.centering, settings)[0]
-            for w, h in zip(ws, hs, strict=True)
-        ]
+    if spec.dtype == "quantile":  # one codebook per matrix, each from that matrix's original weights
+        levels: Any = Codebooks.stack([levels_for(w, spec) for w in ws])
     else:
         levels = levels_for(ws[0], spec)
-        solved = list(
-            gptq_quantize(torch.stack(ws), torch.stack(hs), levels, spec.block_size, spec.centering, settings)
-        )
+    solved = gptq_quantize(
+        torch.stack(ws), torch.stack(hs), levels, spec.block_size, spec.centering, settings
+    )
     for name, cols, q in zip(names, columns, solved, strict=True):
         view = weights[name]
         if cols is None:
