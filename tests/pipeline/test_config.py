@@ -144,7 +144,7 @@ def test_replace_path_sets_nested_fields():
         (["model=nope"], False, "allowed: ['hf', 'ladder/h100', 'ladder/tiny'"),
         (["quant.blocksize=3"], False, "quant.blocksize"),
         (["quant.bits=3,4"], False, "add -m"),
-        (["+sweep=nope"], True, "allowed: ['demo', 'paper', 'smoke']"),
+        (["+sweep=nope"], True, "allowed: ['demo', 'gptq', 'paper', 'smoke']"),
         (["quant.bits=interval(3,4)"], True, "interval"),
         (["quant.bits=="], True, "quant.bits"),
         (["eval.compile=maybe"], False, "eval.compile=maybe: Value 'maybe' is not a valid bool"),
