@@ -15,12 +15,17 @@ from typing import Generic, TypeVar
 T = TypeVar("T")
 
 
-def unknown_name(kind: str, name: object, allowed: Iterable[str]) -> KeyError:
-    """The KeyError for a name that is not one of `allowed`, with close matches when there are any."""
-    allowed = list(allowed)
+def unknown_name_message(kind: str, name: object, allowed: Iterable[str]) -> str:
+    """ "unknown <kind> 'x'; did you mean 'y'? (allowed: a, b)": the one wording of a lookup miss."""
+    allowed = [str(a) for a in allowed]
     close = difflib.get_close_matches(str(name), allowed, n=3, cutoff=0.4)
     hint = f"; did you mean {' or '.join(map(repr, close))}?" if close else ""
-    return KeyError(f"unknown {kind} {name!r}{hint} (allowed: {', '.join(allowed)})")
+    return f"unknown {kind} {name!r}{hint} (allowed: {', '.join(allowed)})"
+
+
+def unknown_name(kind: str, name: object, allowed: Iterable[str]) -> KeyError:
+    """The KeyError for a name that is not one of `allowed`, with close matches when there are any."""
+    return KeyError(unknown_name_message(kind, name, allowed))
 
 
 class Registry(Generic[T]):

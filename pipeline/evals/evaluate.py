@@ -12,6 +12,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from kernels.registry import unknown_name_message
 from pipeline.evals.perplexity import check_perplexity_spec, perplexity_metrics, tokenize_text
 from pipeline.evals.tasks import OFFLINE_TASKS
 from pipeline.models.architectures import UNPACKABLE
@@ -70,7 +71,7 @@ def check_eval_spec(spec: EvalSpec) -> None:
     if spec.batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {spec.batch_size}")
     if spec.scorer not in SCORERS:
-        raise ValueError(f"scorer {spec.scorer!r} unknown; allowed: {', '.join(map(repr, SCORERS))}")
+        raise ValueError(unknown_name_message("eval.scorer", spec.scorer, SCORERS))
     if spec.compile not in (None, True, False):
         raise ValueError(f"compile must be true, false or null (auto), got {spec.compile!r}")
     if spec.limit is not None and spec.limit < 1:

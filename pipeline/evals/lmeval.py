@@ -14,13 +14,13 @@ values straight from the log-likelihoods instead of `evaluate`, for suites it ca
 
 from __future__ import annotations
 
-import difflib
 import logging
 import math
 import re
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from kernels.registry import unknown_name_message
 from pipeline.evals.tasks import OFFLINE_TASKS, TASKS_DIR
 from pipeline.specs import MetricValue
 
@@ -66,10 +66,10 @@ def check_task_names(names: tuple[str, ...]) -> None:
         if name in OFFLINE_TASKS:
             continue
         if not _named_in_lm_eval_yaml(name) or name not in _lm_eval_task_names():
-            close = difflib.get_close_matches(name, list(OFFLINE_TASKS), n=3)
             raise KeyError(
-                f"unknown lm-eval task {name!r}; offline tasks: {sorted(OFFLINE_TASKS)}"
-                + (f"; did you mean {close}?" if close else "")
+                unknown_name_message("lm-eval task", name, sorted(OFFLINE_TASKS)).replace(
+                    "(allowed:", "(offline tasks:"
+                )
                 + "; other names must be tasks, groups or tags registered by lm-eval"
             )
 
@@ -118,7 +118,7 @@ def make_scorer(
         from pipeline.evals.fastscore import FastScorer
 
         return FastScorer(model, tokenizer, batch_size)
-    raise ValueError(f"scorer {scorer!r} unknown; allowed: 'hflm', 'fast'")
+    raise ValueError(unknown_name_message("eval.scorer", scorer, ("hflm", "fast")))
 
 
 def _reuse_requests(task: Task) -> None:

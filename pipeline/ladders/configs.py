@@ -13,6 +13,8 @@ import json
 from dataclasses import dataclass
 from typing import Literal
 
+from kernels.registry import unknown_name, unknown_name_message
+
 SCHEMA_VERSION = 1
 LADDER_PREFIX = "ladder:"  # sweeps name ladders `ladder:<name>[/<size>]`; results label members so
 ARCHITECTURES = ("llama",)
@@ -109,10 +111,10 @@ class LadderConfig:
                 return size
         if name_or_index.lstrip("-").isdigit() and -len(self.sizes) <= int(name_or_index) < len(self.sizes):
             return self.sizes[int(name_or_index)]
-        known = ", ".join(size.name for size in self.sizes)
+        sizes = [size.name for size in self.sizes]
         raise KeyError(
-            f"ladder {self.name!r} has no size {name_or_index!r}; known sizes: {known} "
-            f"(or an index 0..{len(self.sizes) - 1})"
+            unknown_name_message(f"size of ladder {self.name!r}", name_or_index, sizes)
+            + f" (or an index 0..{len(self.sizes) - 1})"
         )
 
 
@@ -214,5 +216,5 @@ LADDERS: dict[str, LadderConfig] = {
 def get_ladder(name: str) -> LadderConfig:
     """The registered ladder `name`; KeyError lists the known ones."""
     if name not in LADDERS:
-        raise KeyError(f"unknown ladder {name!r}; known ladders: {', '.join(sorted(LADDERS))}")
+        raise unknown_name("ladder", name, sorted(LADDERS))
     return LADDERS[name]

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from kernels.registry import unknown_name_message
 from pipeline.specs import ModelRef
 
 if TYPE_CHECKING:
@@ -28,7 +29,9 @@ HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 def check_model_ref(ref: ModelRef) -> None:
     """Cheap validation before any job runs: dtype known, local path present or a hub id."""
     if ref.torch_dtype != "auto" and ref.torch_dtype not in TORCH_DTYPES:
-        raise ValueError(f"torch_dtype {ref.torch_dtype!r} unknown; allowed: 'auto', {sorted(TORCH_DTYPES)}")
+        raise ValueError(
+            unknown_name_message("torch_dtype", ref.torch_dtype, ["auto", *sorted(TORCH_DTYPES)])
+        )
     path = Path(ref.name_or_path).expanduser()
     if path.exists():
         if not path.is_dir():
@@ -77,7 +80,7 @@ def resolve_torch_dtype(torch_dtype: str, device: str) -> torch.dtype:
     if torch_dtype == "auto":
         return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
     if torch_dtype not in TORCH_DTYPES:
-        raise ValueError(f"torch_dtype {torch_dtype!r} unknown; allowed: 'auto', {sorted(TORCH_DTYPES)}")
+        raise ValueError(unknown_name_message("torch_dtype", torch_dtype, ["auto", *sorted(TORCH_DTYPES)]))
     return TORCH_DTYPES[torch_dtype]
 
 

@@ -116,7 +116,7 @@ def test_baseline_and_restore_reproduce_metrics_exactly(tiny_model_dir, data_roo
         ({"batch_size": 0}, ValueError, "batch_size"),
         ({"limit": 0}, ValueError, "limit"),
         ({"tasks": ("piqa", "piqa")}, ValueError, "duplicate"),
-        ({"tasks": ("hellaswagg",)}, KeyError, "did you mean \\['hellaswag'\\]"),
+        ({"tasks": ("hellaswagg",)}, KeyError, "did you mean 'hellaswag'"),
         ({"tasks": ("no_such_task_xyz",)}, KeyError, "offline tasks"),
         ({"perplexity": (ppl_spec(path="eval/missing.txt"),)}, ValueError, "missing.txt"),
         ({"perplexity": (ppl_spec(context_length=1),)}, ValueError, "context_length"),

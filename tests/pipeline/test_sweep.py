@@ -196,7 +196,10 @@ BAD_INPUTS = [
     (["quant.outlier_fraction=1.5"], "outlier_fraction"),
     (["model=ladder/tiny", "model.name_or_path=ladder:nope"], "nope"),
     (["study=../escape"], "study"),
-    (["eval.scorer=fastest"], "scorer 'fastest' unknown; allowed: 'hflm', 'fast'"),
+    (
+        ["eval.scorer=fastest"],
+        "unknown eval.scorer 'fastest'; did you mean 'fast'? (allowed: hflm, fast)",
+    ),
     (["eval=paper"], "context_length=1024 exceeds"),  # the test model has 512 positions (config.json)
 ]
 
