@@ -22,6 +22,7 @@ from analysis.errors import AnalysisError
 from analysis.metrics import check_metric, default_loss, default_metric
 from analysis.render import Block, Section, figure_names, render_html, render_markdown
 from analysis.sections import (
+    METHODS_TITLE,
     N_BOOT,
     Study,
     answer_section,
@@ -31,6 +32,8 @@ from analysis.sections import (
     fixed_precision_section,
     gaps_section,
     guarded,
+    has_methods,
+    methods_section,
     optimality_section,
     optimality_table,
     pareto_section,
@@ -122,6 +125,7 @@ def build_sections(study: Study) -> list[Section]:
         guarded("Pareto front", lambda: pareto_section(study)),
         guarded("Data type and block size", lambda: fixed_precision_section(study)),
         guarded("Proxy quantization at 3 and 4 bits", lambda: proxy_section(study)),
+        *([guarded(METHODS_TITLE, lambda: methods_section(study))] if has_methods(study) else []),
         guarded("Failed jobs", lambda: failures_section(study)),
     ]
     return [answer_section(study, table, reason), gaps_section(body), *body]

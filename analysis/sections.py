@@ -17,6 +17,7 @@ from analysis.compare import default_fixed_bits, dtype_block_table, proxy_effect
 from analysis.curves import check_sizes, curve_points
 from analysis.errors import AnalysisError
 from analysis.fits import FitResult, fit_law, interpolation_loo
+from analysis.methods import method_pairs, method_summary
 from analysis.metrics import higher_is_better, metric_label, split_variant, variant_columns
 from analysis.optimality import best_per_bits, bit_optimality
 from analysis.pareto import pareto_front
@@ -255,6 +256,33 @@ def proxy_section(study: Study) -> Section:
         Block(figure=plot_proxy_effect(pairs, label), name="proxy"),
     )
     return Section("Proxy quantization at 3 and 4 bits", blocks)
+
+
+METHODS_TITLE = "Methods against round-to-nearest at 3 and 4 bits"
+
+
+def has_methods(study: Study) -> bool:
+    """Whether the study holds a method other than rtn (only then does the report compare methods)."""
+    if study.tidy is None or "method" not in study.tidy:
+        return False
+    return bool((~study.tidy["method"].isin(["rtn", "none"])).any())
+
+
+def methods_section(study: Study) -> Section:
+    """Each method other than rtn against rtn per data type x block size at 3 and 4 bits, paired by model."""
+    tidy = study.require_tidy()
+    assert study.metric is not None
+    pairs = method_pairs(tidy, study.metric, bits=(3, 4))
+    blocks = (
+        Block(
+            text=f"{metric_label(study.metric)}: each job matched with the rtn job of the same model and "
+            "recipe (scored on the same tokens); gain: signed so that positive means the method is better."
+        ),
+        Block(
+            table=method_summary(pairs), name="Mean over models per method, bits, data type and block size"
+        ),
+    )
+    return Section(METHODS_TITLE, blocks)
 
 
 def failures_section(study: Study) -> Section:
