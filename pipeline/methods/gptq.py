@@ -18,6 +18,7 @@ Same-shaped matrices (across layers) are solved together in batches of at most `
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import dataclass
 from typing import Any
 
@@ -75,7 +76,8 @@ def quantize_(request: QuantizeRequest) -> None:
         raise ValueError("quant.method='gptq' needs calibration tokens (quant.calibration.source)")
     from pipeline.models.compile import eager_layers
 
-    device = _hessian_device(request.model, params.hessian_device)
+    need = hessian_bytes(request.weights) if params.hessians == "shared" else 0
+    device = _hessian_device(request.model, params.hessian_device, need)
     with eager_layers(request.model):
         _quantize_eagerly(request, params, device)
     _check_finite(request.weights)
@@ -93,11 +95,44 @@ def _quantize_eagerly(request: QuantizeRequest, params: GPTQParams, device: torc
         _sequential_(request, params, device)
 
 
-def _hessian_device(model: nn.Module, setting: str) -> torch.device:
+def hessian_bytes(weights: dict[str, Tensor]) -> int:
+    """An upper bound on the shared Hessians' float32 bytes: in² × 4 per matrix (layers that share an
+    input share one H, so the real figure is lower: q/k/v count three times here)."""
+    return sum(4 * view.shape[1] ** 2 for view in weights.values())
+
+
+def choose_hessian_device(setting: str, model_device: str, need: int, free_gpu: int, free_host: int) -> str:
+    """Where the shared Hessians go: the model's GPU if they fit in 80% of its free memory ("auto"),
+    else the host; an explicit device that cannot hold them is refused with what to change.
+
+    Raises:
+        ValueError: naming the bytes needed and free, and the settings that would fit.
+    """
+    gib = 2**30
+    fits_gpu, fits_host = need <= 0.8 * free_gpu, need <= 0.8 * free_host
+    if setting == "auto":
+        if model_device != "cpu" and fits_gpu:
+            return model_device
+        if fits_host:
+            return "cpu"
+    elif (setting == "cpu" and fits_host) or (setting == "cuda" and fits_gpu):
+        return model_device if setting == "cuda" else "cpu"
+    raise ValueError(
+        f"gptq shared Hessians need up to {need / gib:.1f} GiB; free: {free_gpu / gib:.1f} GiB on the GPU, "
+        f"{free_host / gib:.1f} GiB on the host (hessian_device={setting!r}); use "
+        "quant.params.hessians=sequential (one block's Hessians at a time) or a device with more memory"
+    )
+
+
+def _hessian_device(model: nn.Module, setting: str, need: int) -> torch.device:
     model_device = next(model.parameters()).device
     if setting == "cuda" and not torch.cuda.is_available():
         raise ValueError("gptq hessian_device='cuda' but no CUDA device is visible; use 'auto' or 'cpu'")
-    return model_device if setting == "auto" else torch.device(setting)
+    free_gpu = torch.cuda.mem_get_info(model_device)[0] if model_device.type == "cuda" else 0
+    free_host = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    where = "cuda" if model_device.type == "cuda" else "cpu"
+    chosen = choose_hessian_device(setting, where, need, free_gpu, free_host)
+    return model_device if chosen == "cuda" else torch.device("cpu")
 
 
 @torch.no_grad()

@@ -195,3 +195,31 @@ def test_calibration_passes_run_compiled_blocks_eagerly(tiny_model_dir: Path, to
         linear_weights(compiled).items(), linear_weights(reference).values(), strict=True
     ):
         assert torch.equal(a, b), name
+
+
+@pytest.mark.parametrize(
+    ("setting", "model_device", "need", "free_gpu", "free_host", "expected"),
+    [
+        ("auto", "cuda", 10, 100, 100, "cuda"),
+        ("auto", "cuda", 90, 100, 1000, "cpu"),  # does not fit beside the model: the host holds them
+        ("auto", "cpu", 10, 0, 100, "cpu"),
+        ("cpu", "cuda", 10, 100, 100, "cpu"),
+        ("cuda", "cuda", 10, 100, 0, "cuda"),
+    ],
+)
+def test_hessians_go_where_they_fit(setting, model_device, need, free_gpu, free_host, expected):
+    from pipeline.methods.gptq import choose_hessian_device
+
+    assert choose_hessian_device(setting, model_device, need, free_gpu, free_host) == expected
+
+
+def test_hessians_that_fit_nowhere_name_the_sizes_and_the_remedy():
+    from pipeline.methods.gptq import choose_hessian_device
+
+    gib = 2**30
+    with pytest.raises(
+        ValueError, match=r"need up to 41\.0 GiB; free: 20\.0 GiB on the GPU.*hessians=sequential"
+    ):
+        choose_hessian_device("auto", "cuda", 41 * gib, 20 * gib, 30 * gib)
+    with pytest.raises(ValueError, match="hessian_device='cuda'"):
+        choose_hessian_device("cuda", "cuda", 41 * gib, 20 * gib, 300 * gib)
