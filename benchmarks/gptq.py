@@ -141,7 +141,7 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     for dtype, bits, block in [c for c in CONFIGS if c[0] in args.dtypes.split(",")]:
         recipe = Recipe(method="gptq", dtype=dtype, bits=bits, block_size=block, calibration=spec)
-        key = ("gptq-hessians", spec, tuple(weights), str(device))
+        key = gptq_module.hessian_key(recipe, weights)
 
         def solve(r: Recipe = recipe, k: tuple[Any, ...] = key) -> None:
             restore_weights_(model, snapshot)
@@ -160,7 +160,7 @@ def main(argv: list[str] | None = None) -> int:
     recipe = Recipe(
         method="gptq", dtype=CONFIGS[0][0], bits=CONFIGS[0][1], block_size=CONFIGS[0][2], calibration=spec
     )
-    key = ("gptq-hessians", spec, tuple(weights), str(device))
+    key = gptq_module.hessian_key(recipe, weights)
     naive["solve_s"] = timed(lambda: quantize_model_(model, recipe, {key: hessians}, tokens), sync)
     gptq_module.SOLVE_BYTES = saved
     result["solves"] = rows

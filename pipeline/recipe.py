@@ -131,9 +131,7 @@ class Recipe:
 
     def plain(self) -> dict[str, Any]:
         """JSON-able fields (params as a dict): what the job key hashes."""
-        fields = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
-        calibration = None if self.calibration is None else dataclasses.asdict(self.calibration)
-        return {**fields, "params": dict(self.params), "calibration": calibration}
+        return {**dataclasses.asdict(self), "params": dict(self.params)}
 
 
 _BASELINE_FIELDS: dict[str, Any] = {

@@ -39,6 +39,7 @@ from pipeline.config import (
 from pipeline.jobs import Job, ModelSource, build_jobs, group_by_model, split_by_study
 from pipeline.ladders.configs import LADDER_PREFIX
 from pipeline.progress import Progress
+from pipeline.recipe import BASELINE_BITS
 from pipeline.results import STATUS_OK, job_status
 from pipeline.specs import ModelRef
 from pipeline.sweep import ConfigError, expand, plan_sweep
@@ -177,7 +178,7 @@ def _check_calibration(cell: Config) -> list[str]:
     from pipeline.methods import METHODS
     from pipeline.models import max_positions
 
-    if cell.quant.method not in METHODS or cell.quant.bits == 16:
+    if cell.quant.method not in METHODS or cell.quant.bits == BASELINE_BITS:
         return []  # reported by the quant check; the baseline calibrates nothing
     spec = to_spec(cell.quant.calibration, CalibrationSpec)
     texts = [p.path for p in cell.eval.perplexity]

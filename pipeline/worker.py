@@ -271,8 +271,9 @@ class ModelWorker:
             return None
         if spec not in self._calibration:
             from pipeline.calibration import calibration_tokens
+            from pipeline.models.loading import config_positions
 
-            positions = getattr(self._model.config, "max_position_embeddings", None)
+            positions = config_positions(self._model.config.to_dict())
             self._calibration[spec] = calibration_tokens(
                 spec, self._tokenizer, Path(job.evals.data_root), positions
             )

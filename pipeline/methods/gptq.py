@@ -76,23 +76,29 @@ def quantize_(request: QuantizeRequest) -> None:
         raise ValueError("quant.method='gptq' needs calibration tokens (quant.calibration.source)")
     from pipeline.models.compile import eager_layers
 
-    need = hessian_bytes(request.weights) if params.hessians == "shared" else 0
-    device = _hessian_device(request.model, params.hessian_device, need)
     with eager_layers(request.model):
-        _quantize_eagerly(request, params, device)
+        if params.hessians == "shared":
+            solve_(request.weights, request.keep, _shared_hessians(request, params), request.recipe, params)
+        else:
+            _sequential_(request, params, _hessian_device(request.model, params.hessian_device, 0))
     _check_finite(request.weights)
 
 
-def _quantize_eagerly(request: QuantizeRequest, params: GPTQParams, device: torch.device) -> None:
-    assert request.calibration is not None
-    if params.hessians == "shared":
-        key = ("gptq-hessians", request.calibration_key, tuple(request.weights), str(device))
-        if key not in request.cache:
-            request.cache.clear()  # one set of Hessians per model at a time: they are large
-            request.cache[key] = collect_hessians(request.model, request.weights, request.calibration, device)
-        solve_(request.weights, request.keep, request.cache[key], request.recipe, params)
-    else:
-        _sequential_(request, params, device)
+def _shared_hessians(request: QuantizeRequest, params: GPTQParams) -> Hessians:
+    """The 16-bit model's Hessians, collected at a model's first job and kept in the worker's cache."""
+    key = hessian_key(request.recipe, request.weights)
+    if key not in request.cache:
+        assert request.calibration is not None
+        device = _hessian_device(request.model, params.hessian_device, hessian_bytes(request.weights))
+        request.cache.clear()  # one set of Hessians per model at a time: they are large
+        request.cache[key] = collect_hessians(request.model, request.weights, request.calibration, device)
+    return request.cache[key]
+
+
+def hessian_key(recipe: Any, weights: dict[str, Tensor]) -> tuple[Any, ...]:
+    """What shared Hessians depend on: the calibration, the weights in scope, the device asked for."""
+    params = GPTQParams(**dict(recipe.params))
+    return ("gptq-hessians", recipe.calibration, tuple(weights), params.hessian_device)
 
 
 def hessian_bytes(weights: dict[str, Tensor]) -> int:
@@ -158,6 +164,7 @@ def _solve_batch_(
     recipe: Any,
     params: GPTQParams,
 ) -> None:
+    from kernels import CODEBOOKS
     from kernels.blockwise import levels_for
     from kernels.gptq import Codebooks, GPTQSettings, gptq_quantize
 
@@ -170,7 +177,7 @@ def _solve_batch_(
     ]
     hs = [_restrict(hessians.of(n), cols).to(device) for n, cols in zip(names, columns, strict=True)]
     settings = GPTQSettings(params.damp, params.lazy_block, params.act_order)
-    if spec.dtype == "quantile":  # one codebook per matrix, each from that matrix's original weights
+    if CODEBOOKS[spec.dtype].data_dependent:  # one codebook per matrix, from its original weights
         levels: Any = Codebooks.stack([levels_for(w, spec) for w in ws])
     else:
         levels = levels_for(ws[0], spec)

@@ -39,7 +39,6 @@ class QuantizeRequest:
         cache: per-model state the worker keeps across jobs of one model (e.g. Hessians); empty after a
             model load. A method must key what it stores by everything the stored value depends on.
         calibration: int64 [n_samples, seq_len] calibration token windows (methods that need them).
-        calibration_key: what identifies those windows (for cache keys): the recipe's calibration spec.
     """
 
     model: nn.Module
@@ -48,7 +47,6 @@ class QuantizeRequest:
     recipe: Recipe
     cache: dict[Any, Any] = field(default_factory=dict)
     calibration: Tensor | None = None
-    calibration_key: Any = None
 
 
 WeightBits = Callable[["QuantSpec", tuple[int, ...], int], int]

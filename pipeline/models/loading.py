@@ -68,7 +68,11 @@ def max_positions(name_or_path: str) -> int | None:
             return parse_ladder_ref(name_or_path)[0].seq_len
         except (KeyError, ValueError):
             return None  # preflight reports the bad reference itself
-    fields = local_config(name_or_path) or {}
+    return config_positions(local_config(name_or_path) or {})
+
+
+def config_positions(fields: dict[str, Any]) -> int | None:
+    """The positions a model config names (`max_position_embeddings`, or GPT-2's `n_positions`)."""
     for key in ("max_position_embeddings", "n_positions"):
         if isinstance(fields.get(key), int):
             return fields[key]

@@ -50,9 +50,7 @@ def quantize_model_(
     keep = outlier_columns(model, recipe.outlier_fraction)
     if method.needs_calibration and calibration is None:
         raise ValueError(f"quant.method={recipe.method!r} needs calibration token windows")
-    request = QuantizeRequest(
-        model, weights, keep, recipe, {} if cache is None else cache, calibration, recipe.calibration
-    )
+    request = QuantizeRequest(model, weights, keep, recipe, {} if cache is None else cache, calibration)
     method.quantize_(request)
     report = count_bits(total, weights, keep, recipe, method.weight_bits)
     if calibration is None or recipe.calibration is None:
