@@ -23,6 +23,8 @@
 # Fourth session (one H200, GPTQ):
 #   bash benchmarks/gpu_session.sh gptq        # GPU tests, benchmarks/gptq.py at the 410M and 1.4B shapes
 #   bash benchmarks/gpu_session.sh gptq-study  # h100 ladder (three processes on the one GPU), sweeps/gptq.yaml
+# Fifth session (one H200):
+#   bash benchmarks/gpu_session.sh gptq-1.4b   # benchmarks/gptq.py at the 1.4B shape, quantile included
 #
 # Needs (see ../shared/device/README.md): .whl/site.tar.xz (Ray, Hydra, lm-eval) and .carry/data (a copy
 # of ../shared/data), both carried. Everything stops by $BUDGET seconds (default 550) so that a 600 s
@@ -232,6 +234,12 @@ gptq-study)
     echo "gptq 1.4b exit $?"; grep -v -i -E "warn|it/s" "$OUT/gptq-1.4b.log" | tail -14
   fi
   ;;
-*) echo "unknown phase $phase; use study, resume, final, after, tune, retuned, heldout, compile, gptq or gptq-study" >&2; exit 2 ;;
+gptq-1.4b)
+  # fifth session: the 1.4B shape alone in its own call (building it took most of a shared call before)
+  timeout $(($(left) - 10)) python3 benchmarks/gptq.py --shape pythia-1.4b --device cuda --data-root .carry/data \
+    --dtypes ${DTYPES:-int,nf,fp,quantile} --jobs 2 --out "$OUT/gptq-h200-pythia-1.4b.json" >"$OUT/gptq-1.4b.log" 2>&1
+  echo "gptq 1.4b exit $?"; grep -v -i -E "warn|it/s" "$OUT/gptq-1.4b.log" | tail -30
+  ;;
+*) echo "unknown phase $phase; use study, resume, final, after, tune, retuned, heldout, compile, gptq, gptq-study or gptq-1.4b" >&2; exit 2 ;;
 esac
 echo "phase $phase done in $((SECONDS - start)) s"

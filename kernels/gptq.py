@@ -143,18 +143,36 @@ class Codebooks:
         return cls(torch.stack([lv.values for lv in levels]), torch.stack([lv.mids for lv in levels]))
 
 
-def quantize_column(x: Tensor, ids: Tensor, scales: _Scales, levels: Levels | Codebooks) -> Tensor:
-    """The nearest codes of column values x [G, rows] in blocks `ids` ([rows] or [G, rows]), decoded."""
+@dataclass(frozen=True)
+class _Picked:
+    """The scales of one column's blocks, gathered: [G, rows] each."""
+
+    scale: Tensor
+    inv: Tensor
+    absmax: Tensor
+    mean: Tensor | None
+
+
+def _pick(scales: _Scales, ids: Tensor) -> _Picked:
     pick = (lambda t: t[:, ids]) if ids.dim() == 1 else (lambda t: torch.gather(t, 1, ids))
     mean = None if scales.mean is None else pick(scales.mean)
-    centered = x if mean is None else x - mean
-    normalized = (centered * pick(scales.scale)) * pick(scales.inv)
+    return _Picked(pick(scales.scale), pick(scales.inv), pick(scales.absmax), mean)
+
+
+def _quantize_picked(x: Tensor, picked: _Picked, levels: Levels | Codebooks) -> Tensor:
+    centered = x if picked.mean is None else x - picked.mean
+    normalized = (centered * picked.scale) * picked.inv
     if isinstance(levels, Codebooks):  # per matrix: searchsorted counts mids < x, as bucketize does
         codes = torch.searchsorted(levels.mids, normalized.contiguous())
-        q = torch.gather(levels.values, 1, codes) * pick(scales.absmax)
+        q = torch.gather(levels.values, 1, codes) * picked.absmax
     else:
-        q = levels.values[torch.bucketize(normalized, levels.mids, out_int32=True)] * pick(scales.absmax)
-    return q if mean is None else q + mean
+        q = levels.values[torch.bucketize(normalized, levels.mids, out_int32=True)] * picked.absmax
+    return q if picked.mean is None else q + picked.mean
+
+
+def quantize_column(x: Tensor, ids: Tensor, scales: _Scales, levels: Levels | Codebooks) -> Tensor:
+    """The nearest codes of column values x [G, rows] in blocks `ids` ([rows] or [G, rows]), decoded."""
+    return _quantize_picked(x, _pick(scales, ids), levels)
 
 
 def gptq_quantize(
@@ -185,12 +203,16 @@ def gptq_quantize(
         return _act_order(w, h, levels, size, centering, settings, scales, row_base)
     u, dead = inverse_factor(h.to(torch.float32), settings.damp)
     w.masked_fill_(dead[:, None, :], 0.0)
-    starts = block_starts(rows, cols, size).to(w.device)
+    starts = block_starts(rows, cols, size)
+    host_rows = torch.arange(rows, dtype=torch.int64) * cols
     for i1, i2 in _batches(cols, settings.lazy_block, starts):
-        begin = torch.nonzero(starts == i1).flatten()
+        begin = torch.nonzero(starts == i1).flatten().to(w.device)
         if begin.numel():
             scales.set(begin, *block_scales(w, begin, size, centering))
-        _solve_batch(w, u, i1, i2, lambda j: (row_base + j) // size, scales, levels)
+        # one gather of the scales per batch when no block boundary falls inside it (every layout
+        # but blocks that wrap from one row into the next): the loop below is launch-bound
+        fixed = torch.equal((host_rows + i1) // size, (host_rows + i2 - 1) // size)
+        _solve_batch(w, u, i1, i2, lambda j: (row_base + j) // size, scales, levels, fixed)
     return w
 
 
@@ -208,14 +230,19 @@ def _solve_batch(
     block_ids: Callable[[int], Tensor],
     scales: _Scales,
     levels: Levels | Codebooks,
+    fixed: bool = False,
 ) -> None:
-    """Quantize columns i1..i2 of w in place (w holds q there after), then push their error right."""
+    """Quantize columns i1..i2 of w in place (w holds q there after), then push their error right.
+
+    `fixed`: every column of the batch lies in the same blocks (their scales are gathered once).
+    """
     w1 = w[:, :, i1:i2].clone()
     err = torch.zeros_like(w1)
     u1 = u[:, i1:i2, i1:i2]
+    picked = _pick(scales, block_ids(i1)) if fixed else None
     for i in range(i2 - i1):
         x = w1[:, :, i]
-        q = quantize_column(x, block_ids(i1 + i), scales, levels)
+        q = _quantize_picked(x, picked if picked is not None else _pick(scales, block_ids(i1 + i)), levels)
         e = (x - q) / u1[:, i, i][:, None]
         w1[:, :, i:] -= e[:, :, None] * u1[:, None, i, i:]
         w1[:, :, i] = q

@@ -141,6 +141,15 @@ def _hessian_device(model: nn.Module, setting: str, need: int) -> torch.device:
     return model_device if chosen == "cuda" else torch.device("cpu")
 
 
+def solve_bytes(device: torch.device) -> int:
+    """Bytes of H solved in one batch: `SOLVE_BYTES`, or a tenth of the GPU's free memory where that is
+    more (a batch's solve holds about five copies of its H: H, its damped clone, the factor, the inverse
+    and U). Fewer, larger batches matter: the column loop is launch-bound, so its cost is per batch."""
+    if device.type != "cuda":
+        return SOLVE_BYTES
+    return max(SOLVE_BYTES, torch.cuda.mem_get_info(device)[0] // 10)
+
+
 @torch.no_grad()
 def solve_(
     weights: dict[str, Tensor], keep: dict[str, Tensor], hessians: Hessians, recipe: Any, params: GPTQParams
@@ -150,8 +159,9 @@ def solve_(
     for name, view in weights.items():
         n_keep = 0 if keep.get(name) is None else keep[name].numel()
         batches.setdefault((view.shape[0], view.shape[1] - n_keep, view.dtype), []).append(name)
+    budget = solve_bytes(next(iter(weights.values())).device)
     for (_, cols, _), names in batches.items():
-        per_batch = max(1, SOLVE_BYTES // (cols * cols * 4))
+        per_batch = max(1, budget // (cols * cols * 4))
         for start in range(0, len(names), per_batch):
             _solve_batch_(names[start : start + per_batch], weights, keep, hessians, recipe, params)
 
