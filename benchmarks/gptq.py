@@ -138,7 +138,7 @@ def main(argv: list[str] | None = None) -> int:
     rate = float32_rate(args.device)
     result["float32_flops"] = rate
     floor_s = solve_flops(weights, {}) / rate
-    rows = []
+    rows: list[dict[str, Any]] = []
     for dtype, bits, block in [c for c in CONFIGS if c[0] in args.dtypes.split(",")]:
         recipe = Recipe(method="gptq", dtype=dtype, bits=bits, block_size=block, calibration=spec)
         key = gptq_module.hessian_key(recipe, weights)
@@ -155,14 +155,14 @@ def main(argv: list[str] | None = None) -> int:
             {"config": recipe.name, "solve_s": seconds, "floor_s": floor_s, "of_floor": floor_s / seconds}
         )
     naive = dict(rows[0])
-    saved = gptq_module.SOLVE_BYTES
-    gptq_module.SOLVE_BYTES = 1  # one matrix a batch: the reference implementation's way
+    saved = gptq_module.solve_bytes
+    gptq_module.solve_bytes = lambda device: 1  # one matrix a batch: the reference implementation's way
     recipe = Recipe(
         method="gptq", dtype=CONFIGS[0][0], bits=CONFIGS[0][1], block_size=CONFIGS[0][2], calibration=spec
     )
     key = gptq_module.hessian_key(recipe, weights)
     naive["solve_s"] = timed(lambda: quantize_model_(model, recipe, {key: hessians}, tokens), sync)
-    gptq_module.SOLVE_BYTES = saved
+    gptq_module.solve_bytes = saved
     result["solves"] = rows
     checkpoint(args.out, result)
     result["naive_one_matrix_at_a_time_s"] = naive["solve_s"]
