@@ -21,14 +21,17 @@ from analysis.tidy import BASELINE_SETTING
 log = logging.getLogger(__name__)
 
 CURVE_KEYS: tuple[str, ...] = ("model_family", "setting", "curve", "bits")
-POINT_COLUMNS: tuple[str, ...] = (*CURVE_KEYS, "n_params", "total_model_bits", "log2_bits", "value", "se")
+POINT_COLUMNS: tuple[str, ...] = (
+    *CURVE_KEYS, "n_params", "n_quantized_params", "total_model_bits", "log2_bits", "value", "se", "job_keys",
+)  # fmt: skip
 
 
 def curve_points(tidy: pd.DataFrame, metric: str) -> pd.DataFrame:
     """The points of every scaling curve: one row per (curve, model size) with `value` and `se`.
 
-    Jobs of the same curve and size (repeats) are averaged. `se` is the metric's standard error
-    where the results carry one, else NaN.
+    Jobs of the same curve and size (repeats, seeds) are averaged; `job_keys` names them (a tuple), so
+    paired replicates (`analysis.units.JobDraws.for_groups`) can be averaged the same way. `se` is the
+    metric's standard error where the results carry one, else NaN.
 
     Raises:
         AnalysisError: `metric` has no values.
@@ -39,8 +42,9 @@ def curve_points(tidy: pd.DataFrame, metric: str) -> pd.DataFrame:
     rows = rows[rows["total_model_bits"] > 0]
     keys = [*CURVE_KEYS, "n_params"]
     points = rows.groupby(keys, dropna=False, sort=True).agg(
-        total_model_bits=("total_model_bits", "mean"), value=("value", "mean"), se=("se", "mean")
-    )
+        n_quantized_params=("n_quantized_params", "mean"), total_model_bits=("total_model_bits", "mean"),
+        value=("value", "mean"), se=("se", "mean"), job_keys=("job_key", tuple),
+    )  # fmt: skip
     points = points.reset_index()
     points["log2_bits"] = np.log2(points["total_model_bits"])
     return points[list(POINT_COLUMNS)].sort_values([*CURVE_KEYS, "log2_bits"]).reset_index(drop=True)

@@ -2,7 +2,8 @@
 
 Column names: `mean_acc` (mean zero-shot accuracy), `acc_<task>`, and for every perplexity text
 set `ppl_<set>` (perplexity), `ce_<set>` (cross-entropy, nats per token), `bpb_<set>` (bits per
-byte). The standard error of a column, where known, is in `<column>_se`.
+byte) and `kl_<set>` (mean per-token KL divergence from the 16-bit model, nats). The standard
+error of a column, where known, is in `<column>_se`.
 
 A task measured under more than one evaluation variant in one study (perplexity context / stride /
 max_tokens, or lm-eval scorer / example limit) gets one column per variant, named
@@ -27,8 +28,10 @@ PREFIX_LABELS = {
     "ppl_": "perplexity",
     "ce_": "cross-entropy (nats/token)",
     "bpb_": "bits per byte",
+    "kl_": "KL to the 16-bit model (nats/token)",
 }
-LOWER_IS_BETTER_PREFIXES = ("ppl_", "ce_", "bpb_")
+LOWER_IS_BETTER_PREFIXES = ("ppl_", "ce_", "bpb_", "kl_")
+NATS_PREFIXES = ("ce_", "kl_")  # metrics in nats per token
 
 
 def se_column(metric: str) -> str:
@@ -76,6 +79,11 @@ def metric_label(metric: str) -> str:
         if metric.startswith(prefix):
             return f"{label} ({metric[len(prefix) :]})"
     raise AnalysisError(f"unknown metric {metric!r}")
+
+
+def metric_unit(metric: str) -> str:
+    """The unit a difference of `metric` is in, for sentences: 'nats' for cross-entropy and KL, else ''."""
+    return "nats" if split_variant(metric)[0].startswith(NATS_PREFIXES) else ""
 
 
 def metric_columns(tidy: pd.DataFrame) -> list[str]:

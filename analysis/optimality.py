@@ -1,11 +1,18 @@
-"""The bit-optimal precision per memory budget, and how sure we are of it.
+"""The bit-optimal precision per memory budget, and whether the data decide it.
 
 For a grid of memory budgets (total model bits) per model family, every curve (bit width +
-quantization setting) covering the budget is interpolated there (`analysis.curves`), the best one
-wins, and its margin over the runner-up is compared with a parametric bootstrap: each measured point
-is redrawn from Normal(value, se) and the whole interpolation repeated. `se` is the metric's own
-standard error where the results carry it, else the family's scatter around smooth curves
-(`residual_se`; a conservative stand-in: it includes any misfit as well as noise).
+quantization setting) covering the budget is interpolated there (`analysis.curves`) and the best one
+wins. Whether it wins decisively is a paired question: every configuration of a family was scored on
+the same text chunks and documents, so their noise is shared. Each curve point's paired bootstrap
+replicates (`analysis.units.JobDraws`: the same unit indices for every job) are interpolated exactly
+like the point, and a margin's CI is the percentile interval of the replicates' differences.
+
+Where the results carry no per-unit data (rows written before `unit_sums` existed) no CI is given:
+margins are point estimates, `paired_ci` is False and nothing is declared decisive. Independent noise
+per point (the previous approach) would be the wrong model for shared tokens, so it is not used.
+
+Per budget the table names the tie set (`tied_bits`): the winner's bit width and every other bit width
+whose best curve is not decisively worse; and whether the 16-bit baseline is dominated.
 """
 
 from __future__ import annotations
@@ -17,11 +24,13 @@ import pandas as pd
 
 from analysis.curves import CURVE_KEYS, interpolation_weights
 from analysis.errors import AnalysisError
+from analysis.paired import CI_LEVEL, interval
 
 log = logging.getLogger(__name__)
 
-CI_LEVEL = 0.95
+__all__ = ["CI_LEVEL", "best_per_bits", "bit_optimality", "budget_grid"]
 MIN_CANDIDATES = 2
+BASELINE_BITS = 16
 
 
 def budget_grid(points: pd.DataFrame, n_budgets: int = 12) -> dict[str, np.ndarray]:
@@ -35,64 +44,55 @@ def budget_grid(points: pd.DataFrame, n_budgets: int = 12) -> dict[str, np.ndarr
     return grid
 
 
-def fill_noise(points: pd.DataFrame) -> pd.DataFrame:
-    """Points with `se` filled where missing (see module doc) and `noise_source` saying from where."""
-    filled = points.copy()
-    filled["noise_source"] = np.where(filled["se"].notna(), "stderr", "fit residual")
-    if filled["se"].notna().all():
-        return filled
-    filled["se"] = filled["se"].fillna(filled["model_family"].map(residual_se(points)))
-    none = filled["se"].isna()
-    filled.loc[none, "noise_source"] = "none"
-    filled["se"] = filled["se"].fillna(0.0)
-    if none.any():
-        log.warning("no standard error and no fit residual for %d points: margins get no CI", int(none.sum()))
-    return filled
+def _family_draws(fam: pd.DataFrame, draws: np.ndarray | None) -> tuple[np.ndarray, bool]:
+    """(n_points, 1 + n_boot) draws of a family's points with column 0 the measured values, and whether
+    they are paired replicates (False: the values alone, when any point lacks units)."""
+    values = fam["value"].to_numpy(float)[:, None]
+    if draws is None or draws.shape[1] < 2:
+        return values, False
+    rows = draws[fam.index.to_numpy()]
+    if np.isnan(rows[:, 1:]).all(axis=1).any():
+        return values, False
+    return np.column_stack([values, rows[:, 1:]]), True
 
 
-def residual_se(points: pd.DataFrame) -> pd.Series:
-    """Per family, the scatter of points around smooth curves: the dof-corrected residual RMS of
-    value = a_k + b_k*x + c*x^2 (x = log2 bits; a line per bit width, curvature c shared per setting).
-
-    NaN for a family without residual degrees of freedom.
-    """
-    result = {}
-    for family, fam in points.groupby("model_family"):
-        ssr, dof = 0.0, 0
-        for _, group in fam.groupby("setting"):
-            x = group["log2_bits"].to_numpy() - group["log2_bits"].mean()
-            dummies = [(group["bits"] == k).to_numpy(float) for k in sorted(group["bits"].unique())]
-            design = np.column_stack([*dummies, *(d * x for d in dummies), x**2])
-            coef, *_ = np.linalg.lstsq(design, group["value"].to_numpy(), rcond=None)
-            ssr += float(np.sum((group["value"].to_numpy() - design @ coef) ** 2))
-            dof += len(group) - np.linalg.matrix_rank(design)
-        result[family] = np.sqrt(ssr / dof) if dof > 0 else np.nan
-    return pd.Series(result, dtype=float)
+def _interpolated(
+    fam: pd.DataFrame, fam_draws: np.ndarray, budgets: np.ndarray
+) -> tuple[pd.DataFrame, np.ndarray]:
+    """(curves, values): values[c, j, d] is curve c at budget j in draw d (d=0: measured values)."""
+    at = np.log2(budgets)
+    curves, values = [], []
+    for keys, curve in fam.groupby(list(CURVE_KEYS), sort=True):
+        weights = interpolation_weights(curve["log2_bits"].to_numpy(), at)
+        values.append(weights @ fam_draws[fam.index.get_indexer(curve.index)])
+        curves.append(dict(zip(CURVE_KEYS, keys, strict=True)))
+    return pd.DataFrame(curves), np.stack(values)
 
 
 def bit_optimality(
-    points: pd.DataFrame,
-    higher_is_better: bool,
-    n_budgets: int = 12,
-    n_boot: int = 1000,
-    seed: int = 0,
+    points: pd.DataFrame, higher_is_better: bool, n_budgets: int = 12, draws: np.ndarray | None = None
 ) -> pd.DataFrame:
-    """One row per (family, budget) with >= 2 candidate curves: winner, runner-up, margins, CIs.
+    """One row per (family, budget) with >= 2 candidate curves: winner, runner-up, margins, CIs, ties.
 
-    Columns: model_family, budget_bits, n_candidates, winner, winner_bits, winner_setting,
-    winner_value, runner_up, runner_up_value, margin, margin_ci_low, margin_ci_high, decisive
-    (CI excludes 0), p_win (share of bootstrap draws the winner wins), and the same margin columns
-    against the best curve of another bit width (other_bits, other_bits_margin, ...).
+    `draws`: (len(points), 1 + n_boot) paired replicates of each point (`JobDraws.for_groups` of
+    `points["job_keys"]`; NaN rows where a point has no units), or None. Columns: model_family,
+    budget_bits, n_candidates, winner, winner_bits, winner_setting, winner_value, runner_up,
+    runner_up_value, margin, margin_ci_low, margin_ci_high, decisive (the CI is above 0; None without a
+    CI), p_win (share of
+    replicates the winner wins), the same margin columns against the best curve of another bit width
+    (other_bits, other_bits_margin, ...), paired_ci, tied_bits (tuple of bit widths; None without a
+    CI), tie_within (the largest margin to a tied bit width) and baseline_dominated (16-bit decisively
+    worse; None where it is not measured at the budget or there is no CI).
     """
-    points = fill_noise(points)
-    rng = np.random.default_rng(seed)
+    points = points.reset_index(drop=True)
     sign = 1.0 if higher_is_better else -1.0
     rows = []
     for family, budgets in budget_grid(points, n_budgets).items():
         fam = points[points["model_family"] == family]
-        curves, scores = _interpolated_draws(fam, budgets, n_boot, rng)
+        fam_draws, paired = _family_draws(fam, draws)
+        curves, scores = _interpolated(fam, fam_draws, budgets)
         for j, budget in enumerate(budgets):
-            row = _budget_row(curves, sign * scores[:, j, :], sign)
+            row = _budget_row(curves, sign * scores[:, j, :], sign, paired)
             if row:
                 rows.append({"model_family": family, "budget_bits": float(budget), **row})
     table = pd.DataFrame(rows)
@@ -101,60 +101,68 @@ def bit_optimality(
     return table
 
 
-def _interpolated_draws(
-    fam: pd.DataFrame, budgets: np.ndarray, n_boot: int, rng: np.random.Generator
-) -> tuple[pd.DataFrame, np.ndarray]:
-    """(curves, values): values[c, j, d] is curve c at budget j in draw d (d=0: measured values)."""
-    at = np.log2(budgets)
-    curves, values = [], []
-    for keys, curve in fam.groupby(list(CURVE_KEYS), sort=True):
-        weights = interpolation_weights(curve["log2_bits"].to_numpy(), at)
-        noise = rng.standard_normal((len(curve), n_boot)) * curve["se"].to_numpy()[:, None]
-        draws = curve["value"].to_numpy()[:, None] + np.column_stack([np.zeros(len(curve)), noise])
-        values.append(weights @ draws)
-        curves.append(dict(zip(CURVE_KEYS, keys, strict=True)))
-    return pd.DataFrame(curves), np.stack(values)
-
-
-def _budget_row(curves: pd.DataFrame, scores: np.ndarray, sign: float) -> dict[str, object]:
+def _budget_row(curves: pd.DataFrame, scores: np.ndarray, sign: float, paired: bool) -> dict[str, object]:
     """scores: (n_curves, 1 + n_boot), larger is better, NaN where a curve misses the budget."""
     covered = np.flatnonzero(~np.isnan(scores[:, 0]))
     if len(covered) < MIN_CANDIDATES:
         return {}
     order = covered[np.argsort(-scores[covered, 0], kind="stable")]
     win, second = order[0], order[1]
-    winner = curves.iloc[win]
+    bits = curves["bits"].astype(int).to_numpy()
     row: dict[str, object] = {
         "n_candidates": len(covered),
-        "winner": winner["curve"],
-        "winner_bits": int(winner["bits"]),
-        "winner_setting": winner["setting"],
+        "winner": curves.iloc[win]["curve"],
+        "winner_bits": int(bits[win]),
+        "winner_setting": curves.iloc[win]["setting"],
         "winner_value": sign * scores[win, 0],
         "runner_up": curves.iloc[second]["curve"],
         "runner_up_value": sign * scores[second, 0],
         **_margin(scores[win], scores[second], prefix=""),
-        "p_win": float(
-            np.mean(np.nanargmax(np.where(np.isnan(scores), -np.inf, scores)[:, 1:], axis=0) == win)
-        )
-        if scores.shape[1] > 1
-        else np.nan,
+        "p_win": _p_win(scores, covered, win) if paired else np.nan,
     }
-    other = [c for c in order if curves.iloc[c]["bits"] != winner["bits"]]
+    best_of: dict[int, int] = {}
+    for c in order:
+        best_of.setdefault(int(bits[c]), int(c))
+    rivals = {b: _margin(scores[win], scores[c], prefix="") for b, c in best_of.items() if b != bits[win]}
+    other = [c for c in order if bits[c] != bits[win]]
     row["other_bits"] = curves.iloc[other[0]]["curve"] if other else None
     row.update(_margin(scores[win], scores[other[0]], prefix="other_bits_") if other else {})
+    row.update(_ties(int(bits[win]), rivals, paired))
     return row
 
 
+def _p_win(scores: np.ndarray, covered: np.ndarray, win: int) -> float:
+    """Share of replicates in which the winner has the best score among the covered curves."""
+    replicates = scores[covered, 1:]
+    return float(np.mean(covered[np.argmax(replicates, axis=0)] == win))
+
+
+def _ties(winner_bits: int, rivals: dict[int, dict[str, object]], paired: bool) -> dict[str, object]:
+    """The tie set, its spread, and whether 16-bit is dominated (None where there is no CI)."""
+    if not paired:
+        return {"paired_ci": False, "tied_bits": None, "tie_within": np.nan, "baseline_dominated": None}
+    tied = sorted(b for b, m in rivals.items() if not m["decisive"])
+    dominated = (
+        bool(rivals[BASELINE_BITS]["decisive"]) if BASELINE_BITS in rivals
+        else False if winner_bits == BASELINE_BITS else None
+    )  # fmt: skip
+    return {
+        "paired_ci": True,
+        "tied_bits": tuple(sorted([winner_bits, *tied])),
+        "tie_within": max((float(rivals[b]["margin"]) for b in tied), default=0.0),  # type: ignore[arg-type]
+        "baseline_dominated": dominated,
+    }
+
+
 def _margin(best: np.ndarray, rival: np.ndarray, prefix: str) -> dict[str, object]:
-    """Margin (in metric units, positive = winner better) with its bootstrap CI."""
+    """Margin (in metric units, positive = winner better) with its paired CI; decisive: CI above 0."""
     diff = best - rival
-    tail = (1 - CI_LEVEL) / 2 * 100
-    low, high = np.percentile(diff[1:], [tail, 100 - tail]) if len(diff) > 1 else (np.nan, np.nan)
+    low, high = interval(diff)
     return {
         f"{prefix}margin": float(diff[0]),
         f"{prefix}margin_ci_low": float(low),
         f"{prefix}margin_ci_high": float(high),
-        f"{prefix}decisive": bool(low > 0),
+        f"{prefix}decisive": bool(low > 0) if np.isfinite(low) else None,  # None: no CI, no verdict
     }
 
 
@@ -162,22 +170,19 @@ BEST_COLUMNS = ["model_family", "bits", "budget_bits", "value", "ci_low", "ci_hi
 
 
 def best_per_bits(
-    points: pd.DataFrame, higher_is_better: bool, n_budgets: int = 60, n_boot: int = 200, seed: int = 0
+    points: pd.DataFrame, higher_is_better: bool, n_budgets: int = 60, draws: np.ndarray | None = None
 ) -> pd.DataFrame:
     """Per family, bit width and budget: the best interpolated value over that width's settings.
 
-    `ci_low` / `ci_high`: the bootstrap 95% interval of that curve's interpolated value (points
-    redrawn as in `bit_optimality`). Columns: `BEST_COLUMNS` (curve: the setting that gives it).
+    `ci_low` / `ci_high`: the 95% interval of that curve's interpolated value over the paired
+    replicates (`draws`, as in `bit_optimality`); NaN without them. Columns: `BEST_COLUMNS`.
     """
-    points = fill_noise(points)
-    rng = np.random.default_rng(seed)
-    tail = (1 - CI_LEVEL) / 2 * 100
+    points = points.reset_index(drop=True)
     frames = []
     for family, budgets in budget_grid(points, n_budgets).items():
-        curves, values = _interpolated_draws(points[points["model_family"] == family], budgets, n_boot, rng)
-        low, high = (
-            np.percentile(values[:, :, 1:], [tail, 100 - tail], axis=2) if n_boot else (values[:, :, 0],) * 2
-        )
+        fam = points[points["model_family"] == family]
+        curves, values = _interpolated(fam, _family_draws(fam, draws)[0], budgets)
+        low, high = interval(values)
         for c, curve in curves.iterrows():
             keep = ~np.isnan(values[c, :, 0])
             frames.append(pd.DataFrame({

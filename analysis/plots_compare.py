@@ -6,7 +6,7 @@ import pandas as pd
 from matplotlib.figure import Figure
 
 from analysis.errors import AnalysisError
-from analysis.style import bits_axis, bits_color, category_color, new_figure, styled
+from analysis.style import bits_axis, bits_color, category_color, new_figure, set_title, styled
 from analysis.tidy import method_scope_labels
 
 
@@ -35,7 +35,7 @@ def plot_pareto(tidy: pd.DataFrame, front: pd.DataFrame, metric: str, metric_lab
         )
         bits_axis(ax)
         ax.set_ylabel(metric_label)
-        ax.set_title(f"{family}: Pareto front")
+        set_title(ax, f"{family}: Pareto front")
         ax.legend(loc="best")
     return fig
 
@@ -68,8 +68,11 @@ def plot_dtype_block(tidy: pd.DataFrame, metric: str, metric_label: str, bits: i
                 label = _line_label(block, method)
                 ax.plot(line["total_model_bits"], line[metric], "o-", color=category_color(i), label=label)
         bits_axis(ax)
-        ax.set_ylabel(metric_label)
-        ax.set_title(f"{bits}-bit {dtype}")
+        if ax is not axes[0]:
+            ax.sharey(axes[0])  # one scale: data types compare across panels
+        if ax.get_subplotspec().is_first_col():  # type: ignore[union-attr]
+            ax.set_ylabel(metric_label)
+        set_title(ax, f"{bits}-bit {dtype}")
         ax.legend(loc="best")
     return fig
 
@@ -96,6 +99,6 @@ def plot_proxy_effect(pairs: pd.DataFrame, metric_label: str) -> Figure:
         ax.axhline(0.0, color="#555555", linewidth=0.8)
         bits_axis(ax, "parameters")
         ax.set_ylabel(f"gain in {metric_label}")
-        ax.set_title(f"{int(bits)}-bit: proxy quantization")
+        set_title(ax, f"{int(bits)}-bit: proxy quantization")
         ax.legend(loc="best")
     return fig

@@ -1,6 +1,13 @@
-"""Figures of scaling curves, fit quality and bit-optimality (each returns a `Figure`)."""
+"""Figures of scaling curves, fit quality and bit-optimality (each returns a `Figure`).
+
+A fit is drawn, and its R² shown, only where it is a fit: more points than parameters (`fit_verdicts`);
+an R² below 0 (worse than the mean of the points) marks a failed fit, never a statistic.
+"""
 
 from __future__ import annotations
+
+import re
+from itertools import takewhile
 
 import numpy as np
 import pandas as pd
@@ -9,17 +16,38 @@ from matplotlib.figure import Figure
 
 from analysis.errors import AnalysisError
 from analysis.fits import FitResult
-from analysis.style import bits_axis, bits_color, new_figure, styled
+from analysis.style import bits_axis, bits_color, new_figure, set_suptitle, set_title, styled
 from analysis.tidy import BASELINE_SETTING
 
-MAX_PANELS = 9
+BEST_PANEL = "best of each bit width"
+LOO_LINE_PARAMS = 2  # leave-one-out predicts a point by the line through its two neighbours
+VERDICT_OK = "ok"
+_BLOCK_TOKEN = re.compile(r"^(B\d+|per-tensor)$")
+_EXPONENT_TOKEN = re.compile(r"^e\d+$")
 
 
-def _settings(points: pd.DataFrame, max_panels: int) -> list[str]:
-    """A family's settings, most points first, the 16-bit baseline alone only if nothing else."""
-    counts = points.loc[points["setting"] != BASELINE_SETTING, "setting"].value_counts(sort=False)
-    ranked = sorted(counts.index, key=lambda s: (-counts[s], s))
-    return ranked[:max_panels] or [BASELINE_SETTING]
+def data_type_of(setting: str) -> str:
+    """The data type of a setting label, with its method where not rtn: 'nf B64' -> 'nf', 'fp e2
+    per-tensor' -> 'fp', 'gptq int B64 +emb' -> 'gptq int' (block size, exponent bits, proxy, scope
+    dropped); the 16-bit baseline is itself."""
+    head = takewhile(lambda t: not _BLOCK_TOKEN.match(t), setting.split(" "))
+    return " ".join(t for t in head if not _EXPONENT_TOKEN.match(t)) or setting
+
+
+def best_settings(points: pd.DataFrame, higher_is_better: bool) -> dict[int, str]:
+    """Per bit width, its best setting among `points` (one family): of the settings measured at the
+    most model sizes, the one with the best mean rank over those sizes (ties: best mean value, name)."""
+    best: dict[int, str] = {}
+    for bits, rows in points[points["setting"] != BASELINE_SETTING].groupby("bits"):
+        coverage = rows.groupby("setting")["n_params"].nunique()
+        rows = rows[rows["setting"].isin(coverage[coverage == coverage.max()].index)]
+        signed = -rows["value"] if higher_is_better else rows["value"]
+        ranked = rows.assign(rank=signed.groupby(rows["n_params"]).rank(method="average"), signed=signed)
+        score = ranked.groupby("setting")[["rank", "signed"]].mean()
+        best[int(bits)] = str(
+            score.reset_index().sort_values(["rank", "signed", "setting"]).iloc[0]["setting"]
+        )
+    return best
 
 
 @styled
@@ -28,80 +56,176 @@ def plot_scaling_curves(
     metric_label: str,
     family: str,
     fit: FitResult | None = None,
-    max_panels: int = MAX_PANELS,
+    *,
+    higher_is_better: bool = False,
 ) -> Figure:
     """The paper's Figure 1 for one family: metric vs total model bits, one line per bit width.
 
-    One panel per quantization setting (the `max_panels` with most points), each with the family's
-    16-bit baseline; the shared-slope fit, if given, is drawn dashed.
+    The first panel holds each bit width's best setting over every data type and block size (the
+    paper's figure); then one panel per data type (`data_type_of`), where each bit width's best setting
+    of that type is drawn bold and its other settings (block sizes, exponent bits, ...) thin. Every panel
+    has the family's 16-bit baseline and one y scale; a shared-slope fit that `fit_verdicts` accepts is
+    drawn dashed along the bold lines.
     """
     fam = points[points["model_family"] == family]
     if fam.empty:
         raise AnalysisError(
             f"no curve points for family {family!r}; have {sorted(points['model_family'].unique())}"
         )
-    settings = _settings(fam, max_panels)
-    fig, axes = new_figure(len(settings))
-    for ax, setting in zip(axes, settings, strict=True):
-        _draw_setting(ax, fam[fam["setting"].isin([setting, BASELINE_SETTING])], fit, family, setting)
-        legend = ax.get_legend()
-        if ax is not axes[0] and legend is not None:
-            legend.remove()
-        ax.set_title(setting)
-        ax.set_ylabel(metric_label)
-    fig.suptitle(f"{family}: {metric_label} vs total model bits")
+    quantized = fam[fam["setting"] != BASELINE_SETTING]
+    panels = {BEST_PANEL: quantized} if not quantized.empty else {BASELINE_SETTING: quantized}
+    for dtype in sorted(quantized["setting"].map(data_type_of).unique()):
+        panels[dtype] = quantized[quantized["setting"].map(data_type_of) == dtype]
+    fig, axes = new_figure(len(panels))
+    accepted = _accepted_fits(fit, family)
+    baseline = fam[fam["setting"] == BASELINE_SETTING]
+    for ax, (name, rows) in zip(axes, panels.items(), strict=True):
+        best = best_settings(rows, higher_is_better)
+        prefix = "" if name in (BEST_PANEL, BASELINE_SETTING) else name
+        _draw_panel(ax, rows, baseline, best, prefix, accepted)
+        set_title(ax, name)
+        if ax is not axes[0]:
+            ax.sharey(axes[0])
+        if ax.get_subplotspec().is_first_col():  # type: ignore[union-attr]
+            ax.set_ylabel(metric_label)
+    set_suptitle(fig, f"{family}: {metric_label} vs total model bits")
     return fig
 
 
-def _draw_setting(ax: Axes, rows: pd.DataFrame, fit: FitResult | None, family: str, setting: str) -> None:
-    for bits, curve in rows.groupby("bits"):
-        color = bits_color(int(bits))
-        ax.plot(curve["total_model_bits"], curve["value"], "o-", color=color, label=f"{int(bits)}-bit")
-        line = _fit_line(fit, family, setting, int(bits), curve)
+def _draw_panel(
+    ax: Axes,
+    rows: pd.DataFrame,
+    baseline: pd.DataFrame,
+    best: dict[int, str],
+    prefix: str,
+    accepted: dict[str, dict[str, float]],
+) -> None:
+    """Thin lines for every setting but each bit width's best, bold lines (and accepted fits) for those."""
+    for (bits, setting), curve in rows.groupby(["bits", "setting"]):
+        if best.get(int(bits)) != setting:
+            ax.plot(curve["total_model_bits"], curve["value"], "-", color=bits_color(int(bits)),
+                    linewidth=0.7, alpha=0.35)  # fmt: skip
+    for bits, setting in sorted(best.items()):
+        curve = rows[(rows["bits"] == bits) & (rows["setting"] == setting)]
+        detail = setting.removeprefix(prefix).strip() if prefix else setting
+        color = bits_color(bits)
+        ax.plot(curve["total_model_bits"], curve["value"], "o-", color=color, label=f"{bits}-bit {detail}")
+        line = _fit_line(accepted.get(setting), bits, curve)
         if line is not None:
             ax.plot(*line, "--", color=color, linewidth=0.9, alpha=0.8)
+    if not baseline.empty:
+        ax.plot(baseline["total_model_bits"], baseline["value"], "o-", color=bits_color(16), label="16-bit")
     bits_axis(ax)
     ax.legend(loc="best")
 
 
+def _accepted_fits(fit: FitResult | None, family: str) -> dict[str, dict[str, float]]:
+    """Per setting of `family`, the parameter estimates of its fit, where `fit_verdicts` accepts it."""
+    if fit is None or fit.params.empty or fit.quality.empty:
+        return {}
+    quality = fit.quality[fit.quality["model_family"] == family]
+    ok = set(quality.loc[fit_verdicts(quality) == VERDICT_OK, "setting"])
+    params = fit.params[(fit.params["model_family"] == family) & fit.params["setting"].isin(ok)]
+    return {
+        str(setting): dict(zip(group["param"], group["estimate"], strict=True))
+        for setting, group in params.groupby("setting")
+    }
+
+
 def _fit_line(
-    fit: FitResult | None, family: str, setting: str, bits: int, curve: pd.DataFrame
+    est: dict[str, float] | None, bits: int, curve: pd.DataFrame
 ) -> tuple[np.ndarray, np.ndarray] | None:
-    if fit is None or fit.params.empty:
-        return None
-    params = fit.params[(fit.params["model_family"] == family) & (fit.params["setting"] == setting)]
-    est = dict(zip(params["param"], params["estimate"], strict=True))
-    if f"a_{bits}" not in est:
+    if est is None or f"a_{bits}" not in est or "b" not in est or curve.empty:
         return None
     x = np.geomspace(curve["total_model_bits"].min(), curve["total_model_bits"].max(), 20)
     return x, est[f"a_{bits}"] + est["b"] * np.log2(x)
 
 
+def min_points(law: str, n_fit_params: int) -> int:
+    """Points a fit needs: its parameters plus one (leave-one-out: the neighbours' line, plus one)."""
+    return (LOO_LINE_PARAMS if law == "interpolation" else int(n_fit_params)) + 1
+
+
+def fit_verdicts(quality: pd.DataFrame) -> pd.Series:
+    """Per row of a fit-quality table (`FitResult.quality`): 'ok', or why its R² is not a statistic:
+    fewer points than parameters plus one, R² below 0 (a failed fit: worse than the points' mean), or
+    no R² (the points do not vary)."""
+
+    def verdict(row: pd.Series) -> str:
+        needed = min_points(str(row["law"]), int(row["n_fit_params"]))
+        if row["n_points"] < needed:
+            return f"not fit: {int(row['n_points'])} points, needs >= {needed}"
+        if pd.isna(row["r2"]):
+            return "no R²: the points do not vary"
+        return "failed fit (R² < 0)" if row["r2"] < 0 else VERDICT_OK
+
+    if quality.empty:
+        return pd.Series(dtype=object, index=quality.index)
+    return quality.apply(verdict, axis=1).astype(object)
+
+
+def fit_quality_table(fit: FitResult) -> pd.DataFrame:
+    """The goodness-of-fit table with a `verdict` column; R² and RMSE only where the verdict is 'ok'
+    (RMSE also for a failed fit: its size is what failed), blank elsewhere."""
+    quality = fit.quality.copy()
+    verdicts = fit_verdicts(quality)
+    quality["verdict"] = verdicts
+    quality["r2"] = quality["r2"].where(verdicts == VERDICT_OK)
+    failed = verdicts.str.startswith("failed").fillna(False).astype(bool)
+    quality["rmse"] = quality["rmse"].where((verdicts == VERDICT_OK) | failed)
+    return quality
+
+
 @styled
 def plot_fit_quality(fit: FitResult, metric_label: str, title: str) -> Figure:
-    """Goodness of fit: observed vs predicted (identity line) and residuals vs total model bits."""
+    """Goodness of fit: observed vs predicted (identity line) and residuals vs total model bits, for the
+    fits `fit_verdicts` accepts; the title counts the failed fits and those with too few points."""
     if fit.predictions.empty:
         raise AnalysisError(f"{title}: no fitted group to plot")
-    pred = fit.predictions
+    verdicts = fit_verdicts(fit.quality)
+    ok = fit.quality.loc[verdicts == VERDICT_OK, ["model_family", "setting"]]
+    pred = fit.predictions.merge(ok, on=["model_family", "setting"])
     fig, (obs_ax, res_ax) = new_figure(2)
     for bits, rows in pred.groupby("bits"):
         color = bits_color(int(bits))
         obs_ax.scatter(rows["predicted"], rows["value"], s=14, color=color, label=f"{int(bits)}-bit")
         res_ax.scatter(rows["total_model_bits"], rows["residual"], s=14, color=color)
-    values = pred[["predicted", "value"]].to_numpy(float)
-    low, high = np.nanmin(values), np.nanmax(values)
-    obs_ax.plot([low, high], [low, high], color="#555555", linewidth=0.8)
+    if pred.empty:
+        for ax in (obs_ax, res_ax):
+            ax.text(
+                0.5, 0.5, "no fit passed (see the table)", ha="center", va="center", transform=ax.transAxes
+            )
+    else:
+        values = pred[["predicted", "value"]].to_numpy(float)
+        low, high = np.nanmin(values), np.nanmax(values)
+        obs_ax.plot([low, high], [low, high], color="#555555", linewidth=0.8)
+        obs_ax.legend(loc="lower right")
+        bits_axis(res_ax)
     obs_ax.set_xlabel("predicted")
     obs_ax.set_ylabel("observed")
-    obs_ax.legend(loc="lower right")
-    r2 = fit.quality["r2"]
-    obs_ax.set_title(f"R² min {r2.min():.3f}, median {r2.median():.3f} over {len(r2)} fits")
+    set_title(obs_ax, _quality_summary(fit.quality, verdicts))
     res_ax.axhline(0.0, color="#555555", linewidth=0.8)
-    bits_axis(res_ax)
     res_ax.set_ylabel("residual (observed − predicted)")
-    res_ax.set_title("residuals")
-    fig.suptitle(f"{title}\n{metric_label}")
+    set_title(res_ax, "residuals of the fits shown")
+    set_suptitle(fig, f"{title}\n{metric_label}")
     return fig
+
+
+def _quality_summary(quality: pd.DataFrame, verdicts: pd.Series) -> str:
+    """'R² median 0.97 (min 0.91) over 12 fits; 3 failed (R² < 0); 2 not fit (too few points)'."""
+    r2 = quality.loc[verdicts == VERDICT_OK, "r2"]
+    parts = [
+        f"R² median {r2.median():.3f} (min {r2.min():.3f}) over {len(r2)} fits"
+        if len(r2)
+        else "no fit passed"
+    ]
+    failed = int(verdicts.str.startswith("failed").sum())
+    few = int(verdicts.str.startswith("not fit").sum())
+    flat = int(verdicts.str.startswith("no R²").sum())
+    parts += [f"{failed} failed (R² < 0)"] if failed else []
+    parts += [f"{few} not fit (too few points)"] if few else []
+    parts += [f"{flat} without R² (flat)"] if flat else []
+    return "; ".join(parts)
 
 
 @styled
@@ -136,26 +260,26 @@ def plot_bit_optimality(
     bits_axis(top, "memory budget (total model bits)")
     top.set_ylabel(metric_label)
     top.legend(loc="best")
-    top.set_title("best of each bit width, 95% band (stars: bit-optimal)")
+    band = "paired 95% band" if fam_best["ci_low"].notna().any() else "no CI"
+    top.set_title(f"best per bit width, {band}; stars: best")
     fig.suptitle(f"{family}: bit-optimal precision per memory budget")
     return fig
 
 
 def _draw_margins(ax: Axes, opt: pd.DataFrame) -> None:
-    low = opt["margin"] - opt["margin_ci_low"]
-    high = opt["margin_ci_high"] - opt["margin"]
-    for decisive, rows in opt.assign(low=low, high=high).groupby("decisive"):
+    """Margins over the runner-up with their paired CIs; without CIs, the margins alone (no verdict)."""
+    verdict = opt["decisive"].map(lambda d: "none" if d is None or pd.isna(d) else "yes" if d else "no")
+    styles = {"yes": ("#1f77b4", "CI excludes 0"), "no": ("#aaaaaa", "within paired CI"),
+              "none": ("#d62728", "no paired CI available")}  # fmt: skip
+    for key, rows in opt.assign(verdict=verdict).groupby("verdict"):
+        color, label = styles[str(key)]
+        low, high = rows["margin"] - rows["margin_ci_low"], rows["margin_ci_high"] - rows["margin"]
+        yerr = None if key == "none" else [low, high]
         ax.errorbar(
-            rows["budget_bits"],
-            rows["margin"],
-            yerr=[rows["low"], rows["high"]],
-            fmt="o",
-            capsize=2,
-            color="#1f77b4" if decisive else "#aaaaaa",
-            label="CI excludes 0" if decisive else "within bootstrap CI",
+            rows["budget_bits"], rows["margin"], yerr=yerr, fmt="o", capsize=2, color=color, label=label
         )
     ax.axhline(0.0, color="#555555", linewidth=0.8)
     bits_axis(ax, "memory budget (total model bits)")
     ax.set_ylabel("margin over runner-up")
-    ax.set_title("margin with bootstrap 95% CI")
+    ax.set_title("margin, paired 95% CI")
     ax.legend(loc="best")

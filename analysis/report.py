@@ -18,14 +18,15 @@ import matplotlib
 import pandas as pd
 from matplotlib.figure import Figure
 
+from analysis.answer import OPTIMALITY_TITLE, answer_section, optimality_section, optimality_table
+from analysis.chance import at_chance_families
 from analysis.errors import AnalysisError
-from analysis.metrics import check_metric, default_loss, default_metric
+from analysis.metrics import check_metric, default_loss, default_metric, metric_label
 from analysis.render import Block, Section, figure_names, render_html, render_markdown
 from analysis.sections import (
     METHODS_TITLE,
     N_BOOT,
     Study,
-    answer_section,
     curves_section,
     failures_section,
     fits_section,
@@ -33,9 +34,8 @@ from analysis.sections import (
     gaps_section,
     guarded,
     has_methods,
+    has_proxy,
     methods_section,
-    optimality_section,
-    optimality_table,
     pareto_section,
     proxy_section,
     study_section,
@@ -86,17 +86,36 @@ def study_from_results(
         return Study(name, raw, None, None, None, (), n_boot, n_budgets, fixed_bits=fixed_bits)
     if metric is not None:
         check_metric(tidy, metric)
+    acc_tasks = tuple(acc_tasks_used(raw, tasks))
+    loss = default_loss(tidy)
+    chosen, note = (metric, "") if metric is not None else headline_metric(tidy, acc_tasks, loss)
     return Study(
         name=name,
         raw=raw,
         tidy=tidy,
-        metric=metric or default_metric(tidy),
-        loss=default_loss(tidy),
-        acc_tasks=tuple(acc_tasks_used(raw, tasks)),
+        metric=chosen,
+        loss=loss,
+        acc_tasks=acc_tasks,
         n_boot=n_boot,
         n_budgets=n_budgets,
         fixed_bits=fixed_bits,
+        metric_note=note,
     )
+
+
+def headline_metric(tidy: pd.DataFrame, acc_tasks: Sequence[str], loss: str | None) -> tuple[str, str]:
+    """The default headline metric, and a note when accuracy was passed over: a mean accuracy that is
+    not distinguishable from chance in any family gives way to the loss (where there is one)."""
+    metric = default_metric(tidy)
+    families = set(tidy["model_family"].dropna())
+    if loss is None or loss == metric or at_chance_families(tidy, metric, acc_tasks) != families:
+        return metric, ""
+    note = (
+        f"Headline metric: {metric_label(loss)}, not {metric_label(metric)}, which is not distinguishable "
+        f"from chance in any model family (see the Answer); --metric {metric} shows it."
+    )
+    log.info("%s", note)
+    return loss, note
 
 
 def study_name(raw: pd.DataFrame, results: Path) -> str:
@@ -114,17 +133,20 @@ def build_sections(study: Study) -> list[Section]:
         table = optimality_table(study)
     except AnalysisError as err:
         reason = str(err)
-    optimality_title = "Bit-optimal precision per memory budget"
     body = [
         guarded("Study", lambda: study_section(study)),
         guarded("Scaling curves", lambda: curves_section(study)),
         guarded("Parametric fits", lambda: fits_section(study)),
-        guarded(optimality_title, lambda: optimality_section(study, table))
+        guarded(OPTIMALITY_TITLE, lambda: optimality_section(study, table))
         if table is not None
-        else Section(optimality_title, (Block(gap=reason),)),
+        else Section(OPTIMALITY_TITLE, (Block(gap=reason),)),
         guarded("Pareto front", lambda: pareto_section(study)),
         guarded("Data type and block size", lambda: fixed_precision_section(study)),
-        guarded("Proxy quantization at 3 and 4 bits", lambda: proxy_section(study)),
+        *(
+            [guarded("Proxy quantization at 3 and 4 bits", lambda: proxy_section(study))]
+            if has_proxy(study)
+            else []
+        ),
         *([guarded(METHODS_TITLE, lambda: methods_section(study))] if has_methods(study) else []),
         guarded("Failed jobs", lambda: failures_section(study)),
     ]

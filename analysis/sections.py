@@ -19,13 +19,12 @@ from analysis.errors import AnalysisError
 from analysis.fits import FitResult, fit_law, interpolation_loo
 from analysis.methods import method_pairs, method_summary
 from analysis.metrics import higher_is_better, metric_label, split_variant, variant_columns
-from analysis.optimality import best_per_bits, bit_optimality
 from analysis.pareto import pareto_front
 from analysis.plots_compare import plot_dtype_block, plot_pareto, plot_proxy_effect
-from analysis.plots_curves import MAX_PANELS, plot_bit_optimality, plot_fit_quality, plot_scaling_curves
+from analysis.plots_curves import fit_quality_table, plot_fit_quality, plot_scaling_curves
 from analysis.render import Block, Section
-from analysis.summary import headline, overall_line
-from analysis.tidy import BASELINE_SETTING, failed_jobs, study_grid
+from analysis.tidy import failed_jobs, study_grid
+from analysis.units import JobDraws, job_draws
 
 log = logging.getLogger(__name__)
 
@@ -48,11 +47,32 @@ class Study:
     fixed_bits: int | None = (
         None  # precision of the data type x block size comparison; None: 4 or most common
     )
+    metric_note: str = ""  # why the headline metric is not the default one (e.g. accuracy at chance)
 
     def require_tidy(self) -> pd.DataFrame:
         if self.tidy is None or self.metric is None:
             raise AnalysisError("no finished job with a metric value")
         return self.tidy
+
+
+def study_draws(study: Study, metric: str) -> JobDraws | None:
+    """The paired replicates of `metric` for the study's jobs with per-unit data (None: no job has any).
+
+    Seeded by the study, so every section compares the same replicates."""
+    return job_draws(study.raw, metric, study.acc_tasks, study.n_boot, study.seed)
+
+
+def paired_note(draws: JobDraws | None) -> str:
+    """What the CI columns of a comparison mean here, or why they are empty."""
+    if draws is None:
+        return (
+            "No paired CI is available: these results carry no per-chunk or per-document scores "
+            "(unit_sums / unit_counts), so the CI columns are empty and no difference is called decisive."
+        )
+    return (
+        f"CIs: paired bootstrap, {draws.n_boot} replicates resampling the same text chunks or documents "
+        "for both sides of every comparison (ratio of sums); 'decisive': the 95% CI excludes 0."
+    )
 
 
 def slug(text: str) -> str:
@@ -78,7 +98,8 @@ def study_section(study: Study) -> Section:
         text += f" Headline metric: {metric_label(study.metric)}."
     if study.acc_tasks:
         text += f" Mean zero-shot accuracy over: {', '.join(study.acc_tasks)}."
-    blocks = [Block(text=text), *_variants_note(study), Block(table=grid, name="Grid")]
+    note = [Block(text=study.metric_note)] if study.metric_note else []
+    blocks = [Block(text=text), *note, *_variants_note(study), Block(table=grid, name="Grid")]
     if study.tidy is not None:
         counts = study.tidy.pivot_table(
             index="model", columns="bits", values="job_key", aggfunc="count", fill_value=0
@@ -110,25 +131,18 @@ def curves_section(study: Study) -> Section:
     tidy = study.require_tidy()
     metrics = [m for m in dict.fromkeys([study.metric, study.loss]) if m]
     blocks = [Block(text="Lines join measured model sizes: the paper's piecewise-linear interpolation in "
-                         "log bits. Dashed: the shared-slope fit a_k + b·log2(total bits).")]  # fmt: skip
+                         "log bits. First panel: each bit width's best setting; then one panel per data "
+                         "type, its best setting per bit width bold, the others thin. Dashed: the "
+                         "shared-slope fit a_k + b·log2(total bits), where it passed.")]  # fmt: skip
     for metric in metrics:
         points = curve_points(tidy, metric)
         check_sizes(points)
         fit = fit_law(points, "shared_slope", n_boot=0)
         for family in sorted(points["model_family"].unique()):
-            blocks += _omitted_settings(points, family)
-            fig = plot_scaling_curves(points, metric_label(metric), family, fit=fit)
+            fig = plot_scaling_curves(points, metric_label(metric), family, fit=fit,
+                                      higher_is_better=higher_is_better(metric))  # fmt: skip
             blocks.append(Block(figure=fig, name=f"curves-{slug(family)}-{slug(metric)}"))
     return Section("Scaling curves", tuple(blocks))
-
-
-def _omitted_settings(points: pd.DataFrame, family: str) -> list[Block]:
-    settings = set(points.loc[points["model_family"] == family, "setting"]) - {BASELINE_SETTING}
-    extra = len(settings) - MAX_PANELS
-    if extra <= 0:
-        return []
-    return [Block(text=f"{family}: {extra} of {len(settings)} settings not drawn (the figure shows the "
-                       f"{MAX_PANELS} with most points); the tables below cover all.")]  # fmt: skip
 
 
 def _fit_blocks(fit: FitResult, label: str, title: str, name: str) -> list[Block]:
@@ -136,10 +150,45 @@ def _fit_blocks(fit: FitResult, label: str, title: str, name: str) -> list[Block
     if fit.predictions.empty:
         return blocks or [Block(gap=f"{title}: nothing to fit")]
     if not fit.params.empty:
-        blocks.append(Block(table=fit.params, name=f"{title}: parameters with bootstrap 95% CIs"))
-    blocks.append(Block(table=fit.quality, name=f"{title}: goodness of fit"))
+        blocks.append(Block(text=_identification_line(fit.params)))
+        blocks.append(Block(table=fit.params, name=f"{title}: parameters with model-level bootstrap 95% CIs"))
+    blocks.append(Block(table=fit_quality_table(fit), name=f"{title}: goodness of fit (R² only where "
+                                                          "the verdict is ok)"))  # fmt: skip
     blocks.append(Block(figure=plot_fit_quality(fit, label, title), name=name))
     return blocks
+
+
+FITS_TEXT = (
+    "Intervals: model-level bootstrap, {n_boot} replicates. Each replicate draws the fit's model sizes with "
+    "replacement (every point of a drawn size, seeds of one size together) and refits, so the intervals "
+    "carry what differs between trained models, not only the scatter of points around the curve; with "
+    "fewer than 3 sizes no interval is given. 'identified: no' marks a parameter the data do not "
+    "determine: its estimate sits at a bound of the fit, lies outside its own interval, or the interval "
+    "reaches a bound. log2 is of total model bits."
+)
+EFFECTIVE_TEXT = (
+    "The effective-parameter law fit here: L = A·(N_u + N_q·(1 − e^(−k/γ)))^(−α) + E, where N_q counts "
+    "the parameters in quantized matrices (n_quantized_params) and N_u = N − N_q those left in 16 bits "
+    "(embeddings, norms, LM head, proxy columns): only the quantized part shrinks with fewer bits k, and "
+    "the 16-bit baseline has N_eff = N. This is Kumar et al.'s (2024) effective-parameter form for "
+    "training in low precision, N·(1 − e^(−P/γ)), restricted to the quantized parameters; it is not "
+    "their post-training form, which adds δ_PTQ = C_T·(D^γ_D/N^γ_N)·e^(−P/γ_post) to the 16-bit loss "
+    "and grows with training tokens D (one D per ladder here, so that term cannot be fit)."
+)
+
+
+def _identification_line(params: pd.DataFrame) -> str:
+    """How many parameters are not identified, per parameter name."""
+    unidentified = params[~params["identified"].astype(bool)]
+    if unidentified.empty:
+        return f"Every one of the {len(params)} parameters is identified (none at a bound or outside its CI)."
+    per_param = unidentified.groupby("param").size()
+    counts = ", ".join(f"{name} in {n}" for name, n in per_param.items())
+    n_fits = params.groupby(["model_family", "setting"]).ngroups
+    return (
+        f"Not identified: {len(unidentified)} of {len(params)} parameters ({counts}, of {n_fits} fits); "
+        "see the 'note' column."
+    )
 
 
 def fits_section(study: Study) -> Section:
@@ -149,8 +198,7 @@ def fits_section(study: Study) -> Section:
     points = curve_points(tidy, study.metric)
     check_sizes(points)
     label = metric_label(study.metric)
-    blocks = [Block(text="Intervals: residual bootstrap (refit on fitted values plus resampled residuals), "
-                         f"{study.n_boot} replicates. log2 is of total model bits.")]  # fmt: skip
+    blocks = [Block(text=FITS_TEXT.format(n_boot=study.n_boot))]
     blocks += _fit_blocks(
         interpolation_loo(points), label, "Interpolation, leave-one-out", "fit-interpolation"
     )
@@ -161,59 +209,10 @@ def fits_section(study: Study) -> Section:
     else:
         loss_points = curve_points(tidy, study.loss)
         law = fit_law(loss_points, "effective_params", n_boot=study.n_boot, seed=study.seed)
-        title = "Effective parameters: L = A·(N·(1 − e^(−k/γ)))^(−α) + E"
+        title = "Effective parameters: L = A·(N_u + N_q·(1 − e^(−k/γ)))^(−α) + E"
+        blocks.append(Block(text=EFFECTIVE_TEXT))
         blocks += _fit_blocks(law, metric_label(study.loss), title, "fit-effective-params")
     return Section("Parametric fits", tuple(blocks))
-
-
-OPTIMALITY_COLUMNS = [
-    "model_family", "budget_bits", "n_candidates", "winner", "winner_value", "runner_up", "margin",
-    "margin_ci_low", "margin_ci_high", "decisive", "p_win", "other_bits", "other_bits_margin",
-    "other_bits_decisive",
-]  # fmt: skip
-
-
-def optimality_table(study: Study) -> pd.DataFrame:
-    """The bit-optimality table of the headline metric (raises `AnalysisError` if impossible)."""
-    tidy = study.require_tidy()
-    assert study.metric is not None
-    points = curve_points(tidy, study.metric)
-    check_sizes(points)
-    table = bit_optimality(points, higher_is_better(study.metric), study.n_budgets, study.n_boot, study.seed)
-    if table.empty:
-        raise AnalysisError("no memory budget is covered by two or more curves")
-    return table
-
-
-def optimality_section(study: Study, table: pd.DataFrame) -> Section:
-    """The table of winners per budget, and one figure per family."""
-    assert study.metric is not None
-    tidy = study.require_tidy()
-    points = curve_points(tidy, study.metric)
-    best = best_per_bits(points, higher_is_better(study.metric), n_boot=study.n_boot, seed=study.seed)
-    text = ("Each curve is interpolated at each budget; 'decisive': the bootstrap 95% CI of the margin "
-            "excludes 0 (points redrawn from their standard errors, or where the results carry none, from "
-            "the residual scatter around a_k + b_k·x + c·x², x = log2 bits); p_win: share of draws "
-            "the winner wins.")  # fmt: skip
-    blocks = [
-        Block(text=text),
-        Block(table=table[[c for c in OPTIMALITY_COLUMNS if c in table]], name="Bit-optimality"),
-    ]
-    for family in sorted(table["model_family"].unique()):
-        fig = plot_bit_optimality(best, table, metric_label(study.metric), family)
-        blocks.append(Block(figure=fig, name=f"optimality-{slug(family)}"))
-    return Section("Bit-optimal precision per memory budget", tuple(blocks))
-
-
-def answer_section(study: Study, table: pd.DataFrame | None, reason: str) -> Section:
-    """The study's answer in words."""
-    if table is None:
-        return Section("Answer", (Block(gap=f"no bit-optimality answer: {reason}"),))
-    assert study.metric is not None and study.tidy is not None
-    lines = headline(table, study.tidy, metric_label(study.metric))
-    if table["model_family"].nunique() > 1:
-        lines.append(overall_line(table))
-    return Section("Answer", tuple(Block(text=line) for line in lines))
 
 
 def pareto_section(study: Study) -> Section:
@@ -234,25 +233,39 @@ def fixed_precision_section(study: Study) -> Section:
     tidy = study.require_tidy()
     assert study.metric is not None
     bits = study.fixed_bits if study.fixed_bits is not None else default_fixed_bits(tidy)
-    table = dtype_block_table(tidy, study.metric, bits)
+    draws = study_draws(study, study.metric)
+    table = dtype_block_table(tidy, study.metric, bits, draws)
     fig = plot_dtype_block(tidy, study.metric, metric_label(study.metric), bits)
-    name = f"{bits}-bit: data type x block size (one column per model; rank 1 = best mean)"
+    name = (f"{bits}-bit: data type x block size (one column per model; rank 1 = best mean; gap_to_best: "
+            "mean over models, positive = worse)")  # fmt: skip
     return Section(
         "Data type and block size",
-        (Block(table=table, name=name), Block(figure=fig, name=f"dtype-block-{bits}bit")),
-    )
+        (Block(text=paired_note(draws)), Block(table=table, name=name),
+         Block(figure=fig, name=f"dtype-block-{bits}bit")),
+    )  # fmt: skip
+
+
+def has_proxy(study: Study) -> bool:
+    """Whether the study holds a proxy-quantization job (only then does the report compare proxy)."""
+    if study.tidy is None or "outlier_fraction" not in study.tidy:
+        return False
+    return bool((study.tidy["outlier_fraction"].fillna(0) > 0).any())
 
 
 def proxy_section(study: Study) -> Section:
     """Proxy (outlier-dependent) quantization at 3 and 4 bits."""
     tidy = study.require_tidy()
     assert study.metric is not None
-    pairs = proxy_effect(tidy, study.metric, bits=(3, 4))
+    draws = study_draws(study, study.metric)
+    pairs = proxy_effect(tidy, study.metric, bits=(3, 4), draws=draws)
     label = metric_label(study.metric)
     blocks = (
-        Block(text="gain: proxy minus plain, signed so that positive means proxy quantization is better."),
+        Block(
+            text="gain: proxy minus plain, signed so that positive means proxy quantization is better. "
+            + paired_note(draws)
+        ),
         Block(table=proxy_summary(pairs), name="Mean gain per bit width and outlier fraction"),
-        Block(table=pairs, name="Matched pairs"),
+        Block(table=pairs.drop(columns=["job_key_proxy", "job_key_plain"]), name="Matched pairs"),
         Block(figure=plot_proxy_effect(pairs, label), name="proxy"),
     )
     return Section("Proxy quantization at 3 and 4 bits", blocks)
@@ -272,14 +285,17 @@ def methods_section(study: Study) -> Section:
     """Each method other than rtn against rtn per data type x block size at 3 and 4 bits, paired by model."""
     tidy = study.require_tidy()
     assert study.metric is not None
-    pairs = method_pairs(tidy, study.metric, bits=(3, 4))
+    draws = study_draws(study, study.metric)
+    pairs = method_pairs(tidy, study.metric, bits=(3, 4), draws=draws)
     blocks = (
         Block(
             text=f"{metric_label(study.metric)}: each job matched with the rtn job of the same model and "
-            "recipe (scored on the same tokens); gain: signed so that positive means the method is better."
+            "recipe (scored on the same tokens); gain: signed so that positive means the method is better. "
+            + paired_note(draws)
         ),
         Block(
-            table=method_summary(pairs), name="Mean over models per method, bits, data type and block size"
+            table=method_summary(pairs, draws),
+            name="Mean over models per method, bits, data type and block size",
         ),
     )
     return Section(METHODS_TITLE, blocks)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import pandas as pd
 
-from analysis.optimality import CI_LEVEL
 from analysis.tidy import DEFAULT_METHOD, method_label, with_method
 
 SCOPE_WORDS = {"quantize_embeddings": "embeddings", "quantize_lm_head": "LM head"}
@@ -42,51 +41,96 @@ def describe_curve(curve: str, info: pd.DataFrame) -> str:
     return ", ".join(parts)
 
 
-def headline(optimality: pd.DataFrame, info: pd.DataFrame, metric_label: str) -> list[str]:
-    """One sentence per model family: the bit-optimal configuration, how often, and how sure.
+def headline(optimality: pd.DataFrame, info: pd.DataFrame, metric_label: str, unit: str = "") -> list[str]:
+    """One sentence per model family: what the paired test decides about the bit-optimal precision.
 
-    `info` maps curve labels to job attributes (columns curve, dtype, bits, exponent_bits,
-    block_size, outlier_fraction, centering), e.g. the tidy table.
+    A single bit width is named bit-optimal only where the paired test says its margin over every
+    other bit width is decisive; otherwise the sentence names the tie set (the bit widths within the
+    CI of the best). Without per-unit data it says that no paired CI is available and gives point
+    estimates only. `info` maps curve labels to job attributes (the tidy table); `unit`: 'nats' or ''.
     """
     return [
-        _family_headline(family, opt, info, metric_label)
+        _family_headline(str(family), opt, info, metric_label, unit)
         for family, opt in optimality.groupby("model_family")
     ]
 
 
-def _family_headline(family: str, opt: pd.DataFrame, info: pd.DataFrame, metric_label: str) -> str:
-    n_budgets = len(opt)
-    top_curve = opt["winner"].value_counts().idxmax()
-    wins = opt[opt["winner"] == top_curve]
-    top_bits = int(wins["winner_bits"].iloc[0])
-    bits_wins = int((opt["winner_bits"] == top_bits).sum())
-    answer = (
-        f"{family}: at budgets from {format_bits(opt['budget_bits'].min())} to "
-        f"{format_bits(opt['budget_bits'].max())}, {describe_curve(top_curve, info)} is bit-optimal for "
-        f"{metric_label} in {len(wins)} of {n_budgets} budgets ({top_bits}-bit with any setting: "
-        f"{bits_wins} of {n_budgets})."
-    )
-    return f"{answer} {_certainty(wins)}"
+def _family_headline(family: str, opt: pd.DataFrame, info: pd.DataFrame, label: str, unit: str) -> str:
+    span = (f"{family}, {label}, {len(opt)} budgets from {format_bits(opt['budget_bits'].min())} to "
+            f"{format_bits(opt['budget_bits'].max())}")  # fmt: skip
+    if "paired_ci" not in opt or not opt["paired_ci"].fillna(False).astype(bool).all():
+        return f"{span}: {_unpaired(opt, unit)}"
+    ties = opt["tied_bits"].map(tuple)
+    alone = ties.map(len) == 1
+    if alone.all() and ties.nunique() == 1:
+        bits = ties.iloc[0][0]
+        least = _amount(opt["other_bits_margin"].min(), unit)
+        answer = (
+            f"{bits}-bit is bit-optimal at every budget, decisively by the paired test: its margin "
+            f"over the best other bit width is at least {least} ({_top_setting(opt, info)})."
+        )
+    else:
+        parts = [_tie_phrase(t, group, unit) for t, group in opt.groupby(ties, sort=False)]
+        answer = "no single bit width is decisively bit-optimal everywhere by the paired test: "
+        answer += f"{'; '.join(parts)}."
+    return f"{span}: {answer}{_baseline_phrase(opt)}"
 
 
-def _certainty(wins: pd.DataFrame) -> str:
-    """How often the winner's margin is clear of the bootstrap CI, against any rival and other widths."""
-    half_width = ((wins["margin_ci_high"] - wins["margin_ci_low"]) / 2).median()
-    if pd.isna(half_width):
-        return f"Margins have no CI (no bootstrap draws); median margin {wins['margin'].median():.3g}."
-    decisive = int(wins["decisive"].sum())
-    other = wins["other_bits_decisive"] if "other_bits_decisive" in wins else pd.Series(dtype=bool)
-    decisive_bits = int(other.fillna(False).astype(bool).sum())
+def _tie_phrase(tied: tuple[int, ...], rows: pd.DataFrame, unit: str) -> str:
+    where = f"{len(rows)} budget{'s' if len(rows) > 1 else ''}"
+    if len(tied) == 1:
+        return f"{tied[0]}-bit alone (decisive) at {where}"
+    within = _amount(rows["tie_within"].max(), unit)
+    return f"{_and([str(b) for b in tied])} bits tie within {within} at {where}"
+
+
+def _baseline_phrase(opt: pd.DataFrame) -> str:
+    measured = opt["baseline_dominated"].dropna()
+    if measured.empty:
+        return ""
+    dominated = int(measured.astype(bool).sum())
+    if dominated == len(measured):
+        return f" 16-bit dominated at every budget where it is measured ({len(measured)} of {len(opt)})."
     return (
-        f"Its margin over the runner-up is clear of the bootstrap {CI_LEVEL:.0%} CI in {decisive} of those "
-        f"{len(wins)} (median margin {wins['margin'].median():.3g}, median CI half-width {half_width:.3g}); "
-        f"over the best other bit width, in {decisive_bits} of {len(wins)}."
+        f" 16-bit not decisively worse at {len(measured) - dominated} of the {len(measured)} budgets "
+        "where it is measured."
     )
+
+
+def _unpaired(opt: pd.DataFrame, unit: str) -> str:
+    """The no-CI sentence: point estimates only, no winner named."""
+    wins = opt["winner_bits"].value_counts()
+    counts = ", ".join(f"{int(b)}-bit at {n}" for b, n in wins.items())
+    others = opt["other_bits_margin"].dropna() if "other_bits_margin" in opt else pd.Series(dtype=float)
+    spread = (f"; the best curve of another bit width is within {_amount(others.max(), unit)} of it at each "
+              f"of the {len(others)} budgets where one is measured (median {_amount(others.median(), unit)})"
+              if len(others) else "")  # fmt: skip
+    return (
+        "no paired CI is available (these results carry no per-chunk or per-document scores), so no bit "
+        f"width is named bit-optimal. Point estimates only: the best curve is {counts}{spread}."
+    )
+
+
+def _top_setting(opt: pd.DataFrame, info: pd.DataFrame) -> str:
+    top = opt["winner"].value_counts().idxmax()
+    wins = opt[opt["winner"] == top]
+    decisive = int(wins["decisive"].fillna(False).astype(bool).sum())
+    return (f"best setting: {describe_curve(top, info)} at {len(wins)} of {len(opt)} budgets, decisively "
+            f"over every other setting at {decisive} of those")  # fmt: skip
+
+
+def _amount(value: float, unit: str) -> str:
+    return f"{value:.2g} {unit}".rstrip() if pd.notna(value) else "–"
+
+
+def _and(items: list[str]) -> str:
+    return items[0] if len(items) == 1 else f"{', '.join(items[:-1])} and {items[-1]}"
 
 
 def overall_line(optimality: pd.DataFrame) -> str:
-    """Across all families: how many budgets each bit width wins, most first."""
+    """Across all families: how many budgets each bit width has the best point estimate at, most first."""
     wins = optimality["winner_bits"].value_counts()
     parts = ", ".join(f"{int(bits)}-bit {n}" for bits, n in wins.items())
     families = optimality["model_family"].nunique()
-    return f"Across {families} model families and {len(optimality)} budgets, wins per bit width: {parts}."
+    return (f"Across {families} model families and {len(optimality)} budgets, best point estimate per bit "
+            f"width (not a test): {parts}.")  # fmt: skip

@@ -41,7 +41,7 @@ REQUIRED_COLUMNS: tuple[str, ...] = (
     *(c for c in JOB_COLUMNS if c not in METHOD_COLUMNS), "task", "metric", "value", "stderr", "status",
     "error",
 )  # fmt: skip
-PPL_PREFIXES = {"perplexity": "ppl_", "nats_per_token": "ce_", "bits_per_byte": "bpb_"}
+PPL_PREFIXES = {"perplexity": "ppl_", "nats_per_token": "ce_", "bits_per_byte": "bpb_", "kl_to_16bit": "kl_"}
 
 
 def check_results(raw: pd.DataFrame) -> pd.DataFrame:
@@ -180,7 +180,7 @@ def tidy_jobs(raw: pd.DataFrame, tasks: Sequence[str] = PAPER_TASKS) -> pd.DataF
         raise AnalysisError(f"all {len(failed)} jobs failed; nothing to analyse")
     jobs = ok.drop_duplicates("job_key").set_index("job_key")[list(JOB_COLUMNS[1:])].copy()
     jobs["total_model_bits"] = jobs["total_model_bits"].astype(float)
-    metrics = _metric_table(ok)
+    metrics = _metric_table(_named_rows(ok))
     jobs = jobs.join(metrics, how="left")
     jobs = _add_mean_acc(jobs, acc_tasks_used(ok, tasks))
     jobs["setting"] = setting_labels(jobs)
@@ -190,9 +190,20 @@ def tidy_jobs(raw: pd.DataFrame, tasks: Sequence[str] = PAPER_TASKS) -> pd.DataF
     )
 
 
-def _metric_table(ok: pd.DataFrame) -> pd.DataFrame:
-    """Pivot metric rows to columns `acc_<task>`, `ppl_<set>`, `ce_<set>`, `bpb_<set>` (+ `_se`),
-    each suffixed `@<variant>` where its task was measured under several evaluation variants."""
+def metric_rows(raw: pd.DataFrame) -> pd.DataFrame:
+    """The metric rows of finished jobs, each with `column`: the tidy column its value goes to.
+
+    Raises:
+        AnalysisError: a column is missing.
+    """
+    raw = check_results(raw)
+    failed = set(raw.loc[raw["status"] != "ok", "job_key"])
+    return _named_rows(raw[~raw["job_key"].isin(failed)])
+
+
+def _named_rows(ok: pd.DataFrame) -> pd.DataFrame:
+    """Rows with a value, named `acc_<task>`, `ppl_<set>`, `ce_<set>`, `bpb_<set>`, `kl_<set>` in
+    `column`, each suffixed `@<variant>` where its task was measured under several evaluation variants."""
     rows = ok[ok["metric"].notna() & ok["value"].notna()]
     text_sets = set(rows.loc[rows["metric"] == "nats_per_token", "task"])
     is_text = rows["task"].isin(text_sets)
@@ -203,30 +214,45 @@ def _metric_table(ok: pd.DataFrame) -> pd.DataFrame:
     keep = names.notna()
     rows, names, is_text = rows[keep], names[keep], is_text[keep]
     if rows.empty:
-        return pd.DataFrame(index=pd.Index([], name="job_key"))
+        return rows.assign(column=pd.Series(dtype=object))
     suffixes = variant_suffixes(rows, is_text)
-    rows = rows.assign(column=[variant_column(n, v) for n, v in zip(names, suffixes, strict=True)])
+    return rows.assign(column=[variant_column(n, v) for n, v in zip(names, suffixes, strict=True)])
+
+
+def _metric_table(rows: pd.DataFrame) -> pd.DataFrame:
+    """Pivot named metric rows (`_named_rows`) to one column per name (+ `_se`)."""
+    if rows.empty:
+        return pd.DataFrame(index=pd.Index([], name="job_key"))
     values = rows.pivot_table(index="job_key", columns="column", values="value", aggfunc="first")
     stderr = rows.pivot_table(index="job_key", columns="column", values="stderr", aggfunc="first")
     stderr = stderr.reindex(columns=values.columns).rename(columns=se_column)
     return values.join(stderr).rename_axis(columns=None)
 
 
-def _add_mean_acc(jobs: pd.DataFrame, tasks: list[str]) -> pd.DataFrame:
-    """`mean_acc` over `tasks`; one `mean_acc@<variant>` per evaluation variant where tasks have several."""
+def mean_acc_parts(columns: Sequence[str], tasks: Sequence[str]) -> dict[str, list[str]]:
+    """Each mean accuracy column (`mean_acc`, `mean_acc@<variant>`) and the `acc_<task>` columns it
+    averages, given the metric columns present: one mean per evaluation variant where tasks have several."""
     if not tasks:
-        return jobs
-    values = [c for c in jobs.columns if is_metric_column(c)]
+        return {}
+    values = [c for c in columns if is_metric_column(c)]
     per_task = {t: [c for c in values if split_variant(c)[0] == f"acc_{t}"] for t in tasks}
     split = {t for t, cols in per_task.items() if any(split_variant(c)[1] for c in cols)}
     found = sorted({split_variant(c)[1] for t in split for c in per_task[t]})
+    parts = {}
     for variant in found or [""]:
         cols = [variant_column(f"acc_{t}", variant if t in split else "") for t in tasks]
-        missing = [c for c in cols if c not in jobs]
+        missing = [c for c in cols if c not in values]
         if missing:
             log.warning("no %s: no job has %s", variant_column(MEAN_ACC, variant), missing)
             continue
-        _add_mean(jobs, cols, variant_column(MEAN_ACC, variant), tasks)
+        parts[variant_column(MEAN_ACC, variant)] = cols
+    return parts
+
+
+def _add_mean_acc(jobs: pd.DataFrame, tasks: list[str]) -> pd.DataFrame:
+    """`mean_acc` over `tasks`; one `mean_acc@<variant>` per evaluation variant where tasks have several."""
+    for name, cols in mean_acc_parts(list(jobs.columns), tasks).items():
+        _add_mean(jobs, cols, name, tasks)
     return jobs
 
 

@@ -54,6 +54,19 @@ class NoopWorker:
         return [JobResult(job.key, "ok", None, (), {"job_s": 0.0}, "noop") for job in jobs]
 
 
+def _fake_hub_cache(repo_ids: Sequence[str], cache: Path) -> None:
+    """A hub cache holding a small Llama config per repo id (at commit 0...0), set as HF_HUB_CACHE."""
+    config = {"model_type": "llama", "architectures": ["LlamaForCausalLM"], "max_position_embeddings": 2048}
+    for repo_id in repo_ids:
+        repo = cache / f"models--{repo_id.replace('/', '--')}"
+        snapshot = repo / "snapshots" / ("0" * 40)
+        snapshot.mkdir(parents=True, exist_ok=True)
+        (snapshot / "config.json").write_text(json.dumps(config))
+        (repo / "refs").mkdir(exist_ok=True)
+        (repo / "refs" / "main").write_text("0" * 40)
+    os.environ["HF_HUB_CACHE"] = str(cache)
+
+
 def bench_dispatch(n_jobs: int, results_root: Path) -> dict[str, float]:
     """Seconds per driver phase for a paper-grid sweep of about `n_jobs` jobs (no-op workers)."""
     import ray
@@ -65,7 +78,9 @@ def bench_dispatch(n_jobs: int, results_root: Path) -> dict[str, float]:
     from pipeline.sweep import expand, plan_sweep
 
     n_models = math.ceil(n_jobs / PAPER_CELLS_PER_MODEL)
-    models = ",".join(f"bench/model-{i:04d}" for i in range(n_models))
+    names = [f"bench/model-{i:04d}" for i in range(n_models)]
+    _fake_hub_cache(names, results_root / "hub")  # offline, pre-flight reads hub ids from the hub cache
+    models = ",".join(names)
     overrides = [
         "+sweep=paper",
         f"model.name_or_path={models}",

@@ -25,6 +25,8 @@
 #   bash benchmarks/gpu_session.sh gptq-study  # h100 ladder (three processes on the one GPU), sweeps/gptq.yaml
 # Fifth session (one H200):
 #   bash benchmarks/gpu_session.sh gptq-1.4b   # benchmarks/gptq.py at the 1.4B shape, quantile included
+#   bash benchmarks/gpu_session.sh paired      # h100 ladder, then the paper grid on the held-out split with
+#                                              # per-chunk units and KL to 16-bit (issue 15)
 #
 # Needs (see ../shared/device/README.md): .whl/site.tar.xz (Ray, Hydra, lm-eval) and .carry/data (a copy
 # of ../shared/data), both carried. Everything stops by $BUDGET seconds (default 550) so that a 600 s
@@ -233,6 +235,18 @@ gptq-study)
       --dtypes int,nf,fp --jobs 2 --out "$OUT/gptq-h200-pythia-1.4b.json" >"$OUT/gptq-1.4b.log" 2>&1
     echo "gptq 1.4b exit $?"; grep -v -i -E "warn|it/s" "$OUT/gptq-1.4b.log" | tail -14
   fi
+  ;;
+paired)
+  # fifth session: issue 15's re-run: the h100 ladder (three processes on the one GPU), then the paper
+  # grid on the held-out split with per-chunk units and KL to 16-bit (eval=heldout_ppl), eager
+  t=$SECONDS
+  for group in "d128,d512" "d192,d384" "d256,d320"; do
+    (for size in ${group//,/ }; do python3 -m pipeline.ladders "$LADDER" --size "$size" >>"$OUT/ladder.log" 2>&1; done) &
+  done
+  wait; echo "ladder: $((SECONDS - t)) s"; grep -h "validation loss" "$OUT/ladder.log"; collect_members
+  sweep $(($(left) - 25)) -m +sweep=paper model=ladder/$LADDER eval=heldout_ppl eval.data_root=.carry/data \
+    eval.compile=false ray.workers_per_gpu=4 study=${STUDY:-h100-ladder-heldout-paired}
+  pack_results ${STUDY:-h100-ladder-heldout-paired}
   ;;
 gptq-1.4b)
   # fifth session: the 1.4B shape alone in its own call (building it took most of a shared call before)

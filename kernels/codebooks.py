@@ -1,4 +1,11 @@
-"""The `CODEBOOKS` registry: every quantization data type as a sorted codebook in [-1, 1].
+"""The data types: `DATA_TYPES` (every `QuantSpec.dtype`) and `CODEBOOKS` (those with a codebook).
+
+A codebook data type (int, fp, nf, quantile, dynamic) is a sorted codebook in [-1, 1] scaled by a block
+absmax: what `fake_quantize` and GPTQ take. `bcq` (binary-coding quantization, `kernels.bcq`) is a data
+type without one: a block is a sum of q signed 16-bit scales, quantized by its own methods (bcq,
+shiftadd). Every data type declares the bit widths it supports (`DataType.bits`); `check_bits`
+refuses the others, naming the allowed ones. Only int, nf and quantile define 2 bits (int: ternary
+{-1, 0, +1}; nf and quantile: 4 levels); bcq takes 1..4 (2^q sign patterns are searched per weight).
 
 A codebook is the set of values a normalized weight (weight / block absmax) may take; a code is an
 index into it. Data-independent codebooks (int, fp, nf, dynamic) are built once per
@@ -21,7 +28,9 @@ from torch import Tensor
 
 from kernels.registry import Registry
 
-MIN_BITS, MAX_BITS = 3, 16
+MIN_BITS, MAX_BITS = 3, 16  # the widths every codebook data type supports (the paper's sweeps: 3..8)
+LOW_BITS = 2  # int (ternary), nf and quantile (4 levels) also define 2 bits
+BCQ_BITS = (1, 2, 3, 4)  # bit planes of a binary code
 MAX_EXPONENT_BITS = 6  # E >= 7 puts normalized codes below float32's normal range (the arithmetic is float32)
 QUANTILE_MAX_SAMPLE = 1 << 20  # values used to estimate a quantile codebook (whole blocks, evenly strided)
 
@@ -35,15 +44,21 @@ class DataType:
         build: (bits, exponent_bits) -> float64 values, sorted, max |value| == 1; None when the
             codebook depends on the tensor (quantile).
         description: one line for docs and errors.
+        bits: the bit widths it supports.
+        blockwise: whether it is a codebook scaled by a block absmax (in `CODEBOOKS`, taken by
+            `fake_quantize` and GPTQ); False for bcq, whose methods quantize it their own way.
     """
 
     name: str
     build: Callable[[int, int | None], Tensor] | None
     description: str
+    bits: tuple[int, ...] = tuple(range(MIN_BITS, MAX_BITS + 1))
+    blockwise: bool = True  # a codebook scaled by a block absmax; False: a format of its own (bcq)
 
     @property
     def data_dependent(self) -> bool:
-        return self.build is None
+        """The codebook is estimated from the tensor (stored with it): quantile."""
+        return self.blockwise and self.build is None
 
 
 @dataclass(frozen=True, eq=False)
@@ -121,18 +136,44 @@ def _dynamic_values(bits: int, exponent_bits: int | None) -> Tensor:
     return torch.sort(values).values
 
 
-CODEBOOKS: Registry[DataType] = Registry("quantization data type")
-CODEBOOKS.register("int", DataType("int", _int_values, "symmetric integer, 2^k-1 levels"))
-CODEBOOKS.register("fp", DataType("fp", _fp_values, "sign, E exponent, k-1-E mantissa bits, subnormals"))
-CODEBOOKS.register("nf", DataType("nf", _nf_values, "normal float: standard-normal quantiles plus 0"))
-CODEBOOKS.register("quantile", DataType("quantile", None, "the tensor's empirical quantiles plus 0"))
-CODEBOOKS.register("dynamic", DataType("dynamic", _dynamic_values, "dynamic base-10 exponent"))
+WITH_LOW_BITS = tuple(range(LOW_BITS, MAX_BITS + 1))
+DATA_TYPES: Registry[DataType] = Registry("quantization data type")
+CODEBOOKS: Registry[DataType] = Registry("codebook data type")
+for _kind in (
+    DataType("int", _int_values, "symmetric integer, 2^k-1 levels (2 bits: ternary)", WITH_LOW_BITS),
+    DataType("fp", _fp_values, "sign, E exponent, k-1-E mantissa bits, subnormals"),
+    DataType("nf", _nf_values, "normal float: standard-normal quantiles plus 0", WITH_LOW_BITS),
+    DataType("quantile", None, "the tensor's empirical quantiles plus 0", WITH_LOW_BITS),
+    DataType("dynamic", _dynamic_values, "dynamic base-10 exponent"),
+    DataType("bcq", None, "binary coding: q signed 16-bit scales per block", BCQ_BITS, blockwise=False),
+):
+    DATA_TYPES.register(_kind.name, _kind)
+    if _kind.blockwise:
+        CODEBOOKS.register(_kind.name, _kind)
 
 
-def check_bits(bits: object) -> int:
-    """Return `bits` if it is an int in 3..16, else raise ValueError."""
-    if isinstance(bits, bool) or not isinstance(bits, int) or not MIN_BITS <= bits <= MAX_BITS:
-        raise ValueError(f"bits={bits!r} is not allowed; bits must be an int in {MIN_BITS}..{MAX_BITS}")
+def bit_ranges(values: tuple[int, ...]) -> str:
+    """(2, 3, 4, 5, 8) -> "2..5, 8": allowed bit widths as they are named in errors."""
+    runs: list[list[int]] = []
+    for v in sorted(values):
+        if runs and v == runs[-1][-1] + 1:
+            runs[-1].append(v)
+        else:
+            runs.append([v])
+    return ", ".join(f"{r[0]}..{r[-1]}" if len(r) > 2 else ", ".join(map(str, r)) for r in runs)
+
+
+def check_bits(bits: object, dtype: str | None = None) -> int:
+    """Return `bits` if `dtype` supports it (None: the range every codebook type supports, 3..16).
+
+    Raises:
+        KeyError: unknown dtype.
+        ValueError: naming the bad value and the data type's allowed widths.
+    """
+    allowed = tuple(range(MIN_BITS, MAX_BITS + 1)) if dtype is None else DATA_TYPES[dtype].bits
+    if isinstance(bits, bool) or not isinstance(bits, int) or bits not in allowed:
+        of = "" if dtype is None else f" for dtype {dtype!r}"
+        raise ValueError(f"bits={bits!r} is not allowed{of}; bits must be an int in {bit_ranges(allowed)}")
     return bits
 
 
@@ -181,7 +222,7 @@ def static_levels(dtype: str, bits: int, exponent_bits: int | None, device: torc
         cpu = static_levels(dtype, bits, exponent_bits, torch.device("cpu"))
         return Levels(values=cpu.values.to(device), mids=cpu.mids.to(device))
     kind = CODEBOOKS[dtype]
-    check_bits(bits)
+    check_bits(bits, dtype)
     check_exponent_bits(dtype, bits, exponent_bits)
     if kind.build is None:
         raise ValueError(
@@ -236,7 +277,7 @@ def codebook(
 
     Args:
         dtype: a key of `CODEBOOKS` ("int", "fp", "nf", "quantile", "dynamic").
-        bits: 3..16.
+        bits: the data type's widths (`DataType.bits`).
         exponent_bits: "fp" only; None is `default_exponent_bits(bits)`.
         w: the weight tensor; required for "quantile", ignored otherwise.
         block_size: "quantile" only: the blocks whose normalized values the codebook is estimated
@@ -245,9 +286,10 @@ def codebook(
     Returns:
         A new float32 tensor (CPU; quantile: on w's device).
     """
-    check_bits(bits)
+    kind = CODEBOOKS[dtype]  # bcq has no codebook: an unknown name here
+    check_bits(bits, dtype)
     check_exponent_bits(dtype, bits, exponent_bits)
-    if CODEBOOKS[dtype].data_dependent:
+    if kind.data_dependent:
         if w is None:
             raise ValueError(f"dtype {dtype!r} needs the tensor to build its codebook: pass w=<tensor>")
         from kernels.blockwise import quantile_sample  # blockwise imports this module

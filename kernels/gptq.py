@@ -21,6 +21,11 @@ The arithmetic of one column is the torch reference's (`kernels.blockwise`) oper
 with a diagonal H nothing propagates and GPTQ returns RTN's values bit for bit (a test checks).
 Everything is float32 on the weights' device; the G matrices of a batch are solved together, so the
 Python loop runs over columns only (no loop over matrices, rows or blocks).
+
+The quantizer is a parameter (`gptq_solve(w, h, quantizer, ...)`, any `ColumnQuantizer`): the loop asks
+it to fix a block's constants when the block's first column comes up (`start`), to gather one column's
+constants (`pick`) and to round a column (`quantize`). `gptq_quantize` is GPTQ over the blockwise
+codebooks (`BlockwiseColumns`); `kernels.bcq.BCQColumns` is ShiftAddLLM's binary codes in the same loop.
 """
 
 from __future__ import annotations
@@ -29,6 +34,7 @@ import itertools
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any, Protocol
 
 import torch
 from torch import Tensor
@@ -175,6 +181,40 @@ def quantize_column(x: Tensor, ids: Tensor, scales: _Scales, levels: Levels | Co
     return _quantize_picked(x, _pick(scales, ids), levels)
 
 
+class ColumnQuantizer(Protocol):
+    """What the column loop asks of a quantizer. Blocks are ids into each matrix's row-major flattening."""
+
+    def start(self, w: Tensor, blocks: Tensor) -> None:
+        """Fix the constants of `blocks` from w [G, rows, cols] as updated now (their first column is
+        next)."""
+
+    def pick(self, ids: Tensor) -> Any:
+        """The constants of one column's blocks `ids` ([rows], or [G, rows] with act_order), gathered."""
+
+    def quantize(self, x: Tensor, picked: Any) -> Tensor:
+        """Column values x [G, rows] -> the values of their nearest codes (float32)."""
+
+
+class BlockwiseColumns:
+    """GPTQ's own quantizer: a block's absmax (and mean) and a codebook (shared, or one per matrix)."""
+
+    def __init__(self, w: Tensor, levels: Levels | Codebooks, size: int, centering: bool) -> None:
+        g, rows, cols = w.shape
+        empty = torch.zeros(g, math.ceil(rows * cols / size), device=w.device)
+        mean = empty.clone() if centering else None
+        self.scales = _Scales(empty.clone(), empty.clone(), empty.clone(), mean)
+        self.levels, self.size, self.centering = levels, size, centering
+
+    def start(self, w: Tensor, blocks: Tensor) -> None:
+        self.scales.set(blocks, *block_scales(w, blocks, self.size, self.centering))
+
+    def pick(self, ids: Tensor) -> _Picked:
+        return _pick(self.scales, ids)
+
+    def quantize(self, x: Tensor, picked: _Picked) -> Tensor:
+        return _quantize_picked(x, picked, self.levels)
+
+
 def gptq_quantize(
     w: Tensor,
     h: Tensor,
@@ -188,19 +228,23 @@ def gptq_quantize(
     `levels`: the codebook shared by the batch, or `Codebooks` with one per matrix (quantile: estimated by
     the caller from each matrix's original weights).
     """
-    if w.dim() != 3 or h.shape != (w.shape[0], w.shape[2], w.shape[2]):
-        raise ValueError(
-            f"gptq needs w [G, out, in] and h [G, in, in]; got {tuple(w.shape)}, {tuple(h.shape)}"
-        )
-    g, rows, cols = w.shape
-    size = rows * cols if block_size is None else min(block_size, rows * cols)
+    _check_shapes(w, h)
+    size = _block(w, block_size)
+    return gptq_solve(w, h, BlockwiseColumns(w, levels, size, centering), size, settings)
+
+
+def gptq_solve(
+    w: Tensor, h: Tensor, quantizer: ColumnQuantizer, block_size: int | None, settings: GPTQSettings
+) -> Tensor:
+    """GPTQ's column loop over G matrices w [G, out, in] with Hessians h [G, in, in] and any quantizer
+    whose blocks are `block_size` values of the row-major flattening; float32 result."""
+    _check_shapes(w, h)
+    _g, rows, cols = w.shape
+    size = _block(w, block_size)
     w = w.to(torch.float32).clone()
-    n_blocks = math.ceil(rows * cols / size)
-    empty = torch.zeros(g, n_blocks, device=w.device)
-    scales = _Scales(empty.clone(), empty.clone(), empty.clone(), empty.clone() if centering else None)
     row_base = torch.arange(rows, device=w.device) * cols
     if settings.act_order:
-        return _act_order(w, h, levels, size, centering, settings, scales, row_base)
+        return _act_order(w, h, quantizer, size, settings, row_base)
     u, dead = inverse_factor(h.to(torch.float32), settings.damp)
     w.masked_fill_(dead[:, None, :], 0.0)
     starts = block_starts(rows, cols, size)
@@ -208,12 +252,25 @@ def gptq_quantize(
     for i1, i2 in _batches(cols, settings.lazy_block, starts):
         begin = torch.nonzero(starts == i1).flatten().to(w.device)
         if begin.numel():
-            scales.set(begin, *block_scales(w, begin, size, centering))
-        # one gather of the scales per batch when no block boundary falls inside it (every layout
+            quantizer.start(w, begin)
+        # one gather of the constants per batch when no block boundary falls inside it (every layout
         # but blocks that wrap from one row into the next): the loop below is launch-bound
         fixed = torch.equal((host_rows + i1) // size, (host_rows + i2 - 1) // size)
-        _solve_batch(w, u, i1, i2, lambda j: (row_base + j) // size, scales, levels, fixed)
+        _solve_batch(w, u, i1, i2, lambda j: (row_base + j) // size, quantizer, fixed)
     return w
+
+
+def _check_shapes(w: Tensor, h: Tensor) -> None:
+    if w.dim() != 3 or h.shape != (w.shape[0], w.shape[2], w.shape[2]):
+        raise ValueError(
+            f"gptq needs w [G, out, in] and h [G, in, in]; got {tuple(w.shape)}, {tuple(h.shape)}"
+        )
+
+
+def _block(w: Tensor, block_size: int | None) -> int:
+    """Values per block of one matrix of w [G, rows, cols]."""
+    n = w.shape[1] * w.shape[2]
+    return n if block_size is None else min(block_size, n)
 
 
 def _batches(cols: int, lazy: int, starts: Tensor) -> list[tuple[int, int]]:
@@ -228,21 +285,20 @@ def _solve_batch(
     i1: int,
     i2: int,
     block_ids: Callable[[int], Tensor],
-    scales: _Scales,
-    levels: Levels | Codebooks,
+    quantizer: ColumnQuantizer,
     fixed: bool = False,
 ) -> None:
     """Quantize columns i1..i2 of w in place (w holds q there after), then push their error right.
 
-    `fixed`: every column of the batch lies in the same blocks (their scales are gathered once).
+    `fixed`: every column of the batch lies in the same blocks (their constants are gathered once).
     """
     w1 = w[:, :, i1:i2].clone()
     err = torch.zeros_like(w1)
     u1 = u[:, i1:i2, i1:i2]
-    picked = _pick(scales, block_ids(i1)) if fixed else None
+    picked = quantizer.pick(block_ids(i1)) if fixed else None
     for i in range(i2 - i1):
         x = w1[:, :, i]
-        q = _quantize_picked(x, picked if picked is not None else _pick(scales, block_ids(i1 + i)), levels)
+        q = quantizer.quantize(x, picked if picked is not None else quantizer.pick(block_ids(i1 + i)))
         e = (x - q) / u1[:, i, i][:, None]
         w1[:, :, i:] -= e[:, :, None] * u1[:, None, i, i:]
         w1[:, :, i] = q
@@ -252,20 +308,12 @@ def _solve_batch(
 
 
 def _act_order(
-    w: Tensor,
-    h: Tensor,
-    levels: Levels | Codebooks,
-    size: int,
-    centering: bool,
-    settings: GPTQSettings,
-    scales: _Scales,
-    row_base: Tensor,
+    w: Tensor, h: Tensor, quantizer: ColumnQuantizer, size: int, settings: GPTQSettings, row_base: Tensor
 ) -> Tensor:
-    """Columns by descending diag(H) per matrix; every block's scale from the original weights."""
+    """Columns by descending diag(H) per matrix; every block's constants from the original weights."""
     _g, rows, cols = w.shape
     w.masked_fill_((h.diagonal(dim1=-2, dim2=-1) == 0)[:, None, :], 0.0)  # dead columns, as GPTQ does
-    everything = torch.arange(math.ceil(rows * cols / size), device=w.device)
-    scales.set(everything, *block_scales(w, everything, size, centering))
+    quantizer.start(w, torch.arange(math.ceil(rows * cols / size), device=w.device))
     perm = torch.argsort(h.diagonal(dim1=-2, dim2=-1), dim=-1, descending=True, stable=True)
     hp = torch.gather(torch.gather(h.to(torch.float32), 1, perm[:, :, None].expand(-1, -1, cols)), 2,
                       perm[:, None, :].expand(-1, cols, -1))  # fmt: skip
@@ -273,9 +321,7 @@ def _act_order(
     wp = torch.gather(w, 2, perm[:, None, :].expand(-1, rows, -1))
     no_starts = torch.zeros(0, dtype=torch.int64)
     for i1, i2 in _batches(cols, settings.lazy_block, no_starts):
-        _solve_batch(
-            wp, u, i1, i2, lambda j: (row_base[None, :] + perm[:, j : j + 1]) // size, scales, levels
-        )
+        _solve_batch(wp, u, i1, i2, lambda j: (row_base[None, :] + perm[:, j : j + 1]) // size, quantizer)
     out = torch.empty_like(wp)
     out.scatter_(2, perm[:, None, :].expand(-1, rows, -1), wp)
     return out

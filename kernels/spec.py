@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from kernels.codebooks import CODEBOOKS, check_bits, check_exponent_bits, default_exponent_bits
+from kernels.codebooks import DATA_TYPES, check_bits, check_exponent_bits, default_exponent_bits
 
 
 @dataclass(frozen=True)
@@ -12,8 +12,9 @@ class QuantSpec:
     """One quantization recipe: data type, bits, block size.
 
     Attributes:
-        dtype: a key of `CODEBOOKS`: "int", "fp", "nf", "quantile", "dynamic".
-        bits: bits per code, 3..16.
+        dtype: a key of `DATA_TYPES`: "int", "fp", "nf", "quantile", "dynamic" (`CODEBOOKS`), "bcq".
+        bits: bits per code, the data type's widths (`DataType.bits`: 3..16; int, nf, quantile from 2;
+            bcq 1..4 bit planes).
         block_size: values per absmax block over the row-major flattening of the weight
             (nn.Linear's [out, in]); None: one absmax for the whole tensor.
         exponent_bits: "fp" only; None is the paper's default (`default_exponent_bits`).
@@ -22,7 +23,8 @@ class QuantSpec:
 
     Raises:
         KeyError: unknown dtype (with close matches).
-        ValueError: bits outside 3..16, impossible exponent_bits, block_size <= 0, non-bool centering.
+        ValueError: bits the data type does not support, impossible exponent_bits, block_size <= 0,
+            non-bool centering.
     """
 
     dtype: str
@@ -32,8 +34,8 @@ class QuantSpec:
     centering: bool = False
 
     def __post_init__(self) -> None:
-        CODEBOOKS[self.dtype]
-        check_bits(self.bits)
+        DATA_TYPES[self.dtype]
+        check_bits(self.bits, self.dtype)
         if self.block_size is not None and (
             isinstance(self.block_size, bool) or not isinstance(self.block_size, int) or self.block_size <= 0
         ):

@@ -29,7 +29,7 @@ CONF_DIR = PROJECT_ROOT / "conf"
 SWEEPS_DIR = PROJECT_ROOT / "sweeps"
 GROUPS = ("model", "quant", "eval", "ray")
 # Keys that hold for the whole run: a sweep giving them several values is refused (`run_wide_problems`)
-RUN_WIDE = ("results_root", "rerun_failed", "dry_run", "report", "plugins", "ray")
+RUN_WIDE = ("results_root", "rerun_failed", "dry_run", "report", "plugins", "ray", "verbose")
 T = TypeVar("T")
 
 
@@ -79,6 +79,7 @@ class PerplexityConfig:
     context_length: int = 512
     stride: int = 512
     max_tokens: int | None = None
+    kl_tokens: int | None = None  # KL to the 16-bit model on the first kl_tokens scored tokens; null: off
 
 
 @dataclass
@@ -90,7 +91,8 @@ class EvalConfig:
     limit: int | None = None
     batch_size: int = 32
     data_root: str = "../shared/data"  # relative to the project root
-    # "hflm" (lm-eval's HFLM + evaluate) or "fast" (FastScorer + pipeline.evals.fastmetrics: same values)
+    # "hflm" (lm-eval's HFLM + evaluate) or "fast" (FastScorer + pipeline.evals.fastmetrics: the same
+    # values in float32; in bf16 HFLM rounds log-probs to bf16: docs/ARCHITECTURE.md, "Scorer numerics")
     scorer: str = "hflm"
     # torch.compile the decoder blocks once per resident model: null (auto: on CUDA, except for lm-eval
     # tasks scored by hflm), true, false. Not in the job key: it changes speed, not the numbers.
@@ -130,6 +132,7 @@ class Config:
     dry_run: bool = False
     report: bool = False  # write the analysis report of each study after the sweep (the demo does)
     plugins: list[str] = field(default_factory=list)  # modules imported by the driver and every worker
+    verbose: bool = False  # workers' progress bars and lm-eval's notices (off: the driver's progress line)
 
 
 def register_configs() -> None:
@@ -269,10 +272,12 @@ def import_plugins(modules: Sequence[str]) -> None:
 
 
 def replace_path(cfg: T, updates: dict[str, Any]) -> T:
-    """`cfg` with dotted keys set (`{"quant.bits": 4}`), rebuilt through `dataclasses.replace`.
+    """`cfg` with dotted keys set (`{"quant.bits": 4}`), rebuilt through `dataclasses.replace`; an
+    integer part indexes a list (`{"eval.perplexity.0.max_tokens": 2048}` sets the first text set's).
 
     Values must already have the schema's types (the sweep expander validates them once per
     distinct value); this is the fast path that lets a 35,000-cell grid skip per-cell composition.
+    Nothing is modified in place: changed dataclasses and lists are new objects.
     """
     nested: dict[str, Any] = {}
     for key, value in updates.items():
@@ -281,10 +286,36 @@ def replace_path(cfg: T, updates: dict[str, Any]) -> T:
             nested.setdefault(head, {})[rest] = value
         else:
             nested[head] = value
-    changes: dict[str, Any] = {}
-    for head, value in nested.items():
-        if isinstance(value, dict) and dataclasses.is_dataclass(getattr(cfg, head, None)):
-            changes[head] = replace_path(getattr(cfg, head), value)
-        else:
-            changes[head] = value
+    if isinstance(cfg, list):
+        items = list(cfg)
+        for head, value in nested.items():
+            items[int(head)] = _replaced(items[int(head)], value)
+        return items  # type: ignore[return-value]
+    changes = {head: _replaced(getattr(cfg, head, None), value) for head, value in nested.items()}
     return dataclasses.replace(cfg, **changes)  # type: ignore[type-var]
+
+
+def list_index_problem(cfg: Any, key: str) -> str | None:
+    """Why dotted `key` indexes past the end of a list in the composed `cfg` (None: it does not).
+
+    An indexed override sets a field of an item the config already has; it cannot add one.
+    """
+    from omegaconf import ListConfig, OmegaConf
+
+    parts = key.split(".")
+    for i, part in enumerate(parts[1:], start=1):
+        parent = OmegaConf.select(cfg, ".".join(parts[:i]), default=None)
+        if part.isdigit() and isinstance(parent, ListConfig) and int(part) >= len(parent):
+            where = ".".join(parts[:i])
+            return (
+                f"{where} has {len(parent)} item(s) (indices 0..{len(parent) - 1}); an indexed override "
+                f"sets a field of an existing item: give the whole list to change its length ({where}=[...])"
+            )
+    return None
+
+
+def _replaced(current: Any, value: Any) -> Any:
+    """`value`, or for the nested updates of a dataclass or list, `current` with them set."""
+    if isinstance(value, dict) and (dataclasses.is_dataclass(current) or isinstance(current, list)):
+        return replace_path(current, value)
+    return value

@@ -4,12 +4,11 @@ The driver keeps `in_flight_per_worker` calls queued on each actor, so an actor 
 the driver; a call carries one job, or a batch of about BATCH_S seconds of work when jobs are short
 (Ray's per-call cost, ~1-5 ms, would otherwise dominate). It hands each actor jobs of the model
 it already holds, and moves an idle actor to the model with the most pending jobs per actor
-already on it. A job whose actor dies is put back and runs elsewhere (or on the restarted actor);
-after `max_attempts` deaths it is recorded as failed. A dead actor gets no work until a `describe`
-probe answers (Ray restarted it); the probe never blocks the loop, so a lost node (whose actors
-cannot be placed again while the other nodes' GPUs are taken) costs no time: the others go on.
-Calls to an actor that Ray lists as not alive (its node died) may never return, so every HEALTH_S
-the driver reads Ray's actor table and treats such an actor's calls as failed.
+already on it. When an actor dies, the jobs of its calls that wrote their result file are done; the
+one it was running (the first unfinished job of its oldest call) is charged an attempt and put back,
+the others go back uncharged; a job charged `max_attempts` times is recorded as failed, naming an
+out-of-memory kill when Ray reports one. Which workers take work, and their restarts and
+replacements, is `pipeline.pool`'s concern.
 """
 
 from __future__ import annotations
@@ -17,17 +16,20 @@ from __future__ import annotations
 import logging
 import math
 import os
+import signal
+import threading
 import time
 from collections import Counter, deque
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 from pipeline.config import RayConfig
 from pipeline.jobs import Job
+from pipeline.pool import WorkerLost, WorkerPool, death_error
 from pipeline.progress import Progress
-from pipeline.results import job_path, write_job_rows
+from pipeline.results import STATUS_OK, job_outcome, job_path, write_job_rows
 from pipeline.specs import ModelRef
 from pipeline.worker import JobResult, WorkerEnv, job_rows
 
@@ -35,8 +37,8 @@ log = logging.getLogger(__name__)
 
 BATCH_S = 0.25  # short jobs travel in batches of about this many seconds of work per call
 MAX_BATCH = 64  # at most this many jobs per call (all are retried if the worker dies)
-HEALTH_S = 5.0  # how often the driver asks Ray's actor table whether busy actors are still alive
-PROBE_S = 120.0  # a dead actor that does not answer within this long (restarts re-import torch) stays dead
+NEW_WORKERS_PER_WORKER = 2  # a run may start this many new actors per initial one, for actors lost for good
+FRESH_SLACK_S = 1.0  # a result file written this long before its call was sent still counts as its own
 
 
 class Scheduler:
@@ -107,9 +109,12 @@ def connect(cfg: RayConfig) -> bool:
     kwargs: dict[str, Any] = {"include_dashboard": False, "log_to_driver": True}
     if cfg.address is None:
         kwargs.update(num_cpus=cfg.num_cpus, num_gpus=cfg.num_gpus)
+    sigterm = signal.getsignal(signal.SIGTERM)
     # "local" always starts a new embedded cluster: a bare ray.init() would join any cluster already
     # running on this machine (or RAY_ADDRESS), which is what ray.address=auto is for.
     ray.init(address=cfg.address or "local", **kwargs)
+    if threading.current_thread() is threading.main_thread() and sigterm is not None:
+        signal.signal(signal.SIGTERM, sigterm)  # ray.init's own handler exits at once: keep the caller's
     return True
 
 
@@ -125,11 +130,44 @@ def start_workers(
 
     from pipeline.worker import ModelWorker
 
-    quiet = {"TQDM_DISABLE": os.environ.get("TQDM_DISABLE", "1")}  # no progress bars from every worker
+    quiet = {  # no progress bars from every worker, unless verbose=true (KBIT_VERBOSE, set by the driver)
+        "TQDM_DISABLE": os.environ.get("TQDM_DISABLE", "0" if os.environ.get("KBIT_VERBOSE") else "1"),
+        "KBIT_VERBOSE": os.environ.get("KBIT_VERBOSE", ""),
+    }
     actor = ray.remote(worker_cls or ModelWorker).options(
         **plan.options, max_restarts=max_restarts, runtime_env={"env_vars": quiet}
     )
     return [actor.remote(str(results_root), plan.cpu_threads, list(plugins)) for _ in range(plan.count)]
+
+
+def run_on_ray(
+    jobs: Sequence[Job],
+    cfg: RayConfig,
+    results_root: Path,
+    progress: Progress,
+    worker_cls: Any = None,
+    plugins: Sequence[str] = (),
+) -> None:
+    """Start (or join) Ray, start the workers, `run_jobs`, and stop the workers (and Ray) again."""
+    import ray
+
+    started = connect(cfg)
+    workers: list[Any] = []
+    try:
+        plan = plan_workers(cfg, ray.cluster_resources(), len(jobs))
+        one = replace(plan, count=1)
+        workers = start_workers(plan, results_root, cfg.max_attempts, worker_cls, plugins)
+        log.info("%d worker(s), each %s", len(workers), plan.options)
+        run_jobs(
+            jobs, workers, progress, results_root, cfg.max_attempts, cfg.in_flight_per_worker,
+            spawn=lambda: start_workers(one, results_root, cfg.max_attempts, worker_cls, plugins)[0],
+            max_new_workers=NEW_WORKERS_PER_WORKER * len(workers),
+        )  # fmt: skip
+    finally:
+        for actor in workers:
+            ray.kill(actor)
+        if started:
+            ray.shutdown()
 
 
 def run_jobs(
@@ -139,50 +177,83 @@ def run_jobs(
     results_root: Path,
     max_attempts: int = 3,
     depth: int = 2,
+    spawn: Callable[[], Any] | None = None,
+    max_new_workers: int = 0,
 ) -> bool:
-    """Run `jobs` on `workers` until all finish; returns False if interrupted (Ctrl-C)."""
-    import ray
+    """Run `jobs` on `workers` until all finish; returns False if interrupted (Ctrl-C, SIGTERM).
 
-    state = _Flight(Scheduler(jobs, len(workers)), workers, depth)
+    `spawn` starts a new worker actor for one lost for good, at most `max_new_workers` times; when no
+    worker is left, the run stops (`progress.stopped` says why) with the rest not run.
+    """
+    pool = WorkerPool(workers, spawn, max_new_workers)
+    state = _Flight(Scheduler(jobs, len(workers)), pool, depth, progress, results_root, max_attempts)
     try:
         while state.scheduler.has_pending() or state.in_flight:
             state.fill()
+            stop = _stop_reason(state)
+            if stop:
+                progress.stopped = f"{stop}; see the Ray logs (e.g. /tmp/ray/session_latest/logs)"
+                log.error("%s", progress.stopped)
+                break
             for ref in state.wait():
-                if ref in state.probes:
-                    state.settle_probe(ref)
-                    continue
-                batch, worker = state.in_flight.pop(ref)
-                state.load[worker] -= 1
-                _settle(ref, batch, worker, state, progress, results_root, max_attempts, ray)
-            state.expire_probes()
-            for worker in state.lost_workers():
-                for ref in [r for r, (_, w) in state.in_flight.items() if w == worker]:
-                    batch, _ = state.in_flight.pop(ref)
-                    state.load[worker] -= 1
-                    ray.cancel(ref, force=False)
-                    for job in batch:
-                        _on_worker_death(job, state, progress, results_root, max_attempts, RuntimeError())
-                state.on_death(worker)
+                if ref in pool.probes:
+                    pool.settle_probe(ref)
+                elif ref in state.in_flight:
+                    _settle(ref, state.pop(ref), state)
+            pool.tick()
+            for worker in pool.lost_workers({call.worker for call in state.in_flight.values()}):
+                _on_death(worker, [], WorkerLost("Ray lists it as not alive"), state)
             progress.maybe_log()
-    except KeyboardInterrupt:
-        n_jobs = sum(len(batch) for batch, _ in state.in_flight.values())
+    except KeyboardInterrupt as err:
+        progress.interrupt(err)
+        n_jobs = sum(len(call.jobs) for call in state.in_flight.values())
         log.warning("interrupted: %d jobs in flight are dropped", n_jobs)
         return False
+    finally:
+        pool.close()
     return True
 
 
-class _Flight:
-    """The driver's bookkeeping: which jobs run on which worker, and which workers are alive."""
+def _stop_reason(state: _Flight) -> str:
+    """Why no job can run any more ("" while one can)."""
+    if not state.scheduler.has_pending() or state.in_flight:
+        return ""
+    if not state.pool.usable():
+        return f"every worker was lost ({len(state.pool.spawned)} new one(s) started)"
+    if state.pool.no_live_node():
+        return "no Ray node is alive (its raylet died), so no worker can start"
+    return ""
 
-    def __init__(self, scheduler: Scheduler, workers: Sequence[Any], depth: int) -> None:
-        self.scheduler, self.workers, self.depth = scheduler, list(workers), depth
-        self.in_flight: dict[Any, tuple[list[Job], int]] = {}  # call -> (its jobs, worker index)
-        self.load = [0] * len(workers)
-        self.alive = [True] * len(workers)
-        self.probes: dict[Any, tuple[int, float]] = {}  # describe() call -> (dead worker, deadline)
-        self.next_health = time.monotonic() + HEALTH_S
-        self.attempts: Counter[str] = Counter()  # worker deaths per job key
-        self.job_s: list[float | None] = [None] * len(workers)  # moving average of job seconds
+
+@dataclass(frozen=True)
+class _Call:
+    """One run_batch call: its jobs, its worker, its order among calls, and when it was sent."""
+
+    jobs: list[Job]
+    worker: int
+    seq: int
+    sent: float  # time.time(): a result file written since is this call's
+
+
+class _Flight:
+    """The driver's bookkeeping: which calls run on which worker, attempts, and where results go."""
+
+    def __init__(
+        self,
+        scheduler: Scheduler,
+        pool: WorkerPool,
+        depth: int,
+        progress: Progress,
+        results_root: Path,
+        max_attempts: int,
+    ) -> None:
+        self.scheduler, self.pool, self.depth = scheduler, pool, depth
+        self.progress, self.results_root, self.max_attempts = progress, results_root, max_attempts
+        self.in_flight: dict[Any, _Call] = {}  # call -> what it carries
+        self.load = [0] * len(pool.actors)
+        self.sent = 0  # calls sent so far (each call's seq)
+        self.attempts: Counter[str] = Counter()  # worker deaths charged per job key
+        self.job_s: list[float | None] = [None] * len(pool.actors)  # moving average of job seconds
 
     def batch_of(self, worker: int) -> int:
         """Jobs per call: 1, or about BATCH_S seconds of work when jobs are short (no-ops, tiny models)."""
@@ -196,15 +267,24 @@ class _Flight:
         self.job_s[worker] = job_s if last is None else 0.8 * last + 0.2 * job_s
 
     def fill(self) -> None:
-        for worker, actor in enumerate(self.workers):
-            while self.alive[worker] and self.load[worker] < self.depth:
+        for worker, actor in enumerate(self.pool.actors):
+            while self.pool.alive[worker] and self.load[worker] < self.depth:
                 batch = self._take(worker, self.batch_of(worker))
                 if not batch:
                     break
-                self.in_flight[actor.run_batch.remote(batch)] = (batch, worker)
+                self.in_flight[actor.run_batch.remote(batch)] = _Call(batch, worker, self.sent, time.time())
+                self.sent += 1
                 self.load[worker] += 1
-        if self.scheduler.has_pending() and not any(self.alive) and not self.probes:
-            raise RuntimeError("every worker actor died; see the Ray logs (e.g. /tmp/ray/session_latest)")
+
+    def pop(self, ref: Any) -> _Call:
+        call = self.in_flight.pop(ref)
+        self.load[call.worker] -= 1
+        return call
+
+    def calls_of(self, worker: int) -> list[tuple[Any, _Call]]:
+        """Take every call in flight on `worker` out of the books."""
+        refs = [ref for ref, call in self.in_flight.items() if call.worker == worker]
+        return [(ref, self.pop(ref)) for ref in refs]
 
     def _take(self, worker: int, n: int) -> list[Job]:
         batch: list[Job] = []
@@ -212,114 +292,108 @@ class _Flight:
             batch.append(job)
         return batch
 
-    def on_death(self, worker: int) -> None:
-        """Stop feeding `worker` and probe it (once) to learn whether Ray restarted it."""
-        if self.alive[worker]:
-            self.alive[worker] = False
-            self.probes[self.workers[worker].describe.remote()] = (worker, time.monotonic() + PROBE_S)
-
-    def lost_workers(self) -> list[int]:
-        """Workers with calls in flight that Ray's actor table lists as RESTARTING or DEAD (each HEALTH_S)."""
-        now = time.monotonic()
-        if now < self.next_health:
-            return []
-        self.next_health = now + HEALTH_S
-        busy = {w for _, w in self.in_flight.values()}
-        if not busy:
-            return []
-        try:  # a private Ray API (no dashboard needed); if it changes, the check is off, nothing breaks
-            from ray._private.state import actors
-
-            table = actors()
-            ids = {w: self.workers[w]._actor_id.hex() for w in busy}
-        except Exception:
-            return []
-        lost = [w for w, i in ids.items() if table.get(i, {}).get("State") in ("RESTARTING", "DEAD")]
-        for worker in lost:
-            log.warning("worker %d is %s; its calls go elsewhere", worker, table[ids[worker]]["State"])
-        return lost
-
-    def settle_probe(self, ref: Any) -> None:
-        import ray
-
-        worker, _ = self.probes.pop(ref)
-        try:
-            ray.get(ref)
-        except ray.exceptions.RayError as err:
-            log.warning("worker %d is gone for good (%s)", worker, type(err).__name__)
-            return
-        log.info("worker %d is back (restarted)", worker)
-        self.alive[worker] = True
-
-    def expire_probes(self) -> None:
-        now = time.monotonic()
-        for ref, (worker, deadline) in list(self.probes.items()):
-            if now > deadline:
-                log.warning("worker %d did not come back in %.0f s; going on without it", worker, PROBE_S)
-                del self.probes[ref]
-
     def wait(self) -> list[Any]:
         import ray
 
-        refs = [*self.in_flight, *self.probes]
+        refs = [*self.in_flight, *self.pool.probes]
+        if not refs:  # only probes waiting for their backoff
+            time.sleep(0.1)
+            return []
         ready, _ = ray.wait(refs, num_returns=len(refs), timeout=0)
         if not ready:
             ready, _ = ray.wait(refs, num_returns=1, timeout=1.0)
         return ready
 
 
-def _settle(
-    ref: Any,
-    batch: list[Job],
-    worker: int,
-    state: _Flight,
-    progress: Progress,
-    results_root: Path,
-    max_attempts: int,
-    ray: Any,
-) -> None:
-    """Record a finished call; a dead worker's jobs go back in the queue (or fail for good)."""
+def _settle(ref: Any, call: _Call, state: _Flight) -> None:
+    """Record a finished call; a dead worker's calls go to `_on_death`."""
+    import ray
+
     try:
         results: list[JobResult] = ray.get(ref)
     except ray.exceptions.RayActorError as err:
-        state.on_death(worker)
-        for job in batch:
-            _on_worker_death(job, state, progress, results_root, max_attempts, err)
+        _on_death(call.worker, [call], err, state)
         return
     except ray.exceptions.RayError as err:  # the call itself failed (e.g. a Job that cannot unpickle)
-        for job in batch:
-            _record_failure(
-                job, f"{type(err).__name__}: {str(err).strip().splitlines()[-1]}", progress, results_root
-            )
+        for job in call.jobs:
+            _record_failure(job, f"{type(err).__name__}: {str(err).strip().splitlines()[-1]}", state)
         return
-    for job, result in zip(batch, results, strict=True):
-        state.observe(worker, result.timings.get("job_s", 0.0))
-        if result.rows and not job_path(results_root / job.study, job.key).exists():  # not our disk
-            write_job_rows(results_root / job.study, job.key, result.rows)
-        progress.record(job.key, result.status == "ok", result.error)
+    _record_results(call, results, state)
 
 
-def _on_worker_death(
-    job: Job,
-    state: _Flight,
-    progress: Progress,
-    results_root: Path,
-    max_attempts: int,
-    err: Exception,
-) -> None:
-    attempts = state.attempts
-    attempts[job.key] += 1
-    if attempts[job.key] < max_attempts:
-        log.warning("job %s: worker died (%s); retrying elsewhere", job.key[:12], type(err).__name__)
-        progress.retried += 1
+def _record_results(call: _Call, results: list[JobResult], state: _Flight) -> None:
+    for job, result in zip(call.jobs, results, strict=True):
+        state.observe(call.worker, result.timings.get("job_s", 0.0))
+        if result.rows and not job_path(state.results_root / job.study, job.key).exists():  # not our disk
+            write_job_rows(state.results_root / job.study, job.key, result.rows)
+        state.progress.record(job.key, result.status == "ok", result.error)
+
+
+def _on_death(worker: int, failed: list[_Call], err: Exception, state: _Flight) -> None:
+    """`worker` died or is out of reach: settle its calls that finished, then, in the order they were
+    sent, count jobs whose result file was written since as done, charge the first other job (the
+    one it was running) an attempt, and put the rest back uncharged."""
+    dead = list(failed)
+    for ref, call in state.calls_of(worker):
+        results = _results_if_ready(ref)
+        if results is None:
+            dead.append(call)
+        else:
+            _record_results(call, results, state)
+    state.pool.lose(worker)
+    charged = False
+    for call in sorted(dead, key=lambda c: c.seq):
+        for job in call.jobs:
+            outcome = _fresh_outcome(job, call.sent, state.results_root)
+            if outcome is not None:
+                state.progress.record(job.key, outcome[0] == STATUS_OK, outcome[1])
+            elif not charged:
+                charged = True
+                _charge(job, err, state)
+            else:
+                state.progress.retried += 1
+                state.scheduler.requeue(job)
+
+
+def _results_if_ready(ref: Any) -> list[JobResult] | None:
+    """A call's results if it has returned them; None if it failed or is still out (it is cancelled)."""
+    import ray
+
+    if not ray.wait([ref], timeout=0)[0]:
+        ray.cancel(ref, force=False)
+        return None
+    try:
+        results: list[JobResult] = ray.get(ref)
+    except ray.exceptions.RayError:
+        return None
+    return results
+
+
+def _fresh_outcome(job: Job, since: float, results_root: Path) -> tuple[str, str | None] | None:
+    """(status, error) of the job's result file if it was written since `since` (time.time())."""
+    path = job_path(results_root / job.study, job.key)
+    try:
+        fresh = path.stat().st_mtime >= since - FRESH_SLACK_S
+    except FileNotFoundError:
+        return None
+    return job_outcome(path) if fresh else None
+
+
+def _charge(job: Job, err: Exception, state: _Flight) -> None:
+    """One more death of a worker running `job`: retry it, or after `max_attempts` record it failed."""
+    state.attempts[job.key] += 1
+    times = state.attempts[job.key]
+    if times < state.max_attempts:
+        log.warning("job %s: its worker died (%s); retrying (%d of %d)", job.key[:12], type(err).__name__,
+                    times + 1, state.max_attempts)  # fmt: skip
+        state.progress.retried += 1
         state.scheduler.requeue(job)
         return
-    error = f"WorkerDied: the worker died {attempts[job.key]} times running this job ({type(err).__name__})"
-    _record_failure(job, error, progress, results_root)
+    _record_failure(job, death_error(err, times), state)
 
 
-def _record_failure(job: Job, error: str, progress: Progress, results_root: Path) -> None:
+def _record_failure(job: Job, error: str, state: _Flight) -> None:
     """A failed row written by the driver, for a job no worker could report on."""
     rows = job_rows(job, None, (), {}, WorkerEnv(device="unknown", versions="{}"), job.model_family, error)
-    write_job_rows(results_root / job.study, job.key, rows)
-    progress.record(job.key, False, error)
+    write_job_rows(state.results_root / job.study, job.key, rows)
+    state.progress.record(job.key, False, error)

@@ -2,18 +2,21 @@
 
 A job's `key` is the sha256 of the canonical JSON of what determines its numbers: the model
 reference, the recipe, the eval spec without its `data_root` (the same files under another mount
-are the same data), the sha256 of a calibrating recipe's source text, and `KEY_VERSION`. The
-calibration token ids follow from that text, the spec and the model's tokenizer (all keyed), so the
-driver does not tokenize; the worker records their hash in the `calibration` column.
+are the same data), the content hashes of what the job reads (`pipeline.fingerprint`: a local model
+folder's files, each perplexity text and offline task data file, a calibrating recipe's source
+text), `kernels.numerics.NUMERICS_VERSION` and `KEY_VERSION`. A hub id is keyed (and loaded) at the
+commit its revision resolves to in the local hub cache, where it does. The calibration token ids
+follow from the source text, the spec and the model's tokenizer (all keyed), so the driver does not
+tokenize; the worker records their hash in the `calibration` column. Every row stores its job's
+canonical JSON (`job_json`), so the fingerprints a result was computed from stay with it.
 
 The key has its own version, apart from the results schema's: a new results column changes no key;
 a change in what a key means bumps KEY_VERSION on purpose (every earlier study then reruns on
 resume; its rows still load). Version 2: the recipe replaced version 1's QuantSpec, outlier fraction
-and the model's quantization scope.
+and the model's quantization scope. Version 3: the model, data and numerics fingerprints.
 
-A ladder
-member is keyed by its label (`ladder:h100/d128@<config hash>`), not by the cache folder it was
-loaded from, so a ladder study resumes on any machine whose cache holds the same ladder config.
+A ladder member is keyed by its label (`ladder:h100/d128@<config hash>`), not by its cache folder
+or its weights, so a ladder study resumes on any machine whose cache holds the same ladder config.
 The study is NOT in the key: it only names the folder a job's rows land in, so the same cell in
 two studies is the same job, and rows can be compared or copied between studies by key.
 """
@@ -28,12 +31,13 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from kernels.numerics import NUMERICS_VERSION
 from pipeline.config import Config, eval_spec, model_ref, recipe
 from pipeline.ladders.configs import LADDER_PREFIX
 from pipeline.recipe import Recipe
 from pipeline.specs import EvalSpec, ModelRef
 
-KEY_VERSION = 2
+KEY_VERSION = 3
 # EvalSpec fields that change where inputs are read or how fast, not the numbers: kept out of the key
 EVAL_NOT_KEYED = frozenset({"data_root", "compile"})
 
@@ -61,6 +65,8 @@ class Job:
     model_label: str = ""
     model_family: str | None = None
     calibration_sha256: str | None = None  # the calibration source's content (see `source_fingerprint`)
+    model_sha256: str | None = None  # a local model folder's content (`fingerprint.folder_sha256`)
+    data_sha256: tuple[tuple[str, str | None], ...] = ()  # (text:<path> | task:<name>, content sha256)
 
     @functools.cached_property
     def canonical(self) -> dict[str, Any]:
@@ -71,6 +77,9 @@ class Job:
             "recipe": self.recipe.plain(),
             "evals": _plain(self.evals),
             "calibration_sha256": self.calibration_sha256,
+            "model_sha256": self.model_sha256,
+            "data_sha256": dict(self.data_sha256),
+            "numerics_version": NUMERICS_VERSION,
         }
 
     @functools.cached_property
@@ -80,8 +89,11 @@ class Job:
         Assembled from memoized per-spec JSON; equal to `_dumps(self.canonical)` (a test checks).
         """
         return (
-            f'{{"calibration_sha256":{_dumps(self.calibration_sha256)},"evals":{_spec_json(self.evals)},'
-            f'"key_version":{KEY_VERSION},"model":{self._model_json},"recipe":{_recipe_json(self.recipe)}}}'
+            f'{{"calibration_sha256":{_dumps(self.calibration_sha256)},'
+            f'"data_sha256":{_data_json(self.data_sha256)},"evals":{_spec_json(self.evals)},'
+            f'"key_version":{KEY_VERSION},"model":{self._model_json},'
+            f'"model_sha256":{_dumps(self.model_sha256)},"numerics_version":{NUMERICS_VERSION},'
+            f'"recipe":{_recipe_json(self.recipe)}}}'
         )
 
     @functools.cached_property
@@ -124,6 +136,11 @@ def _recipe_json(recipe: Recipe) -> str:
 
 
 @functools.lru_cache(maxsize=4096)
+def _data_json(data_sha256: tuple[tuple[str, str | None], ...]) -> str:
+    return _dumps(dict(data_sha256))
+
+
+@functools.lru_cache(maxsize=4096)
 def _ladder_model_json(model: ModelRef, label: str) -> str:
     return _dumps({**_plain(model), "name_or_path": label})
 
@@ -146,19 +163,34 @@ def build_jobs(cells: Iterable[Config], resolve: ModelResolver = single_source) 
     Raises:
         ValueError, KeyError: a recipe that does not validate (pre-flight catches these first).
     """
+    from pipeline.fingerprint import eval_data_sha256
+
     recipes = _Memo(lambda c: recipe(c.quant))
     fingerprints = _Memo(lambda c: _calibration_sha256(recipes(repr(c.quant), c), c))
     evals = _Memo(lambda c: eval_spec(c.eval))
-    sources = _Memo(lambda c: tuple(resolve(model_ref(c.model))))
+    data = _Memo(lambda c: eval_data_sha256(evals(repr(c.eval), c)))
+    sources = _Memo(lambda c: tuple(_pinned(s) for s in resolve(model_ref(c.model))))
     jobs: dict[str, Job] = {}
     for cell in cells:
         quant = recipes(repr(cell.quant), cell)
         spec = evals(repr(cell.eval), cell)
-        for source in sources(repr(cell.model), cell):
+        texts = data(repr(cell.eval), cell)
+        for source, model_sha in sources(repr(cell.model), cell):
             sha = fingerprints(repr(cell.quant) + repr(cell.eval.data_root), cell)
-            job = Job(source.ref, quant, spec, cell.study, source.label, source.family, sha)
+            job = Job(source.ref, quant, spec, cell.study, source.label, source.family, sha, model_sha, texts)
             jobs.setdefault(job.key, job)
     return list(jobs.values())
+
+
+def _pinned(source: ModelSource) -> tuple[ModelSource, str | None]:
+    """(the source with a hub id pinned to its cached commit, a local folder's content hash); a
+    ladder member as it is (keyed by its label)."""
+    from pipeline.fingerprint import pin_model
+
+    if source.label.startswith(LADDER_PREFIX):
+        return source, None
+    ref, model_sha = pin_model(source.ref)
+    return dataclasses.replace(source, ref=ref), model_sha
 
 
 def _calibration_sha256(quant: Recipe, cell: Config) -> str | None:

@@ -3,10 +3,45 @@
 from __future__ import annotations
 
 import logging
+import signal
+import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
+from types import FrameType
 
 log = logging.getLogger(__name__)
+
+
+class Interrupted(KeyboardInterrupt):
+    """Raised in the driver's main thread by its SIGTERM handler, so SIGTERM ends a sweep as Ctrl-C does."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+@contextmanager
+def sigterm_interrupts() -> Iterator[None]:
+    """While the block runs, the first SIGTERM raises `Interrupted` in the main thread (later ones are
+    logged and ignored, so cleanup finishes); elsewhere than the main thread, nothing changes."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    received: list[int] = []
+
+    def handler(signum: int, frame: FrameType | None) -> None:
+        received.append(signum)
+        if len(received) == 1:
+            raise Interrupted(signum)
+        log.warning("SIGTERM again: already stopping")
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def format_duration(seconds: float) -> str:
@@ -32,7 +67,9 @@ class Progress:
     done: int = 0
     failed: int = 0
     retried: int = 0
-    interrupted: bool = False  # the run stopped early (Ctrl-C)
+    interrupted: bool = False  # the run stopped early (Ctrl-C or SIGTERM)
+    signum: int = signal.SIGINT  # the signal that interrupted it
+    stopped: str = ""  # why the run ended before every job ran, other than a signal ("": it did not)
     errors: list[tuple[str, str]] = field(default_factory=list)  # (job key, error), in order
     started: float = field(default_factory=time.monotonic)
     _last_log: float = field(default_factory=time.monotonic)
@@ -43,6 +80,17 @@ class Progress:
         if not ok:
             self.failed += 1
             self.errors.append((key, error or "unknown error"))
+
+    def interrupt(self, err: KeyboardInterrupt) -> None:
+        """Mark the run interrupted by Ctrl-C, or by the signal an `Interrupted` names."""
+        self.interrupted = True
+        self.signum = getattr(err, "signum", signal.SIGINT)
+
+    def exit_code(self) -> int:
+        """0 all ok; 1 a job failed or did not run; 128 + the signal's number when interrupted (130, 143)."""
+        if self.interrupted:
+            return 128 + self.signum
+        return 1 if self.failed or self.stopped else 0
 
     def line(self) -> str:
         """E.g. "[demo] 120/450 jobs (3 failed), 2.10 jobs/s, ETA 2m37s"."""
@@ -67,19 +115,25 @@ class Progress:
         """The end-of-run summary: done, skipped, failed, and the first errors."""
         interrupted = self.interrupted
         ok = self.done - self.failed
-        head = "interrupted" if interrupted else "finished"
+        head = "finished"
+        if interrupted:
+            head = f"interrupted ({signal.Signals(self.signum).name})"
+        elif self.stopped:
+            head = "stopped"
         lines = [
             f"{head}{' ' + self.label if self.label else ''}: {ok} done, {self.skipped} skipped "
             f"(already done), {self.failed} failed, {self.total - self.done} not run, "
             f"in {format_duration(time.monotonic() - self.started)}"
         ]
+        if self.stopped:
+            lines.append(f"  stopped: {self.stopped}")
         if self.retried:
             lines.append(f"  {self.retried} job(s) retried after a worker died")
         for key, error in self.errors[:max_errors]:
             lines.append(f"  failed {key[:12]}: {error}")
         if len(self.errors) > max_errors:
             lines.append(f"  ... and {len(self.errors) - max_errors} more failures")
-        if interrupted or self.total - self.done:
+        if interrupted or self.stopped or self.total - self.done:
             lines.append("  re-run the same command to run only what is missing")
         elif self.failed:
             lines.append("  re-run with rerun_failed=true to retry the failed jobs")

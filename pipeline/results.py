@@ -2,7 +2,9 @@
 
 Pure pandas/pyarrow (no torch, no ray), so `analysis` can read results through `load_results`.
 Files are written atomically (temp file in the same folder + `os.replace`), so a crash or kill -9
-leaves either the old file or the new one, never half a file; readers skip temp files.
+leaves either the old file or the new one, never half a file; readers skip temp files, and the next
+driver removes those a crash left (`remove_temp_files`). Planning skips a file it cannot read, with a
+warning naming it (`job_status`); `load_results` reads a study's own files, never a copy in a subfolder.
 
 Schema evolution: each file records its SCHEMA_VERSION in its Parquet metadata (none: schema 1), and
 `load_results` fills the columns added since from `ADDED_COLUMNS`. Fills derived from the row's
@@ -12,6 +14,7 @@ Schema evolution: each file records its SCHEMA_VERSION in its Parquet metadata (
 from __future__ import annotations
 
 import json
+import logging
 import os
 import uuid
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -25,7 +28,9 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-SCHEMA_VERSION = 2
+log = logging.getLogger(__name__)
+
+SCHEMA_VERSION = 3
 SCHEMA_VERSION_KEY = b"kbitscale.schema_version"  # Parquet key-value metadata; absent: schema 1
 TMP_PREFIX = ".tmp-"
 STATUS_OK = "ok"
@@ -65,6 +70,12 @@ SCHEMA = pa.schema(
         ("context_length", pa.int64()),  # perplexity rows: tokens per window; else null
         ("stride", pa.int64()),  # perplexity rows: tokens between window starts; else null
         ("max_tokens", pa.int64()),  # perplexity rows: leading tokens scored (null: all); else null
+        # Paired-bootstrap units (pipeline/evals/units.py), null where a metric has none; value = sum(sums)
+        # / sum(counts), exp of it on perplexity rows. Perplexity sets: summed NLL (kl_to_16bit: KL) nats
+        # and tokens per fixed text chunk (none on bits_per_byte); tasks: per document (or chunk past
+        # 2,000) its value (perplexity: NLL) and count 1, in document order
+        ("unit_sums", pa.list_(pa.float64())),
+        ("unit_counts", pa.list_(pa.float64())),
         ("status", pa.string()),  # "ok" or "failed"
         ("error", pa.string()),
         ("load_s", pa.float64()),  # model load, charged to the first job of a worker
@@ -145,6 +156,8 @@ ADDED_COLUMNS: dict[str, AddedColumn] = {
     "context_length": AddedColumn(2, _window_setting("context_length")),
     "stride": AddedColumn(2, _window_setting("stride")),
     "max_tokens": AddedColumn(2, _window_setting("max_tokens")),
+    "unit_sums": AddedColumn(3, lambda row: None),  # no job recorded units before schema 3
+    "unit_counts": AddedColumn(3, lambda row: None),
 }
 assert set(ADDED_COLUMNS) <= set(COLUMNS), "every added column is in SCHEMA"
 assert all(1 < c.since <= SCHEMA_VERSION for c in ADDED_COLUMNS.values()), "added in 2..SCHEMA_VERSION"
@@ -198,29 +211,64 @@ def write_job_rows(study_dir: Path, job_key: str, rows: Iterable[Mapping[str, An
     return final
 
 
+def study_files(study_dir: Path) -> list[Path]:
+    """A study's own finished result files: the *.parquet directly in its folder (no temp files)."""
+    return sorted(p for p in study_dir.glob("*.parquet") if not p.name.startswith(TMP_PREFIX) and p.is_file())
+
+
 def result_files(path: Path) -> list[Path]:
-    """Finished result files under `path` (a study folder, a results root, or one file)."""
+    """Finished result files: `path` itself (one file); a study folder's own files (a folder holding
+    result files: its subfolders, such as a backup copy, are not read); or, for a folder holding none
+    itself (a results root), every result file under it."""
     if path.is_file():
         return [path]
-    return sorted(p for p in path.rglob("*.parquet") if not p.name.startswith(TMP_PREFIX))
+    own = study_files(path)
+    if not own:
+        return sorted(p for p in path.rglob("*.parquet") if not p.name.startswith(TMP_PREFIX))
+    copies = sorted(d.name for d in path.iterdir() if d.is_dir() and next(d.rglob("*.parquet"), None))
+    if copies:
+        log.warning("%s: result files in its subfolders %s are not read (a study's own only)", path, copies)
+    return own
+
+
+def remove_temp_files(study_dir: Path) -> list[Path]:
+    """Delete the temp files a crashed write left in a study folder (call it holding the study's lock)."""
+    removed = [p for p in study_dir.glob(f"{TMP_PREFIX}*.parquet") if p.is_file()]
+    for path in removed:
+        path.unlink(missing_ok=True)
+    return removed
 
 
 def job_status(study_dir: Path) -> dict[str, str]:
     """job_key -> "ok" | "failed" for every finished job file of a study (cheap: reads two columns).
 
-    Both columns exist since schema 1, so files of every schema answer.
-
-    Raises:
-        ResultsError: a file that is no readable Parquet or lacks `job_key` or `status`.
+    Both columns exist since schema 1, so files of every schema answer. A file that cannot be read
+    (truncated, foreign, without `job_key` or `status`) is skipped with a warning naming it: its jobs
+    count as not done, so they run again (and a job's own file is then replaced).
     """
     status: dict[str, str] = {}
-    for file in result_files(study_dir) if study_dir.exists() else []:
-        table = _read(file, columns=["job_key", "status"])
+    for file in study_files(study_dir) if study_dir.is_dir() else []:
+        try:
+            table = _read(file, columns=["job_key", "status"])
+        except ResultsError as err:
+            log.warning("skipping a result file that cannot be read (its jobs count as not done): %s", err)
+            continue
         keys, states = table.column("job_key").to_pylist(), table.column("status").to_pylist()
         for key, state in zip(keys, states, strict=True):
             if status.get(key) != STATUS_FAILED:  # any failed row marks the job failed
                 status[key] = state
     return status
+
+
+def job_outcome(file: Path) -> tuple[str, str | None] | None:
+    """(status, error) of the one job a file holds; None when it cannot be read."""
+    try:
+        table = _read(file, columns=["status", "error"])
+    except ResultsError:
+        return None
+    states, errors = table.column("status").to_pylist(), table.column("error").to_pylist()
+    failed = [error for state, error in zip(states, errors, strict=True) if state != STATUS_OK]
+    return (STATUS_FAILED, failed[0]) if failed else (STATUS_OK, None)
 
 
 def load_results(path: str | os.PathLike[str]) -> pd.DataFrame:
@@ -232,7 +280,8 @@ def load_results(path: str | os.PathLike[str]) -> pd.DataFrame:
     Raises:
         FileNotFoundError: `path` does not exist.
         ResultsError: no result files; a file that is no readable Parquet, names an unknown schema
-            version, or whose columns or types differ from its own schema version's.
+            version, or whose columns or types differ from its own schema version's; one job of one
+            study in two files (a copy of a study inside the folder read).
     """
     root = Path(path)
     if not root.exists():
@@ -241,8 +290,10 @@ def load_results(path: str | os.PathLike[str]) -> pd.DataFrame:
     if not files:
         raise ResultsError(f"no result files (*.parquet) under {str(root)!r}")
     by_version: dict[int, list[tuple[int, Path, pa.Table]]] = {}
+    owner: dict[tuple[Any, Any], Path] = {}  # (study, job_key) -> the file holding its rows
     for index, file in enumerate(files):
         version, table = _read_validated(file)
+        _claim_jobs(owner, file, table)
         by_version.setdefault(version, []).append((index, file, table))
     parts: dict[int, pa.Table] = {}
     for version, members in by_version.items():
@@ -253,6 +304,18 @@ def load_results(path: str | os.PathLike[str]) -> pd.DataFrame:
             parts[index] = upgraded.slice(offset, table.num_rows)
             offset += table.num_rows
     return pa.concat_tables([parts[i] for i in range(len(files))]).to_pandas(types_mapper=_pandas_type)
+
+
+def _claim_jobs(owner: dict[tuple[Any, Any], Path], file: Path, table: pa.Table) -> None:
+    """Record which file holds each (study, job_key) of `table`; a job already in another file is refused."""
+    for pair in table.select(["study", "job_key"]).group_by(["study", "job_key"]).aggregate([]).to_pylist():
+        study, key = pair["study"], pair["job_key"]
+        first = owner.setdefault((study, key), file)
+        if first != file:
+            raise ResultsError(
+                f"job {key} of study {study!r} is in two files, {first} and {file}: read one copy of a "
+                "study (move a backup out of the folder read)"
+            )
 
 
 def _read(file: Path, columns: list[str] | None = None) -> pa.Table:

@@ -15,31 +15,35 @@ at the end. Re-running the same command after a crash or Ctrl-C runs only what i
 
 from __future__ import annotations
 
+import sys
+
+if __name__ == "__main__" and {"-h", "--help"} & set(sys.argv[1:]):  # answer before the heavy imports
+    from pipeline.cli_help import help_text
+
+    print(help_text())
+    raise SystemExit(0)
+
 import dataclasses
 import logging
-import sys
+import os
+import signal
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
-from pipeline.calibration import CalibrationSpec
 from pipeline.config import (
     Config,
     RayConfig,
-    eval_spec,
     import_plugins,
-    model_ref,
     project_path,
-    recipe,
     run_wide_problems,
-    to_spec,
 )
 from pipeline.jobs import Job, ModelSource, build_jobs, group_by_model, split_by_study
 from pipeline.ladders.configs import LADDER_PREFIX
-from pipeline.progress import Progress
-from pipeline.recipe import BASELINE_BITS
+from pipeline.lock import StudyLocked, claim_studies
+from pipeline.preflight import error_message, preflight
+from pipeline.progress import Progress, sigterm_interrupts
 from pipeline.results import STATUS_OK, job_status
 from pipeline.specs import ModelRef
 from pipeline.sweep import ConfigError, expand, plan_sweep
@@ -47,7 +51,6 @@ from pipeline.sweep import ConfigError, expand, plan_sweep
 log = logging.getLogger(__name__)
 
 DEFAULT_ARGV = ("-m", "+sweep=demo")
-USAGE = __doc__ or ""
 
 
 @dataclass(frozen=True)
@@ -60,6 +63,7 @@ class Settings:
     ray: RayConfig
     report: bool = False
     plugins: tuple[str, ...] = ()
+    verbose: bool = False
 
 
 @dataclass(frozen=True)
@@ -69,8 +73,9 @@ class Plan:
     n_cells: int
     jobs: tuple[Job, ...]
     to_run: tuple[Job, ...]
-    skipped: int  # jobs with an ok result already
+    skipped: int  # jobs with a result already: ok, or failed (without rerun_failed)
     settings: Settings
+    skipped_failed: int = 0  # of `skipped`, the jobs that failed in an earlier run
 
 
 def parse_argv(argv: Sequence[str]) -> tuple[bool, bool, list[str]]:
@@ -83,133 +88,6 @@ def parse_argv(argv: Sequence[str]) -> tuple[bool, bool, list[str]]:
     if unknown:
         raise ConfigError([f"unknown option(s) {unknown}; allowed: -m/--multirun, --cfg, --help"])
     return multirun, show, [a for a in args if a not in flags]
-
-
-def preflight(cells: Sequence[Config]) -> None:
-    """Check every distinct quant, model, eval and run setting; raise one ConfigError listing all."""
-    from pipeline.evals.evaluate import check_eval_spec
-    from pipeline.ladders.ladder import is_ladder_ref, parse_ladder_ref
-    from pipeline.models import check_model_ref
-
-    problems: dict[str, None] = {}  # ordered set
-    seen: set[str] = set()
-    seen_ids: set[int] = set()  # cells share sub-configs; `cells` keeps them alive, so ids are stable
-    for cell in cells:
-        for kind, part in (("quant", cell.quant), ("model", cell.model), ("eval", cell.eval)):
-            if id(part) in seen_ids:
-                continue
-            seen_ids.add(id(part))
-            text = f"{kind}:{part!r}"
-            if text in seen:
-                continue
-            seen.add(text)
-            try:
-                if kind == "quant":
-                    _check_quant(cell)
-                elif kind == "model" and is_ladder_ref(cell.model.name_or_path):
-                    parse_ladder_ref(cell.model.name_or_path)
-                elif kind == "model":
-                    check_model_ref(model_ref(cell.model))
-                elif kind == "eval":
-                    check_eval_spec(eval_spec(cell.eval))
-            except (ValueError, KeyError, TypeError, FileNotFoundError) as err:
-                problems[f"{_describe(kind, part)}: {_message(err)}"] = None
-        calibrated = f"cal:{cell.model.name_or_path}:{id(cell.quant)}:{id(cell.eval)}"
-        if cell.quant.calibration.source is not None and calibrated not in seen:
-            seen.add(calibrated)
-            problems.update(dict.fromkeys(_check_calibration(cell)))
-        pair = f"fit:{cell.model.name_or_path}:{id(cell.eval)}"
-        if pair not in seen:
-            seen.add(pair)
-            problems.update(dict.fromkeys(_check_context_fits(cell)))
-        if id(cell.ray) not in seen_ids or cell.study not in seen:
-            seen_ids.add(id(cell.ray))
-            seen.add(cell.study)
-            problems.update(dict.fromkeys(_check_run(cell)))
-    if problems:
-        raise ConfigError(list(problems))
-
-
-def _check_quant(cell: Config) -> None:
-    """Raise one ValueError naming every bad quant field (`Recipe` stops at the first)."""
-    quant = cell.quant
-    messages: dict[str, None] = {}
-    known: dict[str, Any] = {
-        "method": "rtn",
-        "dtype": "int",
-        "bits": 4,
-        "block_size": 64,
-        "exponent_bits": None,
-    }
-    probes = [  # each field alone next to known-good values, then the whole recipe
-        *(dataclasses.replace(quant, **_except(known, name), params={}) for name in known),
-        dataclasses.replace(quant, **_except(known, "method")),  # the method's own parameters
-        quant,
-    ]
-    for probe in probes:
-        try:
-            recipe(probe)
-        except (ValueError, KeyError, TypeError) as err:
-            messages[_message(err)] = None
-    if messages:
-        raise ValueError("; ".join(messages))
-
-
-def _except(values: dict[str, Any], key: str) -> dict[str, Any]:
-    return {k: v for k, v in values.items() if k != key}
-
-
-def _check_context_fits(cell: Config) -> list[str]:
-    """Perplexity windows longer than the model's positions, and a scorer that cannot score the model
-    (both known without loading it, else skipped)."""
-    from pipeline.evals.evaluate import context_problems, scorer_problems
-    from pipeline.models import local_config, max_positions
-
-    name = cell.model.name_or_path
-    model_type = (local_config(name) or {}).get("model_type")
-    return [
-        f"eval {problem}" for problem in context_problems(cell.eval.perplexity, name, max_positions(name))
-    ] + scorer_problems(cell.eval.scorer, bool(cell.eval.tasks), name, model_type)
-
-
-def _check_calibration(cell: Config) -> list[str]:
-    """Calibration text that is an evaluation text, missing, or longer windows than the model takes."""
-    from pipeline.calibration import check_calibration, resolve_seq_len
-    from pipeline.methods import METHODS
-    from pipeline.models import max_positions
-
-    if cell.quant.method not in METHODS or cell.quant.bits == BASELINE_BITS:
-        return []  # reported by the quant check; the baseline calibrates nothing
-    spec = to_spec(cell.quant.calibration, CalibrationSpec)
-    texts = [p.path for p in cell.eval.perplexity]
-    needed = METHODS[cell.quant.method].needs_calibration
-    problems = check_calibration(spec, project_path(cell.eval.data_root), texts, needed)
-    try:
-        resolve_seq_len(spec, max_positions(cell.model.name_or_path))
-    except ValueError as err:
-        problems.append(f"quant.calibration: {err}")
-    return problems
-
-
-def _check_run(cell: Config) -> list[str]:
-    problems = []
-    if not cell.study or any(c in cell.study for c in "/\\") or cell.study.startswith("."):
-        problems.append(f"study={cell.study!r}: use a plain folder name (no '/', not starting with '.')")
-    ray = cell.ray
-    for name in ("workers_per_gpu", "cpus_per_worker", "max_attempts", "in_flight_per_worker"):
-        if getattr(ray, name) < 1:
-            problems.append(f"ray.{name}={getattr(ray, name)}: must be >= 1")
-    return problems
-
-
-def _describe(kind: str, part: object) -> str:
-    fields = getattr(part, "__dataclass_fields__", {})
-    shown = ", ".join(f"{k}={getattr(part, k)!r}" for k in fields if k not in ("perplexity",))
-    return f"{kind}({shown})"
-
-
-def _message(err: BaseException) -> str:
-    return str(err.args[0]) if isinstance(err, KeyError) and err.args else str(err)
 
 
 def resolve_models(ref: ModelRef, data_root: Path, train: bool = True) -> list[ModelSource]:
@@ -271,7 +149,10 @@ def plan_cells(cells: Sequence[Config]) -> Plan:
         first.ray,
         first.report,
         tuple(first.plugins),
+        first.verbose,
     )
+    if settings.verbose:  # read by every worker (pipeline.evals.lmeval.verbose): set before Ray starts
+        os.environ["KBIT_VERBOSE"] = "1"
     data_root = project_path(first.eval.data_root)
     if settings.dry_run:  # a dry run trains nothing: ladders not trained yet stay one unresolved model
         jobs = build_jobs(cells, lambda ref: resolve_models(ref, data_root, train=False))
@@ -279,86 +160,130 @@ def plan_cells(cells: Sequence[Config]) -> Plan:
         try:
             jobs = build_jobs(cells, lambda ref: resolve_models(ref, data_root))
         except KeyError as err:
-            raise ConfigError([f"model: {_message(err)}"]) from err
-    to_run, skipped = select_jobs(jobs, settings.results_root, settings.rerun_failed)
+            raise ConfigError([f"model: {error_message(err)}"]) from err
+    to_run, n_ok, n_failed = classify_jobs(jobs, settings.results_root, settings.rerun_failed)
     log.info(
-        "%d cells -> %d jobs (%d models): %d to run, %d already done (planned in %.2fs)",
-        len(cells), len(jobs), len(group_by_model(jobs)), len(to_run), skipped, time.perf_counter() - start,
+        "%d cells -> %d jobs (%d models): %d to run, %d already done%s (planned in %.2fs)",
+        len(cells), len(jobs), len(group_by_model(jobs)), len(to_run), n_ok, _failed_note(n_failed),
+        time.perf_counter() - start,
     )  # fmt: skip
-    return Plan(len(cells), tuple(jobs), tuple(to_run), skipped, settings)
+    return Plan(len(cells), tuple(jobs), tuple(to_run), n_ok + n_failed, settings, n_failed)
+
+
+def _failed_note(n_failed: int) -> str:
+    if not n_failed:
+        return ""
+    return f", {n_failed} failed in an earlier run and skipped (rerun_failed=true runs them again)"
 
 
 def select_jobs(jobs: Sequence[Job], results_root: Path, rerun_failed: bool) -> tuple[list[Job], int]:
     """(jobs still to run, number skipped): ok jobs are skipped, failed ones unless `rerun_failed`."""
+    to_run, n_ok, n_failed = classify_jobs(jobs, results_root, rerun_failed)
+    return to_run, n_ok + n_failed
+
+
+def classify_jobs(jobs: Sequence[Job], results_root: Path, rerun_failed: bool) -> tuple[list[Job], int, int]:
+    """(jobs still to run, ok jobs skipped, failed jobs skipped: all of them unless `rerun_failed`)."""
     to_run: list[Job] = []
-    skipped = 0
+    n_ok = n_failed = 0
     for study, study_jobs in split_by_study(jobs).items():
         status = job_status(results_root / study)
         for job in study_jobs:
             state = status.get(job.key)
-            if state == STATUS_OK or (state is not None and not rerun_failed):
-                skipped += 1
+            if state == STATUS_OK:
+                n_ok += 1
+            elif state is not None and not rerun_failed:
+                n_failed += 1
             else:
                 to_run.append(job)
-    return to_run, skipped
+    return to_run, n_ok, n_failed
 
 
 def execute(plan: Plan, worker_cls: type | None = None) -> Progress:
-    """Run the plan's pending jobs on Ray; returns the final progress (counts and first errors)."""
-    from pipeline.dispatch import connect, plan_workers, run_jobs, start_workers
+    """Run the plan's pending jobs on Ray, holding each study's lock (temp files a crash left are
+    removed, jobs another driver finished meanwhile skipped); returns the final progress. SIGTERM
+    and Ctrl-C end it with `progress.interrupted` set.
+
+    Raises:
+        StudyLocked: another driver runs one of the plan's studies.
+    """
+    from pipeline.dispatch import run_on_ray
 
     label = ",".join(sorted({job.study for job in plan.jobs})) or "none"
     progress = Progress(total=len(plan.to_run), skipped=plan.skipped, label=label)
     if not plan.to_run:
         return progress
-    import ray
-
-    cfg = plan.settings.ray
-    started = connect(cfg)
-    workers: list = []
-    try:
-        workers_plan = plan_workers(cfg, ray.cluster_resources(), len(plan.to_run))
-        workers = start_workers(
-            workers_plan, plan.settings.results_root, cfg.max_attempts, worker_cls, plan.settings.plugins
-        )
-        log.info("%d worker(s), each %s", len(workers), workers_plan.options)
-        progress.interrupted = not run_jobs(
-            plan.to_run, workers, progress, plan.settings.results_root, cfg.max_attempts,
-            cfg.in_flight_per_worker,
-        )  # fmt: skip
-    finally:
-        for actor in workers:
-            ray.kill(actor)
-        if started:
-            ray.shutdown()
+    settings = plan.settings
+    with sigterm_interrupts():
+        try:
+            with claim_studies(plan.to_run, settings.results_root) as to_run:
+                progress.skipped += len(plan.to_run) - len(to_run)
+                progress.total = len(to_run)
+                if to_run:
+                    run_on_ray(
+                        to_run, settings.ray, settings.results_root, progress, worker_cls, settings.plugins
+                    )
+        except KeyboardInterrupt as err:
+            progress.interrupt(err)
     return progress
 
 
 def describe_plan(plan: Plan) -> str:
     """A short table of a plan: jobs per model and bits."""
-    lines = [f"{plan.n_cells} cells -> {len(plan.jobs)} jobs; {len(plan.to_run)} to run, {plan.skipped} done"]
+    done = plan.skipped - plan.skipped_failed
+    lines = [
+        f"{plan.n_cells} cells -> {len(plan.jobs)} jobs; {len(plan.to_run)} to run, {done} done"
+        + _failed_note(plan.skipped_failed)
+    ]
     for model, jobs in group_by_model(plan.jobs).items():
         bits = sorted({job.bits for job in jobs})
         lines.append(f"  {jobs[0].model_label or model.name_or_path}: {len(jobs)} jobs, bits {bits}")
     return "\n".join(lines)
 
 
+def report_is_current(study_dir: Path) -> bool:
+    """The study's report is newer than every result file of the study and every analysis module."""
+    summary = study_dir / "report" / "summary.md"
+    if not summary.is_file():
+        return False
+    inputs = [*study_dir.glob("*.parquet"), *Path(__file__).resolve().parents[1].glob("analysis/*.py")]
+    return all(path.stat().st_mtime <= summary.stat().st_mtime for path in inputs)
+
+
 def write_reports(plan: Plan) -> None:
-    """The analysis report of each study of the plan (a report that fails is logged, not fatal)."""
+    """The analysis report of each study of the plan, unless it is current (a report that fails is
+    logged, not fatal)."""
     from analysis.report import main as report_main
 
     for study in sorted({job.study for job in plan.jobs}):
-        if report_main([str(plan.settings.results_root / study)]) != 0:
+        folder = plan.settings.results_root / study
+        if report_is_current(folder):
+            log.info("report of study %s is up to date (no result or analysis file is newer): %s", study,
+                     folder / "report")  # fmt: skip
+        elif report_main([str(folder)]) != 0:
             log.warning("the report of study %s could not be written (see above)", study)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """CLI entry point; exit codes: 0 all ok, 1 some job failed, 2 bad config, 130 interrupted."""
+    """CLI entry point; exit codes: 0 all ok, 1 some job failed or did not run, 2 bad config, 3 the
+    study is in use by another driver, 130 interrupted (Ctrl-C), 143 terminated (SIGTERM)."""
     args = sys.argv[1:] if argv is None else list(argv)
     if any(a in ("-h", "--help") for a in args):
-        print(USAGE)
+        from pipeline.cli_help import help_text
+
+        print(help_text())
         return 0
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(name)s: %(message)s")
+    with sigterm_interrupts():
+        try:
+            return _main(args)
+        except KeyboardInterrupt as err:
+            signum = getattr(err, "signum", signal.SIGINT)
+            print(f"interrupted ({signal.Signals(signum).name}) before any job ran", file=sys.stderr)
+            return 128 + signum
+
+
+def _main(args: list[str]) -> int:
     try:
         multirun, show, overrides = parse_argv(args)
         if not args:
@@ -378,11 +303,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     if plan.settings.dry_run:
         print(describe_plan(plan))
         return 0
-    progress = execute(plan)
+    try:
+        progress = execute(plan)
+    except StudyLocked as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 3
     print(progress.summary())
+    if plan.skipped_failed:
+        n_failed = plan.skipped_failed
+        print(f"skipped {n_failed} job(s) that failed in an earlier run; rerun_failed=true runs them again")
     if plan.settings.report and not progress.interrupted:
         write_reports(plan)
-    return 130 if progress.interrupted else (1 if progress.failed else 0)
+    return progress.exit_code()
 
 
 if __name__ == "__main__":

@@ -33,6 +33,9 @@ class PerplexitySpec:
     context_length: int = 512  # tokens per window
     stride: int = 512  # tokens between window starts; == context_length means disjoint windows
     max_tokens: int | None = None  # a fixed leading slice of the tokenized text; None: all of it
+    # KL(16-bit || quantized) on the first kl_tokens scored tokens (metric `kl_to_16bit`); None: off.
+    # Costs kl_tokens x vocab x 2 bytes (bf16 logits) on the device, kept while the model is resident
+    kl_tokens: int | None = None
 
 
 @dataclass(frozen=True)
@@ -62,6 +65,15 @@ class MetricValue:
     value: float
     stderr: float | None = None
     n_examples: int | None = None
+    # What a paired bootstrap resamples (columns `unit_sums`/`unit_counts`; see pipeline/evals/units.py):
+    # per unit (text chunk or document) a sum and a count; None on metrics without them
+    unit_sums: tuple[float, ...] | None = None
+    unit_counts: tuple[float, ...] | None = None
+
+    def __post_init__(self) -> None:
+        sums, counts = self.unit_sums, self.unit_counts
+        if (sums is None) != (counts is None) or (sums is not None and len(sums) != len(counts or ())):
+            raise ValueError(f"{self.task}/{self.metric}: unit_sums and unit_counts need equal lengths")
 
 
 @dataclass(frozen=True)

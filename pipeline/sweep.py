@@ -33,6 +33,7 @@ from pipeline.config import (
     compose,
     group_options,
     hydra_context,
+    list_index_problem,
     replace_path,
     to_config,
 )
@@ -44,7 +45,7 @@ class ConfigError(ValueError):
     """Bad overrides or config values; the message lists every bad value and what is allowed."""
 
     def __init__(self, problems: Sequence[str]) -> None:
-        self.problems = list(problems)
+        self.problems = list(dict.fromkeys(problems))  # a value checked in two grids is reported once
         super().__init__("invalid configuration:\n  - " + "\n  - ".join(self.problems))
 
 
@@ -298,7 +299,8 @@ def _check_values(plan: SweepPlan, cfg: Any) -> tuple[dict[tuple[str, Any], Any]
                     typed = OmegaConf.to_object(node) if OmegaConf.is_config(node) else node
                     checked[(axis.key, _hashable(value))] = typed
                 except (OmegaConfBaseException, ValueError) as err:
-                    problems.append(f"{axis.key}={value}: {_one_line(err)}")
+                    reason = list_index_problem(cfg, axis.key) or _one_line(err)
+                    problems.append(f"{axis.key}={value}: {reason}")
                     trials.pop(axis.key)  # a failed update may leave the node half set
     return checked, problems
 

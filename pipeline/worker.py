@@ -2,8 +2,10 @@
 
 `ModelWorker` is a plain class; the driver wraps it with `ray.remote` (so importing this module
 costs no torch or ray). Per job it restores the pristine weights from the on-device snapshot,
-quantizes in place, evaluates with an `Evaluator` built once per (model, eval spec), and writes the
-job's rows itself with `write_job_rows` (atomic), so nothing finished is lost if the driver dies.
+quantizes in place, evaluates with an `Evaluator` built once per (model, eval spec) on the pristine
+weights (before the first quantization, so the KL references it keeps are the 16-bit model's), and
+writes the job's rows itself with `write_job_rows` (atomic), so nothing finished is lost if the
+driver dies.
 A job that raises becomes one failed row carrying the exception's last traceback line.
 """
 
@@ -111,6 +113,8 @@ def job_rows(
             "value": m.value,
             "stderr": m.stderr,
             "n_examples": m.n_examples,
+            "unit_sums": None if m.unit_sums is None else list(m.unit_sums),
+            "unit_counts": None if m.unit_counts is None else list(m.unit_counts),
             "status": STATUS_OK,
             "error": None,
         }
@@ -204,8 +208,10 @@ class ModelWorker:
         try:
             timings["load_s"] = self._ensure_model(job)
             timings["restore_s"] = self._restore()
+            evaluator, build_s = self._evaluator(job)  # before quantizing: it keeps 16-bit KL references
             report, timings["quantize_s"] = self._quantize(job)
-            metrics, timings["eval_s"] = self._evaluate(job)
+            metrics, eval_s = self._evaluate(evaluator)
+            timings["eval_s"] = build_s + eval_s
             check_finite(metrics)
             rows = job_rows(job, report, metrics, timings, self._env, self._family or job.model_family)
             status, error = STATUS_OK, None
@@ -279,13 +285,19 @@ class ModelWorker:
             )
         return self._calibration[spec]
 
-    def _evaluate(self, job: Job) -> tuple[list[MetricValue], float]:
+    def _evaluator(self, job: Job) -> tuple[Any, float]:
+        """The `Evaluator` of (resident model, job.evals), built on first use; call it on pristine weights."""
         start = time.perf_counter()
         if job.evals not in self._evaluators:
             from pipeline.evals.evaluate import Evaluator
 
+            assert not self._dirty, "an Evaluator keeps the 16-bit model's KL references: build it restored"
             self._evaluators[job.evals] = Evaluator(self._model, self._tokenizer, job.evals)
-        metrics = list(self._evaluators[job.evals].run())
+        return self._evaluators[job.evals], self._sync_elapsed(start)
+
+    def _evaluate(self, evaluator: Any) -> tuple[list[MetricValue], float]:
+        start = time.perf_counter()
+        metrics = list(evaluator.run())
         return metrics, self._sync_elapsed(start)
 
     def _sync_elapsed(self, start: float) -> float:

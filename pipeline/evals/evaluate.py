@@ -2,7 +2,9 @@
 
 `Evaluator` is built once per resident model; it reads and tokenizes every text and builds every
 lm-eval request then, so `run()` (called after each restore + quantize) only runs forward passes
-and metrics. `check_eval_spec` validates an `EvalSpec` cheaply, before any job runs.
+and metrics. A text with `kl_tokens` also keeps the logits the model gives when the Evaluator is
+built (its KL reference): build it on the pristine 16-bit weights, before any quantization.
+`check_eval_spec` validates an `EvalSpec` cheaply, before any job runs.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from kernels.registry import unknown_name_message
-from pipeline.evals.perplexity import check_perplexity_spec, perplexity_metrics, tokenize_text
+from pipeline.evals.perplexity import check_perplexity_spec, kl_reference, perplexity_metrics, tokenize_text
 from pipeline.evals.tasks import OFFLINE_TASKS
 from pipeline.models.architectures import UNPACKABLE
 from pipeline.specs import EvalSpec, MetricValue, PerplexitySpec
@@ -113,7 +115,10 @@ def check_context_fits(spec: EvalSpec, model: PreTrainedModel) -> None:
 
 
 class Evaluator:
-    """Scores one resident model on an EvalSpec; everything but the forward passes is done once."""
+    """Scores one resident model on an EvalSpec; everything but the forward passes is done once.
+
+    Built on the 16-bit weights: texts with `kl_tokens` keep the logits of the model as it is then.
+    """
 
     def __init__(
         self,
@@ -139,6 +144,7 @@ class Evaluator:
             tokenize_text(p, resolve_text(p.path, data_root), tokenizer, spec.batch_size, model.device)
             for p in spec.perplexity
         )
+        self.kl_references = tuple(kl_reference(model, text) for text in self.texts)
         self.suite: LmEvalSuite | None = None
         if spec.tasks:
             from pipeline.evals.lmeval import LmEvalSuite
@@ -155,7 +161,11 @@ class Evaluator:
 
     def run(self) -> list[MetricValue]:
         """Every metric of the spec, for the model's weights as they are now."""
-        metrics = [m for text in self.texts for m in perplexity_metrics(self.model, text)]
+        metrics = [
+            m
+            for text, reference in zip(self.texts, self.kl_references, strict=True)
+            for m in perplexity_metrics(self.model, text, reference)
+        ]
         if self.suite is not None:
             metrics += self.suite.run()
         return metrics

@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from pipeline.evals.lmeval import REPORTED_METRICS, metric_stderr
+from pipeline.evals.units import document_units
 from pipeline.specs import MetricValue
 
 if TYPE_CHECKING:
@@ -150,12 +151,15 @@ def document_values(plan: TaskPlan, lls: np.ndarray, greedy: np.ndarray) -> dict
 
 
 def task_metric_values(plan: TaskPlan, lls: np.ndarray, greedy: np.ndarray) -> list[MetricValue]:
-    """One task's reported metrics: the task's aggregations, stderr as `LmEvalSuite` reports it."""
+    """One task's reported metrics: the task's aggregations, stderr and per-document units as
+    `LmEvalSuite` reports them."""
     out = []
     for metric, values in document_values(plan, lls, greedy).items():
         value = float(plan.aggregations[metric](values))
-        stderr = metric_stderr(metric, [float(v) for v in values])
-        out.append(MetricValue(plan.name, metric, value, stderr, len(values)))
+        floats = [float(v) for v in values]
+        sums, counts = document_units(metric, floats)
+        stderr = metric_stderr(metric, floats)
+        out.append(MetricValue(plan.name, metric, value, stderr, len(values), sums, counts))
     return out
 
 

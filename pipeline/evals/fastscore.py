@@ -20,6 +20,11 @@ differently:
 the positions and that its logits are its LM head applied to its decoder's output; an architecture
 that does not (ALiBi from a 2-D mask, soft-capped logits) gets a clear error naming `scorer=hflm`.
 Because it is an lm-eval `LM`, lm-eval's own `evaluate` can turn its answers into metrics.
+
+Numerics: the forward runs in the model's dtype and the log-softmax and sums in float32. HFLM (its
+default `softmax_dtype`) rounds each token's log-probability and each sum to the model's dtype, so in
+bfloat16 the two differ by HFLM's rounding (up to ~5e-3 relative; docs/ARCHITECTURE.md, "Scorer
+numerics"), and answers flip between them only on near ties; in float32 they agree to 1e-5.
 """
 
 from __future__ import annotations

@@ -16,12 +16,14 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import re
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from kernels.registry import unknown_name_message
 from pipeline.evals.tasks import OFFLINE_TASKS, TASKS_DIR
+from pipeline.evals.units import document_units
 from pipeline.specs import MetricValue
 
 if TYPE_CHECKING:
@@ -40,11 +42,13 @@ def task_manager(names: tuple[str, ...], data_root: Path) -> Any:
     from lm_eval.tasks import TaskManager
 
     include_defaults = any(name not in OFFLINE_TASKS for name in names)
-    return TaskManager(
+    manager = TaskManager(
         include_path=str(TASKS_DIR),
         include_defaults=include_defaults,
         metadata={"data_root": str(data_root)},
     )
+    quiet_lm_eval()  # after TaskManager, which may set lm-eval's logging up itself
+    return manager
 
 
 def _named_in_lm_eval_yaml(name: str) -> bool:
@@ -80,12 +84,35 @@ def _lm_eval_task_names() -> set[str]:
     return set(TaskManager(include_path=str(TASKS_DIR)).all_tasks)
 
 
+def verbose() -> bool:
+    """`verbose=true` (the driver sets KBIT_VERBOSE for itself and every worker)."""
+    return os.environ.get("KBIT_VERBOSE", "") not in ("", "0")
+
+
+def quiet_lm_eval() -> None:
+    """lm-eval's per-job notices (model kwargs, task metadata) off unless verbose: errors still show."""
+    if not verbose():
+        logging.getLogger("lm_eval").setLevel(logging.ERROR)
+
+
 def make_lm(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, batch_size: int) -> Any:
     """An HFLM over the in-memory model whose (context, continuation) encodings are memoized."""
     from lm_eval.models.huggingface import HFLM
 
+    quiet_lm_eval()
+
     class MemoHFLM(HFLM):
-        """HFLM that tokenizes each distinct request once for the life of the model."""
+        """HFLM that tokenizes each distinct request once for the life of the model; no progress bars
+        unless verbose (lm-eval passes `disable=False` to tqdm, which TQDM_DISABLE cannot override)."""
+
+        def loglikelihood(self, requests: Any, disable_tqdm: bool = False) -> Any:
+            return super().loglikelihood(requests, disable_tqdm=disable_tqdm or not verbose())
+
+        def loglikelihood_rolling(self, requests: Any, disable_tqdm: bool = False) -> Any:
+            return super().loglikelihood_rolling(requests, disable_tqdm=disable_tqdm or not verbose())
+
+        def generate_until(self, requests: Any, disable_tqdm: bool = False) -> Any:
+            return super().generate_until(requests, disable_tqdm=disable_tqdm or not verbose())
 
         def __init__(self, **kwargs: Any) -> None:
             super().__init__(**kwargs)
@@ -147,16 +174,18 @@ def metric_stderr(metric: str, values: list[float]) -> float | None:
 
 
 def task_metrics(name: str, task_result: dict[str, Any], samples: list[dict[str, Any]]) -> list[MetricValue]:
-    """The reported metrics of one task, stderr from its per-document values."""
+    """The reported metrics of one task, stderr and units (`units.document_units`, in document order)
+    from its per-document values."""
+    samples = sorted(samples, key=lambda sample: sample["doc_id"])
     metrics = []
     for metric in REPORTED_METRICS:
         key = f"{metric},none"
         if key not in task_result:
             continue
         values = [float(sample[metric]) for sample in samples]
-        metrics.append(
-            MetricValue(name, metric, float(task_result[key]), metric_stderr(metric, values), len(samples))
-        )
+        sums, counts = document_units(metric, values)
+        stderr = metric_stderr(metric, values)
+        metrics.append(MetricValue(name, metric, float(task_result[key]), stderr, len(samples), sums, counts))
     return metrics
 
 

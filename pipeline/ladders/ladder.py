@@ -26,6 +26,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from pipeline.fingerprint import cache_base
 from pipeline.ladders.configs import (
     LADDER_PREFIX,
     LADDERS,
@@ -36,6 +37,7 @@ from pipeline.ladders.configs import (
     smoke_config,
     tuning_config,
 )
+from pipeline.ladders.corpus import corpus_files
 from pipeline.ladders.train import CACHED_ARRAYS, METADATA_FILE, MemberMetadata, prepare_data, train_member
 
 log = logging.getLogger(__name__)
@@ -63,8 +65,7 @@ def default_data_root() -> str:
 
 def cache_root(cache: str | Path | None = None) -> Path:
     """Where ladders live: `<cache>/ladders`; `cache` defaults to `$KBIT_CACHE` or ~/.cache/kbitscale."""
-    base = cache or os.environ.get("KBIT_CACHE") or Path.home() / ".cache" / "kbitscale"
-    return Path(base).expanduser() / "ladders"
+    return (Path(cache).expanduser() if cache else cache_base()) / "ladders"
 
 
 def ladder_dir(config: LadderConfig, cache: str | Path | None = None) -> Path:
@@ -169,12 +170,34 @@ def train_ladder(
     return [member_from_folder(folder / size.name) for size in wanted]
 
 
+def missing_sizes(
+    config: LadderConfig, sizes: Sequence[ModelSize], cache: str | Path | None = None
+) -> list[ModelSize]:
+    """The `sizes` of `config` not trained yet in the cache."""
+    folder = ladder_dir(config, cache)
+    return [size for size in sizes if not (folder / size.name / METADATA_FILE).is_file()]
+
+
+def check_ladder_data(name_or_path: str, data_root: str | Path, cache: str | Path | None = None) -> None:
+    """Raise FileNotFoundError if the ladder reference names members not trained yet and `data_root`
+    holds no corpus to train them from (KeyError: an unknown ladder or size)."""
+    config, sizes = parse_ladder_ref(name_or_path)
+    missing = missing_sizes(config, sizes, cache)
+    if missing:
+        try:
+            corpus_files(data_root)
+        except FileNotFoundError as err:
+            names = ", ".join(size.name for size in missing)
+            message = f"{name_or_path}: {names} not trained yet, and no corpus to train them from ({err})"
+            raise FileNotFoundError(message) from err
+
+
 def cached_ladder(name_or_path: str, cache: str | Path | None = None) -> list[LadderMember] | None:
     """The members a ladder reference names if every one is already trained, else None (trains nothing)."""
     config, sizes = parse_ladder_ref(name_or_path)
-    folder = ladder_dir(config, cache)
-    if not all((folder / size.name / METADATA_FILE).is_file() for size in sizes):
+    if missing_sizes(config, sizes, cache):
         return None
+    folder = ladder_dir(config, cache)
     return [member_from_folder(folder / size.name) for size in sizes]
 
 
@@ -228,7 +251,7 @@ def _describe(config: LadderConfig) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Train (or reuse) a ladder and print one line per member."""
+    """Train (or reuse) a ladder and print one line per member; exit code 2 on a bad name or data root."""
     args = _parse_args(argv)
     if args.list:
         print("\n".join(_describe(config) for config in LADDERS.values()))
@@ -236,6 +259,25 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S", stream=sys.stderr
     )
+    try:
+        config = _cli_config(args)
+        sizes = [config.size(s) for s in args.size] if args.size else None
+        data_root = args.data_root or default_data_root()
+        if args.force or missing_sizes(config, sizes or config.sizes, args.cache):
+            corpus_files(data_root)  # before any lock or folder is made
+    except (KeyError, ValueError, FileNotFoundError) as err:
+        print(f"error: {err.args[0] if isinstance(err, KeyError) else err}", file=sys.stderr)
+        return 2
+    members = train_ladder(config, data_root, sizes, force=args.force, cache=args.cache)
+    print(f"{'size':<8} {'params':>12} {'non-emb':>12} {'tokens':>12} {'val loss':>9}  path")
+    for m in members:
+        print(f"{m.size_name:<8} {m.n_params:>12,} {m.non_embedding_params:>12,} {m.tokens_seen:>12,} "
+              f"{m.val_loss:>9.4f}  {m.path}")  # fmt: skip
+    return 0
+
+
+def _cli_config(args: argparse.Namespace) -> LadderConfig:
+    """The registered ladder the CLI names, with its smoke or tuning changes (KeyError, ValueError)."""
     config = get_ladder(args.name)
     if args.max_chars is not None:
         config = dataclasses.replace(config, max_train_chars=args.max_chars)
@@ -243,15 +285,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         config = tuning_config(config, lr=args.lr, steps=args.steps)
     if args.max_steps is not None:
         config = smoke_config(config, args.max_steps)
-    sizes = [config.size(s) for s in args.size] if args.size else None
-    members = train_ladder(
-        config, args.data_root or default_data_root(), sizes, force=args.force, cache=args.cache
-    )
-    print(f"{'size':<8} {'params':>12} {'non-emb':>12} {'tokens':>12} {'val loss':>9}  path")
-    for m in members:
-        print(f"{m.size_name:<8} {m.n_params:>12,} {m.non_embedding_params:>12,} {m.tokens_seen:>12,} "
-              f"{m.val_loss:>9.4f}  {m.path}")  # fmt: skip
-    return 0
+    return config
 
 
 if __name__ == "__main__":

@@ -13,12 +13,17 @@ Proxy quantization: the kept 16-bit columns are taken out of the problem (W and 
 quantized columns), exactly the matrix RTN quantizes; the kept columns keep their original values.
 Quantile codebooks are estimated from that matrix's original weights, the codebook RTN would use.
 Same-shaped matrices (across layers) are solved together in batches of at most `SOLVE_BYTES` of H.
+
+The solve of a batch is a parameter (`BatchSolver`: stacked weights and Hessians in, quantized weights
+out): `quantize_with_hessians_` runs any such solver with either Hessian mode, so `shiftadd`
+(`pipeline/methods/bcq.py`) reuses this module with ShiftAddLLM's binary codes in GPTQ's column loop.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -33,6 +38,7 @@ log = logging.getLogger(__name__)
 HESSIAN_MODES = ("shared", "sequential")
 HESSIAN_DEVICES = ("auto", "cuda", "cpu")
 SOLVE_BYTES = 2 << 30  # Hessians solved in one batch at most
+BatchSolver = Callable[[Tensor, Tensor], Tensor]  # (w [G, out, in], h [G, in, in]) -> float32 quantized w
 
 
 @dataclass(frozen=True)
@@ -72,33 +78,62 @@ def check_recipe(recipe: Any) -> None:
 def quantize_(request: QuantizeRequest) -> None:
     """GPTQ-quantize every weight of the request in place."""
     params = GPTQParams(**dict(request.recipe.params))
+    solver = gptq_solver(request.recipe, params)
+    quantize_with_hessians_(request, params.hessians, params.hessian_device, solver)
+
+
+def gptq_solver(recipe: Any, params: GPTQParams) -> BatchSolver:
+    """GPTQ over the recipe's codebook: shared by the batch, or (quantile) one per matrix from its weights."""
+    from kernels import CODEBOOKS
+    from kernels.blockwise import levels_for
+    from kernels.gptq import Codebooks, GPTQSettings, gptq_quantize
+
+    spec = recipe.spec
+    settings = GPTQSettings(params.damp, params.lazy_block, params.act_order)
+
+    def solve(w: Tensor, h: Tensor) -> Tensor:
+        if CODEBOOKS[spec.dtype].data_dependent:  # one codebook per matrix, from its original weights
+            levels: Any = Codebooks.stack([levels_for(m, spec) for m in w])
+        else:
+            levels = levels_for(w[0], spec)
+        return gptq_quantize(w, h, levels, spec.block_size, spec.centering, settings)
+
+    return solve
+
+
+def quantize_with_hessians_(
+    request: QuantizeRequest, hessians: str, hessian_device: str, solver: BatchSolver
+) -> None:
+    """Solve every weight of the request with its Hessian (`hessians`: "shared" or "sequential"), in place."""
     if request.calibration is None:
-        raise ValueError("quant.method='gptq' needs calibration tokens (quant.calibration.source)")
+        raise ValueError(
+            f"quant.method={request.recipe.method!r} needs calibration tokens (quant.calibration.source)"
+        )
     from pipeline.models.compile import eager_layers
 
     with eager_layers(request.model):
-        if params.hessians == "shared":
-            solve_(request.weights, request.keep, _shared_hessians(request, params), request.recipe, params)
+        if hessians == "shared":
+            solve_(request.weights, request.keep, _shared_hessians(request, hessian_device), solver)
         else:
-            _sequential_(request, params, _hessian_device(request.model, params.hessian_device, 0))
+            _sequential_(request, solver, _hessian_device(request.model, hessian_device, 0))
     _check_finite(request.weights)
 
 
-def _shared_hessians(request: QuantizeRequest, params: GPTQParams) -> Hessians:
+def _shared_hessians(request: QuantizeRequest, hessian_device: str) -> Hessians:
     """The 16-bit model's Hessians, collected at a model's first job and kept in the worker's cache."""
     key = hessian_key(request.recipe, request.weights)
     if key not in request.cache:
         assert request.calibration is not None
-        device = _hessian_device(request.model, params.hessian_device, hessian_bytes(request.weights))
+        device = _hessian_device(request.model, hessian_device, hessian_bytes(request.weights))
         request.cache.clear()  # one set of Hessians per model at a time: they are large
         request.cache[key] = collect_hessians(request.model, request.weights, request.calibration, device)
     return request.cache[key]
 
 
 def hessian_key(recipe: Any, weights: dict[str, Tensor]) -> tuple[Any, ...]:
-    """What shared Hessians depend on: the calibration, the weights in scope, the device asked for."""
-    params = GPTQParams(**dict(recipe.params))
-    return ("gptq-hessians", recipe.calibration, tuple(weights), params.hessian_device)
+    """What shared Hessians depend on: the calibration, the weights in scope, the device asked for (any
+    method with a `hessian_device` parameter: gptq and shiftadd share them)."""
+    return ("gptq-hessians", recipe.calibration, tuple(weights), dict(recipe.params)["hessian_device"])
 
 
 def hessian_bytes(weights: dict[str, Tensor]) -> int:
@@ -152,7 +187,7 @@ def solve_bytes(device: torch.device) -> int:
 
 @torch.no_grad()
 def solve_(
-    weights: dict[str, Tensor], keep: dict[str, Tensor], hessians: Hessians, recipe: Any, params: GPTQParams
+    weights: dict[str, Tensor], keep: dict[str, Tensor], hessians: Hessians, solver: BatchSolver
 ) -> None:
     """Solve every named weight with its H (same shapes batched) and write the results in place."""
     batches: dict[tuple[Any, ...], list[str]] = {}
@@ -163,7 +198,7 @@ def solve_(
     for (_, cols, _), names in batches.items():
         per_batch = max(1, budget // (cols * cols * 4))
         for start in range(0, len(names), per_batch):
-            _solve_batch_(names[start : start + per_batch], weights, keep, hessians, recipe, params)
+            _solve_batch_(names[start : start + per_batch], weights, keep, hessians, solver)
 
 
 def _solve_batch_(
@@ -171,14 +206,8 @@ def _solve_batch_(
     weights: dict[str, Tensor],
     keep: dict[str, Tensor],
     hessians: Hessians,
-    recipe: Any,
-    params: GPTQParams,
+    solver: BatchSolver,
 ) -> None:
-    from kernels import CODEBOOKS
-    from kernels.blockwise import levels_for
-    from kernels.gptq import Codebooks, GPTQSettings, gptq_quantize
-
-    spec = recipe.spec
     device = weights[names[0]].device
     columns = [_quantized_columns(weights[n], keep.get(n)) for n in names]
     ws = [
@@ -186,14 +215,7 @@ def _solve_batch_(
         for n, cols in zip(names, columns, strict=True)
     ]
     hs = [_restrict(hessians.of(n), cols).to(device) for n, cols in zip(names, columns, strict=True)]
-    settings = GPTQSettings(params.damp, params.lazy_block, params.act_order)
-    if CODEBOOKS[spec.dtype].data_dependent:  # one codebook per matrix, from its original weights
-        levels: Any = Codebooks.stack([levels_for(w, spec) for w in ws])
-    else:
-        levels = levels_for(ws[0], spec)
-    solved = gptq_quantize(
-        torch.stack(ws), torch.stack(hs), levels, spec.block_size, spec.centering, settings
-    )
+    solved = solver(torch.stack(ws), torch.stack(hs))
     for name, cols, q in zip(names, columns, solved, strict=True):
         view = weights[name]
         if cols is None:
@@ -218,7 +240,7 @@ def _restrict(h: Tensor, cols: Tensor | None) -> Tensor:
     return h.index_select(0, cols).index_select(1, cols)
 
 
-def _sequential_(request: QuantizeRequest, params: GPTQParams, device: torch.device) -> None:
+def _sequential_(request: QuantizeRequest, solver: BatchSolver, device: torch.device) -> None:
     """Block by block: H from the quantized earlier blocks' outputs, then solve, then move on."""
     from pipeline.methods.hessians import run_block
     from pipeline.models.weights import decoder_layers
@@ -226,7 +248,7 @@ def _sequential_(request: QuantizeRequest, params: GPTQParams, device: torch.dev
     model, weights = request.model, request.weights
     blocks = decoder_layers(model)
     if not blocks:
-        raise ValueError(f"gptq hessians='sequential': no decoder blocks found in {type(model).__name__}")
+        raise ValueError(f"hessians='sequential': no decoder blocks found in {type(model).__name__}")
     assert request.calibration is not None
     inputs = block_inputs(model, blocks[0], request.calibration)
     owner = _block_of(model, blocks, weights)
@@ -235,9 +257,7 @@ def _sequential_(request: QuantizeRequest, params: GPTQParams, device: torch.dev
         hessians = Hessians()
         with torch.no_grad(), hessian_hooks(model, names, hessians, device, root=block):
             run_block(block, inputs)
-        solve_(
-            {n: weights[n] for n in names}, request.keep, finish_hessians(hessians), request.recipe, params
-        )
+        solve_({n: weights[n] for n in names}, request.keep, finish_hessians(hessians), solver)
         inputs = run_block(block, inputs)  # the next block sees this block quantized
     rest = [n for n in weights if n not in owner]  # e.g. the LM head: after every block is quantized
     if rest:
@@ -245,8 +265,7 @@ def _sequential_(request: QuantizeRequest, params: GPTQParams, device: torch.dev
             {n: weights[n] for n in rest},
             request.keep,
             collect_hessians(model, rest, request.calibration, device),
-            request.recipe,
-            params,
+            solver,
         )
 
 
@@ -263,7 +282,7 @@ def _check_finite(weights: dict[str, Tensor]) -> None:
     flags = torch.stack([torch.isfinite(w).all() for w in weights.values()]).tolist() if weights else []
     bad = [n for n, ok in zip(weights, flags, strict=True) if not ok]
     if bad:
-        raise QuantizationError(f"non-finite values after gptq: {bad[:5]}")
+        raise QuantizationError(f"non-finite values after the solve: {bad[:5]}")
 
 
 GPTQ = register_method(

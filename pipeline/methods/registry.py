@@ -19,7 +19,6 @@ from kernels.registry import Registry, unknown_name
 if TYPE_CHECKING:
     from torch import Tensor, nn
 
-    from kernels import QuantSpec
     from pipeline.recipe import ParamPairs, Recipe
 
 
@@ -49,7 +48,8 @@ class QuantizeRequest:
     calibration: Tensor | None = None
 
 
-WeightBits = Callable[["QuantSpec", tuple[int, ...], int], int]
+WeightBits = Callable[["Recipe", tuple[int, ...], int], int]
+CODEBOOK_BITS = tuple(range(2, 16))  # a method's default widths; each data type narrows them (fp: 3..)
 
 
 @dataclass(frozen=True)
@@ -64,10 +64,12 @@ class Method:
         params: a frozen dataclass of the method's own parameters (defaults for all; `__post_init__`
             raises ValueError naming a bad value); None: the method has none.
         needs_calibration: whether the method reads calibration text (`quant.calibration`).
-        dtypes: the data types it takes; None: every registered one.
-        bits: the bit widths it takes (the baseline, 16, is not a method's business).
-        weight_bits: (spec, [out, in] shape, kept columns) -> stored bits of one matrix; None: RTN's
-            (`kernels.weight_bits`): the method changes values, not storage.
+        dtypes: the data types it takes; None: every codebook data type (`kernels.CODEBOOKS`; bcq,
+            which has no codebook, only where named).
+        bits: the bit widths it takes (the baseline, 16, is not a method's business); a recipe's bits
+            must also be its data type's (`kernels.codebooks.DataType.bits`).
+        weight_bits: (recipe, [out, in] shape, kept columns) -> stored bits of one matrix; None: RTN's
+            (`kernels.weight_bits` of `recipe.spec`): the method changes values, not storage.
         extra_check: raises ValueError for a recipe the method cannot run (beyond dtypes and bits).
     """
 
@@ -77,7 +79,7 @@ class Method:
     params: type | None = None
     needs_calibration: bool = False
     dtypes: tuple[str, ...] | None = None
-    bits: tuple[int, ...] = tuple(range(3, 16))
+    bits: tuple[int, ...] = CODEBOOK_BITS
     weight_bits: WeightBits | None = None
     extra_check: Callable[[Recipe], None] | None = None
 
@@ -99,19 +101,33 @@ class Method:
         return {} if self.params is None else dataclasses.asdict(self.params())
 
     def check(self, recipe: Recipe) -> None:
-        """Raise ValueError if the recipe's data type or bits are not the method's."""
-        if self.dtypes is not None and recipe.dtype not in self.dtypes:
+        """Raise ValueError unless the method takes the recipe's data type, and its bits with that type."""
+        from kernels.codebooks import CODEBOOKS, DATA_TYPES, bit_ranges
+
+        kind = DATA_TYPES[recipe.dtype]  # an unknown name: KeyError with close matches
+        dtypes = list(CODEBOOKS) if self.dtypes is None else list(self.dtypes)
+        if recipe.dtype not in dtypes:
             raise ValueError(
-                f"quant.method={self.name!r} does not take dtype={recipe.dtype!r}; "
-                f"allowed: {list(self.dtypes)}"
+                f"quant.method={self.name!r} does not take dtype={recipe.dtype!r}; allowed: {dtypes}"
             )
-        if recipe.bits not in self.bits:
+        allowed = tuple(b for b in self.bits if b in kind.bits)
+        if recipe.bits not in allowed:
             raise ValueError(
-                f"quant.method={self.name!r} does not take bits={recipe.bits}; allowed: "
-                f"{_ranges(self.bits)} (16: the unquantized baseline)"
+                f"quant.method={self.name!r} does not take bits={recipe.bits} with dtype={recipe.dtype!r}; "
+                f"allowed: {bit_ranges(allowed)} (16: the unquantized baseline)"
             )
         if self.extra_check is not None:
             self.extra_check(recipe)
+
+    def typical_codes(self) -> dict[str, Any]:
+        """A data type and bits the method takes (int, 4 where it can): what pre-flight checks each
+        other field of a recipe beside, so that one bad value is named once."""
+        from kernels.codebooks import CODEBOOKS, DATA_TYPES
+
+        dtypes = list(CODEBOOKS) if self.dtypes is None else list(self.dtypes)
+        dtype = "int" if "int" in dtypes else dtypes[0]
+        allowed = [b for b in self.bits if b in DATA_TYPES[dtype].bits]
+        return {"dtype": dtype, "bits": 4 if 4 in allowed else max(allowed)}
 
 
 METHODS: Registry[Method] = Registry("quantization method")
@@ -120,14 +136,3 @@ METHODS: Registry[Method] = Registry("quantization method")
 def register_method(method: Method) -> Method:
     """Add a method to `METHODS` (a second method of the same name is an error)."""
     return METHODS.register(method.name, method)
-
-
-def _ranges(values: tuple[int, ...]) -> str:
-    """(3, 4, 5, 8) -> "3..5, 8"."""
-    runs: list[list[int]] = []
-    for v in sorted(values):
-        if runs and v == runs[-1][-1] + 1:
-            runs[-1].append(v)
-        else:
-            runs.append([v])
-    return ", ".join(f"{r[0]}..{r[-1]}" if len(r) > 2 else ", ".join(map(str, r)) for r in runs)

@@ -1,49 +1,148 @@
 """Load a causal LM and its tokenizer (hub id or local directory), and what is known before loading.
 
 Remote code is never trusted. `check_model_ref`, `local_config` and `max_positions` read no weights:
-pre-flight uses them to refuse a bad model before any job runs.
+pre-flight uses them to refuse a bad model before any job runs: an unknown torch dtype, a folder
+without config or weights, a model that is not a causal LM (BERT, T5, ...: perplexity and lm-eval
+scores assume left-to-right attention), and a name that is neither a local folder nor a hub id the
+hub can provide now (offline and not in the hub cache).
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import re
+import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
 
 from kernels.registry import unknown_name_message
+from pipeline.hub import HUB_ID, cached_snapshot, hub_cache_dir, offline_reason
 from pipeline.specs import ModelRef
 
 if TYPE_CHECKING:
-    from transformers import PreTrainedModel, PreTrainedTokenizerBase
+    from transformers import PretrainedConfig, PreTrainedModel, PreTrainedTokenizerBase
 
 log = logging.getLogger(__name__)
 
 TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+WEIGHT_PATTERNS = ("*.safetensors", "pytorch_model*.bin")  # what AutoModelForCausalLM loads (with indexes)
+
+
+def check_torch_dtype(torch_dtype: str) -> None:
+    """Raise ValueError naming the allowed torch dtypes unless `torch_dtype` is one (or auto)."""
+    if torch_dtype != "auto" and torch_dtype not in TORCH_DTYPES:
+        raise ValueError(unknown_name_message("torch_dtype", torch_dtype, ["auto", *sorted(TORCH_DTYPES)]))
 
 
 def check_model_ref(ref: ModelRef) -> None:
-    """Cheap validation before any job runs: dtype known, local path present or a hub id."""
-    if ref.torch_dtype != "auto" and ref.torch_dtype not in TORCH_DTYPES:
-        raise ValueError(
-            unknown_name_message("torch_dtype", ref.torch_dtype, ["auto", *sorted(TORCH_DTYPES)])
-        )
+    """Validation before any job runs, reading no weights: the torch dtype; a local folder's config,
+    weights and causal-LM architecture; or a hub id's (from the hub cache, else the hub if online).
+
+    Raises:
+        ValueError: one short message naming the model and what is wrong.
+    """
+    check_torch_dtype(ref.torch_dtype)
     path = Path(ref.name_or_path).expanduser()
     if path.exists():
-        if not path.is_dir():
-            raise ValueError(f"model path {ref.name_or_path!r} is a file; give a model directory")
-        if ref.gguf_file and not (path / ref.gguf_file).is_file():
-            raise ValueError(f"gguf_file {ref.gguf_file!r} not found in {ref.name_or_path!r}")
+        check_local_model(path, ref)
         return
     looks_local = ref.name_or_path.startswith(("/", ".", "~")) or not HUB_ID.match(ref.name_or_path)
     if looks_local:
         raise ValueError(
             f"model {ref.name_or_path!r} is neither an existing local directory nor a hub id 'org/name'"
         )
+    check_hub_model(ref)
+
+
+def check_local_model(path: Path, ref: ModelRef) -> None:
+    """A local model folder: a directory with a config, weights and a causal-LM architecture."""
+    name = ref.name_or_path
+    if not path.is_dir():
+        raise ValueError(f"model path {name!r} is a file; give a model directory")
+    if ref.gguf_file:
+        if not (path / ref.gguf_file).is_file():
+            raise ValueError(f"gguf_file {ref.gguf_file!r} not found in {name!r}")
+    elif not (path / "config.json").is_file():
+        raise ValueError(f"model directory {name!r} has no config.json; give a save_pretrained folder")
+    elif not any(next(path.glob(pattern), None) for pattern in WEIGHT_PATTERNS):
+        raise ValueError(
+            f"model directory {name!r} has a config but no weights (*.safetensors or pytorch_model*.bin)"
+        )
+    _check_causal(name, lambda: _auto_config(str(path), ref, local_files_only=True))
+
+
+def check_hub_model(ref: ModelRef) -> None:
+    """A hub id: its config from the hub cache, or from the hub when it is reachable; refused when
+    neither has it, naming both readings of the name."""
+    name = ref.name_or_path
+    snapshot = cached_snapshot(name, ref.revision)
+    if snapshot is not None:
+        _check_causal(name, lambda: _auto_config(str(snapshot), ref, local_files_only=True))
+        return
+    reason = offline_reason()
+    if reason is not None:
+        raise ValueError(
+            f"model {name!r}: no local directory {str(Path.cwd() / name)!r}, and as a hub id it is not "
+            f"in the hub cache ({hub_cache_dir()}) while the hub is unreachable ({reason}); give an "
+            "existing model directory, or download the model first"
+        )
+    _check_causal(name, lambda: _auto_config(name, ref, local_files_only=False))
+
+
+def _auto_config(source: str, ref: ModelRef, *, local_files_only: bool) -> PretrainedConfig:
+    from transformers import AutoConfig
+
+    return AutoConfig.from_pretrained(
+        source,
+        revision=None if os.path.isdir(source) else ref.revision,
+        gguf_file=ref.gguf_file,
+        local_files_only=local_files_only,
+        trust_remote_code=False,
+    )
+
+
+def _check_causal(name: str, read_config: Callable[[], PretrainedConfig]) -> None:
+    """Raise ValueError unless the config `read_config()` returns is a causal LM's."""
+    try:
+        config = read_config()
+    except (OSError, ValueError, KeyError) as err:
+        raise ValueError(f"model {name!r}: its config cannot be read ({str(err).splitlines()[0]})") from err
+    reason = not_causal_reason(config)
+    if reason is not None:
+        raise ValueError(f"model {name!r} is not a causal LM ({reason}); only causal LMs can be scored")
+
+
+def not_causal_reason(config: PretrainedConfig) -> str | None:
+    """Why a model config is not a causal (left-to-right) LM, or None if it is one.
+
+    Causal: not an encoder-decoder, an architecture (or, without one, a model type) that transformers
+    maps to a causal-LM head, and for encoder families with such a head (BERT, RoBERTa, ...)
+    `is_decoder=true`, without which they attend both ways.
+    """
+    from transformers.models.auto.modeling_auto import (
+        MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
+        MODEL_FOR_MASKED_LM_MAPPING_NAMES,
+    )
+
+    model_type = config.model_type
+    architectures = list(config.architectures or [])
+    heads = {name for value in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values() for name in _names(value)}
+    if getattr(config, "is_encoder_decoder", False):
+        return f"{model_type} is an encoder-decoder"
+    if architectures and not heads.intersection(architectures):
+        return f"architectures {architectures} have no causal-LM head"
+    if not architectures and model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+        return f"model_type {model_type!r} has no causal-LM head"
+    if model_type in MODEL_FOR_MASKED_LM_MAPPING_NAMES and not getattr(config, "is_decoder", False):
+        return f"{model_type} attends both ways unless its config sets is_decoder=true"
+    return None
+
+
+def _names(value: str | tuple[str, ...]) -> tuple[str, ...]:
+    return (value,) if isinstance(value, str) else tuple(value)
 
 
 def local_config(name_or_path: str) -> dict[str, Any] | None:

@@ -82,14 +82,14 @@ def count_bits(
 
     spec = recipe.spec
     assert spec is not None
-    bits_of = weight_bits or rtn_weight_bits
+    bits_of = weight_bits or (lambda r, shape, n_keep: rtn_weight_bits(spec, shape, n_keep))
     n_quant = n_kept = quant_bits = 0
     for name, view in weights.items():
         cols = keep.get(name)
         n_keep_cols = 0 if cols is None else cols.numel()
         n_kept += n_keep_cols * view.shape[0]
         n_quant += view.numel() - n_keep_cols * view.shape[0]
-        quant_bits += bits_of(spec, tuple(view.shape), n_keep_cols)
+        quant_bits += bits_of(recipe, tuple(view.shape), n_keep_cols)
     n_matrix = n_quant + n_kept
     return QuantReport(
         n_params=total,

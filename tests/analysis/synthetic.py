@@ -2,7 +2,13 @@
 
 Metrics follow known laws so tests can check that the analysis recovers them:
 mean accuracy = a_k + b * log2(total model bits), and cross-entropy =
-A * (N * (1 - exp(-k / gamma)))^(-alpha) + E (Kumar et al. 2024).
+A * (N_u + N_q * (1 - exp(-k / gamma)))^(-alpha) + E (`analysis.effective`; N_q quantized parameters,
+N_u = N - N_q, the 16-bit baseline at N_eff = N).
+
+`Units` adds per-unit data (`unit_sums` / `unit_counts`) to the perplexity and accuracy rows: chunks
+whose difficulty is shared by every job of a study (the same text), plus optional per-job noise.
+`study_frame` returns a study as an in-memory results table (what `load_results` gives), with the unit
+columns, whatever the Parquet schema holds.
 
 A job's method, scope and evaluation settings (`Config.method`, `Config.evals`, ...) are written to
 the result columns of the same names.
@@ -18,8 +24,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pandas as pd
 
-from pipeline.results import write_job_rows
+from pipeline.results import COLUMNS, write_job_rows
 
 TASK_OFFSETS = {"lambada_openai": 0.05, "piqa": 0.1, "hellaswag": -0.1, "winogrande": -0.05}  # sum 0
 TEXT_SET = "wikitext2"  # the perplexity text set of every synthetic job
@@ -30,7 +37,8 @@ class Law:
     """The true laws behind a synthetic study."""
 
     intercepts: Mapping[int, float] = field(
-        default_factory=lambda: {3: -1.03, 4: -1.0, 5: -1.02, 6: -1.035, 8: -1.06, 16: -1.2}
+        # mean accuracies of 0.4-0.8 on the default grids: above the four tasks' chance rate (0.3125)
+        default_factory=lambda: {3: -0.63, 4: -0.6, 5: -0.62, 6: -0.635, 8: -0.66, 16: -0.8}
     )
     slope: float = 0.05
     A: float = 40.0
@@ -41,8 +49,10 @@ class Law:
     def accuracy(self, bits: int, total_bits: float) -> float:
         return self.intercepts[bits] + self.slope * math.log2(total_bits)
 
-    def loss(self, n_params: float, bits: int) -> float:
-        n_eff = n_params * (1 - math.exp(-bits / self.gamma))
+    def loss(self, n_params: float, bits: int, n_quantized: float | None = None) -> float:
+        """The loss of `n_params` parameters, `n_quantized` of them (default all) quantized to `bits`."""
+        n_q = n_params if n_quantized is None else n_quantized
+        n_eff = n_params if bits >= 16 else n_params - n_q + n_q * (1 - math.exp(-bits / self.gamma))
         return self.A * n_eff ** (-self.alpha) + self.E
 
 
@@ -83,6 +93,16 @@ class Config:
     quantize_embeddings: bool = False
     quantize_lm_head: bool = False
     evals: Evals = Evals()
+    unquantized: int = 0  # parameters left in 16 bits (embeddings, head) when bits < 16
+
+    @property
+    def n_quantized(self) -> int:
+        return self.n_params - self.unquantized if self.bits < 16 else 0
+
+    @property
+    def total_bits(self) -> int:
+        """Quantized parameters at `bits_per_param`, the rest at 16 bits."""
+        return round(self.n_quantized * self.bits_per_param + 16 * (self.n_params - self.n_quantized))
 
     @property
     def bits_per_param(self) -> float:
@@ -117,7 +137,7 @@ def job_rows(
         "model": f"{cfg.family}-{cfg.n_params}",
         "model_family": cfg.family,
         "n_params": cfg.n_params,
-        "n_quantized_params": cfg.n_params if cfg.bits < 16 else 0,
+        "n_quantized_params": cfg.n_quantized,
         "n_kept_params": 0,
         "dtype": cfg.dtype if cfg.bits < 16 else "none",
         "bits": cfg.bits,
@@ -126,7 +146,7 @@ def job_rows(
         "outlier_fraction": cfg.outlier_fraction,
         "centering": False,
         "bits_per_param": cfg.bits_per_param,
-        "total_model_bits": round(cfg.n_params * cfg.bits_per_param),
+        "total_model_bits": cfg.total_bits,
         "status": "ok",
         "device": "cpu",
     }
@@ -139,10 +159,10 @@ def job_rows(
 def law_metrics(
     cfg: Config, law: Law, noise: float, rng: np.random.Generator, acc_offset: float = 0.0
 ) -> list[tuple[str, str, float, float | None]]:
-    """Accuracy on the paper's four tasks and perplexity metrics on 'wikitext2' from `law`."""
-    total_bits = cfg.n_params * cfg.bits_per_param
-    acc = law.accuracy(cfg.bits, total_bits) + acc_offset + noise * rng.standard_normal()
-    nats = law.loss(cfg.n_params, cfg.bits) + noise * rng.standard_normal()
+    """Accuracy on the paper's four tasks and perplexity metrics on 'wikitext2' from `law`; `acc_offset`
+    raises the accuracy and lowers the loss by as much."""
+    acc = law.accuracy(cfg.bits, cfg.total_bits) + acc_offset + noise * rng.standard_normal()
+    nats = law.loss(cfg.n_params, cfg.bits, cfg.n_quantized) - acc_offset + noise * rng.standard_normal()
     rows: list[tuple[str, str, float, float | None]] = [
         (task, "acc", acc + offset, noise * 2 if noise else None) for task, offset in TASK_OFFSETS.items()
     ]
@@ -155,6 +175,66 @@ def law_metrics(
     return rows
 
 
+@dataclass(frozen=True)
+class Units:
+    """Per-unit data of synthetic rows: `n_units` chunks (or documents) of one text per task.
+
+    A unit's difficulty (shared_sd, per task) is the same for every job: the text is shared, so it
+    moves every configuration together. job_sd adds noise of each job on each unit (what pairing
+    cannot remove). The units always reproduce the row's value exactly.
+    """
+
+    n_units: int = 100
+    shared_sd: float = 0.5
+    job_sd: float = 0.0
+    seed: int = 0
+
+    def columns(self, task: str, value: float, rng: np.random.Generator) -> dict[str, list[float]]:
+        text = np.random.default_rng([self.seed, sum(task.encode())])
+        counts = text.integers(50, 150, self.n_units).astype(float)
+        per_unit = text.normal(0.0, self.shared_sd, self.n_units) + rng.normal(0.0, self.job_sd, self.n_units)
+        per_unit += value - np.sum(counts * per_unit) / counts.sum()  # sum(sums) / sum(counts) == value
+        return {"unit_sums": (counts * per_unit).tolist(), "unit_counts": counts.tolist()}
+
+
+def with_units(rows: list[dict[str, Any]], units: Units, rng: np.random.Generator) -> list[dict[str, Any]]:
+    """`rows` of one job with unit columns on accuracy and perplexity rows of the text set."""
+    nats = {
+        r["task"]: units.columns(str(r["task"]), float(r["value"]), rng)
+        for r in rows
+        if r["metric"] == "nats_per_token"
+    }
+    out = []
+    for row in rows:
+        if row["metric"] in ("nats_per_token", "perplexity") and row["task"] in nats:
+            row = {**row, **nats[row["task"]]}  # perplexity = exp(the nats' ratio of sums)
+        elif row["metric"] == "acc" and row["task"] not in nats:
+            row = {**row, **units.columns(str(row["task"]), float(row["value"]), rng)}
+        out.append(row)
+    return out
+
+
+def study_rows(
+    configs: Iterable[Config],
+    law: Law | None = None,
+    noise: float = 0.0,
+    seed: int = 0,
+    offset: Callable[[Config], float] | None = None,
+    units: Units | None = None,
+) -> list[tuple[Config, list[dict[str, Any]]]]:
+    """Each config with its result rows; `offset(cfg)` shifts its accuracy and its loss (its sign
+    flipped: a better configuration has a higher accuracy and a lower loss)."""
+    law = law or Law()
+    rng = np.random.default_rng(seed)
+    out = []
+    for cfg in configs:
+        shift = offset(cfg) if offset else 0.0
+        metrics = law_metrics(cfg, law, noise, rng, shift)
+        rows = job_rows(cfg, metrics)
+        out.append((cfg, with_units(rows, units, rng) if units else rows))
+    return out
+
+
 def write_study(
     study_dir: Path,
     configs: Iterable[Config],
@@ -162,15 +242,27 @@ def write_study(
     noise: float = 0.0,
     seed: int = 0,
     offset: Callable[[Config], float] | None = None,
+    units: Units | None = None,
 ) -> list[Config]:
-    """Write one Parquet file per config; `offset(cfg)` shifts its accuracy (to rank settings)."""
-    law = law or Law()
-    rng = np.random.default_rng(seed)
-    configs = list(configs)
-    for cfg in configs:
-        shift = offset(cfg) if offset else 0.0
-        write_job_rows(study_dir, cfg.key, job_rows(cfg, law_metrics(cfg, law, noise, rng, shift)))
-    return configs
+    """Write one Parquet file per config (see `study_rows`); `units` needs the schema's unit columns."""
+    written = study_rows(configs, law, noise, seed, offset, units)
+    for cfg, rows in written:
+        write_job_rows(study_dir, cfg.key, rows)
+    return [cfg for cfg, _ in written]
+
+
+def study_frame(
+    configs: Iterable[Config],
+    law: Law | None = None,
+    noise: float = 0.0,
+    seed: int = 0,
+    offset: Callable[[Config], float] | None = None,
+    units: Units | None = None,
+) -> pd.DataFrame:
+    """The results table `load_results` would give for these configs, with the unit columns."""
+    rows = [row for _, job in study_rows(configs, law, noise, seed, offset, units) for row in job]
+    columns = list(dict.fromkeys([*COLUMNS, "unit_sums", "unit_counts"]))
+    return pd.DataFrame(rows).reindex(columns=columns)
 
 
 def grid(

@@ -45,5 +45,6 @@ def test_summary_counts_wins_per_setting(gptq_study):
 def test_a_study_of_rtn_alone_has_no_methods_section():
     study = load_study(ROOT / "h100-ladder-heldout", n_boot=10)
     assert not has_methods(study)
+    assert study.tidy is not None and study.metric is not None
     with pytest.raises(AnalysisError, match="no other method"):
         method_pairs(study.tidy, study.metric)

@@ -121,7 +121,7 @@ def test_quantile_needs_tensor() -> None:
 @pytest.mark.parametrize("bits", [2, 17, 0, 4.0, True, "4"])
 def test_bad_bits(bits: object) -> None:
     with pytest.raises(ValueError, match=r"bits=.* 3\.\.16"):
-        codebook("int", bits)  # type: ignore[arg-type]
+        codebook("fp", bits)  # type: ignore[arg-type]  (int, nf and quantile also take 2)
 
 
 def test_bad_exponent_bits() -> None:

@@ -15,8 +15,10 @@ from kernels import QuantSpec, fake_quantize, quantize
     [
         ({"dtype": "nff", "bits": 4, "block_size": 64}, KeyError, "did you mean 'nf'"),
         ({"dtype": "INT", "bits": 4, "block_size": 64}, KeyError, "allowed: int, fp, nf, quantile, dynamic"),
-        ({"dtype": "int", "bits": 2, "block_size": 64}, ValueError, r"bits=2 .* 3\.\.16"),
-        ({"dtype": "int", "bits": 17, "block_size": 64}, ValueError, r"bits=17 .* 3\.\.16"),
+        ({"dtype": "int", "bits": 1, "block_size": 64}, ValueError, r"bits=1 .*'int'.* 2\.\.16"),
+        ({"dtype": "fp", "bits": 2, "block_size": 64}, ValueError, r"bits=2 .*'fp'.* 3\.\.16"),
+        ({"dtype": "int", "bits": 17, "block_size": 64}, ValueError, r"bits=17 .* 2\.\.16"),
+        ({"dtype": "bcq", "bits": 5, "block_size": 64}, ValueError, r"bits=5 .*'bcq'.* 1\.\.4"),
         ({"dtype": "int", "bits": 4.0, "block_size": 64}, ValueError, r"bits=4\.0"),
         ({"dtype": "int", "bits": 4, "block_size": 0}, ValueError, "block_size=0 .* positive int or None"),
         ({"dtype": "int", "bits": 4, "block_size": -64}, ValueError, "block_size=-64"),

@@ -104,8 +104,8 @@ def test_demo_grid_has_the_stated_size():
     quantized = [c for c in cells if c.quant.bits != 16]
     assert len(quantized) == 5 * 5 * 3 and len(cells) == 76
     assert {c.quant.bits for c in cells} == {3, 4, 5, 6, 8, 16}
-    assert {p.name for p in cells[0].eval.perplexity} == {"wikitext2", "heldout"}
-    assert {c.model.name_or_path for c in cells} == {"ladder:tiny"}
+    assert {p.name for p in cells[0].eval.perplexity} == {"heldout"}  # in domain for the ladder
+    assert {c.model.name_or_path for c in cells} == {"ladder:demo"}
     assert all(c.report for c in cells) and not load_config([]).report
 
 
@@ -126,7 +126,7 @@ def test_command_line_wins_over_sweep_file():
 def test_group_choice_can_be_swept():
     cells = expand(plan_sweep(["eval=demo,smoke", "quant.bits=3,4"], multirun=True))
     assert len(cells) == 4
-    assert {len(c.eval.perplexity) for c in cells} == {1, 2}
+    assert {c.eval.perplexity[0].name for c in cells} == {"heldout", "wikitext2"}  # demo, smoke
 
 
 def test_replace_path_sets_nested_fields():
@@ -134,6 +134,22 @@ def test_replace_path_sets_nested_fields():
     new = replace_path(cfg, {"quant.bits": 3, "study": "s", "model.torch_dtype": "float32"})
     assert (new.quant.bits, new.study, new.model.torch_dtype) == (3, "s", "float32")
     assert cfg.quant.bits == 4 and new.eval is cfg.eval
+
+
+TWO_SETS = "eval.perplexity=[{name:h,path:'corpus:heldout'},{name:w,path:eval/wikitext-2-raw/wiki.test.raw}]"
+
+
+def test_replace_path_sets_a_field_of_one_list_item():
+    cfg = load_config(["eval=demo", TWO_SETS])
+    new = replace_path(cfg, {"eval.perplexity.1.max_tokens": 2048, "eval.perplexity.0.stride": 128})
+    assert [(p.stride, p.max_tokens) for p in new.eval.perplexity] == [
+        (128, cfg.eval.perplexity[0].max_tokens),
+        (cfg.eval.perplexity[1].stride, 2048),
+    ]
+    assert cfg.eval.perplexity[1].max_tokens != 2048 and new.eval.perplexity is not cfg.eval.perplexity
+    assert new == load_config(
+        ["eval=demo", TWO_SETS, "eval.perplexity.1.max_tokens=2048", "eval.perplexity.0.stride=128"]
+    )
 
 
 @pytest.mark.parametrize(
@@ -144,7 +160,7 @@ def test_replace_path_sets_nested_fields():
         (["model=nope"], False, "allowed: ['hf', 'ladder/h100', 'ladder/tiny'"),
         (["quant.blocksize=3"], False, "quant.blocksize"),
         (["quant.bits=3,4"], False, "add -m"),
-        (["+sweep=nope"], True, "allowed: ['demo', 'gptq', 'paper', 'smoke']"),
+        (["+sweep=nope"], True, "allowed: ['demo', 'gptq', 'paper', 'shiftadd', 'smoke']"),
         (["quant.bits=interval(3,4)"], True, "interval"),
         (["quant.bits=="], True, "quant.bits"),
         (["eval.compile=maybe"], False, "eval.compile=maybe: Value 'maybe' is not a valid bool"),

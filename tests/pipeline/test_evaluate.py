@@ -45,15 +45,19 @@ def test_strided_windows_score_each_token_at_most_once(n, context, stride):
         assert sorted(scored) == [p for p in range(1, n) if p % context != 0]
 
 
-def _nats_naive(model, ids: list[int], context: int) -> float:
+def _nll_naive(model, ids: list[int], context: int) -> list[float]:
     """Each token p >= 1 scored by a full forward of the (up to) `context` tokens ending at p."""
-    total = 0.0
+    nll = []
     with torch.no_grad():
         for p in range(1, len(ids)):
             window = torch.tensor([ids[max(0, p - context + 1) : p + 1]])
             logits = model(input_ids=window).logits[0, -2]
-            total -= torch.log_softmax(logits.double(), -1)[ids[p]].item()
-    return total
+            nll.append(-torch.log_softmax(logits.double(), -1)[ids[p]].item())
+    return nll
+
+
+def _nats_naive(model, ids: list[int], context: int) -> float:
+    return math.fsum(_nll_naive(model, ids, context))
 
 
 def test_perplexity_single_window_equals_full_forward(llama, wiki_text):
@@ -64,7 +68,7 @@ def test_perplexity_single_window_equals_full_forward(llama, wiki_text):
     with torch.no_grad():
         logits = model(input_ids=torch.tensor([ids])).logits[0, :-1]
     naive = F.cross_entropy(logits.double(), torch.tensor(ids[1:]), reduction="sum").item()
-    assert total_nats(model, text.batches) == pytest.approx(naive, rel=1e-5)
+    assert total_nats(model, text) == pytest.approx(naive, rel=1e-5)
 
 
 def test_perplexity_strided_equals_naive_per_token_forwards(llama, wiki_text):
@@ -73,7 +77,7 @@ def test_perplexity_strided_equals_naive_per_token_forwards(llama, wiki_text):
     text = tokenize_text(spec, wiki_text, tokenizer, 8, model.device)
     ids, _ = encode_text(wiki_text, tokenizer, 60)
     assert text.n_scored == len(ids) - 1
-    assert total_nats(model, text.batches) == pytest.approx(_nats_naive(model, ids, 24), rel=1e-5)
+    assert total_nats(model, text) == pytest.approx(_nats_naive(model, ids, 24), rel=1e-5)
 
 
 def test_perplexity_metrics_relations(llama, data_root):
@@ -206,3 +210,42 @@ def test_compiled_perplexity_equals_eager_on_the_gpu(tiny_neox_dir, data_root):
     assert is_compiled(model) and not is_compiled(eager_model)
     for got, want in zip(evaluator.run(), eager, strict=True):
         assert got.value == pytest.approx(want.value, rel=1e-4)
+
+
+def test_perplexity_units_sum_to_the_value_and_pair_across_configs(tiny_model_dir, data_root):
+    """100 contiguous chunks of the scored tokens: sum / count is the value, and the counts (the
+    partition) are the same for every configuration, so chunk i pairs across jobs."""
+    from kernels import QuantSpec
+
+    model, tokenizer = load_model(ModelRef(str(tiny_model_dir)), "cpu")
+    spec = EvalSpec(
+        perplexity=(ppl_spec(context_length=48, stride=24, max_tokens=1000),), data_root=str(data_root)
+    )
+    evaluator = Evaluator(model, tokenizer, spec)
+    runs = [evaluator.run()]
+    quantize_model_(model, Recipe.of(QuantSpec(dtype="int", bits=3, block_size=64)))
+    runs.append(evaluator.run())
+    for metrics in runs:
+        by_metric = {m.metric: m for m in metrics}
+        nats = by_metric["nats_per_token"]
+        assert len(nats.unit_sums) == 100 and sum(nats.unit_counts) == nats.n_examples == 1000
+        assert nats.value == pytest.approx(math.fsum(nats.unit_sums) / sum(nats.unit_counts), rel=1e-15)
+        assert (
+            by_metric["perplexity"].unit_sums == nats.unit_sums
+            and by_metric["bits_per_byte"].unit_sums is None
+        )
+        assert set(nats.unit_counts) == {10.0}
+    assert runs[0][0].unit_counts == runs[1][0].unit_counts and runs[0][0].unit_sums != runs[1][0].unit_sums
+
+
+def test_perplexity_units_are_the_per_token_nll_summed_by_chunk(llama, wiki_text):
+    from pipeline.evals.perplexity import score_text
+    from pipeline.evals.units import chunk_bounds
+
+    model, tokenizer = llama
+    spec = ppl_spec(context_length=24, stride=1, max_tokens=60)
+    text = tokenize_text(spec, wiki_text, tokenizer, 8, model.device)
+    ids, _ = encode_text(wiki_text, tokenizer, 60)
+    per_token = _nll_naive(model, ids, 24)
+    assert len(chunk_bounds(len(per_token), 100)) == 61 and text.chunks.counts == (1.0,) * 60  # one a chunk
+    assert score_text(model, text).nats == pytest.approx(per_token, rel=1e-5)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 
 from pipeline.evals.lmeval import LmEvalSuite
@@ -35,6 +37,12 @@ def test_numpy_metrics_equal_lm_eval_metrics(llama, data_root, scorer):
         ("hellaswag", "acc_norm"),
     }
     assert all(m.n_examples == 20 and m.stderr is not None for m in runs["numpy"])
+    for m in runs["numpy"]:  # units: each document's value, in document order (equal on both paths)
+        assert m.unit_counts == (1.0,) * 20
+        if m.metric == "perplexity":  # per-document NLL
+            assert m.value == pytest.approx(math.exp(sum(m.unit_sums) / 20), rel=1e-12)
+        else:
+            assert set(m.unit_sums) <= {0.0, 1.0} and m.value == pytest.approx(sum(m.unit_sums) / 20)
 
 
 def test_metrics_path_defaults_and_fallback(llama, data_root):

@@ -154,3 +154,66 @@ def test_compiled_decoder_blocks_give_the_eager_answers(tiny_neox_dir, requests)
 @pytest.mark.gpu
 def test_compiled_decoder_blocks_give_the_eager_answers_on_the_gpu(tiny_neox_dir, requests):
     compiled_answers_match(tiny_neox_dir, requests, "cuda", rel=1e-3)
+
+
+# In bfloat16, HFLM (softmax_dtype unset) rounds each token's log-probability and each request's sum to
+# bf16 (2^-9 relative each); FastScorer computes both in float32 from the same bf16 logits. Measured on
+# these tiny models on CPU: up to 4.1e-3 relative apart (mean 1.4e-3), FastScorer within 1.4e-4 of the
+# float32 model. The bound below leaves room for the bf16 forwards' own differences (packed vs padded).
+BF16_REL = 1e-2
+
+
+@pytest.fixture(scope="module")
+def more_requests(data_root):
+    tasks = task_manager(NAMES, data_root).load(list(NAMES))["tasks"]
+    out = []
+    for name in NAMES:
+        tasks[name].build_all_requests(limit=20, rank=0, world_size=1)
+        out += tasks[name].instances
+    return out
+
+
+def doc_picks(requests, answers) -> dict[tuple[str, int], tuple[int, list[float]]]:
+    """(task, doc) -> (index of its highest-scoring choice, each choice's log-likelihood); several choices."""
+    by_doc: dict[tuple[str, int], list[tuple[int, float]]] = {}
+    for instance, (lp, _) in zip(requests, answers, strict=True):
+        by_doc.setdefault((instance.task_name, instance.doc_id), []).append((instance.idx, lp))
+    picks = {}
+    for key, choices in by_doc.items():
+        lls = [lp for _, lp in sorted(choices)]
+        if len(lls) > 1:
+            picks[key] = (max(range(len(lls)), key=lambda i: (lls[i], -i)), lls)  # first maximum, as argmax
+    return picks
+
+
+def bf16_scorers_agree_within_rounding(model_dir, requests, device: str) -> None:
+    model, tokenizer = load_model(ModelRef(str(model_dir), torch_dtype="float32"), device)
+    reference = FastScorer(model, tokenizer, batch_size=8).loglikelihood(requests)
+    model = model.to(torch.bfloat16)
+    fast = FastScorer(model, tokenizer, batch_size=8).loglikelihood(requests)
+    hflm = make_lm(model, tokenizer, 8).loglikelihood(requests)
+    assert all(float(torch.tensor(lp).bfloat16()) == lp for lp, _ in hflm)  # HFLM's sums are bf16 numbers
+    fast_error = [abs(f - r) / abs(r) for (f, _), (r, _) in zip(fast, reference, strict=True)]
+    hflm_error = [abs(h - r) / abs(r) for (h, _), (r, _) in zip(hflm, reference, strict=True)]
+    assert max(fast_error) < 2e-3 and sum(fast_error) < sum(hflm_error) / 3  # fast: nearer float32
+    for (lp_fast, _), (lp_hf, _) in zip(fast, hflm, strict=True):
+        assert lp_fast == pytest.approx(lp_hf, rel=BF16_REL)
+    hflm_picks = doc_picks(requests, hflm)
+    for key, (pick, lls) in doc_picks(requests, fast).items():  # an answer flips only on a near tie
+        hflm_pick, hflm_lls = hflm_picks[key]
+        if pick != hflm_pick:
+            assert hflm_lls[pick] == pytest.approx(hflm_lls[hflm_pick], rel=BF16_REL), key
+            assert lls[pick] == pytest.approx(lls[hflm_pick], rel=BF16_REL), key
+
+
+@pytest.mark.parametrize("model_dir", ["tiny_model_dir", "tiny_neox_dir"])
+def test_bf16_answers_differ_from_hflm_only_by_its_bf16_rounding(model_dir, more_requests, request):
+    """bfloat16 (the GPU dtype) on CPU: FastScorer's log-likelihoods are lm-eval's definition without
+    HFLM's bf16 rounding of log-probs and sums, so the two differ within BF16_REL, choices flip only
+    where two choices lie within it, and FastScorer stays nearer the float32 model."""
+    bf16_scorers_agree_within_rounding(request.getfixturevalue(model_dir), more_requests, "cpu")
+
+
+@pytest.mark.gpu
+def test_bf16_answers_differ_from_hflm_only_by_its_bf16_rounding_on_the_gpu(tiny_neox_dir, more_requests):
+    bf16_scorers_agree_within_rounding(tiny_neox_dir, more_requests, "cuda")

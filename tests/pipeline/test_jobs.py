@@ -63,10 +63,15 @@ def test_key_changes_with_what_changes_the_numbers(change: str):
     assert one_job("model.name_or_path=org/m", change).key != base.key
 
 
-def test_key_ignores_study_data_root_and_compile(tmp_path: Path):
+def test_key_ignores_study_data_root_and_compile(tmp_path: Path, data_root: Path):
+    import shutil
+
     base = one_job("model.name_or_path=org/m")
     assert one_job("model.name_or_path=org/m", "study=other").key == base.key
     assert one_job("model.name_or_path=org/m", "eval.compile=true").key == base.key
+    text = "eval/wikitext-2-raw/wiki.test.raw"  # the same bytes under another root: the same job
+    (tmp_path / text).parent.mkdir(parents=True)
+    shutil.copy(data_root / text, tmp_path / text)
     assert one_job("model.name_or_path=org/m", f"eval.data_root={tmp_path}").key == base.key
 
 
@@ -126,6 +131,7 @@ def test_scheduler_requeues_at_the_front():
     jobs = build_jobs(cells("model.name_or_path=org/a", "quant.bits=3,4"))
     sched = Scheduler(jobs, 1)
     first = sched.next_for(0)
+    assert first is not None
     sched.requeue(first)
     assert sched.next_for(0) == first
 

@@ -71,8 +71,12 @@ def test_check_model_ref_rejects(ref, match):
         check_model_ref(ref)
 
 
-def test_check_model_ref_accepts_dir_and_hub_id(tiny_model_dir):
+def test_check_model_ref_accepts_dir_and_hub_id(tiny_model_dir, tmp_path, monkeypatch):
+    from tests.pipeline.hub_cache import cache_model
+
     check_model_ref(ModelRef(str(tiny_model_dir)))
+    cache_model(tmp_path, "EleutherAI/pythia-70m", tiny_model_dir, "c" * 40, ref="step1000")
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path))  # offline: a hub id must be in the hub cache
     check_model_ref(ModelRef("EleutherAI/pythia-70m", revision="step1000"))
 
 

@@ -134,9 +134,12 @@ def test_rows_fill_every_column(swept):
     assert set(ok.task) == {"wikitext2", "lambada_openai"}
     may_be_null = {"block_size", "exponent_bits", "stderr", "error", "n_examples", "max_tokens", "eval_limit"}
     may_be_null |= {"calibration"}  # rtn calibrates nothing
+    may_be_null |= {"unit_sums", "unit_counts"}  # bits_per_byte has none (checked below)
     per_task = {"scorer", "eval_limit", "context_length", "stride", "max_tokens"}  # set by the row's task
     for column in set(COLUMNS) - may_be_null - per_task:
         assert ok[column].notna().all(), column
+    with_units = ok[ok.metric != "bits_per_byte"]
+    assert with_units.unit_sums.notna().all() and with_units.unit_counts.notna().all()
     ppl, task = ok[ok.task == "wikitext2"], ok[ok.task == "lambada_openai"]
     assert set(ppl.context_length) == {128} and set(ppl.stride) == {128} and set(ppl.max_tokens) == {1024}
     assert ppl.scorer.isna().all() and task.context_length.isna().all()
@@ -188,7 +191,7 @@ def test_rerun_skips_everything_unless_failed_are_asked_for(swept, tiny_model_di
 
 
 BAD_INPUTS = [
-    (["quant.bits=2"], "bits"),
+    (["quant.bits=1"], "bits"),
     (["quant.dtype=foo"], "foo"),
     (["quant.block_size=0"], "block_size"),
     (["model.name_or_path=/no/such/model"], "/no/such/model"),
@@ -224,7 +227,7 @@ def test_ladder_context_checked_before_training(tmp_path, capsys):
 def test_every_bad_value_in_one_message(tiny_model_dir, tmp_path):
     overrides = [
         f"model.name_or_path={tiny_model_dir},/no/such/model",
-        "quant.bits=2,4",
+        "quant.bits=1,4",
         "quant.dtype=int,foo",
         "quant.block_size=0",
         f"results_root={tmp_path / 'r'}",
@@ -239,10 +242,10 @@ def test_every_bad_value_in_one_message(tiny_model_dir, tmp_path):
 
 
 def test_every_bad_field_of_one_cell_is_named(tiny_model_dir, tmp_path, capsys):
-    argv = [f"model.name_or_path={tiny_model_dir}", f"results_root={tmp_path}", "quant.bits=2"]
+    argv = [f"model.name_or_path={tiny_model_dir}", f"results_root={tmp_path}", "quant.bits=1"]
     assert main([*argv, "quant.dtype=foo", "quant.block_size=0"]) == 2
     err = capsys.readouterr().err
-    assert "bits=2" in err and "'foo'" in err and "block_size=0" in err
+    assert "bits=1" in err and "'foo'" in err and "block_size=0" in err
 
 
 def test_demo_is_the_default_and_plans_offline(tmp_path, monkeypatch):
@@ -253,4 +256,4 @@ def test_demo_is_the_default_and_plans_offline(tmp_path, monkeypatch):
     plan = plan_run(["+sweep=demo", "dry_run=true", f"results_root={tmp_path}"])
     assert plan.n_cells == 76 and len(plan.jobs) == 76 and len(plan.to_run) == 76
     assert {j.study for j in plan.jobs} == {"demo"}
-    assert "not trained yet" in plan.jobs[0].model_label and not (tmp_path / "cache").exists()
+    assert "not trained yet" in plan.jobs[0].model_label and not (tmp_path / "cache" / "ladders").exists()

@@ -1,0 +1,213 @@
+"""Binary-coding quantization's cost: one square matrix per q, and whole configurations against RTN.
+
+    python benchmarks/bcq.py --device cuda --out benchmarks/results/bcq-h200.json
+    python benchmarks/bcq.py --device cpu --matrix 512 --shape tiny --reps 1     (a quick check)
+
+Part 1: one random [matrix, matrix] float32 weight (4096² by default) fitted with `kernels.bcq` at
+q = 1..4 bit planes, block 128, fp16 scales, `--iters` refinement rounds: seconds for the fit, for the
+greedy start alone, and the relative weight error ||W − Ŵ||² / ||W||² of both; RTN (`fake_quantize`,
+int at the same bits where int has them, block 128) on the same matrix for scale.
+Part 2: a random-weight GPT-NeoX of the shape (bf16 on CUDA) quantized as a job does it (restore, then
+`quantize_model_`): rtn int3-b128 against bcq at q = 2, 3, 4 (block 128), and the target ratio
+(issue 18: a BCQ configuration at most 3x an RTN one). Then the two calibrated solves with the same
+Hessians (synthetic: one correlated H per input width, shared by every matrix of that width, as
+layers reading one input share theirs): gptq int3-b128 against shiftadd bcq3-b128.
+Prints a table and writes JSON (device, versions, every timing) to --out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from benchmarks.evaluation import SHAPES, device_name, device_sync  # noqa: E402
+
+BLOCK = 128
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
+    parser.add_argument("--matrix", type=int, default=4096, help="side of the square matrix of part 1")
+    parser.add_argument("--shape", default="pythia-410m", choices=sorted(SHAPES), help="model of part 2")
+    parser.add_argument("--iters", type=int, default=15, help="refinement rounds (bcq's default)")
+    parser.add_argument("--reps", type=int, default=3, help="timed repetitions (median) after a warm-up")
+    parser.add_argument("--no-model", action="store_true", help="part 1 only")
+    parser.add_argument("--out", type=Path)
+    return parser.parse_args(argv)
+
+
+def timed(fn: Callable[[], Any], reps: int, sync: Callable[[], None]) -> float:
+    """Median seconds of `fn` over `reps` calls after one warm-up, the device synced around each."""
+    fn()
+    sync()
+    times = []
+    for _ in range(reps):
+        start = time.perf_counter()
+        fn()
+        sync()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def matrix_rows(args: argparse.Namespace, sync: Callable[[], None]) -> list[dict[str, Any]]:
+    """Part 1: fit seconds and weight error per q on one square matrix."""
+    import torch
+
+    from kernels import QuantSpec, fake_quantize
+    from kernels.bcq import BCQSettings, bcq_fake_quantize
+
+    gen = torch.Generator(device=args.device).manual_seed(0)
+    w = torch.randn(args.matrix, args.matrix, device=args.device, generator=gen) * 0.02
+    norm = float((w.double() ** 2).sum())
+    rows = []
+    for q in (1, 2, 3, 4):
+        spec = QuantSpec("bcq", q, BLOCK)
+        row: dict[str, Any] = {"q": q, "values": w.numel()}
+        for label, settings in (("fit", BCQSettings(iters=args.iters)), ("greedy", BCQSettings(iters=0))):
+            row[f"{label}_s"] = timed(lambda p=spec, s=settings: bcq_fake_quantize(w, p, s), args.reps, sync)
+            quantized = bcq_fake_quantize(w, spec, settings)
+            row[f"{label}_rel_error"] = float(((w - quantized).double() ** 2).sum()) / norm
+        if q >= 2:
+            rtn = QuantSpec("int", q, BLOCK)
+            row["rtn_int_s"] = timed(lambda r=rtn: fake_quantize(w, r), args.reps, sync)
+            row["rtn_int_rel_error"] = float(((w - fake_quantize(w, rtn)).double() ** 2).sum()) / norm
+        rows.append(row)
+    return rows
+
+
+def build_model(shape: str, device: str) -> Any:
+    """A random-weight GPT-NeoX of `shape` (as benchmarks/quantize_model.py builds it)."""
+    import torch
+    from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
+
+    dims: dict[str, Any] = dict(SHAPES[shape])
+    dims.setdefault("vocab_size", 1024)
+    torch.manual_seed(0)
+    model = GPTNeoXForCausalLM(GPTNeoXConfig(tie_word_embeddings=False, **dims))
+    return model.to(torch.device(device), torch.bfloat16 if device == "cuda" else torch.float32).eval()
+
+
+def model_rows(args: argparse.Namespace, sync: Callable[[], None]) -> dict[str, Any]:
+    """Part 2: whole configurations (restore + quantize) and the calibrated solves."""
+    from pipeline.models import linear_weights, quantize_model_, restore_weights_, snapshot_weights
+    from pipeline.recipe import Recipe
+
+    model = build_model(args.shape, args.device)
+    snapshot = snapshot_weights(model)
+    restore = timed(lambda: restore_weights_(model, snapshot), args.reps, sync)
+    iters = (("iters", args.iters),)
+    recipes = [Recipe(dtype="int", bits=3, block_size=BLOCK)] + [
+        Recipe(method="bcq", dtype="bcq", bits=q, block_size=BLOCK, params=iters) for q in (2, 3, 4)
+    ]
+    configs: list[dict[str, Any]] = []
+    for recipe in recipes:
+
+        def job(r: Recipe = recipe) -> None:
+            restore_weights_(model, snapshot)
+            quantize_model_(model, r)
+
+        configs.append({"config": recipe.name, "seconds": timed(job, args.reps, sync)})
+    rtn_s = configs[0]["seconds"]
+    for row in configs:
+        row["x_rtn"] = row["seconds"] / rtn_s
+    weights = linear_weights(model)
+    result = {
+        "shape": args.shape,
+        "params": sum(p.numel() for p in model.parameters()),
+        "matrices": len(weights),
+        "restore_s": restore,
+        "configs": configs,
+        "bcq3_over_rtn3": configs[2]["x_rtn"],
+    }
+    result["solves"] = solve_rows(model, snapshot, weights, args, sync)
+    return result
+
+
+def solve_rows(model: Any, snapshot: Any, weights: Any, args: argparse.Namespace, sync: Any) -> list[dict]:
+    """gptq int3 against shiftadd bcq3 (block 128) with the same synthetic Hessians."""
+    import torch
+
+    from pipeline.calibration import CalibrationSpec
+    from pipeline.methods.gptq import hessian_key
+    from pipeline.methods.hessians import Hessians
+    from pipeline.models import quantize_model_, restore_weights_
+    from pipeline.recipe import Recipe
+
+    hessians = Hessians()
+    gen = torch.Generator(device=args.device).manual_seed(1)
+    for name, view in weights.items():
+        width = f"in{view.shape[1]}"
+        if width not in hessians.h:
+            x = torch.randn(view.shape[1], 2 * view.shape[1], device=args.device, generator=gen)
+            hessians.h[width] = 2 * x @ x.T / x.shape[1] + 0.1 * torch.eye(view.shape[1], device=args.device)
+        hessians.owner[name] = width
+    spec = CalibrationSpec(source="corpus:train")
+    tokens = torch.zeros(1, 2, dtype=torch.long)  # never read: the Hessians are in the cache
+    rows = []
+    for recipe in (
+        Recipe(method="gptq", dtype="int", bits=3, block_size=BLOCK, calibration=spec),
+        Recipe(method="shiftadd", dtype="bcq", bits=3, block_size=BLOCK, calibration=spec,
+               params=(("iters", args.iters),)),
+    ):  # fmt: skip
+        cache = {hessian_key(recipe, weights): hessians}
+
+        def job(r: Recipe = recipe, c: dict = cache) -> None:
+            restore_weights_(model, snapshot)
+            quantize_model_(model, r, c, tokens)
+
+        rows.append({"config": recipe.name, "seconds": timed(job, max(1, args.reps - 1), sync)})
+    return rows
+
+
+def render(result: dict[str, Any]) -> str:
+    lines = [f"BCQ on {result['device']} (torch {result['torch']})", "",
+             f"one {result['matrix']}x{result['matrix']} matrix, block {BLOCK}, {result['iters']} rounds:",
+             "| q | fit s | greedy s | rel. error fit | rel. error greedy | rtn int s | rel. error rtn int |",
+             "|---|---|---|---|---|---|---|"]  # fmt: skip
+    for r in result["matrix_rows"]:
+        rtn = f"{r['rtn_int_s']:.4f} | {r['rtn_int_rel_error']:.4f}" if "rtn_int_s" in r else "- | -"
+        lines.append(f"| {r['q']} | {r['fit_s']:.4f} | {r['greedy_s']:.4f} | {r['fit_rel_error']:.4f} | "
+                     f"{r['greedy_rel_error']:.4f} | {rtn} |")  # fmt: skip
+    model = result.get("model")
+    if model:
+        lines += ["", f"whole configuration, {model['shape']} ({model['params'] / 1e6:.0f}M params, "
+                  f"{model['matrices']} matrices; restore {model['restore_s']:.3f} s):",
+                  "| config | restore + quantize s | x rtn |", "|---|---|---|"]  # fmt: skip
+        lines += [f"| {c['config']} | {c['seconds']:.3f} | {c['x_rtn']:.2f} |" for c in model["configs"]]
+        lines.append(f"bcq3 / rtn int3: {model['bcq3_over_rtn3']:.2f}x (target <= 3x)")
+        lines += ["", "| calibrated solve (cached Hessians) | seconds |", "|---|---|"]
+        lines += [f"| {s['config']} | {s['seconds']:.3f} |" for s in model["solves"]]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    import torch
+
+    sync = device_sync(args.device)
+    result: dict[str, Any] = {"device": device_name(args.device), "torch": torch.__version__,
+                              "matrix": args.matrix, "iters": args.iters, "block_size": BLOCK}  # fmt: skip
+    result["matrix_rows"] = matrix_rows(args, sync)
+    if not args.no_model:
+        result["model"] = model_rows(args, sync)
+    print(render(result))
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(result, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

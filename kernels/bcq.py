@@ -1,0 +1,310 @@
+"""Binary-coding quantization (BCQ): a block of weights as Σ_{i=1..q} α_i·b_i with b_i ∈ {−1, +1}.
+
+Blocks are this package's (`block_size` consecutive values of the row-major flattening; where the block
+size divides an nn.Linear's width, a group of one row along the input dimension; the tail block may be
+shorter). Each block stores q scales α (`ScaleFormat`: float16, or sums of signed powers of two) and
+each value q sign bits: its code is the index of its sign pattern (bit i set: b_i = +1), so the value
+decodes to Σ α_i·b_i and the q bit planes pack like any code (`kernels.packing.pack_planes`).
+
+Fitting (`fit_blocks`), batched over all blocks of a tensor at once (Python loops over rounds and q only):
+- greedy: r = x; for i = 1..q: b_i = +1 where r > 0 else −1, α_i = mean |r| (in the scale format),
+  r −= α_i·b_i;
+- `iters` rounds of alternating refinement: α by least squares over the q basis vectors with b fixed
+  (BᵀB α = Bᵀx from per-pattern counts and sums, so no [blocks, B, q] tensor; Cholesky, the
+  pseudo-inverse where BᵀB is singular), rounded to the format and kept only where it lowers the
+  block's squared error; then each b by exhaustive search over the 2^q sign patterns: the nearest
+  of the block's 2^q sums (searchsorted over their sorted midpoints; a value on a midpoint takes the
+  lower sum, the codebooks' rule). Neither step raises a block's error, so no round does (a test
+  checks). q = 1 is its greedy fit (sign · mean |x|) already, so it skips the rounds.
+
+Pow2 scales (ShiftAddLLM's additive powers of two): each α is rounded greedily to `pow2_terms` signed
+powers of two (each term the power nearest the residual, or 0), stored per term as a sign bit and a
+6-bit exponent code (0: no term; c = 1..63: 2^(c − 48), i.e. 2^−47..2^15): 7 bits a term, so an α costs
+7·pow2_terms bits (`ScaleFormat.bits`, what `kernels.packing.weight_bits` counts; `encode_pow2` and
+`decode_pow2` are that code). A float16 α costs 16 bits.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from kernels.scaling import effective_block_size
+from kernels.spec import QuantSpec
+
+SCALE_FORMATS = ("fp16", "pow2")
+FP16_MAX = 65504.0
+POW2_EXPONENT_BITS = 6  # per term, besides its sign bit
+POW2_BIAS = 48  # exponent code c in 1..63 is 2^(c - 48); c = 0: the term is zero
+POW2_MIN_EXP, POW2_MAX_EXP = 1 - POW2_BIAS, 2**POW2_EXPONENT_BITS - 1 - POW2_BIAS
+
+
+@dataclass(frozen=True)
+class ScaleFormat:
+    """How a block's scales α are stored: "fp16", or "pow2" (`pow2_terms` signed powers of two each)."""
+
+    kind: str = "fp16"
+    pow2_terms: int = 3
+
+    def __post_init__(self) -> None:
+        if self.kind not in SCALE_FORMATS:
+            raise ValueError(f"bcq scales={self.kind!r} is not allowed; allowed: {list(SCALE_FORMATS)}")
+        terms = self.pow2_terms
+        if isinstance(terms, bool) or not isinstance(terms, int) or terms < 1:
+            raise ValueError(f"bcq pow2_terms={terms!r} is not allowed; use an int >= 1")
+
+    @property
+    def bits(self) -> int:
+        """Stored bits of one α."""
+        return 16 if self.kind == "fp16" else self.pow2_terms * (1 + POW2_EXPONENT_BITS)
+
+    def round(self, alpha: Tensor) -> Tensor:
+        """α rounded to the format (float32, same shape)."""
+        if self.kind == "fp16":
+            return alpha.clamp(-FP16_MAX, FP16_MAX).to(torch.float16).to(torch.float32)
+        return decode_pow2(encode_pow2(alpha, self.pow2_terms))
+
+
+@dataclass(frozen=True)
+class BCQSettings:
+    """The fit's settings: refinement rounds after the greedy start, and the scale format."""
+
+    iters: int = 15
+    scales: ScaleFormat = ScaleFormat()
+
+    def __post_init__(self) -> None:
+        if isinstance(self.iters, bool) or not isinstance(self.iters, int) or self.iters < 0:
+            raise ValueError(f"bcq iters={self.iters!r} is not allowed; use an int >= 0 (0: greedy only)")
+
+
+def encode_pow2(alpha: Tensor, n_terms: int) -> Tensor:
+    """int64 [..., n_terms] 7-bit term codes (sign << 6 | exponent code) of α rounded greedily."""
+    r = alpha.to(torch.float64)
+    codes = []
+    for _ in range(n_terms):
+        mantissa, exponent = torch.frexp(r.abs())  # |r| = m·2^e, m in [0.5, 1)
+        e = (exponent - 1 + (mantissa >= 0.75).to(exponent.dtype)).clamp(POW2_MIN_EXP, POW2_MAX_EXP)
+        zero = r.abs() < 2.0 ** (POW2_MIN_EXP - 1)  # nearer 0 than the smallest term
+        negative = (r < 0) & ~zero
+        term = torch.where(zero, 0.0, torch.ldexp(torch.where(negative, -1.0, 1.0).to(r), e))
+        r = r - term
+        code = torch.where(zero, 0, (e.to(torch.int64) + POW2_BIAS) | (negative.to(torch.int64) << 6))
+        codes.append(code)
+    return torch.stack(codes, dim=-1)
+
+
+def decode_pow2(codes: Tensor) -> Tensor:
+    """float32 [...]: the sums of the terms `encode_pow2` wrote ([..., n_terms])."""
+    exponent = (codes & 63) - POW2_BIAS
+    sign = 1.0 - 2.0 * ((codes >> 6) & 1).to(torch.float64)
+    terms = torch.where((codes & 63) == 0, 0.0, torch.ldexp(sign, exponent))
+    return terms.sum(dim=-1).to(torch.float32)
+
+
+def sign_patterns(q: int, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> Tensor:
+    """[2^q, q]: row p holds b_i = +1 where bit i of p is set, else −1."""
+    bits = (torch.arange(2**q, device=device)[:, None] >> torch.arange(q, device=device)) & 1
+    return (2 * bits - 1).to(dtype)
+
+
+def block_values(alpha: Tensor) -> Tensor:
+    """[n, 2^q]: every block's 2^q sums Σ ±α_i, indexed by code (elementwise products, fixed order)."""
+    return (alpha[:, None, :] * sign_patterns(alpha.shape[1], alpha.device)).sum(dim=-1)
+
+
+def sorted_levels(alpha: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """(sorted sums [n, 2^q], their codes [n, 2^q], float32 midpoints [n, 2^q − 1]) of each block."""
+    values, order = torch.sort(block_values(alpha), dim=1, stable=True)
+    return values, order, (values[:, :-1] + values[:, 1:]) / 2
+
+
+def nearest_codes(x: Tensor, alpha: Tensor) -> Tensor:
+    """int64 [n, B]: each value's nearest sum (exhaustive over the 2^q patterns), as its code."""
+    _, order, mids = sorted_levels(alpha)
+    return torch.gather(order, 1, torch.searchsorted(mids, x.contiguous()))
+
+
+def decode(alpha: Tensor, codes: Tensor) -> Tensor:
+    """float32 [n, B]: Σ α_i·b_i of each value's code."""
+    return torch.gather(block_values(alpha), 1, codes)
+
+
+def block_errors(x: Tensor, alpha: Tensor, codes: Tensor) -> Tensor:
+    """float64 [n]: each block's squared error."""
+    return ((x - decode(alpha, codes)) ** 2).sum(dim=1, dtype=torch.float64)
+
+
+def greedy_fit(x: Tensor, q: int, scales: ScaleFormat) -> tuple[Tensor, Tensor]:
+    """(α [n, q], codes [n, B]): the greedy residual fit of float32 blocks x [n, B]."""
+    r = x.clone()
+    codes = torch.zeros(x.shape, dtype=torch.int64, device=x.device)
+    alphas = []
+    for i in range(q):
+        positive = r > 0
+        alpha = scales.round(r.abs().mean(dim=1))
+        r -= torch.where(positive, alpha[:, None], -alpha[:, None])
+        codes |= positive.to(torch.int64) << i
+        alphas.append(alpha)
+    return torch.stack(alphas, dim=1), codes
+
+
+def least_squares_alpha(x: Tensor, codes: Tensor, q: int) -> Tensor:
+    """float64 [n, q]: argmin_α ||x − Bα||² per block for the sign patterns `codes` (minimum-norm)."""
+    n_patterns = 2**q
+    x64 = x.to(torch.float64)
+    counts = torch.zeros(x.shape[0], n_patterns, dtype=torch.float64, device=x.device)
+    counts.scatter_add_(1, codes, torch.ones_like(x64))
+    sums = torch.zeros_like(counts).scatter_add_(1, codes, x64)
+    p = sign_patterns(q, x.device, torch.float64)
+    gram = (counts @ (p[:, :, None] * p[:, None, :]).reshape(n_patterns, q * q)).view(-1, q, q)
+    return solve_normal_equations(gram, sums @ p)
+
+
+def solve_normal_equations(gram: Tensor, rhs: Tensor) -> Tensor:
+    """float64 [n, q]: the minimum-norm solution of gram·α = rhs per block (gram = BᵀB, rhs = Bᵀx).
+
+    Cholesky where BᵀB is well conditioned (every pivot within 1e-6 of the largest), the pseudo-inverse
+    for the rest (singular where sign vectors repeat or mirror each other; both give the least-squares
+    α); one host read decides whether there is a rest.
+    """
+    factor, info = torch.linalg.cholesky_ex(gram)
+    pivots = factor.diagonal(dim1=-2, dim2=-1)
+    alpha = torch.cholesky_solve(rhs[:, :, None], factor)[:, :, 0]
+    singular = (info != 0) | (pivots.amin(dim=1) <= 1e-6 * pivots.amax(dim=1))
+    if bool(singular.any()):
+        rest = torch.linalg.pinv(gram[singular], hermitian=True) @ rhs[singular][:, :, None]
+        alpha[singular] = rest[:, :, 0]
+    return alpha
+
+
+def refine(x: Tensor, alpha: Tensor, codes: Tensor, scales: ScaleFormat) -> tuple[Tensor, Tensor]:
+    """One round: least-squares α (kept where it lowers a block's error), then every code's nearest sum."""
+    candidate = scales.round(least_squares_alpha(x, codes, alpha.shape[1]))
+    better = block_errors(x, candidate, codes) <= block_errors(x, alpha, codes)
+    alpha = torch.where(better[:, None], candidate, alpha)
+    alpha = torch.sort(alpha.abs(), dim=1, descending=True).values  # the same 2^q sums, canonical order
+    return alpha, nearest_codes(x, alpha)
+
+
+def fit_blocks(x: Tensor, q: int, settings: BCQSettings) -> tuple[Tensor, Tensor]:
+    """(α float32 [n, q], codes int64 [n, B]) of float32 blocks x [n, B]: greedy, then `iters` rounds."""
+    alpha, codes = greedy_fit(x, q, settings.scales)
+    for _ in range(settings.iters if q > 1 else 0):
+        alpha, codes = refine(x, alpha, codes, settings.scales)
+    return alpha, codes
+
+
+@dataclass(frozen=True, eq=False)
+class BinaryCodes:
+    """A BCQ-quantized weight: everything `bcq_dequantize` needs.
+
+    Attributes:
+        codes: int64 [numel] sign-pattern codes in row-major order (bit i set: b_i = +1).
+        alpha: float32 [n_blocks, q] scales, exact in the spec's scale format (tail block last).
+        shape: the weight's shape.
+        torch_dtype: the weight's torch dtype (dequantize returns it).
+        spec: the codes (dtype "bcq", bits = q, block_size).
+    """
+
+    codes: Tensor
+    alpha: Tensor
+    shape: tuple[int, ...]
+    torch_dtype: torch.dtype
+    spec: QuantSpec
+
+
+def check_spec(spec: QuantSpec) -> None:
+    """Raise ValueError unless `spec` is a bcq spec (no centering)."""
+    if spec.dtype != "bcq" or spec.centering:
+        raise ValueError(f"binary-coding quantization needs dtype 'bcq' without centering, got {spec}")
+
+
+def blocks_of(flat: Tensor, size: int) -> list[Tensor]:
+    """float32 full blocks [n // size, size] of a flat tensor, then its tail [1, n % size] if any."""
+    n_full = flat.numel() // size
+    x = flat.to(torch.float32)
+    parts = [x[: n_full * size].view(n_full, size)] if n_full else []
+    return parts + ([x[n_full * size :].view(1, -1)] if flat.numel() % size else [])
+
+
+def bcq_quantize(w: Tensor, spec: QuantSpec, settings: BCQSettings) -> BinaryCodes:
+    """Fit every block of `w` (row-major flattening) at once; the tail block as a second batch."""
+    check_spec(spec)
+    size = effective_block_size(spec.block_size, w.numel())
+    fits = [fit_blocks(x, spec.bits, settings) for x in blocks_of(w.detach().reshape(-1), size)]
+    codes = torch.cat([c.reshape(-1) for _, c in fits])
+    return BinaryCodes(codes, torch.cat([a for a, _ in fits]), tuple(w.shape), w.dtype, spec)
+
+
+def bcq_dequantize(q: BinaryCodes) -> Tensor:
+    """The tensor `q` stands for, in its original shape and torch dtype."""
+    size = effective_block_size(q.spec.block_size, q.codes.numel())
+    n_full = q.codes.numel() // size
+    out = [decode(q.alpha[:n_full], q.codes[: n_full * size].view(n_full, size)).reshape(-1)]
+    if q.codes.numel() % size:
+        out.append(decode(q.alpha[n_full:], q.codes[n_full * size :].view(1, -1)).reshape(-1))
+    return torch.cat(out).view(q.shape).to(q.torch_dtype)
+
+
+def bcq_fake_quantize(w: Tensor, spec: QuantSpec, settings: BCQSettings) -> Tensor:
+    """Quantize and dequantize `w` with BCQ: same shape and torch dtype."""
+    return bcq_dequantize(bcq_quantize(w, spec, settings))
+
+
+def n_blocks(numel: int, block_size: int | None) -> int:
+    """Blocks (and so α vectors) of a tensor of `numel` values."""
+    return math.ceil(numel / effective_block_size(block_size, numel))
+
+
+class BCQColumns:
+    """Binary codes as GPTQ's column quantizer (`kernels.gptq.gptq_solve`; the `shiftadd` method).
+
+    When a block's first column comes up, its α are fitted (`fit_blocks`: greedy, then refinement) to the
+    block's weights as updated by then: GPTQ's rule for block scales, and ShiftAddLLM's block scheme (α
+    of a block from its current weights when its first column is reached, then each column's binary
+    codes chosen given α). Each column's values then take the nearest of their block's 2^q sums, so the
+    result is exactly representable by the block's α and one sign pattern a value.
+    """
+
+    def __init__(self, w: Tensor, q: int, size: int, settings: BCQSettings) -> None:
+        g, rows, cols = w.shape
+        self.numel, self.size, self.q, self.settings = rows * cols, size, q, settings
+        blocks = n_blocks(self.numel, size)
+        self.alpha = torch.zeros(g, blocks, q, device=w.device)
+        self.values = torch.zeros(g, blocks, 2**q, device=w.device)
+        self.mids = torch.zeros(g, blocks, 2**q - 1, device=w.device)
+
+    def start(self, w: Tensor, blocks: Tensor) -> None:
+        g = w.shape[0]
+        flat = w.reshape(g, -1)
+        n_full = self.numel // self.size
+        full = blocks[blocks < n_full]
+        if full.numel():
+            idx = full[:, None] * self.size + torch.arange(self.size, device=w.device)
+            alpha, _ = fit_blocks(flat[:, idx].reshape(-1, self.size), self.q, self.settings)
+            self._set(full, alpha.view(g, -1, self.q))
+        if self.numel % self.size and bool((blocks == n_full).any()):
+            alpha, _ = fit_blocks(flat[:, n_full * self.size :].contiguous(), self.q, self.settings)
+            self._set(blocks.new_tensor([n_full]), alpha.view(g, 1, self.q))
+
+    def _set(self, blocks: Tensor, alpha: Tensor) -> None:
+        g, k, q = alpha.shape
+        values, _, mids = sorted_levels(alpha.reshape(-1, q))
+        self.alpha[:, blocks] = alpha
+        self.values[:, blocks] = values.view(g, k, -1)
+        self.mids[:, blocks] = mids.view(g, k, -1)
+
+    def pick(self, ids: Tensor) -> tuple[Tensor, Tensor]:
+        if ids.dim() == 1:
+            return self.values[:, ids], self.mids[:, ids]
+        return (
+            torch.gather(self.values, 1, ids[:, :, None].expand(-1, -1, self.values.shape[2])),
+            torch.gather(self.mids, 1, ids[:, :, None].expand(-1, -1, self.mids.shape[2])),
+        )
+
+    def quantize(self, x: Tensor, picked: tuple[Tensor, Tensor]) -> Tensor:
+        values, mids = picked  # [G, rows, 2^q], [G, rows, 2^q - 1]
+        return torch.gather(values, 2, torch.searchsorted(mids, x[:, :, None].contiguous()))[:, :, 0]
