@@ -109,6 +109,8 @@ def connect(cfg: RayConfig) -> bool:
     kwargs: dict[str, Any] = {"include_dashboard": False, "log_to_driver": True}
     if cfg.address is None:
         kwargs.update(num_cpus=cfg.num_cpus, num_gpus=cfg.num_gpus)
+    if not os.environ.get("KBIT_VERBOSE"):  # token auth stays on (Ray's default); only its notice goes
+        logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
     sigterm = signal.getsignal(signal.SIGTERM)
     # "local" always starts a new embedded cluster: a bare ray.init() would join any cluster already
     # running on this machine (or RAY_ADDRESS), which is what ray.address=auto is for.

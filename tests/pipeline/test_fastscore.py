@@ -146,6 +146,7 @@ def compiled_answers_match(model_dir, requests, device: str, rel: float) -> None
             assert lp == pytest.approx(lp_ref, rel=rel, abs=rel) and greedy == greedy_ref
 
 
+@pytest.mark.slow  # torch.compile with C++ codegen: minutes on a busy machine
 def test_compiled_decoder_blocks_give_the_eager_answers(tiny_neox_dir, requests):
     """CPU inductor on a 2-layer GPT-NeoX (float32): the same answers, graphs reused across weights."""
     compiled_answers_match(tiny_neox_dir, requests, "cpu", rel=1e-4)

@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parents[2]
 
 
@@ -31,6 +33,7 @@ def test_quantize_model_benchmark_times_every_config_against_the_copy_floor(tmp_
     assert "| quantile4-b64 | per matrix |" in proc.stdout
 
 
+@pytest.mark.slow  # torch.compile with C++ codegen: minutes on a busy machine
 def test_forward_profile_compares_eager_compiled_and_gemm_variants(tmp_path: Path) -> None:
     out = tmp_path / "p.json"
     run("forward_profile.py", "--rows", "9", "--context", "12", "--continuations", "2",
