@@ -23,6 +23,7 @@ log = logging.getLogger(__name__)
 CURVE_KEYS: tuple[str, ...] = ("model_family", "setting", "curve", "bits")
 POINT_COLUMNS: tuple[str, ...] = (
     *CURVE_KEYS, "n_params", "n_quantized_params", "total_model_bits", "log2_bits", "value", "se", "job_keys",
+    "seed_values",
 )  # fmt: skip
 
 
@@ -30,8 +31,10 @@ def curve_points(tidy: pd.DataFrame, metric: str) -> pd.DataFrame:
     """The points of every scaling curve: one row per (curve, model size) with `value` and `se`.
 
     Jobs of the same curve and size (repeats, seeds) are averaged; `job_keys` names them (a tuple), so
-    paired replicates (`analysis.units.JobDraws.for_groups`) can be averaged the same way. `se` is the
-    metric's standard error where the results carry one, else NaN.
+    paired replicates (`analysis.units.JobDraws.for_groups`) can be averaged the same way;
+    `seed_values` holds the value of each trained model of that size (a ladder's `+seeds<N>` members,
+    ordered by model label), which the fits resample. `se` is the metric's standard error where the
+    results carry one, else NaN.
 
     Raises:
         AnalysisError: `metric` has no values.
@@ -45,7 +48,9 @@ def curve_points(tidy: pd.DataFrame, metric: str) -> pd.DataFrame:
         n_quantized_params=("n_quantized_params", "mean"), total_model_bits=("total_model_bits", "mean"),
         value=("value", "mean"), se=("se", "mean"), job_keys=("job_key", tuple),
     )  # fmt: skip
-    points = points.reset_index()
+    per_model = rows.groupby([*keys, "model"], dropna=False, sort=True)["value"].mean()
+    seeds = per_model.groupby(level=list(range(len(keys))), dropna=False).agg(tuple).rename("seed_values")
+    points = points.join(seeds).reset_index()
     points["log2_bits"] = np.log2(points["total_model_bits"])
     return points[list(POINT_COLUMNS)].sort_values([*CURVE_KEYS, "log2_bits"]).reset_index(drop=True)
 

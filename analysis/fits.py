@@ -12,7 +12,9 @@ family's 16-bit baseline, so that every precision shares one structure:
 Intervals resample whole models, not residuals: the points of one fit come from a handful of trained
 models, and everything a model's training did to its loss moves all its points together. A replicate
 draws the group's model sizes with replacement (all points of a drawn size, seeds of one size
-included: they are one cluster) and refits with each point weighted by how often its size was drawn.
+included: they are one cluster) and refits with each point weighted by how often its size was drawn;
+where a size has several trained seeds, the replicate also redraws them (`seed_targets`: a second
+level, the same draw for all points of the size), so seed-to-seed variance enters the intervals.
 With fewer than `MIN_CLUSTERS` sizes no interval is given. A parameter is marked not identified
 (`identified`, `note`) when its estimate sits at a bound of the fit, lies outside its own interval,
 or the interval reaches a bound (the replicates pile up there).
@@ -64,7 +66,8 @@ class FitDraws:
     bounds: Bounds
 
 
-Fitter = Callable[[pd.DataFrame, np.ndarray], FitDraws]  # (group, replicate weights (R, n)) -> draws
+# (group, replicate weights (R, n), replicate targets (R, n)) -> draws
+Fitter = Callable[[pd.DataFrame, np.ndarray, np.ndarray], FitDraws]
 
 
 def fit_law(points: pd.DataFrame, law: str, n_boot: int = 200, seed: int = 0) -> FitResult:
@@ -88,7 +91,8 @@ def fit_law(points: pd.DataFrame, law: str, n_boot: int = 200, seed: int = 0) ->
         if reason:
             skipped.append({**head, "reason": reason})
             continue
-        fit = fitter(group, cluster_weights(group, n_boot, rng))
+        weights = cluster_weights(group, n_boot, rng)
+        fit = fitter(group, weights, seed_targets(group, len(weights), rng))
         params.extend(_summarize(head, fit))
         predictions.append(group.assign(law=law, predicted=fit.fitted, residual=group["value"] - fit.fitted))
         quality.append({**head, **_quality(group["value"].to_numpy(), fit.fitted), "n_points": len(group),
@@ -113,6 +117,26 @@ def cluster_weights(group: pd.DataFrame, n_boot: int, rng: np.random.Generator) 
     counts = rng.multinomial(len(sizes), np.full(len(sizes), 1.0 / len(sizes)), size=n_boot)
     counts = counts[(counts > 0).sum(axis=1) >= 2]
     return counts[:, codes].astype(float)
+
+
+def seed_targets(group: pd.DataFrame, n_rows: int, rng: np.random.Generator) -> np.ndarray:
+    """(R, n) point values of the bootstrap's second level: where a size has several trained seeds
+    (`seed_values`), each replicate redraws that size's seeds with replacement, the same draw for every
+    point of the size (one seed's model made all of them), and a point takes the mean over the drawn
+    seeds; a point with one model keeps its value. So seed-to-seed variance enters the intervals."""
+    values = group["value"].to_numpy(float)
+    targets = np.broadcast_to(values, (n_rows, len(group))).copy()
+    if "seed_values" not in group or n_rows == 0:
+        return targets
+    for _, rows in group.groupby("n_params").groups.items():
+        per_point = [np.asarray(group.at[i, "seed_values"], float) for i in rows]
+        k = len(per_point[0])
+        if k < 2 or any(len(v) != k for v in per_point):
+            continue  # one seed, or seeds missing for some point: that size keeps its values
+        draws = rng.integers(0, k, size=(n_rows, k))
+        for i, seed_values in zip(rows, per_point, strict=True):
+            targets[:, group.index.get_loc(i)] = seed_values[draws].mean(axis=1)
+    return targets
 
 
 def _groups(points: pd.DataFrame) -> list[tuple[str, str]]:
@@ -174,14 +198,14 @@ def _quality(observed: np.ndarray, predicted: np.ndarray) -> dict[str, float]:
     return {"r2": float(r2), "rmse": float(np.sqrt(np.mean(residual**2)))}
 
 
-def _fit_shared_slope(group: pd.DataFrame, weights: np.ndarray) -> FitDraws:
+def _fit_shared_slope(group: pd.DataFrame, weights: np.ndarray, targets: np.ndarray) -> FitDraws:
     bits = sorted(group["bits"].unique())
     design = np.column_stack([(group["bits"] == k).to_numpy(float) for k in bits] + [group["log2_bits"]])
     y = group["value"].to_numpy(float)
     coef = np.linalg.pinv(design) @ y
     root_w = np.sqrt(weights)[:, :, None]
     weighted = root_w * design[None]  # (R, n, p): a replicate's rows, each repeated as often as drawn
-    replicates = (np.linalg.pinv(weighted) @ (root_w * y[None, :, None]))[:, :, 0]  # (R, p)
+    replicates = (np.linalg.pinv(weighted) @ (root_w * targets[:, :, None]))[:, :, 0]  # (R, p)
     full_rank = np.linalg.matrix_rank(weighted) == design.shape[1] if len(weights) else np.zeros(0, bool)
     replicates[~full_rank] = np.nan
     all_coef = np.vstack([coef, replicates]).T  # (p, 1 + R)
@@ -189,11 +213,10 @@ def _fit_shared_slope(group: pd.DataFrame, weights: np.ndarray) -> FitDraws:
     return FitDraws(dict(zip(names, all_coef, strict=True)), design @ coef, {})
 
 
-def _fit_effective_params(group: pd.DataFrame, weights: np.ndarray) -> FitDraws:
+def _fit_effective_params(group: pd.DataFrame, weights: np.ndarray, targets: np.ndarray) -> FitDraws:
     inputs = effective.LawInputs.from_points(group)
     y = group["value"].to_numpy(float)
     best = effective.best_fit(inputs, y)
-    targets = np.broadcast_to(y, weights.shape).copy()
     replicates = effective.refit(inputs, targets, best, weights) if len(weights) else np.zeros((0, 4))
     draws = effective.reported(np.vstack([best, replicates]), inputs.n_ref)
     return FitDraws(draws, effective.model(best, inputs), effective.bounds_of(y))

@@ -160,7 +160,8 @@ def _fit_blocks(fit: FitResult, label: str, title: str, name: str) -> list[Block
 
 FITS_TEXT = (
     "Intervals: model-level bootstrap, {n_boot} replicates. Each replicate draws the fit's model sizes with "
-    "replacement (every point of a drawn size, seeds of one size together) and refits, so the intervals "
+    "replacement (every point of a drawn size), redraws the trained seeds of each size where it has several "
+    "(`ladder:<name>+seeds<N>`), and refits, so the intervals "
     "carry what differs between trained models, not only the scatter of points around the curve; with "
     "fewer than 3 sizes no interval is given. 'identified: no' marks a parameter the data do not "
     "determine: its estimate sits at a bound of the fit, lies outside its own interval, or the interval "

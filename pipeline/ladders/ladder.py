@@ -1,7 +1,10 @@
 """Pythia-style model ladders: trained once from the corpus, cached, and named by sweeps.
 
-A sweep names a ladder as `ladder:<name>` (every size) or `ladder:<name>/<size name or index>`;
-`resolve_ladder` turns that into checkpoint folders, training what is missing first. Layout:
+A sweep names a ladder as `ladder:<name>` (every size) or `ladder:<name>/<size name or index>`, and
+`+seeds<N>` at the end (`ladder:h100+seeds3`) asks for N trainings of each size that differ only in
+their seed (seed, seed+1, ...: initialization and data order), so that seed-to-seed variance is
+measured; `resolve_ladder` turns a reference into checkpoint folders, training what is missing first.
+Layout (each seed is its own ladder folder: the seed is part of the config hash):
 
     $KBIT_CACHE/ladders/<name>-<config hash>/      (KBIT_CACHE defaults to ~/.cache/kbitscale)
         tokenizer/, train_ids.npy, heldout_ids.npy   shared by every size, made once
@@ -9,7 +12,8 @@ A sweep names a ladder as `ladder:<name>` (every size) or `ladder:<name>/<size n
 
 Each member is trained in a hidden temporary folder and renamed into place when complete, so a
 crash never leaves half a member, and a member whose folder exists is never trained again.
-CLI: `python -m pipeline.ladders <name> [--data-root DIR] [--force] [--size NAME] [--max-steps N]`.
+CLI: `python -m pipeline.ladders <name> [--data-root DIR] [--force] [--size NAME] [--seeds N]
+[--max-steps N]`.
 """
 
 from __future__ import annotations
@@ -78,13 +82,47 @@ def is_ladder_ref(name_or_path: str) -> bool:
     return name_or_path.startswith(LADDER_PREFIX)
 
 
+SEEDS_SUFFIX = "+seeds"
+
+
+def split_seeds(ref: str) -> tuple[str, int]:
+    """(`ladder:<name>[/<size>]`, N) of a reference with an optional `+seeds<N>` suffix (N = 1 without).
+
+    Raises:
+        ValueError: a suffix that is not `+seeds` and an integer >= 1.
+    """
+    base, sep, count = ref.partition(SEEDS_SUFFIX)
+    if not sep:
+        return ref, 1
+    if not count.isdigit() or int(count) < 1:
+        raise ValueError(f"{ref!r}: the seeds suffix must be '{SEEDS_SUFFIX}<N>' with N >= 1, e.g. "
+                         f"'{base}{SEEDS_SUFFIX}3'")  # fmt: skip
+    return base, int(count)
+
+
+def seed_configs(config: LadderConfig, n_seeds: int) -> list[LadderConfig]:
+    """The ladder and its N − 1 reseeded twins (seed + 1, seed + 2, ...); the first is `config` itself,
+    so `+seeds1` and no suffix name the same members."""
+    return [config] + [dataclasses.replace(config, seed=config.seed + k) for k in range(1, n_seeds)]
+
+
 def parse_ladder_ref(ref: str) -> tuple[LadderConfig, tuple[ModelSize, ...]]:
-    """(ladder, the sizes named) of `ladder:<name>[/<size>]`; KeyError lists known ladders or sizes."""
+    """(ladder, the sizes named) of `ladder:<name>[/<size>]` (a `+seeds<N>` suffix is checked and set
+    aside: `parse_seeded_ref` gives every seed); KeyError lists known ladders or sizes."""
     if not is_ladder_ref(ref):
-        raise ValueError(f"{ref!r} is not a ladder reference; expected '{LADDER_PREFIX}<name>[/<size>]'")
+        raise ValueError(
+            f"{ref!r} is not a ladder reference; expected '{LADDER_PREFIX}<name>[/<size>][{SEEDS_SUFFIX}<N>]'"
+        )
+    ref, _ = split_seeds(ref)
     name, _, size = ref.removeprefix(LADDER_PREFIX).partition("/")
     config = get_ladder(name)
     return config, (config.size(size),) if "/" in ref else config.sizes
+
+
+def parse_seeded_ref(ref: str) -> list[tuple[LadderConfig, tuple[ModelSize, ...]]]:
+    """(ladder of each seed, the sizes named) of `ladder:<name>[/<size>][+seeds<N>]`."""
+    config, sizes = parse_ladder_ref(ref)
+    return [(seeded, sizes) for seeded in seed_configs(config, split_seeds(ref)[1])]
 
 
 def member_from_folder(folder: Path) -> LadderMember:
@@ -181,8 +219,11 @@ def missing_sizes(
 def check_ladder_data(name_or_path: str, data_root: str | Path, cache: str | Path | None = None) -> None:
     """Raise FileNotFoundError if the ladder reference names members not trained yet and `data_root`
     holds no corpus to train them from (KeyError: an unknown ladder or size)."""
-    config, sizes = parse_ladder_ref(name_or_path)
-    missing = missing_sizes(config, sizes, cache)
+    missing = [
+        size
+        for config, sizes in parse_seeded_ref(name_or_path)
+        for size in missing_sizes(config, sizes, cache)
+    ]
     if missing:
         try:
             corpus_files(data_root)
@@ -194,11 +235,14 @@ def check_ladder_data(name_or_path: str, data_root: str | Path, cache: str | Pat
 
 def cached_ladder(name_or_path: str, cache: str | Path | None = None) -> list[LadderMember] | None:
     """The members a ladder reference names if every one is already trained, else None (trains nothing)."""
-    config, sizes = parse_ladder_ref(name_or_path)
-    if missing_sizes(config, sizes, cache):
+    seeded = parse_seeded_ref(name_or_path)
+    if any(missing_sizes(config, sizes, cache) for config, sizes in seeded):
         return None
-    folder = ladder_dir(config, cache)
-    return [member_from_folder(folder / size.name) for size in sizes]
+    return [
+        member_from_folder(ladder_dir(config, cache) / size.name)
+        for config, sizes in seeded
+        for size in sizes
+    ]
 
 
 def resolve_ladder(
@@ -207,7 +251,8 @@ def resolve_ladder(
     """The members a ladder reference names, training any that are missing (first use only).
 
     Args:
-        name_or_path: `ladder:<name>` (every size) or `ladder:<name>/<size name or index>`.
+        name_or_path: `ladder:<name>` (every size) or `ladder:<name>/<size name or index>`, optionally
+            with `+seeds<N>` (every seed's members, seed by seed).
         data_root: folder holding `corpus/`; default `$KBIT_DATA_ROOT` or ../shared/data.
         cache: the cache base folder (default `$KBIT_CACHE` or ~/.cache/kbitscale).
 
@@ -215,8 +260,12 @@ def resolve_ladder(
         KeyError: unknown ladder or size (the message lists the known ones).
         ValueError: `name_or_path` is not a ladder reference.
     """
-    config, sizes = parse_ladder_ref(name_or_path)
-    return train_ladder(config, data_root or default_data_root(), sizes, cache=cache)
+    root = data_root or default_data_root()
+    return [
+        member
+        for config, sizes in parse_seeded_ref(name_or_path)
+        for member in train_ladder(config, root, sizes, cache=cache)
+    ]
 
 
 def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -228,6 +277,10 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "--cache", default=None, help="cache base folder (default $KBIT_CACHE or ~/.cache/kbitscale)"
     )
     parser.add_argument("--size", action="append", help="train only this size (name or index); repeatable")
+    parser.add_argument(
+        "--seeds", type=int, default=1, help="train N seeds of each size (seed, seed+1, ...); sweeps name "
+        f"them as ladder:<name>{SEEDS_SUFFIX}<N>"
+    )  # fmt: skip
     parser.add_argument("--force", action="store_true", help="retrain (and re-tokenize) even if cached")
     parser.add_argument("--max-steps", type=int, help="smoke run: cap the steps (a separate cached ladder)")
     parser.add_argument("--max-chars", type=int, help="smoke run: cap the training characters")
@@ -261,14 +314,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     try:
         config = _cli_config(args)
+        if args.seeds < 1:
+            raise ValueError(f"--seeds {args.seeds} is not allowed; use an integer >= 1")
+        configs = seed_configs(config, args.seeds)
         sizes = [config.size(s) for s in args.size] if args.size else None
         data_root = args.data_root or default_data_root()
-        if args.force or missing_sizes(config, sizes or config.sizes, args.cache):
+        if args.force or any(missing_sizes(c, sizes or c.sizes, args.cache) for c in configs):
             corpus_files(data_root)  # before any lock or folder is made
     except (KeyError, ValueError, FileNotFoundError) as err:
         print(f"error: {err.args[0] if isinstance(err, KeyError) else err}", file=sys.stderr)
         return 2
-    members = train_ladder(config, data_root, sizes, force=args.force, cache=args.cache)
+    members = [
+        member
+        for c in configs
+        for member in train_ladder(c, data_root, sizes, force=args.force, cache=args.cache)
+    ]
     print(f"{'size':<8} {'params':>12} {'non-emb':>12} {'tokens':>12} {'val loss':>9}  path")
     for m in members:
         print(f"{m.size_name:<8} {m.n_params:>12,} {m.non_embedding_params:>12,} {m.tokens_seen:>12,} "

@@ -9,10 +9,10 @@ import pytest
 
 from analysis.curves import check_sizes, curve_points, interpolate_curves, interpolation_weights
 from analysis.errors import AnalysisError
-from analysis.fits import cluster_weights, fit_law, identification_note, interpolation_loo
+from analysis.fits import cluster_weights, fit_law, identification_note, interpolation_loo, seed_targets
 from analysis.tidy import tidy_jobs
 from pipeline.results import load_results
-from tests.analysis.synthetic import Law, grid, write_study
+from tests.analysis.synthetic import Law, grid, study_frame, write_study
 
 
 def test_interpolation_weights_are_linear_and_never_extrapolate() -> None:
@@ -152,3 +152,36 @@ def test_effective_params_shrinks_only_the_quantized_parameters(tmp_path: Path, 
     assert params["gamma"] == pytest.approx(law.gamma, rel=1e-3)
     assert params["alpha"] == pytest.approx(law.alpha, rel=1e-3)
     assert params["E"] == pytest.approx(law.E, abs=1e-3)
+
+
+def test_seed_targets_redraw_a_sizes_seeds_together() -> None:
+    group = pd.DataFrame({
+        "n_params": [1, 1, 2],
+        "value": [1.0, 2.0, 5.0],
+        "seed_values": [(0.0, 1.0, 2.0), (1.0, 2.0, 3.0), (5.0,)],
+    })  # fmt: skip
+    targets = seed_targets(group, 500, np.random.default_rng(0))
+    assert targets.shape == (500, 3)
+    assert np.allclose(targets[:, 1] - targets[:, 0], 1.0)  # one draw of size 1's seeds for both points
+    assert np.all(targets[:, 2] == 5.0)  # one model: its value in every replicate
+    assert targets[:, 0].std() > 0.3 and set(np.round(targets[:, 0] * 3)) <= set(range(7))
+
+
+def test_seed_to_seed_variance_widens_the_fit_intervals(tmp_path: Path) -> None:
+    sizes = (1_000_000, 2_000_000, 4_000_000, 8_000_000)
+    base = study_frame(grid(sizes=sizes, bits=(3, 4, 8)), noise=0.002, seed=1)
+    rng = np.random.default_rng(3)
+    widths = []
+    for spread in (0.0, 0.03):
+        copies = []
+        for s in range(3):  # three seeds per size: a shift per (seed, size) shared by its points
+            shift = {n: rng.normal(0.0, spread) for n in sizes} if s else dict.fromkeys(sizes, 0.0)
+            copies.append(base.assign(
+                job_key=base["job_key"] + f"-s{s}", model=base["model"] + f"+s{s}",
+                value=base["value"] + base["n_params"].map(shift),
+            ))  # fmt: skip
+        points = curve_points(tidy_jobs(pd.concat(copies, ignore_index=True)), "mean_acc")
+        assert points["seed_values"].map(len).eq(3).all()
+        b = fit_law(points, "shared_slope", 400).params.set_index("param").loc["b"]
+        widths.append(b["ci_high"] - b["ci_low"])
+    assert widths[1] > 2 * widths[0]

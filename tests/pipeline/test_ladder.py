@@ -267,3 +267,26 @@ def test_processes_given_different_sizes_train_them_side_by_side(tmp_path: Path,
     assert not list(folder.glob(".tmp-*")) and not list(folder.glob(".*.tmp"))
     members = train_ladder(config, data_root, cache=tmp_path)  # all cached now: nothing retrains
     assert [m.path for m in members] == [str(folder / n) for n in ("xs", "s", "m")]
+
+
+def test_seeds_suffix_names_reseeded_twins() -> None:
+    assert ladder_module.split_seeds("ladder:test") == ("ladder:test", 1)
+    assert ladder_module.split_seeds("ladder:test/xs+seeds3") == ("ladder:test/xs", 3)
+    for bad in ("ladder:test+seeds0", "ladder:test+seeds", "ladder:test+seedsx"):
+        with pytest.raises(ValueError, match=r"\+seeds<N> with N >= 1|'\+seeds<N>' with N >= 1"):
+            parse_ladder_ref(bad)
+    seeded = ladder_module.parse_seeded_ref("ladder:test/xs+seeds3")
+    assert [config.seed for config, _ in seeded] == [TEST.seed, TEST.seed + 1, TEST.seed + 2]
+    assert seeded[0][0] == TEST and all(sizes == (TEST.sizes[0],) for _, sizes in seeded)
+    assert len({config_hash(config) for config, _ in seeded}) == 3  # one cache folder per seed
+
+
+def test_seeds_are_trained_apart_and_the_first_is_the_plain_member(
+    trained: list[LadderMember], cache: Path, data_root: Path
+) -> None:
+    first, second = resolve_ladder("ladder:test/xs+seeds2", data_root)
+    assert first.path == trained[0].path  # seed 0 is the plain ladder's member, not retrained
+    assert second.path != first.path and second.n_params == first.n_params
+    assert second.val_loss != first.val_loss  # another initialization and data order
+    assert ladder_module.cached_ladder("ladder:test/xs+seeds2") == [first, second]
+    assert ladder_module.cached_ladder("ladder:test/xs+seeds3") is None  # the third is not trained
