@@ -4,9 +4,12 @@ A `CalibrationSpec` names a source of text and how many windows of how many toke
 The sources:
 
 - `corpus:train`: the corpus' training split, the text the ladders were trained on;
-- a text file (`.txt`, `.raw`, `.xz`), absolute or under the data root;
+- a text file (`.txt`, `.raw`, `.xz`, `.gz`), absolute or under the data root;
 - `file.jsonl:field` (also `.jsonl.xz`): one document per line, the named field;
-- `file.parquet:column`: one document per row, the named column.
+- `file.parquet:column`: one document per row, the named column;
+- `folder:column`: a dataset saved with `save_to_disk`, one document per row.
+
+The forms are parsed and read by `pipeline.textsources`, which perplexity texts share.
 
 Documents are joined by blank lines. A long source is not tokenized whole: `spread_slices` takes
 `n_samples` line-aligned slices spread evenly over the whole text, about twice as many characters as
@@ -21,16 +24,16 @@ light.
 
 from __future__ import annotations
 
-import functools
 import hashlib
-import json
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING
 
-from pipeline.ladders.corpus import HELDOUT, HELDOUT_FRACTION, corpus_files, read_text, split_corpus
+from pipeline import textsources
+from pipeline.ladders.corpus import HELDOUT
+from pipeline.textsources import TRAIN, resolve_file
 
 if TYPE_CHECKING:
     import torch
@@ -38,19 +41,10 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-TRAIN = "corpus:train"
 DEFAULT_SEQ_LEN = 2048  # tokens per window when the spec leaves it to the model (GPTQ's choice)
 CHARS_PER_TOKEN = 8  # a generous bound on characters per token, to size the slice tokenized first
-TEXT_SUFFIXES = (".txt", ".raw", ".xz")
-JSONL_SUFFIXES = (".jsonl", ".jsonl.xz")
-PARQUET_SUFFIXES = (".parquet",)
-ALLOWED_FORMS = f"{TRAIN}, a text file (.txt, .raw, .xz), file.jsonl:field, file.parquet:column"
-NEEDS_SOURCE = (
-    "this method needs calibration text: set quant.calibration.source "
-    "(corpus:train, a text file, file.jsonl:field, file.parquet:column)"
-)
-
-SourceKind = Literal["train", "text", "jsonl", "parquet"]
+ALLOWED_FORMS = textsources.allowed_forms("calibration")
+NEEDS_SOURCE = f"this method needs calibration text: set quant.calibration.source ({ALLOWED_FORMS})"
 
 
 def _is_int(value: object) -> bool:
@@ -101,147 +95,14 @@ def resolve_seq_len(spec: CalibrationSpec, max_positions: int | None) -> int:
     return spec.seq_len
 
 
-@dataclass(frozen=True)
-class _Source:
-    """A parsed source: its kind, its file as written ("" for TRAIN), and its field or column."""
-
-    kind: SourceKind
-    path: str = ""
-    field: str = ""
-
-
-def _parse_source(source: str) -> _Source:
-    """The kind, file and field a source string names; ValueError listing the allowed forms."""
-    if source == TRAIN:
-        return _Source("train")
-    forms: tuple[tuple[SourceKind, tuple[str, ...], str], ...] = (
-        ("jsonl", JSONL_SUFFIXES, "field"),
-        ("parquet", PARQUET_SUFFIXES, "column"),
-    )
-    for kind, suffixes, word in forms:
-        path, _, field = source.rpartition(":")
-        if path.endswith(suffixes) and field:
-            return _Source(kind, path, field)
-        if source.rstrip(":").endswith(suffixes):
-            raise ValueError(
-                f"calibration source {source!r} is a {kind} file: name the {word} to read, "
-                f"as '{source.rstrip(':')}:<{word}>'"
-            )
-    if source.endswith(TEXT_SUFFIXES):
-        return _Source("text", source)
-    hint = f" ({HELDOUT!r} is kept for evaluation; calibrate on {TRAIN!r})" if source == HELDOUT else ""
-    raise ValueError(f"calibration source {source!r} is not one of the allowed forms: {ALLOWED_FORMS}{hint}")
-
-
-def _resolve_file(path: str, data_root: Path) -> Path:
-    return Path(path) if Path(path).is_absolute() else Path(data_root) / path
-
-
-def _existing_file(source: _Source, data_root: Path) -> Path:
-    file = _resolve_file(source.path, data_root)
-    if not file.is_file():
-        raise FileNotFoundError(
-            f"calibration source {source.path!r} not found (looked for {str(file)!r}); "
-            "give a file under the data root or an absolute path"
-        )
-    return file
-
-
-def _as_text(value: Any, where: str) -> str:
-    if not isinstance(value, str):
-        raise ValueError(f"{where} is {type(value).__name__}, not text")
-    return value
-
-
-def _jsonl_texts(file: Path, field: str) -> list[str]:
-    docs: list[str] = []
-    seen: set[str] = set()
-    for number, line in enumerate(read_text(file).splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise ValueError(f"{str(file)!r} line {number} is not JSON: {err}") from err
-        if not isinstance(row, dict):
-            raise ValueError(f"{str(file)!r} line {number} is {type(row).__name__}, not a JSON object")
-        seen.update(row)
-        if field not in row:
-            raise ValueError(f"field {field!r} not in {str(file)!r} line {number}; keys seen: {sorted(seen)}")
-        docs.append(_as_text(row[field], f"field {field!r} of {str(file)!r} line {number}"))
-    return docs
-
-
-def _parquet_texts(file: Path, column: str) -> list[str]:
-    import pyarrow.parquet as pq
-
-    names = pq.read_schema(file).names
-    if column not in names:
-        raise ValueError(f"column {column!r} not in {str(file)!r}; columns: {names}")
-    values = pq.read_table(file, columns=[column]).column(column).to_pylist()
-    return [
-        _as_text(v, f"column {column!r} of {str(file)!r} row {i}")
-        for i, v in enumerate(values)
-        if v is not None
-    ]
-
-
-_READERS: dict[str, Callable[[Path, str], list[str]]] = {
-    "text": lambda file, _: [read_text(file)],
-    "jsonl": _jsonl_texts,
-    "parquet": _parquet_texts,
-}
-
-
 def source_texts(source: str, data_root: Path) -> list[str]:
-    """The documents of a calibration source, in order.
-
-    Args:
-        source: `corpus:train`, a text file, `file.jsonl:field` or `file.parquet:column`.
-        data_root: the offline data root; relative files are under it.
-
-    Returns:
-        The training split as one text; a text file's text; one text per jsonl line or parquet row.
-
-    Raises:
-        ValueError: an unknown form, or a field/column the file lacks (naming the ones it has).
-        FileNotFoundError: the file is missing.
-    """
-    parsed = _parse_source(source)
-    if parsed.kind == "train":
-        return [split_corpus(data_root)[0]]
-    return _READERS[parsed.kind](_existing_file(parsed, data_root), parsed.field)
-
-
-@functools.lru_cache(maxsize=512)
-def _file_sha256(path: str, mtime_ns: int, size: int) -> str:
-    """sha256 of a file's bytes; keyed by (path, mtime, size) so a changed file is hashed again."""
-    with open(path, "rb") as handle:
-        return hashlib.file_digest(handle, "sha256").hexdigest()
-
-
-def _file_digest(file: Path) -> str:
-    stat = file.stat()
-    return _file_sha256(str(file.resolve()), stat.st_mtime_ns, stat.st_size)
+    """The documents of a calibration source, in order (`pipeline.textsources.source_texts`)."""
+    return textsources.source_texts(source, data_root, "calibration")
 
 
 def source_fingerprint(source: str, data_root: Path) -> str:
-    """sha256 hex of what a source's text depends on, without decoding it.
-
-    A text file: its bytes' sha256. A jsonl/parquet source: the field and the file's sha256.
-    `corpus:train`: the held-out fraction and the sorted (relative path, sha256) of the corpus files.
-    File hashes are memoized by (path, mtime, size), so asking again is cheap.
-    """
-    parsed = _parse_source(source)
-    if parsed.kind == "train":
-        root = Path(data_root) / "corpus"
-        rows = sorted(f"{p.relative_to(root).as_posix()}\t{_file_digest(p)}" for p in corpus_files(data_root))
-        text = "\n".join([f"{TRAIN} heldout_fraction={HELDOUT_FRACTION}", *rows])
-        return hashlib.sha256(text.encode()).hexdigest()
-    digest = _file_digest(_existing_file(parsed, data_root))
-    if parsed.kind == "text":
-        return digest
-    return hashlib.sha256(f"{parsed.kind}:{parsed.field}\n{digest}".encode()).hexdigest()
+    """sha256 hex of what a calibration source's text depends on (`textsources.source_fingerprint`)."""
+    return textsources.source_fingerprint(source, data_root, "calibration")
 
 
 def _same_file(a: Path, b: Path) -> bool:
@@ -254,7 +115,7 @@ def _eval_overlap(source: str, file: Path | None, data_root: Path, eval_paths: S
     problems = []
     for path in eval_paths:
         if path == source or (
-            path != HELDOUT and file is not None and _same_file(_resolve_file(path, data_root), file)
+            path != HELDOUT and file is not None and _same_file(resolve_file(path, data_root), file)
         ):
             problems.append(
                 f"calibrating on the evaluation text {path!r} (quant.calibration.source={source!r}) fits the "
@@ -271,7 +132,7 @@ def _eval_overlap(source: str, file: Path | None, data_root: Path, eval_paths: S
 def check_calibration(
     spec: CalibrationSpec, data_root: Path, eval_paths: Sequence[str], needed: bool
 ) -> list[str]:
-    """Pre-flight problems of a calibration spec, cheaply: no tokenizer, no text decoded.
+    """Pre-flight problems of a calibration spec, cheaply: no tokenizer, only a source's first rows read.
 
     Args:
         spec: the calibration spec.
@@ -280,27 +141,20 @@ def check_calibration(
         needed: whether the quantization method calibrates.
 
     Returns:
-        One message per problem: a missing source when needed, an unknown form, a missing file, or a
-        source that is (or contains) an evaluation text. Empty when all is well.
+        One message per problem: a missing source when needed, an unknown form, a missing file, a field
+        or column it lacks, text that is not UTF-8 (`textsources.check_source`), or a source that is (or
+        contains) an evaluation text. Empty when all is well.
     """
     if spec.source is None:
         return [NEEDS_SOURCE] if needed else []
     try:
-        parsed = _parse_source(spec.source)
+        parsed = textsources.parse_source(spec.source, data_root, "calibration")
     except ValueError as err:
         return [str(err)]
-    file = None if parsed.kind == "train" else _resolve_file(parsed.path, data_root)
-    problems = []
-    if file is None:
-        try:
-            corpus_files(data_root)
-        except FileNotFoundError as err:
-            problems.append(f"calibration source {TRAIN!r}: {err}")
-    elif not file.is_file():
-        problems.append(
-            f"calibration source {spec.source!r} not found (looked for {str(file)!r}); "
-            "give a file under the data root or an absolute path"
-        )
+    file = None if parsed.kind == "train" else resolve_file(parsed.path, data_root)
+    problems = textsources.check_source(spec.source, data_root, "calibration")
+    if file is None and problems:
+        problems = [f"calibration source {TRAIN!r}: {p.split(': ', 1)[-1]}" for p in problems]
     return problems + _eval_overlap(spec.source, file, data_root, eval_paths)
 
 

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any, TypeVar, get_args, get_origin, get_type_hints
 
 from pipeline.recipe import Recipe
+from pipeline.recovery import RecoverSpec
 from pipeline.specs import EvalSpec, ModelRef
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
@@ -68,6 +69,29 @@ class QuantConfig:
     quantize_lm_head: bool = False  # quantize the LM head too (a tied head needs quantize_embeddings)
     params: dict[str, Any] = field(default_factory=dict)  # the method's own parameters
     calibration: CalibrationConfig = field(default_factory=CalibrationConfig)  # methods that calibrate
+    # mixed precision (docs/ARCHITECTURE.md, "Mixed precision"): "uniform" (every layer the codes above)
+    # or "knapsack" (each linear layer one of `candidates`, e.g. [nf3-b64,nf4-b64,int8-b64,16-bit], within
+    # `target_bits` per quantized parameter, block constants included; needs quant.calibration)
+    allocation: str = "uniform"
+    target_bits: float | None = None
+    candidates: list[str] = field(default_factory=list)
+
+
+@dataclass
+class RecoverConfig:
+    """`recover`: adapters trained after quantization, base frozen (`pipeline.recovery.RecoverSpec`)."""
+
+    method: str = "none"  # none, lora, vblora
+    rank: int = 8
+    steps: int = 100  # AdamW steps
+    lr: float = 1e-3
+    data: str = "corpus:train"  # a calibration source form; never an evaluation text
+    seq_len: int = 256  # tokens per training window
+    batch_size: int = 8  # windows per step
+    seed: int = 0
+    num_vectors: int = 256  # vblora: vectors in the shared bank
+    vector_length: int = 64  # vblora: must divide every adapted layer's in and out features
+    topk: int = 2  # vblora: bank vectors mixed per sub-vector
 
 
 @dataclass
@@ -91,9 +115,13 @@ class EvalConfig:
     limit: int | None = None
     batch_size: int = 32
     data_root: str = "../shared/data"  # relative to the project root
-    # "hflm" (lm-eval's HFLM + evaluate) or "fast" (FastScorer + pipeline.evals.fastmetrics: the same
+    # folders of lm-eval task YAMLs (as lm-eval's --include_path), relative to the project root; their
+    # tasks override pipeline/evals/tasks and lm-eval's own of the same name
+    include_path: list[str] = field(default_factory=list)
+    # "hflm" (lm-eval's HFLM + evaluate), "fast" (FastScorer + pipeline.evals.fastmetrics: the same
     # values in float32; in bf16 HFLM rounds log-probs to bf16: docs/ARCHITECTURE.md, "Scorer numerics")
-    scorer: str = "hflm"
+    # or "auto": fast where the architecture packs, else hflm (the rows' `scorer` names the one used)
+    scorer: str = "auto"
     # torch.compile the decoder blocks once per resident model: null (auto: on CUDA, except for lm-eval
     # tasks scored by hflm), true, false. Not in the job key: it changes speed, not the numbers.
     compile: bool | None = None
@@ -124,6 +152,7 @@ class Config:
 
     model: ModelConfig = field(default_factory=ModelConfig)
     quant: QuantConfig = field(default_factory=QuantConfig)
+    recover: RecoverConfig = field(default_factory=RecoverConfig)  # recovery adapters after quantization
     eval: EvalConfig = field(default_factory=EvalConfig)
     ray: RayConfig = field(default_factory=RayConfig)
     study: str = "default"
@@ -235,10 +264,20 @@ def recipe(quant: QuantConfig) -> Recipe:
     return to_spec(quant, Recipe)
 
 
+def recover_spec(recover: RecoverConfig) -> RecoverSpec:
+    """The `RecoverSpec` of a recover config.
+
+    Raises:
+        ValueError: from `RecoverSpec`, naming the bad value and the allowed ones.
+    """
+    return to_spec(recover, RecoverSpec)
+
+
 def eval_spec(evals: EvalConfig) -> EvalSpec:
     """The `EvalSpec` of an eval config, with `data_root` made absolute."""
     spec = to_spec(evals, EvalSpec)
-    return dataclasses.replace(spec, data_root=str(project_path(evals.data_root)))
+    include_path = tuple(str(project_path(p)) for p in evals.include_path)
+    return dataclasses.replace(spec, data_root=str(project_path(evals.data_root)), include_path=include_path)
 
 
 def run_wide_problems(cells: Sequence[Config]) -> list[str]:

@@ -6,7 +6,8 @@ A job key must change when its inputs change, not only when its config does. So:
   content hash;
 - a hub id is pinned to the commit its revision resolves to in the local hub cache (`pin_model`);
 - a perplexity text, the corpus behind `corpus:heldout`, and an offline lm-eval task's data file are
-  keyed by their content hash (`eval_data_sha256`).
+  keyed by their content hash (`eval_data_sha256`); a task a user's folder defines (`eval.include_path`)
+  by its YAMLs and data files (`pipeline.evals.taskdefs`).
 Content hashes are computed once per file version: `file_sha256` caches them on disk under
 `$KBIT_CACHE/digests/`, keyed by (absolute path, size, mtime in ns, inode), so a rerun of a 14 GB
 model hashes nothing, and a file rewritten in place (new mtime or size) is hashed again. An edit
@@ -112,8 +113,9 @@ def pin_model(ref: ModelRef) -> tuple[ModelRef, str | None]:
 
 
 def text_sha256(path: str, data_root: Path) -> str | None:
-    """The content hash of a perplexity text: a file (absolute or under `data_root`), or for
-    `corpus:heldout` the held-out fraction and every corpus file's hash; None if it is missing."""
+    """The content hash of a perplexity text: a file (absolute or under `data_root`) or another form of
+    `pipeline.textsources` (its `source_fingerprint`), or for `corpus:heldout` the held-out fraction
+    and every corpus file's hash; None if it is missing."""
     if path == HELDOUT:
         try:
             files = corpus_files(data_root)
@@ -122,15 +124,21 @@ def text_sha256(path: str, data_root: Path) -> str | None:
         root = Path(data_root) / "corpus"
         rows = [f"{p.relative_to(root).as_posix()}\t{file_sha256(p)}" for p in files]
         return hashlib.sha256("\n".join([f"{HELDOUT} {HELDOUT_FRACTION}", *rows]).encode()).hexdigest()
-    file = Path(path) if Path(path).is_absolute() else Path(data_root) / path
-    return file_sha256(file) if file.is_file() else None
+    from pipeline.textsources import source_fingerprint
+
+    try:  # a text file: its bytes' hash, as before other forms were read
+        return source_fingerprint(path, Path(data_root), "perplexity")
+    except (ValueError, FileNotFoundError):
+        return None
 
 
 def eval_data_sha256(spec: EvalSpec) -> tuple[tuple[str, str | None], ...]:
-    """(`text:<path>` or `task:<name>`, content hash) of every data file the eval reads, sorted.
+    """(`text:<path>`, `task:<name>` or `taskdef:<name>`, content hash) of everything the eval reads, sorted.
 
-    Offline lm-eval tasks (`pipeline/evals/tasks`) by their data file; other lm-eval tasks are
-    read by lm-eval itself and have no entry.
+    Offline lm-eval tasks (`pipeline/evals/tasks`) by their data file; a task defined in a folder of
+    `include_path` (or anywhere outside the pipeline's own folder) by its definition
+    (`taskdefs.task_definition_sha256`: YAMLs and data files); lm-eval's own tasks are read by lm-eval
+    itself and have no entry.
     """
     from pipeline.evals.tasks import OFFLINE_TASKS
 
@@ -140,4 +148,12 @@ def eval_data_sha256(spec: EvalSpec) -> tuple[tuple[str, str | None], ...]:
         if task in OFFLINE_TASKS:
             file = root / OFFLINE_TASKS[task][0]
             digests[f"task:{task}"] = file_sha256(file) if file.is_file() else None
+    if spec.include_path or any(task not in OFFLINE_TASKS for task in spec.tasks):
+        from pipeline.evals.taskdefs import task_definition_sha256, task_index, user_defined
+
+        index = task_index(spec.include_path)
+        for task in spec.tasks:
+            if user_defined(task, index):
+                digests.pop(f"task:{task}", None)
+                digests[f"taskdef:{task}"] = task_definition_sha256(task, index, root)
     return tuple(sorted(digests.items()))

@@ -14,6 +14,10 @@ The key has its own version, apart from the results schema's: a new results colu
 a change in what a key means bumps KEY_VERSION on purpose (every earlier study then reruns on
 resume; its rows still load). Version 2: the recipe replaced version 1's QuantSpec, outlier fraction
 and the model's quantization scope. Version 3: the model, data and numerics fingerprints.
+Recovery adapters (`recover`, with the content hash of their training text) enter the key only when
+a job trains some: a job without them (`recover.method=none`) keeps the key it had before recovery
+existed, so no version bump. A 16-bit baseline never trains adapters (its recover part is dropped),
+so every 16-bit cell of a sweep stays one job.
 
 A ladder member is keyed by its label (`ladder:h100/d128@<config hash>`), not by its cache folder
 or its weights, so a ladder study resumes on any machine whose cache holds the same ladder config.
@@ -32,14 +36,15 @@ from dataclasses import dataclass
 from typing import Any
 
 from kernels.numerics import NUMERICS_VERSION
-from pipeline.config import Config, eval_spec, model_ref, recipe
+from pipeline.config import Config, eval_spec, model_ref, recipe, recover_spec
 from pipeline.ladders.configs import LADDER_PREFIX
 from pipeline.recipe import Recipe
+from pipeline.recovery import NO_RECOVERY, RecoverSpec
 from pipeline.specs import EvalSpec, ModelRef
 
 KEY_VERSION = 3
 # EvalSpec fields that change where inputs are read or how fast, not the numbers: kept out of the key
-EVAL_NOT_KEYED = frozenset({"data_root", "compile"})
+EVAL_NOT_KEYED = frozenset({"data_root", "compile", "include_path"})
 
 
 @dataclass(frozen=True)
@@ -67,11 +72,15 @@ class Job:
     calibration_sha256: str | None = None  # the calibration source's content (see `source_fingerprint`)
     model_sha256: str | None = None  # a local model folder's content (`fingerprint.folder_sha256`)
     data_sha256: tuple[tuple[str, str | None], ...] = ()  # (text:<path> | task:<name>, content sha256)
+    recover: RecoverSpec = NO_RECOVERY  # adapters trained after quantization (never on the baseline)
+    recover_sha256: str | None = None  # the recovery training text's content (see `source_fingerprint`)
 
     @functools.cached_property
     def canonical(self) -> dict[str, Any]:
         """What determines this job's numbers, as plain JSON-able data."""
+        recover = {"recover": json.loads(self._recover_json)} if self.recover.enabled else {}
         return {
+            **recover,
             "key_version": KEY_VERSION,
             "model": json.loads(self._model_json),
             "recipe": self.recipe.plain(),
@@ -93,8 +102,15 @@ class Job:
             f'"data_sha256":{_data_json(self.data_sha256)},"evals":{_spec_json(self.evals)},'
             f'"key_version":{KEY_VERSION},"model":{self._model_json},'
             f'"model_sha256":{_dumps(self.model_sha256)},"numerics_version":{NUMERICS_VERSION},'
-            f'"recipe":{_recipe_json(self.recipe)}}}'
+            f'"recipe":{_recipe_json(self.recipe)}'
+            + (f',"recover":{self._recover_json}' if self.recover.enabled else "")
+            + "}"
         )
+
+    @functools.cached_property
+    def _recover_json(self) -> str:
+        """The recovery part of the key: its settings and its training text's content hash."""
+        return _dumps({**self.recover.plain(), "data_sha256": self.recover_sha256})
 
     @functools.cached_property
     def _model_json(self) -> str:
@@ -150,8 +166,10 @@ def _dumps(value: Any) -> str:
 
 
 def single_source(ref: ModelRef) -> Sequence[ModelSource]:
-    """The resolver for plain models (hub ids, local dirs): the model is its own label."""
-    return [ModelSource(ref=ref, label=ref.name_or_path)]
+    """The resolver for plain models (hub ids, local dirs): the model is its own label; a GGUF checkpoint
+    adds its file (`folder/model-q8_0.gguf`), so two files of one folder never share a label."""
+    label = f"{ref.name_or_path.rstrip('/')}/{ref.gguf_file}" if ref.gguf_file else ref.name_or_path
+    return [ModelSource(ref=ref, label=label)]
 
 
 def build_jobs(cells: Iterable[Config], resolve: ModelResolver = single_source) -> list[Job]:
@@ -170,6 +188,7 @@ def build_jobs(cells: Iterable[Config], resolve: ModelResolver = single_source) 
     evals = _Memo(lambda c: eval_spec(c.eval))
     data = _Memo(lambda c: eval_data_sha256(evals(repr(c.eval), c)))
     sources = _Memo(lambda c: tuple(_pinned(s) for s in resolve(model_ref(c.model))))
+    recovers = _Memo(lambda c: _recover_part(c, recipes(repr(c.quant), c)))
     jobs: dict[str, Job] = {}
     for cell in cells:
         quant = recipes(repr(cell.quant), cell)
@@ -177,7 +196,11 @@ def build_jobs(cells: Iterable[Config], resolve: ModelResolver = single_source) 
         texts = data(repr(cell.eval), cell)
         for source, model_sha in sources(repr(cell.model), cell):
             sha = fingerprints(repr(cell.quant) + repr(cell.eval.data_root), cell)
-            job = Job(source.ref, quant, spec, cell.study, source.label, source.family, sha, model_sha, texts)
+            recover, recover_sha = recovers(
+                repr(cell.recover) + repr(cell.quant) + repr(cell.eval.data_root), cell
+            )
+            where = (source.ref, quant, spec, cell.study, source.label, source.family, sha, model_sha, texts)
+            job = Job(*where, recover, recover_sha)
             jobs.setdefault(job.key, job)
     return list(jobs.values())
 
@@ -201,6 +224,17 @@ def _calibration_sha256(quant: Recipe, cell: Config) -> str | None:
     from pipeline.config import project_path
 
     return source_fingerprint(quant.calibration.source, project_path(cell.eval.data_root))
+
+
+def _recover_part(cell: Config, quant: Recipe) -> tuple[RecoverSpec, str | None]:
+    """(the recover spec, its training text's content hash); none for a baseline or no recovery."""
+    spec = recover_spec(cell.recover)
+    if not spec.enabled or quant.is_baseline:
+        return NO_RECOVERY, None
+    from pipeline.calibration import source_fingerprint
+    from pipeline.config import project_path
+
+    return spec, source_fingerprint(spec.data, project_path(cell.eval.data_root))
 
 
 def group_by_model(jobs: Iterable[Job]) -> dict[ModelRef, list[Job]]:

@@ -2,8 +2,9 @@
 
 `preflight(cells)` checks each distinct quant, model and eval part once (a recipe field by field; a
 model's dtype, files and causal-LM architecture; a ladder's data when it must be trained; an eval's
-data files), calibration sources, perplexity windows against the model's positions, each study's
-name and results folder, and the run-wide Ray settings, and raises one `ConfigError` listing all:
+data files), calibration sources, recovery settings and training text, perplexity windows against
+the model's positions, each study's name and results folder, and the run-wide Ray settings, and
+raises one `ConfigError` listing all:
 - `results_problems`: a results folder that is a file, or that cannot be written;
 - `ray_problems`: Ray settings out of range, and an address nothing answers at. Ray itself retries
   an unreachable cluster for tens of seconds to minutes (a closed port: 40 s per attempt); one TCP
@@ -23,7 +24,16 @@ from typing import Any
 from urllib.parse import urlparse
 
 from pipeline.calibration import CalibrationSpec
-from pipeline.config import Config, RayConfig, eval_spec, model_ref, project_path, recipe, to_spec
+from pipeline.config import (
+    Config,
+    RayConfig,
+    eval_spec,
+    model_ref,
+    project_path,
+    recipe,
+    recover_spec,
+    to_spec,
+)
 from pipeline.recipe import BASELINE_BITS
 from pipeline.sweep import ConfigError
 
@@ -55,6 +65,10 @@ def preflight(cells: Sequence[Config]) -> None:
         if cell.quant.calibration.source is not None and calibrated not in seen:
             seen.add(calibrated)
             problems.update(dict.fromkeys(_check_calibration(cell)))
+        recovered = f"recover:{cell.model.name_or_path}:{id(cell.recover)}:{id(cell.eval)}"
+        if recovered not in seen:
+            seen.add(recovered)
+            problems.update(dict.fromkeys(_check_recover(cell)))
         pair = f"fit:{cell.model.name_or_path}:{id(cell.eval)}"
         if pair not in seen:
             seen.add(pair)
@@ -151,13 +165,30 @@ def _check_calibration(cell: Config) -> list[str]:
         return []  # reported by the quant check; the baseline calibrates nothing
     spec = to_spec(cell.quant.calibration, CalibrationSpec)
     texts = [p.path for p in cell.eval.perplexity]
-    needed = METHODS[cell.quant.method].needs_calibration
+    needed = METHODS[cell.quant.method].needs_calibration or cell.quant.allocation != "uniform"
     problems = check_calibration(spec, project_path(cell.eval.data_root), texts, needed)
     try:
         resolve_seq_len(spec, max_positions(cell.model.name_or_path))
     except ValueError as err:
         problems.append(f"quant.calibration: {err}")
     return problems
+
+
+def _check_recover(cell: Config) -> list[str]:
+    """Recovery settings out of range, and training text that is an evaluation text, missing, or in
+    longer windows than the model takes (a 16-bit baseline trains nothing: not checked)."""
+    from pipeline.models import max_positions
+    from pipeline.recovery import check_recover
+
+    if cell.recover.method == "none" or cell.quant.bits == BASELINE_BITS:
+        return []
+    try:
+        spec = recover_spec(cell.recover)
+    except (ValueError, TypeError) as err:
+        return [str(err)]
+    texts = [p.path for p in cell.eval.perplexity]
+    positions = max_positions(cell.model.name_or_path)
+    return check_recover(spec, project_path(cell.eval.data_root), texts, positions)
 
 
 def _check_study(cell: Config) -> list[str]:

@@ -5,6 +5,10 @@ exponent bits and centering of its codes (`kernels.QuantSpec`), the proxy-quanti
 fraction, the scope (embeddings, LM head) and the method's own parameters. It is validated at
 construction, so a bad value fails in pre-flight, naming the value and what is allowed.
 
+A mixed-precision recipe (`allocation="knapsack"`) gives each linear layer one of its `candidates`
+(code labels such as "nf3-b64", or "16-bit") within `target_bits` per quantized parameter; its own
+code fields are rewritten to its cheapest quantized candidate's, so one allocation is one job key.
+
 The 16-bit baseline has one spelling: `bits=16`. Whatever else a 16-bit recipe says, it is
 rewritten to `BASELINE` (method and dtype "none", nothing else set), so every 16-bit cell of a sweep
 is one job and one row, whichever method axis it came from.
@@ -25,6 +29,7 @@ if TYPE_CHECKING:
 
 BASELINE_BITS = 16
 NONE = "none"  # method and dtype of the 16-bit baseline
+UNIFORM = "uniform"  # every layer the recipe's codes (pipeline.methods.candidates.UNIFORM)
 ParamPairs = tuple[tuple[str, Any], ...]
 
 
@@ -38,7 +43,10 @@ class Recipe:
         outlier_fraction: p of proxy quantization (input columns kept in 16 bits); 0: off.
         quantize_embeddings, quantize_lm_head: the scope beyond the linear layers.
         params: the method's own parameters as sorted (name, value) pairs, defaults filled in.
-        calibration: the calibration text of a method that needs one; None (always, for the others).
+        calibration: the calibration text of a method (or allocation) that needs one; else always None.
+        allocation: "uniform" (every layer these codes) or "knapsack" (`pipeline.methods.allocation`).
+        target_bits: bits per quantized parameter, block constants included (knapsack; uniform: None).
+        candidates: the code labels a layer may receive, canonical and cheapest first (uniform: empty).
 
     Raises:
         KeyError: an unknown method or data type (with close matches).
@@ -56,8 +64,19 @@ class Recipe:
     quantize_lm_head: bool = False
     params: ParamPairs = ()
     calibration: CalibrationSpec | None = None
+    allocation: str = UNIFORM
+    target_bits: float | None = None
+    candidates: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
+        if self.allocation != UNIFORM:
+            self._resolve_allocation()
+        else:  # like calibration for a method without one: whatever a sweep set for every grid
+            from pipeline.methods.candidates import check_allocation
+
+            check_allocation(self.allocation, None, ())
+            object.__setattr__(self, "target_bits", None)
+            object.__setattr__(self, "candidates", ())
         if self.bits == BASELINE_BITS:
             for name, value in _BASELINE_FIELDS.items():
                 object.__setattr__(self, name, value)
@@ -71,15 +90,45 @@ class Recipe:
         for name in ("quantize_embeddings", "quantize_lm_head"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name}={getattr(self, name)!r} is not allowed; use true or false")
-        if not method.needs_calibration:
+        if not (method.needs_calibration or self.is_mixed):
             object.__setattr__(self, "calibration", None)
         elif self.calibration is None or self.calibration.source is None:
+            who = (
+                f"quant.allocation={self.allocation!r}" if self.is_mixed else f"quant.method={self.method!r}"
+            )
             raise ValueError(
-                f"quant.method={self.method!r} needs calibration text: set quant.calibration.source "
+                f"{who} needs calibration text: set quant.calibration.source "
                 "(corpus:train, a text file, file.jsonl:field or file.parquet:column)"
             )
         method.check(self)
         _ = self.spec  # the codes validate
+        for label in self.candidates:  # each candidate must suit the method too
+            _ = self.candidate(label)
+
+    def _resolve_allocation(self) -> None:
+        """Check the allocation fields, make them canonical, and take the cheapest candidate's codes."""
+        from pipeline.methods.candidates import candidate_codes, check_allocation
+
+        labels = check_allocation(self.allocation, self.target_bits, tuple(self.candidates))
+        object.__setattr__(self, "candidates", labels)
+        object.__setattr__(self, "target_bits", float(self.target_bits))  # type: ignore[arg-type]
+        codes = next(c for c in map(candidate_codes, labels) if c is not None)
+        for name, value in codes.items():
+            object.__setattr__(self, name, value)
+
+    @property
+    def is_mixed(self) -> bool:
+        """Whether layers get different candidates (an allocation other than uniform)."""
+        return self.allocation != UNIFORM
+
+    def candidate(self, label: str) -> Recipe:
+        """The uniform recipe of one candidate: this recipe with the candidate's codes (16-bit: BASELINE)."""
+        from pipeline.methods.candidates import candidate_codes
+
+        codes = candidate_codes(label)
+        if codes is None:
+            return BASELINE
+        return dataclasses.replace(self, allocation=UNIFORM, target_bits=None, candidates=(), **codes)
 
     @classmethod
     def of(cls, spec: QuantSpec | None, method: str = "rtn", **fields: Any) -> Recipe:
@@ -114,6 +163,9 @@ class Recipe:
 
         defaults = METHODS[self.method].defaults()
         changed = {k: v for k, v in self.params if k not in defaults or defaults[k] != v}
+        if self.is_mixed:  # so analysis labels a mixed point apart from its cheapest candidate's
+            changed.update(allocation=self.allocation, target_bits=self.target_bits)
+            changed["candidates"] = ",".join(self.candidates)
         return json.dumps(changed, sort_keys=True, separators=(",", ":"))
 
     @property
@@ -123,15 +175,25 @@ class Recipe:
             return "16-bit"
         assert self.spec is not None
         parts = [] if self.method == "rtn" else [self.method]
-        parts.append(self.spec.name)
+        if self.is_mixed:
+            parts.append(f"{self.allocation}{self.target_bits:g}[{'+'.join(self.candidates)}]")
+        else:
+            parts.append(self.spec.name)
         if self.outlier_fraction:
             parts.append(f"p{self.outlier_fraction * 100:g}%")
         parts += [s for s, on in (("emb", self.quantize_embeddings), ("head", self.quantize_lm_head)) if on]
         return "-".join(parts)
 
     def plain(self) -> dict[str, Any]:
-        """JSON-able fields (params as a dict): what the job key hashes."""
-        return {**dataclasses.asdict(self), "params": dict(self.params)}
+        """JSON-able fields (params as a dict): what the job key hashes. A uniform recipe leaves the
+        allocation fields out, so its key is the one it had before they existed."""
+        plain = {**dataclasses.asdict(self), "params": dict(self.params)}
+        if not self.is_mixed:
+            for name in _ALLOCATION_FIELDS:
+                del plain[name]
+        else:
+            plain["candidates"] = list(self.candidates)
+        return plain
 
 
 _BASELINE_FIELDS: dict[str, Any] = {
@@ -145,7 +207,11 @@ _BASELINE_FIELDS: dict[str, Any] = {
     "quantize_lm_head": False,
     "params": (),
     "calibration": None,
+    "allocation": UNIFORM,
+    "target_bits": None,
+    "candidates": (),
 }
+_ALLOCATION_FIELDS = ("allocation", "target_bits", "candidates")
 BASELINE = Recipe(bits=BASELINE_BITS)
 
 

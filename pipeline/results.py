@@ -6,6 +6,10 @@ leaves either the old file or the new one, never half a file; readers skip temp 
 driver removes those a crash left (`remove_temp_files`). Planning skips a file it cannot read, with a
 warning naming it (`job_status`); `load_results` reads a study's own files, never a copy in a subfolder.
 
+Compaction (`pipeline.compact`) merges a study's per-job files into a few `compact-*.parquet` parts;
+`pipeline.resultlayout` says which file holds a job's rows when a crash left it in two, and both
+`job_status` and `load_results` read compacted, uncompacted and half-compacted folders alike.
+
 Schema evolution: each file records its SCHEMA_VERSION in its Parquet metadata (none: schema 1), and
 `load_results` fills the columns added since from `ADDED_COLUMNS`. Fills derived from the row's
 `job_json` are exact where the job held the value, at the cost of one JSON parse per distinct job.
@@ -28,13 +32,16 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from pipeline.resultlayout import Shadow, by_precedence
+
 log = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 5
 SCHEMA_VERSION_KEY = b"kbitscale.schema_version"  # Parquet key-value metadata; absent: schema 1
 TMP_PREFIX = ".tmp-"
 STATUS_OK = "ok"
 STATUS_FAILED = "failed"
+_ATTEMPTS = 3  # reads of a folder a concurrent compaction changed under the reader
 
 SCHEMA = pa.schema(
     [
@@ -58,14 +65,22 @@ SCHEMA = pa.schema(
         # canonical JSON of the calibration (source, n_samples, seq_len, seed, sha256 of the token ids);
         # null for methods without calibration
         ("calibration", pa.string()),
+        # mixed precision: canonical JSON of the allocator, target, candidates and layer -> candidate
+        # (pipeline/methods/allocation.py); null where every layer has the recipe's codes
+        ("allocation", pa.string()),
         ("bits_per_param", pa.float64()),
-        ("total_model_bits", pa.int64()),
+        ("total_model_bits", pa.int64()),  # adapters' bits included (adapter_bits)
+        ("recover", pa.string()),  # recovery adapters trained after quantization: none, lora, vblora
+        # canonical JSON of the recovery (settings, sha256 of the training token ids, first and last
+        # training loss); null without recovery
+        ("recover_params", pa.string()),
+        ("adapter_bits", pa.int64()),  # 16 x adapter parameters (in total_model_bits, bits_per_param)
         ("task", pa.string()),
         ("metric", pa.string()),
         ("value", pa.float64()),
         ("stderr", pa.float64()),
         ("n_examples", pa.int64()),
-        ("scorer", pa.string()),  # lm-eval task rows: EvalSpec.scorer ("hflm" or "fast"); else null
+        ("scorer", pa.string()),  # lm-eval task rows: the scorer used ("hflm" or "fast"); else null
         ("eval_limit", pa.int64()),  # lm-eval task rows: examples per task (null: all); else null
         ("context_length", pa.int64()),  # perplexity rows: tokens per window; else null
         ("stride", pa.int64()),  # perplexity rows: tokens between window starts; else null
@@ -81,6 +96,7 @@ SCHEMA = pa.schema(
         ("load_s", pa.float64()),  # model load, charged to the first job of a worker
         ("restore_s", pa.float64()),
         ("quantize_s", pa.float64()),
+        ("recover_s", pa.float64()),  # adapter training; null without recovery
         ("eval_s", pa.float64()),
         ("device", pa.string()),
         ("versions", pa.string()),  # JSON: package versions of the worker
@@ -93,6 +109,10 @@ COLUMNS: tuple[str, ...] = tuple(SCHEMA.names)
 
 class ResultsError(ValueError):
     """A results folder or file that does not match the schema."""
+
+
+class _Vanished(ResultsError):
+    """A result file listed a moment ago is gone (a concurrent compaction merged it): list again."""
 
 
 @dataclass(frozen=True)
@@ -158,6 +178,11 @@ ADDED_COLUMNS: dict[str, AddedColumn] = {
     "max_tokens": AddedColumn(2, _window_setting("max_tokens")),
     "unit_sums": AddedColumn(3, lambda row: None),  # no job recorded units before schema 3
     "unit_counts": AddedColumn(3, lambda row: None),
+    "recover": AddedColumn(4, lambda row: "none"),  # no job trained adapters before schema 4
+    "recover_params": AddedColumn(4, lambda row: None),
+    "adapter_bits": AddedColumn(4, lambda row: 0),
+    "recover_s": AddedColumn(4, lambda row: None),
+    "allocation": AddedColumn(5, lambda row: None),  # every job before schema 5 was uniform
 }
 assert set(ADDED_COLUMNS) <= set(COLUMNS), "every added column is in SCHEMA"
 assert all(1 < c.since <= SCHEMA_VERSION for c in ADDED_COLUMNS.values()), "added in 2..SCHEMA_VERSION"
@@ -246,18 +271,28 @@ def job_status(study_dir: Path) -> dict[str, str]:
     (truncated, foreign, without `job_key` or `status`) is skipped with a warning naming it: its jobs
     count as not done, so they run again (and a job's own file is then replaced).
     """
-    status: dict[str, str] = {}
-    for file in study_files(study_dir) if study_dir.is_dir() else []:
-        try:
-            table = _read(file, columns=["job_key", "status"])
-        except ResultsError as err:
-            log.warning("skipping a result file that cannot be read (its jobs count as not done): %s", err)
-            continue
-        keys, states = table.column("job_key").to_pylist(), table.column("status").to_pylist()
-        for key, state in zip(keys, states, strict=True):
-            if status.get(key) != STATUS_FAILED:  # any failed row marks the job failed
-                status[key] = state
-    return status
+    for attempt in range(_ATTEMPTS):
+        status: dict[str, str] = {}
+        for file in by_precedence(study_files(study_dir)) if study_dir.is_dir() else []:
+            try:
+                table = _read(file, columns=["job_key", "status"])
+            except ResultsError as err:
+                if not file.exists() and attempt + 1 < _ATTEMPTS:
+                    break  # a compaction merged it away meanwhile: list the folder again
+                log.warning(
+                    "skipping a result file that cannot be read (its jobs count as not done): %s", err
+                )
+                continue
+            keys, states = table.column("job_key").to_pylist(), table.column("status").to_pylist()
+            own: dict[str, str] = {}
+            for key, state in zip(keys, states, strict=True):
+                if own.get(key) != STATUS_FAILED:  # any failed row marks the job failed
+                    own[key] = state
+            for key, state in own.items():  # a file of higher precedence, read before, decides
+                status.setdefault(key, state)
+        else:
+            return status
+    raise AssertionError("unreachable: the last attempt returns")
 
 
 def job_outcome(file: Path) -> tuple[str, str | None] | None:
@@ -275,7 +310,8 @@ def load_results(path: str | os.PathLike[str]) -> pd.DataFrame:
     """Read every finished result file under `path` into one DataFrame with SCHEMA's columns.
 
     Files of any schema version read: columns added after a file's version are filled as
-    `ADDED_COLUMNS` says. Rows keep file order.
+    `ADDED_COLUMNS` says. Rows keep file order (`resultlayout.by_precedence`: files by name, then compacted
+    parts newest first); a job in two files of one folder is read from one.
 
     Raises:
         FileNotFoundError: `path` does not exist.
@@ -283,27 +319,57 @@ def load_results(path: str | os.PathLike[str]) -> pd.DataFrame:
             version, or whose columns or types differ from its own schema version's; one job of one
             study in two files (a copy of a study inside the folder read).
     """
+    return load_table(path).to_pandas(types_mapper=_pandas_type)
+
+
+def load_table(path: str | os.PathLike[str], only: Sequence[Path] | None = None) -> pa.Table:
+    """`load_results` as an Arrow table (SCHEMA, current version); `only`: just these files of the
+    folder `path` (what compaction merges)."""
     root = Path(path)
     if not root.exists():
         raise FileNotFoundError(f"results path {str(root)!r} does not exist")
-    files = result_files(root)
+    for attempt in range(_ATTEMPTS):
+        try:
+            return _load_files(root, by_precedence(result_files(root) if only is None else only))
+        except _Vanished:
+            if attempt + 1 == _ATTEMPTS:
+                raise
+            log.info("a result file went away while reading (a compaction): reading again")
+    raise AssertionError("unreachable: the last attempt returns or raises")
+
+
+def _load_files(root: Path, files: list[Path]) -> pa.Table:
     if not files:
         raise ResultsError(f"no result files (*.parquet) under {str(root)!r}")
     by_version: dict[int, list[tuple[int, Path, pa.Table]]] = {}
     owner: dict[tuple[Any, Any], Path] = {}  # (study, job_key) -> the file holding its rows
+    shadow = Shadow()  # a job in two files of one folder (a crash during compaction): the higher one
     for index, file in enumerate(files):
-        version, table = _read_validated(file)
+        try:
+            version, table = _read_validated(file)
+        except ResultsError as err:
+            if not file.exists():
+                raise _Vanished(str(err)) from err
+            raise
+        table = shadow.keep(file, table)
         _claim_jobs(owner, file, table)
         by_version.setdefault(version, []).append((index, file, table))
     parts: dict[int, pa.Table] = {}
     for version, members in by_version.items():
         sizes = [(file, table.num_rows) for _, file, table in members]
-        upgraded = _upgrade(pa.concat_tables([table for _, _, table in members]), version, sizes)
+        if version == SCHEMA_VERSION:  # nothing to fill: each file's table as it is
+            parts.update((index, table) for index, _, table in members)
+            continue
+        # one chunk, so that cutting it back into files is O(1) a file (a slice of a many-chunk table
+        # walks its chunks: quadratic in the number of files)
+        upgraded = _upgrade(
+            pa.concat_tables([table for _, _, table in members]), version, sizes
+        ).combine_chunks()
         offset = 0
         for index, _, table in members:  # cut back into files (zero-copy) to keep file order
             parts[index] = upgraded.slice(offset, table.num_rows)
             offset += table.num_rows
-    return pa.concat_tables([parts[i] for i in range(len(files))]).to_pandas(types_mapper=_pandas_type)
+    return pa.concat_tables([parts[i] for i in range(len(files))])
 
 
 def _claim_jobs(owner: dict[tuple[Any, Any], Path], file: Path, table: pa.Table) -> None:

@@ -39,7 +39,7 @@ from pipeline.config import (
     project_path,
     run_wide_problems,
 )
-from pipeline.jobs import Job, ModelSource, build_jobs, group_by_model, split_by_study
+from pipeline.jobs import Job, ModelSource, build_jobs, group_by_model, single_source, split_by_study
 from pipeline.ladders.configs import LADDER_PREFIX
 from pipeline.lock import StudyLocked, claim_studies
 from pipeline.preflight import error_message, preflight
@@ -96,7 +96,7 @@ def resolve_models(ref: ModelRef, data_root: Path, train: bool = True) -> list[M
     from pipeline.ladders.ladder import cached_ladder, is_ladder_ref, resolve_ladder
 
     if not is_ladder_ref(ref.name_or_path):
-        return [ModelSource(ref=ref, label=ref.name_or_path)]
+        return list(single_source(ref))  # a GGUF checkpoint labelled with its file
     members = resolve_ladder(ref.name_or_path, data_root) if train else cached_ladder(ref.name_or_path)
     if members is None:
         return [ModelSource(ref=ref, label=f"{ref.name_or_path} (not trained yet: counted as one model)")]

@@ -47,9 +47,13 @@ class EvalSpec:
     limit: int | None = None  # examples per lm-eval task; None: all
     batch_size: int = 32
     data_root: str = "../shared/data"
+    # folders of lm-eval task YAMLs (lm-eval's --include_path), indexed after pipeline/evals/tasks; not in
+    # the key as paths: a task defined there is keyed by its content (`fingerprint.eval_data_sha256`)
+    include_path: tuple[str, ...] = ()
     # "hflm": lm-eval's HFLM + lm-eval's evaluate (the reference); "fast": pipeline.evals.fastscore's scorer +
-    # pipeline.evals.fastmetrics (lm-eval's exact metric values; lm-eval's evaluate for tasks it cannot plan)
-    scorer: str = "hflm"
+    # pipeline.evals.fastmetrics (lm-eval's exact metric values; lm-eval's evaluate for tasks it cannot plan);
+    # "auto": "fast" unless the architecture cannot pack (`evaluate.resolve_scorer`), keyed as "auto"
+    scorer: str = "auto"
     # torch.compile the decoder blocks before scoring (`models.compile_layers`); None (auto): on CUDA,
     # unless lm-eval tasks are scored by HFLM (its batch widths vary: a compile per width).
     # Not in the job key (like data_root): it changes speed, and the numbers only by bf16 rounding.
@@ -86,3 +90,4 @@ class QuantReport:
     total_model_bits: int  # sum over all parameters, constants and codebooks included
     bits_per_param: float  # over the quantized matrices only (k + 16/B + ...), the paper's definition
     calibration: str | None = None  # canonical JSON of the calibration used (spec + token-id sha256)
+    allocation: str | None = None  # mixed precision: canonical JSON, layer -> candidate (allocation.py)

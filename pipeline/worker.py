@@ -2,10 +2,11 @@
 
 `ModelWorker` is a plain class; the driver wraps it with `ray.remote` (so importing this module
 costs no torch or ray). Per job it restores the pristine weights from the on-device snapshot,
-quantizes in place, evaluates with an `Evaluator` built once per (model, eval spec) on the pristine
-weights (before the first quantization, so the KL references it keeps are the 16-bit model's), and
-writes the job's rows itself with `write_job_rows` (atomic), so nothing finished is lost if the
-driver dies.
+quantizes in place, trains recovery adapters on the quantized model where the job asks
+(`pipeline.recovery`; removed again before the job ends, trained or failed), evaluates with an
+`Evaluator` built once per (model, eval spec) on the pristine weights (before the first
+quantization, so the KL references it keeps are the 16-bit model's), and writes the job's rows
+itself with `write_job_rows` (atomic), so nothing finished is lost if the driver dies.
 A job that raises becomes one failed row carrying the exception's last traceback line.
 """
 
@@ -14,17 +15,20 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import platform
 import sys
 import time
 import traceback
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 from pipeline.jobs import Job
+from pipeline.recovery import RecoveryReport, with_adapter_bits
 from pipeline.results import STATUS_FAILED, STATUS_OK, write_job_rows
 from pipeline.specs import EvalSpec, MetricValue, ModelRef, QuantReport
 
@@ -56,8 +60,10 @@ def error_line(err: BaseException) -> str:
     return traceback.format_exception_only(type(err), err)[-1].strip()
 
 
-def job_columns(job: Job, report: QuantReport | None, family: str | None) -> dict[str, Any]:
-    """The columns a job's rows share (what was run and how many bits it cost)."""
+def job_columns(
+    job: Job, report: QuantReport | None, family: str | None, recovery: RecoveryReport | None = None
+) -> dict[str, Any]:
+    """The columns a job's rows share (what was run and how many bits it cost, adapters included)."""
     recipe = job.recipe
     spec = recipe.spec
     return {
@@ -79,8 +85,12 @@ def job_columns(job: Job, report: QuantReport | None, family: str | None) -> dic
         "quantize_embeddings": recipe.quantize_embeddings,
         "quantize_lm_head": recipe.quantize_lm_head,
         "calibration": None if report is None else report.calibration,
+        "allocation": None if report is None else report.allocation,
         "bits_per_param": report.bits_per_param if report else None,
         "total_model_bits": report.total_model_bits if report else None,
+        "recover": job.recover.method,
+        "recover_params": None if recovery is None else recovery.recover_json(job.recover),
+        "adapter_bits": 0 if not job.recover.enabled else (recovery.adapter_bits if recovery else None),
         "job_json": job.job_json,
     }
 
@@ -93,11 +103,14 @@ def job_rows(
     env: WorkerEnv,
     family: str | None = None,
     error: str | None = None,
+    scorer: str | None = None,
+    recovery: RecoveryReport | None = None,
 ) -> list[dict[str, Any]]:
-    """One row per metric (status ok), or a single failed row when `error` is set."""
+    """One row per metric (status ok), or a single failed row when `error` is set; `scorer` is the one
+    the Evaluator used on lm-eval task rows (None: `job.evals.scorer`)."""
     shared = {
-        **job_columns(job, report, family),
-        **{k: timings.get(k) for k in ("load_s", "restore_s", "quantize_s", "eval_s")},
+        **job_columns(job, report, family, recovery),
+        **{k: timings.get(k) for k in ("load_s", "restore_s", "quantize_s", "recover_s", "eval_s")},
         "device": env.device,
         "versions": env.versions,
         "created_at": datetime.now(UTC),
@@ -107,7 +120,7 @@ def job_rows(
     return [
         {
             **shared,
-            **eval_columns(job.evals, m.task),
+            **eval_columns(job.evals, m.task, scorer),
             "task": m.task,
             "metric": m.metric,
             "value": m.value,
@@ -122,13 +135,14 @@ def job_rows(
     ]
 
 
-def eval_columns(evals: EvalSpec, task: str) -> dict[str, Any]:
+def eval_columns(evals: EvalSpec, task: str, scorer: str | None = None) -> dict[str, Any]:
     """The evaluation settings behind one task's numbers: window settings on a perplexity set's rows,
-    the scorer and example limit on an lm-eval task's rows (the others null)."""
+    the scorer used (`scorer`, else `evals.scorer`) and example limit on an lm-eval task's rows (the
+    others null)."""
     for ppl in evals.perplexity:
         if ppl.name == task:
             return {"context_length": ppl.context_length, "stride": ppl.stride, "max_tokens": ppl.max_tokens}
-    return {"scorer": evals.scorer, "eval_limit": evals.limit}
+    return {"scorer": scorer or evals.scorer, "eval_limit": evals.limit}
 
 
 def check_finite(metrics: Sequence[MetricValue]) -> None:
@@ -165,10 +179,23 @@ def ray_placement() -> str:
     return f"@node-{node}" + (f"/gpu{gpus}" if gpus else "")
 
 
+INDUCTOR_CACHE_ENV = "TORCHINDUCTOR_CACHE_DIR"
+
+
+def use_compile_cache() -> Path:
+    """Point inductor's caches (FX graphs, AOT autograd, Triton kernels) at `$KBIT_CACHE/inductor`
+    unless the user set TORCHINDUCTOR_CACHE_DIR, so a rerun or a second worker on this machine reuses
+    the compiled decoder blocks instead of compiling again; returns the folder used."""
+    from pipeline.fingerprint import cache_base
+
+    return Path(os.environ.setdefault(INDUCTOR_CACHE_ENV, str(cache_base() / "inductor")))
+
+
 class ModelWorker:
     """Keeps one model resident and runs jobs on it (wrapped as a Ray actor by the driver)."""
 
     def __init__(self, results_root: str, cpu_threads: int = 1, plugins: Sequence[str] = ()) -> None:
+        use_compile_cache()
         import torch
 
         from pipeline.config import import_plugins
@@ -205,22 +232,30 @@ class ModelWorker:
         timings: dict[str, float] = {}
         start = time.perf_counter()
         report: QuantReport | None = None
+        recovery: RecoveryReport | None = None
         try:
             timings["load_s"] = self._ensure_model(job)
             timings["restore_s"] = self._restore()
             evaluator, build_s = self._evaluator(job)  # before quantizing: it keeps 16-bit KL references
             report, timings["quantize_s"] = self._quantize(job)
-            metrics, eval_s = self._evaluate(evaluator)
+            with self._adapters(job) as tuner:  # removed again however the block ends
+                if tuner is not None:
+                    recovery, timings["recover_s"] = self._recover(job)
+                    report = with_adapter_bits(report, recovery.adapter_bits)
+                metrics, eval_s = self._evaluate(evaluator)
             timings["eval_s"] = build_s + eval_s
             check_finite(metrics)
-            rows = job_rows(job, report, metrics, timings, self._env, self._family or job.model_family)
+            family = self._family or job.model_family
+            rows = job_rows(
+                job, report, metrics, timings, self._env, family, scorer=evaluator.scorer, recovery=recovery
+            )
             status, error = STATUS_OK, None
         except Exception as err:  # a job's failure is data: one failed row, the sweep goes on
             error = error_line(err)
             log.warning("job %s failed: %s", job.key[:12], error)
             self._after_failure()
             family = self._family or job.model_family
-            rows = job_rows(job, report, (), timings, self._env, family, error=error)
+            rows = job_rows(job, report, (), timings, self._env, family, error=error, recovery=recovery)
             status = STATUS_FAILED
         try:
             write_job_rows(self._results_root / job.study, job.key, rows)
@@ -269,6 +304,35 @@ class ModelWorker:
         tokens = self._calibration_tokens(job)
         report = quantize_model_(self._model, job.recipe, self._method_cache, tokens)
         return report, self._sync_elapsed(start)
+
+    @contextmanager
+    def _adapters(self, job: Job) -> Iterator[Any]:
+        """The job's recovery adapters attached for the block (None: it has none), then removed, so the
+        resident model holds its quantized weights again (and restores to pristine) however it ends."""
+        if not job.recover.enabled:
+            yield None
+            return
+        from pipeline.recovery import attach_adapters_, detach_adapters_
+
+        tuner = attach_adapters_(self._model, job.recover)
+        try:
+            yield tuner
+        finally:
+            detach_adapters_(self._model, tuner)
+
+    def _recover(self, job: Job) -> tuple[RecoveryReport, float]:
+        """Train the attached adapters on the job's recovery text."""
+        from pipeline.models.loading import config_positions
+        from pipeline.recovery import train_recovery_
+
+        start = time.perf_counter()
+        positions = config_positions(self._model.config.to_dict())
+        data_root = Path(job.evals.data_root)
+        recovery = train_recovery_(self._model, self._tokenizer, job.recover, data_root, positions)
+        log.info(
+            "job %s recovery %s: %d adapter bits", job.key[:12], job.recover.method, recovery.adapter_bits
+        )
+        return recovery, self._sync_elapsed(start)
 
     def _calibration_tokens(self, job: Job) -> Any:
         """The calibration windows of a calibrating recipe (tokenized once per model and spec)."""

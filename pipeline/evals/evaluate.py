@@ -28,7 +28,15 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-SCORERS = ("hflm", "fast")
+SCORERS = ("auto", "hflm", "fast")
+
+
+def resolve_scorer(setting: str, model_type: str | None) -> str:
+    """`EvalSpec.scorer` resolved for a model of `model_type`: "auto" is "fast" unless the architecture
+    is in UNPACKABLE ("hflm"); an Evaluator also falls back to "hflm" when auto's probe refuses packing."""
+    if setting != "auto":
+        return setting
+    return "hflm" if model_type in UNPACKABLE else "fast"
 
 
 def scorer_problems(scorer: str, has_tasks: bool, model: str, model_type: str | None) -> list[str]:
@@ -51,18 +59,11 @@ def should_compile(setting: bool | None, device_type: str, scorer: str, has_task
 
 
 def _check_text_path(path: str, data_root: Path) -> None:
-    from pipeline.ladders.corpus import HELDOUT
+    from pipeline.evals.perplexity import text_problems
 
-    if path == HELDOUT:
-        if not (data_root / "corpus").is_dir():
-            raise ValueError(f"perplexity set {path!r} needs {str(data_root / 'corpus')!r}")
-        return
-    file = Path(path) if Path(path).is_absolute() else data_root / path
-    if not file.is_file():
-        raise ValueError(
-            f"perplexity text {path!r} not found (looked for {str(file)!r}); "
-            f"give a file under the data root, an absolute path, or {HELDOUT!r}"
-        )
+    problems = text_problems(path, data_root)
+    if problems:
+        raise ValueError("; ".join(problems))
 
 
 def check_eval_spec(spec: EvalSpec) -> None:
@@ -88,10 +89,10 @@ def check_eval_spec(spec: EvalSpec) -> None:
     for name in spec.tasks:
         if name in OFFLINE_TASKS and not (data_root / OFFLINE_TASKS[name][0]).is_file():
             raise ValueError(f"task {name!r} needs {str(data_root / OFFLINE_TASKS[name][0])!r}")
-    if any(name not in OFFLINE_TASKS for name in spec.tasks):
+    if spec.include_path or any(name not in OFFLINE_TASKS for name in spec.tasks):
         from pipeline.evals.lmeval import check_task_names
 
-        check_task_names(spec.tasks)
+        check_task_names(spec.tasks, spec.include_path, data_root)
 
 
 def context_problems(
@@ -128,36 +129,56 @@ class Evaluator:
         *,
         scorer: str | None = None,
     ) -> None:
-        """`scorer` overrides `spec.scorer`: "hflm" (lm-eval's HFLM) or "fast" (`FastScorer`)."""
-        from pipeline.ladders.corpus import resolve_text
+        """`scorer` overrides `spec.scorer`: "auto", "hflm" (lm-eval's HFLM) or "fast" (`FastScorer`).
+        `self.scorer` is the one used ("hflm" or "fast"; the rows' `scorer` column)."""
+        from pipeline.evals.perplexity import perplexity_text
 
         check_eval_spec(spec)
         check_context_fits(spec, model)
-        scorer = scorer or spec.scorer
-        self.model, self.spec = model, spec
+        setting = scorer or spec.scorer
+        scorer = resolve_scorer(setting, getattr(model.config, "model_type", None))
+        self.model, self.spec, self.scorer = model, spec, scorer
         if should_compile(spec.compile, model.device.type, scorer, bool(spec.tasks)):
             from pipeline.models import compile_layers
 
             log.info("compiled %d decoder blocks", compile_layers(model))
         data_root = Path(spec.data_root).expanduser().resolve()
         self.texts = tuple(
-            tokenize_text(p, resolve_text(p.path, data_root), tokenizer, spec.batch_size, model.device)
+            tokenize_text(p, perplexity_text(p.path, data_root), tokenizer, spec.batch_size, model.device)
             for p in spec.perplexity
         )
         self.kl_references = tuple(kl_reference(model, text) for text in self.texts)
         self.suite: LmEvalSuite | None = None
         if spec.tasks:
-            from pipeline.evals.lmeval import LmEvalSuite
+            self.suite = self._suite(tokenizer, data_root, auto=setting == "auto")
 
-            self.suite = LmEvalSuite(
-                model,
-                tokenizer,
-                spec.tasks,
-                data_root=data_root,
-                limit=spec.limit,
-                batch_size=spec.batch_size,
-                scorer=scorer,
-            )
+    def _suite(self, tokenizer: PreTrainedTokenizerBase, data_root: Path, *, auto: bool) -> LmEvalSuite:
+        """The lm-eval suite scored by `self.scorer`; under "auto", HFLM when FastScorer's probe refuses."""
+        from pipeline.evals.fastscore import PackingRefused
+
+        try:
+            return self._make_suite(tokenizer, data_root, self.scorer)
+        except PackingRefused as err:
+            if not auto or self.scorer != "fast":
+                raise
+            log.warning("eval.scorer=auto: scoring with HFLM (%s)", err)
+            self.scorer = "hflm"
+            return self._make_suite(tokenizer, data_root, "hflm")
+
+    def _make_suite(self, tokenizer: PreTrainedTokenizerBase, data_root: Path, scorer: str) -> LmEvalSuite:
+        from pipeline.evals.lmeval import LmEvalSuite
+
+        spec = self.spec
+        return LmEvalSuite(
+            self.model,
+            tokenizer,
+            spec.tasks,
+            data_root=data_root,
+            limit=spec.limit,
+            batch_size=spec.batch_size,
+            scorer=scorer,
+            include_path=spec.include_path,
+        )
 
     def run(self) -> list[MetricValue]:
         """Every metric of the spec, for the model's weights as they are now."""

@@ -160,7 +160,8 @@ class FastScorer(LM):
         self.model, self.batch_size = model, batch_size
         self.body, self.head = model.base_model, model.get_output_embeddings()
         if self.body is model or self.head is None:
-            raise ValueError(f"{type(model).__name__} has no separate decoder and LM head; use scorer=hflm")
+            name = type(model).__name__
+            raise PackingRefused(f"{name} has no separate decoder and LM head; use scorer=hflm")
         self.hf = make_lm(model, tokenizer, batch_size)  # tokenization identical to HFLM's, memoized
         self.encoded: dict[tuple[str, str], Pair] = {}
         self._plan: tuple[tuple[Pair, ...], list[PackedBatch]] | None = None
@@ -293,6 +294,10 @@ def plain_logits(model: PreTrainedModel, pairs: list[Pair]) -> list[Tensor]:
     ]
 
 
+class PackingRefused(ValueError):
+    """The model's packed logits differ from its plain forwards' (`eval.scorer=auto` then uses HFLM)."""
+
+
 def check_packing(scorer: FastScorer) -> None:
     """Raise ValueError unless packed logits equal plain forwards' on a probe (in the model's dtype).
 
@@ -309,12 +314,12 @@ def check_packing(scorer: FastScorer) -> None:
             for got, want in zip(packed_logits(scorer, pairs), plain_logits(model, pairs), strict=True)
         ]
     except Exception as err:  # e.g. an ALiBi model that builds its bias from a 2-D mask
-        raise ValueError(
+        raise PackingRefused(
             f"FastScorer cannot score {type(model).__name__}: a packed forward failed ({err}); "
             "use eval.scorer=hflm"
         ) from err
     if max(distances) > tolerance:
-        raise ValueError(
+        raise PackingRefused(
             f"FastScorer cannot score {type(model).__name__}: packed logits differ from plain forwards' by "
             f"{max(distances):.2e} (relative; allowed {tolerance:.0e}): the model ignores a 4-D attention "
             "mask or position_ids, or its logits are not its LM head on its decoder's output; "

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from kernels.registry import unknown_name_message
-from pipeline.evals.tasks import OFFLINE_TASKS, TASKS_DIR
+from pipeline.evals.tasks import OFFLINE_TASKS
 from pipeline.evals.units import document_units
 from pipeline.specs import MetricValue
 
@@ -37,13 +37,17 @@ log = logging.getLogger(__name__)
 REPORTED_METRICS = ("acc", "acc_norm", "perplexity")
 
 
-def task_manager(names: tuple[str, ...], data_root: Path) -> Any:
-    """A TaskManager over pipeline/tasks; lm-eval's own tasks are indexed only when one is named."""
+def task_manager(names: tuple[str, ...], data_root: Path, include_path: tuple[str, ...] = ()) -> Any:
+    """A TaskManager over pipeline/tasks and the user's `include_path` folders (which override it);
+    lm-eval's own tasks are indexed only when one of `names` is defined in none of those folders."""
     from lm_eval.tasks import TaskManager
 
-    include_defaults = any(name not in OFFLINE_TASKS for name in names)
+    from pipeline.evals.taskdefs import task_folders, task_index
+
+    local = task_index(include_path) if include_path else {}
+    include_defaults = any(name not in OFFLINE_TASKS and name not in local for name in names)
     manager = TaskManager(
-        include_path=str(TASKS_DIR),
+        include_path=[str(folder) for folder in task_folders(include_path)],
         include_defaults=include_defaults,
         metadata={"data_root": str(data_root)},
     )
@@ -60,28 +64,46 @@ def _named_in_lm_eval_yaml(name: str) -> bool:
     return any(pattern.search(path.read_text(errors="ignore")) for path in root.rglob("*.yaml"))
 
 
-def check_task_names(names: tuple[str, ...]) -> None:
-    """Unknown task names -> KeyError listing the offline tasks.
+def check_task_names(
+    names: tuple[str, ...], include_path: tuple[str, ...] = (), data_root: Path | None = None
+) -> None:
+    """Unknown task names -> KeyError listing the offline tasks; tasks that cannot run here -> ValueError.
 
-    Offline names are checked at once; any other name must be registered by lm-eval, which takes
-    indexing its ~14k YAMLs (~25 s), so a name that no lm-eval YAML even mentions fails first.
+    Offline names are checked at once, then names the `include_path` folders define (cheap to index);
+    any other name must be registered by lm-eval, which takes indexing its ~14k YAMLs (~25 s), so a name
+    that no lm-eval YAML even mentions fails first. With `data_root`, a task that downloads from the hub
+    while the hub is unreachable, or reads a local file that is missing, is refused, naming both.
     """
-    for name in names:
-        if name in OFFLINE_TASKS:
-            continue
-        if not _named_in_lm_eval_yaml(name) or name not in _lm_eval_task_names():
+    from pipeline.evals.taskdefs import include_path_problems, offline_problems, task_index
+
+    problems = include_path_problems(include_path)
+    if problems:
+        raise ValueError("; ".join(problems))
+    index = task_index(include_path)
+    others = [name for name in names if name not in OFFLINE_TASKS and name not in index]
+    for name in others:
+        if not _named_in_lm_eval_yaml(name) or name not in _lm_eval_task_names(include_path):
+            known = sorted({*OFFLINE_TASKS, *(n for n in index if n not in OFFLINE_TASKS)})
             raise KeyError(
-                unknown_name_message("lm-eval task", name, sorted(OFFLINE_TASKS)).replace(
-                    "(allowed:", "(offline tasks:"
-                )
-                + "; other names must be tasks, groups or tags registered by lm-eval"
+                unknown_name_message("lm-eval task", name, known).replace("(allowed:", "(offline tasks:")
+                + "; other names must be tasks, groups or tags registered by lm-eval or defined in a "
+                "folder of eval.include_path"
             )
+    if data_root is None:
+        return
+    from pipeline.hub import offline_reason
+
+    if others:
+        index = task_index(include_path, include_defaults=True)
+    problems = offline_problems(names, index, data_root, offline_reason() or "")
+    if problems:
+        raise ValueError("; ".join(problems))
 
 
-def _lm_eval_task_names() -> set[str]:
-    from lm_eval.tasks import TaskManager
+def _lm_eval_task_names(include_path: tuple[str, ...] = ()) -> set[str]:
+    from pipeline.evals.taskdefs import task_index
 
-    return set(TaskManager(include_path=str(TASKS_DIR)).all_tasks)
+    return set(task_index(include_path, include_defaults=True))
 
 
 def verbose() -> bool:
@@ -209,14 +231,15 @@ class LmEvalSuite:
         batch_size: int,
         scorer: str = "hflm",
         metrics: str | None = None,
+        include_path: tuple[str, ...] = (),
     ) -> None:
-        check_task_names(names)
+        check_task_names(names, include_path)
         metrics = metrics or ("numpy" if scorer == "fast" else "lm_eval")
         if metrics not in METRICS_PATHS:
             raise ValueError(f"metrics {metrics!r} unknown; allowed: {', '.join(map(repr, METRICS_PATHS))}")
         self.limit = limit
         self.lm = make_scorer(scorer, model, tokenizer, batch_size)
-        self.task_dict = task_manager(names, data_root).load(list(names))
+        self.task_dict = task_manager(names, data_root, include_path).load(list(names))
         for task in self.task_dict["tasks"].values():
             task.build_all_requests(limit=limit, rank=0, world_size=1)
             for instance in task.instances:

@@ -26,6 +26,7 @@ import inspect
 import logging
 import math
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
@@ -108,6 +109,22 @@ def check_perplexity_spec(spec: PerplexitySpec) -> None:
         raise ValueError(f"perplexity {spec.name!r}: max_tokens must be >= 2 or None, got {spec.max_tokens}")
     if spec.kl_tokens is not None and spec.kl_tokens < 1:
         raise ValueError(f"perplexity {spec.name!r}: kl_tokens must be >= 1 or None, got {spec.kl_tokens}")
+
+
+def perplexity_text(path: str, data_root: Path) -> str:
+    """The text a perplexity set scores: `corpus:heldout`, a text file, `file.jsonl:field`,
+    `file.parquet:column` or `saved_dataset_folder:column` (`pipeline.textsources`), documents joined
+    by `DOC_SEPARATOR`."""
+    from pipeline.textsources import DOC_SEPARATOR, source_texts
+
+    return DOC_SEPARATOR.join(source_texts(path, data_root, "perplexity"))
+
+
+def text_problems(path: str, data_root: Path) -> list[str]:
+    """Pre-flight problems of a perplexity text, from its first rows (`textsources.check_source`)."""
+    from pipeline.textsources import check_source
+
+    return check_source(path, data_root, "perplexity")
 
 
 def strided_windows(n_tokens: int, context_length: int, stride: int) -> list[Window]:

@@ -1,6 +1,10 @@
 """Load a causal LM and its tokenizer (hub id or local directory), and what is known before loading.
 
-Remote code is never trusted. `check_model_ref`, `local_config` and `max_positions` read no weights:
+Remote code is never trusted. A GGUF checkpoint (`ModelRef.gguf_file`, a file in the model folder or
+hub repo) is read by transformers, which dequantizes its weights to the torch dtype; it needs the
+optional `gguf` package (`pip install -e '.[gguf]'`), checked in pre-flight.
+
+`check_model_ref`, `local_config` and `max_positions` read no weights:
 pre-flight uses them to refuse a bad model before any job runs: an unknown torch dtype, a folder
 without config or weights, a model that is not a causal LM (BERT, T5, ...: perplexity and lm-eval
 scores assume left-to-right attention), and a name that is neither a local folder nor a hub id the
@@ -45,6 +49,8 @@ def check_model_ref(ref: ModelRef) -> None:
         ValueError: one short message naming the model and what is wrong.
     """
     check_torch_dtype(ref.torch_dtype)
+    if ref.gguf_file:
+        check_gguf_installed(ref.gguf_file)
     path = Path(ref.name_or_path).expanduser()
     if path.exists():
         check_local_model(path, ref)
@@ -55,6 +61,18 @@ def check_model_ref(ref: ModelRef) -> None:
             f"model {ref.name_or_path!r} is neither an existing local directory nor a hub id 'org/name'"
         )
     check_hub_model(ref)
+
+
+def check_gguf_installed(gguf_file: str) -> None:
+    """Raise ValueError naming the install command unless the `gguf` package (which transformers
+    reads GGUF files with) can be imported."""
+    try:
+        import gguf  # noqa: F401
+    except ImportError as err:
+        raise ValueError(
+            f"model.gguf_file={gguf_file!r} needs the gguf package, which is not installed: "
+            "pip install -e '.[gguf]' (or pip install gguf)"
+        ) from err
 
 
 def check_local_model(path: Path, ref: ModelRef) -> None:

@@ -37,8 +37,9 @@ def quantize_model_(
     The baseline (bits=16) leaves the weights untouched and counts every parameter at 16 bits.
     Quantized matrices cost the method's `weight_bits` (constants, codebooks and kept proxy columns
     included); every other parameter costs 16 bits. `cache` is the worker's per-model state, handed
-    to the method; `calibration` the token windows of a calibrating recipe. A non-finite result raises
-    `QuantizationError` (the model is then half-quantized: restore it).
+    to the method; `calibration` the token windows of a calibrating recipe. A mixed recipe
+    (`recipe.is_mixed`) allocates its candidates per layer first and reports the allocation. A
+    non-finite result raises `QuantizationError` (the model is then half-quantized: restore it).
     """
     total = n_params(model)
     if recipe.is_baseline:
@@ -50,9 +51,19 @@ def quantize_model_(
     keep = outlier_columns(model, recipe.outlier_fraction)
     if method.needs_calibration and calibration is None:
         raise ValueError(f"quant.method={recipe.method!r} needs calibration token windows")
-    request = QuantizeRequest(model, weights, keep, recipe, {} if cache is None else cache, calibration)
-    method.quantize_(request)
-    report = count_bits(total, weights, keep, recipe, method.weight_bits)
+    if recipe.is_mixed:  # each layer its own candidate (pipeline.methods.allocation)
+        from pipeline.methods.allocation import count_allocated_bits, quantize_allocated_
+
+        per_layer, allocation = quantize_allocated_(
+            model, weights, keep, recipe, {} if cache is None else cache, calibration
+        )
+        report = dataclasses.replace(
+            count_allocated_bits(total, weights, keep, per_layer), allocation=allocation
+        )
+    else:
+        request = QuantizeRequest(model, weights, keep, recipe, {} if cache is None else cache, calibration)
+        method.quantize_(request)
+        report = count_bits(total, weights, keep, recipe, method.weight_bits)
     if calibration is None or recipe.calibration is None:
         return report
     return dataclasses.replace(report, calibration=calibration_json(recipe.calibration, calibration))

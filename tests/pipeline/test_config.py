@@ -160,7 +160,7 @@ def test_replace_path_sets_a_field_of_one_list_item():
         (["model=nope"], False, "allowed: ['hf', 'ladder/h100', 'ladder/tiny'"),
         (["quant.blocksize=3"], False, "quant.blocksize"),
         (["quant.bits=3,4"], False, "add -m"),
-        (["+sweep=nope"], True, "allowed: ['demo', 'gptq', 'paper', 'shiftadd', 'smoke']"),
+        (["+sweep=nope"], True, f"allowed: {sorted(p.stem for p in SWEEPS_DIR.glob('*.yaml'))}"),
         (["quant.bits=interval(3,4)"], True, "interval"),
         (["quant.bits=="], True, "quant.bits"),
         (["eval.compile=maybe"], False, "eval.compile=maybe: Value 'maybe' is not a valid bool"),
