@@ -31,7 +31,7 @@ from torch import Tensor
 
 from kernels.bcq import BCQSettings, ScaleFormat
 from kernels.codebooks import BCQ_BITS
-from pipeline.methods.gptq import GPTQParams, quantize_with_hessians_
+from pipeline.methods.gptq import GPTQParams, quantize_with_hessians_, quantized_columns
 from pipeline.methods.registry import Method, QuantizationError, QuantizeRequest, register_method
 
 GROUP_VALUES = 1 << 26  # values of same-shaped matrices fitted in one call at most (~30 bytes each)
@@ -132,7 +132,7 @@ def quantize_bcq_(request: QuantizeRequest) -> None:
     for group in stack_groups(request.weights, request.keep, spec.block_size):
         views = [request.weights[name] for name in group]
         if len(group) == 1:  # alone: kept proxy columns, a tail block, or no same-shaped partner
-            view, columns = views[0], _quantized_columns(views[0], request.keep.get(group[0]))
+            view, columns = views[0], quantized_columns(views[0], request.keep.get(group[0]))
             if columns is None:
                 view.copy_(bcq_fake_quantize(view, spec, settings))
             else:
@@ -163,15 +163,6 @@ def quantize_shiftadd_(request: QuantizeRequest) -> None:
         return gptq_solve(w, h, BCQColumns(w, spec.bits, size, bcq_settings), spec.block_size, gptq_settings)
 
     quantize_with_hessians_(request, params.hessians, params.hessian_device, solve)
-
-
-def _quantized_columns(view: Tensor, kept: Tensor | None) -> Tensor | None:
-    """Indices of the columns quantized (None: all of them)."""
-    if kept is None or kept.numel() == 0:
-        return None
-    mask = torch.ones(view.shape[1], dtype=torch.bool, device=view.device)
-    mask[kept.to(view.device)] = False
-    return torch.nonzero(mask).flatten()
 
 
 def _check_finite(weights: dict[str, Tensor], when: str, error: type[Exception]) -> None:

@@ -209,7 +209,7 @@ def _solve_batch_(
     solver: BatchSolver,
 ) -> None:
     device = weights[names[0]].device
-    columns = [_quantized_columns(weights[n], keep.get(n)) for n in names]
+    columns = [quantized_columns(weights[n], keep.get(n)) for n in names]
     ws = [
         weights[n][:, cols] if cols is not None else weights[n]
         for n, cols in zip(names, columns, strict=True)
@@ -224,8 +224,8 @@ def _solve_batch_(
             view[:, cols] = q.to(view.dtype)
 
 
-def _quantized_columns(view: Tensor, kept: Tensor | None) -> Tensor | None:
-    """Indices of the columns GPTQ quantizes (None: all of them)."""
+def quantized_columns(view: Tensor, kept: Tensor | None) -> Tensor | None:
+    """Indices of the columns a calibrated solve quantizes, proxy columns left out (None: all)."""
     if kept is None or kept.numel() == 0:
         return None
     mask = torch.ones(view.shape[1], dtype=torch.bool, device=view.device)
