@@ -7,6 +7,7 @@ torch, ray or transformers objects, so a config check or `--help` never pays for
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 
@@ -91,3 +92,15 @@ class QuantReport:
     bits_per_param: float  # over the quantized matrices only (k + 16/B + ...), the paper's definition
     calibration: str | None = None  # canonical JSON of the calibration used (spec + token-id sha256)
     allocation: str | None = None  # mixed precision: canonical JSON, layer -> candidate (allocation.py)
+
+    @classmethod
+    def of_counts(cls, total: int, n_quantized: int, n_kept: int, quant_bits: int) -> QuantReport:
+        """From the quantized matrices' counts: the rest of the model's `total` parameters is 16-bit."""
+        n_matrix = n_quantized + n_kept
+        return cls(
+            n_params=total,
+            n_quantized_params=n_quantized,
+            n_kept_params=n_kept,
+            total_model_bits=quant_bits + 16 * (total - n_matrix),
+            bits_per_param=quant_bits / n_matrix if n_matrix else math.nan,
+        )

@@ -267,14 +267,7 @@ def count_allocated_bits(
         n_kept += kept
         n_quant += view.numel() - kept
         quant_bits += matrix_bits(recipe, tuple(view.shape), n_keep)
-    n_matrix = n_quant + n_kept
-    return QuantReport(
-        n_params=total,
-        n_quantized_params=n_quant,
-        n_kept_params=n_kept,
-        total_model_bits=quant_bits + 16 * (total - n_matrix),
-        bits_per_param=quant_bits / n_matrix if n_matrix else math.nan,
-    )
+    return QuantReport.of_counts(total, n_quant, n_kept, quant_bits)
 
 
 def _n_keep(keep: Mapping[str, Tensor], name: str) -> int:

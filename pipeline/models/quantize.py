@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -101,11 +100,4 @@ def count_bits(
         n_kept += n_keep_cols * view.shape[0]
         n_quant += view.numel() - n_keep_cols * view.shape[0]
         quant_bits += bits_of(recipe, tuple(view.shape), n_keep_cols)
-    n_matrix = n_quant + n_kept
-    return QuantReport(
-        n_params=total,
-        n_quantized_params=n_quant,
-        n_kept_params=n_kept,
-        total_model_bits=quant_bits + 16 * (total - n_matrix),
-        bits_per_param=quant_bits / n_matrix if n_matrix else math.nan,
-    )
+    return QuantReport.of_counts(total, n_quant, n_kept, quant_bits)
