@@ -254,6 +254,17 @@ gptq-1.4b)
     --dtypes ${DTYPES:-int,nf,fp,quantile} --jobs 2 --out "$OUT/gptq-h200-pythia-1.4b.json" >"$OUT/gptq-1.4b.log" 2>&1
   echo "gptq 1.4b exit $?"; grep -v -i -E "warn|it/s" "$OUT/gptq-1.4b.log" | tail -30
   ;;
+shiftadd)
+  # sixth session: issue 18's study: the h100 ladder (three processes on the one GPU), then
+  # sweeps/shiftadd.yaml (bcq and shiftadd against rtn and gptq with int and nf at 2-4 bits)
+  t=$SECONDS
+  for group in "d128,d512" "d192,d384" "d256,d320"; do
+    (for size in ${group//,/ }; do python3 -m pipeline.ladders "$LADDER" --size "$size" >>"$OUT/ladder.log" 2>&1; done) &
+  done
+  wait; echo "ladder: $((SECONDS - t)) s"; grep -h "validation loss" "$OUT/ladder.log"; collect_members
+  sweep $(($(left) - 30)) -m +sweep=shiftadd eval.data_root=.carry/data ray.workers_per_gpu=4
+  pack_results shiftadd
+  ;;
 *) echo "unknown phase $phase; use study, resume, final, after, tune, retuned, heldout, compile, gptq, gptq-study or gptq-1.4b" >&2; exit 2 ;;
 esac
 echo "phase $phase done in $((SECONDS - start)) s"
