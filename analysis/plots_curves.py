@@ -24,13 +24,14 @@ LOO_LINE_PARAMS = 2  # leave-one-out predicts a point by the line through its tw
 VERDICT_OK = "ok"
 _BLOCK_TOKEN = re.compile(r"^(B\d+|per-tensor)$")
 _EXPONENT_TOKEN = re.compile(r"^e\d+$")
+_ALLOCATION_TOKEN = re.compile(r"^[a-z_-]+\d[\d.]*\[")  # a mixed setting's 'knapsack3.25[nf3-b64+...]'
 
 
 def data_type_of(setting: str) -> str:
     """The data type of a setting label, with its method where not rtn: 'nf B64' -> 'nf', 'fp e2
     per-tensor' -> 'fp', 'gptq int B64 +emb' -> 'gptq int' (block size, exponent bits, proxy, scope
-    dropped); the 16-bit baseline is itself."""
-    head = takewhile(lambda t: not _BLOCK_TOKEN.match(t), setting.split(" "))
+    dropped); mixed settings are 'mixed' ('gptq mixed'); the 16-bit baseline is itself."""
+    head = takewhile(lambda t: not (_BLOCK_TOKEN.match(t) or _ALLOCATION_TOKEN.match(t)), setting.split(" "))
     return " ".join(t for t in head if not _EXPONENT_TOKEN.match(t)) or setting
 
 

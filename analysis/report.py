@@ -40,7 +40,20 @@ from analysis.sections import (
     proxy_section,
     study_section,
 )
+from analysis.sections_frontier import (
+    BINARY_TITLE,
+    MIXED_TITLE,
+    RECOVERY_TITLE,
+    binary_section,
+    has_binary,
+    has_mixed,
+    has_recovery,
+    mixed_section,
+    recovery_section,
+)
+from analysis.sections_tokens import TOKENS_TITLE, has_tokens, tokens_section
 from analysis.tidy import PAPER_TASKS, acc_tasks_used, tidy_jobs
+from analysis.tokens import at_largest_tokens
 from pipeline.results import ResultsError, load_results
 
 log = logging.getLogger(__name__)
@@ -80,7 +93,7 @@ def study_from_results(
 ) -> Study:
     """A `Study` from result rows already read (raises AnalysisError for an unknown `metric`)."""
     try:
-        tidy = tidy_jobs(raw, tasks)
+        tidy = at_largest_tokens(tidy_jobs(raw, tasks))  # one model per size: see analysis.tokens
     except AnalysisError as err:
         log.warning("%s", err)
         return Study(name, raw, None, None, None, (), n_boot, n_budgets, fixed_bits=fixed_bits)
@@ -148,6 +161,10 @@ def build_sections(study: Study) -> list[Section]:
             else []
         ),
         *([guarded(METHODS_TITLE, lambda: methods_section(study))] if has_methods(study) else []),
+        *([guarded(TOKENS_TITLE, lambda: tokens_section(study))] if has_tokens(study) else []),
+        *([guarded(BINARY_TITLE, lambda: binary_section(study))] if has_binary(study) else []),
+        *([guarded(MIXED_TITLE, lambda: mixed_section(study))] if has_mixed(study) else []),
+        *([guarded(RECOVERY_TITLE, lambda: recovery_section(study))] if has_recovery(study) else []),
         guarded("Failed jobs", lambda: failures_section(study)),
     ]
     return [answer_section(study, table, reason), gaps_section(body), *body]

@@ -24,6 +24,7 @@ from analysis.plots_compare import plot_dtype_block, plot_pareto, plot_proxy_eff
 from analysis.plots_curves import fit_quality_table, plot_fit_quality, plot_scaling_curves
 from analysis.render import Block, Section
 from analysis.tidy import failed_jobs, study_grid
+from analysis.tokens import tokens_note
 from analysis.units import JobDraws, job_draws
 
 log = logging.getLogger(__name__)
@@ -98,7 +99,7 @@ def study_section(study: Study) -> Section:
         text += f" Headline metric: {metric_label(study.metric)}."
     if study.acc_tasks:
         text += f" Mean zero-shot accuracy over: {', '.join(study.acc_tasks)}."
-    note = [Block(text=study.metric_note)] if study.metric_note else []
+    note = [Block(text=t) for t in (study.metric_note, tokens_note(study.raw)) if t]
     blocks = [Block(text=text), *note, *_variants_note(study), Block(table=grid, name="Grid")]
     if study.tidy is not None:
         counts = study.tidy.pivot_table(
@@ -174,7 +175,8 @@ EFFECTIVE_TEXT = (
     "the 16-bit baseline has N_eff = N. This is Kumar et al.'s (2024) effective-parameter form for "
     "training in low precision, N·(1 − e^(−P/γ)), restricted to the quantized parameters; it is not "
     "their post-training form, which adds δ_PTQ = C_T·(D^γ_D/N^γ_N)·e^(−P/γ_post) to the 16-bit loss "
-    "and grows with training tokens D (one D per ladder here, so that term cannot be fit)."
+    "and grows with training tokens D (fit in the section 'Training tokens' where a study has members "
+    "at several token counts)."
 )
 
 

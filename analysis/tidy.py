@@ -37,6 +37,11 @@ JOB_COLUMNS: tuple[str, ...] = (
     "method", "method_params", "dtype", "bits", "block_size", "exponent_bits", "outlier_fraction",
     "centering", "quantize_embeddings", "quantize_lm_head", "bits_per_param", "total_model_bits",
 )  # fmt: skip
+OPTIONAL_JOB_COLUMNS: tuple[str, ...] = ("train_tokens",)  # kept where some job has a value
+# mixed allocation and recovery (schema 4-5; see analysis.frontier): kept where the results have them
+VARIANT_COLUMNS: tuple[str, ...] = ("allocation", "recover", "recover_params", "adapter_bits")
+NO_RECOVER = "none"
+ALLOCATION_PARAMS = frozenset({"allocation", "target_bits", "candidates", "sensitivity"})  # in method_params
 REQUIRED_COLUMNS: tuple[str, ...] = (
     *(c for c in JOB_COLUMNS if c not in METHOD_COLUMNS), "task", "metric", "value", "stderr", "status",
     "error",
@@ -64,7 +69,7 @@ def check_results(raw: pd.DataFrame) -> pd.DataFrame:
 def with_method(raw: pd.DataFrame) -> pd.DataFrame:
     """A copy of `raw` with `METHOD_COLUMNS` filled where absent or null (results written before
     they existed, synthetic tables): method 'rtn' ('none' for the 16-bit baseline), no method
-    parameters ('{}'), embeddings and LM head left unquantized."""
+    parameters ('{}'), embeddings and LM head left unquantized, no recovery ('none')."""
     out = raw.copy()
     baseline = ((out["dtype"] == "none") | (out["bits"] >= 16)).fillna(False).astype(bool)
     default = pd.Series(np.where(baseline, BASELINE_METHOD, DEFAULT_METHOD), index=out.index)
@@ -72,7 +77,41 @@ def with_method(raw: pd.DataFrame) -> pd.DataFrame:
     out["method_params"] = out["method_params"].fillna(NO_PARAMS) if "method_params" in out else NO_PARAMS
     for col in SCOPE_COLUMNS:
         out[col] = out[col].fillna(False).astype(bool) if col in out else False
+    out["recover"] = out["recover"].fillna(NO_RECOVER) if "recover" in out else NO_RECOVER
     return out
+
+
+def allocation_fields(row: pd.Series) -> dict[str, object] | None:
+    """The parsed `allocation` JSON of a mixed job (allocator, target_bits, candidates, layers, ...);
+    None for a uniform job (null, or a row without the column)."""
+    text = row.get("allocation")
+    if not isinstance(text, str) or not text:
+        return None
+    try:
+        parsed = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise AnalysisError(f"allocation of job {row.get('job_key')!r} is not JSON: {text[:80]!r}") from err
+    return parsed if isinstance(parsed, dict) else None
+
+
+def allocator_label(fields: dict[str, object]) -> str:
+    """The allocator as the recipe names it: 'knapsack', or 'knapsack-measured' for another sensitivity."""
+    sensitivity = fields.get("sensitivity")
+    return f"{fields.get('allocator')}" + (f"-{sensitivity}" if sensitivity else "")
+
+
+def is_mixed(jobs: pd.DataFrame) -> pd.Series:
+    """Per row, whether its layers were given different codes (an `allocation` other than null)."""
+    if "allocation" not in jobs:
+        return pd.Series(False, index=jobs.index)
+    return jobs["allocation"].map(lambda a: isinstance(a, str) and bool(a)).astype(bool)
+
+
+def is_recovered(jobs: pd.DataFrame) -> pd.Series:
+    """Per row, whether recovery adapters were trained after quantization."""
+    if "recover" not in jobs:
+        return pd.Series(False, index=jobs.index)
+    return (jobs["recover"].fillna(NO_RECOVER) != NO_RECOVER).astype(bool)
 
 
 def method_label(method: str, params: str = NO_PARAMS) -> str:
@@ -129,17 +168,36 @@ def setting_labels(jobs: pd.DataFrame) -> pd.Series:
 def _setting_label(row: pd.Series) -> str:
     if row["dtype"] == "none" or (not pd.isna(row["bits"]) and int(row["bits"]) >= 16):
         return BASELINE_SETTING
-    method = method_label(row["method"], row["method_params"])
+    alloc = allocation_fields(row)
+    method = method_label(row["method"], _own_params(row["method_params"]) if alloc else row["method_params"])
     parts = [] if method == DEFAULT_METHOD else [method]
-    parts.append(str(row["dtype"]))
-    if not pd.isna(row["exponent_bits"]):
-        parts.append(f"e{int(row['exponent_bits'])}")
-    parts.append("per-tensor" if pd.isna(row["block_size"]) else f"B{int(row['block_size'])}")
+    if alloc:  # 'knapsack3.25[nf2-b64+nf4-b64]' as the recipe names it; its codes vary by layer
+        cands = "+".join(str(c) for c in alloc.get("candidates", []))  # type: ignore[attr-defined]
+        parts.append(f"mixed {allocator_label(alloc)}{float(alloc.get('target_bits', 0)):g}[{cands}]")  # type: ignore[arg-type]
+    else:
+        parts.append(str(row["dtype"]))
+        if not pd.isna(row["exponent_bits"]):
+            parts.append(f"e{int(row['exponent_bits'])}")
+        parts.append("per-tensor" if pd.isna(row["block_size"]) else f"B{int(row['block_size'])}")
     if _present(row["outlier_fraction"]) and row["outlier_fraction"] > 0:
         parts.append(f"proxy {row['outlier_fraction'] * 100:g}%")
     if _present(row["centering"]) and bool(row["centering"]):
         parts.append("centered")
+    recover = row.get("recover")
+    if isinstance(recover, str) and recover != NO_RECOVER:
+        parts.append(f"+{recover}")  # recovered points are a setting (a curve) of their own
     return " ".join([*parts, *_scope(row)])
+
+
+def _own_params(params: str) -> str:
+    """A mixed job's `method_params` without the allocation's own fields (they are in the label)."""
+    try:
+        parsed = json.loads(params)
+    except (json.JSONDecodeError, TypeError):
+        return params
+    if not isinstance(parsed, dict):
+        return params
+    return json.dumps({k: v for k, v in parsed.items() if k not in ALLOCATION_PARAMS}, sort_keys=True)
 
 
 def _present(value: object) -> bool:
@@ -147,12 +205,12 @@ def _present(value: object) -> bool:
 
 
 def curve_labels(jobs: pd.DataFrame) -> pd.Series:
-    """'<bits>-bit <setting>' per job, or '16-bit' for the baseline."""
+    """'<bits>-bit <setting>' per job, '16-bit' for the baseline, the setting alone for a mixed job
+    (its setting names its target bits; its `bits` column is only the cheapest candidate's)."""
     settings = setting_labels(jobs)
     bits = jobs["bits"].astype("Int64").astype(str)
-    return pd.Series(
-        np.where(settings == BASELINE_SETTING, BASELINE_SETTING, bits + "-bit " + settings), index=jobs.index
-    )
+    plain = settings.where(settings == BASELINE_SETTING, bits + "-bit " + settings)
+    return pd.Series(np.where(is_mixed(jobs), settings, plain), index=jobs.index)
 
 
 def acc_tasks_used(raw: pd.DataFrame, tasks: Sequence[str] = PAPER_TASKS) -> list[str]:
@@ -178,7 +236,9 @@ def tidy_jobs(raw: pd.DataFrame, tasks: Sequence[str] = PAPER_TASKS) -> pd.DataF
     ok = raw[~raw["job_key"].isin(failed)]
     if ok.empty:
         raise AnalysisError(f"all {len(failed)} jobs failed; nothing to analyse")
-    jobs = ok.drop_duplicates("job_key").set_index("job_key")[list(JOB_COLUMNS[1:])].copy()
+    tokens = [c for c in OPTIONAL_JOB_COLUMNS if c in ok and ok[c].notna().any()]  # nulls: not kept
+    columns = [*JOB_COLUMNS[1:], *tokens, *(c for c in VARIANT_COLUMNS if c in ok)]
+    jobs = ok.drop_duplicates("job_key").set_index("job_key")[columns].copy()
     jobs["total_model_bits"] = jobs["total_model_bits"].astype(float)
     metrics = _metric_table(_named_rows(ok))
     jobs = jobs.join(metrics, how="left")
@@ -273,6 +333,8 @@ def study_grid(raw: pd.DataFrame) -> pd.DataFrame:
     status = raw.groupby("job_key")["status"].agg(lambda s: "failed" if (s != "ok").any() else "ok")
     axes = ["model_family", "model", "n_params", "bits", "method", "dtype", "block_size", "exponent_bits",
             "outlier_fraction", "centering", *SCOPE_COLUMNS]  # fmt: skip
+    axes += [c for c in OPTIONAL_JOB_COLUMNS if c in jobs and jobs[c].notna().any()]
+    axes += ["recover"] if "recover" in jobs else []
     # method and scope are shown where a study departs from the paper's default (rtn, linear layers
     # only), so a grid of the paper's kind reads as it always did
     axes = [a for a in axes if a not in _DEFAULT_ONLY or not _at_default(jobs[a], _DEFAULT_ONLY[a])]
@@ -296,6 +358,7 @@ _DEFAULT_ONLY: dict[str, set[object]] = {
     "method": {"rtn", "none"},
     "quantize_embeddings": {False},
     "quantize_lm_head": {False},
+    "recover": {NO_RECOVER},
 }
 
 

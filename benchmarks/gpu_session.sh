@@ -265,6 +265,17 @@ shiftadd)
   sweep $(($(left) - 30)) -m +sweep=shiftadd eval.data_root=.carry/data ray.workers_per_gpu=4
   pack_results shiftadd
   ;;
+tokens)
+  # sixth session: issue 21's study: the h100-tokens ladder (wsd, six kept token counts a size; one process a
+  # size on the one GPU), then sweeps/tokens.yaml on every kept member
+  t=$SECONDS
+  for size in d128 d192 d256 d320; do
+    python3 -m pipeline.ladders h100-tokens --size "$size" >>"$OUT/ladder.log" 2>&1 &
+  done
+  wait; echo "ladder: $((SECONDS - t)) s"; grep -h "validation loss" "$OUT/ladder.log"; collect_members
+  sweep $(($(left) - 30)) -m +sweep=tokens eval.data_root=.carry/data ray.workers_per_gpu=4
+  pack_results tokens
+  ;;
 *) echo "unknown phase $phase; use study, resume, final, after, tune, retuned, heldout, compile, gptq, gptq-study or gptq-1.4b" >&2; exit 2 ;;
 esac
 echo "phase $phase done in $((SECONDS - start)) s"

@@ -2,6 +2,7 @@
 
     python benchmarks/results_scale.py [--jobs 35000] [--template results/h100-ladder-heldout-paired]
         [--dir /tmp/kbit-results-scale] [--out benchmarks/results/results_scale-cpu.json] [--no-report]
+    python benchmarks/results_scale.py --report-only [--jobs 35000] [--out ...]
 
 Builds a synthetic study of `--jobs` jobs from a real study (`--template`): its jobs replicated into
 families `<family>-r<k>` (model label and job JSON renamed, so each copy is a distinct job with its
@@ -11,6 +12,8 @@ workers write them. Then it times, on this machine:
 - `python -m pipeline.compact` (as a subprocess, the CLI);
 - `job_status` and `load_results` on the compacted study;
 - `python -m analysis.report` on the compacted study (a subprocess; `--report-timeout` caps it).
+`--report-only` writes the same study straight as one compacted part (what compaction leaves) and
+times only `load_results` and the report.
 Prints a table and writes the figures as JSON. Timings are one run each (wall clock, seconds).
 """
 
@@ -32,7 +35,16 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from pipeline.results import job_status, load_results, study_files, write_job_rows  # noqa: E402
+import pyarrow.parquet as pq  # noqa: E402
+
+from pipeline.resultlayout import COMPACT_PREFIX  # noqa: E402
+from pipeline.results import (  # noqa: E402
+    job_status,
+    load_results,
+    rows_to_table,
+    study_files,
+    write_job_rows,
+)
 
 
 def template_jobs(template: Path) -> list[list[dict[str, Any]]]:
@@ -70,6 +82,23 @@ def _write_share(args: tuple[Path, Path, int, int, int]) -> int:
         write_job_rows(study_dir, key, rows)
         written += 1
     return written
+
+
+def build_compacted(template: Path, study_dir: Path, n_jobs: int) -> float:
+    """The same synthetic study written straight as ONE compacted part (what `pipeline.compact`
+    leaves), for timing the report without building and compacting 35,000 files first."""
+    if study_dir.exists():
+        shutil.rmtree(study_dir)
+    study_dir.mkdir(parents=True)
+    start = time.perf_counter()
+    jobs = template_jobs(template)
+    rows = [
+        row
+        for index in range(n_jobs)
+        for row in replica(jobs[index % len(jobs)], index // len(jobs), study_dir.name)[1]
+    ]
+    pq.write_table(rows_to_table(rows), study_dir / f"{COMPACT_PREFIX}000001-{'0' * 8}.parquet")
+    return time.perf_counter() - start
 
 
 def build_study(template: Path, study_dir: Path, n_jobs: int, processes: int) -> float:
@@ -112,10 +141,17 @@ def main() -> int:
     parser.add_argument("--reuse", action="store_true", help="reuse an uncompacted study of --jobs jobs")
     parser.add_argument("--no-report", action="store_true", help="skip timing analysis.report")
     parser.add_argument("--report-timeout", type=float, default=600.0)
+    parser.add_argument(
+        "--report-only",
+        action="store_true",
+        help="write the study as one compacted part and time only load_results and analysis.report",
+    )
     args = parser.parse_args()
     study = args.dir / "synthetic-35k"
     figures: dict[str, Any] = {"jobs": args.jobs, "template": str(args.template), "cpus": os.cpu_count()}
     figures["machine"] = f"{platform.machine()} {platform.processor() or ''}".strip()
+    if args.report_only:
+        return report_only(args, study, figures)
     if args.reuse and len(study_files(study)) == args.jobs:  # an uncompacted study a last run built
         figures["build_s"] = None
     else:
@@ -137,12 +173,28 @@ def main() -> int:
     if not args.no_report:
         argv = [sys.executable, "-m", "analysis.report", str(study), "--out", str(args.dir / "report")]
         figures["report_s"], figures["report_rc"] = run_cli(argv, args.report_timeout)
+    return emit(figures, args.out)
+
+
+def report_only(args: argparse.Namespace, study: Path, figures: dict[str, Any]) -> int:
+    """`--report-only`: the compacted study written directly, then load_results and the report."""
+    figures["build_compacted_s"] = build_compacted(args.template, study, args.jobs)
+    figures["load_after_s"], frame = timed(load_results, study)
+    figures["rows"] = len(frame)
+    del frame
+    argv = [sys.executable, "-m", "analysis.report", str(study), "--out", str(args.dir / "report")]
+    figures["report_s"], figures["report_rc"] = run_cli(argv, args.report_timeout)
+    return emit(figures, args.out)
+
+
+def emit(figures: dict[str, Any], out: Path) -> int:
+    """Print the figures as a table and write them as JSON to `out`."""
     print(f"{'measure':<28}{'value':>14}")
     for name, value in figures.items():
         shown = f"{value:.2f}" if isinstance(value, float) else str(value)
         print(f"{name:<28}{shown:>14}")
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(figures, indent=2) + "\n")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(figures, indent=2) + "\n")
     return 0
 
 

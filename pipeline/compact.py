@@ -132,6 +132,44 @@ def compact_study(study_dir: Path, *, locked: bool = False) -> Compaction:
         return Compaction(part, len(job_files), len(parts), table.num_rows)
 
 
+# `compact` (a run-wide config key): after a sweep, each of its studies is compacted under the lock the
+# driver holds -- "auto": when it holds more than AUTO_MIN_JOB_FILES per-job files; "always": when it
+# holds any (or several parts); "never": not (`python -m pipeline.compact` remains).
+COMPACT_SETTINGS = ("auto", "always", "never")
+AUTO_MIN_JOB_FILES = 1000  # ~10 s of load_results at 7-17 ms a file (docs/benchmarks.md)
+
+
+def compact_problems(setting: str) -> list[str]:
+    """A message if `setting` is not one of `COMPACT_SETTINGS` (pre-flight)."""
+    if setting in COMPACT_SETTINGS:
+        return []
+    return [f"compact={setting!r}: must be one of {', '.join(COMPACT_SETTINGS)}"]
+
+
+def should_compact(setting: str, job_files: int, threshold: int = AUTO_MIN_JOB_FILES) -> bool:
+    """Whether a study with `job_files` loose per-job files is compacted after a sweep."""
+    if setting not in COMPACT_SETTINGS:
+        raise ValueError(compact_problems(setting)[0])
+    return setting == "always" or (setting == "auto" and job_files > threshold)
+
+
+def compact_after_sweep(
+    study_dir: Path, setting: str, threshold: int = AUTO_MIN_JOB_FILES
+) -> Compaction | None:
+    """The end-of-sweep hook: compact `study_dir` if `should_compact`; the caller (the sweep's driver)
+    holds the study's lock. A file that cannot be read is logged and the study left as it is."""
+    from pipeline.results import ResultsError
+
+    loose = sum(1 for f in study_files(study_dir) if is_job_file(f)) if study_dir.is_dir() else 0
+    if not should_compact(setting, loose, threshold):
+        return None
+    try:
+        return compact_study(study_dir, locked=True)
+    except (ResultsError, OSError) as err:
+        log.warning("study %s not compacted: %s", study_dir.name, err)
+        return None
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m pipeline.compact",

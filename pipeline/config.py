@@ -30,7 +30,7 @@ CONF_DIR = PROJECT_ROOT / "conf"
 SWEEPS_DIR = PROJECT_ROOT / "sweeps"
 GROUPS = ("model", "quant", "eval", "ray")
 # Keys that hold for the whole run: a sweep giving them several values is refused (`run_wide_problems`)
-RUN_WIDE = ("results_root", "rerun_failed", "dry_run", "report", "plugins", "ray", "verbose")
+RUN_WIDE = ("results_root", "rerun_failed", "dry_run", "report", "plugins", "ray", "verbose", "compact")
 T = TypeVar("T")
 
 
@@ -42,6 +42,9 @@ class ModelConfig:
     torch_dtype: str = "auto"
     revision: str | None = None
     gguf_file: str | None = None
+    # where the pristine copy restored before each job lives: "gpu", "cpu" (pinned host memory, restored
+    # by asynchronous copies), or "auto" (the GPU where the memory plan fits, else the host; pipeline.memplan)
+    snapshot: str = "auto"
 
 
 @dataclass
@@ -51,6 +54,18 @@ class CalibrationConfig:
     source: str | None = None  # corpus:train, a text file, file.jsonl:field, file.parquet:column
     n_samples: int = 128
     seq_len: int | None = None  # null: min(2048, the model's positions)
+    seed: int = 0
+
+
+@dataclass
+class SearchConfig:
+    """`quant.search`: the search allocator's settings (`pipeline.allocators.SearchSpec`)."""
+
+    steps: int = 100  # Adam steps on the per-layer logits
+    lr: float = 0.1
+    lam: float = 10.0  # weight of max(0, expected bits per parameter - target)
+    batch_size: int = 4  # calibration windows per step
+    temperature: float = 1.0  # Gumbel-softmax temperature
     seed: int = 0
 
 
@@ -70,18 +85,22 @@ class QuantConfig:
     params: dict[str, Any] = field(default_factory=dict)  # the method's own parameters
     calibration: CalibrationConfig = field(default_factory=CalibrationConfig)  # methods that calibrate
     # mixed precision (docs/ARCHITECTURE.md, "Mixed precision"): "uniform" (every layer the codes above)
-    # or "knapsack" (each linear layer one of `candidates`, e.g. [nf3-b64,nf4-b64,int8-b64,16-bit], within
-    # `target_bits` per quantized parameter, block constants included; needs quant.calibration)
+    # or knapsack / shiftadd / search (each linear layer one of `candidates`, e.g.
+    # [nf3-b64,nf4-b64,int8-b64,16-bit], within `target_bits` per quantized parameter, block constants
+    # included; needs quant.calibration). `sensitivity` scores layers for knapsack and shiftadd (hessian,
+    # measured, first_order); `search` sets the search allocator (steps, lr, lam, batch_size, ...)
     allocation: str = "uniform"
     target_bits: float | None = None
     candidates: list[str] = field(default_factory=list)
+    sensitivity: str = "hessian"
+    search: SearchConfig = field(default_factory=SearchConfig)
 
 
 @dataclass
 class RecoverConfig:
     """`recover`: adapters trained after quantization, base frozen (`pipeline.recovery.RecoverSpec`)."""
 
-    method: str = "none"  # none, lora, vblora
+    method: str = "none"  # none, lora, vblora, shears
     rank: int = 8
     steps: int = 100  # AdamW steps
     lr: float = 1e-3
@@ -92,6 +111,8 @@ class RecoverConfig:
     num_vectors: int = 256  # vblora: vectors in the shared bank
     vector_length: int = 64  # vblora: must divide every adapted layer's in and out features
     topk: int = 2  # vblora: bank vectors mixed per sub-vector
+    ranks: list[int] = field(default_factory=list)  # shears: elastic ranks, increasing, e.g. [4, 8, 16]
+    sparsity: float = 0.0  # SQFT: fraction of each quantized matrix pruned (Wanda) before quantization
 
 
 @dataclass
@@ -123,7 +144,8 @@ class EvalConfig:
     # or "auto": fast where the architecture packs, else hflm (the rows' `scorer` names the one used)
     scorer: str = "auto"
     # torch.compile the decoder blocks once per resident model: null (auto: on CUDA, except for lm-eval
-    # tasks scored by hflm), true, false. Not in the job key: it changes speed, not the numbers.
+    # tasks scored by hflm, and only where a worker runs enough jobs of the model to pay: dispatch.
+    # resolve_compile), true, false. Not in the job key: it changes speed, not the numbers.
     compile: bool | None = None
 
 
@@ -140,6 +162,7 @@ class RayConfig:
     num_gpus: int | None = None  # local cluster only; None: Ray's detection
     num_cpus: int | None = None  # local cluster only; None: Ray's detection
     workers_per_gpu: int = 1
+    gpus_per_worker: int = 1  # >1: one worker spans this many GPUs of a node, the model sharded over them
     cpus_per_worker: int = 1
     max_workers: int | None = None  # cap on worker actors; None: as many as the resources allow
     max_attempts: int = 3  # a job whose worker dies this many times is recorded as failed
@@ -162,6 +185,9 @@ class Config:
     report: bool = False  # write the analysis report of each study after the sweep (the demo does)
     plugins: list[str] = field(default_factory=list)  # modules imported by the driver and every worker
     verbose: bool = False  # workers' progress bars and lm-eval's notices (off: the driver's progress line)
+    # after the sweep, merge each study's per-job files into one part (pipeline/compact.py): "auto" (when
+    # more than 1000), "always" or "never"
+    compact: str = "auto"
 
 
 def register_configs() -> None:

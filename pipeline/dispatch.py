@@ -83,21 +83,26 @@ class WorkerPlan:
     count: int
     options: dict[str, Any]
     cpu_threads: int
+    gpus_per_worker: int = 1  # >1: each worker shards its model over this many GPUs
 
 
 def plan_workers(cfg: RayConfig, resources: dict[str, float], n_jobs: int) -> WorkerPlan:
-    """Worker actors for the cluster's resources: per GPU (fractional with workers_per_gpu) or per CPUs."""
+    """Worker actors for the cluster's resources: per GPU (fractional with workers_per_gpu), per
+    `gpus_per_worker` GPUs of one node (a sharded model), or per CPUs."""
     gpus, cpus = resources.get("GPU", 0.0), resources.get("CPU", 0.0)
-    if gpus > 0:
+    if gpus > 0 and cfg.gpus_per_worker > 1:
+        count = int(gpus // cfg.gpus_per_worker)
+        options: dict[str, Any] = {"num_gpus": cfg.gpus_per_worker, "num_cpus": 0}
+    elif gpus > 0:
         count = int(gpus * cfg.workers_per_gpu + 1e-9)
-        options: dict[str, Any] = {"num_gpus": 1.0 / cfg.workers_per_gpu, "num_cpus": 0}
+        options = {"num_gpus": 1.0 / cfg.workers_per_gpu, "num_cpus": 0}
     else:
         count = int(cpus // cfg.cpus_per_worker)
         options = {"num_gpus": 0, "num_cpus": cfg.cpus_per_worker}
     count = min(count, cfg.max_workers or count, max(n_jobs, 1))
     if count < 1:
         raise RuntimeError(f"the Ray cluster has no room for a worker (resources: {resources})")
-    return WorkerPlan(count, options, cfg.cpus_per_worker)
+    return WorkerPlan(count, options, cfg.cpus_per_worker, cfg.gpus_per_worker if gpus > 0 else 1)
 
 
 def connect(cfg: RayConfig) -> bool:
@@ -139,7 +144,32 @@ def start_workers(
     actor = ray.remote(worker_cls or ModelWorker).options(
         **plan.options, max_restarts=max_restarts, runtime_env={"env_vars": quiet}
     )
-    return [actor.remote(str(results_root), plan.cpu_threads, list(plugins)) for _ in range(plan.count)]
+    sharded = {"gpus_per_worker": plan.gpus_per_worker} if plan.gpus_per_worker > 1 else {}
+    args = (str(results_root), plan.cpu_threads, list(plugins))
+    return [actor.remote(*args, **sharded) for _ in range(plan.count)]
+
+
+def resolve_compile(jobs: Sequence[Job], n_workers: int) -> list[Job]:
+    """`eval.compile=null` (auto) decided per model from the jobs each worker will run on it (its
+    jobs / the workers, rounded up) by `evaluate.compile_pays`: where compiling does not pay, the
+    jobs go out with `compile=false`; where it does, null stays (the worker compiles on CUDA when the
+    scorer's shapes are planned; never on CPU). Explicit true/false are kept. Not in the job key."""
+    from pipeline.evals.evaluate import compile_pays
+
+    per_model: dict[Any, int] = {}
+    for job in jobs:
+        if job.evals.compile is None:
+            per_model[job.model] = per_model.get(job.model, 0) + 1
+    pays = {model: compile_pays(-(-count // max(n_workers, 1))) for model, count in per_model.items()}
+    for model, count in per_model.items():
+        log.info("eval.compile=auto for %s: %d job(s) on %d worker(s) -> %s", model.name_or_path, count,
+                 n_workers, "compile where the device allows" if pays[model] else "no compile")  # fmt: skip
+    return [
+        replace(job, evals=replace(job.evals, compile=False))
+        if job.evals.compile is None and not pays[job.model]
+        else job
+        for job in jobs
+    ]
 
 
 def run_on_ray(
@@ -160,6 +190,7 @@ def run_on_ray(
         one = replace(plan, count=1)
         workers = start_workers(plan, results_root, cfg.max_attempts, worker_cls, plugins)
         log.info("%d worker(s), each %s", len(workers), plan.options)
+        jobs = resolve_compile(jobs, len(workers))
         run_jobs(
             jobs, workers, progress, results_root, cfg.max_attempts, cfg.in_flight_per_worker,
             spawn=lambda: start_workers(one, results_root, cfg.max_attempts, worker_cls, plugins)[0],

@@ -45,6 +45,8 @@ from pipeline.specs import EvalSpec, ModelRef
 KEY_VERSION = 3
 # EvalSpec fields that change where inputs are read or how fast, not the numbers: kept out of the key
 EVAL_NOT_KEYED = frozenset({"data_root", "compile", "include_path"})
+# ModelRef fields that change where memory goes, not the numbers: kept out of the key
+MODEL_NOT_KEYED = frozenset({"snapshot"})
 
 
 @dataclass(frozen=True)
@@ -138,6 +140,8 @@ def _plain(spec: Any) -> dict[str, Any]:
     plain = dataclasses.asdict(spec)
     if isinstance(spec, EvalSpec):
         return {k: v for k, v in plain.items() if k not in EVAL_NOT_KEYED}
+    if isinstance(spec, ModelRef):
+        return {k: v for k, v in plain.items() if k not in MODEL_NOT_KEYED}
     return plain
 
 

@@ -15,6 +15,7 @@ raises one `ConfigError` listing all:
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
 import socket
 import tempfile
@@ -24,6 +25,7 @@ from typing import Any
 from urllib.parse import urlparse
 
 from pipeline.calibration import CalibrationSpec
+from pipeline.compact import compact_problems
 from pipeline.config import (
     Config,
     RayConfig,
@@ -34,10 +36,15 @@ from pipeline.config import (
     recover_spec,
     to_spec,
 )
+from pipeline.memplan import JobLoad
 from pipeline.recipe import BASELINE_BITS
 from pipeline.sweep import ConfigError
 
+log = logging.getLogger(__name__)
+
 RAY_PROBE_TIMEOUT_S = 5.0
+AT_LEAST_ONE: tuple[str, ...] = ("workers_per_gpu", "gpus_per_worker", "cpus_per_worker", "max_attempts")
+AT_LEAST_ONE += ("in_flight_per_worker",)
 GCS_PORT, CLIENT_PORT = 6379, 10001  # Ray's default ports: the head's GCS, the Ray Client server
 
 
@@ -77,8 +84,60 @@ def preflight(cells: Sequence[Config]) -> None:
             seen.add(f"study:{cell.study}")
             problems.update(dict.fromkeys(_check_study(cell)))
     problems.update(dict.fromkeys(ray_problems(cells[0].ray)))  # run-wide (`RUN_WIDE`): one value
+    problems.update(dict.fromkeys(compact_problems(cells[0].compact)))
+    problems.update(dict.fromkeys(memory_problems(cells, driver_gpu_capacity(cells[0].ray))))
     if problems:
         raise ConfigError(list(problems))
+
+
+def driver_gpu_capacity(ray: RayConfig) -> tuple[int, ...]:
+    """Bytes per GPU a worker will have: this machine's GPUs for a local cluster (total memory: no CUDA
+    context is created here); () for a remote cluster, whose GPUs the driver cannot see."""
+    from pipeline.memplan import gpu_capacity
+
+    return gpu_capacity() if ray.address is None and ray.num_gpus != 0 else ()
+
+
+def memory_problems(cells: Sequence[Config], capacity: Sequence[int]) -> list[str]:
+    """The memory plan of each distinct (model, job load) against `capacity` (logged as a table); a
+    message naming what to change for each that cannot fit (nothing is enforced without a capacity)."""
+    from pipeline.memplan import check_snapshot, fit_problem, model_shape, plan_memory
+
+    n_gpus = cells[0].ray.gpus_per_worker
+    problems: list[str] = []
+    seen: set[Any] = set()
+    for cell in cells:
+        model, load = cell.model, _cell_load(cell)
+        key = (model.name_or_path, model.torch_dtype, model.snapshot, load)
+        if key in seen:
+            continue
+        seen.add(key)
+        try:
+            check_snapshot(model.snapshot)
+        except ValueError as err:
+            problems.append(str(err))
+            continue
+        if n_gpus < 1:  # reported by `ray_problems`
+            continue
+        shape = model_shape(model.name_or_path, model.torch_dtype, bool(capacity))
+        if shape is None:  # a ladder not trained yet, or a model the model check refuses
+            continue
+        plan = plan_memory(shape, load, snapshot=model.snapshot, n_gpus=n_gpus, gpu_capacity=capacity)
+        log.info("%s", plan.table(model.name_or_path))
+        problem = fit_problem(plan, shape, load, f"model {model.name_or_path!r}")
+        problems.extend([problem] if problem else [])
+    return problems
+
+
+def _cell_load(cell: Config) -> JobLoad:
+    """The `JobLoad` of a cell (as `memplan.job_load` of its jobs)."""
+    from pipeline.memplan import TASK_SEQ_LEN
+
+    evals, rec = cell.eval, cell.recover
+    seq_len = max([p.context_length for p in evals.perplexity] + ([TASK_SEQ_LEN] if evals.tasks else [1]))
+    on = rec.method != "none" and cell.quant.bits != BASELINE_BITS
+    tokens = rec.batch_size * rec.seq_len if on else 0
+    return JobLoad(evals.batch_size, seq_len, cell.quant.method, rec.rank if on else 0, tokens)
 
 
 def _check_part(kind: str, cell: Config, train_root: Path | None) -> None:
@@ -188,7 +247,11 @@ def _check_recover(cell: Config) -> list[str]:
         return [str(err)]
     texts = [p.path for p in cell.eval.perplexity]
     positions = max_positions(cell.model.name_or_path)
-    return check_recover(spec, project_path(cell.eval.data_root), texts, positions)
+    mixed = []
+    if spec.sparsity and cell.quant.allocation != "uniform":  # the sparse bit count needs one k
+        allocation = cell.quant.allocation
+        mixed = [f"recover.sparsity={spec.sparsity} needs quant.allocation='uniform', got {allocation!r}"]
+    return mixed + check_recover(spec, project_path(cell.eval.data_root), texts, positions)
 
 
 def _check_study(cell: Config) -> list[str]:
@@ -224,13 +287,23 @@ def results_problems(root: Path, study: str, dry_run: bool) -> list[str]:
 def ray_problems(ray: RayConfig) -> list[str]:
     """A message per Ray setting out of range, and one for an address nothing answers at."""
     problems = []
-    for name in ("workers_per_gpu", "cpus_per_worker", "max_attempts", "in_flight_per_worker"):
+    for name in AT_LEAST_ONE:
         if getattr(ray, name) < 1:
             problems.append(f"ray.{name}={getattr(ray, name)}: must be >= 1")
     for name, least in (("num_cpus", 1), ("num_gpus", 0), ("max_workers", 1)):
         value = getattr(ray, name)
         if value is not None and value < least:
             problems.append(f"ray.{name}={value}: must be >= {least}, or null (Ray decides)")
+    if ray.gpus_per_worker > 1 and ray.workers_per_gpu > 1:
+        problems.append(
+            f"ray.gpus_per_worker={ray.gpus_per_worker} with ray.workers_per_gpu={ray.workers_per_gpu}: a "
+            "worker spans several GPUs or shares one, not both; set one of them to 1"
+        )
+    if ray.gpus_per_worker > 1 and ray.num_gpus is not None and ray.num_gpus < ray.gpus_per_worker:
+        problems.append(
+            f"ray.gpus_per_worker={ray.gpus_per_worker} but ray.num_gpus={ray.num_gpus}: a worker needs "
+            "that many GPUs of one node; lower gpus_per_worker or raise num_gpus"
+        )
     problem = address_problem(ray.address)
     return problems + ([problem] if problem else [])
 

@@ -5,9 +5,10 @@ exponent bits and centering of its codes (`kernels.QuantSpec`), the proxy-quanti
 fraction, the scope (embeddings, LM head) and the method's own parameters. It is validated at
 construction, so a bad value fails in pre-flight, naming the value and what is allowed.
 
-A mixed-precision recipe (`allocation="knapsack"`) gives each linear layer one of its `candidates`
-(code labels such as "nf3-b64", or "16-bit") within `target_bits` per quantized parameter; its own
-code fields are rewritten to its cheapest quantized candidate's, so one allocation is one job key.
+A mixed-precision recipe (`allocation` "knapsack", "shiftadd" or "search") gives each linear layer
+one of its `candidates` (code labels such as "nf3-b64", or "16-bit") within `target_bits` per quantized
+parameter; its own code fields are rewritten to its cheapest quantized candidate's, so one allocation is
+one job key.
 
 The 16-bit baseline has one spelling: `bits=16`. Whatever else a 16-bit recipe says, it is
 rewritten to `BASELINE` (method and dtype "none", nothing else set), so every 16-bit cell of a sweep
@@ -22,6 +23,7 @@ import json
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from pipeline.allocators import HESSIAN, SearchSpec
 from pipeline.calibration import CalibrationSpec
 
 if TYPE_CHECKING:
@@ -44,9 +46,13 @@ class Recipe:
         quantize_embeddings, quantize_lm_head: the scope beyond the linear layers.
         params: the method's own parameters as sorted (name, value) pairs, defaults filled in.
         calibration: the calibration text of a method (or allocation) that needs one; else always None.
-        allocation: "uniform" (every layer these codes) or "knapsack" (`pipeline.methods.allocation`).
+        allocation: "uniform" (every layer these codes), "knapsack", "shiftadd" or "search"
+            (`pipeline.methods.allocation`).
         target_bits: bits per quantized parameter, block constants included (knapsack; uniform: None).
         candidates: the code labels a layer may receive, canonical and cheapest first (uniform: empty).
+        sensitivity: the knapsack's and shiftadd's layer scores: "hessian", "measured", "first_order"
+            (`pipeline.methods.sensitivity`); "hessian" wherever it is unused.
+        search: the search allocator's settings (`SearchSpec`); None for every other allocation.
 
     Raises:
         KeyError: an unknown method or data type (with close matches).
@@ -67,6 +73,8 @@ class Recipe:
     allocation: str = UNIFORM
     target_bits: float | None = None
     candidates: tuple[str, ...] = ()
+    sensitivity: str = HESSIAN
+    search: SearchSpec | None = None
 
     def __post_init__(self) -> None:
         if self.allocation != UNIFORM:
@@ -77,6 +85,10 @@ class Recipe:
             check_allocation(self.allocation, None, ())
             object.__setattr__(self, "target_bits", None)
             object.__setattr__(self, "candidates", ())
+        if self.allocation in (UNIFORM, "search"):  # unused there: one key whatever a sweep set
+            object.__setattr__(self, "sensitivity", HESSIAN)
+        if self.allocation != "search":
+            object.__setattr__(self, "search", None)
         if self.bits == BASELINE_BITS:
             for name, value in _BASELINE_FIELDS.items():
                 object.__setattr__(self, name, value)
@@ -107,9 +119,13 @@ class Recipe:
 
     def _resolve_allocation(self) -> None:
         """Check the allocation fields, make them canonical, and take the cheapest candidate's codes."""
+        from pipeline.allocators import check_sensitivity
         from pipeline.methods.candidates import candidate_codes, check_allocation
 
         labels = check_allocation(self.allocation, self.target_bits, tuple(self.candidates))
+        check_sensitivity(self.sensitivity)
+        if self.allocation == "search" and self.search is None:
+            object.__setattr__(self, "search", SearchSpec())
         object.__setattr__(self, "candidates", labels)
         object.__setattr__(self, "target_bits", float(self.target_bits))  # type: ignore[arg-type]
         codes = next(c for c in map(candidate_codes, labels) if c is not None)
@@ -128,7 +144,15 @@ class Recipe:
         codes = candidate_codes(label)
         if codes is None:
             return BASELINE
-        return dataclasses.replace(self, allocation=UNIFORM, target_bits=None, candidates=(), **codes)
+        return dataclasses.replace(
+            self,
+            allocation=UNIFORM,
+            target_bits=None,
+            candidates=(),
+            sensitivity=HESSIAN,
+            search=None,
+            **codes,
+        )
 
     @classmethod
     def of(cls, spec: QuantSpec | None, method: str = "rtn", **fields: Any) -> Recipe:
@@ -166,6 +190,7 @@ class Recipe:
         if self.is_mixed:  # so analysis labels a mixed point apart from its cheapest candidate's
             changed.update(allocation=self.allocation, target_bits=self.target_bits)
             changed["candidates"] = ",".join(self.candidates)
+            changed.update(self._allocator_settings())
         return json.dumps(changed, sort_keys=True, separators=(",", ":"))
 
     @property
@@ -176,7 +201,8 @@ class Recipe:
         assert self.spec is not None
         parts = [] if self.method == "rtn" else [self.method]
         if self.is_mixed:
-            parts.append(f"{self.allocation}{self.target_bits:g}[{'+'.join(self.candidates)}]")
+            scored = "" if self.sensitivity == HESSIAN else f"-{self.sensitivity}"
+            parts.append(f"{self.allocation}{scored}{self.target_bits:g}[{'+'.join(self.candidates)}]")
         else:
             parts.append(self.spec.name)
         if self.outlier_fraction:
@@ -186,14 +212,27 @@ class Recipe:
 
     def plain(self) -> dict[str, Any]:
         """JSON-able fields (params as a dict): what the job key hashes. A uniform recipe leaves the
-        allocation fields out, so its key is the one it had before they existed."""
+        allocation fields out, so its key is the one it had before they existed; a mixed one leaves out
+        the default sensitivity and an absent search, so a knapsack key is the one it had before them."""
         plain = {**dataclasses.asdict(self), "params": dict(self.params)}
+        for name in ("sensitivity", "search"):
+            del plain[name]
         if not self.is_mixed:
             for name in _ALLOCATION_FIELDS:
                 del plain[name]
         else:
             plain["candidates"] = list(self.candidates)
+            plain.update(self._allocator_settings())
         return plain
+
+    def _allocator_settings(self) -> dict[str, Any]:
+        """The sensitivity unless the default, and the search settings of a search allocation."""
+        settings: dict[str, Any] = {}
+        if self.sensitivity != HESSIAN:
+            settings["sensitivity"] = self.sensitivity
+        if self.search is not None:
+            settings["search"] = dataclasses.asdict(self.search)
+        return settings
 
 
 _BASELINE_FIELDS: dict[str, Any] = {
@@ -210,6 +249,8 @@ _BASELINE_FIELDS: dict[str, Any] = {
     "allocation": UNIFORM,
     "target_bits": None,
     "candidates": (),
+    "sensitivity": HESSIAN,
+    "search": None,
 }
 _ALLOCATION_FIELDS = ("allocation", "target_bits", "candidates")
 BASELINE = Recipe(bits=BASELINE_BITS)

@@ -36,7 +36,7 @@ from pipeline.resultlayout import Shadow, by_precedence
 
 log = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 5
+SCHEMA_VERSION = 6
 SCHEMA_VERSION_KEY = b"kbitscale.schema_version"  # Parquet key-value metadata; absent: schema 1
 TMP_PREFIX = ".tmp-"
 STATUS_OK = "ok"
@@ -50,6 +50,7 @@ SCHEMA = pa.schema(
         ("model", pa.string()),  # name_or_path as given (hub id, local dir or ladder member)
         ("model_family", pa.string()),  # e.g. the ladder name or the HF model_type
         ("n_params", pa.int64()),
+        ("train_tokens", pa.int64()),  # a ladder member's training tokens; null for other models
         ("n_quantized_params", pa.int64()),
         ("n_kept_params", pa.int64()),
         ("dtype", pa.string()),  # quantization data type; "none" for the 16-bit baseline
@@ -157,6 +158,20 @@ def _window_setting(name: str) -> Callable[[FillInput], Any]:
     return lambda row: _perplexity_window(row).get(name)
 
 
+def _ladder_tokens(row: FillInput) -> int | None:
+    """A ladder member's training tokens where its label pins them: `ladder:<name>/<size>@<hash>` of a
+    registered ladder whose config hash still starts with <hash> (one member per size; no ladder kept
+    several before schema 6); null for other models and for retuned, reseeded or smoke ladders."""
+    from pipeline.ladders.configs import LADDER_PREFIX, LADDERS, config_hash
+
+    label = str((row.job.get("model") or {}).get("name_or_path") or "")
+    body, at, version = label.removeprefix(LADDER_PREFIX).rpartition("@")
+    config = LADDERS.get(body.partition("/")[0]) if label.startswith(LADDER_PREFIX) and at else None
+    if config is None or config.keep_tokens or not config_hash(config).startswith(version):
+        return None
+    return config.tokens
+
+
 def _scope(name: str) -> Callable[[FillInput], bool]:
     """model.<name> of the job (False where the job predates the field)."""
     return lambda row: bool((row.job.get("model") or {}).get(name, False))
@@ -183,6 +198,7 @@ ADDED_COLUMNS: dict[str, AddedColumn] = {
     "adapter_bits": AddedColumn(4, lambda row: 0),
     "recover_s": AddedColumn(4, lambda row: None),
     "allocation": AddedColumn(5, lambda row: None),  # every job before schema 5 was uniform
+    "train_tokens": AddedColumn(6, lambda row: _ladder_tokens(row)),
 }
 assert set(ADDED_COLUMNS) <= set(COLUMNS), "every added column is in SCHEMA"
 assert all(1 < c.since <= SCHEMA_VERSION for c in ADDED_COLUMNS.values()), "added in 2..SCHEMA_VERSION"

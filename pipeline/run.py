@@ -64,6 +64,7 @@ class Settings:
     report: bool = False
     plugins: tuple[str, ...] = ()
     verbose: bool = False
+    compact: str = "auto"  # `pipeline.compact.COMPACT_SETTINGS`: compact each study after the sweep
 
 
 @dataclass(frozen=True)
@@ -103,7 +104,7 @@ def resolve_models(ref: ModelRef, data_root: Path, train: bool = True) -> list[M
     return [
         ModelSource(
             ref=dataclasses.replace(ref, name_or_path=member.path),
-            label=ladder_label(member.family, member.size_name, Path(member.path)),
+            label=ladder_label(member.family, member.name, Path(member.path)),
             family=member.family,
         )
         for member in members
@@ -111,8 +112,9 @@ def resolve_models(ref: ModelRef, data_root: Path, train: bool = True) -> list[M
 
 
 def ladder_label(family: str, size_name: str, path: Path) -> str:
-    """E.g. "ladder:tiny/d32@570f1b5f": the ladder's config hash (its cache folder's suffix) keeps
-    members of a retuned ladder apart from the old ones in the same study."""
+    """E.g. "ladder:tiny/d32@570f1b5f" ("ladder:h100-tokens/d128@2490368@1cb7d2fa" for a kept token
+    count): the ladder's config hash (its cache folder's suffix) keeps members of a retuned ladder
+    apart from the old ones in the same study."""
     version = path.parent.name.rpartition("-")[2][:8]
     return f"{LADDER_PREFIX}{family}/{size_name}@{version}"
 
@@ -150,6 +152,7 @@ def plan_cells(cells: Sequence[Config]) -> Plan:
         first.report,
         tuple(first.plugins),
         first.verbose,
+        first.compact,
     )
     if settings.verbose:  # read by every worker (pipeline.evals.lmeval.verbose): set before Ray starts
         os.environ["KBIT_VERBOSE"] = "1"
@@ -223,9 +226,21 @@ def execute(plan: Plan, worker_cls: type | None = None) -> Progress:
                     run_on_ray(
                         to_run, settings.ray, settings.results_root, progress, worker_cls, settings.plugins
                     )
+                compact_studies(plan, settings)
         except KeyboardInterrupt as err:
             progress.interrupt(err)
     return progress
+
+
+def compact_studies(plan: Plan, settings: Settings) -> None:
+    """The end-of-sweep hook: each study of the plan compacted per `settings.compact`, under the
+    locks `execute` holds (`pipeline.compact.compact_after_sweep`)."""
+    from pipeline.compact import compact_after_sweep
+
+    for study in sorted({job.study for job in plan.to_run}):
+        done = compact_after_sweep(settings.results_root / study, settings.compact)
+        if done is not None and done.part is not None:
+            log.info("study %s: compacted %d job file(s) into %s", study, done.job_files, done.part.name)
 
 
 def describe_plan(plan: Plan) -> str:
@@ -238,7 +253,11 @@ def describe_plan(plan: Plan) -> str:
     for model, jobs in group_by_model(plan.jobs).items():
         bits = sorted({job.bits for job in jobs})
         lines.append(f"  {jobs[0].model_label or model.name_or_path}: {len(jobs)} jobs, bits {bits}")
-    return "\n".join(lines)
+    from pipeline.memplan import describe_jobs
+    from pipeline.preflight import driver_gpu_capacity
+
+    ray = plan.settings.ray
+    return "\n".join(lines + describe_jobs(plan.jobs, ray.gpus_per_worker, driver_gpu_capacity(ray)))
 
 
 def report_is_current(study_dir: Path) -> bool:

@@ -23,6 +23,8 @@ class ModelRef:
     torch_dtype: str = "auto"  # "auto": bfloat16 on CUDA, float32 on CPU
     revision: str | None = None
     gguf_file: str | None = None
+    # "auto" | "gpu" | "cpu": where the pristine copy lives (pipeline.snapshot); not in the job key
+    snapshot: str = "auto"
 
 
 @dataclass(frozen=True)

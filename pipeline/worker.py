@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.jobs import Job
+from pipeline.ladders.train import member_train_tokens
 from pipeline.recovery import RecoveryReport, with_adapter_bits
 from pipeline.results import STATUS_FAILED, STATUS_OK, write_job_rows
 from pipeline.specs import EvalSpec, MetricValue, ModelRef, QuantReport
@@ -72,6 +73,7 @@ def job_columns(
         "model": job.model_label or job.model.name_or_path,
         "model_family": family,
         "n_params": report.n_params if report else None,
+        "train_tokens": member_train_tokens(job.model.name_or_path),  # None unless a ladder member
         "n_quantized_params": report.n_quantized_params if report else None,
         "n_kept_params": report.n_kept_params if report else None,
         "method": recipe.method,
@@ -194,7 +196,9 @@ def use_compile_cache() -> Path:
 class ModelWorker:
     """Keeps one model resident and runs jobs on it (wrapped as a Ray actor by the driver)."""
 
-    def __init__(self, results_root: str, cpu_threads: int = 1, plugins: Sequence[str] = ()) -> None:
+    def __init__(
+        self, results_root: str, cpu_threads: int = 1, plugins: Sequence[str] = (), gpus_per_worker: int = 1
+    ) -> None:
         use_compile_cache()
         import torch
 
@@ -203,6 +207,7 @@ class ModelWorker:
         import_plugins(plugins)  # methods (or other records) the driver's config named
         self._results_root = Path(results_root)
         self._device = "cuda" if torch.cuda.is_available() else "cpu"
+        self._n_gpus = gpus_per_worker if self._device == "cuda" else 0  # >1: the model is sharded
         if self._device == "cpu":
             torch.set_num_threads(max(1, cpu_threads))
         name = torch.cuda.get_device_name() if self._device == "cuda" else f"cpu ({platform.machine()})"
@@ -271,17 +276,22 @@ class ModelWorker:
             return 0.0
         if job.model in self._load_errors:
             raise RuntimeError(f"model failed to load earlier on this worker: {self._load_errors[job.model]}")
-        from pipeline.models import load_model, snapshot_weights
+        from pipeline.memplan import job_load
+        from pipeline.models import load_model
+        from pipeline.models.shard import shard_budgets
+        from pipeline.snapshot import place_snapshot
 
         self._drop_model()
         start = time.perf_counter()
         log.info("job %s loading %s", job.key[:12], job.model.name_or_path)
         try:
-            self._model, self._tokenizer = load_model(job.model, self._device)
+            budgets = shard_budgets(self._n_gpus, job.model.snapshot)  # [] unless sharded over GPUs
+            self._model, self._tokenizer = load_model(job.model, self._device, budgets)
         except Exception as err:
             self._load_errors[job.model] = error_line(err)
             raise
-        self._snapshot = snapshot_weights(self._model)
+        self._snapshot = place_snapshot(self._model, job.model.snapshot, job_load(job), max(self._n_gpus, 1))
+        log.info("job %s pristine copy on the %s", job.key[:12], self._snapshot.where)
         self._ref = job.model
         self._family = job.model_family or getattr(self._model.config, "model_type", None)
         return self._sync_elapsed(start)
@@ -289,10 +299,10 @@ class ModelWorker:
     def _restore(self) -> float:
         if not self._dirty:
             return 0.0
-        from pipeline.models import restore_weights_
+        from pipeline.snapshot import restore_
 
         start = time.perf_counter()
-        restore_weights_(self._model, self._snapshot)
+        restore_(self._model, self._snapshot)
         self._dirty = False
         return self._sync_elapsed(start)
 
@@ -302,7 +312,15 @@ class ModelWorker:
         start = time.perf_counter()
         self._dirty = True  # even a quantization that raises half-way leaves modified weights
         tokens = self._calibration_tokens(job)
+        sparse = None
+        if job.recover.sparsity:  # SQFT: the base pruned before quantization (`pipeline.sparsity`)
+            from pipeline.sparsity import requantized_sparse_, sparsify_for_recovery_
+
+            data_root = Path(job.evals.data_root)
+            sparse = sparsify_for_recovery_(self._model, self._tokenizer, job.recipe, job.recover, data_root)
         report = quantize_model_(self._model, job.recipe, self._method_cache, tokens)
+        if sparse is not None:
+            report = requantized_sparse_(self._model, job.recipe, sparse, report)
         return report, self._sync_elapsed(start)
 
     @contextmanager

@@ -49,6 +49,19 @@ def scorer_problems(scorer: str, has_tasks: bool, model: str, model_type: str | 
     ]
 
 
+# The break-even of `eval.compile=null` (auto), measured on one H200 (docs/benchmarks.md, third
+# session, 410M-class model, FastScorer): compiling costs ~40 s once per model and worker (build + first
+# job 51.5 s compiled against 11.8 s eager) and saves ~0.14 s a job (0.455 s against 0.596 s), so it
+# pays from ~285 jobs a worker runs on one model.
+COMPILE_COST_S = 40.0
+COMPILE_SAVING_PER_JOB_S = 0.14
+
+
+def compile_pays(jobs_per_worker: int) -> bool:
+    """The break-even rule: jobs_per_worker x saving per job > the one-time compile cost."""
+    return jobs_per_worker * COMPILE_SAVING_PER_JOB_S > COMPILE_COST_S
+
+
 def should_compile(setting: bool | None, device_type: str, scorer: str, has_tasks: bool) -> bool:
     """`EvalSpec.compile` resolved: None (auto) compiles on CUDA when every forward has a planned
     shape (FastScorer's batches, perplexity windows): HFLM's batch widths vary batch by batch, and a

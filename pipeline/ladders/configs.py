@@ -14,12 +14,17 @@ from dataclasses import dataclass
 from typing import Literal
 
 from kernels.registry import unknown_name, unknown_name_message
+from pipeline.ladders.schedule import cooldown_start
 
 SCHEMA_VERSION = 1
 LADDER_PREFIX = "ladder:"  # sweeps name ladders `ladder:<name>[/<size>]`; results label members so
 ARCHITECTURES = ("llama",)
+SCHEDULES = ("cosine", "wsd")
 # Fields that do not change what is trained, so they stay out of the hash.
 _UNHASHED_FIELDS = ("log_every",)
+# Fields added after ladders were cached: hashed only when they differ from these defaults, so every
+# ladder that does not use them keeps its hash (and its cache folder and its results' job keys).
+_HASHED_UNLESS_DEFAULT = {"schedule": "cosine", "keep_tokens": [], "cooldown_frac": 0.2}
 
 
 @dataclass(frozen=True)
@@ -64,7 +69,7 @@ class LadderConfig:
     batch_size: int  # sequences per optimizer step
     steps: int  # optimizer steps per size
     lr: float  # peak learning rate (AdamW) of sizes that set none
-    warmup_steps: int  # linear warm-up, then cosine decay to lr * min_lr_ratio at `steps`
+    warmup_steps: int  # linear warm-up, then the schedule's decay to lr * min_lr_ratio
     min_lr_ratio: float = 0.1
     weight_decay: float = 0.1  # on matrices only; norms are not decayed
     grad_clip: float = 1.0
@@ -73,9 +78,15 @@ class LadderConfig:
     max_train_chars: int | None = None  # a fixed, evenly spread slice of the training text; None: all
     eval_tokens: int | None = None  # held-out tokens scored for the validation loss; None: all
     log_every: int = 50  # steps between progress lines
+    # "cosine": one member per size, cosine decay to `steps`. "wsd" (warmup-stable-decay): constant peak
+    # lr, and for each kept token count T a cool-down branch over its last cooldown_frac * T tokens.
+    schedule: Literal["cosine", "wsd"] = "cosine"
+    keep_tokens: tuple[int, ...] = ()  # wsd: token counts kept as members (whole steps; the largest = steps)
+    cooldown_frac: float = 0.2  # wsd: the fraction of each kept count spent decaying the lr
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "sizes", tuple(self.sizes))
+        object.__setattr__(self, "keep_tokens", tuple(self.keep_tokens))
         if not self.sizes:
             raise ValueError(f"ladder {self.name!r} has no sizes")
         names = [size.name for size in self.sizes]
@@ -94,6 +105,37 @@ class LadderConfig:
             value = getattr(self, field)
             if value is not None and value < self.seq_len:
                 raise ValueError(f"{field}={value} must be None or >= seq_len={self.seq_len}")
+        self._check_schedule()
+
+    def _check_schedule(self) -> None:
+        if self.schedule not in SCHEDULES:
+            raise ValueError(f"schedule {self.schedule!r} of ladder {self.name!r} is not one of {SCHEDULES}")
+        if self.schedule == "cosine":
+            if self.keep_tokens:
+                raise ValueError(
+                    f"keep_tokens of ladder {self.name!r} needs schedule='wsd' (a cosine "
+                    "decay to `steps` would confound the token count with the lr decay)"
+                )
+            return
+        if not 0 < self.cooldown_frac < 1:
+            raise ValueError(f"cooldown_frac must be in (0, 1), got {self.cooldown_frac}")
+        keep = self.keep_tokens
+        if not keep or list(keep) != sorted(set(keep)) or keep[0] < 1:
+            raise ValueError(f"keep_tokens of wsd ladder {self.name!r} must be positive and strictly "
+                             f"increasing, got {list(keep)}")  # fmt: skip
+        odd = [t for t in keep if t % self.tokens_per_step]
+        if odd:
+            raise ValueError(f"keep_tokens {odd} of ladder {self.name!r} are not whole steps of "
+                             f"{self.tokens_per_step} tokens (batch_size * seq_len)")  # fmt: skip
+        if keep[-1] != self.tokens:
+            raise ValueError(f"steps={self.steps} of wsd ladder {self.name!r} must be its largest kept count "
+                             f"({keep[-1]} tokens = {keep[-1] // self.tokens_per_step} steps)")  # fmt: skip
+        first_branch = cooldown_start(keep[0] // self.tokens_per_step, self.cooldown_frac)
+        if self.warmup_steps > first_branch:
+            raise ValueError(
+                f"warmup_steps={self.warmup_steps} of ladder {self.name!r} must end by the first "
+                f"cool-down, which starts at step {first_branch}"
+            )
 
     @property
     def tokens_per_step(self) -> int:
@@ -103,6 +145,11 @@ class LadderConfig:
     def tokens(self) -> int:
         """Training tokens every size sees."""
         return self.steps * self.tokens_per_step
+
+    @property
+    def keep_steps(self) -> tuple[int, ...]:
+        """Optimizer steps of each kept member (wsd); () for a cosine ladder (one member at `steps`)."""
+        return tuple(t // self.tokens_per_step for t in self.keep_tokens)
 
     def size(self, name_or_index: str) -> ModelSize:
         """A size by name or by index ("0" is the smallest); KeyError lists the known ones."""
@@ -120,7 +167,16 @@ class LadderConfig:
 
 def config_hash(config: LadderConfig) -> str:
     """12 hex digits of sha256 over the canonical JSON of everything that shapes training."""
-    fields = {k: v for k, v in dataclasses.asdict(config).items() if k not in _UNHASHED_FIELDS}
+    fields = {
+        k: list(v) if isinstance(v, tuple) else v
+        for k, v in dataclasses.asdict(config).items()
+        if k not in _UNHASHED_FIELDS
+    }
+    fields = {
+        k: v
+        for k, v in fields.items()
+        if not (k in _HASHED_UNLESS_DEFAULT and _HASHED_UNLESS_DEFAULT[k] == v)
+    }
     canonical = json.dumps({"schema": SCHEMA_VERSION, **fields}, sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(canonical.encode()).hexdigest()[:12]
 
@@ -134,6 +190,13 @@ def smoke_config(config: LadderConfig, max_steps: int) -> LadderConfig:
         raise ValueError(f"max_steps must be >= 1, got {max_steps}")
     steps = min(max_steps, config.steps)
     eval_tokens = min(config.eval_tokens or config.tokens_per_step, config.tokens_per_step)
+    if config.schedule == "wsd":  # the kept counts within the cap (or one member at the cap)
+        kept = [k for k in config.keep_steps if k <= steps] or [steps]
+        first_branch = cooldown_start(kept[0], config.cooldown_frac)
+        return dataclasses.replace(
+            config, steps=kept[-1], warmup_steps=min(config.warmup_steps, first_branch),
+            keep_tokens=tuple(k * config.tokens_per_step for k in kept), eval_tokens=eval_tokens,
+        )  # fmt: skip
     return dataclasses.replace(
         config, steps=steps, warmup_steps=min(config.warmup_steps, steps - 1), eval_tokens=eval_tokens
     )
@@ -150,8 +213,31 @@ def tuning_config(config: LadderConfig, *, lr: float | None = None, steps: int |
             config, lr=lr, sizes=tuple(dataclasses.replace(s, lr=None) for s in config.sizes)
         )
     if steps is not None:
+        if config.schedule == "wsd":
+            raise ValueError(
+                f"--steps does not apply to the wsd ladder {config.name!r}: its steps are its "
+                f"largest kept count ({config.steps}); use --max-steps for a smoke run"
+            )
         config = dataclasses.replace(config, steps=steps, warmup_steps=steps // 10)
     return config
+
+
+def geometric_tokens(first: int, last: int, count: int, tokens_per_step: int) -> tuple[int, ...]:
+    """`count` token counts geometric from `first` to `last`, each rounded to whole optimizer steps."""
+    if count < 2 or not 0 < first < last:
+        raise ValueError(f"need count >= 2 and 0 < first < last, got {count}, {first}, {last}")
+    ratio = (last / first) ** (1 / (count - 1))
+    return tuple(round(first * ratio**i / tokens_per_step) * tokens_per_step for i in range(count))
+
+
+def tokens_ladder(
+    base: LadderConfig, name: str, n_sizes: int, keep_tokens: tuple[int, ...], warmup_steps: int
+) -> LadderConfig:
+    """`base`'s smallest `n_sizes` sizes and settings on the wsd schedule, keeping `keep_tokens`."""
+    return dataclasses.replace(
+        base, name=name, sizes=base.sizes[:n_sizes], schedule="wsd", keep_tokens=keep_tokens,
+        steps=keep_tokens[-1] // base.tokens_per_step, warmup_steps=warmup_steps, cooldown_frac=0.2,
+    )  # fmt: skip
 
 
 def _size(name: str, d_model: int, n_layers: int, head_dim: int = 64, lr: float | None = None) -> ModelSize:
@@ -229,6 +315,17 @@ LADDERS: dict[str, LadderConfig] = {
         log_every=200,
     ),
 }
+
+
+# The training-token axis (issue 21): members kept along one wsd run per size. test-tokens keeps 20, 40
+# and 80 steps of `test` (10k-41k tokens) for tests. h100-tokens: the h100 ladder's four smallest sizes
+# at six counts geometric from 2.5M to 40M tokens (76..1,221 steps of 32,768 tokens); the corpus holds
+# ~7.6M training tokens, so the three largest counts repeat epochs (up to ~5.3 passes). Warm-up is 40
+# steps (1.3M tokens), not h100's 120, so that it ends before the first cool-down (step 61).
+LADDERS["test-tokens"] = tokens_ladder(LADDERS["test"], "test-tokens", 3, (10_240, 20_480, 40_960), 10)
+LADDERS["h100-tokens"] = tokens_ladder(
+    LADDERS["h100"], "h100-tokens", 4, geometric_tokens(2_500_000, 40_000_000, 6, 32_768), 40
+)
 
 
 def get_ladder(name: str) -> LadderConfig:

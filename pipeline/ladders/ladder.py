@@ -1,7 +1,9 @@
 """Pythia-style model ladders: trained once from the corpus, cached, and named by sweeps.
 
-A sweep names a ladder as `ladder:<name>` (every size) or `ladder:<name>/<size name or index>`, and
-`+seeds<N>` at the end (`ladder:h100+seeds3`) asks for N trainings of each size that differ only in
+A sweep names a ladder as `ladder:<name>` (every size) or `ladder:<name>/<size name or index>`; a wsd
+ladder keeps several members per size (`LadderConfig.keep_tokens`), which those names expand to, and
+`@<tokens>` (`ladder:h100-tokens/d128@2.5M`, or every size: `ladder:h100-tokens@2.5M`) names one kept
+count. `+seeds<N>` at the end (`ladder:h100+seeds3`) asks for N trainings of each size that differ only in
 their seed (seed, seed+1, ...: initialization and data order), so that seed-to-seed variance is
 measured; `resolve_ladder` turns a reference into checkpoint folders, training what is missing first.
 Layout (each seed is its own ladder folder: the seed is part of the config hash):
@@ -9,6 +11,7 @@ Layout (each seed is its own ladder folder: the seed is part of the config hash)
     $KBIT_CACHE/ladders/<name>-<config hash>/      (KBIT_CACHE defaults to ~/.cache/kbitscale)
         tokenizer/, train_ids.npy, heldout_ids.npy   shared by every size, made once
         <size name>/                                 save_pretrained + tokenizer + kbitscale_ladder.json
+        <size name>@<tokens>/                        the same, per kept count of a wsd ladder
 
 Each member is trained in a hidden temporary folder and renamed into place when complete, so a
 crash never leaves half a member, and a member whose folder exists is never trained again.
@@ -31,8 +34,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pipeline.fingerprint import cache_base
+from pipeline.ladders.branches import train_branches
 from pipeline.ladders.configs import (
-    LADDER_PREFIX,
     LADDERS,
     LadderConfig,
     ModelSize,
@@ -42,7 +45,26 @@ from pipeline.ladders.configs import (
     tuning_config,
 )
 from pipeline.ladders.corpus import corpus_files
-from pipeline.ladders.train import CACHED_ARRAYS, METADATA_FILE, MemberMetadata, prepare_data, train_member
+from pipeline.ladders.refs import (  # noqa: F401  (re-exported: callers import them from here)
+    SEEDS_SUFFIX,
+    MemberKey,
+    format_tokens,
+    is_ladder_ref,
+    parse_ladder_ref,
+    parse_member_ref,
+    parse_seeded_members,
+    parse_seeded_ref,
+    seed_configs,
+    split_seeds,
+)
+from pipeline.ladders.train import (
+    CACHED_ARRAYS,
+    METADATA_FILE,
+    LadderData,
+    MemberMetadata,
+    prepare_data,
+    train_member,
+)
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +83,11 @@ class LadderMember:
     tokens_seen: int
     val_loss: float  # mean next-token loss (nats) on the corpus's held-out split
 
+    @property
+    def name(self) -> str:
+        """The member's name in its ladder (its folder): the size, plus `@<tokens>` for a kept count."""
+        return Path(self.path).name
+
 
 def default_data_root() -> str:
     """`$KBIT_DATA_ROOT`, else `../shared/data` (relative to the working directory)."""
@@ -75,54 +102,6 @@ def cache_root(cache: str | Path | None = None) -> Path:
 def ladder_dir(config: LadderConfig, cache: str | Path | None = None) -> Path:
     """The folder of ladder `config` (its name and config hash)."""
     return cache_root(cache) / f"{config.name}-{config_hash(config)}"
-
-
-def is_ladder_ref(name_or_path: str) -> bool:
-    """Whether a model name is a ladder reference (`ladder:<name>` or `ladder:<name>/<size>`)."""
-    return name_or_path.startswith(LADDER_PREFIX)
-
-
-SEEDS_SUFFIX = "+seeds"
-
-
-def split_seeds(ref: str) -> tuple[str, int]:
-    """(`ladder:<name>[/<size>]`, N) of a reference with an optional `+seeds<N>` suffix (N = 1 without).
-
-    Raises:
-        ValueError: a suffix that is not `+seeds` and an integer >= 1.
-    """
-    base, sep, count = ref.partition(SEEDS_SUFFIX)
-    if not sep:
-        return ref, 1
-    if not count.isdigit() or int(count) < 1:
-        raise ValueError(f"{ref!r}: the seeds suffix must be '{SEEDS_SUFFIX}<N>' with N >= 1, e.g. "
-                         f"'{base}{SEEDS_SUFFIX}3'")  # fmt: skip
-    return base, int(count)
-
-
-def seed_configs(config: LadderConfig, n_seeds: int) -> list[LadderConfig]:
-    """The ladder and its N − 1 reseeded twins (seed + 1, seed + 2, ...); the first is `config` itself,
-    so `+seeds1` and no suffix name the same members."""
-    return [config] + [dataclasses.replace(config, seed=config.seed + k) for k in range(1, n_seeds)]
-
-
-def parse_ladder_ref(ref: str) -> tuple[LadderConfig, tuple[ModelSize, ...]]:
-    """(ladder, the sizes named) of `ladder:<name>[/<size>]` (a `+seeds<N>` suffix is checked and set
-    aside: `parse_seeded_ref` gives every seed); KeyError lists known ladders or sizes."""
-    if not is_ladder_ref(ref):
-        raise ValueError(
-            f"{ref!r} is not a ladder reference; expected '{LADDER_PREFIX}<name>[/<size>][{SEEDS_SUFFIX}<N>]'"
-        )
-    ref, _ = split_seeds(ref)
-    name, _, size = ref.removeprefix(LADDER_PREFIX).partition("/")
-    config = get_ladder(name)
-    return config, (config.size(size),) if "/" in ref else config.sizes
-
-
-def parse_seeded_ref(ref: str) -> list[tuple[LadderConfig, tuple[ModelSize, ...]]]:
-    """(ladder of each seed, the sizes named) of `ladder:<name>[/<size>][+seeds<N>]`."""
-    config, sizes = parse_ladder_ref(ref)
-    return [(seeded, sizes) for seeded in seed_configs(config, split_seeds(ref)[1])]
 
 
 def member_from_folder(folder: Path) -> LadderMember:
@@ -169,9 +148,10 @@ def train_ladder(
     force: bool = False,
     cache: str | Path | None = None,
 ) -> list[LadderMember]:
-    """Train the missing `sizes` (default: all) of `config` and return them, smallest first.
+    """Train the missing members of `sizes` (default: all) of `config` and return them, smallest first
+    (a wsd ladder's members of a size by token count).
 
-    The ladder's data is prepared under a lock on the ladder; each member trains under its own
+    The ladder's data is prepared under a lock on the ladder; each size trains under its own
     lock, so processes given different sizes (one per GPU) train them at the same time.
 
     Args:
@@ -181,67 +161,101 @@ def train_ladder(
         force: retrain these sizes and re-tokenize, replacing what the cache holds.
         cache: the cache base folder (default `$KBIT_CACHE` or ~/.cache/kbitscale).
     """
+    counts = config.keep_tokens or (None,)
+    keys = [MemberKey(size, t) for size in (sizes if sizes is not None else config.sizes) for t in counts]
+    return train_members(config, data_root, keys, force=force, cache=cache)
+
+
+def train_members(
+    config: LadderConfig,
+    data_root: str | Path,
+    keys: Sequence[MemberKey],
+    *,
+    force: bool = False,
+    cache: str | Path | None = None,
+) -> list[LadderMember]:
+    """Train the missing members `keys` of `config` (see `train_ladder`) and return them in order."""
     folder = ladder_dir(config, cache)
-    wanted = tuple(sizes) if sizes is not None else config.sizes
     with _locked(folder):
         # prepare_data's temporaries and trash of the shared data (written only under this lock)
         _clean_stale(folder, ".*.tmp", *(f".trash-{path}-*" for path in ("tokenizer", *CACHED_ARRAYS)))
         if force:
-            for path in ("tokenizer", *CACHED_ARRAYS, *(s.name for s in wanted)):
+            for path in ("tokenizer", *CACHED_ARRAYS, *(key.folder for key in keys)):
                 _remove(folder / path)
-        missing = [size for size in wanted if not (folder / size.name / METADATA_FILE).is_file()]
+        missing = missing_members(config, keys, cache)
         if missing:
             log.info(
-                "ladder %s: training %s into %s", config.name, ", ".join(s.name for s in missing), folder
+                "ladder %s: training %s into %s", config.name, ", ".join(k.folder for k in missing), folder
             )
             data = prepare_data(config, data_root, folder)
-    for size in missing:
+    for size in dict.fromkeys(key.size for key in missing):
         with _locked(folder, size.name):
-            if (folder / size.name / METADATA_FILE).is_file():  # another process trained it meanwhile
-                continue
-            _clean_stale(folder, f".tmp-{size.name}-*", f".trash-{size.name}-*")
-            tmp = folder / f".tmp-{size.name}-{os.getpid()}"
-            tmp.mkdir()
-            train_member(config, size, data, tmp)
-            _remove(folder / size.name)  # a folder without metadata is an incomplete member
-            os.replace(tmp, folder / size.name)
-    return [member_from_folder(folder / size.name) for size in wanted]
+            # another process may have trained some meanwhile
+            todo = missing_members(config, [key for key in missing if key.size == size], cache)
+            if todo:
+                _train_size(config, size, data, folder, todo)
+    return [member_from_folder(folder / key.folder) for key in keys]
+
+
+def _train_size(
+    config: LadderConfig, size: ModelSize, data: LadderData, folder: Path, keys: Sequence[MemberKey]
+) -> None:
+    """Train `keys` (members of `size`) in hidden temporary folders, then rename each into place."""
+    _clean_stale(folder, f".tmp-{size.name}[-@]*", f".trash-{size.name}[-@]*")
+    tmps = {key.folder: folder / f".tmp-{key.folder}-{os.getpid()}" for key in keys}
+    for tmp in tmps.values():
+        tmp.mkdir()
+    if config.schedule == "wsd":
+        train_branches(
+            config, size, data, {t: tmps[k.folder] for k in keys if (t := k.train_tokens) is not None}
+        )
+    else:
+        train_member(config, size, data, tmps[size.name])
+    for name, tmp in tmps.items():
+        _remove(folder / name)  # a folder without metadata is an incomplete member
+        os.replace(tmp, folder / name)
+
+
+def missing_members(
+    config: LadderConfig, keys: Sequence[MemberKey], cache: str | Path | None = None
+) -> list[MemberKey]:
+    """The members `keys` of `config` not trained yet in the cache."""
+    folder = ladder_dir(config, cache)
+    return [key for key in keys if not (folder / key.folder / METADATA_FILE).is_file()]
 
 
 def missing_sizes(
     config: LadderConfig, sizes: Sequence[ModelSize], cache: str | Path | None = None
 ) -> list[ModelSize]:
-    """The `sizes` of `config` not trained yet in the cache."""
-    folder = ladder_dir(config, cache)
-    return [size for size in sizes if not (folder / size.name / METADATA_FILE).is_file()]
+    """The `sizes` of `config` with a member not trained yet in the cache."""
+    keys = [MemberKey(size, t) for size in sizes for t in config.keep_tokens or (None,)]
+    return list(dict.fromkeys(key.size for key in missing_members(config, keys, cache)))
 
 
 def check_ladder_data(name_or_path: str, data_root: str | Path, cache: str | Path | None = None) -> None:
     """Raise FileNotFoundError if the ladder reference names members not trained yet and `data_root`
-    holds no corpus to train them from (KeyError: an unknown ladder or size)."""
+    holds no corpus to train them from (KeyError: an unknown ladder or size; ValueError: a bad `@`)."""
     missing = [
-        size
-        for config, sizes in parse_seeded_ref(name_or_path)
-        for size in missing_sizes(config, sizes, cache)
+        key
+        for config, keys in parse_seeded_members(name_or_path)
+        for key in missing_members(config, keys, cache)
     ]
     if missing:
         try:
             corpus_files(data_root)
         except FileNotFoundError as err:
-            names = ", ".join(size.name for size in missing)
+            names = ", ".join(key.folder for key in missing)
             message = f"{name_or_path}: {names} not trained yet, and no corpus to train them from ({err})"
             raise FileNotFoundError(message) from err
 
 
 def cached_ladder(name_or_path: str, cache: str | Path | None = None) -> list[LadderMember] | None:
     """The members a ladder reference names if every one is already trained, else None (trains nothing)."""
-    seeded = parse_seeded_ref(name_or_path)
-    if any(missing_sizes(config, sizes, cache) for config, sizes in seeded):
+    seeded = parse_seeded_members(name_or_path)
+    if any(missing_members(config, keys, cache) for config, keys in seeded):
         return None
     return [
-        member_from_folder(ladder_dir(config, cache) / size.name)
-        for config, sizes in seeded
-        for size in sizes
+        member_from_folder(ladder_dir(config, cache) / key.folder) for config, keys in seeded for key in keys
     ]
 
 
@@ -252,19 +266,20 @@ def resolve_ladder(
 
     Args:
         name_or_path: `ladder:<name>` (every size) or `ladder:<name>/<size name or index>`, optionally
-            with `+seeds<N>` (every seed's members, seed by seed).
+            `@<tokens>` (one kept count of a wsd ladder; without it, every kept count) and
+            `+seeds<N>` (every seed's members, seed by seed).
         data_root: folder holding `corpus/`; default `$KBIT_DATA_ROOT` or ../shared/data.
         cache: the cache base folder (default `$KBIT_CACHE` or ~/.cache/kbitscale).
 
     Raises:
         KeyError: unknown ladder or size (the message lists the known ones).
-        ValueError: `name_or_path` is not a ladder reference.
+        ValueError: `name_or_path` is not a ladder reference, or names a count the ladder does not keep.
     """
     root = data_root or default_data_root()
     return [
         member
-        for config, sizes in parse_seeded_ref(name_or_path)
-        for member in train_ladder(config, root, sizes, cache=cache)
+        for config, keys in parse_seeded_members(name_or_path)
+        for member in train_members(config, root, keys, cache=cache)
     ]
 
 
@@ -300,6 +315,9 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 def _describe(config: LadderConfig) -> str:
     sizes = ", ".join(f"{s.name} ({s.non_embedding_params / 1e6:.2f}M)" for s in config.sizes)
+    if config.keep_tokens:
+        kept = ", ".join(format_tokens(t) for t in config.keep_tokens)
+        return f"{config.name}: wsd, members kept at {kept} tokens per size; sizes {sizes}"
     return f"{config.name}: {config.tokens / 1e6:.1f}M tokens per size; sizes {sizes}"
 
 
@@ -331,7 +349,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     ]
     print(f"{'size':<8} {'params':>12} {'non-emb':>12} {'tokens':>12} {'val loss':>9}  path")
     for m in members:
-        print(f"{m.size_name:<8} {m.n_params:>12,} {m.non_embedding_params:>12,} {m.tokens_seen:>12,} "
+        print(f"{m.name:<8} {m.n_params:>12,} {m.non_embedding_params:>12,} {m.tokens_seen:>12,} "
               f"{m.val_loss:>9.4f}  {m.path}")  # fmt: skip
     return 0
 

@@ -9,13 +9,14 @@ permutation of training windows feeds every size.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
-import math
 import os
 import shutil
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -23,6 +24,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from pipeline.ladders.configs import LadderConfig, ModelSize, config_hash
+from pipeline.ladders.schedule import cosine_lr, wsd_lr
 
 if TYPE_CHECKING:
     import torch
@@ -62,6 +64,9 @@ class MemberMetadata:
     device: str
     size: dict[str, int | str]
     config: dict[str, object]
+    train_tokens: int | None = None  # tokens this member was trained on (None in folders before issue 21)
+    branch: bool = False  # a wsd cool-down branch of the size's stable run
+    cooldown_start_step: int | None = None  # the step a branch left the stable run at
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), indent=2, sort_keys=True)
@@ -69,6 +74,15 @@ class MemberMetadata:
     @classmethod
     def read(cls, folder: Path) -> MemberMetadata:
         return cls(**json.loads((folder / METADATA_FILE).read_text()))
+
+
+def member_train_tokens(name_or_path: str) -> int | None:
+    """The training tokens of the ladder member in folder `name_or_path` (None: not a ladder member)."""
+    folder = Path(name_or_path)
+    if not (folder / METADATA_FILE).is_file():
+        return None
+    meta = MemberMetadata.read(folder)
+    return meta.tokens_seen if meta.train_tokens is None else meta.train_tokens
 
 
 def chunk_text(text: str, max_chars: int | None, n_chunks: int = N_TEXT_CHUNKS) -> list[str]:
@@ -160,17 +174,17 @@ def count_params(model: PreTrainedModel) -> tuple[int, int]:
     return total, total - sum(p.numel() for p in params if id(p) in embedding)
 
 
-def lr_at(step: int, config: LadderConfig, peak: float | None = None) -> float:
-    """Linear warm-up over `warmup_steps`, then cosine decay to `peak * min_lr_ratio` at `steps`.
+def lr_at(step: int, config: LadderConfig, peak: float | None = None, keep_steps: int | None = None) -> float:
+    """The ladder's learning rate at 0-based `step` (`pipeline.ladders.schedule`).
 
+    Cosine: warm-up over `warmup_steps`, then cosine decay to `peak * min_lr_ratio` at `steps`. WSD:
+    warm-up, then `peak` on the stable run, or the cool-down of the branch kept at `keep_steps`.
     `peak` defaults to the ladder's `lr`; a size may set its own (`ModelSize.lr`).
     """
     peak = config.lr if peak is None else peak
-    if step < config.warmup_steps:
-        return peak * (step + 1) / config.warmup_steps
-    progress = (step - config.warmup_steps) / max(1, config.steps - config.warmup_steps)
-    floor = peak * config.min_lr_ratio
-    return floor + (peak - floor) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+    if config.schedule == "wsd":
+        return wsd_lr(step, config.warmup_steps, peak, config.min_lr_ratio, keep_steps, config.cooldown_frac)
+    return cosine_lr(step, config.warmup_steps, config.steps, peak, config.min_lr_ratio)
 
 
 def window_order(n_steps: int, batch_size: int, n_windows: int, seed: int) -> np.ndarray:
@@ -220,7 +234,10 @@ def evaluate_loss(model: LlamaForCausalLM, ids: np.ndarray, config: LadderConfig
     return total / len(rows), len(rows) * (config.seq_len - 1)
 
 
-def _optimizer(model: torch.nn.Module, config: LadderConfig, device: torch.device) -> torch.optim.Optimizer:
+def make_optimizer(
+    model: torch.nn.Module, config: LadderConfig, device: torch.device
+) -> torch.optim.Optimizer:
+    """AdamW (betas 0.9, 0.95) with weight decay on matrices only; `run_steps` sets its lr each step."""
     import torch
 
     decay = [p for p in model.parameters() if p.dim() >= 2]
@@ -233,17 +250,23 @@ def _optimizer(model: torch.nn.Module, config: LadderConfig, device: torch.devic
 
 
 def _log_progress(
-    label: str, step: int, config: LadderConfig, loss: float, lr: float, times: tuple[float, float, int]
+    label: str,
+    step: int,
+    steps: range,
+    config: LadderConfig,
+    loss: float,
+    lr: float,
+    times: tuple[float, float, int],
 ) -> None:
     import torch
 
     start, last, last_step = times
     now = time.perf_counter()
     tokens_per_s = (step + 1 - last_step) * config.tokens_per_step / max(now - last, 1e-9)
-    eta_s = (now - start) / (step + 1) * (config.steps - step - 1)
+    eta_s = (now - start) / (step + 1 - steps.start) * (steps.stop - step - 1)
     log.info(
         "%s step %d/%d loss %.3f lr %.2e %.0f tok/s ETA %dm%02ds (%d threads)",
-        label, step + 1, config.steps, loss, lr, tokens_per_s, eta_s // 60, eta_s % 60,
+        label, step + 1, steps.stop, loss, lr, tokens_per_s, eta_s // 60, eta_s % 60,
         torch.get_num_threads(),
     )  # fmt: skip
 
@@ -273,20 +296,45 @@ def train_loop(
     model: LlamaForCausalLM, train_ids: np.ndarray, config: LadderConfig, label: str, peak_lr: float
 ) -> float:
     """Train `model` in place for `config.steps` steps; returns the mean loss of the last 10% of steps."""
-    import torch
-
     device = next(model.parameters()).device
+    order = window_order(
+        config.steps, config.batch_size, check_windows(train_ids, config, label), config.seed
+    )
+    optimizer = make_optimizer(model, config, device)
+    losses = run_steps(model, optimizer, train_ids, order, config, range(config.steps), label,
+                       lambda step: lr_at(step, config, peak_lr))  # fmt: skip
+    return float(np.mean(losses[-max(1, config.steps // 10) :]))
+
+
+def check_windows(train_ids: np.ndarray, config: LadderConfig, label: str) -> int:
+    """The number of training windows of `seq_len` tokens; ValueError when they do not fill a batch."""
     n_windows = len(train_ids) // config.seq_len
     if n_windows < config.batch_size:
         raise ValueError(f"{label}: {len(train_ids)} training tokens do not fill one batch")
-    order = window_order(config.steps, config.batch_size, n_windows, config.seed)
-    optimizer = _optimizer(model, config, device)
-    tail, recent = max(1, config.steps // 10), []
+    return n_windows
+
+
+def run_steps(
+    model: LlamaForCausalLM,
+    optimizer: torch.optim.Optimizer,
+    train_ids: np.ndarray,
+    order: np.ndarray,
+    config: LadderConfig,
+    steps: range,
+    label: str,
+    lr_of: Callable[[int], float],
+) -> list[float]:
+    """Train `model` in place over the (0-based, global) `steps`, step s on the windows of `order`'s
+    s-th batch at rate `lr_of(s)`; returns each step's training loss."""
+    import torch
+
+    device = next(model.parameters()).device
+    losses: list[torch.Tensor] = []  # detached: no device sync per step
     start = last = time.perf_counter()
-    last_step = 0
-    for step in range(config.steps):
+    last_step = steps.start
+    for step in steps:
         for group in optimizer.param_groups:
-            group["lr"] = lr_at(step, config, peak_lr)
+            group["lr"] = lr_of(step)
         rows = order[step * config.batch_size : (step + 1) * config.batch_size]
         batch = _windows(train_ids, config.seq_len, rows).to(device, non_blocking=True)
         with _autocast(device):
@@ -295,22 +343,21 @@ def train_loop(
         torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        if step >= config.steps - tail:
-            recent.append(loss.item())
-        if (step + 1) % config.log_every == 0 or step + 1 == config.steps:
-            lr = lr_at(step, config, peak_lr)
-            _log_progress(label, step, config, loss.item(), lr, (start, last, last_step))
+        losses.append(loss.detach())
+        if (step + 1) % config.log_every == 0 or step + 1 == steps.stop:
+            _log_progress(label, step, steps, config, loss.item(), lr_of(step), (start, last, last_step))
             if device.type == "cpu":
                 torch.set_num_threads(cpu_threads(torch.get_num_threads()))
             last, last_step = time.perf_counter(), step + 1
-    return float(np.mean(recent))
+    return [loss.item() for loss in losses]
 
 
-def train_member(config: LadderConfig, size: ModelSize, data: LadderData, out_dir: Path) -> MemberMetadata:
-    """Train size `size` of `config` and save it (model, tokenizer, metadata) into `out_dir`."""
+@contextlib.contextmanager
+def training_device() -> Iterator[torch.device]:
+    """The device to train on (CUDA when present, with TF32); on a CPU, the threads idle cores allow,
+    restored afterwards."""
     import torch
 
-    label = f"{config.name}/{size.name}"
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     threads = torch.get_num_threads()
     if device.type == "cpu":
@@ -318,6 +365,46 @@ def train_member(config: LadderConfig, size: ModelSize, data: LadderData, out_di
     else:
         torch.backends.cuda.matmul.allow_tf32 = True
     try:
+        yield device
+    finally:
+        torch.set_num_threads(threads)
+
+
+def member_metadata(
+    config: LadderConfig,
+    size: ModelSize,
+    model: LlamaForCausalLM,
+    steps: int,
+    losses: tuple[float, float, int],
+    wall_s: float,
+    device: torch.device,
+    cooldown_start_step: int | None = None,
+) -> MemberMetadata:
+    """The metadata of a member of `size` trained `steps` steps; `losses`: (final train loss, validation
+    loss, validation tokens); `cooldown_start_step`: where a wsd branch left the stable run."""
+    n_params, non_embedding = count_params(model)
+    tokens = steps * config.tokens_per_step
+    return MemberMetadata(
+        ladder=config.name, size_name=size.name, config_hash=config_hash(config), n_params=n_params,
+        non_embedding_params=non_embedding, tokens_seen=tokens, steps=steps, final_train_loss=losses[0],
+        val_loss=losses[1], val_tokens=losses[2], wall_s=round(wall_s, 2), device=str(device),
+        size=dataclasses.asdict(size), config=dataclasses.asdict(config), train_tokens=tokens,
+        branch=cooldown_start_step is not None, cooldown_start_step=cooldown_start_step,
+    )  # fmt: skip
+
+
+def save_member(model: LlamaForCausalLM, data: LadderData, metadata: MemberMetadata, out_dir: Path) -> None:
+    """Write `model` (moved to the CPU), the tokenizer and the metadata into `out_dir`."""
+    model.to("cpu")  # type: ignore[arg-type]
+    model.save_pretrained(out_dir)
+    data.tokenizer.save_pretrained(out_dir)
+    (out_dir / METADATA_FILE).write_text(metadata.to_json())
+
+
+def train_member(config: LadderConfig, size: ModelSize, data: LadderData, out_dir: Path) -> MemberMetadata:
+    """Train size `size` of `config` and save it (model, tokenizer, metadata) into `out_dir`."""
+    label = f"{config.name}/{size.name}"
+    with training_device() as device:
         start = time.perf_counter()
         model = build_model(config, size, data.tokenizer)
         model.to(device)  # type: ignore[arg-type]  # in place; transformers types .to oddly
@@ -327,17 +414,9 @@ def train_member(config: LadderConfig, size: ModelSize, data: LadderData, out_di
         train_loss = train_loop(model, data.train_ids, config, label, size.lr or config.lr)
         val_loss, val_tokens = evaluate_loss(model, data.heldout_ids, config)
         wall_s = time.perf_counter() - start
-    finally:
-        torch.set_num_threads(threads)
     log.info("%s: validation loss %.4f (train %.4f) after %.1f s", label, val_loss, train_loss, wall_s)
-    metadata = MemberMetadata(
-        ladder=config.name, size_name=size.name, config_hash=config_hash(config), n_params=n_params,
-        non_embedding_params=non_embedding, tokens_seen=config.tokens, steps=config.steps,
-        final_train_loss=train_loss, val_loss=val_loss, val_tokens=val_tokens, wall_s=round(wall_s, 2),
-        device=str(device), size=dataclasses.asdict(size), config=dataclasses.asdict(config),
-    )  # fmt: skip
-    model.to("cpu")  # type: ignore[arg-type]
-    model.save_pretrained(out_dir)
-    data.tokenizer.save_pretrained(out_dir)
-    (out_dir / METADATA_FILE).write_text(metadata.to_json())
+    metadata = member_metadata(
+        config, size, model, config.steps, (train_loss, val_loss, val_tokens), wall_s, device
+    )
+    save_member(model, data, metadata, out_dir)
     return metadata

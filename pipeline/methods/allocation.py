@@ -1,6 +1,7 @@
 """Mixed precision under an exact bit budget: each linear layer one candidate recipe (`quant.allocation`).
 
-`quantize_allocated_` serves a recipe with `allocation="knapsack"`:
+`quantize_allocated_` serves a recipe with `allocation` "knapsack", "shiftadd" or "search" (the search:
+`pipeline.methods.search` replaces steps 2-3). Knapsack and shiftadd:
 
 1. Costs: a layer's exact storage bits under each candidate, from the method's `weight_bits` (the
    function `count_bits` uses), kept proxy columns included; the 16-bit candidate costs 16 a value.
@@ -9,12 +10,16 @@
    model and Ŵ the candidate's round-to-nearest codes (whatever the method: cheap, and it ranks
    layers). Computed once per (weights, candidates, outlier fraction, calibration) and kept in the
    worker's per-model cache beside the Hessians, which later gptq jobs of the model reuse.
+   `quant.sensitivity=measured|first_order` scores by the calibration loss instead
+   (`pipeline.methods.sensitivity`), cached the same way.
 3. Solve: `kernels.knapsack.solve_knapsack` minimizes summed sensitivity with summed bits at most
-   floor(target_bits x the parameters in scope).
+   floor(target_bits x the parameters in scope); shiftadd: `shiftadd_choice` (ShiftAddLLM's fixed
+   fractions by rank), repaired to the budget.
 4. Quantize: the layers of each candidate with the recipe's method, one call per candidate.
 
-The report's `allocation` is compact JSON: the allocator, target, candidates, the solver's unit and gap,
-and layer -> candidate.
+The report's `allocation` is compact JSON: the allocator, target, candidates, budget and exact bits,
+layer -> candidate, and the allocator's details (knapsack: unit and gap; shiftadd: fractions; search:
+seconds, steps, first and last loss).
 """
 
 from __future__ import annotations
@@ -35,7 +40,6 @@ from pipeline.methods.registry import METHODS, QuantizeRequest
 if TYPE_CHECKING:
     from torch import nn
 
-    from kernels.knapsack import Allocation
     from pipeline.recipe import Recipe
     from pipeline.specs import QuantReport
 
@@ -46,11 +50,16 @@ SENSITIVITY_KEY = "allocation-sensitivities"
 
 @dataclass(frozen=True)
 class LayerChoice:
-    """The allocation of one model: layer name -> candidate label, and how it was solved."""
+    """The allocation of one model: layer name -> candidate label, its exact bits, how it was solved.
+
+    `details` are the allocator's own JSON-able facts (knapsack: unit and gap; shiftadd: the fractions;
+    search: its cost in seconds and steps, and its losses).
+    """
 
     layers: dict[str, str]
-    solution: Allocation
     budget_bits: int
+    cost_bits: int
+    details: dict[str, Any]
 
 
 def matrix_bits(recipe: Recipe, shape: tuple[int, ...], n_keep_columns: int) -> int:
@@ -111,21 +120,9 @@ def sensitivities(
     return torch.stack(rows).double().cpu().tolist()  # one transfer for every score
 
 
-def allocate(
-    costs: Sequence[Sequence[int]],
-    scores: Sequence[Sequence[float]],
-    names: Sequence[str],
-    recipe: Recipe,
-    budget: int,
-    n_params: int,
-) -> LayerChoice:
-    """The knapsack's layer -> candidate within `budget` bits (over `n_params` parameters in scope).
-
-    Raises:
-        ValueError: the budget is below every layer's cheapest candidate (naming the least bits per param).
-    """
-    from kernels.knapsack import solve_knapsack
-
+def check_budget(costs: Sequence[Sequence[int]], recipe: Recipe, budget: int, n_params: int) -> None:
+    """Raise ValueError when the budget is below every layer's cheapest candidate (naming the least
+    bits per parameter)."""
     cheapest = sum(min(row) for row in costs)
     if cheapest > budget:
         raise ValueError(
@@ -133,9 +130,69 @@ def allocate(
             f"candidates need {cheapest / n_params:.4f} bits per parameter (codebooks and partial blocks "
             "included)"
         )
-    solution = solve_knapsack(costs, scores, budget)
-    layers = {name: recipe.candidates[k] for name, k in zip(names, solution.choice, strict=True)}
-    return LayerChoice(layers, solution, budget)
+
+
+def allocate(
+    costs: Sequence[Sequence[int]],
+    scores: Sequence[Sequence[float]],
+    names: Sequence[str],
+    recipe: Recipe,
+    budget: int,
+    n_params: int,
+    sizes: Sequence[int] | None = None,
+) -> LayerChoice:
+    """The knapsack's (or shiftadd's) layer -> candidate within `budget` bits (`n_params` in scope;
+    `sizes`: each layer's parameters, shiftadd's fractions count them; None: equal).
+
+    Raises:
+        ValueError: the budget is below every layer's cheapest candidate (naming the least bits per param).
+    """
+    from kernels.knapsack import solve_knapsack
+
+    check_budget(costs, recipe, budget, n_params)
+    if recipe.allocation == "shiftadd":
+        from pipeline.methods.candidates import nominal_bits
+
+        nominal = [nominal_bits(c) for c in recipe.candidates]
+        target = recipe.target_bits or 0.0
+        choice, details = shiftadd_choice(costs, scores, budget, nominal, target, sizes or [1] * len(costs))
+    else:
+        solution = solve_knapsack(costs, scores, budget)
+        choice, details = list(solution.choice), {"unit_bits": solution.unit, "gap_bits": solution.gap_bits}
+    layers = {name: recipe.candidates[k] for name, k in zip(names, choice, strict=True)}
+    return LayerChoice(layers, budget, sum(costs[i][k] for i, k in enumerate(choice)), details)
+
+
+def shiftadd_choice(
+    costs: Sequence[Sequence[int]],
+    scores: Sequence[Sequence[float]],
+    budget: int,
+    nominal: Sequence[float],
+    target: float,
+    sizes: Sequence[int],
+) -> tuple[list[int], dict[str, Any]]:
+    """ShiftAddLLM's rule: the target lies between two neighbouring candidates' nominal bits lo <= t <= hi;
+    rank layers by the score they lose going lo -> hi, and give hi to the top-ranked prefix holding at
+    most the fraction f = (t − lo)/(hi − lo) of the parameters, lo to the rest; then, if the exact bits
+    still exceed the budget (codebooks, partial blocks), `repair` downgrades the least sensitive first.
+
+    Returns:
+        (candidate index per layer, details: the candidates used, f, the fractions reached, the repairs).
+    """
+    from pipeline.methods.search import repair
+
+    hi = next((k for k in range(1, len(nominal)) if nominal[k] >= target), len(nominal) - 1)
+    lo = hi - 1 if hi > 0 else 0
+    f = 1.0 if nominal[hi] == nominal[lo] else (target - nominal[lo]) / (nominal[hi] - nominal[lo])
+    ranked = sorted(range(len(costs)), key=lambda i: (-(scores[i][lo] - scores[i][hi]), i))
+    choice, room = [lo] * len(costs), f * sum(sizes) * (1 + 1e-9)  # float slack: 0.4 may be 0.3999...
+    for i in ranked:
+        if sizes[i] > room:
+            break
+        choice[i], room = hi, room - sizes[i]
+    planned = sum(sizes[i] for i, k in enumerate(choice) if k == hi) / max(sum(sizes), 1)
+    choice, moves = repair(choice, [[-x for x in row] for row in scores], costs, budget)
+    return choice, {"lo": lo, "hi": hi, "hi_fraction_target": f, "hi_fraction": planned, "n_repaired": moves}
 
 
 def allocation_json(recipe: Recipe, choice: LayerChoice) -> str:
@@ -145,10 +202,12 @@ def allocation_json(recipe: Recipe, choice: LayerChoice) -> str:
         "target_bits": recipe.target_bits,
         "candidates": list(recipe.candidates),
         "budget_bits": choice.budget_bits,
-        "unit_bits": choice.solution.unit,
-        "gap_bits": choice.solution.gap_bits,
+        "cost_bits": choice.cost_bits,
         "layers": choice.layers,
+        **choice.details,
     }
+    if recipe.sensitivity != "hessian" and recipe.allocation != "search":
+        fields["sensitivity"] = recipe.sensitivity
     return json.dumps(fields, sort_keys=True, separators=(",", ":"))
 
 
@@ -184,21 +243,58 @@ def hessians_key(recipe: Recipe, weights: Mapping[str, Tensor]) -> tuple[Any, ..
 
 
 def cached_sensitivities(request: QuantizeRequest, candidates: Sequence[Recipe]) -> list[list[float]]:
-    """`sensitivities`, computed at the first such job of a model and kept in the worker's cache."""
-    recipe = request.recipe
+    """The recipe's `sensitivity` scores, computed at the first such job of a model and kept in the
+    worker's cache (one entry per kind; the model's weights are pristine here, as the worker restores)."""
+    from pipeline.methods import sensitivity as kinds
+    from pipeline.models.compile import eager_layers
+
+    recipe, weights, keep = request.recipe, request.weights, request.keep
     key = (
         SENSITIVITY_KEY,
         recipe.calibration,
-        tuple(request.weights),
+        tuple(weights),
         recipe.candidates,
         recipe.outlier_fraction,
+        recipe.sensitivity,
     )
     if key not in request.cache:
-        request.cache[key] = sensitivities(
-            request.weights, request.keep, candidates, shared_hessians(request)
-        )
+        assert request.calibration is not None
+        if recipe.sensitivity in ("measured", "first_order"):
+            measure = getattr(kinds, f"{recipe.sensitivity}_sensitivities")
+            with eager_layers(request.model):  # a backward pass and in-place writes: no compiled graph
+                found = measure(request.model, weights, keep, candidates, request.calibration)
+        else:
+            found = sensitivities(weights, keep, candidates, shared_hessians(request))
+        request.cache[key] = found
     scores: list[list[float]] = request.cache[key]
     return scores
+
+
+def searched(
+    request: QuantizeRequest, candidates: Sequence[Recipe], costs: Sequence[Sequence[int]], budget: int
+) -> LayerChoice:
+    """The search allocator's choice (`pipeline.methods.search`), its cost in the details."""
+    from pipeline.methods.search import search_allocation
+    from pipeline.methods.sensitivity import quantized_weights
+    from pipeline.models.compile import eager_layers
+
+    recipe, weights = request.recipe, request.weights
+    assert recipe.search is not None and request.calibration is not None
+    check_budget(costs, recipe, budget, sum(v.numel() for v in weights.values()))
+    quantized = quantized_weights(weights, request.keep, candidates)
+    with eager_layers(request.model):
+        found = search_allocation(
+            request.model, weights, quantized, costs, budget, request.calibration, recipe.search
+        )
+    layers = {name: recipe.candidates[k] for name, k in zip(weights, found.choice, strict=True)}
+    details = {
+        "search_s": round(found.wall_s, 3),
+        "search_steps": len(found.losses),
+        "loss_first": found.losses[0],
+        "loss_last": found.losses[-1],
+        "n_repaired": found.n_repaired,
+    }
+    return LayerChoice(layers, budget, sum(costs[i][k] for i, k in enumerate(found.choice)), details)
 
 
 def share_hessians_(cache: dict[Any, Any], full: Hessians, recipe: Recipe, names: Sequence[str]) -> None:
@@ -233,10 +329,14 @@ def quantize_allocated_(
     request = QuantizeRequest(model, weights, keep, recipe, cache, calibration)
     candidates = [recipe.candidate(label) for label in recipe.candidates]
     costs = layer_costs(weights, keep, candidates)
-    scores = cached_sensitivities(request, candidates)
     n_matrix = sum(view.numel() for view in weights.values())
     budget = budget_bits(recipe.target_bits or 0.0, weights)
-    choice = allocate(costs, scores, list(weights), recipe, budget, n_matrix)
+    if recipe.allocation == "search":
+        choice = searched(request, candidates, costs, budget)
+    else:
+        scores = cached_sensitivities(request, candidates)
+        sizes = [view.numel() for view in weights.values()]
+        choice = allocate(costs, scores, list(weights), recipe, budget, n_matrix, sizes)
     per_layer = {name: candidates[recipe.candidates.index(label)] for name, label in choice.layers.items()}
     reads_hessians = "hessian_device" in dict(recipe.params)  # gptq, shiftadd: shared Hessians
     full = shared_hessians(request) if reads_hessians else None

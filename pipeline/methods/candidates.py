@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from typing import Any
 
 UNIFORM = "uniform"
-ALLOCATIONS = ("uniform", "knapsack")  # `shiftadd` and `search` (issue 19) are not built yet
+ALLOCATIONS = ("uniform", "knapsack", "shiftadd", "search")
 BASELINE_CANDIDATE = "16-bit"
 _BASELINE_SPELLINGS = ("16-bit", "16", "bf16", "fp16")
 _LABEL = re.compile(

@@ -5,6 +5,7 @@ architectures.py  per-architecture facts: proxy-quantization pairs, what the fas
 weights.py        linear_weights ([out, in] views), snapshot/restore, outlier (proxy) columns
 quantize.py       quantize_model_(model, recipe): the registered method writes, bits are counted
 compile.py        compile_layers: regional torch.compile of the decoder blocks
+shard.py          plan_device_map, shard_model_: a model over several devices (accelerate)
 """
 
 from pipeline.methods.registry import QuantizationError

@@ -16,7 +16,7 @@ from __future__ import annotations
 import json
 import logging
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -205,15 +205,29 @@ def resolve_torch_dtype(torch_dtype: str, device: str) -> torch.dtype:
     return TORCH_DTYPES[torch_dtype]
 
 
-def load_model(ref: ModelRef, device: str) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    """Load a causal LM and its tokenizer (hub id or local directory), in eval mode on `device`."""
+def load_model(
+    ref: ModelRef, device: str, gpu_budgets: Sequence[int] = ()
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """Load a causal LM and its tokenizer (hub id or local directory), in eval mode on `device`.
+
+    On CUDA the safetensors shards are read straight onto the GPU (no host copy of the model); with
+    two or more `gpu_budgets` (bytes per GPU) the model is sharded over those GPUs by accelerate's
+    device map (`pipeline.models.shard`).
+    """
     from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from pipeline.models.shard import load_kwargs
 
     check_model_ref(ref)
     source = dict(revision=ref.revision, gguf_file=ref.gguf_file, trust_remote_code=False)
+    placement: dict[str, Any] = {}
+    if len(gpu_budgets) > 1:
+        placement = load_kwargs(gpu_budgets)
+    elif torch.device(device).type == "cuda" and not ref.gguf_file:
+        placement = {"device_map": device}
     try:
         model = AutoModelForCausalLM.from_pretrained(
-            ref.name_or_path, dtype=resolve_torch_dtype(ref.torch_dtype, device), **source
+            ref.name_or_path, dtype=resolve_torch_dtype(ref.torch_dtype, device), **source, **placement
         )
         tokenizer = AutoTokenizer.from_pretrained(ref.name_or_path, **source)
     except OSError as err:
@@ -223,7 +237,9 @@ def load_model(ref: ModelRef, device: str) -> tuple[PreTrainedModel, PreTrainedT
         ) from err
     if tokenizer.pad_token_id is None and tokenizer.eos_token_id is not None:
         tokenizer.pad_token = tokenizer.eos_token
-    model = model.to(device).eval()  # type: ignore[arg-type]
+    if not placement.get("max_memory"):  # a sharded model stays where its device map put it
+        model = model.to(device)  # type: ignore[arg-type]
+    model = model.eval()
     model.requires_grad_(False)
     log.info("loaded %s (%s, %s) on %s", ref.name_or_path, model.config.model_type, model.dtype, device)
     return model, tokenizer

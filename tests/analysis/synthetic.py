@@ -94,6 +94,11 @@ class Config:
     quantize_lm_head: bool = False
     evals: Evals = Evals()
     unquantized: int = 0  # parameters left in 16 bits (embeddings, head) when bits < 16
+    train_tokens: int | None = None  # a ladder member kept at this many training tokens
+    allocation: str | None = None  # a mixed job's allocation JSON (its bits: the cheapest candidate's)
+    extra_bits: float = 0.0  # bits a quantized parameter above `bits` (a mixed job's costlier layers)
+    recover: str = "none"  # recovery adapters trained after quantization
+    adapter_bits: int = 0  # their bits, counted in total_bits
 
     @property
     def n_quantized(self) -> int:
@@ -102,18 +107,21 @@ class Config:
     @property
     def total_bits(self) -> int:
         """Quantized parameters at `bits_per_param`, the rest at 16 bits."""
-        return round(self.n_quantized * self.bits_per_param + 16 * (self.n_params - self.n_quantized))
+        kept = 16 * (self.n_params - self.n_quantized)
+        return round(self.n_quantized * self.bits_per_param + kept + self.adapter_bits)
 
     @property
     def bits_per_param(self) -> float:
         if self.bits >= 16:
             return 16.0
         constants = 16 / self.block_size if self.block_size else 0.0
-        return self.bits + constants + self.outlier_fraction * (16 - self.bits)
+        return self.bits + self.extra_bits + constants + self.outlier_fraction * (16 - self.bits)
 
     @property
     def key(self) -> str:
-        return hashlib.sha256(repr(self).encode()).hexdigest()[:16]
+        defaults = ", allocation=None, extra_bits=0.0, recover='none', adapter_bits=0)"
+        text = repr(self).replace(defaults, ")").replace(", train_tokens=None)", ")")  # keys as before
+        return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
 def job_columns(cfg: Config, task: str | None) -> dict[str, Any]:
@@ -134,7 +142,7 @@ def job_rows(
     head = {
         "job_key": cfg.key,
         "study": study,
-        "model": f"{cfg.family}-{cfg.n_params}",
+        "model": f"{cfg.family}-{cfg.n_params}" + (f"@{cfg.train_tokens}" if cfg.train_tokens else ""),
         "model_family": cfg.family,
         "n_params": cfg.n_params,
         "n_quantized_params": cfg.n_quantized,
@@ -149,6 +157,10 @@ def job_rows(
         "total_model_bits": cfg.total_bits,
         "status": "ok",
         "device": "cpu",
+        **({"train_tokens": cfg.train_tokens} if cfg.train_tokens is not None else {}),
+        "allocation": cfg.allocation,
+        "recover": cfg.recover if cfg.bits < 16 else "none",
+        "adapter_bits": cfg.adapter_bits,
     }
     return [
         {**head, **job_columns(cfg, t), "task": t, "metric": m, "value": v, "stderr": s}
@@ -261,7 +273,8 @@ def study_frame(
 ) -> pd.DataFrame:
     """The results table `load_results` would give for these configs, with the unit columns."""
     rows = [row for _, job in study_rows(configs, law, noise, seed, offset, units) for row in job]
-    columns = list(dict.fromkeys([*COLUMNS, "unit_sums", "unit_counts"]))
+    extra = ["train_tokens"] if any("train_tokens" in row for row in rows) else []
+    columns = list(dict.fromkeys([*COLUMNS, "unit_sums", "unit_counts", *extra]))
     return pd.DataFrame(rows).reindex(columns=columns)
 
 

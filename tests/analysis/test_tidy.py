@@ -9,7 +9,7 @@ import pytest
 from analysis.errors import AnalysisError
 from analysis.eval_variants import EVAL_COLUMNS
 from analysis.metrics import default_loss, default_metric, higher_is_better, metric_label
-from analysis.tidy import METHOD_COLUMNS, failed_jobs, study_grid, tidy_jobs
+from analysis.tidy import METHOD_COLUMNS, VARIANT_COLUMNS, failed_jobs, study_grid, tidy_jobs
 from pipeline.results import load_results
 from tests.analysis.synthetic import (
     TASK_OFFSETS,
@@ -117,7 +117,7 @@ COLUMNS_BEFORE = [
 def test_results_without_method_or_eval_columns_tidy_as_before(law_study: Path) -> None:
     raw = load_results(law_study).drop(columns=[*METHOD_COLUMNS, *EVAL_COLUMNS], errors="ignore")
     tidy = tidy_jobs(raw)
-    assert [c for c in tidy.columns if c not in METHOD_COLUMNS] == COLUMNS_BEFORE
+    assert [c for c in tidy.columns if c not in (*METHOD_COLUMNS, *VARIANT_COLUMNS)] == COLUMNS_BEFORE
     assert set(tidy["setting"]) == {"fp e2 B64", "16-bit"}
     assert set(tidy["curve"]) == {"3-bit fp e2 B64", "4-bit fp e2 B64", "5-bit fp e2 B64", "6-bit fp e2 B64",
                                   "8-bit fp e2 B64", "16-bit"}  # fmt: skip

@@ -218,13 +218,24 @@ def test_the_mixed_sweep_plans_and_bad_targets_stop_in_preflight(tmp_path, monke
     args = ["+sweep=mixed", "model=ladder/h100", "dry_run=true", f"results_root={tmp_path}"]
     plan = plan_run(args)
     mixed_jobs = [j for j in plan.jobs if j.recipe.is_mixed]
-    assert len(plan.jobs) == 19 and len(mixed_jobs) == 10
+    assert len(plan.jobs) == 49 and len(mixed_jobs) == 40
     assert {j.recipe.target_bits for j in mixed_jobs} == {2.5, 3.0, 3.25, 3.5, 4.0}
+    by_allocator = {(j.recipe.allocation, j.recipe.sensitivity) for j in mixed_jobs}
+    assert by_allocator == {
+        ("knapsack", "hessian"), ("shiftadd", "hessian"), ("search", "hessian"),
+        ("knapsack", "measured"), ("knapsack", "first_order"),
+    }  # fmt: skip
     assert all(json.loads(j.job_json)["recipe"]["candidates"] for j in mixed_jobs)
     with pytest.raises(ConfigError, match=r"target_bits=2 is outside .* 2.25 \(nf2-b64\)"):
         plan_run([*args, "quant.target_bits=2"])
     with pytest.raises(ConfigError, match=r"quant.allocation='knapsack' needs calibration text"):
         plan_run([*args, "quant.calibration.source=null"])
+    with pytest.raises(ConfigError, match=r"quant.search.steps=0 is not allowed; use an integer 1..100000"):
+        plan_run([*args, "quant.search.steps=0"])
+    with pytest.raises(ConfigError, match=r"quant.sensitivity 'hessain'; did you mean 'hessian'"):
+        plan_run([*args, "quant.sensitivity=hessain"])
+    with pytest.raises(ConfigError, match="lamda"):  # the config layer refuses an unknown key
+        plan_run([*args, "quant.search.lamda=1"])
 
 
 def test_a_target_the_layers_cannot_meet_exactly_is_named() -> None:

@@ -157,7 +157,7 @@ def test_replace_path_sets_a_field_of_one_list_item():
     [
         (["quant.bits=foo,3"], True, "quant.bits=foo"),
         (["quant.block_size=big"], True, "block_size"),
-        (["model=nope"], False, "allowed: ['hf', 'ladder/h100', 'ladder/tiny'"),
+        (["model=nope"], False, "allowed: ['hf', 'ladder/h100', 'ladder/h100-tokens', 'ladder/tiny'"),
         (["quant.blocksize=3"], False, "quant.blocksize"),
         (["quant.bits=3,4"], False, "add -m"),
         (["+sweep=nope"], True, f"allowed: {sorted(p.stem for p in SWEEPS_DIR.glob('*.yaml'))}"),

@@ -73,7 +73,9 @@ def test_bad_configs_and_names_fail_clearly() -> None:
         dataclasses.replace(TEST, warmup_steps=TEST.steps)
     with pytest.raises(ValueError, match="architecture"):
         dataclasses.replace(TEST, architecture="gpt2")  # type: ignore[arg-type]
-    with pytest.raises(KeyError, match=r"unknown ladder .*allowed: demo, h100, test, tiny"):
+    with pytest.raises(
+        KeyError, match=r"unknown ladder .*allowed: demo, h100, h100-tokens, test, test-tokens, tiny"
+    ):
         get_ladder("huge")
     with pytest.raises(KeyError, match="allowed: xs, s, m"):
         TEST.size("xl")

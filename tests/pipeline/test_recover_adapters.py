@@ -203,8 +203,12 @@ def test_a_job_after_a_recovered_job_gives_the_same_numbers(tiny_model_dir, data
     assert json.loads(row["recover_params"])["steps"] == 10 and row["recover_s"] is not None
 
 
-def test_the_recovery_sweep_plans_none_lora_and_vblora_at_3_and_4_bits():
+def test_the_recovery_sweep_plans_every_method_at_3_and_4_bits_at_equal_budgets():
     grid = expand(plan_sweep(["+sweep=recovery", "model=ladder/h100", "dry_run=true"], multirun=True))
     quantized = {(c.quant.dtype, c.quant.bits, c.recover.method) for c in grid if c.quant.bits < 16}
-    assert quantized == {(d, b, m) for d in ("int", "nf") for b in (3, 4) for m in ("none", "lora", "vblora")}
-    assert len(grid) == 13 and {c.recover.data for c in grid} == {"corpus:train"}
+    methods = ("none", "lora", "vblora", "shears")
+    assert quantized == {(d, b, m) for d in ("int", "nf") for b in (3, 4) for m in methods}
+    assert len(grid) == 17 and {c.recover.data for c in grid} == {"corpus:train"}
+    recover = grid[0].recover  # VB-LoRA's logits per layer equal LoRA's parameters at the rank
+    assert recover.num_vectors == recover.vector_length and recover.ranks == [4, 8, 16]
+    assert vblora_params(8, 32, 32) == lora_params(8) + 32 * 32

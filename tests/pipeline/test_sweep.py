@@ -136,6 +136,7 @@ def test_rows_fill_every_column(swept):
     may_be_null |= {"calibration"}  # rtn calibrates nothing
     may_be_null |= {"recover_params", "recover_s"}  # no recovery adapters trained
     may_be_null |= {"allocation"}  # uniform recipes: every layer the same
+    may_be_null |= {"train_tokens"}  # not a ladder member (a saved model folder)
     may_be_null |= {"unit_sums", "unit_counts"}  # bits_per_byte has none (checked below)
     per_task = {"scorer", "eval_limit", "context_length", "stride", "max_tokens"}  # set by the row's task
     for column in set(COLUMNS) - may_be_null - per_task:
