@@ -112,3 +112,35 @@ def test_user_folder_overrides_an_offline_task_and_is_keyed(data_root, tmp_path)
 def test_include_path_config_is_relative_to_the_project_root():
     spec = eval_spec(EvalConfig(perplexity=[], include_path=["my_tasks"]))
     assert Path(spec.include_path[0]).is_absolute() and spec.include_path[0].endswith("my_tasks")
+
+
+def test_groups_and_tags_in_an_include_folder_resolve_to_their_members(data_root, tmp_path):
+    from pipeline.evals.taskdefs import member_tasks, task_index
+
+    folder = write_task(tmp_path / "tasks")
+    write_task(folder, name="my_copa2", prompt="Why?")
+    (folder / "my_group.yaml").write_text("group: my_group\ntask:\n  - my_copa\n  - my_copa2\n")
+    text = (folder / "my_copa2.yaml").read_text()
+    tagged = text.replace("task: my_copa2\n", "task: my_copa2\ntag: my_tag\n")
+    (folder / "my_copa2.yaml").write_text(tagged)
+    index = task_index([str(folder)])
+    assert sorted(member_tasks("my_group", index)) == ["my_copa", "my_copa2"]
+    assert member_tasks("my_tag", index) == ["my_copa2"]
+    check_eval_spec(spec_for(data_root, folder, tasks=("my_group",)))
+    check_eval_spec(spec_for(data_root, folder, tasks=("my_tag",)))
+    (folder / "my_copa2.jsonl").unlink()  # a group member's data missing: refused before anything runs
+    with pytest.raises(ValueError, match=r"my_copa2"):
+        check_eval_spec(spec_for(data_root, folder, tasks=("my_group",)))
+
+
+def test_a_group_is_keyed_by_its_members_definitions(data_root, tmp_path):
+    folder = tmp_path / "tasks"
+
+    def group_digest(prompt: str) -> dict[str, str | None]:
+        write_task(folder)
+        write_task(folder, name="my_copa2", prompt=prompt)  # same folder: only the prompt differs
+        (folder / "my_group.yaml").write_text("group: my_group\ntask:\n  - my_copa\n  - my_copa2\n")
+        return dict(eval_data_sha256(spec_for(data_root, folder, tasks=("my_group",))))
+
+    first, again, other = group_digest("Why?"), group_digest("Why?"), group_digest("How?")
+    assert first == again and first != other
