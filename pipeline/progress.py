@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import signal
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -73,6 +74,12 @@ class Progress:
     errors: list[tuple[str, str]] = field(default_factory=list)  # (job key, error), in order
     started: float = field(default_factory=time.monotonic)
     _last_log: float = field(default_factory=time.monotonic)
+    # Logs that are not a terminal (files, CI) get a line per `log_step` of the jobs or per `log_quiet_s`,
+    # whichever comes first; neither kind ever gets a line whose job count has not changed.
+    tty: bool = field(default_factory=lambda: sys.stderr.isatty())
+    log_step: float = 0.1
+    log_quiet_s: float = 60.0
+    _last_done: int = -1
 
     def record(self, key: str, ok: bool, error: str | None = None) -> None:
         """Count one finished job (`ok` False: failed with `error`)."""
@@ -107,9 +114,21 @@ class Progress:
     def maybe_log(self, force: bool = False) -> None:
         """Log the progress line if `interval_s` has passed since the last one (or `force`)."""
         now = time.monotonic()
-        if force or now - self._last_log >= self.interval_s:
-            self._last_log = now
-            log.info(self.line())
+        if not force and not self._due(now):
+            return
+        self._last_log, self._last_done = now, self.done
+        log.info(self.line())
+
+    def _due(self, now: float) -> bool:
+        """Whether a line is due: the count changed, and (terminal) `interval_s` passed or (not a terminal)
+        the count crossed a `log_step` fraction of the total or `log_quiet_s` passed."""
+        if self.done == self._last_done:
+            return False
+        if self.tty:
+            return now - self._last_log >= self.interval_s
+        step = max(1, round(self.total * self.log_step))
+        crossed = self.done // step > max(self._last_done, 0) // step
+        return crossed or now - self._last_log >= self.log_quiet_s
 
     def summary(self, max_errors: int = 5) -> str:
         """The end-of-run summary: done, skipped, failed, and the first errors."""

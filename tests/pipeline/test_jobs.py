@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import logging
 from pathlib import Path
 
 import pytest
@@ -220,3 +221,16 @@ def test_ladder_reference_resolves_to_labelled_trained_members(data_root, tmp_pa
     assert source.label.startswith("ladder:test/xs@") and len(source.label) == len("ladder:test/xs@") + 8
     (plain,) = resolve_models(model_ref(cells("model.name_or_path=org/m")[0].model), data_root)
     assert plain.label == "org/m" and plain.family is None
+
+
+def test_progress_for_logs_is_one_line_per_tenth_and_never_unchanged(caplog):
+    progress = Progress(total=100, label="log", tty=False)  # a log file: no clock involved below
+    lines = []
+    with caplog.at_level(logging.INFO, logger="pipeline.progress"):
+        for _ in range(30):
+            progress.record("k", ok=True)
+            progress.maybe_log()
+            progress.maybe_log()  # the same count again: never a second line
+            lines.append(len(caplog.records))
+    assert [lines[i] for i in (8, 9, 18, 19, 28, 29)] == [0, 1, 1, 2, 2, 3]  # at 10, 20 and 30 jobs
+    assert all("log] " in r.getMessage() for r in caplog.records)
