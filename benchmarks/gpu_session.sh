@@ -276,6 +276,37 @@ tokens)
   sweep $(($(left) - 30)) -m +sweep=tokens eval.data_root=.carry/data ray.workers_per_gpu=4
   pack_results tokens
   ;;
+methods-bench)
+  # seventh session: issues 19 and 22's speed at the 410M shape (mixed allocation, recovery training)
+  timeout $(($(left) / 2)) python3 benchmarks/allocation.py --shape pythia-410m --device cuda --data-root .carry/data \
+    --out "$OUT/allocation-h200-pythia-410m.json" >"$OUT/allocation.log" 2>&1
+  echo "allocation exit $?"; grep -v -i -E "warn|it/s\]" "$OUT/allocation.log" | tail -22
+  timeout $(($(left) - 10)) python3 benchmarks/recovery.py --shape pythia-410m --device cuda --data-root .carry/data \
+    --out "$OUT/recovery-h200-pythia-410m.json" >"$OUT/recovery.log" 2>&1
+  echo "recovery exit $?"; grep -v -i -E "warn|it/s\]" "$OUT/recovery.log" | tail -12
+  ;;
+bigmodel)
+  # seventh session: issue 20's proof: a random-weight 30B Llama on one H200, snapshot in pinned host memory
+  timeout $(($(left) - 10)) python3 benchmarks/bigmodel.py --device cuda --shape llama-30b --tmp /tmp/bigckpt \
+    --out "$OUT/bigmodel-h200.json" >"$OUT/bigmodel.log" 2>&1
+  echo "bigmodel exit $?"; grep -v -i -E "warn|it/s\]" "$OUT/bigmodel.log" | tail -30
+  ;;
+recovery)
+  # seventh session: finish issue 22's study (done jobs are skipped; int8 points added) on the h100 ladder's
+  # four smallest sizes (one process a size), then BCQ's benchmark (issue 18) if BCQ=1
+  t=$SECONDS
+  for size in d128 d192 d256 d320; do python3 -m pipeline.ladders "$LADDER" --size "$size" >>"$OUT/ladder.log" 2>&1 & done
+  wait; echo "ladder: $((SECONDS - t)) s"
+  sweep $(($(left) - ${RESERVE:-30})) -m +sweep=recovery \
+    "model.name_or_path=ladder:$LADDER/d128,ladder:$LADDER/d192,ladder:$LADDER/d256,ladder:$LADDER/d320" \
+    eval.data_root=.carry/data ray.workers_per_gpu=4
+  pack_results recovery
+  if [ -n "${BCQ:-}" ]; then
+    timeout $(($(left) - 5)) python3 benchmarks/bcq.py --device cuda --out "$OUT/bcq-h200-pythia-410m.json" \
+      >"$OUT/bcq.log" 2>&1
+    echo "bcq exit $?"; grep -v -i -E "warn|it/s\]" "$OUT/bcq.log" | tail -24
+  fi
+  ;;
 *) echo "unknown phase $phase; use study, resume, final, after, tune, retuned, heldout, compile, gptq, gptq-study or gptq-1.4b" >&2; exit 2 ;;
 esac
 echo "phase $phase done in $((SECONDS - start)) s"
