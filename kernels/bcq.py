@@ -9,13 +9,23 @@ decodes to Σ α_i·b_i and the q bit planes pack like any code (`kernels.packin
 Fitting (`fit_blocks`), batched over all blocks of a tensor at once (Python loops over rounds and q only):
 - greedy: r = x; for i = 1..q: b_i = +1 where r > 0 else −1, α_i = mean |r| (in the scale format),
   r −= α_i·b_i;
-- `iters` rounds of alternating refinement: α by least squares over the q basis vectors with b fixed
-  (BᵀB α = Bᵀx from per-pattern counts and sums, so no [blocks, B, q] tensor; Cholesky, the
-  pseudo-inverse where BᵀB is singular), rounded to the format and kept only where it lowers the
-  block's squared error; then each b by exhaustive search over the 2^q sign patterns: the nearest
-  of the block's 2^q sums (searchsorted over their sorted midpoints; a value on a midpoint takes the
-  lower sum, the codebooks' rule). Neither step raises a block's error, so no round does (a test
-  checks). q = 1 is its greedy fit (sign · mean |x|) already, so it skips the rounds.
+- up to `iters` rounds of alternating refinement (`refine_blocks`): α by least squares over the q basis
+  vectors with b fixed (BᵀB α = Bᵀx from per-pattern counts and sums in float64, so no [blocks, B, q]
+  tensor; Cholesky, the pseudo-inverse where BᵀB is singular), rounded to the format and kept only
+  where it lowers the block's squared error; then each b by exhaustive search over the 2^q sign
+  patterns: the nearest of the block's 2^q sums (a value's rank is the count of the sorted midpoints
+  below it; a value on a midpoint takes the lower sum, the codebooks' rule). Neither step raises a
+  block's error, so no round does (a test checks). q = 1 is its greedy fit (sign · mean |x|) already,
+  so it skips the rounds.
+
+Cost of a round: one float64 copy of the blocks is made per fit, not per round; the counts scatter an
+expanded 1 (no ones tensor); the rank is counted in uint8 by comparisons (no binary search); each
+block's error at its codes is carried from the search that chose them (the sums it gathered), so a
+round computes one error, the candidate α's. A round depends on a block's (α, codes) alone, so a block
+whose round changed neither is at a fixed point and leaves the batch (compacted once such blocks are
+an eighth of it; one host read a round): the result is bit for bit the one all `iters` rounds give
+(a test checks against the unoptimized loop), and most blocks stop early (mean rounds run on a random
+1024² matrix, block 128: 5.6 / 10.6 / 12.8 of 15 at q = 2 / 3 / 4).
 
 Pow2 scales (ShiftAddLLM's additive powers of two): each α is rounded greedily to `pow2_terms` signed
 powers of two (each term the power nearest the residual, or 0), stored per term as a sign bit and a
@@ -121,10 +131,25 @@ def sorted_levels(alpha: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     return values, order, (values[:, :-1] + values[:, 1:]) / 2
 
 
+def nearest(x: Tensor, alpha: Tensor) -> tuple[Tensor, Tensor]:
+    """(int64 codes, float32 sums) [n, B]: each value's nearest of its block's 2^q sums (exhaustive
+    over the patterns; a value on a midpoint takes the lower sum, the codebooks' rule).
+
+    A value's rank among the sorted sums is the number of midpoints below it (what searchsorted over
+    the midpoints returns), counted with 2^q − 1 comparisons: cheaper than a binary search on a CPU.
+    The sums are gathered from the same sorted values, so they equal `decode(alpha, codes)` bit for bit.
+    """
+    values, order, mids = sorted_levels(alpha)
+    rank = torch.zeros(x.shape, dtype=torch.uint8, device=x.device)
+    for m in range(mids.shape[1]):
+        rank += x > mids[:, m, None]
+    rank64 = rank.to(torch.int64)  # gather converts any other index dtype to int64 first (on a CPU)
+    return torch.gather(order, 1, rank64), torch.gather(values, 1, rank64)
+
+
 def nearest_codes(x: Tensor, alpha: Tensor) -> Tensor:
     """int64 [n, B]: each value's nearest sum (exhaustive over the 2^q patterns), as its code."""
-    _, order, mids = sorted_levels(alpha)
-    return torch.gather(order, 1, torch.searchsorted(mids, x.contiguous()))
+    return nearest(x, alpha)[0]
 
 
 def decode(alpha: Tensor, codes: Tensor) -> Tensor:
@@ -132,13 +157,18 @@ def decode(alpha: Tensor, codes: Tensor) -> Tensor:
     return torch.gather(block_values(alpha), 1, codes)
 
 
+def squared_errors(x: Tensor, decoded: Tensor) -> Tensor:
+    """float64 [n]: Σ (x − decoded)² per block (float32 squares; overwrites `decoded`)."""
+    return decoded.sub_(x).square_().sum(dim=1, dtype=torch.float64)
+
+
 def block_errors(x: Tensor, alpha: Tensor, codes: Tensor) -> Tensor:
     """float64 [n]: each block's squared error."""
-    return ((x - decode(alpha, codes)) ** 2).sum(dim=1, dtype=torch.float64)
+    return squared_errors(x, decode(alpha, codes))
 
 
 def greedy_fit(x: Tensor, q: int, scales: ScaleFormat) -> tuple[Tensor, Tensor]:
-    """(α [n, q], codes [n, B]): the greedy residual fit of float32 blocks x [n, B]."""
+    """(α [n, q], codes int64 [n, B]): the greedy residual fit of float32 blocks x [n, B]."""
     r = x.clone()
     codes = torch.zeros(x.shape, dtype=torch.int64, device=x.device)
     alphas = []
@@ -151,14 +181,19 @@ def greedy_fit(x: Tensor, q: int, scales: ScaleFormat) -> tuple[Tensor, Tensor]:
     return torch.stack(alphas, dim=1), codes
 
 
-def least_squares_alpha(x: Tensor, codes: Tensor, q: int) -> Tensor:
-    """float64 [n, q]: argmin_α ||x − Bα||² per block for the sign patterns `codes` (minimum-norm)."""
+def least_squares_alpha(x64: Tensor, codes: Tensor, q: int) -> Tensor:
+    """float64 [n, q]: argmin_α ||x − Bα||² per block for the sign patterns `codes` (minimum-norm).
+
+    x64: the blocks in float64 (made once a fit, not once a round). BᵀB and Bᵀx come from per-pattern
+    counts and sums (scatter_add: one pass for any q, no [n, B, q] tensor); the counts are exact, and
+    so are the sums wherever a block's values span less than ~2^22 in magnitude (float32 values summed
+    in float64), so then any summation order gives the same normal equations.
+    """
     n_patterns = 2**q
-    x64 = x.to(torch.float64)
-    counts = torch.zeros(x.shape[0], n_patterns, dtype=torch.float64, device=x.device)
-    counts.scatter_add_(1, codes, torch.ones_like(x64))
+    counts = torch.zeros(x64.shape[0], n_patterns, dtype=torch.float64, device=x64.device)
+    counts.scatter_add_(1, codes, torch.ones((), dtype=torch.float64, device=x64.device).expand(x64.shape))
     sums = torch.zeros_like(counts).scatter_add_(1, codes, x64)
-    p = sign_patterns(q, x.device, torch.float64)
+    p = sign_patterns(q, x64.device, torch.float64)
     gram = (counts @ (p[:, :, None] * p[:, None, :]).reshape(n_patterns, q * q)).view(-1, q, q)
     return solve_normal_equations(gram, sums @ p)
 
@@ -180,20 +215,80 @@ def solve_normal_equations(gram: Tensor, rhs: Tensor) -> Tensor:
     return alpha
 
 
-def refine(x: Tensor, alpha: Tensor, codes: Tensor, scales: ScaleFormat) -> tuple[Tensor, Tensor]:
+@dataclass(frozen=True, eq=False)
+class BlockFit:
+    """Blocks under refinement: their values, the fit so far, and its error (all a round reads).
+
+    Attributes:
+        x: float32 [n, B] values.
+        x64: the same in float64 (the normal equations' sums).
+        alpha: float32 [n, q] scales.
+        codes: int64 [n, B] sign-pattern codes.
+        error: float64 [n]: `block_errors(x, alpha, codes)`, carried from the round that chose the codes.
+    """
+
+    x: Tensor
+    x64: Tensor
+    alpha: Tensor
+    codes: Tensor
+    error: Tensor
+
+    @classmethod
+    def start(cls, x: Tensor, alpha: Tensor, codes: Tensor) -> BlockFit:
+        """The state of blocks x at a given fit (e.g. the greedy one)."""
+        return cls(x, x.to(torch.float64), alpha, codes, block_errors(x, alpha, codes))
+
+    def select(self, rows: Tensor) -> BlockFit:
+        """The blocks `rows` (indices) only."""
+        return BlockFit(self.x[rows], self.x64[rows], self.alpha[rows], self.codes[rows], self.error[rows])
+
+
+def refine(fit: BlockFit, scales: ScaleFormat) -> BlockFit:
     """One round: least-squares α (kept where it lowers a block's error), then every code's nearest sum."""
-    candidate = scales.round(least_squares_alpha(x, codes, alpha.shape[1]))
-    better = block_errors(x, candidate, codes) <= block_errors(x, alpha, codes)
-    alpha = torch.where(better[:, None], candidate, alpha)
+    candidate = scales.round(least_squares_alpha(fit.x64, fit.codes, fit.alpha.shape[1]))
+    better = block_errors(fit.x, candidate, fit.codes) <= fit.error
+    alpha = torch.where(better[:, None], candidate, fit.alpha)
     alpha = torch.sort(alpha.abs(), dim=1, descending=True).values  # the same 2^q sums, canonical order
-    return alpha, nearest_codes(x, alpha)
+    codes, decoded = nearest(fit.x, alpha)
+    return BlockFit(fit.x, fit.x64, alpha, codes, squared_errors(fit.x, decoded))
+
+
+def refine_blocks(
+    x: Tensor, alpha: Tensor, codes: Tensor, settings: BCQSettings
+) -> tuple[Tensor, Tensor, Tensor]:
+    """(α float32 [n, q], codes int64 [n, B], rounds int64 [n]): up to `settings.iters` rounds from the
+    fit (α, codes) of float32 blocks x [n, B], and the rounds each block ran.
+
+    A round is a function of a block's (α, codes) alone, so a block whose round left both unchanged is
+    at a fixed point: further rounds would return it unchanged, and it leaves the batch (the result is
+    the one all `iters` rounds give). One host read a round counts those blocks; the batch is compacted
+    once they are an eighth of it (the others stay in, unchanged, until then).
+    """
+    rounds = torch.zeros(x.shape[0], dtype=torch.int64, device=x.device)
+    if alpha.shape[1] == 1 or settings.iters == 0:  # q = 1: the greedy fit is the least-squares one
+        return alpha, codes, rounds
+    out_alpha, out_codes = alpha.clone(), codes.clone()
+    rows = torch.arange(x.shape[0], device=x.device)
+    fit = BlockFit.start(x, alpha, codes)
+    for done in range(1, settings.iters + 1):
+        new = refine(fit, settings.scales)
+        fixed = (new.alpha == fit.alpha).all(dim=1) & (new.codes == fit.codes).all(dim=1)
+        fit, n_fixed = new, int(fixed.sum())
+        if n_fixed * 8 >= rows.numel():
+            stop = rows[fixed]
+            out_alpha[stop], out_codes[stop], rounds[stop] = fit.alpha[fixed], fit.codes[fixed], done
+            keep = torch.nonzero(~fixed).flatten()
+            rows, fit = rows[keep], fit.select(keep)
+            if not rows.numel():
+                break
+        rounds[rows] = done
+    out_alpha[rows], out_codes[rows] = fit.alpha, fit.codes
+    return out_alpha, out_codes, rounds
 
 
 def fit_blocks(x: Tensor, q: int, settings: BCQSettings) -> tuple[Tensor, Tensor]:
     """(α float32 [n, q], codes int64 [n, B]) of float32 blocks x [n, B]: greedy, then `iters` rounds."""
-    alpha, codes = greedy_fit(x, q, settings.scales)
-    for _ in range(settings.iters if q > 1 else 0):
-        alpha, codes = refine(x, alpha, codes, settings.scales)
+    alpha, codes, _ = refine_blocks(x, *greedy_fit(x, q, settings.scales), settings)
     return alpha, codes
 
 

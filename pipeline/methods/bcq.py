@@ -34,7 +34,7 @@ from kernels.codebooks import BCQ_BITS
 from pipeline.methods.gptq import GPTQParams, quantize_with_hessians_, quantized_columns
 from pipeline.methods.registry import Method, QuantizationError, QuantizeRequest, register_method
 
-GROUP_VALUES = 1 << 26  # values of same-shaped matrices fitted in one call at most (~30 bytes each)
+GROUP_VALUES = 1 << 26  # values of same-shaped matrices fitted in one call at most (~50 bytes each at peak)
 POW2_TERMS = 3  # ShiftAddLLM's default number of additive powers of two
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import itertools
 import math
 from fractions import Fraction
@@ -16,6 +17,7 @@ from kernels.bcq import (
     POW2_MIN_EXP,
     BCQColumns,
     BCQSettings,
+    BlockFit,
     ScaleFormat,
     bcq_dequantize,
     bcq_fake_quantize,
@@ -41,6 +43,11 @@ def fp16(v: float) -> float:
     return float(np.float16(v))
 
 
+def distance(v: float, sums: np.ndarray, p: int) -> tuple[float, float]:
+    """Sort key of pattern p for value v: its distance, then its sum (ties: the lower sum)."""
+    return abs(v - float(sums[p])), float(sums[p])
+
+
 def naive_fit(x: np.ndarray, q: int, iters: int) -> np.ndarray:
     """BCQ of one block written out in float64: greedy, then per round least-squares α (numpy's
     minimum-norm lstsq, rounded to float16, kept if it lowers the error), |α| sorted descending, and
@@ -61,7 +68,7 @@ def naive_fit(x: np.ndarray, q: int, iters: int) -> np.ndarray:
         alpha_v = np.sort(np.abs(alpha_v))[::-1]
         patterns = np.array(list(itertools.product([-1.0, 1.0], repeat=q)))
         sums = patterns @ alpha_v
-        best = [min(range(len(sums)), key=lambda p, v=v: (abs(v - sums[p]), sums[p])) for v in x]
+        best = [min(range(len(sums)), key=functools.partial(distance, float(v), sums)) for v in x]
         b_mat = patterns[best]
     return b_mat @ alpha_v
 
@@ -91,11 +98,12 @@ def test_one_bit_is_sign_times_mean_abs() -> None:
 @pytest.mark.parametrize("q", [2, 3, 4])
 def test_no_round_raises_a_blocks_error(q: int, scales: ScaleFormat) -> None:
     x = weights(64, 32, seed=q) * torch.linspace(0.2, 3.0, 32)  # blocks of unequal spread
-    alpha, codes = greedy_fit(x, q, scales)
-    errors = [block_errors(x, alpha, codes)]
+    fit = BlockFit.start(x, *greedy_fit(x, q, scales))
+    errors = [block_errors(x, fit.alpha, fit.codes)]
     for _ in range(8):
-        alpha, codes = refine(x, alpha, codes, scales)
-        errors.append(block_errors(x, alpha, codes))
+        fit = refine(fit, scales)
+        errors.append(block_errors(x, fit.alpha, fit.codes))
+        assert torch.equal(fit.error, errors[-1])  # the carried error is the block's error
     for before, after in itertools.pairwise(errors):
         assert bool((after <= before * (1 + 1e-6) + 1e-12).all())
     gain = 0.9 if scales.kind == "fp16" else 1.0  # one or two powers of two leave little to refine
@@ -292,7 +300,7 @@ def test_two_bit_codebooks() -> None:
         ),
     ],
 )
-def test_bad_input(make, error: type[Exception], match: str) -> None:  # type: ignore[no-untyped-def]
+def test_bad_input(make, error: type[Exception], match: str) -> None:
     with pytest.raises(error, match=match):
         make()
 
@@ -302,7 +310,7 @@ def test_blocks_count() -> None:
     assert fitted.alpha.shape == (math.ceil(100 / 32), 2) and fitted.codes.shape == (100,)
 
 
-def test_benchmark_runs_on_cpu(tmp_path) -> None:  # type: ignore[no-untyped-def]
+def test_benchmark_runs_on_cpu(tmp_path) -> None:
     import json
     import subprocess
     import sys
