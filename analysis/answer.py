@@ -19,7 +19,7 @@ from analysis.metrics import higher_is_better, metric_label, metric_unit
 from analysis.optimality import best_per_bits, bit_optimality
 from analysis.plots_curves import plot_bit_optimality
 from analysis.render import Block, Section
-from analysis.sections import Study, paired_note, slug, study_draws
+from analysis.sections import MAX_FAMILY_FIGURES, Study, paired_note, slug, study_draws
 from analysis.summary import headline, overall_line
 
 OPTIMALITY_TITLE = "Bit-optimal precision per memory budget"
@@ -35,6 +35,11 @@ OPTIMALITY_TEXT = (
     "p_win: share of replicates the winner wins. tied_bits: the winner's bit width and every other bit "
     "width whose best curve is not decisively worse; tie_within: the largest such margin; "
     "baseline_dominated: 16-bit decisively worse than the winner."
+)
+PRECISION_TEXT = (
+    "A mixed allocation is a precision of its own, named by its target ('mixed 3.25'; its `bits` column is "
+    "only its cheapest code's): every allocator and candidate set at that target competes as one, as the "
+    "settings of a bit width do. So is a curve with recovery adapters ('4 +lora')."
 )
 
 
@@ -68,11 +73,17 @@ def optimality_section(study: Study, table: pd.DataFrame) -> Section:
     shown["tied_bits"] = shown["tied_bits"].map(
         lambda t: ", ".join(map(str, t)) if isinstance(t, tuple) else None
     )
+    other = "" if all(isinstance(b, int | np.integer) for b in best["bits"]) else f" {PRECISION_TEXT}"
     blocks = [
-        Block(text=f"{OPTIMALITY_TEXT} {paired_note(study_draws(study, study.metric))}"),
+        Block(text=f"{OPTIMALITY_TEXT}{other} {paired_note(study_draws(study, study.metric))}"),
         Block(table=shown, name="Bit-optimality"),
     ]
-    for family in sorted(table["model_family"].unique()):
+    families = sorted(table["model_family"].unique())
+    if len(families) > MAX_FAMILY_FIGURES:  # report at scale (issue 17): a stated rule, as for the curves
+        blocks.append(Block(text=f"This study has {len(families)} model families, more than "
+                                 f"{MAX_FAMILY_FIGURES}: figures for the first {MAX_FAMILY_FIGURES} by name; "
+                                 "the table above has every family."))  # fmt: skip
+    for family in families[:MAX_FAMILY_FIGURES]:
         fig = plot_bit_optimality(best, table, metric_label(study.metric), family)
         blocks.append(Block(figure=fig, name=f"optimality-{slug(family)}"))
     return Section(OPTIMALITY_TITLE, tuple(blocks))

@@ -1,5 +1,9 @@
 """Scaling curves: one metric against total model bits, one curve per bit precision across sizes.
 
+A curve's `precision` (`analysis.tidy.precision_key`) is what "per bit width" means downstream: its bit
+width for a uniform curve, 'mixed 3.25' for a mixed allocation (whose `bits` column is only its cheapest
+candidate's), '4 +lora' for a recovered one.
+
 The paper's curves are "almost parallel" in log bits, so it interpolated each precision's curve
 piecewise-linearly in log2(total model bits) between measured model sizes instead of fitting a power
 law; `interpolate_curves` does exactly that, and never extrapolates past a curve's smallest or largest
@@ -16,11 +20,11 @@ import pandas as pd
 
 from analysis.errors import AnalysisError
 from analysis.metrics import check_metric, se_column
-from analysis.tidy import BASELINE_SETTING
+from analysis.tidy import BASELINE_SETTING, precision_keys
 
 log = logging.getLogger(__name__)
 
-CURVE_KEYS: tuple[str, ...] = ("model_family", "setting", "curve", "bits")
+CURVE_KEYS: tuple[str, ...] = ("model_family", "setting", "curve", "bits", "precision")
 POINT_COLUMNS: tuple[str, ...] = (
     *CURVE_KEYS, "n_params", "n_quantized_params", "total_model_bits", "log2_bits", "value", "se", "job_keys",
     "seed_values",
@@ -34,14 +38,15 @@ def curve_points(tidy: pd.DataFrame, metric: str) -> pd.DataFrame:
     paired replicates (`analysis.units.JobDraws.for_groups`) can be averaged the same way;
     `seed_values` holds the value of each trained model of that size (a ladder's `+seeds<N>` members,
     ordered by model label), which the fits resample. `se` is the metric's standard error where the
-    results carry one, else NaN.
+    results carry one, else NaN. `precision`: each curve's `analysis.tidy.precision_key`.
 
     Raises:
         AnalysisError: `metric` has no values.
     """
     check_metric(tidy, metric)
     se = tidy[se_column(metric)] if se_column(metric) in tidy else pd.Series(np.nan, index=tidy.index)
-    rows = tidy.assign(value=tidy[metric], se=se).dropna(subset=["value", "total_model_bits"])
+    rows = tidy.assign(value=tidy[metric], se=se, precision=precision_keys(tidy))
+    rows = rows.dropna(subset=["value", "total_model_bits"])
     rows = rows[rows["total_model_bits"] > 0]
     keys = [*CURVE_KEYS, "n_params"]
     points = rows.groupby(keys, dropna=False, sort=True).agg(

@@ -23,7 +23,7 @@ or the interval reaches a bound (the replicates pile up there).
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -42,6 +42,7 @@ BOUND_RTOL = 1e-3  # an estimate this close to a bound (relatively) sits at it
 PARAM_COLUMNS = ["model_family", "setting", "law", "param", "estimate", "ci_low", "ci_high", "replicates",
                  "identified", "note"]  # fmt: skip
 QUALITY_COLUMNS = ["model_family", "setting", "law", "n_points", "n_sizes", "n_fit_params", "r2", "rmse"]
+SKIPPED_COLUMNS = ["model_family", "setting", "law", "reason"]
 
 
 @dataclass(frozen=True)
@@ -106,6 +107,32 @@ def fit_law(points: pd.DataFrame, law: str, n_boot: int = 200, seed: int = 0) ->
     )
 
 
+def fit_families(
+    points: pd.DataFrame, law: str, families: Sequence[str], n_boot: int = 200, seed: int = 0
+) -> FitResult:
+    """`fit_law` for each of `families` on its own, every family's replicates drawn from `seed` (common
+    random numbers, as the paired draws of `analysis.units`), results in family order: a family's fit
+    does not depend on which other families are fit with it, so the families can be fit apart (in
+    worker processes) and joined (`join_fit_results`) into what one call over all of them gives."""
+    return join_fit_results(
+        [fit_law(points[points["model_family"] == family], law, n_boot, seed) for family in families]
+    )
+
+
+def join_fit_results(parts: Sequence[FitResult]) -> FitResult:
+    """The fits of disjoint families as one `FitResult` (parts in family order)."""
+    if not parts:
+        params, quality = pd.DataFrame(columns=PARAM_COLUMNS), pd.DataFrame(columns=QUALITY_COLUMNS)
+        return FitResult(params, pd.DataFrame(), quality, pd.DataFrame(columns=SKIPPED_COLUMNS))
+    predictions = [p.predictions for p in parts if not p.predictions.empty]
+    return FitResult(
+        params=pd.concat([p.params for p in parts], ignore_index=True),
+        predictions=pd.concat(predictions, ignore_index=True) if predictions else pd.DataFrame(),
+        quality=pd.concat([p.quality for p in parts], ignore_index=True),
+        skipped=pd.concat([p.skipped for p in parts], ignore_index=True),
+    )
+
+
 def cluster_weights(group: pd.DataFrame, n_boot: int, rng: np.random.Generator) -> np.ndarray:
     """(R, n) point weights of the model-level bootstrap: each replicate draws the group's model sizes
     (clusters: `n_params`, so seeds of one size stay together) with replacement, and a point weighs
@@ -126,8 +153,8 @@ def seed_targets(group: pd.DataFrame, n_rows: int, rng: np.random.Generator) -> 
     seeds; a point with one model keeps its value. So seed-to-seed variance enters the intervals."""
     values = group["value"].to_numpy(float)
     targets = np.broadcast_to(values, (n_rows, len(group))).copy()
-    if "seed_values" not in group or n_rows == 0:
-        return targets
+    if "seed_values" not in group or n_rows == 0 or all(np.size(v) < 2 for v in group["seed_values"]):
+        return targets  # nothing to redraw (and no draw made: the stream continues as it was)
     for _, rows in group.groupby("n_params").groups.items():
         per_point = [np.asarray(group.at[i, "seed_values"], float) for i in rows]
         k = len(per_point[0])
@@ -203,12 +230,15 @@ def _fit_shared_slope(group: pd.DataFrame, weights: np.ndarray, targets: np.ndar
     design = np.column_stack([(group["bits"] == k).to_numpy(float) for k in bits] + [group["log2_bits"]])
     y = group["value"].to_numpy(float)
     coef = np.linalg.pinv(design) @ y
-    root_w = np.sqrt(weights)[:, :, None]
-    weighted = root_w * design[None]  # (R, n, p): a replicate's rows, each repeated as often as drawn
-    replicates = (np.linalg.pinv(weighted) @ (root_w * targets[:, :, None]))[:, :, 0]  # (R, p)
-    full_rank = np.linalg.matrix_rank(weighted) == design.shape[1] if len(weights) else np.zeros(0, bool)
+    # Each replicate is solved on its own, so equal (weights, targets) rows -- a bootstrap over a few
+    # model sizes redraws the same counts often -- are solved once and scattered back, bit for bit.
+    unique, inverse = np.unique(np.hstack([weights, targets]), axis=0, return_inverse=True)
+    root_w = np.sqrt(unique[:, : len(y)])[:, :, None]
+    weighted = root_w * design[None]  # (U, n, p): a replicate's rows, each repeated as often as drawn
+    replicates = (np.linalg.pinv(weighted) @ (root_w * unique[:, len(y) :, None]))[:, :, 0]  # (U, p)
+    full_rank = np.linalg.matrix_rank(weighted) == design.shape[1] if len(unique) else np.zeros(0, bool)
     replicates[~full_rank] = np.nan
-    all_coef = np.vstack([coef, replicates]).T  # (p, 1 + R)
+    all_coef = np.vstack([coef, replicates[inverse.reshape(-1)]]).T  # (p, 1 + R)
     names = [f"a_{int(k)}" for k in bits] + ["b"]
     return FitDraws(dict(zip(names, all_coef, strict=True)), design @ coef, {})
 
@@ -235,18 +265,8 @@ def interpolation_loo(points: pd.DataFrame) -> FitResult:
     interpolating its two neighbours in log2 bits; the residuals show whether curves are straight
     enough in log bits for interpolation between measured sizes to be trusted.
     """
-    preds = []
-    for _, curve in points.groupby(["model_family", "curve"], sort=True):
-        x, y = curve["log2_bits"].to_numpy(), curve["value"].to_numpy()
-        if len(curve) < 3:
-            continue
-        frac = (x[1:-1] - x[:-2]) / (x[2:] - x[:-2])
-        predicted = y[:-2] + frac * (y[2:] - y[:-2])
-        inner = curve.iloc[1:-1]
-        preds.append(
-            inner.assign(law="interpolation", predicted=predicted, residual=inner["value"] - predicted)
-        )
-    if not preds:
+    predictions = _loo_predictions(points)
+    if predictions.empty:
         reason = "leave-one-out needs curves with >= 3 model sizes"
         pairs = points[["model_family", "setting"]].drop_duplicates()
         skipped = pairs.assign(law="interpolation", reason=reason)
@@ -256,7 +276,6 @@ def interpolation_loo(points: pd.DataFrame) -> FitResult:
             pd.DataFrame(columns=QUALITY_COLUMNS),
             skipped,
         )
-    predictions = pd.concat(preds, ignore_index=True)
     quality = [
         {"model_family": f, "setting": s, "law": "interpolation", "n_points": len(g),
          "n_sizes": g["n_params"].nunique(), "n_fit_params": 0,
@@ -269,3 +288,26 @@ def interpolation_loo(points: pd.DataFrame) -> FitResult:
         quality=pd.DataFrame(quality, columns=QUALITY_COLUMNS),
         skipped=pd.DataFrame(columns=["model_family", "setting", "law", "reason"]),
     )
+
+
+def _loo_predictions(points: pd.DataFrame) -> pd.DataFrame:
+    """Every interior point of every (family, curve), in group order, predicted from its neighbours:
+    what a loop over `points.groupby(["model_family", "curve"])` gives, computed for all curves at
+    once (the same arithmetic per point, so the same values bit for bit)."""
+    rows = points.dropna(subset=["model_family", "curve"])
+    order = np.lexsort((np.arange(len(rows)), rows["curve"].to_numpy(), rows["model_family"].to_numpy()))
+    rows = rows.iloc[order]
+    key = rows["model_family"].astype(str) + "\x00" + rows["curve"].astype(str)
+    start = (key != key.shift()).to_numpy()
+    group = np.cumsum(start) - 1
+    size = np.bincount(group)[group]
+    position = np.arange(len(rows)) - np.flatnonzero(start)[group]
+    inner = (size >= 3) & (position >= 1) & (position <= size - 2)
+    x, y = rows["log2_bits"].to_numpy(), rows["value"].to_numpy()
+    at = np.flatnonzero(inner)
+    frac = (x[at] - x[at - 1]) / (x[at + 1] - x[at - 1])
+    predicted = y[at - 1] + frac * (y[at + 1] - y[at - 1])
+    kept = rows.iloc[at]
+    return kept.assign(
+        law="interpolation", predicted=predicted, residual=kept["value"] - predicted
+    ).reset_index(drop=True)

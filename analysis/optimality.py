@@ -13,6 +13,10 @@ per point (the previous approach) would be the wrong model for shared tokens, so
 
 Per budget the table names the tie set (`tied_bits`): the winner's bit width and every other bit width
 whose best curve is not decisively worse; and whether the 16-bit baseline is dominated.
+
+"Bit width" here is a curve's `precision` (`analysis.tidy.precision_key`): the bit width of a uniform
+curve (an int, so uniform studies' tables are unchanged), 'mixed 3.25' for a mixed allocation and
+'4 +lora' for a recovered curve; the columns keep their names (`winner_bits`, `tied_bits`, `bits`).
 """
 
 from __future__ import annotations
@@ -25,12 +29,12 @@ import pandas as pd
 from analysis.curves import CURVE_KEYS, interpolation_weights
 from analysis.errors import AnalysisError
 from analysis.paired import CI_LEVEL, interval
+from analysis.tidy import BASELINE_BITS, Precision, precision_order
 
 log = logging.getLogger(__name__)
 
 __all__ = ["CI_LEVEL", "best_per_bits", "bit_optimality", "budget_grid"]
 MIN_CANDIDATES = 2
-BASELINE_BITS = 16
 
 
 def budget_grid(points: pd.DataFrame, n_budgets: int = 12) -> dict[str, np.ndarray]:
@@ -108,11 +112,11 @@ def _budget_row(curves: pd.DataFrame, scores: np.ndarray, sign: float, paired: b
         return {}
     order = covered[np.argsort(-scores[covered, 0], kind="stable")]
     win, second = order[0], order[1]
-    bits = curves["bits"].astype(int).to_numpy()
+    bits: list[Precision] = curves["precision"].tolist()  # a bit width, or 'mixed 3.25', '4 +lora'
     row: dict[str, object] = {
         "n_candidates": len(covered),
         "winner": curves.iloc[win]["curve"],
-        "winner_bits": int(bits[win]),
+        "winner_bits": bits[win],
         "winner_setting": curves.iloc[win]["setting"],
         "winner_value": sign * scores[win, 0],
         "runner_up": curves.iloc[second]["curve"],
@@ -120,14 +124,14 @@ def _budget_row(curves: pd.DataFrame, scores: np.ndarray, sign: float, paired: b
         **_margin(scores[win], scores[second], prefix=""),
         "p_win": _p_win(scores, covered, win) if paired else np.nan,
     }
-    best_of: dict[int, int] = {}
+    best_of: dict[Precision, int] = {}
     for c in order:
-        best_of.setdefault(int(bits[c]), int(c))
+        best_of.setdefault(bits[c], int(c))
     rivals = {b: _margin(scores[win], scores[c], prefix="") for b, c in best_of.items() if b != bits[win]}
     other = [c for c in order if bits[c] != bits[win]]
     row["other_bits"] = curves.iloc[other[0]]["curve"] if other else None
     row.update(_margin(scores[win], scores[other[0]], prefix="other_bits_") if other else {})
-    row.update(_ties(int(bits[win]), rivals, paired))
+    row.update(_ties(bits[win], rivals, paired))
     return row
 
 
@@ -137,18 +141,21 @@ def _p_win(scores: np.ndarray, covered: np.ndarray, win: int) -> float:
     return float(np.mean(covered[np.argmax(replicates, axis=0)] == win))
 
 
-def _ties(winner_bits: int, rivals: dict[int, dict[str, object]], paired: bool) -> dict[str, object]:
-    """The tie set, its spread, and whether 16-bit is dominated (None where there is no CI)."""
+def _ties(
+    winner_bits: Precision, rivals: dict[Precision, dict[str, object]], paired: bool
+) -> dict[str, object]:
+    """The tie set (ordered by `precision_order`), its spread, and whether 16-bit is dominated (None
+    where there is no CI)."""
     if not paired:
         return {"paired_ci": False, "tied_bits": None, "tie_within": np.nan, "baseline_dominated": None}
-    tied = sorted(b for b, m in rivals.items() if not m["decisive"])
+    tied = [b for b, m in rivals.items() if not m["decisive"]]
     dominated = (
         bool(rivals[BASELINE_BITS]["decisive"]) if BASELINE_BITS in rivals
         else False if winner_bits == BASELINE_BITS else None
     )  # fmt: skip
     return {
         "paired_ci": True,
-        "tied_bits": tuple(sorted([winner_bits, *tied])),
+        "tied_bits": tuple(sorted([winner_bits, *tied], key=precision_order)),
         "tie_within": max((float(rivals[b]["margin"]) for b in tied), default=0.0),  # type: ignore[arg-type]
         "baseline_dominated": dominated,
     }
@@ -172,7 +179,8 @@ BEST_COLUMNS = ["model_family", "bits", "budget_bits", "value", "ci_low", "ci_hi
 def best_per_bits(
     points: pd.DataFrame, higher_is_better: bool, n_budgets: int = 60, draws: np.ndarray | None = None
 ) -> pd.DataFrame:
-    """Per family, bit width and budget: the best interpolated value over that width's settings.
+    """Per family, bit width (`precision`: 'mixed 3.25' is one of its own) and budget: the best
+    interpolated value over that width's settings.
 
     `ci_low` / `ci_high`: the 95% interval of that curve's interpolated value over the paired
     replicates (`draws`, as in `bit_optimality`); NaN without them. Columns: `BEST_COLUMNS`.
@@ -186,12 +194,18 @@ def best_per_bits(
         for c, curve in curves.iterrows():
             keep = ~np.isnan(values[c, :, 0])
             frames.append(pd.DataFrame({
-                "model_family": family, "bits": curve["bits"], "budget_bits": budgets[keep],
+                "model_family": family, "bits": curve["precision"], "budget_bits": budgets[keep],
                 "value": values[c, keep, 0], "ci_low": low[c, keep], "ci_high": high[c, keep],
                 "curve": curve["curve"],
             }))  # fmt: skip
     if not frames:
         return pd.DataFrame(columns=BEST_COLUMNS)
     table = pd.concat(frames, ignore_index=True).sort_values("value", ascending=not higher_is_better)
-    best = table.drop_duplicates(["model_family", "bits", "budget_bits"])
-    return best[BEST_COLUMNS].sort_values(["model_family", "bits", "budget_bits"]).reset_index(drop=True)
+    best = table.drop_duplicates(["model_family", "bits", "budget_bits"])[BEST_COLUMNS]
+    order = best["bits"].map(precision_order)  # bit widths and mixed keys together: never compared raw
+    return (
+        best.assign(_order=order)
+        .sort_values(["model_family", "_order", "budget_bits"])
+        .drop(columns="_order")
+        .reset_index(drop=True)
+    )

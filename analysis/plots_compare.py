@@ -1,4 +1,5 @@
-"""Figures comparing configurations: Pareto fronts, data type x block size, proxy quantization."""
+"""Figures comparing configurations: Pareto fronts, data type x block size, proxy quantization, and the
+best curves of many model families side by side."""
 
 from __future__ import annotations
 
@@ -6,8 +7,9 @@ import pandas as pd
 from matplotlib.figure import Figure
 
 from analysis.errors import AnalysisError
-from analysis.style import bits_axis, bits_color, category_color, new_figure, set_title, styled
-from analysis.tidy import method_scope_labels
+from analysis.plots_curves import best_settings
+from analysis.style import bits_axis, bits_color, category_color, new_figure, set_suptitle, set_title, styled
+from analysis.tidy import BASELINE_SETTING, method_scope_labels
 
 
 @styled
@@ -102,3 +104,45 @@ def plot_proxy_effect(pairs: pd.DataFrame, metric_label: str) -> Figure:
         set_title(ax, f"{int(bits)}-bit: proxy quantization")
         ax.legend(loc="best")
     return fig
+
+
+@styled
+def plot_family_curves(points: pd.DataFrame, metric_label: str, *, higher_is_better: bool = False) -> Figure:
+    """Every family's scaling curves in one figure, one small panel per family: each precision's best
+    setting (`best_settings`) and the 16-bit baseline, metric vs total model bits; one legend.
+
+    What the report draws instead of one multi-panel figure per family once a study has more families
+    than a report can usefully show one by one (`analysis.sections.MAX_FAMILY_FIGURES`).
+    """
+    families = sorted(points["model_family"].unique())
+    if not families:
+        raise AnalysisError("no curve points to draw")
+    fig, axes = new_figure(len(families), max_cols=4)
+    for ax, family in zip(axes, families, strict=True):
+        fam = points[points["model_family"] == family]
+        quantized = fam[fam["setting"] != BASELINE_SETTING]
+        keys = quantized["precision"] if "precision" in quantized else quantized["bits"].astype(int)
+        best = best_settings(quantized, higher_is_better)
+        for key, setting in sorted(best.items(), key=lambda item: _key_order(item[0])):
+            curve = quantized[(keys == key) & (quantized["setting"] == setting)]
+            label = key if isinstance(key, str) else f"{key}-bit"
+            color = bits_color(int(curve["bits"].iloc[0]))
+            ax.plot(curve["total_model_bits"], curve["value"], "o-", color=color, markersize=3, label=label)
+        baseline = fam[fam["setting"] == BASELINE_SETTING]
+        if not baseline.empty:
+            ax.plot(baseline["total_model_bits"], baseline["value"], "o-", color=bits_color(16),
+                    markersize=3, label="16-bit")  # fmt: skip
+        bits_axis(ax)
+        set_title(ax, family)
+        if ax.get_subplotspec().is_first_col():  # type: ignore[union-attr]
+            ax.set_ylabel(metric_label)
+    handles = {label: h for ax in axes for h, label in zip(*ax.get_legend_handles_labels(), strict=True)}
+    axes[0].legend(list(handles.values()), list(handles), loc="best", fontsize="small")
+    title = f"{metric_label} vs total model bits, best setting per precision, {len(families)} families"
+    set_suptitle(fig, title)
+    return fig
+
+
+def _key_order(key: object) -> tuple[int, float, str]:
+    """Bit widths in order, then any named precision ('mixed 3.25', ...) by name."""
+    return (1, 0.0, str(key)) if isinstance(key, str) else (0, float(key), "")  # type: ignore[arg-type]

@@ -2,6 +2,10 @@
 
 A fit is drawn, and its R² shown, only where it is a fit: more points than parameters (`fit_verdicts`);
 an R² below 0 (worse than the mean of the points) marks a failed fit, never a statistic.
+
+Lines are drawn per precision (`analysis.tidy.precision_key`, `precision_style`): a bit width in its
+own colour, solid; a mixed allocation ('mixed 3.25') dash-dotted in the colour between its neighbouring
+bit widths'; a recovered curve ('4 +lora') dotted in its bit width's colour.
 """
 
 from __future__ import annotations
@@ -12,12 +16,13 @@ from itertools import takewhile
 import numpy as np
 import pandas as pd
 from matplotlib.axes import Axes
+from matplotlib.colors import to_hex, to_rgb
 from matplotlib.figure import Figure
 
 from analysis.errors import AnalysisError
 from analysis.fits import FitResult
 from analysis.style import bits_axis, bits_color, new_figure, set_suptitle, set_title, styled
-from analysis.tidy import BASELINE_SETTING
+from analysis.tidy import BASELINE_SETTING, Precision, precision_label, precision_order
 
 BEST_PANEL = "best of each bit width"
 LOO_LINE_PARAMS = 2  # leave-one-out predicts a point by the line through its two neighbours
@@ -25,6 +30,46 @@ VERDICT_OK = "ok"
 _BLOCK_TOKEN = re.compile(r"^(B\d+|per-tensor)$")
 _EXPONENT_TOKEN = re.compile(r"^e\d+$")
 _ALLOCATION_TOKEN = re.compile(r"^[a-z_-]+\d[\d.]*\[")  # a mixed setting's 'knapsack3.25[nf3-b64+...]'
+MIXED_LINESTYLE, RECOVERED_LINESTYLE = "-.", ":"  # fits are dashed; a bit width's own curves solid
+
+
+def precision_style(key: Precision) -> tuple[str, str]:
+    """(colour, line style) of a precision: a bit width's colour, solid; a mixed target the colour
+    between its neighbouring bit widths' (3.25: a quarter of the way from 3 to 4), dash-dotted; a
+    recovered curve its bit width's colour, dotted."""
+    if not isinstance(key, str):
+        return bits_color(int(key)), "-"
+    bits = precision_order(key)[0]
+    low = int(np.floor(bits)) if np.isfinite(bits) else 0
+    frac = bits - low if np.isfinite(bits) else 0.0
+    mix = (1 - frac) * np.array(to_rgb(bits_color(low))) + frac * np.array(to_rgb(bits_color(low + 1)))
+    style = MIXED_LINESTYLE if key.startswith("mixed") else RECOVERED_LINESTYLE
+    return to_hex(tuple(mix)), style
+
+
+def curve_label(key: Precision, detail: str) -> str:
+    """A legend label: '4-bit nf B64', '3-bit nf B64 +lora' (the setting names the recovery); a mixed
+    curve without what its key says or what would not fit a legend (method parameters, candidates,
+    target): 'mixed 3.25-bit gptq knapsack'."""
+    base = key.split(" +")[0] if isinstance(key, str) else key  # the recovery is in `detail`
+    if not (isinstance(base, str) and base.startswith("mixed")):
+        return f"{precision_label(base)} {detail}"
+    for pattern in _MIXED_DETAIL_DROPS:
+        detail = pattern.sub("", detail)
+    return " ".join([precision_label(base), *detail.split()])
+
+
+_MIXED_DETAIL_DROPS = (
+    re.compile(r"\([^)]*\)"),  # method parameters: 'gptq(search={...})'
+    re.compile(r"\[[^\]]*\]"),  # candidates: '[nf2-b64+nf4-b64]'
+    re.compile(r"(?<=[a-z_])\d+(?:\.\d+)?(?=\s|$)"),  # the target after the allocator: 'knapsack3.25'
+    re.compile(r"(?:^|\s)mixed(?=\s|$)"),
+)
+
+
+def _precisions(frame: pd.DataFrame) -> pd.Series:
+    """The `precision` column of curve points, or their bit widths for frames without one."""
+    return frame["precision"] if "precision" in frame else frame["bits"].astype(int)
 
 
 def data_type_of(setting: str) -> str:
@@ -35,17 +80,19 @@ def data_type_of(setting: str) -> str:
     return " ".join(t for t in head if not _EXPONENT_TOKEN.match(t)) or setting
 
 
-def best_settings(points: pd.DataFrame, higher_is_better: bool) -> dict[int, str]:
-    """Per bit width, its best setting among `points` (one family): of the settings measured at the
-    most model sizes, the one with the best mean rank over those sizes (ties: best mean value, name)."""
-    best: dict[int, str] = {}
-    for bits, rows in points[points["setting"] != BASELINE_SETTING].groupby("bits"):
+def best_settings(points: pd.DataFrame, higher_is_better: bool) -> dict[Precision, str]:
+    """Per precision (bit width, or 'mixed 3.25', ...), its best setting among `points` (one family): of
+    the settings measured at the most model sizes, the one with the best mean rank over those sizes
+    (ties: best mean value, name)."""
+    best: dict[Precision, str] = {}
+    quantized = points[points["setting"] != BASELINE_SETTING]
+    for bits, rows in quantized.groupby(_precisions(quantized)):
         coverage = rows.groupby("setting")["n_params"].nunique()
         rows = rows[rows["setting"].isin(coverage[coverage == coverage.max()].index)]
         signed = -rows["value"] if higher_is_better else rows["value"]
         ranked = rows.assign(rank=signed.groupby(rows["n_params"]).rank(method="average"), signed=signed)
         score = ranked.groupby("setting")[["rank", "signed"]].mean()
-        best[int(bits)] = str(
+        best[bits if isinstance(bits, str) else int(bits)] = str(
             score.reset_index().sort_values(["rank", "signed", "setting"]).iloc[0]["setting"]
         )
     return best
@@ -97,21 +144,22 @@ def _draw_panel(
     ax: Axes,
     rows: pd.DataFrame,
     baseline: pd.DataFrame,
-    best: dict[int, str],
+    best: dict[Precision, str],
     prefix: str,
     accepted: dict[str, dict[str, float]],
 ) -> None:
-    """Thin lines for every setting but each bit width's best, bold lines (and accepted fits) for those."""
-    for (bits, setting), curve in rows.groupby(["bits", "setting"]):
-        if best.get(int(bits)) != setting:
-            ax.plot(curve["total_model_bits"], curve["value"], "-", color=bits_color(int(bits)),
-                    linewidth=0.7, alpha=0.35)  # fmt: skip
-    for bits, setting in sorted(best.items()):
-        curve = rows[(rows["bits"] == bits) & (rows["setting"] == setting)]
+    """Thin lines for every setting but each precision's best, bold lines (and accepted fits) for those."""
+    for (bits, setting), curve in rows.groupby([_precisions(rows), rows["setting"]]):
+        if best.get(bits) != setting:
+            color, style = precision_style(bits)
+            ax.plot(curve["total_model_bits"], curve["value"], style, color=color, linewidth=0.7, alpha=0.35)
+    for bits, setting in sorted(best.items(), key=lambda item: precision_order(item[0])):
+        curve = rows[(_precisions(rows) == bits) & (rows["setting"] == setting)]
         detail = setting.removeprefix(prefix).strip() if prefix else setting
-        color = bits_color(bits)
-        ax.plot(curve["total_model_bits"], curve["value"], "o-", color=color, label=f"{bits}-bit {detail}")
-        line = _fit_line(accepted.get(setting), bits, curve)
+        color, style = precision_style(bits)
+        ax.plot(curve["total_model_bits"], curve["value"], f"o{style}", color=color,
+                label=curve_label(bits, detail))  # fmt: skip
+        line = _fit_line(accepted.get(setting), int(curve["bits"].iloc[0]), curve)  # the fit's a_<bits>
         if line is not None:
             ax.plot(*line, "--", color=color, linewidth=0.9, alpha=0.8)
     if not baseline.empty:
@@ -187,9 +235,11 @@ def plot_fit_quality(fit: FitResult, metric_label: str, title: str) -> Figure:
     ok = fit.quality.loc[verdicts == VERDICT_OK, ["model_family", "setting"]]
     pred = fit.predictions.merge(ok, on=["model_family", "setting"])
     fig, (obs_ax, res_ax) = new_figure(2)
-    for bits, rows in pred.groupby("bits"):
-        color = bits_color(int(bits))
-        obs_ax.scatter(rows["predicted"], rows["value"], s=14, color=color, label=f"{int(bits)}-bit")
+    keys = _precisions(pred)
+    for bits in sorted(keys.unique(), key=precision_order):
+        rows = pred[keys == bits]
+        color = precision_style(bits)[0]
+        obs_ax.scatter(rows["predicted"], rows["value"], s=14, color=color, label=precision_label(bits))
         res_ax.scatter(rows["total_model_bits"], rows["residual"], s=14, color=color)
     if pred.empty:
         for ax in (obs_ax, res_ax):
@@ -233,15 +283,19 @@ def _quality_summary(quality: pd.DataFrame, verdicts: pd.Series) -> str:
 def plot_bit_optimality(
     best: pd.DataFrame, optimality: pd.DataFrame, metric_label: str, family: str
 ) -> Figure:
-    """Top: each bit width's best interpolated metric vs budget, winners marked. Bottom: margin + CI."""
+    """Top: each precision's best interpolated metric vs budget (`precision_style`: a mixed one
+    dash-dotted), winners marked. Bottom: margin + CI."""
     fam_best = best[best["model_family"] == family]
     fam_opt = optimality[optimality["model_family"] == family] if not optimality.empty else optimality
     if fam_best.empty:
         raise AnalysisError(f"no interpolated curves for family {family!r}")
     fig, (top, bottom) = new_figure(2, max_cols=2)
-    for bits, rows in fam_best.groupby("bits"):
-        color = bits_color(int(bits))
-        top.plot(rows["budget_bits"], rows["value"], color=color, label=f"best {int(bits)}-bit")
+    for bits in sorted(fam_best["bits"].unique(), key=precision_order):
+        rows = fam_best[fam_best["bits"] == bits]
+        color, style = precision_style(bits)
+        top.plot(
+            rows["budget_bits"], rows["value"], style, color=color, label=f"best {precision_label(bits)}"
+        )
         top.fill_between(
             rows["budget_bits"], rows["ci_low"], rows["ci_high"], color=color, alpha=0.15, linewidth=0
         )
@@ -252,7 +306,7 @@ def plot_bit_optimality(
                 rows["winner_value"],
                 s=40,
                 marker="*",
-                color=bits_color(int(bits)),
+                color=precision_style(bits)[0],
                 edgecolor="black",
                 linewidth=0.5,
                 zorder=3,

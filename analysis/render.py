@@ -25,6 +25,12 @@ class Block:
     figure: Figure | None = None
     name: str = ""  # file stem of the figure, or a caption for a table
     gap: str = ""
+    saved: bool = False  # a figure already written as figures/<name>.png and .svg, its `Figure` let go
+
+    @property
+    def has_figure(self) -> bool:
+        """Whether this block is a figure (drawn, or already saved)."""
+        return self.figure is not None or self.saved
 
 
 @dataclass(frozen=True)
@@ -95,7 +101,7 @@ def _html_block(block: Block, figure_png: dict[str, bytes], answer: bool) -> str
     if block.table is not None:
         caption = f"<p><b>{html.escape(block.name)}</b> {_table_note(block.table)}</p>" if block.name else ""
         return caption + format_table(block.table).to_html(index=False, escape=True, border=0)
-    if block.figure is not None:
+    if block.has_figure:
         data = base64.b64encode(figure_png[block.name]).decode("ascii")
         return (
             f'<figure><img alt="{html.escape(block.name)}" src="data:image/png;base64,{data}">'
@@ -121,7 +127,7 @@ def _markdown_block(block: Block) -> list[str]:
     if block.table is not None:
         head = [f"**{block.name}** {_table_note(block.table)}".strip(), ""] if block.name else []
         return head + markdown_table(format_table(block.table))
-    if block.figure is not None:
+    if block.has_figure:
         return [f"![{block.name}](figures/{block.name}.png)"]
     return [block.text]
 
@@ -140,6 +146,6 @@ def markdown_table(table: pd.DataFrame) -> list[str]:
 
 def figure_names(sections: list[Section]) -> list[str]:
     """Every figure's name, in report order (names must be unique)."""
-    names = [b.name for s in sections for b in s.blocks if b.figure is not None]
+    names = [b.name for s in sections for b in s.blocks if b.has_figure]
     assert len(names) == len(set(names)), f"duplicate figure names {names}"
     return names

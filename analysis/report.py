@@ -9,18 +9,23 @@ from __future__ import annotations
 
 import argparse
 import logging
+import multiprocessing as mp
+import os
 import sys
-from collections.abc import Sequence
-from dataclasses import dataclass
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import matplotlib
+import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
 
 from analysis.answer import OPTIMALITY_TITLE, answer_section, optimality_section, optimality_table
 from analysis.chance import at_chance_families
 from analysis.errors import AnalysisError
+from analysis.fits import FitResult, join_fit_results
 from analysis.metrics import check_metric, default_loss, default_metric, metric_label
 from analysis.render import Block, Section, figure_names, render_html, render_markdown
 from analysis.sections import (
@@ -28,8 +33,10 @@ from analysis.sections import (
     N_BOOT,
     Study,
     curves_section,
+    effective_blocks,
+    effective_fit,
     failures_section,
-    fits_section,
+    fit_blocks_shape,
     fixed_precision_section,
     gaps_section,
     guarded,
@@ -57,6 +64,8 @@ from analysis.tokens import at_largest_tokens
 from pipeline.results import ResultsError, load_results
 
 log = logging.getLogger(__name__)
+
+DEFAULT_PROCESSES = min(2, os.cpu_count() or 1)  # the report's parts are few, one dominates: 2 suffice
 
 
 @dataclass(frozen=True)
@@ -139,35 +148,179 @@ def study_name(raw: pd.DataFrame, results: Path) -> str:
     return ", ".join(names) if len(names) <= 3 else f"{len(names)} studies ({names[0]}, ...)"
 
 
-def build_sections(study: Study) -> list[Section]:
-    """Every section of the report, gaps stated where a part could not be produced."""
+Task = Callable[[], object]  # a part of the report: its sections, or a fit that `assemble` makes them of
+EFFECTIVE_PARTS = 8  # tasks the effective-parameter law's families are split into (the costliest part)
+FITS_TITLE = "Parametric fits"
+
+
+@dataclass(frozen=True)
+class Failed:
+    """A part of 'Parametric fits' that raised `AnalysisError` (the section becomes its gap)."""
+
+    reason: str
+
+
+def _optimality_sections(study: Study) -> list[Section]:
+    """The Answer and the bit-optimality section, which share one optimality table."""
     table, reason = None, ""
     try:
         table = optimality_table(study)
     except AnalysisError as err:
         reason = str(err)
-    body = [
-        guarded("Study", lambda: study_section(study)),
-        guarded("Scaling curves", lambda: curves_section(study)),
-        guarded("Parametric fits", lambda: fits_section(study)),
+    optimality = (
         guarded(OPTIMALITY_TITLE, lambda: optimality_section(study, table))
         if table is not None
-        else Section(OPTIMALITY_TITLE, (Block(gap=reason),)),
-        guarded("Pareto front", lambda: pareto_section(study)),
-        guarded("Data type and block size", lambda: fixed_precision_section(study)),
-        *(
-            [guarded("Proxy quantization at 3 and 4 bits", lambda: proxy_section(study))]
-            if has_proxy(study)
-            else []
-        ),
-        *([guarded(METHODS_TITLE, lambda: methods_section(study))] if has_methods(study) else []),
-        *([guarded(TOKENS_TITLE, lambda: tokens_section(study))] if has_tokens(study) else []),
-        *([guarded(BINARY_TITLE, lambda: binary_section(study))] if has_binary(study) else []),
-        *([guarded(MIXED_TITLE, lambda: mixed_section(study))] if has_mixed(study) else []),
-        *([guarded(RECOVERY_TITLE, lambda: recovery_section(study))] if has_recovery(study) else []),
-        guarded("Failed jobs", lambda: failures_section(study)),
+        else Section(OPTIMALITY_TITLE, (Block(gap=reason),))
+    )
+    return [answer_section(study, table, reason), optimality]
+
+
+def _attempt(build: Callable[[], object]) -> object:
+    """`build()`, or `Failed` with the reason it raised `AnalysisError`."""
+    try:
+        return build()
+    except AnalysisError as err:
+        log.warning("%s: %s", FITS_TITLE, err)
+        return Failed(str(err))
+
+
+def _fits_tasks(study: Study) -> dict[str, Task]:
+    """'Parametric fits' as independent tasks: its first part (`fit_blocks_shape`), and the
+    effective-parameter law, the costliest part of the report, in up to `EFFECTIVE_PARTS` runs of
+    families (`_join_fits` makes the section of them)."""
+    families = sorted(study.tidy["model_family"].dropna().unique()) if study.tidy is not None else []
+    n_runs = max(1, min(len(families), EFFECTIVE_PARTS))
+    runs = [[str(f) for f in run] for run in np.array_split(np.array(families, dtype=object), n_runs)]
+    tasks: dict[str, Task] = {
+        f"fits-effective-{i}": _effective_task(study, run) for i, run in enumerate(runs)
+    }
+    shape = lambda: [Section(FITS_TITLE, tuple(fit_blocks_shape(study)))]  # noqa: E731
+    return {**tasks, "fits-shape": lambda: _attempt(shape)}
+
+
+def _effective_task(study: Study, families: list[str]) -> Task:
+    return lambda: _attempt(lambda: effective_fit(study, families))
+
+
+def _join_fits(study: Study, done: dict[str, object]) -> Section:
+    """What `fits_section` gives: the first part's gap if it failed, else the effective law's first
+    failed run's, else both parts (the effective law's runs joined in family order)."""
+    runs = [done[key] for key in sorted((k for k in done if k.startswith("fits-effective-")), key=_run_index)]
+    for part in (done["fits-shape"], *runs):
+        if isinstance(part, Failed):
+            return Section(FITS_TITLE, (Block(gap=part.reason),))
+    fits = [r for r in runs if isinstance(r, FitResult)]
+    law = join_fit_results(fits) if len(fits) == len(runs) else None
+    shape = done["fits-shape"]
+    assert isinstance(shape, list)
+    try:
+        return Section(FITS_TITLE, shape[0].blocks + tuple(effective_blocks(study, law)))
+    except AnalysisError as err:
+        return Section(FITS_TITLE, (Block(gap=str(err)),))
+
+
+def _run_index(key: str) -> int:
+    return int(key.rsplit("-", 1)[1])
+
+
+def _guarded_task(title: str, build: Callable[[Study], Section], study: Study) -> Task:
+    return lambda: [guarded(title, lambda: build(study))]
+
+
+def section_tasks(study: Study) -> dict[str, Task]:
+    """Every part of the report as an independent task, costliest first (the order a pool starts them)."""
+    optional = [
+        ("proxy", "Proxy quantization at 3 and 4 bits", has_proxy, proxy_section),
+        ("methods", METHODS_TITLE, has_methods, methods_section),
+        ("tokens", TOKENS_TITLE, has_tokens, tokens_section),
+        ("binary", BINARY_TITLE, has_binary, binary_section),
+        ("mixed", MIXED_TITLE, has_mixed, mixed_section),
+        ("recovery", RECOVERY_TITLE, has_recovery, recovery_section),
     ]
-    return [answer_section(study, table, reason), gaps_section(body), *body]
+    plain = [
+        ("curves", "Scaling curves", curves_section),
+        ("study", "Study", study_section),
+        ("pareto", "Pareto front", pareto_section),
+        ("fixed", "Data type and block size", fixed_precision_section),
+        *[(key, title, build) for key, title, present, build in optional if present(study)],
+        ("failures", "Failed jobs", failures_section),
+    ]
+    tasks: dict[str, Task] = {**_fits_tasks(study), "optimality": lambda: _optimality_sections(study)}
+    return tasks | {key: _guarded_task(title, build, study) for key, title, build in plain}
+
+
+def assemble(study: Study, done: dict[str, object]) -> list[Section]:
+    """The report's sections in reading order from the tasks' results: Answer, Gaps, then the body."""
+
+    def sections(key: str) -> list[Section]:
+        found = done.get(key, [])
+        assert isinstance(found, list)
+        return found
+
+    answer, optimality = sections("optimality")
+    body = [*sections("study"), *sections("curves"), _join_fits(study, done), optimality]
+    body += [s for key in ("pareto", "fixed", "proxy", "methods", "tokens", "binary", "mixed", "recovery")
+             for s in sections(key)]  # fmt: skip
+    body += sections("failures")
+    return [answer, gaps_section(body), *body]
+
+
+def build_sections(study: Study, processes: int = 1, fig_dir: Path | None = None) -> list[Section]:
+    """Every section of the report, gaps stated where a part could not be produced.
+
+    With `fig_dir`, each task saves its figures there as soon as it has drawn them (the blocks keep
+    only the name: `Block.saved`); with `processes` > 1 (needs `fig_dir` and the 'fork' start method)
+    the tasks run in that many worker processes. Every task is a pure function of `study` (seeded
+    resampling), so the report is the same whichever way it runs.
+    """
+    tasks = section_tasks(study)
+    if processes > 1 and fig_dir is not None and "fork" in mp.get_all_start_methods():
+        global _FORKED_TASKS  # the workers inherit the tasks by fork: closures over `study`, never pickled
+        _FORKED_TASKS = (tasks, fig_dir)
+        try:
+            with mp.get_context("fork").Pool(min(processes, len(tasks))) as pool:
+                results = pool.map(_run_forked, list(tasks), chunksize=1)
+        finally:
+            _FORKED_TASKS = None
+        return assemble(study, dict(zip(tasks, results, strict=True)))
+    done = {key: run_task(key, task, fig_dir) for key, task in tasks.items()}
+    return assemble(study, done)
+
+
+_FORKED_TASKS: tuple[dict[str, Task], Path] | None = None  # set only while a pool of forks runs them
+
+
+def _run_forked(key: str) -> object:
+    """In a forked worker: run one task and save its figures (what comes back holds no `Figure`)."""
+    assert _FORKED_TASKS is not None
+    tasks, fig_dir = _FORKED_TASKS
+    return run_task(key, tasks[key], fig_dir)
+
+
+def run_task(key: str, task: Task, fig_dir: Path | None) -> object:
+    """Run one task, save its figures under `fig_dir` (if given), and log how long that took."""
+    start = time.perf_counter()
+    result = task() if fig_dir is None else save_figures(task(), fig_dir)
+    log.info("report part %s: %.1f s (process %d)", key, time.perf_counter() - start, os.getpid())
+    return result
+
+
+def save_figures(result: object, fig_dir: Path) -> object:
+    """Save every drawn figure of a task's sections under `fig_dir`, and drop it: the blocks become
+    `saved` (any other result, a fit, is returned as it is)."""
+    if not isinstance(result, list):
+        return result
+    fig_dir.mkdir(parents=True, exist_ok=True)
+    kept = []
+    for section in result:
+        blocks = []
+        for block in section.blocks:
+            if block.figure is not None:
+                save_figure(block.figure, fig_dir / block.name)
+                block = replace(block, figure=None, saved=True)
+            blocks.append(block)
+        kept.append(replace(section, blocks=tuple(blocks)))
+    return kept
 
 
 def save_figure(fig: Figure, stem: Path) -> list[Path]:
@@ -181,22 +334,19 @@ def save_figure(fig: Figure, stem: Path) -> list[Path]:
 
 
 def write_report(title: str, sections: list[Section], out_dir: Path) -> ReportFiles:
-    """Save every figure as PNG and SVG, then the HTML report and the Markdown summary."""
+    """Save every figure not yet saved as PNG and SVG, then the HTML report and the Markdown summary."""
     fig_dir = out_dir / "figures"
-    fig_dir.mkdir(parents=True, exist_ok=True)
-    pngs: dict[str, bytes] = {}
-    written: list[Path] = []
-    figures: dict[str, Figure] = {
-        b.name: b.figure for s in sections for b in s.blocks if b.figure is not None
-    }
-    for name in figure_names(sections):
-        written += save_figure(figures[name], fig_dir / name)
-        pngs[name] = (fig_dir / f"{name}.png").read_bytes()
+    saved = save_figures(sections, fig_dir)
+    assert isinstance(saved, list)
+    sections = saved
+    names = figure_names(sections)
+    pngs = {name: (fig_dir / f"{name}.png").read_bytes() for name in names}
+    written = tuple(fig_dir / f"{name}{suffix}" for name in names for suffix in (".png", ".svg"))
     html_path, md_path = out_dir / "report.html", out_dir / "summary.md"
     html_path.write_text(render_html(title, sections, pngs), encoding="utf-8")
     md_path.write_text(render_markdown(title, sections), encoding="utf-8")
     gaps = tuple(f"{s.title}: {g}" for s in sections[2:] for g in s.gaps)
-    return ReportFiles(html_path, md_path, tuple(written), gaps)
+    return ReportFiles(html_path, md_path, written, gaps)
 
 
 def build_report(
@@ -207,14 +357,16 @@ def build_report(
     n_boot: int = N_BOOT,
     n_budgets: int = 12,
     fixed_bits: int | None = None,
+    processes: int = 1,
 ) -> ReportFiles:
-    """Analyse a results folder and write the report (see the module doc for what is written)."""
+    """Analyse a results folder and write the report (see the module doc for what is written); the
+    report's parts run in `processes` worker processes (the same report for any number)."""
     results = Path(results)
     study = load_study(results, metric, tasks, n_boot, n_budgets, fixed_bits)
     out = (
         Path(out_dir) if out_dir is not None else (results if results.is_dir() else results.parent) / "report"
     )
-    sections = build_sections(study)
+    sections = build_sections(study, processes, out / "figures")
     return write_report(f"kbitscale report: {study.name}", sections, out)
 
 
@@ -235,9 +387,18 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--fixed-bits", type=int, default=None, help="precision of the dtype x block size table"
     )
+    parser.add_argument(
+        "--processes",
+        type=int,
+        default=DEFAULT_PROCESSES,
+        help=f"worker processes for the report's parts (default {DEFAULT_PROCESSES}; 1: none)",
+    )
     args = parser.parse_args(argv)
-    if args.n_boot < 0 or args.budgets < 1:
-        parser.error(f"--n-boot must be >= 0 and --budgets >= 1; got {args.n_boot} and {args.budgets}")
+    if args.n_boot < 0 or args.budgets < 1 or args.processes < 1:
+        parser.error(
+            f"--n-boot must be >= 0, --budgets >= 1 and --processes >= 1; "
+            f"got {args.n_boot}, {args.budgets} and {args.processes}"
+        )
     return args
 
 
@@ -249,8 +410,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
     try:
         files = build_report(
-            args.results, args.out, args.metric, tasks, args.n_boot, args.budgets, args.fixed_bits
-        )
+            args.results, args.out, args.metric, tasks, args.n_boot, args.budgets, args.fixed_bits,
+            args.processes,
+        )  # fmt: skip
     except (FileNotFoundError, ResultsError, AnalysisError) as err:
         print(f"kbitscale-report: error: {err}", file=sys.stderr)
         return 2

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import logging
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import pandas as pd
@@ -16,11 +16,11 @@ import pandas as pd
 from analysis.compare import default_fixed_bits, dtype_block_table, proxy_effect, proxy_summary
 from analysis.curves import check_sizes, curve_points
 from analysis.errors import AnalysisError
-from analysis.fits import FitResult, fit_law, interpolation_loo
+from analysis.fits import FitResult, fit_families, fit_law, interpolation_loo
 from analysis.methods import method_pairs, method_summary
 from analysis.metrics import higher_is_better, metric_label, split_variant, variant_columns
 from analysis.pareto import pareto_front
-from analysis.plots_compare import plot_dtype_block, plot_pareto, plot_proxy_effect
+from analysis.plots_compare import plot_dtype_block, plot_family_curves, plot_pareto, plot_proxy_effect
 from analysis.plots_curves import fit_quality_table, plot_fit_quality, plot_scaling_curves
 from analysis.render import Block, Section
 from analysis.tidy import failed_jobs, study_grid
@@ -127,10 +127,17 @@ def _variants_note(study: Study) -> list[Block]:
                        f"report uses {chosen} (--metric picks the headline).")]  # fmt: skip
 
 
+MAX_FAMILY_FIGURES = 12  # per-family curve figures up to this many families; one combined figure beyond
+
+
 def curves_section(study: Study) -> Section:
-    """One scaling-curve figure per family (and per loss, if it differs from the headline metric)."""
+    """One scaling-curve figure per family (and per loss, if it differs from the headline metric); with
+    more than `MAX_FAMILY_FIGURES` families, one combined figure per metric instead (a stated rule)."""
     tidy = study.require_tidy()
     metrics = [m for m in dict.fromkeys([study.metric, study.loss]) if m]
+    families = sorted(tidy["model_family"].dropna().unique())
+    if len(families) > MAX_FAMILY_FIGURES:
+        return Section("Scaling curves", tuple(_combined_curve_blocks(tidy, metrics, len(families))))
     blocks = [Block(text="Lines join measured model sizes: the paper's piecewise-linear interpolation in "
                          "log bits. First panel: each bit width's best setting; then one panel per data "
                          "type, its best setting per bit width bold, the others thin. Dashed: the "
@@ -144,6 +151,23 @@ def curves_section(study: Study) -> Section:
                                       higher_is_better=higher_is_better(metric))  # fmt: skip
             blocks.append(Block(figure=fig, name=f"curves-{slug(family)}-{slug(metric)}"))
     return Section("Scaling curves", tuple(blocks))
+
+
+def _combined_curve_blocks(tidy: pd.DataFrame, metrics: list[str], n_families: int) -> list[Block]:
+    """The rule for many families: one figure per metric, one small panel per family (best setting per
+    bit width and the 16-bit baseline), in place of a multi-panel figure per family."""
+    blocks = [Block(text=f"This study has {n_families} model families, more than {MAX_FAMILY_FIGURES}: "
+                         "instead of one figure per family (one panel per data type), one figure per metric "
+                         "shows every family in a small panel of its own, each bit width's best setting and "
+                         "the 16-bit baseline; lines join measured model sizes (the paper's "
+                         "piecewise-linear interpolation in log bits). Every setting's fit is in "
+                         "'Parametric fits'.")]  # fmt: skip
+    for metric in metrics:
+        points = curve_points(tidy, metric)
+        check_sizes(points)
+        fig = plot_family_curves(points, metric_label(metric), higher_is_better=higher_is_better(metric))
+        blocks.append(Block(figure=fig, name=f"curves-all-families-{slug(metric)}"))
+    return blocks
 
 
 def _fit_blocks(fit: FitResult, label: str, title: str, name: str) -> list[Block]:
@@ -196,26 +220,79 @@ def _identification_line(params: pd.DataFrame) -> str:
 
 def fits_section(study: Study) -> Section:
     """Interpolation (leave-one-out), shared-slope law, and the effective-parameter law on the loss."""
+    return Section("Parametric fits", tuple(fit_blocks_shape(study) + fit_blocks_effective(study)))
+
+
+SCALE_FIT_BOOT = 200  # replicates of each parametric fit in a study of more than MAX_FAMILY_FIGURES families
+SCALE_FIT_TEXT = (
+    " This study has more than {families} model families, so each fit's intervals use {n_boot} replicates "
+    "rather than {asked} (one bounded least-squares refit per replicate, fit and family is the report's "
+    "largest cost): the same model-level bootstrap, with more Monte Carlo error in the interval ends "
+    "(a percentile interval's ends rest on the 5 most extreme replicates of 200), not a narrower interval; "
+    "--n-boot sets the count for studies up to {families} families."
+)
+
+
+def fit_replicates(study: Study) -> int:
+    """Bootstrap replicates of each parametric fit: `n_boot`, at most `SCALE_FIT_BOOT` once the study
+    has more than `MAX_FAMILY_FIGURES` families (a stated rule, like the combined curve figure)."""
+    families = 0 if study.tidy is None else study.tidy["model_family"].nunique()
+    return min(study.n_boot, SCALE_FIT_BOOT) if families > MAX_FAMILY_FIGURES else study.n_boot
+
+
+def fit_blocks_shape(study: Study) -> list[Block]:
+    """The first part of 'Parametric fits': interpolation (leave-one-out) and the shared-slope law."""
     tidy = study.require_tidy()
     assert study.metric is not None
     points = curve_points(tidy, study.metric)
     check_sizes(points)
     label = metric_label(study.metric)
-    blocks = [Block(text=FITS_TEXT.format(n_boot=study.n_boot))]
+    n_boot = fit_replicates(study)
+    text = FITS_TEXT.format(n_boot=n_boot)
+    if n_boot < study.n_boot:
+        text += SCALE_FIT_TEXT.format(families=MAX_FAMILY_FIGURES, n_boot=n_boot, asked=study.n_boot)
+    if len(study_families(study)) > 1:
+        text += (" Each family is fit on its own, its replicates drawn from the same seed as every other "
+                 "family's (common random numbers, as in the paired comparisons).")  # fmt: skip
+    blocks = [Block(text=text)]
     blocks += _fit_blocks(
         interpolation_loo(points), label, "Interpolation, leave-one-out", "fit-interpolation"
     )
-    shared = fit_law(points, "shared_slope", n_boot=study.n_boot, seed=study.seed)
+    shared = fit_families(points, "shared_slope", study_families(study), n_boot, study.seed)
     blocks += _fit_blocks(shared, label, f"Shared slope: {label} = a_k + b·log2(bits)", "fit-shared-slope")
+    return blocks
+
+
+def fit_blocks_effective(study: Study) -> list[Block]:
+    """The second part of 'Parametric fits': the effective-parameter law on the loss (the costliest
+    part of the report: a bounded least-squares refit per bootstrap replicate and fit)."""
+    return effective_blocks(study, effective_fit(study, study_families(study)))
+
+
+def study_families(study: Study) -> list[str]:
+    """The study's model families, sorted (the order of every per-family table and figure)."""
+    return sorted(study.require_tidy()["model_family"].dropna().unique())
+
+
+def effective_fit(study: Study, families: Sequence[str]) -> FitResult | None:
+    """The effective-parameter law fit to the loss of `families` (None: the study has no loss). Each
+    family is fit on its own (`fit_families`), so parts of the families can be fit in parallel."""
+    tidy = study.require_tidy()
     if study.loss is None:
-        blocks.append(Block(gap="effective-parameter law: no perplexity text set, so no loss to fit"))
-    else:
-        loss_points = curve_points(tidy, study.loss)
-        law = fit_law(loss_points, "effective_params", n_boot=study.n_boot, seed=study.seed)
-        title = "Effective parameters: L = A·(N_u + N_q·(1 − e^(−k/γ)))^(−α) + E"
-        blocks.append(Block(text=EFFECTIVE_TEXT))
-        blocks += _fit_blocks(law, metric_label(study.loss), title, "fit-effective-params")
-    return Section("Parametric fits", tuple(blocks))
+        return None
+    loss_points = curve_points(tidy[tidy["model_family"].isin(families)], study.loss)
+    return fit_families(loss_points, "effective_params", families, fit_replicates(study), study.seed)
+
+
+def effective_blocks(study: Study, law: FitResult | None) -> list[Block]:
+    """The effective-parameter law's text, tables and figure (a gap without a loss)."""
+    if study.loss is None or law is None:
+        return [Block(gap="effective-parameter law: no perplexity text set, so no loss to fit")]
+    title = "Effective parameters: L = A·(N_u + N_q·(1 − e^(−k/γ)))^(−α) + E"
+    return [
+        Block(text=EFFECTIVE_TEXT),
+        *_fit_blocks(law, metric_label(study.loss), title, "fit-effective-params"),
+    ]
 
 
 def pareto_section(study: Study) -> Section:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 from collections.abc import Sequence
 
 import numpy as np
@@ -28,6 +29,7 @@ log = logging.getLogger(__name__)
 
 PAPER_TASKS: tuple[str, ...] = ("lambada_openai", "piqa", "hellaswag", "winogrande")
 BASELINE_SETTING = "16-bit"
+BASELINE_BITS = 16
 DEFAULT_METHOD, BASELINE_METHOD, NO_PARAMS = "rtn", "none", "{}"
 SCOPE_LABELS = {"quantize_embeddings": "+emb", "quantize_lm_head": "+head"}  # setting label parts
 SCOPE_COLUMNS: tuple[str, ...] = tuple(SCOPE_LABELS)
@@ -202,6 +204,52 @@ def _own_params(params: str) -> str:
 
 def _present(value: object) -> bool:
     return not pd.isna(value)
+
+
+Precision = int | str  # a bit width, or 'mixed 3.25' / '4 +lora' (see `precision_key`)
+_KEY_NUMBER = re.compile(r"(\d+(?:\.\d+)?)")
+
+
+def precision_key(row: pd.Series) -> Precision:
+    """The precision a job's curve competes as wherever the analysis works "per bit width" (curves,
+    bit-optimality, the Answer): its bit width (an int) for a uniform job and the 16-bit baseline;
+    'mixed <target>' for a mixed allocation (its `bits` is only the cheapest candidate's); '<key>
+    +<recover>' where recovery adapters were trained ('4 +lora', 'mixed 3.25 +lora'): their bits count,
+    and the adapters make it another curve. Uniform keys stay ints, so uniform studies read as before."""
+    bits = int(row["bits"]) if _present(row["bits"]) else BASELINE_BITS
+    if row["dtype"] == "none" or bits >= BASELINE_BITS:
+        return bits
+    key: Precision = bits
+    alloc = allocation_fields(row)
+    if alloc is not None:
+        target = alloc.get("target_bits")
+        key = f"mixed {target:g}" if isinstance(target, float | int) else "mixed"
+    recover = row.get("recover")
+    return f"{key} +{recover}" if isinstance(recover, str) and recover != NO_RECOVER else key
+
+
+def precision_keys(jobs: pd.DataFrame) -> pd.Series:
+    """Per row, its `precision_key`: the integer `bits` column where no row is mixed or recovered."""
+    special = is_mixed(jobs) | is_recovered(jobs)
+    if not special.any():
+        return jobs["bits"].fillna(BASELINE_BITS).astype(int)
+    keys = [precision_key(row) if odd else int(bits) for (_, row), odd, bits in
+            zip(jobs.iterrows(), special, jobs["bits"].fillna(BASELINE_BITS), strict=True)]  # fmt: skip
+    return pd.Series(keys, index=jobs.index, dtype=object)
+
+
+def precision_label(key: Precision) -> str:
+    """A precision key in words: 4 -> '4-bit', 'mixed 3.25' -> 'mixed 3.25-bit', '4 +lora' -> '4-bit
+    +lora'."""
+    return _KEY_NUMBER.sub(r"\1-bit", key, count=1) if isinstance(key, str) else f"{int(key)}-bit"
+
+
+def precision_order(key: Precision) -> tuple[float, int, str]:
+    """A sort key for precision keys of both kinds: by bits (a mixed key by its target), uniform first."""
+    if not isinstance(key, str):
+        return (float(key), 0, "")
+    number = _KEY_NUMBER.search(key)
+    return (float(number.group(1)) if number else np.inf, 1, key)
 
 
 def curve_labels(jobs: pd.DataFrame) -> pd.Series:

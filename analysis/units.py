@@ -64,13 +64,58 @@ def unit_rows(raw: pd.DataFrame) -> pd.DataFrame:
     rows = metric_rows(raw)
     has_units = rows["unit_sums"].notna() & rows["unit_counts"].notna()
     rows = rows[has_units & ~rows["metric"].isin(NO_UNITS_METRICS)]
-    cols = ["job_key", "column", "metric", "value", "unit_sums", "unit_counts"]
-    kept = [_checked(*values) for values in zip(*(rows[c] for c in cols), strict=True)]
+    kept = _checked_rows(rows)
     found = [k for k in kept if k is not None]
     if len(found) < len(kept):
         log.warning("%d rows carry units that do not reproduce their value: no paired CI from them",
                     len(kept) - len(found))  # fmt: skip
     return pd.DataFrame(found, columns=empty.columns) if found else empty
+
+
+def _checked_rows(rows: pd.DataFrame) -> list[tuple[str, str, np.ndarray, np.ndarray] | None]:
+    """`_checked` of every row, in order: rows whose sums and counts have one length L are checked
+    together as (m, L) arrays (a study's rows share a few partitions), any other row on its own."""
+    cols = ["job_key", "column", "metric", "value", "unit_sums", "unit_counts"]
+    records = list(zip(*(rows[c] for c in cols), strict=True))
+    kept: list[tuple[str, str, np.ndarray, np.ndarray] | None] = [None] * len(records)
+    by_length: dict[int, list[int]] = {}
+    for i, (*_, unit_sums, unit_counts) in enumerate(records):
+        n = _flat_length(unit_sums)
+        if n is not None and n == _flat_length(unit_counts) and n > 0:
+            by_length.setdefault(n, []).append(i)
+        else:
+            kept[i] = _checked(*records[i])  # malformed or empty: the per-row check says so
+    for members in by_length.values():
+        sums = np.array([np.asarray(records[i][4], dtype=float) for i in members])
+        counts = np.array([np.asarray(records[i][5], dtype=float) for i in members])
+        ok = _units_reproduce(
+            sums, counts, [records[i][2] for i in members], [records[i][3] for i in members]
+        )
+        for j, i in enumerate(members):
+            if ok[j]:
+                kept[i] = (records[i][0], records[i][1], sums[j], counts[j])
+    return kept
+
+
+def _flat_length(values: object) -> int | None:
+    """The length of a one-dimensional list of numbers, else None."""
+    array = np.asarray(values)
+    return len(array) if array.ndim == 1 and array.dtype != object else None
+
+
+def _units_reproduce(
+    sums: np.ndarray, counts: np.ndarray, metrics: list[str], values: list[float]
+) -> np.ndarray:
+    """(m,) whether each row's units are well formed and reproduce its value (`_checked`, vectorised)."""
+    with np.errstate(invalid="ignore", divide="ignore", over="ignore"):
+        ratio = sums.sum(axis=1) / counts.sum(axis=1)
+        for metric, transform in TRANSFORMS.items():
+            mask = np.array([m == metric for m in metrics])
+            ratio[mask] = transform(ratio[mask])
+        value = np.array(values, dtype=float)
+        close = np.abs(ratio - value) <= VALUE_RTOL * np.maximum(1.0, np.abs(value))
+    wellformed = np.isfinite(sums).all(axis=1) & (counts >= 0).all(axis=1) & (counts.sum(axis=1) > 0)
+    return wellformed & close
 
 
 def _checked(

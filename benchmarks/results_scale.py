@@ -13,7 +13,8 @@ workers write them. Then it times, on this machine:
 - `job_status` and `load_results` on the compacted study;
 - `python -m analysis.report` on the compacted study (a subprocess; `--report-timeout` caps it).
 `--report-only` writes the same study straight as one compacted part (what compaction leaves) and
-times only `load_results` and the report.
+times only `load_results` and the report (wall clock, the report's CPU seconds over all its processes,
+and the 1-minute load average before and after it: the machine may be shared).
 Prints a table and writes the figures as JSON. Timings are one run each (wall clock, seconds).
 """
 
@@ -24,6 +25,7 @@ import hashlib
 import json
 import os
 import platform
+import resource
 import shutil
 import subprocess
 import sys
@@ -129,6 +131,13 @@ def run_cli(argv: list[str], timeout: float) -> tuple[float, int | None]:
     return time.perf_counter() - start, rc
 
 
+def children_cpu_s() -> float:
+    """CPU seconds (user + system) of the finished child processes so far, their children included:
+    on a machine shared with other work, what a command cost apart from waiting for a core."""
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--jobs", type=int, default=35_000)
@@ -183,7 +192,11 @@ def report_only(args: argparse.Namespace, study: Path, figures: dict[str, Any]) 
     figures["rows"] = len(frame)
     del frame
     argv = [sys.executable, "-m", "analysis.report", str(study), "--out", str(args.dir / "report")]
+    figures["load_average_before"] = os.getloadavg()[0]
+    cpu = children_cpu_s()
     figures["report_s"], figures["report_rc"] = run_cli(argv, args.report_timeout)
+    figures["report_cpu_s"] = children_cpu_s() - cpu
+    figures["load_average_after"] = os.getloadavg()[0]
     return emit(figures, args.out)
 
 
