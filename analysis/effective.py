@@ -25,6 +25,8 @@ import numpy as np
 import pandas as pd
 from scipy.optimize import OptimizeResult, least_squares
 
+from analysis.tidy import precision_bits
+
 FTOL = 1e-10  # a batched solve stops once a step lowers the cost by less than this, relatively
 LOWER = np.array([-30.0, 1e-4, np.log(0.05), 0.0])  # log A', alpha, log gamma, E
 UPPER = np.array([30.0, 4.0, np.log(256.0), np.inf])  # E <= min(y), set per fit
@@ -45,7 +47,11 @@ class LawInputs:
         n = group["n_params"].to_numpy(float)
         n_q = np.clip(group["n_quantized_params"].fillna(0).to_numpy(float), 0.0, n)
         n_ref = float(np.exp(np.mean(np.log(n))))
-        return cls((n - n_q) / n_ref, n_q / n_ref, group["bits"].to_numpy(float), n_ref)
+        if "precision" in group:  # a mixed curve's k is its target, not its cheapest candidate's bits
+            k = group["precision"].map(precision_bits).to_numpy(float)
+        else:
+            k = group["bits"].to_numpy(float)
+        return cls((n - n_q) / n_ref, n_q / n_ref, k, n_ref)
 
 
 def reported(raw: np.ndarray, n_ref: float) -> dict[str, np.ndarray]:

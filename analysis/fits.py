@@ -33,7 +33,7 @@ from analysis import effective
 from analysis.curves import with_baseline
 from analysis.errors import AnalysisError
 from analysis.paired import CI_LEVEL
-from analysis.tidy import BASELINE_SETTING
+from analysis.tidy import BASELINE_SETTING, precision_name, precision_order
 
 log = logging.getLogger(__name__)
 
@@ -174,14 +174,15 @@ def _groups(points: pd.DataFrame) -> list[tuple[str, str]]:
 
 
 def _n_params(law: str, group: pd.DataFrame) -> int:
-    return group["bits"].nunique() + 1 if law == "shared_slope" else 4
+    return group[_key_column(group)].nunique() + 1 if law == "shared_slope" else 4
 
 
 def _unfit_reason(group: pd.DataFrame, min_precisions: int, n_fit_params: int) -> str:
     if group["n_params"].nunique() < 2:
         return f"needs >= 2 model sizes, has {group['n_params'].nunique()}"
-    if group["bits"].nunique() < min_precisions:
-        return f"needs >= {min_precisions} bit widths, has {group['bits'].nunique()}"
+    n_precisions = group[_key_column(group)].nunique()
+    if n_precisions < min_precisions:
+        return f"needs >= {min_precisions} bit widths, has {n_precisions}"
     if len(group) <= n_fit_params:
         return f"needs more points than parameters ({len(group)} <= {n_fit_params})"
     return ""
@@ -225,9 +226,16 @@ def _quality(observed: np.ndarray, predicted: np.ndarray) -> dict[str, float]:
     return {"r2": float(r2), "rmse": float(np.sqrt(np.mean(residual**2)))}
 
 
+def _key_column(group: pd.DataFrame) -> str:
+    """The column that tells precisions apart: `precision` (mixed and recovered curves keyed by their own)
+    where curve points carry it, else `bits`."""
+    return "precision" if "precision" in group else "bits"
+
+
 def _fit_shared_slope(group: pd.DataFrame, weights: np.ndarray, targets: np.ndarray) -> FitDraws:
-    bits = sorted(group["bits"].unique())
-    design = np.column_stack([(group["bits"] == k).to_numpy(float) for k in bits] + [group["log2_bits"]])
+    column = group[_key_column(group)]
+    bits = sorted(column.unique(), key=precision_order)
+    design = np.column_stack([(column == k).to_numpy(float) for k in bits] + [group["log2_bits"]])
     y = group["value"].to_numpy(float)
     coef = np.linalg.pinv(design) @ y
     # Each replicate is solved on its own, so equal (weights, targets) rows -- a bootstrap over a few
@@ -239,7 +247,7 @@ def _fit_shared_slope(group: pd.DataFrame, weights: np.ndarray, targets: np.ndar
     full_rank = np.linalg.matrix_rank(weighted) == design.shape[1] if len(unique) else np.zeros(0, bool)
     replicates[~full_rank] = np.nan
     all_coef = np.vstack([coef, replicates[inverse.reshape(-1)]]).T  # (p, 1 + R)
-    names = [f"a_{int(k)}" for k in bits] + ["b"]
+    names = [f"a_{precision_name(k)}" for k in bits] + ["b"]
     return FitDraws(dict(zip(names, all_coef, strict=True)), design @ coef, {})
 
 

@@ -22,7 +22,7 @@ from matplotlib.figure import Figure
 from analysis.errors import AnalysisError
 from analysis.fits import FitResult
 from analysis.style import bits_axis, bits_color, new_figure, set_suptitle, set_title, styled
-from analysis.tidy import BASELINE_SETTING, Precision, precision_label, precision_order
+from analysis.tidy import BASELINE_SETTING, Precision, precision_label, precision_name, precision_order
 
 BEST_PANEL = "best of each bit width"
 LOO_LINE_PARAMS = 2  # leave-one-out predicts a point by the line through its two neighbours
@@ -159,7 +159,7 @@ def _draw_panel(
         color, style = precision_style(bits)
         ax.plot(curve["total_model_bits"], curve["value"], f"o{style}", color=color,
                 label=curve_label(bits, detail))  # fmt: skip
-        line = _fit_line(accepted.get(setting), int(curve["bits"].iloc[0]), curve)  # the fit's a_<bits>
+        line = _fit_line(accepted.get(setting), precision_name(bits), curve)  # the fit's a_<precision>
         if line is not None:
             ax.plot(*line, "--", color=color, linewidth=0.9, alpha=0.8)
     if not baseline.empty:
@@ -182,7 +182,7 @@ def _accepted_fits(fit: FitResult | None, family: str) -> dict[str, dict[str, fl
 
 
 def _fit_line(
-    est: dict[str, float] | None, bits: int, curve: pd.DataFrame
+    est: dict[str, float] | None, bits: str, curve: pd.DataFrame
 ) -> tuple[np.ndarray, np.ndarray] | None:
     if est is None or f"a_{bits}" not in est or "b" not in est or curve.empty:
         return None

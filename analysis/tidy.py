@@ -252,6 +252,16 @@ def precision_order(key: Precision) -> tuple[float, int, str]:
     return (float(number.group(1)) if number else np.inf, 1, key)
 
 
+def precision_bits(key: Precision) -> float:
+    """The bit width a precision key stands for: its bits, a mixed key's target, a recovered key's base."""
+    return precision_order(key)[0]
+
+
+def precision_name(key: Precision) -> str:
+    """A precision key as a parameter suffix: 4 -> '4', 'mixed 3.25' -> 'mixed3.25', '4 +lora' -> '4+lora'."""
+    return key.replace(" ", "") if isinstance(key, str) else str(int(key))
+
+
 def curve_labels(jobs: pd.DataFrame) -> pd.Series:
     """'<bits>-bit <setting>' per job, '16-bit' for the baseline, the setting alone for a mixed job
     (its setting names its target bits; its `bits` column is only the cheapest candidate's)."""

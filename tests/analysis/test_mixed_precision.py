@@ -157,3 +157,20 @@ def test_the_scaling_curves_keep_the_mixed_curve_apart_from_two_bit(points: pd.D
     labels = fig.axes[0].get_legend_handles_labels()[1]
     assert labels == ["2-bit nf B64", "3-bit nf B64", "3-bit nf B64 +lora", "mixed 3.25-bit knapsack",
                       "4-bit nf B64", "16-bit"]  # fmt: skip
+
+
+def test_precision_bits_and_names_for_fits() -> None:
+    """Fits read a mixed curve's bit width as its target and name its intercept by its own key."""
+    from analysis.tidy import precision_bits, precision_name
+
+    assert [precision_bits(k) for k in (4, "mixed 3.25", "4 +lora")] == [4.0, 3.25, 4.0]
+    assert [precision_name(k) for k in (4, "mixed 3.25", "4 +lora")] == ["4", "mixed3.25", "4+lora"]
+
+
+def test_effective_law_takes_a_mixed_curves_target_as_k() -> None:
+    from analysis.effective import LawInputs
+
+    group = pd.DataFrame({"n_params": [1e6, 2e6], "n_quantized_params": [8e5, 1.6e6], "bits": [2, 2],
+                          "precision": ["mixed 3.25", "mixed 3.25"]})  # fmt: skip
+    assert LawInputs.from_points(group).k.tolist() == [3.25, 3.25]
+    assert LawInputs.from_points(group.drop(columns="precision")).k.tolist() == [2.0, 2.0]

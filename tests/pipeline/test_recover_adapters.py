@@ -207,8 +207,9 @@ def test_the_recovery_sweep_plans_every_method_at_3_and_4_bits_at_equal_budgets(
     grid = expand(plan_sweep(["+sweep=recovery", "model=ladder/h100", "dry_run=true"], multirun=True))
     quantized = {(c.quant.dtype, c.quant.bits, c.recover.method) for c in grid if c.quant.bits < 16}
     methods = ("none", "lora", "vblora", "shears")
-    assert quantized == {(d, b, m) for d in ("int", "nf") for b in (3, 4) for m in methods}
-    assert len(grid) == 17 and {c.recover.data for c in grid} == {"corpus:train"}
+    eight_bit = {(d, 8, "none") for d in ("int", "nf")}  # the frontier above the recovered 4-bit jobs
+    assert quantized == {(d, b, m) for d in ("int", "nf") for b in (3, 4) for m in methods} | eight_bit
+    assert len(grid) == 19 and {c.recover.data for c in grid} == {"corpus:train"}
     recover = grid[0].recover  # VB-LoRA's logits per layer equal LoRA's parameters at the rank
     assert recover.num_vectors == recover.vector_length and recover.ranks == [4, 8, 16]
     assert vblora_params(8, 32, 32) == lora_params(8) + 32 * 32
