@@ -9,7 +9,8 @@ read, no memory used) and the job's settings. Its items, in bytes:
   per token 6·d_model (residual, normed input, q/k/v, attention output) + 3·d_ff (gate, up, product)
   at the torch dtype; attention itself is assumed flash/memory-efficient SDPA (no seq² scores);
 - logits: batch × seq × vocab in the torch dtype plus a float32 copy and its float32 log-softmax;
-- method state: RTN's stacked group and its output (`GROUP_BYTES`) or the largest matrix, in float32;
+- method state: RTN's stacked group and its output (`GROUP_BYTES`) or the largest matrix, and two float32
+  temporaries of the largest matrix (measured: `benchmarks/quantize_peak.py`);
   GPTQ/BCQ one decoder block's Hessians (in² × 4 per matrix, the bound `gptq.hessian_bytes` uses; the
   shared set of all blocks lives on the GPU only where it fits, else on the host); recovery adapters'
   float32 parameters, gradients and AdamW moments plus every block's activations for backprop;
@@ -142,7 +143,9 @@ def logits_bytes(shape: ModelShape, tokens: int) -> int:
 def method_bytes(shape: ModelShape, load: JobLoad) -> int:
     """The quantization method's working memory on the GPU (see the module docstring)."""
     matrix = shape.max_matrix_params * shape.element_bytes
-    working = 2 * max(GROUP_BYTES, matrix) + 4 * shape.max_matrix_params  # stack + output + fp32 temp
+    # stack + output + two float32 temporaries: measured on one H200 (benchmarks/quantize_peak.py), RTN
+    # peaks at 1.36 GiB above a 30B-shape model whose largest matrix has 119M values; this gives 1.39 GiB
+    working = 2 * max(GROUP_BYTES, matrix) + 8 * shape.max_matrix_params
     if load.method in HESSIAN_METHODS:
         return working + shape.block_hessian_bytes
     return working
