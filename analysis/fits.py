@@ -103,7 +103,7 @@ def fit_law(points: pd.DataFrame, law: str, n_boot: int = 200, seed: int = 0) ->
         params=pd.DataFrame(params, columns=PARAM_COLUMNS),
         predictions=pd.concat(predictions, ignore_index=True) if predictions else pd.DataFrame(),
         quality=pd.DataFrame(quality, columns=QUALITY_COLUMNS),
-        skipped=pd.DataFrame(skipped, columns=["model_family", "setting", "law", "reason"]),
+        skipped=pd.DataFrame(skipped, columns=SKIPPED_COLUMNS),
     )
 
 
@@ -294,7 +294,7 @@ def interpolation_loo(points: pd.DataFrame) -> FitResult:
         params=pd.DataFrame(columns=PARAM_COLUMNS),
         predictions=predictions,
         quality=pd.DataFrame(quality, columns=QUALITY_COLUMNS),
-        skipped=pd.DataFrame(columns=["model_family", "setting", "law", "reason"]),
+        skipped=pd.DataFrame(columns=SKIPPED_COLUMNS),
     )
 
 

@@ -28,7 +28,7 @@ import numpy as np
 import pandas as pd
 
 from analysis.errors import AnalysisError
-from analysis.fits import cluster_weights, identification_note
+from analysis.fits import SKIPPED_COLUMNS, cluster_weights, identification_note
 from analysis.paired import CI_LEVEL, interval
 from analysis.tidy import BASELINE_SETTING
 from analysis.units import JobDraws
@@ -47,7 +47,6 @@ PARAM_COLUMNS = ["model_family", "setting", "law", "param", "estimate", "ci_low"
                  "identified", "note"]  # fmt: skip
 QUALITY_COLUMNS = ["model_family", "setting", "law", "n_points", "n_dropped", "n_sizes", "n_token_counts",
                    "r2_log", "rmse_log"]  # fmt: skip
-SKIP_COLUMNS = ["model_family", "setting", "law", "reason"]
 LAWS = ("ouyang", "kumar_ptq")
 NO_DECAY_NOTE = "degradation does not fall with more bits (the coefficient of P is >= 0)"
 LAW_TITLES = {
@@ -144,7 +143,7 @@ class TokenFits:
 
     params: pd.DataFrame  # PARAM_COLUMNS
     quality: pd.DataFrame  # QUALITY_COLUMNS
-    skipped: pd.DataFrame  # SKIP_COLUMNS
+    skipped: pd.DataFrame  # SKIPPED_COLUMNS
 
 
 def design(group: pd.DataFrame, law: str) -> np.ndarray:
@@ -220,7 +219,7 @@ def fit_token_laws(deltas: pd.DataFrame, n_boot: int = 200, seed: int = 0) -> To
     return TokenFits(
         pd.DataFrame(params, columns=PARAM_COLUMNS),
         pd.DataFrame(quality, columns=QUALITY_COLUMNS),
-        pd.DataFrame(skipped, columns=SKIP_COLUMNS),
+        pd.DataFrame(skipped, columns=SKIPPED_COLUMNS),
     )
 
 
