@@ -47,12 +47,14 @@ class HangingWorker(ModelWorker):
         import ray
 
         marker = self._results_root / MARKER
+        mine = marker.with_name(f"{MARKER}.{os.getpid()}")  # written aside, linked into place whole
+        mine.write_text(f"{ray.get_runtime_context().get_node_id()} {job.key}")
         try:
-            fd = os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+            os.link(mine, marker)
         except FileExistsError:
             return super().run(job)
-        os.write(fd, f"{ray.get_runtime_context().get_node_id()} {job.key}".encode())
-        os.close(fd)
+        finally:
+            mine.unlink()
         release = self._results_root / RELEASE
         deadline = time.monotonic() + 900
         while not release.exists() and time.monotonic() < deadline:

@@ -71,8 +71,12 @@ class FaultWorker(ModelWorker):
         return super().run(job)
 
     def _hang_hooks(self, root: Path, me: str) -> None:
+        # HUNG appears whole or not at all: written aside, then linked into place (exclusive, atomic).
+        # Created empty and written after, another worker or the killer could read it empty.
+        mine = root / f"{HUNG}.{os.getpid()}"
+        mine.write_text(f"{os.getpid()} {me}")
         try:
-            fd = os.open(root / HUNG, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+            os.link(mine, root / HUNG)
         except FileExistsError:
             hung_pid, hung_actor = (root / HUNG).read_text().split()
             if me != hung_actor:
@@ -80,8 +84,8 @@ class FaultWorker(ModelWorker):
             elif int(hung_pid) != os.getpid():
                 (root / BACK).touch()
             return
-        os.write(fd, f"{os.getpid()} {me}".encode())
-        os.close(fd)
+        finally:
+            mine.unlink()
         _wait_for(root / BACK)  # killed long before
 
 
@@ -136,7 +140,7 @@ def test_a_killed_worker_is_restarted_and_used_again(ray_cluster, tiny_model_dir
             ray_cluster.kill(worker)
     killer.join()
     assert killed and killed[0] in pids  # the pid the actor reported
-    assert progress.done == len(jobs) and progress.failed == 0 and progress.retried >= 1
+    assert progress.done == len(jobs) and progress.failed == 0 and progress.retried >= 1, progress.errors
     assert_each_job_once(tmp_path, {job.key for job in jobs})
     hung_actor = (tmp_path / HUNG).read_text().split()[1]
     again = [pid for actor, pid, _ in runs(tmp_path) if actor == hung_actor and pid != killed[0]]
