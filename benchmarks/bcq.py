@@ -8,7 +8,10 @@ q = 1..4 bit planes, block 128, fp16 scales, `--iters` refinement rounds: second
 greedy start alone, and the relative weight error ||W − Ŵ||² / ||W||² of both; RTN (`fake_quantize`,
 int at the same bits where int has them, block 128) on the same matrix for scale.
 Part 1 also counts the refinement rounds a block ran before it reached a fixed point (mean over blocks;
-a block whose round changed neither α nor codes stops, with the result all rounds would give).
+a block whose round changed neither α nor codes stops, with the result all rounds would give), times
+the floor (a clone of the matrix: one read, one write) and, where `fit_blocks` takes the one-kernel path
+(`kernels.triton_bcq`, CUDA), the batched torch loop it replaced (`refine_blocks`), with the share of
+blocks whose α and codes both paths agree on.
 Part 2: a random-weight GPT-NeoX of the shape (bf16 on CUDA) with a BPE tokenizer trained on the corpus
 (`benchmarks.evaluation.build_model`, as benchmarks/allocation.py builds it) quantized as a job does it
 (restore, then `quantize_model_`): rtn int3-b128 against bcq at q = 2, 3, 4 (block 128), and the target
@@ -77,7 +80,7 @@ def matrix_rows(args: argparse.Namespace, sync: Callable[[], None]) -> list[dict
     import torch
 
     from kernels import QuantSpec, fake_quantize
-    from kernels.bcq import BCQSettings, bcq_fake_quantize, greedy_fit, refine_blocks
+    from kernels.bcq import BCQSettings, bcq_fake_quantize, decode, greedy_fit, refine_blocks, use_triton
 
     gen = torch.Generator(device=args.device).manual_seed(0)
     w = torch.randn(args.matrix, args.matrix, device=args.device, generator=gen) * 0.02
@@ -93,8 +96,24 @@ def matrix_rows(args: argparse.Namespace, sync: Callable[[], None]) -> list[dict
             quantized = bcq_fake_quantize(w, spec, settings)
             row[f"{label}_rel_error"] = float(((w - quantized).double() ** 2).sum()) / norm
         blocks, settings = w.reshape(-1, BLOCK), BCQSettings(iters=args.iters)
-        rounds = refine_blocks(blocks, *greedy_fit(blocks, q, settings.scales), settings)[2]
+
+        def loop(b: Any = blocks, s: Any = settings, q: int = q) -> Any:  # the batched torch loop
+            return refine_blocks(b, *greedy_fit(b, q, s.scales), s)
+
+        alpha, codes, rounds = loop()
         row["rounds_mean"] = float(rounds.double().mean())
+        row["copy_s"] = timed(w.clone, args.reps, sync)  # the floor: read the weights once, write once
+        row["fit_x_copy"] = row["fit_s"] / row["copy_s"]
+        if q >= 2:
+            row["loop_s"] = timed(lambda: decode(*loop()[:2]), args.reps, sync)
+            row["kernel"] = use_triton(blocks, q, settings)
+            if row["kernel"]:
+                from kernels.triton_bcq import fit_blocks_triton
+
+                k_alpha, k_codes, _, k_rounds = fit_blocks_triton(blocks, q, args.iters)
+                same = (k_alpha == alpha).all(1) & (k_codes.long() == codes).all(1)
+                row["same_as_loop"] = float(same.double().mean())
+                row["kernel_rounds_mean"] = float(k_rounds.double().mean())
         if q >= 2:
             rtn = QuantSpec("int", q, BLOCK)
             row["rtn_int_s"] = timed(functools.partial(fake_quantize, w, rtn), args.reps, sync)
@@ -215,12 +234,16 @@ def solve_rows(model: Any, snapshot: Any, weights: Any, args: argparse.Namespace
 def render(result: dict[str, Any]) -> str:
     lines = [f"BCQ on {result['device']} (torch {result['torch']})", "",
              f"one {result['matrix']}x{result['matrix']} matrix, block {BLOCK}, {result['iters']} rounds:",
-             "| q | fit s | greedy s | rel. error fit | rel. error greedy | rtn int s | rel. error rtn int "
-             "| rounds run (mean) |", "|---|---|---|---|---|---|---|---|"]  # fmt: skip
+             "| q | fit s | x copy | torch loop s | same as loop | greedy s | rel. error fit "
+             "| rel. error greedy | rtn int s | rel. error rtn int | rounds run (mean) |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
     for r in result["matrix_rows"]:
         rtn = f"{r['rtn_int_s']:.4f} | {r['rtn_int_rel_error']:.4f}" if "rtn_int_s" in r else "- | -"
-        lines.append(f"| {r['q']} | {r['fit_s']:.4f} | {r['greedy_s']:.4f} | {r['fit_rel_error']:.4f} | "
-                     f"{r['greedy_rel_error']:.4f} | {rtn} | {r['rounds_mean']:.2f} |")  # fmt: skip
+        loop = f"{r['loop_s']:.4f}" if "loop_s" in r else "-"
+        same = f"{r['same_as_loop']:.4f}" if "same_as_loop" in r else "-"
+        lines.append(f"| {r['q']} | {r['fit_s']:.4f} | {r['fit_x_copy']:.1f} | {loop} | {same} | "
+                     f"{r['greedy_s']:.4f} | {r['fit_rel_error']:.4f} | {r['greedy_rel_error']:.4f} | "
+                     f"{rtn} | {r['rounds_mean']:.2f} |")  # fmt: skip
     model = result.get("model")
     if model:
         lines += ["", f"whole configuration, {model['shape']} ({model['params'] / 1e6:.0f}M params, "

@@ -36,6 +36,7 @@ powers of two (each term the power nearest the residual, or 0), stored per term 
 
 from __future__ import annotations
 
+import importlib.util
 import math
 from dataclasses import dataclass
 
@@ -286,10 +287,38 @@ def refine_blocks(
     return out_alpha, out_codes, rounds
 
 
+def use_triton(x: Tensor, q: int, settings: BCQSettings) -> bool:
+    """Whether `fit_blocks` takes the one-kernel path (`kernels.triton_bcq`): CUDA blocks, fp16 scales,
+    q = 2..4, blocks of at most 4096 values, triton installed; else the torch loop below."""
+    if not x.is_cuda or importlib.util.find_spec("triton") is None:
+        return False
+    from kernels.triton_bcq import supports
+
+    return supports(q, settings.scales.kind, x.shape[1], x.device)
+
+
 def fit_blocks(x: Tensor, q: int, settings: BCQSettings) -> tuple[Tensor, Tensor]:
     """(α float32 [n, q], codes int64 [n, B]) of float32 blocks x [n, B]: greedy, then `iters` rounds."""
+    if use_triton(x, q, settings):
+        from kernels.triton_bcq import fit_blocks_triton
+
+        alpha, codes, _, _ = fit_blocks_triton(x, q, settings.iters, store_codes=True)
+        assert codes is not None
+        return alpha, codes.long()
     alpha, codes, _ = refine_blocks(x, *greedy_fit(x, q, settings.scales), settings)
     return alpha, codes
+
+
+def fit_decode_blocks(x: Tensor, q: int, settings: BCQSettings) -> Tensor:
+    """float32 [n, B]: blocks x [n, B] as their fit decodes them (`decode(*fit_blocks(...))`); on the
+    one-kernel path the kernel writes them directly (no codes stored)."""
+    if use_triton(x, q, settings):
+        from kernels.triton_bcq import fit_blocks_triton
+
+        _, _, out, _ = fit_blocks_triton(x, q, settings.iters, store_codes=False, store_out=True)
+        assert out is not None
+        return out
+    return decode(*fit_blocks(x, q, settings))
 
 
 @dataclass(frozen=True, eq=False)
@@ -345,8 +374,13 @@ def bcq_dequantize(q: BinaryCodes) -> Tensor:
 
 
 def bcq_fake_quantize(w: Tensor, spec: QuantSpec, settings: BCQSettings) -> Tensor:
-    """Quantize and dequantize `w` with BCQ: same shape and torch dtype."""
-    return bcq_dequantize(bcq_quantize(w, spec, settings))
+    """Quantize and dequantize `w` with BCQ: same shape and torch dtype (`bcq_dequantize(bcq_quantize(
+    ...))`, without materializing the codes)."""
+    check_spec(spec)
+    size = effective_block_size(spec.block_size, w.numel())
+    blocks = blocks_of(w.detach().reshape(-1), size)
+    parts = [fit_decode_blocks(x, spec.bits, settings).reshape(-1) for x in blocks]
+    return torch.cat(parts).view(w.shape).to(w.dtype)
 
 
 def n_blocks(numel: int, block_size: int | None) -> int:

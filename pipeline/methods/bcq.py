@@ -123,7 +123,7 @@ def stack_groups(
 @torch.no_grad()
 def quantize_bcq_(request: QuantizeRequest) -> None:
     """Fit every weight's binary codes in place (kept proxy columns untouched)."""
-    from kernels.bcq import bcq_fake_quantize, blocks_of, decode, fit_blocks
+    from kernels.bcq import bcq_fake_quantize, blocks_of, fit_decode_blocks
     from kernels.scaling import effective_block_size
 
     spec, settings = request.recipe.spec, BCQParams(**dict(request.recipe.params)).settings
@@ -140,8 +140,7 @@ def quantize_bcq_(request: QuantizeRequest) -> None:
             continue
         size = effective_block_size(spec.block_size, views[0].numel())
         (x,) = blocks_of(torch.stack(views).reshape(-1), size)  # aligned: no tail block
-        alpha, codes = fit_blocks(x, spec.bits, settings)
-        q = decode(alpha, codes).view(len(views), *views[0].shape)
+        q = fit_decode_blocks(x, spec.bits, settings).view(len(views), *views[0].shape)
         for view, quantized in zip(views, q.unbind(0), strict=True):
             view.copy_(quantized)
     _check_finite(request.weights, f"after quantizing with {spec}", QuantizationError)
