@@ -36,7 +36,9 @@ powers of two (each term the power nearest the residual, or 0), stored per term 
 
 from __future__ import annotations
 
+import functools
 import importlib.util
+import logging
 import math
 from dataclasses import dataclass
 
@@ -45,6 +47,8 @@ from torch import Tensor
 
 from kernels.scaling import effective_block_size
 from kernels.spec import QuantSpec
+
+log = logging.getLogger(__name__)
 
 SCALE_FORMATS = ("fp16", "pow2")
 FP16_MAX = 65504.0
@@ -289,12 +293,41 @@ def refine_blocks(
 
 def use_triton(x: Tensor, q: int, settings: BCQSettings) -> bool:
     """Whether `fit_blocks` takes the one-kernel path (`kernels.triton_bcq`): CUDA blocks, fp16 scales,
-    q = 2..4, blocks of at most 4096 values, triton installed; else the torch loop below."""
+    q = 2..4, blocks of at most 4096 values, triton installed, and the compiled kernel agreeing with the
+    torch loop on a probe (`kernel_agrees`, once per process and configuration); else the torch loop."""
     if not x.is_cuda or importlib.util.find_spec("triton") is None:
         return False
     from kernels.triton_bcq import supports
 
-    return supports(q, settings.scales.kind, x.shape[1], x.device)
+    if not supports(q, settings.scales.kind, x.shape[1], x.device):
+        return False
+    return kernel_agrees(q, x.shape[1], settings.iters, str(x.device))
+
+
+@functools.cache
+def kernel_agrees(q: int, block: int, iters: int, device: str) -> bool:
+    """Whether the kernel, as this Triton compiles it here, fits a fixed probe of 64 blocks exactly as the
+    torch loop does (α and codes); a failed compile or a mismatch is logged and the torch loop is used.
+    The interpreter test pins the kernel's arithmetic on CPU; this guards the compiled code (another Triton
+    version, another GPU) at the cost of one small fit per configuration and process."""
+    from kernels.triton_bcq import fit_blocks_triton
+
+    i = torch.arange(64 * block, dtype=torch.float64, device=device)
+    x = (torch.sin(i * 0.731) * torch.cos(i * 0.0173) * 0.02).to(torch.float32).view(64, block)
+    settings = BCQSettings(iters=iters)
+    try:
+        alpha, codes, _, _ = fit_blocks_triton(x, q, iters)
+    except Exception as err:  # a compile failure on this Triton or device
+        log.warning("bcq kernel unavailable for q=%d block=%d (%s); using the torch loop", q, block, err)
+        return False
+    ref_alpha, ref_codes, _ = refine_blocks(x, *greedy_fit(x, q, settings.scales), settings)
+    assert codes is not None
+    if torch.equal(alpha, ref_alpha) and torch.equal(codes.long(), ref_codes):
+        return True
+    log.warning(
+        "bcq kernel disagrees with the torch loop for q=%d block=%d here; using the torch loop", q, block
+    )
+    return False
 
 
 def fit_blocks(x: Tensor, q: int, settings: BCQSettings) -> tuple[Tensor, Tensor]:

@@ -68,6 +68,13 @@ for q in (2, 3, 4):
             previous = error
         checked += 1
 
+# the probe that guards the compiled kernel passes here, and a kernel that fails to build is refused
+assert bcq.kernel_agrees(3, 64, 15, "cpu") and bcq.kernel_agrees(4, 100, 15, "cpu")
+import kernels.triton_bcq as tb
+real, tb.fit_blocks_triton = tb.fit_blocks_triton, None  # calling it raises TypeError
+assert not bcq.kernel_agrees(2, 64, 15, "cpu")
+tb.fit_blocks_triton = real
+
 # bcq_fake_quantize through the kernel (forced on CPU) equals the torch loop's, tail block included
 w = (torch.randn(5, 70, generator=g) * 0.02).to(torch.bfloat16)
 spec, settings = QuantSpec("bcq", 3, 64), BCQSettings(iters=15)
