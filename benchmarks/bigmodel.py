@@ -118,7 +118,8 @@ def big_model_leg(args: argparse.Namespace, torch_dtype: Any) -> dict[str, Any]:
         forward_s = min(timed(partial(model, tokens, use_cache=False), args.device)[1] for _ in range(3))
     matmul = sum(p.numel() for n, p in model.named_parameters() if p.dim() == 2 and "embed" not in n)
     flops = forward_flops(args.shape, matmul, args.batch, args.seq)
-    plan = plan_memory(shape, JobLoad(args.batch, args.seq), snapshot="cpu")
+    capacity = (torch.cuda.get_device_properties(args.device).total_memory,) if cuda else ()
+    plan = plan_memory(shape, JobLoad(args.batch, args.seq), snapshot="cpu", gpu_capacity=capacity)
     peak = torch.cuda.max_memory_allocated() if cuda else None
     result = {
         "shape": args.shape, "n_params": shape.n_params, "weights_gib": shape.param_bytes / 2**30,
