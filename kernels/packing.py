@@ -11,7 +11,7 @@ weight costs when stored that way:
     + 16 bits per value of a kept (unquantized) input column.
 
 A bcq weight (`kernels.bcq`) has no absmax or codebook: q sign bits per value plus q scales per block
-of `scale_bits` each (16: float16; pow2 scales: `kernels.bcq.ScaleFormat.bits`).
+of `scale_bits` each (16: float16; pow2 scales: `kernels.bcq_scales.ScaleFormat.bits`).
 
 The kept columns' index list is not counted (the paper's convention; <= 32 bits per kept column).
 """

@@ -29,7 +29,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from kernels.bcq import BCQSettings, ScaleFormat
+from kernels.bcq import BCQSettings
+from kernels.bcq_scales import ScaleFormat
 from kernels.codebooks import BCQ_BITS
 from pipeline.methods.gptq import GPTQParams, quantize_with_hessians_, quantized_columns
 from pipeline.methods.registry import Method, QuantizationError, QuantizeRequest, register_method

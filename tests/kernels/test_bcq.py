@@ -13,22 +13,18 @@ import torch
 
 from kernels import QuantSpec, codebook, fake_quantize, pack, unpack, weight_bits
 from kernels.bcq import (
-    POW2_MAX_EXP,
-    POW2_MIN_EXP,
     BCQColumns,
     BCQSettings,
     BlockFit,
-    ScaleFormat,
     bcq_dequantize,
     bcq_fake_quantize,
     bcq_quantize,
     block_errors,
-    decode_pow2,
-    encode_pow2,
     fit_blocks,
     greedy_fit,
     refine,
 )
+from kernels.bcq_scales import POW2_MAX_EXP, POW2_MIN_EXP, ScaleFormat, decode_pow2, encode_pow2
 from kernels.gptq import GPTQSettings, gptq_solve
 from kernels.packing import pack_planes, unpack_planes
 
