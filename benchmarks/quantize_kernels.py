@@ -13,7 +13,13 @@ and the bandwidth each achieves, bytes read + written (2 x numel x element size)
 the device's copy bandwidth measured in the same run (a large device-to-device copy). It also checks that
 the fused output equals the reference bit for bit. On a CPU machine the GPU-only columns are left empty.
 
+`--kernel` picks the one-pass kernel timed as fused_ms: `new` (the current `triton_fused` kernel), `old`
+(the previous one, kept as `triton_fused.fake_quantize_v1`), or `both` (new as fused_ms, old as old_ms,
+each checked bit for bit). `--choices` also times the new kernel under other fixed launch choices
+(`CHOICES`: e.g. `chain4`, the compare-select chain for k <= 4), one JSON field and summary column each.
+
     python benchmarks/quantize_kernels.py --quick --out kernels.json       # < 90 s on one H100
+    python benchmarks/quantize_kernels.py --quick --kernel both --choices chain4,vpt32 --out kernels.json
     python benchmarks/quantize_kernels.py --out kernels.json                # the full grid, compile for all
 """
 
@@ -28,7 +34,7 @@ import platform
 import statistics
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
@@ -48,6 +54,15 @@ BITS = [3, 4, 8]
 DTYPES = ["int", "fp", "nf", "quantile", "dynamic"]
 BLOCKS: list[int | None] = [64, 1024, None]
 QUICK_COMPILE = [("nf", 4, 64)]  # configs (dtype, bits, block) given a torch.compile column in --quick
+KERNELS = ("new", "old", "both")
+# Other fixed launch choices of the new kernel a run may time besides the default (FusedChoice fields).
+CHOICES: dict[str, dict[str, int]] = {
+    "chain4": {"max_chain_log2": 4},  # compare-select chain over register-held midpoints for k <= 4
+    "global": {"max_shared_log2": 0},  # binary search read through L1 (the old search, new launch shape)
+    "vpt32": {"values_per_thread": 32},  # twice the values (bytes in flight) per thread
+    "vpt8": {"values_per_thread": 8},
+    "w4": {"num_warps": 4},
+}
 
 
 @dataclass(frozen=True)
@@ -65,6 +80,11 @@ class Row:
     compile_frac_copy_bw: float | None
     bit_exact: bool | None
     compile_bit_exact: bool | None = None  # informational: inductor may round differently
+    old_ms: float | None = None  # --kernel both: the previous kernel
+    old_frac_copy_bw: float | None = None
+    old_bit_exact: bool | None = None
+    choice_ms: dict[str, float] | None = None  # --choices: the new kernel under other launch choices
+    choice_bit_exact: bool | None = None  # all of them equal the reference
 
 
 def time_ms(fn: Callable[[], object], reps: int, warmup: int, device: torch.device) -> float:
@@ -108,28 +128,49 @@ def _n_bytes(w: torch.Tensor) -> int:
     return 2 * w.numel() * w.element_size()
 
 
-def bench_config(w: torch.Tensor, spec: QuantSpec, reps: int, copy_gbps: float) -> Row:
-    """Time one (weight, spec) without torch.compile and check the fused kernel against the reference."""
+def bench_config(
+    w: torch.Tensor, spec: QuantSpec, reps: int, copy_gbps: float, kernel: str = "new", choices: tuple = ()
+) -> Row:
+    """Time one (weight, spec) without torch.compile and check the fused kernel(s) against the reference."""
     device = w.device
     levels = levels_for(w, spec)
     ref_fn = functools.partial(reference_fake_quantize, w, spec, levels, False)
     torch_ms = time_ms(ref_fn, reps, 1, device)
-    fused_ms = api_ms = None
-    exact = None
-    if device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1":  # interpreter: CPU end-to-end test
-        from kernels.triton_fused import fused_fake_quantize
-
-        fused_fn = functools.partial(fused_fake_quantize, w, spec, levels, False)
-        fused_ms = time_ms(fused_fn, reps, 2, device)
-        api_ms = time_ms(lambda: fake_quantize(w, spec), reps, 1, device)
-        exact = bool(torch.equal(fused_fn(), ref_fn()))
-    return Row(
+    row = Row(
         shape=(w.shape[0], w.shape[1]), dtype=spec.dtype, bits=spec.bits, block_size=spec.block_size,
-        fused_ms=fused_ms, api_ms=api_ms, torch_ms=torch_ms, compile_ms=None,
-        fused_frac_copy_bw=_frac(fused_ms, _n_bytes(w), copy_gbps),
-        torch_frac_copy_bw=_frac(torch_ms, _n_bytes(w), copy_gbps) or 0.0,
-        compile_frac_copy_bw=None, bit_exact=exact,
+        fused_ms=None, api_ms=None, torch_ms=torch_ms, compile_ms=None, fused_frac_copy_bw=None,
+        torch_frac_copy_bw=_frac(torch_ms, _n_bytes(w), copy_gbps) or 0.0, compile_frac_copy_bw=None,
+        bit_exact=None,
     )  # fmt: skip
+    if (
+        device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1"
+    ):  # interpreter: CPU end-to-end test
+        return row
+    from kernels import triton_fused
+
+    reference = ref_fn()
+    new_fn = functools.partial(triton_fused.fused_fake_quantize, w, spec, levels, False)
+    old_fn = functools.partial(triton_fused.fake_quantize_v1, w, spec, levels)
+    fused_fn = old_fn if kernel == "old" else new_fn
+    fused_ms = time_ms(fused_fn, reps, 2, device)
+    row = replace(
+        row, fused_ms=fused_ms, api_ms=time_ms(lambda: fake_quantize(w, spec), reps, 1, device),
+        fused_frac_copy_bw=_frac(fused_ms, _n_bytes(w), copy_gbps),
+        bit_exact=bool(torch.equal(fused_fn(), reference)),
+    )  # fmt: skip
+    if kernel == "both":
+        old_ms = time_ms(old_fn, reps, 2, device)
+        row = replace(
+            row, old_ms=old_ms, old_frac_copy_bw=_frac(old_ms, _n_bytes(w), copy_gbps),
+            old_bit_exact=bool(torch.equal(old_fn(), reference)),
+        )  # fmt: skip
+    if choices:
+        fns = {c: functools.partial(new_fn, choice=triton_fused.FusedChoice(**CHOICES[c])) for c in choices}
+        row = replace(
+            row, choice_ms={c: time_ms(fn, reps, 2, device) for c, fn in fns.items()},
+            choice_bit_exact=all(torch.equal(fn(), reference) for fn in fns.values()),
+        )  # fmt: skip
+    return row
 
 
 def add_compile(row: Row, w: torch.Tensor, reps: int, copy_gbps: float) -> Row:
@@ -149,16 +190,26 @@ def _fmt(v: object, spec: str = ".3f") -> str:
     return "-" if v is None else format(v, spec) if isinstance(v, float) else str(v)
 
 
+def exact(r: Row) -> bool | None:
+    """Every kernel timed in the row equals the reference bit for bit (None: none was timed)."""
+    checks = [c for c in (r.bit_exact, r.old_bit_exact, r.choice_bit_exact) if c is not None]
+    return all(checks) if checks else None
+
+
 def format_table(rows: list[Row]) -> str:
-    """A Markdown table of the rows."""
+    """A Markdown table of the rows (old-kernel columns when any row has them)."""
+    with_old = any(r.old_ms is not None for r in rows)
     head = "| shape | dtype | bits | block | fused ms | api ms | torch ms | compile ms | fused/copy | " \
            "torch/copy | compile/copy | bit-exact |"  # fmt: skip
-    lines = [head, "|" + "---|" * 12]
+    head += " old ms | old/copy |" if with_old else ""
+    lines = [head, "|" + "---|" * (14 if with_old else 12)]
     for r in rows:
         cells = [f"{r.shape[0]}x{r.shape[1]}", r.dtype, str(r.bits), str(r.block_size or "tensor"),
                  _fmt(r.fused_ms), _fmt(r.api_ms), _fmt(r.torch_ms), _fmt(r.compile_ms),
                  _fmt(r.fused_frac_copy_bw, ".2f"), _fmt(r.torch_frac_copy_bw, ".2f"),
-                 _fmt(r.compile_frac_copy_bw, ".2f"), _fmt(r.bit_exact)]  # fmt: skip
+                 _fmt(r.compile_frac_copy_bw, ".2f"), _fmt(exact(r))]  # fmt: skip
+        if with_old:
+            cells += [_fmt(r.old_ms), _fmt(r.old_frac_copy_bw, ".2f")]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -179,13 +230,21 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--dtypes", default=",".join(DTYPES))
     p.add_argument("--bits", default=",".join(map(str, BITS)))
     p.add_argument("--no-compile", action="store_true", help="skip the torch.compile column")
+    p.add_argument(
+        "--kernel", choices=KERNELS, default="new", help="one-pass kernel(s) to time (old: previous)"
+    )
+    p.add_argument("--choices", default="", help=f"also time the new kernel with: {','.join(CHOICES)}")
     return p.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    choices = tuple(c for c in args.choices.split(",") if c)
+    if unknown := sorted(set(choices) - set(CHOICES)):
+        raise SystemExit(f"unknown --choices {unknown}; allowed: {', '.join(CHOICES)}")
     device = torch.device(args.device)
     reps = args.reps or (3 if args.quick else 20)
+    shapes: Sequence[tuple[int, ...]]
     if args.shapes:
         shapes = [tuple(int(d) for d in s.split("x")) for s in args.shapes.split(",")]
     else:
@@ -194,12 +253,14 @@ def main(argv: list[str] | None = None) -> int:
     copy_gbps = copy_bandwidth_gbps(device, reps=max(reps, 5))
     meta = {"device": device_name(device), "torch": torch.__version__, "triton": _triton_version(),
             "copy_gbps": copy_gbps, "reps": reps, "quick": args.quick,
-            "bytes_rule": "2 x numel x element size (bf16 read + written)"}  # fmt: skip
+            "bytes_rule": "2 x numel x element size (bf16 read + written)", "kernel": args.kernel,
+            "choices": {c: CHOICES[c] for c in choices}}  # fmt: skip
     print(f"device: {meta['device']}; copy bandwidth {copy_gbps:.1f} GB/s (read + write)", flush=True)
     rows: list[Row] = []
     grid = list(itertools.product(shapes, args.dtypes.split(","), map(int, args.bits.split(",")), BLOCKS))
     for shape, dtype, bits, block in grid:
-        rows.append(bench_config(_weight(shape, device), QuantSpec(dtype, bits, block), reps, copy_gbps))
+        spec = QuantSpec(dtype, bits, block)
+        rows.append(bench_config(_weight(shape, device), spec, reps, copy_gbps, args.kernel, choices))
         print(".", end="", flush=True, file=sys.stderr)
         _write(args.out, meta, rows, time.perf_counter() - t_start)  # partial results survive a timeout
     for i, (shape, dtype, bits, block) in enumerate(grid):  # compile last: slow, and optional in --quick
@@ -210,34 +271,46 @@ def main(argv: list[str] | None = None) -> int:
             _write(args.out, meta, rows, time.perf_counter() - t_start)
     wall_s = time.perf_counter() - t_start
     _write(args.out, meta, rows, wall_s)
-    ok = all(r.bit_exact is not False for r in rows)
+    ok = all(exact(r) is not False for r in rows)
     table = format_table(rows) + "\n\n" + summarize(rows)
     print("\n" + table)
-    print(f"wall {wall_s:.1f} s; fused output bit-exact with the reference in every row: {ok}")
+    print(f"wall {wall_s:.1f} s; every fused output bit-exact with the reference in every row: {ok}")
     if args.out is not None:
         args.out.with_suffix(".md").write_text(f"{meta['device']}, copy {copy_gbps:.0f} GB/s\n\n{table}\n")
     return 0 if ok else 1
 
 
 def summarize(rows: list[Row]) -> str:
-    """Median fraction of copy bandwidth per block size (all shapes, dtypes and bits)."""
-    lines = [
-        "| block | fused/copy median (min) | torch/copy median | compile/copy median |",
-        "|---|---|---|---|",
-    ]
+    """Median (min) fraction of copy bandwidth per block size (all shapes, dtypes and bits), per kernel."""
+    names = [f"choice {c}" for c in (rows[0].choice_ms or {})] if rows else []
+    with_old = any(r.old_ms is not None for r in rows)
+    head = ["block", "fused/copy median (min)", "torch/copy median", "compile/copy median"]
+    head += ["old/copy median (min)"] * with_old + [f"{n}/copy median (min)" for n in names]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for block in BLOCKS:
         sel = [r for r in rows if r.block_size == block]
         if not sel:
             continue
-        fused = [r.fused_frac_copy_bw for r in sel if r.fused_frac_copy_bw is not None]
-        comp = [r.compile_frac_copy_bw for r in sel if r.compile_frac_copy_bw is not None]
         cells = [
-            f"{statistics.median(fused):.2f} ({min(fused):.2f})" if fused else "-",
+            _median_min([r.fused_frac_copy_bw for r in sel]),
             f"{statistics.median(r.torch_frac_copy_bw for r in sel):.2f}",
-            f"{statistics.median(comp):.2f}" if comp else "-",
+            _median_min([r.compile_frac_copy_bw for r in sel], with_min=False),
         ]
+        if with_old:
+            cells.append(_median_min([r.old_frac_copy_bw for r in sel]))
+        for name in names:
+            c = name.removeprefix("choice ")
+            cells.append(_median_min([r.fused_frac_copy_bw * r.fused_ms / r.choice_ms[c] for r in sel
+                                      if r.choice_ms and r.fused_ms and r.fused_frac_copy_bw]))  # fmt: skip
         lines.append(f"| {block or 'tensor'} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def _median_min(fracs: Sequence[float | None], with_min: bool = True) -> str:
+    vals = [f for f in fracs if f is not None]
+    if not vals:
+        return "-"
+    return f"{statistics.median(vals):.2f}" + (f" ({min(vals):.2f})" if with_min else "")
 
 
 def _write(out: Path | None, meta: dict, rows: list[Row], wall_s: float) -> None:

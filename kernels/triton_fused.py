@@ -1,10 +1,20 @@
 """The fused Triton `fake_quantize` for CUDA tensors (also runs under TRITON_INTERPRET=1 on CPU).
 
-One pass per block for block sizes up to `MAX_FUSED_BLOCK`: each program loads ROWS whole blocks,
-takes their absmax, normalizes, finds the nearest code by a branchless binary search over the
-codebook's sorted midpoints (read from global memory, so codebooks of up to 2^16 entries work),
+One pass per block for block sizes up to `MAX_FUSED_BLOCK`: each program loads ROWS whole blocks (the
+block size is a compile-time constant), takes their absmax, normalizes, finds the nearest code,
 dequantizes and stores. Larger blocks and block_size=None take two passes: torch computes the block
-absmax (exact: a max) and its IEEE reciprocal, then the kernel quantizes with them.
+absmax (exact: a max) and its IEEE reciprocal, then `_scaled_kernel` quantizes with them.
+
+The nearest code, #(mids < xn), is found by a branchless binary search: k probes for 2^k (padded)
+entries, each one of the reference's own float32 compares (see `_nearest`). The top two levels are scalar
+loads; below them the probes and the value lookup read a per-program copy of the codebook that tl.gather
+keeps in shared memory (k <= 8; midpoints sorted up to 2^5 entries, in Eytzinger order above that so a
+level's probes do not collide in one bank); larger codebooks (up to 2^16) are read from global memory.
+`FusedChoice` also offers a compare-select chain over midpoints held in registers (no lookups at all),
+which costs 2 x (2^k - 1) instructions per value: fixed choices, compared by the benchmark, no autotuning.
+Programs that cover only whole blocks run without masks (one launch); a second, masked launch takes the
+tail. Offsets inside a program are int32 from an int64 base pointer, so address arithmetic stays cheap;
+one NaN-propagating max gives both the absmax and the non-finite flag.
 
 The arithmetic is the torch reference's, operation for operation (see kernels/blockwise.py):
 inv = 1 / (absmax * s) with IEEE round-to-nearest (`tl.div_rn`; Triton's `/` is approximate),
@@ -14,8 +24,10 @@ outputs equal the reference's bit for bit. Written for Triton 3.6 and 3.9.
 
 from __future__ import annotations
 
+import functools
 import math
 import os
+from dataclasses import dataclass
 
 import torch
 import triton
@@ -30,7 +42,32 @@ from kernels.spec import QuantSpec
 TINY_ABSMAX = tl.constexpr(scaling.TINY_ABSMAX)  # blocks with a smaller absmax are scaled by 2^64 first
 TINY_SCALE = tl.constexpr(scaling.TINY_SCALE)
 MAX_FUSED_BLOCK = 8192  # widest (padded) block one program holds in registers
-TILE = 4096  # elements per program
+TILE = 4096  # elements per program of the two-pass kernel
+
+
+@dataclass(frozen=True)
+class FusedChoice:
+    """Fixed launch choices of the one-pass kernel (no autotuning, so no tuning cost per job).
+
+    Attributes:
+        max_chain_log2: codebooks of up to 2^this entries use the compare-select chain (0: never);
+            the others a binary search.
+        max_shared_log2: the binary search reads codebooks of up to 2^this entries from shared memory
+            (2 x 4 x 2^this bytes per program), larger ones from global memory (L1).
+        values_per_thread: values each thread holds (16: two 16-byte bf16 loads; registers stay <= 64,
+            so four 8-warp programs fit on an SM).
+        num_warps: warps per program; a program holds values_per_thread * 32 * num_warps values.
+    """
+
+    max_chain_log2: int = 0
+    max_shared_log2: int = 8
+    values_per_thread: int = 16
+    num_warps: int = 8
+
+
+DEFAULT_CHOICE = FusedChoice()
+SEARCH_CHAIN, SEARCH_SHARED, SEARCH_GLOBAL = tl.constexpr(0), tl.constexpr(1), tl.constexpr(2)
+EYTZINGER_FROM_LOG2 = tl.constexpr(6)  # the shared-memory search reads larger codebooks in Eytzinger order
 
 
 @triton.jit
@@ -52,6 +89,70 @@ def _nearest_code(xn, mids_ptr, LOG2_LEVELS: tl.constexpr):
 
 
 @triton.jit
+def _nearest_code_shared(xn, table_ptr, LOG2_LEVELS: tl.constexpr):
+    # `_nearest_code`'s search on a 1-D xn, with the probes below the first two levels read from a copy of
+    # the table that tl.gather keeps in shared memory (32-bit addresses, no L1 tag lookups).
+    table = tl.load(table_ptr + tl.arange(0, 1 << LOG2_LEVELS))
+    if LOG2_LEVELS <= EYTZINGER_FROM_LOG2 - 1:  # sorted midpoints: up to 32 words, one per bank
+        top = 1 << (LOG2_LEVELS - 1)
+        code = tl.where(tl.load(table_ptr + (top - 1)) < xn, top, 0)
+        if LOG2_LEVELS >= 2:
+            quarter = top // 2
+            low = tl.load(table_ptr + (quarter - 1))
+            high = tl.load(table_ptr + (top + quarter - 1))
+            code = tl.where(tl.where(code == 0, low, high) < xn, code + quarter, code)
+        for s in tl.static_range(2, LOG2_LEVELS):
+            half = 1 << (LOG2_LEVELS - 1 - s)
+            code = tl.where(tl.gather(table, code + (half - 1), 0) < xn, code + half, code)
+    else:
+        # Sorted, one level's probes are 2^(k-s) words apart, in one bank. So the midpoints' complete
+        # binary search tree is stored level by level from index 1 (Eytzinger order: node i has
+        # children 2i and 2i + 1; see `eytzinger_mids`), a level's nodes side by side in different
+        # banks. Going right past node m means m < xn, and then so is every node of m's left subtree
+        # (all <= m); going left means m >= xn, and so is every node of its right subtree. After k
+        # levels, node - 2^k counts the midpoints below xn exactly.
+        node = tl.where(tl.load(table_ptr + 1) < xn, 3, 2)
+        probe = tl.where(node == 2, tl.load(table_ptr + 2), tl.load(table_ptr + 3))
+        node = 2 * node + (probe < xn).to(tl.int32)
+        for _ in tl.static_range(2, LOG2_LEVELS):
+            node = 2 * node + (tl.gather(table, node, 0) < xn).to(tl.int32)
+        code = node - (1 << LOG2_LEVELS)
+    return code
+
+
+@triton.jit
+def _nearest(
+    xn, mids_ptr, values_ptr,
+    LOG2_LEVELS: tl.constexpr, SEARCH: tl.constexpr, STORE_OUT: tl.constexpr, STORE_CODES: tl.constexpr,
+):  # fmt: skip
+    # (code, codebook[code]) of a 1-D xn with code = #(mids < xn); each only when its STORE_* flag is set.
+    # SEARCH_CHAIN: the mids are sorted, so `mids[j] < xn` holds exactly for j < code: walking j upward,
+    # the last select that fires is j = code - 1 and leaves values[code] (values[0] if none fires). The
+    # 2^k - 1 compares are the reference's own float32 compares; mids[2^k - 1] is always +inf padding.
+    # The binary searches make the same compares in another order (k probes; see `_nearest_code`).
+    code = tl.zeros(xn.shape, tl.int32)
+    value = tl.zeros(xn.shape, tl.float32)
+    if SEARCH == SEARCH_CHAIN:
+        if STORE_OUT:
+            value += tl.load(values_ptr)
+        for j in tl.static_range((1 << LOG2_LEVELS) - 1):
+            above = tl.load(mids_ptr + j) < xn
+            if STORE_OUT:
+                value = tl.where(above, tl.load(values_ptr + (j + 1)), value)
+            if STORE_CODES:
+                code = tl.where(above, j + 1, code)
+    elif SEARCH == SEARCH_SHARED:
+        code = _nearest_code_shared(xn, mids_ptr, LOG2_LEVELS)
+        if STORE_OUT:
+            value = tl.gather(tl.load(values_ptr + tl.arange(0, 1 << LOG2_LEVELS)), code, 0)
+    else:
+        code = _nearest_code(xn, mids_ptr, LOG2_LEVELS)
+        if STORE_OUT:
+            value = tl.load(values_ptr + code)
+    return code, value
+
+
+@triton.jit
 def _cast_out(y, out_ptr, BF16_BY_HAND: tl.constexpr):
     # float32 -> the output dtype, round-to-nearest-even (as torch's .to()). Triton's interpreter truncates
     # a float32 -> bf16 cast, so there bf16 is rounded by hand; compiled, cvt.rn.bf16.f32 does the same.
@@ -65,36 +166,65 @@ def _cast_out(y, out_ptr, BF16_BY_HAND: tl.constexpr):
 
 
 @triton.jit
+def _max_nan(a, b):
+    return tl.maximum(a, b, propagate_nan=tl.PropagateNan.ALL)
+
+
+@triton.jit
 def _fused_blocks_kernel(
-    x_ptr, out_ptr, codes_ptr, absmax_ptr, values_ptr, mids_ptr, n, n_blocks, block,
-    ROWS: tl.constexpr, BLOCK_P2: tl.constexpr, LOG2_LEVELS: tl.constexpr,
-    STORE_OUT: tl.constexpr, STORE_CODES: tl.constexpr, BF16_BY_HAND: tl.constexpr,
+    x_ptr, out_ptr, codes_ptr, absmax_ptr, values_ptr, mids_ptr, n, first_row,
+    BLOCK: tl.constexpr, ROWS: tl.constexpr, BLOCK_P2: tl.constexpr, LOG2_LEVELS: tl.constexpr,
+    SEARCH: tl.constexpr, MASKED: tl.constexpr, STORE_OUT: tl.constexpr, STORE_CODES: tl.constexpr,
+    BF16_BY_HAND: tl.constexpr,
 ):  # fmt: skip
-    rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
+    row0 = first_row + tl.program_id(0).to(tl.int64) * ROWS
+    base = row0 * BLOCK  # int64: the pointers move once per program, offsets below are int32
+    rows = tl.arange(0, ROWS)
     cols = tl.arange(0, BLOCK_P2)
-    offs = rows[:, None] * block + cols[None, :]
-    mask = (cols[None, :] < block) & (offs < n)
-    x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    ax = tl.abs(x)
-    absmax = tl.max(ax, axis=1)
-    nonfinite = tl.max(((x != x) | (ax == float("inf"))).to(tl.int32), axis=1)
-    scale = tl.where(absmax < TINY_ABSMAX, TINY_SCALE, 1.0)
-    safe = tl.where(absmax > 0, absmax, 1.0) * scale
-    inv = tl.div_rn(tl.full(safe.shape, 1.0, tl.float32), safe)
-    code = _nearest_code((x * scale[:, None]) * inv[:, None], mids_ptr, LOG2_LEVELS)
+    offs = rows[:, None] * BLOCK + cols[None, :]
+    if MASKED:  # the tail launch, or a block size that is not a power of two
+        limit = tl.minimum(n - base, ROWS * BLOCK).to(tl.int32)
+        mask = (cols[None, :] < BLOCK) & (offs < limit)
+        x = tl.load(x_ptr + base + offs, mask=mask, other=0.0).to(tl.float32)
+    else:
+        x = tl.load(x_ptr + base + offs).to(tl.float32)
+    # NaN-propagating max: one reduction gives the absmax and flags NaN (NaN) and Inf (inf) blocks.
+    absmax = tl.reduce(tl.abs(x), 1, _max_nan)
+    tiny = absmax < TINY_ABSMAX
+    scale = tl.where(tiny, TINY_SCALE, 1.0)
+    inv = tl.div_rn(tl.full(absmax.shape, 1.0, tl.float32), tl.where(absmax > 0, absmax, 1.0) * scale)
+    if tl.max(tiny.to(tl.int32), axis=0) > 0:  # noqa: SIM108  (rare: a block is scaled by 2^64 first)
+        xn = (x * scale[:, None]) * inv[:, None]
+    else:  # x * 1 is exact, so this is the same product with one multiply less
+        xn = x * inv[:, None]
+    # 1-D for tl.gather (a row-major reshape: the same values in the same places), then back.
+    code, value = _nearest(
+        tl.reshape(xn, [ROWS * BLOCK_P2]), mids_ptr, values_ptr, LOG2_LEVELS, SEARCH, STORE_OUT, STORE_CODES
+    )
+    code, value = tl.reshape(code, [ROWS, BLOCK_P2]), tl.reshape(value, [ROWS, BLOCK_P2])
     if STORE_OUT:
-        y = tl.load(values_ptr + code) * absmax[:, None]
-        tl.store(out_ptr + offs, _cast_out(y, out_ptr, BF16_BY_HAND), mask=mask)
+        y = _cast_out(value * absmax[:, None], out_ptr, BF16_BY_HAND)
+        if MASKED:
+            tl.store(out_ptr + base + offs, y, mask=mask)
+        else:
+            tl.store(out_ptr + base + offs, y)
     if STORE_CODES:
-        tl.store(codes_ptr + offs, code.to(codes_ptr.dtype.element_ty), mask=mask)
-    tl.store(absmax_ptr + rows, tl.where(nonfinite > 0, float("nan"), absmax), mask=rows < n_blocks)
+        if MASKED:
+            tl.store(codes_ptr + base + offs, code.to(codes_ptr.dtype.element_ty), mask=mask)
+        else:
+            tl.store(codes_ptr + base + offs, code.to(codes_ptr.dtype.element_ty))
+    stored = tl.where(absmax < float("inf"), absmax, float("nan"))  # NaN for any non-finite block
+    if MASKED:
+        tl.store(absmax_ptr + row0 + rows, stored, mask=rows.to(tl.int64) * BLOCK < n - base)
+    else:
+        tl.store(absmax_ptr + row0 + rows, stored)
 
 
 @triton.jit
 def _scaled_kernel(
     x_ptr, out_ptr, codes_ptr, absmax_ptr, inv_ptr, values_ptr, mids_ptr, n, block,
-    TILE: tl.constexpr, LOG2_LEVELS: tl.constexpr, STORE_OUT: tl.constexpr, STORE_CODES: tl.constexpr,
-    BF16_BY_HAND: tl.constexpr,
+    TILE: tl.constexpr, LOG2_LEVELS: tl.constexpr, SEARCH: tl.constexpr, STORE_OUT: tl.constexpr,
+    STORE_CODES: tl.constexpr, BF16_BY_HAND: tl.constexpr,
 ):  # fmt: skip
     offs = tl.program_id(0).to(tl.int64) * TILE + tl.arange(0, TILE)
     mask = offs < n
@@ -102,10 +232,10 @@ def _scaled_kernel(
     absmax = tl.load(absmax_ptr + offs // block, mask=mask, other=1.0)
     inv = tl.load(inv_ptr + offs // block, mask=mask, other=1.0)  # torch's IEEE 1 / (absmax * scale)
     scale = tl.where(absmax < TINY_ABSMAX, TINY_SCALE, 1.0)
-    code = _nearest_code((x * scale) * inv, mids_ptr, LOG2_LEVELS)
+    xn = (x * scale) * inv
+    code, value = _nearest(xn, mids_ptr, values_ptr, LOG2_LEVELS, SEARCH, STORE_OUT, STORE_CODES)
     if STORE_OUT:
-        y = tl.load(values_ptr + code) * absmax
-        tl.store(out_ptr + offs, _cast_out(y, out_ptr, BF16_BY_HAND), mask=mask)
+        tl.store(out_ptr + offs, _cast_out(value * absmax, out_ptr, BF16_BY_HAND), mask=mask)
     if STORE_CODES:
         tl.store(codes_ptr + offs, code.to(codes_ptr.dtype.element_ty), mask=mask)
 
@@ -124,59 +254,181 @@ def block_absmax(flat: Tensor, block: int) -> Tensor:
     return torch.cat(parts).to(torch.float32)
 
 
+def fused_config(block: int, n_blocks: int, choice: FusedChoice) -> tuple[int, int]:
+    """(rows per program, num_warps) of the one-pass kernel for this block size."""
+    block_p2 = triton.next_power_of_2(block)
+    tile = choice.values_per_thread * 32 * choice.num_warps
+    rows = max(1, min(tile // block_p2, triton.next_power_of_2(n_blocks)))
+    return rows, choice.num_warps if rows * block_p2 >= tile else 4
+
+
+def fused_launches(n: int, block: int, rows: int) -> list[tuple[int, int, bool]]:
+    """(first row, programs, masked) per launch: programs of whole blocks run unmasked, the rest masked."""
+    n_blocks = math.ceil(n / block)
+    if block != triton.next_power_of_2(block):
+        return [(0, triton.cdiv(n_blocks, rows), True)]
+    whole = n // (rows * block)
+    launches = [(0, whole, False)] if whole else []
+    if whole * rows < n_blocks:
+        launches.append((whole * rows, triton.cdiv(n_blocks - whole * rows, rows), True))
+    return launches
+
+
+def search_kind(log2_levels: int, choice: FusedChoice) -> int:
+    """SEARCH_CHAIN, SEARCH_SHARED or SEARCH_GLOBAL for a codebook of 2^log2_levels (padded) entries."""
+    if log2_levels <= choice.max_chain_log2:
+        return SEARCH_CHAIN.value
+    return SEARCH_SHARED.value if log2_levels <= choice.max_shared_log2 else SEARCH_GLOBAL.value
+
+
+@functools.lru_cache(maxsize=16)
+def _eytzinger_order(log2_levels: int) -> Tensor:
+    """Sorted index of each node 1..2^k - 1 of a complete binary search tree, level by level, after the
+    +inf padding entry (index 2^k - 1) at position 0, which the search never reads."""
+    nodes = torch.arange(1, 1 << log2_levels)  # node i: level = bit length - 1, position = the rest
+    level = torch.floor(torch.log2(nodes.double())).long()
+    position = nodes - (1 << level)
+    return torch.cat([nodes[-1:], (2 * position + 1) * (1 << (log2_levels - 1 - level)) - 1])
+
+
+@functools.lru_cache(maxsize=64)
+def eytzinger_mids(levels: Levels) -> Tensor:
+    """levels.mids in the order `_nearest_code_shared` reads them (the +inf padding entry first).
+
+    Cached per Levels object, as static levels are; levels must not be modified after the first call.
+    """
+    log2_levels = levels.mids.numel().bit_length() - 1
+    return levels.mids[_eytzinger_order(log2_levels).to(levels.mids.device)]
+
+
+@functools.lru_cache(maxsize=64)
+def _padded_values(levels: Levels) -> Tensor:
+    """levels.values padded with its last value to levels.mids.numel() entries (the chain reads them all)."""
+    values, size = levels.values, levels.mids.numel()
+    return torch.cat([values, values[-1:].expand(size - values.numel())]) if values.numel() < size else values
+
+
+def _flags(x: Tensor, levels: Levels, store_out: bool, store_codes: bool, choice: FusedChoice) -> dict:
+    log2_levels = levels.mids.numel().bit_length() - 1
+    assert levels.mids.numel() == 1 << log2_levels and levels.mids.device == x.device
+    return {
+        "LOG2_LEVELS": log2_levels,
+        "SEARCH": search_kind(log2_levels, choice),
+        "STORE_OUT": store_out,
+        "STORE_CODES": store_codes,
+        "BF16_BY_HAND": x.dtype == torch.bfloat16 and os.environ.get("TRITON_INTERPRET") == "1",
+    }
+
+
 def _launch(
-    w: Tensor, spec: QuantSpec, levels: Levels, store_out: bool, code_dtype: torch.dtype | None
+    w: Tensor,
+    spec: QuantSpec,
+    levels: Levels,
+    store_out: bool,
+    code_dtype: torch.dtype | None,
+    choice: FusedChoice = DEFAULT_CHOICE,
 ) -> tuple[Tensor | None, Tensor | None, Tensor]:
     """Run the kernel; returns (fake-quantized w or None, flat codes or None, float32 absmax)."""
     x = w.detach().contiguous()
     n = x.numel()
     block = effective_block_size(spec.block_size, n)
     n_blocks = math.ceil(n / block)
-    log2_levels = levels.mids.numel().bit_length() - 1
-    assert levels.mids.numel() == 1 << log2_levels and levels.mids.device == x.device
     out = torch.empty_like(x) if store_out else None
     codes = torch.empty(n, dtype=code_dtype, device=x.device) if code_dtype is not None else None
     dummy = x  # never written when its STORE_* flag is off
     args = (x, out if out is not None else dummy, codes if codes is not None else dummy)
-    flags = {
-        "LOG2_LEVELS": log2_levels,
-        "STORE_OUT": store_out,
-        "STORE_CODES": codes is not None,
-        "BF16_BY_HAND": x.dtype == torch.bfloat16 and os.environ.get("TRITON_INTERPRET") == "1",
-    }
+    flags = _flags(x, levels, store_out, codes is not None, choice)
+    values = _padded_values(levels)
+    eytzinger = flags["SEARCH"] == SEARCH_SHARED.value and flags["LOG2_LEVELS"] >= EYTZINGER_FROM_LOG2.value
+    mids = eytzinger_mids(levels) if eytzinger else levels.mids
     if block <= MAX_FUSED_BLOCK and spec.block_size is not None:
-        block_p2 = triton.next_power_of_2(block)
-        rows = max(1, min(TILE // block_p2, triton.next_power_of_2(n_blocks)))
+        rows, num_warps = fused_config(block, n_blocks, choice)
         absmax = torch.empty(n_blocks, dtype=torch.float32, device=x.device)
-        grid = (triton.cdiv(n_blocks, rows),)
-        _fused_blocks_kernel[grid](
-            *args, absmax, levels.values, levels.mids, n, n_blocks, block,
-            ROWS=rows, BLOCK_P2=block_p2, num_warps=8 if rows * block_p2 >= 4096 else 4, **flags,
-        )  # fmt: skip
+        for first_row, programs, masked in fused_launches(n, block, rows):
+            _fused_blocks_kernel[(programs,)](
+                *args, absmax, values, mids, n, first_row, BLOCK=block, ROWS=rows,
+                BLOCK_P2=triton.next_power_of_2(block), MASKED=masked, num_warps=num_warps, **flags,
+            )  # fmt: skip
     else:
         absmax = block_absmax(x.reshape(-1), block)
         scale = torch.where(absmax < TINY_ABSMAX.value, TINY_SCALE.value, 1.0)
         inv = torch.reciprocal(torch.where(absmax > 0, absmax, torch.ones_like(absmax)) * scale)
         grid = (triton.cdiv(n, TILE),)
         _scaled_kernel[grid](
-            *args, absmax, inv, levels.values, levels.mids, n, block, TILE=TILE, num_warps=8, **flags
+            *args, absmax, inv, values, mids, n, block, TILE=TILE, num_warps=8, **flags
         )  # fmt: skip
     return out, codes, absmax
 
 
-def fused_fake_quantize(w: Tensor, spec: QuantSpec, levels: Levels, check_finite: bool = True) -> Tensor:
-    """Fake-quantize `w` (CUDA, or CPU under TRITON_INTERPRET=1) with the given codebook levels."""
-    out, _, absmax = _launch(w, spec, levels, store_out=True, code_dtype=None)
+def fused_fake_quantize(
+    w: Tensor,
+    spec: QuantSpec,
+    levels: Levels,
+    check_finite: bool = True,
+    choice: FusedChoice = DEFAULT_CHOICE,
+) -> Tensor:
+    """Fake-quantize `w` (CUDA, or CPU under TRITON_INTERPRET=1) with the given codebook levels.
+
+    `choice` only changes speed (every choice computes the same bits); benchmarks compare choices.
+    """
+    out, _, absmax = _launch(w, spec, levels, store_out=True, code_dtype=None, choice=choice)
     if check_finite:
         check_finite_absmax(absmax)
     assert out is not None
     return out.view(w.shape)
 
 
-def fused_quantize(w: Tensor, spec: QuantSpec, levels: Levels) -> tuple[Tensor, Tensor]:
+def fused_quantize(
+    w: Tensor, spec: QuantSpec, levels: Levels, choice: FusedChoice = DEFAULT_CHOICE
+) -> tuple[Tensor, Tensor]:
     """Codes (flat, uint8 for bits <= 8 else int32) and float32 block absmax of `w`."""
     code_dtype = torch.uint8 if spec.bits <= 8 else torch.int32
-    _, codes, absmax = _launch(w, spec, levels, store_out=False, code_dtype=code_dtype)
+    _, codes, absmax = _launch(w, spec, levels, store_out=False, code_dtype=code_dtype, choice=choice)
     check_finite_absmax(absmax)
     assert codes is not None
     return codes, absmax
+
+
+# The previous one-pass kernel (runtime block size, masks everywhere, a binary search with gathers for
+# every k), kept so `benchmarks/quantize_kernels.py --kernel both` times old and new in one GPU run.
+@triton.jit
+def _fused_blocks_kernel_v1(
+    x_ptr, out_ptr, absmax_ptr, values_ptr, mids_ptr, n, n_blocks, block,
+    ROWS: tl.constexpr, BLOCK_P2: tl.constexpr, LOG2_LEVELS: tl.constexpr, BF16_BY_HAND: tl.constexpr,
+):  # fmt: skip
+    rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
+    cols = tl.arange(0, BLOCK_P2)
+    offs = rows[:, None] * block + cols[None, :]
+    mask = (cols[None, :] < block) & (offs < n)
+    x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    ax = tl.abs(x)
+    absmax = tl.max(ax, axis=1)
+    nonfinite = tl.max(((x != x) | (ax == float("inf"))).to(tl.int32), axis=1)
+    scale = tl.where(absmax < TINY_ABSMAX, TINY_SCALE, 1.0)
+    safe = tl.where(absmax > 0, absmax, 1.0) * scale
+    inv = tl.div_rn(tl.full(safe.shape, 1.0, tl.float32), safe)
+    code = _nearest_code((x * scale[:, None]) * inv[:, None], mids_ptr, LOG2_LEVELS)
+    y = tl.load(values_ptr + code) * absmax[:, None]
+    tl.store(out_ptr + offs, _cast_out(y, out_ptr, BF16_BY_HAND), mask=mask)
+    tl.store(absmax_ptr + rows, tl.where(nonfinite > 0, float("nan"), absmax), mask=rows < n_blocks)
+
+
+def fake_quantize_v1(w: Tensor, spec: QuantSpec, levels: Levels) -> Tensor:
+    """`fused_fake_quantize(..., check_finite=False)` by the previous kernel (benchmark reference only)."""
+    x = w.detach().contiguous()
+    n = x.numel()
+    block = effective_block_size(spec.block_size, n)
+    if block > MAX_FUSED_BLOCK or spec.block_size is None:  # the two-pass path, searching as before
+        out = _launch(w, spec, levels, True, None, FusedChoice(max_chain_log2=0, max_shared_log2=0))[0]
+        assert out is not None
+        return out.view(w.shape)
+    n_blocks = math.ceil(n / block)
+    block_p2 = triton.next_power_of_2(block)
+    rows = max(1, min(4096 // block_p2, triton.next_power_of_2(n_blocks)))
+    out, absmax = torch.empty_like(x), torch.empty(n_blocks, dtype=torch.float32, device=x.device)
+    _fused_blocks_kernel_v1[(triton.cdiv(n_blocks, rows),)](
+        x, out, absmax, levels.values, levels.mids, n, n_blocks, block, ROWS=rows, BLOCK_P2=block_p2,
+        LOG2_LEVELS=levels.mids.numel().bit_length() - 1, num_warps=8 if rows * block_p2 >= 4096 else 4,
+        BF16_BY_HAND=x.dtype == torch.bfloat16 and os.environ.get("TRITON_INTERPRET") == "1",
+    )  # fmt: skip
+    return out.view(w.shape)

@@ -12,8 +12,9 @@ from kernels import CODEBOOKS, QuantSpec, fake_quantize, quantize
 pytestmark = pytest.mark.gpu
 
 SEED = int.from_bytes(os.urandom(4), "little")  # fresh inputs every run; printed on failure
-# (shape, bits, block_size, torch_dtype): tails everywhere, both kernel paths (fused; two-pass for
-# block_size=None and blocks wider than MAX_FUSED_BLOCK), 3..16 bits. Kept short: few compilations.
+# (shape, bits, block_size, torch_dtype): tails everywhere, both kernel paths (fused: whole-block programs
+# and a masked tail launch; two-pass for block_size=None and blocks wider than MAX_FUSED_BLOCK), 3..8 and
+# 16 bits (shared-memory search, sorted and Eytzinger order; global for 16). Kept short: few compilations.
 CASES = [
     ((1000, 333), 3, 64, torch.bfloat16),
     ((4099, 4096), 4, 64, torch.bfloat16),
@@ -22,6 +23,8 @@ CASES = [
     ((513, 257), 5, None, torch.float32),
     ((1000, 333), 4, 16384, torch.bfloat16),
     ((257, 129), 16, 64, torch.float32),
+    ((1000, 333), 6, 128, torch.bfloat16),  # Eytzinger-ordered shared-memory search, with a tail
+    ((4096, 1024), 7, 1024, torch.float32),
 ]
 
 
@@ -74,3 +77,22 @@ def test_nan_and_inf_are_rejected_on_gpu() -> None:
             w[10, 10] = bad
             with pytest.raises(ValueError, match="NaN or Inf"):
                 fake_quantize(w, QuantSpec("int", 4, block), impl="triton")
+
+
+@pytest.mark.parametrize("bits", [3, 4, 8])
+def test_every_launch_choice_and_the_previous_kernel_agree(bits: int) -> None:
+    from kernels.blockwise import levels_for
+    from kernels.triton_fused import FusedChoice, fake_quantize_v1, fused_fake_quantize
+
+    choices = [FusedChoice(max_chain_log2=8), FusedChoice(max_shared_log2=0),
+               FusedChoice(values_per_thread=32), FusedChoice(values_per_thread=8, num_warps=4)]  # fmt: skip
+    for salt, (shape, block) in enumerate([((4099, 4096), 64), ((1000, 333), 1024), ((513, 257), None)]):
+        w = _fresh(shape, torch.bfloat16, 100 + salt)
+        spec = QuantSpec("nf", bits, block)
+        ref = fake_quantize(w, spec, impl="torch")
+        levels = levels_for(w, spec)
+        for choice in choices:
+            assert torch.equal(fused_fake_quantize(w, spec, levels, choice=choice), ref), (
+                f"seed={SEED} {choice}"
+            )
+        assert torch.equal(fake_quantize_v1(w, spec, levels), ref), f"seed={SEED} {spec} {shape}"

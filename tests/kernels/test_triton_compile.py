@@ -1,11 +1,14 @@
-"""The Triton kernels compile for an H100 (sm_90) on a CPU machine, with the arithmetic the bit-exactness
-argument needs: IEEE division (div.rn, not Triton's approximate div.full), no fused multiply-add, and
-16-byte vector loads of the weights. Catches compiled-mode errors the interpreter cannot."""
+"""The Triton kernels compile for an H100/H200 (sm_90) on a CPU machine, with the arithmetic the bit-exactness
+argument needs: IEEE division (div.rn, not Triton's approximate div.full), no fused multiply-add, 16-byte
+vector loads of the weights where blocks are powers of two; and that each search reads the codebook where
+it should (the shared-memory search from shared memory, the chain once per program). Catches
+compiled-mode errors the interpreter cannot."""
 
 from __future__ import annotations
 
 import importlib.util
 import re
+from collections.abc import Mapping
 
 import pytest
 
@@ -13,9 +16,10 @@ pytestmark = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reas
 
 COMMON = {"x_ptr": "*bf16", "out_ptr": "*bf16", "codes_ptr": "*u8", "absmax_ptr": "*fp32",
           "values_ptr": "*fp32", "mids_ptr": "*fp32", "n": "i32"}  # fmt: skip
+FLAGS = ["LOG2_LEVELS", "SEARCH", "STORE_OUT", "STORE_CODES", "BF16_BY_HAND"]
 
 
-def _ptx(fn, signature: dict[str, str], constexprs: dict[str, object]) -> str:
+def _ptx(fn, signature: dict[str, str], constexprs: Mapping[str, object], num_warps: int = 8) -> str:
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -24,7 +28,7 @@ def _ptx(fn, signature: dict[str, str], constexprs: dict[str, object]) -> str:
     attrs = {(i,): [["tt.divisibility", 16]] for i in range(len(runtime))}  # as the JIT specializes 8192x8192
     src = ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs)
     try:
-        compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": 8})
+        compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": num_warps})
     except Exception as e:  # no NVIDIA backend in this triton build
         if "backend" in str(e).lower() or "ptxas" in str(e).lower():
             pytest.skip(f"triton cannot compile for CUDA here: {e}")
@@ -32,25 +36,63 @@ def _ptx(fn, signature: dict[str, str], constexprs: dict[str, object]) -> str:
     return compiled.asm["ptx"]
 
 
-def _check(ptx: str, divides: bool = True) -> None:
+def _check(ptx: str, divides: bool = True, vector_loads: bool = True) -> None:
     if divides:
         assert "div.rn.f32" in ptx
     assert "div.full" not in ptx and "div.approx" not in ptx and "rcp.approx" not in ptx
     assert not re.search(r"\bfma\.rn\.f32", ptx), "a fused multiply-add would change the rounding"
-    assert "ld.global.v4.b32" in ptx, "weights should load as 16-byte vectors"
+    assert ".ftz" not in ptx, "flushing subnormals to zero would change the rounding"
+    if vector_loads:
+        assert "ld.global.v4.b32" in ptx, "weights should load as 16-byte vectors"
     assert re.search(r"cvt\.rn\.bf16(x2)?\.f32", ptx), "bf16 output rounds to nearest even, as torch's .to()"
 
 
-@pytest.mark.parametrize("log2_levels", [1, 3, 4, 16])
-def test_fused_kernel_compiles_for_sm90(log2_levels: int) -> None:
-    from kernels.triton_fused import _fused_blocks_kernel
+def _scalar_loads(ptx: str) -> int:
+    """Global loads of one 32-bit word: codebook reads (and the global binary search's gathers)."""
+    return len(re.findall(r"\bld\.global(\.[a-z]+)*\.b32\s", ptx))
 
-    sig = {**COMMON, "n_blocks": "i32", "block": "i32"}
-    sig.update(dict.fromkeys(["ROWS", "BLOCK_P2", "LOG2_LEVELS", "STORE_OUT", "STORE_CODES", "BF16_BY_HAND"],
-                             "constexpr"))  # fmt: skip
-    consts = {"ROWS": 64, "BLOCK_P2": 64, "LOG2_LEVELS": log2_levels, "STORE_OUT": True,
-              "STORE_CODES": log2_levels == 4, "BF16_BY_HAND": False}  # fmt: skip
-    _check(_ptx(_fused_blocks_kernel, sig, consts))
+
+def _shared_loads(ptx: str) -> int:
+    return len(re.findall(r"\bld\.shared(\.[a-z0-9]+)*\s", ptx))
+
+
+CHAIN, SHARED, GLOBAL = 0, 1, 2  # triton_fused.SEARCH_*
+# (log2_levels, search, block, masked, store_codes): every search path (the default shared-memory binary
+# search for k = 1..8, sorted up to 5 and Eytzinger from 6; the compare-select chain; the global-memory
+# search, k = 16 included), power-of-two blocks unmasked and as a tail launch, a block that is not a power
+# of two, codes stored.
+CASES = [(k, SHARED, 64, False, k == 4) for k in range(1, 9)] + [
+    (3, CHAIN, 64, False, False), (4, CHAIN, 64, True, True), (8, GLOBAL, 64, False, False),
+    (16, GLOBAL, 64, False, False), (3, SHARED, 1024, False, False), (8, SHARED, 1024, False, True),
+    (4, SHARED, 64, True, False), (4, SHARED, 100, True, True), (8, SHARED, 100, True, False),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("log2_levels", "search", "block", "masked", "store_codes"), CASES)
+def test_fused_kernel_compiles_for_sm90(
+    log2_levels: int, search: int, block: int, masked: bool, store_codes: bool
+) -> None:
+    import triton
+
+    from kernels import triton_fused
+
+    assert (triton_fused.SEARCH_CHAIN, triton_fused.SEARCH_SHARED, triton_fused.SEARCH_GLOBAL) == (0, 1, 2)
+    sig = {**COMMON, "n": "i64", "first_row": "i32"}
+    sig.update(dict.fromkeys(["BLOCK", "ROWS", "BLOCK_P2", "MASKED", *FLAGS], "constexpr"))
+    block_p2 = triton.next_power_of_2(block)
+    consts = {"BLOCK": block, "ROWS": 4096 // block_p2, "BLOCK_P2": block_p2, "MASKED": masked,
+              "LOG2_LEVELS": log2_levels, "SEARCH": search, "STORE_OUT": True, "STORE_CODES": store_codes,
+              "BF16_BY_HAND": False}  # fmt: skip
+    ptx = _ptx(triton_fused._fused_blocks_kernel, sig, consts)
+    _check(ptx, vector_loads=block == block_p2)
+    per_thread = 4096 // (8 * 32)  # values a thread holds
+    if search == CHAIN:  # the codebook is read once per program (2^k - 1 midpoints, 2^k values)
+        assert _scalar_loads(ptx) == 2 ** (log2_levels + 1) - 1 and _shared_loads(ptx) <= 5
+    elif search == SHARED:  # three scalar probes, then per value a shared read per level and the value
+        assert _scalar_loads(ptx) <= 5, _scalar_loads(ptx)
+        assert _shared_loads(ptx) >= per_thread * (max(2, log2_levels) - 1), _shared_loads(ptx)
+    else:  # per value a global gather per probe below the first two, and one of the value
+        assert _scalar_loads(ptx) >= per_thread * max(1, log2_levels - 1), _scalar_loads(ptx)
 
 
 def test_two_pass_kernel_compiles_for_sm90() -> None:
@@ -58,7 +100,18 @@ def test_two_pass_kernel_compiles_for_sm90() -> None:
 
     pointers = ["x_ptr", "out_ptr", "codes_ptr", "absmax_ptr", "inv_ptr", "values_ptr", "mids_ptr"]
     sig = {**{k: COMMON.get(k, "*fp32") for k in pointers}, "n": "i32", "block": "i32"}
-    flags = ["TILE", "LOG2_LEVELS", "STORE_OUT", "STORE_CODES", "BF16_BY_HAND"]
-    sig.update(dict.fromkeys(flags, "constexpr"))
-    consts = {"TILE": 4096, "LOG2_LEVELS": 8, "STORE_OUT": True, "STORE_CODES": False, "BF16_BY_HAND": False}
-    _check(_ptx(_scaled_kernel, sig, consts), divides=False)  # 1 / absmax comes from torch
+    sig.update(dict.fromkeys(["TILE", *FLAGS], "constexpr"))
+    for log2_levels, search in ((4, SHARED), (8, SHARED), (3, CHAIN), (8, GLOBAL)):
+        consts = {"TILE": 4096, "LOG2_LEVELS": log2_levels, "SEARCH": search, "STORE_OUT": True,
+                  "STORE_CODES": False, "BF16_BY_HAND": False}  # fmt: skip
+        _check(_ptx(_scaled_kernel, sig, consts), divides=False)  # 1 / absmax comes from torch
+
+
+def test_previous_kernel_compiles_for_sm90() -> None:
+    from kernels.triton_fused import _fused_blocks_kernel_v1
+
+    sig = {k: v for k, v in COMMON.items() if k != "codes_ptr"}
+    sig.update({"n_blocks": "i32", "block": "i32"})
+    sig.update(dict.fromkeys(["ROWS", "BLOCK_P2", "LOG2_LEVELS", "BF16_BY_HAND"], "constexpr"))
+    consts = {"ROWS": 64, "BLOCK_P2": 64, "LOG2_LEVELS": 4, "BF16_BY_HAND": False}
+    _check(_ptx(_fused_blocks_kernel_v1, sig, consts))
