@@ -7,13 +7,13 @@ family whose headline metric is at chance is answered from the loss instead, whe
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import pandas as pd
 
 from analysis.chance import accuracy_chance_table, at_chance_families
-from analysis.curves import check_sizes, curve_points
+from analysis.curves import check_sizes
 from analysis.errors import AnalysisError
 from analysis.metrics import higher_is_better, metric_label, metric_unit
 from analysis.optimality import best_per_bits, bit_optimality
@@ -21,6 +21,7 @@ from analysis.plots_curves import plot_bit_optimality
 from analysis.render import Block, Section
 from analysis.sections import MAX_FAMILY_FIGURES, Study, paired_note, slug, study_draws
 from analysis.summary import headline, overall_line
+from analysis.units import JobDraws
 
 OPTIMALITY_TITLE = "Bit-optimal precision per memory budget"
 OPTIMALITY_COLUMNS = [
@@ -43,39 +44,43 @@ PRECISION_TEXT = (
 )
 
 
-def _point_draws(study: Study, points: pd.DataFrame, metric: str) -> np.ndarray | None:
-    draws = study_draws(study, metric)
+def _point_draws(draws: JobDraws | None, points: pd.DataFrame) -> np.ndarray | None:
     return draws.for_groups(points["job_keys"].tolist()) if draws is not None else None
 
 
-def optimality_table(study: Study, metric: str | None = None) -> pd.DataFrame:
-    """The bit-optimality table of `metric` (default: the headline metric); raises `AnalysisError`."""
-    tidy = study.require_tidy()
+def optimality_table(
+    study: Study, metric: str | None = None, draws: JobDraws | Literal["draw"] | None = "draw"
+) -> pd.DataFrame:
+    """The bit-optimality table of `metric` (default: the headline metric), with the study's paired
+    replicates of it (`draws`: the `study_draws` already drawn, or "draw" to draw them here); raises
+    `AnalysisError`."""
+    study.require_tidy()
     metric = metric or study.metric
     assert metric is not None
-    points = curve_points(tidy, metric)
+    points = study.curve_points(metric)
     check_sizes(points)
-    draws = _point_draws(study, points, metric)
-    table = bit_optimality(points, higher_is_better(metric), study.n_budgets, draws)
+    drawn = study_draws(study, metric) if draws == "draw" else draws
+    table = bit_optimality(points, higher_is_better(metric), study.n_budgets, _point_draws(drawn, points))
     if table.empty:
         raise AnalysisError("no memory budget is covered by two or more curves")
     return table
 
 
-def optimality_section(study: Study, table: pd.DataFrame) -> Section:
-    """The table of winners per budget, and one figure per family."""
+def optimality_section(
+    study: Study, table: pd.DataFrame, draws: JobDraws | Literal["draw"] | None = "draw"
+) -> Section:
+    """The table of winners per budget, and one figure per family (`draws`: as for `optimality_table`)."""
     assert study.metric is not None
-    points = curve_points(study.require_tidy(), study.metric)
-    best = best_per_bits(
-        points, higher_is_better(study.metric), draws=_point_draws(study, points, study.metric)
-    )
+    points = study.curve_points(study.metric)
+    drawn = study_draws(study, study.metric) if draws == "draw" else draws
+    best = best_per_bits(points, higher_is_better(study.metric), draws=_point_draws(drawn, points))
     shown = table[[c for c in OPTIMALITY_COLUMNS if c in table]].copy()
     shown["tied_bits"] = shown["tied_bits"].map(
         lambda t: ", ".join(map(str, t)) if isinstance(t, tuple) else None
     )
     other = "" if all(isinstance(b, int | np.integer) for b in best["bits"]) else f" {PRECISION_TEXT}"
     blocks = [
-        Block(text=f"{OPTIMALITY_TEXT}{other} {paired_note(study_draws(study, study.metric))}"),
+        Block(text=f"{OPTIMALITY_TEXT}{other} {paired_note(drawn)}"),
         Block(table=shown, name="Bit-optimality"),
     ]
     families = sorted(table["model_family"].unique())

@@ -12,6 +12,7 @@ model.
 
 from __future__ import annotations
 
+import itertools
 import logging
 from collections.abc import Sequence
 
@@ -49,15 +50,28 @@ def curve_points(tidy: pd.DataFrame, metric: str) -> pd.DataFrame:
     rows = rows.dropna(subset=["value", "total_model_bits"])
     rows = rows[rows["total_model_bits"] > 0]
     keys = [*CURVE_KEYS, "n_params"]
-    points = rows.groupby(keys, dropna=False, sort=True).agg(
+    grouped = rows.groupby(keys, dropna=False, sort=True)
+    points = grouped.agg(
         n_quantized_params=("n_quantized_params", "mean"), total_model_bits=("total_model_bits", "mean"),
-        value=("value", "mean"), se=("se", "mean"), job_keys=("job_key", tuple),
-    )  # fmt: skip
+        value=("value", "mean"), se=("se", "mean"),
+    ).reset_index()  # fmt: skip
+    points["job_keys"] = group_tuples(grouped.ngroup().to_numpy(), rows["job_key"].tolist(), len(points))
     per_model = rows.groupby([*keys, "model"], dropna=False, sort=True)["value"].mean()
-    seeds = per_model.groupby(level=list(range(len(keys))), dropna=False).agg(tuple).rename("seed_values")
-    points = points.join(seeds).reset_index()
+    # the per-model means of one point, in model order: (curve, size) groups of per_model's first levels,
+    # in the same sorted order as the points (every point has at least one model)
+    of_point = per_model.groupby(level=list(range(len(keys))), dropna=False, sort=True).ngroup().to_numpy()
+    points["seed_values"] = group_tuples(of_point, per_model.tolist(), len(points))
     points["log2_bits"] = np.log2(points["total_model_bits"])
     return points[list(POINT_COLUMNS)].sort_values([*CURVE_KEYS, "log2_bits"]).reset_index(drop=True)
+
+
+def group_tuples(codes: np.ndarray, values: list[object], n_groups: int) -> list[tuple[object, ...]]:
+    """Per group 0..n_groups-1, the tuple of the `values` whose `codes` name it, in their order: what
+    `groupby(...).agg(tuple)` gives, without a Python call per group (~4 s a metric at 35,000 jobs)."""
+    order = np.argsort(codes, kind="stable")
+    bounds = np.searchsorted(codes[order], np.arange(n_groups + 1))
+    ordered = [values[i] for i in order]
+    return [tuple(ordered[a:b]) for a, b in itertools.pairwise(bounds)]
 
 
 def check_sizes(points: pd.DataFrame, min_sizes: int = 2) -> None:

@@ -14,11 +14,13 @@ every size on the same D, so that term's D-dependence cannot be fit from one lad
 
 Solving: parameters x = (log A', α, log γ, E) with N scaled by a reference size n_ref; bounded
 Levenberg-Marquardt run on many targets and row weights at once (`solve_batch`: the model-level
-bootstrap refits with one weight per point, the number of times its model size was drawn).
+bootstrap refits with one weight per point, the number of times its model size was drawn); the rows of
+many groups (every setting of a family) share batches (`solve_many`), bit for bit one group at a time.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -35,7 +37,8 @@ GAMMA_STARTS = (0.5, 2.0, 8.0)
 
 @dataclass(frozen=True)
 class LawInputs:
-    """The law's inputs per point: unquantized and quantized counts (divided by n_ref) and bits."""
+    """The law's inputs per point: unquantized and quantized counts (divided by n_ref) and bits; each
+    array (n,) for one group's points, or (R, n) in a batch whose rows come from several groups."""
 
     n_unquantized: np.ndarray
     n_quantized: np.ndarray
@@ -52,6 +55,17 @@ class LawInputs:
         else:
             k = group["bits"].to_numpy(float)
         return cls((n - n_q) / n_ref, n_q / n_ref, k, n_ref)
+
+    def per_row(self, rows: int) -> LawInputs:
+        """The same inputs repeated for `rows` rows of a batch: arrays (rows, n)."""
+        tile = lambda a: np.tile(a, (rows, 1))  # noqa: E731
+        return LawInputs(tile(self.n_unquantized), tile(self.n_quantized), tile(self.k), self.n_ref)
+
+    def take(self, keep: np.ndarray) -> LawInputs:
+        """The rows `keep` of per-row inputs (inputs shared by every row are returned as they are)."""
+        if np.ndim(self.k) == 1:
+            return self
+        return LawInputs(self.n_unquantized[keep], self.n_quantized[keep], self.k[keep], self.n_ref)
 
 
 def reported(raw: np.ndarray, n_ref: float) -> dict[str, np.ndarray]:
@@ -80,6 +94,18 @@ def _batch_eval(
     x: np.ndarray, inputs: LawInputs, targets: np.ndarray, root_w: np.ndarray
 ) -> tuple[np.ndarray, np.ndarray]:
     """Weighted residuals (R, n) and Jacobians (R, n, 4) for parameter rows x (R, 4)."""
+    residual, terms = _residuals(x, inputs, targets, root_w)
+    return residual, _weighted_jacobian(x, terms, inputs, root_w)
+
+
+Terms = tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]  # power, decay, base (R, n); gamma (R, 1)
+
+
+def _residuals(
+    x: np.ndarray, inputs: LawInputs, targets: np.ndarray, root_w: np.ndarray
+) -> tuple[np.ndarray, Terms]:
+    """Weighted residuals (R, n) for parameter rows x (R, 4), and the terms their Jacobian reuses (a
+    solver computes the Jacobian only where it takes the step: `_weighted_jacobian`)."""
     log_a, alpha, log_gamma = (x[:, i : i + 1] for i in range(3))
     with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
         gamma = np.exp(log_gamma)
@@ -87,9 +113,17 @@ def _batch_eval(
         base = inputs.n_unquantized + inputs.n_quantized * (1.0 - decay)
         power = np.exp(log_a) * base ** (-alpha)
         residual = power + x[:, 3:4] - targets
+    return residual * root_w, (power, decay, base, gamma)
+
+
+def _weighted_jacobian(x: np.ndarray, terms: Terms, inputs: LawInputs, root_w: np.ndarray) -> np.ndarray:
+    """Weighted Jacobians (R, n, 4) at parameter rows x (R, 4), from `_residuals`' terms at x."""
+    power, decay, base, gamma = terms
+    alpha = x[:, 1:2]
+    with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
         d_log_gamma = alpha * power * decay * inputs.k * inputs.n_quantized / (gamma * base)
         jac = np.stack([power, -power * np.log(base), d_log_gamma, np.ones_like(power)], axis=-1)
-    return residual * root_w, jac * root_w[:, :, None]
+    return jac * root_w[:, :, None]
 
 
 def jacobian(x: np.ndarray, inputs: LawInputs) -> np.ndarray:
@@ -133,6 +167,10 @@ def solve_batch(
     held there, steps clipped into the box; a row stops once an accepted step lowers its cost by
     less than `FTOL` relatively, or no step lowers it any more. `weights` (R, n): each point's weight
     in the sum of squares (default 1).
+
+    Every row is solved on its own (the same arithmetic whichever rows share the batch), so the
+    batch keeps only the rows still running, and a row's Jacobian, gradient and normal matrix are
+    recomputed only after a step it took (a rejected step leaves them as they were).
     """
     weights = np.ones_like(targets) if weights is None else weights
     root_w = np.sqrt(weights)
@@ -140,33 +178,75 @@ def solve_batch(
     x = np.clip(starts, lower + 1e-9, upper - 1e-9)
     residual, jac = _batch_eval(x, inputs, targets, root_w)
     cost = 0.5 * np.sum(residual**2, axis=1)
-    damping = np.full(len(x), 1e-3)
     live = np.flatnonzero(np.isfinite(cost))
-    eye = np.eye(4)
+    grad, normal = _normal_equations(jac[live], residual[live])
+    run = _Run(live, inputs.take(live), x[live], cost[live], np.full(len(live), 1e-3), targets[live],
+               root_w[live], upper[live], residual[live], grad, normal)  # fmt: skip
     for _ in range(max_iter):
-        if not len(live):
+        if not len(run.rows):
             break
-        r, j, xl, hi, lam = residual[live], jac[live], x[live], upper[live], damping[live]
-        jt = j.transpose(0, 2, 1)
-        grad = (jt @ r[:, :, None])[:, :, 0]
-        normal = jt @ j
-        diag = np.diagonal(normal, axis1=1, axis2=2)
-        scale = np.maximum(diag, 1e-12 * diag.max(axis=1, keepdims=True) + 1e-300)
-        free = ~(((xl <= lower) & (grad > 0)) | ((xl >= hi) & (grad < 0)))
-        mask = free[:, :, None] & free[:, None, :]
-        system = np.where(mask, normal + lam[:, None, None] * scale[:, :, None] * eye, eye)
-        step = -np.linalg.solve(system, np.where(free, grad, 0.0)[:, :, None])[:, :, 0]
-        trial = np.clip(xl + step, lower, hi)
-        trial_residual, trial_jac = _batch_eval(trial, inputs, targets[live], root_w[live])
-        trial_cost = 0.5 * np.sum(trial_residual**2, axis=1)
-        better = np.isfinite(trial_cost) & (trial_cost < cost[live])
-        converged = better & (cost[live] - trial_cost <= FTOL * cost[live])
-        take = live[better]
-        x[take], residual[take], jac[take] = trial[better], trial_residual[better], trial_jac[better]
-        cost[take] = trial_cost[better]
-        damping[live] = np.where(better, lam / 3.0, lam * 2.0)
-        live = live[~converged & (damping[live] <= 1e10)]
+        run = _iterate(run, x, cost)
+    x[run.rows], cost[run.rows] = run.x, run.cost
     return x, cost
+
+
+@dataclass
+class _Run:
+    """The rows of `solve_batch` still running (indices into the batch, `rows`) and their state, which
+    `_iterate` updates in place (the solver's only mutable object; it never leaves `solve_batch`)."""
+
+    rows: np.ndarray
+    inputs: LawInputs
+    x: np.ndarray  # (r, 4)
+    cost: np.ndarray  # (r,)
+    damping: np.ndarray  # (r,)
+    targets: np.ndarray  # (r, n)
+    root_w: np.ndarray  # (r, n)
+    upper: np.ndarray  # (r, 4)
+    residual: np.ndarray  # (r, n), weighted
+    grad: np.ndarray  # (r, 4): J^T r
+    normal: np.ndarray  # (r, 4, 4): J^T J
+
+    def take(self, keep: np.ndarray) -> _Run:
+        """The rows where `keep` (a boolean array) is true."""
+        fields = {name: value[keep] for name, value in vars(self).items() if name != "inputs"}
+        return _Run(inputs=self.inputs.take(keep), **fields)
+
+
+def _normal_equations(jac: np.ndarray, residual: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Gradient J^T r (r, 4) and normal matrix J^T J (r, 4, 4) of weighted Jacobians and residuals."""
+    jt = jac.transpose(0, 2, 1)
+    return (jt @ residual[:, :, None])[:, :, 0], jt @ jac
+
+
+def _iterate(run: _Run, x_out: np.ndarray, cost_out: np.ndarray) -> _Run:
+    """One damped step of every running row; rows that stop are written to `x_out`, `cost_out`."""
+    grad, normal, xl, hi, lam = run.grad, run.normal, run.x, run.upper, run.damping
+    diag = np.diagonal(normal, axis1=1, axis2=2)
+    scale = np.maximum(diag, 1e-12 * diag.max(axis=1, keepdims=True) + 1e-300)
+    free = ~(((xl <= LOWER) & (grad > 0)) | ((xl >= hi) & (grad < 0)))
+    mask = free[:, :, None] & free[:, None, :]
+    eye = np.eye(4)
+    system = np.where(mask, normal + lam[:, None, None] * scale[:, :, None] * eye, eye)
+    step = -np.linalg.solve(system, np.where(free, grad, 0.0)[:, :, None])[:, :, 0]
+    trial = np.clip(xl + step, LOWER, hi)
+    trial_residual, terms = _residuals(trial, run.inputs, run.targets, run.root_w)
+    trial_cost = 0.5 * np.sum(trial_residual**2, axis=1)
+    better = np.isfinite(trial_cost) & (trial_cost < run.cost)
+    converged = better & (run.cost - trial_cost <= FTOL * run.cost)
+    if better.any():
+        took = np.flatnonzero(better)
+        taken: Terms = (terms[0][took], terms[1][took], terms[2][took], terms[3][took])
+        jac = _weighted_jacobian(trial[took], taken, run.inputs.take(took), run.root_w[took])
+        run.x[took], run.cost[took], run.residual[took] = trial[took], trial_cost[took], trial_residual[took]
+        run.grad[took], run.normal[took] = _normal_equations(jac, run.residual[took])
+    run.damping[:] = np.where(better, lam / 3.0, lam * 2.0)
+    keep = ~converged & (run.damping <= 1e10)
+    if keep.all():
+        return run
+    stop = ~keep
+    x_out[run.rows[stop]], cost_out[run.rows[stop]] = run.x[stop], run.cost[stop]
+    return run.take(keep)
 
 
 def starts(y: np.ndarray) -> list[np.ndarray]:
@@ -176,13 +256,79 @@ def starts(y: np.ndarray) -> list[np.ndarray]:
     return [np.array([log_a0, alpha, np.log(gamma), e0]) for alpha in (0.1, 0.5) for gamma in GAMMA_STARTS]
 
 
+BATCH_ROWS = 4096  # rows of one `solve_batch` call when many groups are solved together (`solve_many`)
+
+Problem = tuple[LawInputs, np.ndarray, np.ndarray, np.ndarray | None]  # inputs, targets, starts, weights
+
+
+def solve_many(
+    problems: Sequence[Problem], batch_rows: int = BATCH_ROWS
+) -> list[tuple[np.ndarray, np.ndarray]]:
+    """`solve_batch` of each problem, the rows of problems with the same number of points solved in
+    shared batches of about `batch_rows` rows (inputs repeated per row): the same result, bit for bit,
+    as one call per problem (rows are solved independently), without one solver loop per problem
+    running on to its slowest few rows (a loop's per-iteration cost, not its rows, dominates there)."""
+    solved: list[tuple[np.ndarray, np.ndarray]] = [(np.zeros((0, 4)), np.zeros(0))] * len(problems)
+    for chunk in _chunks(problems, batch_rows):
+        parts = [problems[i] for i in chunk]
+        sizes = [len(targets) for _, targets, _, _ in parts]
+        inputs = _concat_inputs([p[0].per_row(n) for p, n in zip(parts, sizes, strict=True)])
+        weights = [np.ones_like(t) if w is None else w for _, t, _, w in parts]
+        x, cost = solve_batch(
+            inputs, np.vstack([p[1] for p in parts]), np.vstack([p[2] for p in parts]), np.vstack(weights)
+        )
+        bounds = np.cumsum([0, *sizes])
+        for i, lo, hi in zip(chunk, bounds[:-1], bounds[1:], strict=True):
+            solved[i] = (x[lo:hi], cost[lo:hi])
+    return solved
+
+
+def _chunks(problems: Sequence[Problem], batch_rows: int) -> list[list[int]]:
+    """Problem indices in batches: same number of points, about `batch_rows` rows each."""
+    chunks: list[list[int]] = []
+    by_points: dict[int, list[int]] = {}
+    for i, (_, targets, _, _) in enumerate(problems):
+        by_points.setdefault(targets.shape[1], []).append(i)
+    for indices in by_points.values():
+        rows = 0
+        for i in indices:
+            if rows and rows + len(problems[i][1]) > batch_rows:
+                rows = 0
+            if rows == 0:
+                chunks.append([])
+            chunks[-1].append(i)
+            rows += len(problems[i][1])
+    return chunks
+
+
+def _concat_inputs(parts: Sequence[LawInputs]) -> LawInputs:
+    """Per-row inputs (R_i, n) of several problems as one batch's (sum R_i, n)."""
+    return LawInputs(
+        np.vstack([p.n_unquantized for p in parts]),
+        np.vstack([p.n_quantized for p in parts]),
+        np.vstack([p.k for p in parts]),
+        float("nan"),  # n_ref differs between groups; solving does not use it
+    )
+
+
 def best_fit(inputs: LawInputs, y: np.ndarray) -> np.ndarray:
     """The point estimate: all `starts` solved at once, the best one polished by `least_squares`."""
-    first = np.array(starts(y))
-    solved, cost = solve_batch(inputs, np.broadcast_to(y, (len(first), len(y))).copy(), first)
-    candidate = solved[int(np.argmin(cost))]
-    polished = solve(inputs, y, candidate)
-    return polished.x if polished.cost <= float(np.min(cost)) else candidate
+    return best_fits([(inputs, y)])[0]
+
+
+def best_fits(groups: Sequence[tuple[LawInputs, np.ndarray]]) -> list[np.ndarray]:
+    """`best_fit` of each (inputs, y), the starts of all of them solved together (`solve_many`)."""
+    firsts = [np.array(starts(y)) for _, y in groups]
+    problems: list[Problem] = [
+        (inputs, np.broadcast_to(y, (len(first), len(y))).copy(), first, None)
+        for (inputs, y), first in zip(groups, firsts, strict=True)
+    ]
+    best = []
+    for (inputs, y), (solved, cost) in zip(groups, solve_many(problems), strict=True):
+        candidate = solved[int(np.argmin(cost))]
+        polished = solve(inputs, y, candidate)
+        best.append(polished.x if polished.cost <= float(np.min(cost)) else candidate)
+    return best
 
 
 def refit(
@@ -194,17 +340,31 @@ def refit(
     gamma is weakly identified (flat once k / gamma is large), so a single local solve can stall on
     a plateau that another start leaves for a lower minimum.
     """
-    weights = np.ones_like(targets) if weights is None else weights
-    # Rows are solved independently, so equal (target, weight) rows -- a bootstrap over a few model
-    # sizes redraws the same counts often -- are solved once and scattered back: same result, bit
-    # for bit, at a fraction of the work (docs/benchmarks.md, "report at scale").
-    unique, inverse = np.unique(np.hstack([targets, weights]), axis=0, return_inverse=True)
-    targets, weights = unique[:, : targets.shape[1]], unique[:, targets.shape[1] :]
-    tries = [best] + [np.array([*best[:2], np.log(gamma), best[3]]) for gamma in GAMMA_STARTS]
-    rows = len(targets)
-    stacked = np.vstack([np.broadcast_to(start, (rows, 4)) for start in tries])
-    solved, cost = solve_batch(
-        inputs, np.tile(targets, (len(tries), 1)), stacked, np.tile(weights, (len(tries), 1))
-    )
-    pick = np.argmin(cost.reshape(len(tries), rows), axis=0)
-    return solved.reshape(len(tries), rows, 4)[pick, np.arange(rows)][inverse.reshape(-1)]
+    return refits([(inputs, targets, best, weights)])[0]
+
+
+Refit = tuple[LawInputs, np.ndarray, np.ndarray, np.ndarray | None]  # inputs, targets, best, weights
+
+
+def refits(groups: Sequence[Refit]) -> list[np.ndarray]:
+    """`refit` of each group, the rows of all of them solved together (`solve_many`)."""
+    problems: list[Problem] = []
+    shapes = []
+    for inputs, targets, best, weights in groups:
+        weights = np.ones_like(targets) if weights is None else weights
+        # Rows are solved independently, so equal (target, weight) rows -- a bootstrap over a few
+        # model sizes redraws the same counts often -- are solved once and scattered back: same
+        # result, bit for bit, at a fraction of the work (docs/benchmarks.md, "report at scale").
+        unique, inverse = np.unique(np.hstack([targets, weights]), axis=0, return_inverse=True)
+        targets, weights = unique[:, : targets.shape[1]], unique[:, targets.shape[1] :]
+        tries = [best] + [np.array([*best[:2], np.log(gamma), best[3]]) for gamma in GAMMA_STARTS]
+        stacked = np.vstack([np.broadcast_to(start, (len(targets), 4)) for start in tries])
+        problems.append(
+            (inputs, np.tile(targets, (len(tries), 1)), stacked, np.tile(weights, (len(tries), 1)))
+        )
+        shapes.append((len(tries), len(targets), inverse.reshape(-1)))
+    out = []
+    for (solved, cost), (n_tries, rows, inverse) in zip(solve_many(problems), shapes, strict=True):
+        pick = np.argmin(cost.reshape(n_tries, rows), axis=0)
+        out.append(solved.reshape(n_tries, rows, 4)[pick, np.arange(rows)][inverse])
+    return out

@@ -67,8 +67,9 @@ class FitDraws:
     bounds: Bounds
 
 
-# (group, replicate weights (R, n), replicate targets (R, n)) -> draws
-Fitter = Callable[[pd.DataFrame, np.ndarray, np.ndarray], FitDraws]
+FitInput = tuple[pd.DataFrame, np.ndarray, np.ndarray]  # group, replicate weights (R, n), targets (R, n)
+# every group's input -> its draws (a law may solve the groups together: `effective.solve_many`)
+Fitter = Callable[[Sequence[FitInput]], list[FitDraws]]
 
 
 def fit_law(points: pd.DataFrame, law: str, n_boot: int = 200, seed: int = 0) -> FitResult:
@@ -84,7 +85,7 @@ def fit_law(points: pd.DataFrame, law: str, n_boot: int = 200, seed: int = 0) ->
         raise AnalysisError(f"unknown law {law!r}; allowed: {sorted(LAWS)}")
     fitter, min_precisions = LAWS[law]
     rng = np.random.default_rng(seed)
-    params, predictions, quality, skipped = [], [], [], []
+    heads, inputs, skipped = [], [], []
     for family, setting in _groups(points):
         group = with_baseline(points, family, setting).reset_index(drop=True)
         head = {"model_family": family, "setting": setting, "law": law}
@@ -92,8 +93,11 @@ def fit_law(points: pd.DataFrame, law: str, n_boot: int = 200, seed: int = 0) ->
         if reason:
             skipped.append({**head, "reason": reason})
             continue
-        weights = cluster_weights(group, n_boot, rng)
-        fit = fitter(group, weights, seed_targets(group, len(weights), rng))
+        weights = cluster_weights(group, n_boot, rng)  # drawn group by group, as the fits do not draw
+        inputs.append((group, weights, seed_targets(group, len(weights), rng)))
+        heads.append(head)
+    params, predictions, quality = [], [], []
+    for head, (group, _, _), fit in zip(heads, inputs, fitter(inputs), strict=True):
         params.extend(_summarize(head, fit))
         predictions.append(group.assign(law=law, predicted=fit.fitted, residual=group["value"] - fit.fitted))
         quality.append({**head, **_quality(group["value"].to_numpy(), fit.fitted), "n_points": len(group),
@@ -251,17 +255,29 @@ def _fit_shared_slope(group: pd.DataFrame, weights: np.ndarray, targets: np.ndar
     return FitDraws(dict(zip(names, all_coef, strict=True)), design @ coef, {})
 
 
-def _fit_effective_params(group: pd.DataFrame, weights: np.ndarray, targets: np.ndarray) -> FitDraws:
-    inputs = effective.LawInputs.from_points(group)
-    y = group["value"].to_numpy(float)
-    best = effective.best_fit(inputs, y)
-    replicates = effective.refit(inputs, targets, best, weights) if len(weights) else np.zeros((0, 4))
-    draws = effective.reported(np.vstack([best, replicates]), inputs.n_ref)
-    return FitDraws(draws, effective.model(best, inputs), effective.bounds_of(y))
+def _fit_shared_slopes(inputs: Sequence[FitInput]) -> list[FitDraws]:
+    return [_fit_shared_slope(*one) for one in inputs]
+
+
+def _fit_effective_params(inputs: Sequence[FitInput]) -> list[FitDraws]:
+    """The effective-parameter law of every group, all groups' solves batched together (`effective.
+    best_fits`, `effective.refits`: the same numbers as one group at a time, bit for bit)."""
+    laws = [effective.LawInputs.from_points(group) for group, _, _ in inputs]
+    ys = [group["value"].to_numpy(float) for group, _, _ in inputs]
+    best = effective.best_fits(list(zip(laws, ys, strict=True)))
+    boot = [i for i, (_, weights, _) in enumerate(inputs) if len(weights)]
+    solved = effective.refits([(laws[i], inputs[i][2], best[i], inputs[i][1]) for i in boot])
+    replicates = dict(zip(boot, solved, strict=True))
+    draws = []
+    for i, (law, y) in enumerate(zip(laws, ys, strict=True)):
+        rows = np.vstack([best[i], replicates.get(i, np.zeros((0, 4)))])
+        draws.append(FitDraws(effective.reported(rows, law.n_ref), effective.model(best[i], law),
+                              effective.bounds_of(y)))  # fmt: skip
+    return draws
 
 
 LAWS: dict[str, tuple[Fitter, int]] = {
-    "shared_slope": (_fit_shared_slope, 1),
+    "shared_slope": (_fit_shared_slopes, 1),
     "effective_params": (_fit_effective_params, 2),
 }
 

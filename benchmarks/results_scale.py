@@ -157,7 +157,14 @@ def main() -> int:
     )
     args = parser.parse_args()
     study = args.dir / "synthetic-35k"
-    figures: dict[str, Any] = {"jobs": args.jobs, "template": str(args.template), "cpus": os.cpu_count()}
+    figures: dict[str, Any] = {
+        "device": f"CPU ({os.cpu_count()} cores, {platform.machine()}; the machine may be shared: see the "
+        "1-minute load averages)",
+        "command": " ".join(["python", *sys.argv]),
+        "jobs": args.jobs,
+        "template": str(args.template),
+        "cpus": os.cpu_count(),
+    }
     figures["machine"] = f"{platform.machine()} {platform.processor() or ''}".strip()
     if args.report_only:
         return report_only(args, study, figures)
