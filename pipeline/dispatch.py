@@ -116,6 +116,8 @@ def connect(cfg: RayConfig) -> bool:
         kwargs.update(num_cpus=cfg.num_cpus, num_gpus=cfg.num_gpus)
     if not os.environ.get("KBIT_VERBOSE"):  # token auth stays on (Ray's default); only its notice goes
         logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
+    if threading.current_thread() is not threading.main_thread():  # `EarlyStart`: the caller keeps its
+        logging.getLogger("ray._private.worker").addFilter(_no_sigterm_notice)  # SIGTERM handler anyway
     sigterm = signal.getsignal(signal.SIGTERM)
     # "local" always starts a new embedded cluster: a bare ray.init() would join any cluster already
     # running on this machine (or RAY_ADDRESS), which is what ray.address=auto is for.
@@ -123,6 +125,11 @@ def connect(cfg: RayConfig) -> bool:
     if threading.current_thread() is threading.main_thread() and sigterm is not None:
         signal.signal(signal.SIGTERM, sigterm)  # ray.init's own handler exits at once: keep the caller's
     return True
+
+
+def _no_sigterm_notice(record: logging.LogRecord) -> bool:
+    """Drop Ray's notice that a thread's `ray.init` sets no SIGTERM handler (the driver has its own)."""
+    return "SIGTERM handler is not set" not in record.getMessage()
 
 
 def start_workers(
@@ -147,6 +154,78 @@ def start_workers(
     sharded = {"gpus_per_worker": plan.gpus_per_worker} if plan.gpus_per_worker > 1 else {}
     args = (str(results_root), plan.cpu_threads, list(plugins))
     return [actor.remote(*args, **sharded) for _ in range(plan.count)]
+
+
+class EarlyStart:
+    """Ray and the worker actors started on a background thread while the driver plans.
+
+    The driver's planning (Hydra, imports, pre-flight, job keys) and Ray's start (its processes)
+    take seconds each and need little of each other: `pipeline.run` starts this right after
+    composing the config, and `run_on_ray` takes the cluster and the actors from it. The actors are
+    created for at most `max_jobs` jobs (the cells: a cap, as `plan_workers` applies one), start
+    importing torch and initialising their device at once, and the surplus is killed once the
+    number of jobs to run is known. `cancel` undoes what is left; call it however the run ends.
+    The thread stays alive until `cancel`: Ray's processes are started with a parent-death signal,
+    which Linux sends when the parent *thread* ends, so they would die with a finished thread.
+    """
+
+    def __init__(
+        self, cfg: RayConfig, max_jobs: int, results_root: Path, plugins: Sequence[str] = ()
+    ) -> None:
+        self.cfg = cfg
+        self.started = False  # whether this start started Ray (then `cancel` stops it)
+        self.workers: list[Any] = []
+        self.options: dict[str, Any] = {}
+        self._error: BaseException | None = None
+        self._ready, self._release = threading.Event(), threading.Event()
+        args = (max_jobs, results_root, tuple(plugins))
+        self._thread = threading.Thread(target=self._start, args=args, name="ray-early-start", daemon=True)
+        self._thread.start()
+
+    def _start(self, max_jobs: int, results_root: Path, plugins: tuple[str, ...]) -> None:
+        import ray
+
+        start = time.perf_counter()
+        try:
+            self.started = connect(self.cfg)
+            plan = plan_workers(self.cfg, ray.cluster_resources(), max_jobs)
+            self.options = plan.options
+            self.workers = start_workers(plan, results_root, self.cfg.max_attempts, None, plugins)
+            log.info("Ray and %d worker(s) started while planning (%.2fs)", len(self.workers),
+                     time.perf_counter() - start)  # fmt: skip
+        except BaseException as err:  # raised again by `wait`, on the driver's thread
+            self._error = err
+        self._ready.set()
+        self._release.wait()  # Ray's processes live as long as this thread (see the class docstring)
+
+    def wait(self) -> None:
+        """Block until the start is done; raise what it raised."""
+        self._ready.wait()
+        if self._error is not None:
+            raise self._error
+
+    def take(self, count: int) -> list[Any]:
+        """The first `count` actors (after `wait`); the others are killed."""
+        import ray
+
+        for actor in self.workers[count:]:
+            ray.kill(actor)
+        taken, self.workers = self.workers[:count], []
+        return taken
+
+    def cancel(self) -> None:
+        """Kill the actors not taken, stop Ray if this start started it and no one took it over,
+        and end the thread (waits for the start to finish; idempotent)."""
+        self._ready.wait()
+        if self.started or self.workers:
+            import ray
+
+            self.take(0)
+            if self.started:
+                ray.shutdown()
+                self.started = False
+        self._release.set()
+        self._thread.join()
 
 
 def resolve_compile(jobs: Sequence[Job], n_workers: int) -> list[Job]:
@@ -179,16 +258,27 @@ def run_on_ray(
     progress: Progress,
     worker_cls: Any = None,
     plugins: Sequence[str] = (),
+    early: EarlyStart | None = None,
 ) -> None:
-    """Start (or join) Ray, start the workers, `run_jobs`, and stop the workers (and Ray) again."""
+    """Start (or join) Ray, start the workers, `run_jobs`, and stop the workers (and Ray) again;
+    with `early`, the cluster and the workers it started while the driver planned are used."""
     import ray
 
-    started = connect(cfg)
+    if early is not None:
+        early.wait()
+        started, early.started = early.started, False  # stopped here from now on
+    else:
+        started = connect(cfg)
     workers: list[Any] = []
     try:
         plan = plan_workers(cfg, ray.cluster_resources(), len(jobs))
         one = replace(plan, count=1)
-        workers = start_workers(plan, results_root, cfg.max_attempts, worker_cls, plugins)
+        if early is not None and early.options == plan.options and len(early.workers) >= plan.count:
+            workers = early.take(plan.count)
+        else:
+            if early is not None:
+                early.take(0)
+            workers = start_workers(plan, results_root, cfg.max_attempts, worker_cls, plugins)
         log.info("%d worker(s), each %s", len(workers), plan.options)
         jobs = resolve_compile(jobs, len(workers))
         run_jobs(
@@ -201,6 +291,8 @@ def run_on_ray(
             ray.kill(actor)
         if started:
             ray.shutdown()
+        if early is not None:
+            early.cancel()  # ends its thread, which Ray's processes lived on
 
 
 def run_jobs(

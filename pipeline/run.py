@@ -31,6 +31,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from pipeline.config import (
     Config,
@@ -42,11 +43,14 @@ from pipeline.config import (
 from pipeline.jobs import Job, ModelSource, build_jobs, group_by_model, single_source, split_by_study
 from pipeline.ladders.configs import LADDER_PREFIX
 from pipeline.lock import StudyLocked, claim_studies
-from pipeline.preflight import error_message, preflight
+from pipeline.preflight import error_message, preflight, ray_problems, results_problems
 from pipeline.progress import Progress, sigterm_interrupts
 from pipeline.results import STATUS_OK, job_status
 from pipeline.specs import ModelRef
 from pipeline.sweep import ConfigError, expand, plan_sweep
+
+if TYPE_CHECKING:
+    from pipeline.dispatch import EarlyStart
 
 log = logging.getLogger(__name__)
 
@@ -128,22 +132,33 @@ def plan_run(overrides: Sequence[str], multirun: bool = True) -> Plan:
     return plan_cells(expand(plan_sweep(overrides, multirun)))
 
 
-def plan_cells(cells: Sequence[Config]) -> Plan:
-    """Check every cell, resolve ladders, build and dedupe jobs, and subtract finished ones.
+def check_cells(cells: Sequence[Config]) -> None:
+    """Every check that needs no job key: run-wide settings, plugins, then pre-flight of every cell.
+
+    Raises:
+        ConfigError: any bad value in any cell, before results/ or any ladder is touched.
+    """
+    problems = run_wide_problems(cells)
+    try:
+        import_plugins(cells[0].plugins)  # before pre-flight: a plugin may register the method it checks
+    except ValueError as err:
+        problems.append(str(err))
+    if problems:
+        raise ConfigError(problems)
+    preflight(cells)
+
+
+def plan_cells(cells: Sequence[Config], checked: bool = False) -> Plan:
+    """Check every cell (unless `checked`: `check_cells` ran), resolve ladders, build and dedupe jobs,
+    and subtract finished ones.
 
     Raises:
         ConfigError: any bad value in any cell, before results/ or any ladder is touched.
     """
     start = time.perf_counter()
     first = cells[0]
-    problems = run_wide_problems(cells)
-    try:
-        import_plugins(first.plugins)  # before pre-flight: a plugin may register the method it checks
-    except ValueError as err:
-        problems.append(str(err))
-    if problems:
-        raise ConfigError(problems)
-    preflight(cells)
+    if not checked:
+        check_cells(cells)
     settings = Settings(
         project_path(first.results_root),
         first.rerun_failed,
@@ -202,10 +217,11 @@ def classify_jobs(jobs: Sequence[Job], results_root: Path, rerun_failed: bool) -
     return to_run, n_ok, n_failed
 
 
-def execute(plan: Plan, worker_cls: type | None = None) -> Progress:
+def execute(plan: Plan, worker_cls: type | None = None, early: EarlyStart | None = None) -> Progress:
     """Run the plan's pending jobs on Ray, holding each study's lock (temp files a crash left are
     removed, jobs another driver finished meanwhile skipped); returns the final progress. SIGTERM
-    and Ctrl-C end it with `progress.interrupted` set.
+    and Ctrl-C end it with `progress.interrupted` set. `early`: Ray and workers started while planning
+    (`start_early`), used here; the caller cancels it if nothing ran.
 
     Raises:
         StudyLocked: another driver runs one of the plan's studies.
@@ -224,8 +240,9 @@ def execute(plan: Plan, worker_cls: type | None = None) -> Progress:
                 progress.total = len(to_run)
                 if to_run:
                     run_on_ray(
-                        to_run, settings.ray, settings.results_root, progress, worker_cls, settings.plugins
-                    )
+                        to_run, settings.ray, settings.results_root, progress, worker_cls, settings.plugins,
+                        early,
+                    )  # fmt: skip
                 compact_studies(plan, settings)
         except KeyboardInterrupt as err:
             progress.interrupt(err)
@@ -302,20 +319,56 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 128 + signum
 
 
+def start_early(cells: Sequence[Config]) -> EarlyStart | None:
+    """Start an embedded Ray cluster and the workers on a background thread while the driver builds
+    the jobs (model and data fingerprints, ladders, finished jobs) (`EarlyStart`), once pre-flight has
+    passed (`check_cells`), so bad input never costs GPU time; not for a dry run, a cluster joined by
+    address (`ray.address`), with `KBIT_EARLY_START=0`, or when a run-wide check (Ray settings,
+    results folder) fails."""
+    first = cells[0]
+    if first.dry_run or first.ray.address is not None or os.environ.get("KBIT_EARLY_START", "1") == "0":
+        return None
+    root = project_path(first.results_root)
+    studies = sorted({cell.study for cell in cells})
+    if (
+        run_wide_problems(cells)
+        or ray_problems(first.ray)
+        or any(results_problems(root, s, False) for s in studies)
+    ):
+        return None
+    from pipeline.dispatch import EarlyStart
+
+    if first.verbose:  # read by every worker (pipeline.evals.lmeval.verbose): set before Ray starts
+        os.environ["KBIT_VERBOSE"] = "1"
+    return EarlyStart(first.ray, len(cells), root, tuple(first.plugins))
+
+
 def _main(args: list[str]) -> int:
+    starts: list[EarlyStart] = []  # at most one; cancelled however the run ends
+    try:
+        return _run(args, starts)
+    finally:
+        for early in starts:
+            early.cancel()  # a no-op once run_on_ray has taken the cluster and the workers
+
+
+def _run(args: list[str], starts: list[EarlyStart]) -> int:
     try:
         multirun, show, overrides = parse_argv(args)
         if not args:
             log.info("no arguments: running the demo study (python -m pipeline.run -m +sweep=demo)")
+        cells = expand(plan_sweep(overrides, multirun))
         if show:
             from dataclasses import asdict
 
             from omegaconf import OmegaConf
 
-            cells = expand(plan_sweep(overrides, multirun))
             print(OmegaConf.to_yaml(asdict(cells[0])))
             return 0
-        plan = plan_run(overrides, multirun)
+        check_cells(cells)  # bad input is refused before Ray starts or a GPU is touched
+        early = start_early(cells)
+        starts.extend([early] if early is not None else [])
+        plan = plan_cells(cells, checked=True)
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
@@ -323,7 +376,7 @@ def _main(args: list[str]) -> int:
         print(describe_plan(plan))
         return 0
     try:
-        progress = execute(plan)
+        progress = execute(plan, early=early)
     except StudyLocked as err:
         print(f"error: {err}", file=sys.stderr)
         return 3

@@ -193,12 +193,76 @@ def use_compile_cache() -> Path:
     return Path(os.environ.setdefault(INDUCTOR_CACHE_ENV, str(cache_base() / "inductor")))
 
 
+PHASE_LOGGER = "pipeline.worker.phases"
+
+
+def phase_logger() -> logging.Logger:
+    """The logger of the worker's start-up phases: INFO lines on stderr, which Ray forwards to the
+    driver, so a user sees where a sweep's first minute goes (a few lines per worker and model)."""
+    logger = logging.getLogger(PHASE_LOGGER)
+    if not logger.handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        logger.addHandler(handler)
+        logger.setLevel(logging.INFO)
+        logger.propagate = False
+    return logger
+
+
+def phase_line(name: str, seconds: float, **facts: Any) -> str:
+    """`startup phase=<name> s=<seconds> at=<unix time> k=v ...`: one start-up phase, parseable
+    (`benchmarks/startup.py` reads them); `at` is when it ended."""
+    extra = "".join(f" {key}={value}" for key, value in facts.items())
+    return f"startup phase={name} s={seconds:.3f} at={time.time():.3f}{extra}"
+
+
+def build_facts(evaluator: Any) -> dict[str, str]:
+    """An Evaluator's build phases in seconds and its `evalcache` hits, e.g. {"texts": "0.012",
+    "tasks": "0.310", "cache": "wikitext2:hit,tasks:hit"}, for its `evaluator_build` line."""
+    facts = {name.removesuffix("_s"): f"{s:.3f}" for name, s in evaluator.phases.items()}
+    hits = [f"{name}:{'hit' if hit else 'miss'}" for name, hit in evaluator.cache_hits.items()]
+    return {**facts, "cache": ",".join(hits) or "-"}
+
+
+def log_phase(name: str, seconds: float, **facts: Any) -> None:
+    """Log one start-up phase (`phase_line`)."""
+    phase_logger().info("%s", phase_line(name, seconds, **facts))
+
+
+# What a worker's first job would import; imported when the worker starts instead, which (with
+# `dispatch.EarlyStart`) is while the driver still plans: ~2-6 s of imports off the first row.
+JOB_MODULES = (
+    "transformers",
+    "pipeline.models",
+    "pipeline.snapshot",
+    "lm_eval.models.huggingface",
+    "lm_eval.tasks",
+    "pipeline.evals.evaluate",
+    "pipeline.evals.lmeval",
+    "pipeline.evals.fastscore",
+    "pipeline.evals.fastmetrics",
+)
+
+
+def import_job_modules(names: Sequence[str] = JOB_MODULES) -> None:
+    """Import the modules a job needs; one that fails is left for the job to import (and to fail
+    as a job, with its row), not the worker's start."""
+    import importlib
+
+    for name in names:
+        try:
+            importlib.import_module(name)
+        except Exception as err:  # reported by the job that needs it
+            log.warning("could not import %s when the worker started (%s)", name, error_line(err))
+
+
 class ModelWorker:
     """Keeps one model resident and runs jobs on it (wrapped as a Ray actor by the driver)."""
 
     def __init__(
         self, results_root: str, cpu_threads: int = 1, plugins: Sequence[str] = (), gpus_per_worker: int = 1
     ) -> None:
+        start = time.perf_counter()
         use_compile_cache()
         import torch
 
@@ -223,6 +287,9 @@ class ModelWorker:
         self._calibration: dict[Any, Any] = {}  # CalibrationSpec -> token windows, per resident model
         self._dirty = False
         self._load_errors: dict[ModelRef, str] = {}
+        self._first_job_of: ModelRef | None = None  # the model whose first job is still to finish
+        import_job_modules()
+        log_phase("worker_init", time.perf_counter() - start, device=self._env.device.replace(" ", "_"))
 
     def describe(self) -> str:
         """The device this worker runs on (also forces the actor to start)."""
@@ -268,6 +335,9 @@ class ModelWorker:
             log.warning("job %s: could not write its rows here (%s)", job.key[:12], error_line(err))
         timings["job_s"] = time.perf_counter() - start
         log.info("job %s %s in %.2fs", job.key[:12], status, timings["job_s"])
+        if self._first_job_of is not None and self._first_job_of == job.model:
+            self._first_job_of = None
+            log_phase("first_job", timings["job_s"], job=job.key[:12], status=status)
         return JobResult(job.key, status, error, tuple(rows), timings, self._name)
 
     def _ensure_model(self, job: Job) -> float:
@@ -290,11 +360,16 @@ class ModelWorker:
         except Exception as err:
             self._load_errors[job.model] = error_line(err)
             raise
+        loaded = self._sync_elapsed(start)
+        log_phase("model_load", loaded, job=job.key[:12])
         self._snapshot = place_snapshot(self._model, job.model.snapshot, job_load(job), max(self._n_gpus, 1))
         log.info("job %s pristine copy on the %s", job.key[:12], self._snapshot.where)
         self._ref = job.model
         self._family = job.model_family or getattr(self._model.config, "model_type", None)
-        return self._sync_elapsed(start)
+        self._first_job_of = job.model
+        elapsed = self._sync_elapsed(start)
+        log_phase("snapshot", elapsed - loaded, job=job.key[:12], where=self._snapshot.where)
+        return elapsed
 
     def _restore(self) -> float:
         if not self._dirty:
@@ -374,7 +449,10 @@ class ModelWorker:
             from pipeline.evals.evaluate import Evaluator
 
             assert not self._dirty, "an Evaluator keeps the 16-bit model's KL references: build it restored"
-            self._evaluators[job.evals] = Evaluator(self._model, self._tokenizer, job.evals)
+            evaluator = self._evaluators[job.evals] = Evaluator(self._model, self._tokenizer, job.evals)
+            log_phase(
+                "evaluator_build", self._sync_elapsed(start), job=job.key[:12], **build_facts(evaluator)
+            )
         return self._evaluators[job.evals], self._sync_elapsed(start)
 
     def _evaluate(self, evaluator: Any) -> tuple[list[MetricValue], float]:

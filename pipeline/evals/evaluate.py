@@ -10,9 +10,10 @@ built (its KL reference): build it on the pristine 16-bit weights, before any qu
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from kernels.registry import unknown_name_message
 from pipeline.evals.perplexity import check_perplexity_spec, kl_reference, perplexity_metrics, tokenize_text
@@ -143,27 +144,51 @@ class Evaluator:
         scorer: str | None = None,
     ) -> None:
         """`scorer` overrides `spec.scorer`: "auto", "hflm" (lm-eval's HFLM) or "fast" (`FastScorer`).
-        `self.scorer` is the one used ("hflm" or "fast"; the rows' `scorer` column)."""
-        from pipeline.evals.perplexity import perplexity_text
-
+        `self.scorer` is the one used ("hflm" or "fast"; the rows' `scorer` column). What depends on
+        the tokenizer and the task definitions only is loaded from `evalcache` when there."""
         check_eval_spec(spec)
         check_context_fits(spec, model)
         setting = scorer or spec.scorer
         scorer = resolve_scorer(setting, getattr(model.config, "model_type", None))
         self.model, self.spec, self.scorer = model, spec, scorer
+        self.phases: dict[str, float] = {}  # seconds per build phase (compile_s, texts_s, kl_s, tasks_s)
+        self.cache_hits: dict[str, bool] = {}  # per text and "tasks": loaded from `evalcache`
+        start = time.perf_counter()
         if should_compile(spec.compile, model.device.type, scorer, bool(spec.tasks)):
             from pipeline.models import compile_layers
 
             log.info("compiled %d decoder blocks", compile_layers(model))
+        start = self._phase("compile_s", start)
         data_root = Path(spec.data_root).expanduser().resolve()
-        self.texts = tuple(
-            tokenize_text(p, perplexity_text(p.path, data_root), tokenizer, spec.batch_size, model.device)
-            for p in spec.perplexity
-        )
+        self.texts = tuple(self._tokenize(p, tokenizer, data_root) for p in spec.perplexity)
+        start = self._phase("texts_s", start)
         self.kl_references = tuple(kl_reference(model, text) for text in self.texts)
+        start = self._phase("kl_s", start)
         self.suite: LmEvalSuite | None = None
         if spec.tasks:
             self.suite = self._suite(tokenizer, data_root, auto=setting == "auto")
+            self.cache_hits["tasks"] = self.suite.cache_hit
+        self._phase("tasks_s", start)
+
+    def _phase(self, name: str, start: float) -> float:
+        """Record the seconds since `start` as phase `name`; returns now."""
+        now = time.perf_counter()
+        self.phases[name] = now - start
+        return now
+
+    def _tokenize(self, spec: PerplexitySpec, tokenizer: PreTrainedTokenizerBase, data_root: Path) -> Any:
+        """A perplexity text tokenized into window batches, its token ids from `evalcache` when there."""
+        from pipeline.evals import evalcache
+        from pipeline.evals.perplexity import encode_text, perplexity_text
+
+        text = perplexity_text(spec.path, data_root)
+        key = evalcache.text_key(text, tokenizer, spec.max_tokens)
+        encoded = evalcache.load(key)
+        self.cache_hits[spec.name] = encoded is not None
+        if encoded is None:
+            encoded = encode_text(text, tokenizer, spec.max_tokens)
+            evalcache.store(key, encoded)
+        return tokenize_text(spec, text, tokenizer, self.spec.batch_size, self.model.device, encoded)
 
     def _suite(self, tokenizer: PreTrainedTokenizerBase, data_root: Path, *, auto: bool) -> LmEvalSuite:
         """The lm-eval suite scored by `self.scorer`; under "auto", HFLM when FastScorer's probe refuses."""
@@ -191,6 +216,7 @@ class Evaluator:
             batch_size=spec.batch_size,
             scorer=scorer,
             include_path=spec.include_path,
+            cache=True,
         )
 
     def run(self) -> list[MetricValue]:

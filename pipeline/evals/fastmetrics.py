@@ -165,7 +165,13 @@ def task_metric_values(plan: TaskPlan, lls: np.ndarray, greedy: np.ndarray) -> l
 
 def score_suite(plan: SuitePlan, lm: Any) -> list[MetricValue]:
     """Ask `lm` for every request's log-likelihood at once, as `evaluate` does, and compute the metrics."""
-    answers = lm.loglikelihood(list(plan.requests))
+    return answer_metrics(plan.tasks, lm.loglikelihood(list(plan.requests)))
+
+
+def answer_metrics(tasks: Sequence[TaskPlan], answers: Sequence[tuple[float, bool]]) -> list[MetricValue]:
+    """Every task's metrics from the (log-likelihood, is greedy) answers to the suite's requests, in
+    the suite's request order (what `score_suite` asks for, or `FastScorer.score_pairs` on the same
+    requests' token ids, as a cached suite holds them)."""
     lls = np.fromiter((ll for ll, _ in answers), dtype=np.float64, count=len(answers))
     greedy = np.fromiter((bool(g) for _, g in answers), dtype=bool, count=len(answers))
-    return [m for task in plan.tasks for m in task_metric_values(task, lls, greedy)]
+    return [m for task in tasks for m in task_metric_values(task, lls, greedy)]

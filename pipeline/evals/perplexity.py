@@ -171,11 +171,17 @@ def batch_windows(ids: Tensor, windows: list[Window], batch_size: int) -> tuple[
 
 
 def tokenize_text(
-    spec: PerplexitySpec, text: str, tokenizer: PreTrainedTokenizerBase, batch_size: int, device: torch.device
+    spec: PerplexitySpec,
+    text: str,
+    tokenizer: PreTrainedTokenizerBase,
+    batch_size: int,
+    device: torch.device,
+    encoded: tuple[list[int], int] | None = None,
 ) -> TokenizedText:
-    """Tokenize a text once and cut it into window batches on `device`."""
+    """Tokenize a text once and cut it into window batches on `device`; `encoded`: what
+    `encode_text(text, tokenizer, spec.max_tokens)` returns, when the caller has it already."""
     check_perplexity_spec(spec)
-    ids, n_bytes = encode_text(text, tokenizer, spec.max_tokens)
+    ids, n_bytes = encoded if encoded is not None else encode_text(text, tokenizer, spec.max_tokens)
     if len(ids) < 2:
         raise ValueError(f"perplexity {spec.name!r}: the text has fewer than 2 tokens")
     windows = strided_windows(len(ids), spec.context_length, spec.stride)

@@ -1,0 +1,59 @@
+"""`dispatch.EarlyStart`: Ray and the workers started on a thread while the driver plans, and undone."""
+
+from __future__ import annotations
+
+import pytest
+
+from pipeline.config import RayConfig
+from pipeline.dispatch import EarlyStart
+
+
+@pytest.mark.slow
+def test_early_start_starts_ray_and_a_worker_and_cancel_stops_both(tmp_path):
+    import ray
+
+    if ray.is_initialized():  # a Ray left by an earlier module would be joined instead
+        ray.shutdown()
+    early = EarlyStart(RayConfig(num_cpus=1), max_jobs=3, results_root=tmp_path)
+    early.wait()
+    assert early.started and ray.is_initialized()
+    assert len(early.workers) == 1  # one CPU: one worker, however many jobs
+    assert ray.get(early.workers[0].describe.remote(), timeout=120).startswith("cpu")
+    early.cancel()
+    early.cancel()  # idempotent
+    assert not ray.is_initialized() and not early.workers
+
+
+def test_a_run_that_needs_no_ray_starts_none(tmp_path):
+    from pipeline.run import start_early
+    from pipeline.sweep import expand, plan_sweep
+
+    def cells(*extra: str):
+        return expand(plan_sweep([f"results_root={tmp_path}", "eval.tasks=[]", *extra], True))
+
+    assert start_early(cells("dry_run=true")) is None
+    assert start_early(cells("ray.address=auto")) is None  # a cluster joined by address: after planning
+    assert start_early(cells("ray.max_workers=0")) is None  # pre-flight refuses it: no Ray first
+    (tmp_path / "file").write_text("")
+    assert start_early(cells(f"results_root={tmp_path / 'file'}")) is None
+
+
+def test_bad_input_is_refused_before_ray_starts(tmp_path, capsys, monkeypatch):
+    import ray
+
+    import pipeline.dispatch as dispatch
+    from pipeline.run import main
+
+    made: list[int] = []
+
+    class Recorded(dispatch.EarlyStart):  # the real start, counted
+        def __init__(self, *args, **kwargs) -> None:
+            made.append(1)
+            super().__init__(*args, **kwargs)
+
+    monkeypatch.setattr(dispatch, "EarlyStart", Recorded)
+    if ray.is_initialized():
+        ray.shutdown()
+    code = main(["-m", f"results_root={tmp_path}", "eval.tasks=[]", "quant.dtype=int", "quant.bits=1"])
+    assert code == 2 and "bits=1" in capsys.readouterr().err
+    assert not made and not ray.is_initialized()  # pre-flight refused it before any start

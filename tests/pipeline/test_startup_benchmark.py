@@ -1,0 +1,53 @@
+"""`benchmarks/startup.py` on the tiny shape: two real sweeps through the CLI, the JSON it writes, and
+the worker's start-up lines (the second sweep's Evaluator loads its texts and tasks from the cache)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from pipeline.worker import PHASE_LOGGER, phase_line
+
+ROOT = Path(__file__).resolve().parents[2]
+PHASES = ("worker_init", "model_load", "snapshot", "evaluator_build", "first_job")
+
+
+def test_phase_lines_parse_back():
+    from benchmarks.startup import parse_lines
+
+    line = f"(ModelWorker pid=1) {phase_line('model_load', 1.5, job='abc')}"
+    parsed = parse_lines([(2.0, line), (3.0, "x: 5 cells -> 5 jobs (planned in 0.10s)")], t0_epoch=0.0)
+    assert parsed["phases"]["model_load"]["s"] == 1.5 and parsed["phases"]["model_load"]["job"] == "abc"
+    assert parsed["driver"] == {"planned": 3.0}
+    assert PHASE_LOGGER.startswith("pipeline.worker")
+
+
+@pytest.mark.slow
+def test_startup_benchmark_tiny_cpu(tmp_path, data_root):
+    out = tmp_path / "startup.json"
+    command = [
+        sys.executable, "benchmarks/startup.py", "--shape", "tiny", "--eval", "smoke", "--device", "cpu",
+        "--data-root", str(data_root), "--workdir", str(tmp_path / "work"), "--out", str(out),
+        "ray.max_workers=1",
+    ]  # fmt: skip
+    done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    result = json.loads(out.read_text())
+    assert result["shape"] == "tiny" and result["jobs"] == 5 and "pipeline.run" in result["command"]
+    assert out.with_suffix(".md").read_text().startswith(result["device"])
+    for name in ("cold", "warm"):
+        run = result["runs"][name]
+        assert run["rc"] == 0 and run["rows"] == 5 and len(run["row_times_s"]) == 5
+        for key in ("first_row_s", "last_row_s", "wall_s", "steady_job_s", "row_job_s"):
+            assert isinstance(run[key], float), (name, key, run[key])
+        assert set(PHASES) <= set(run["phases"]), run["phases"]
+        assert {"planned", "dispatch"} <= set(run["driver"])
+        build = run["phases"]["evaluator_build"]
+        assert {"texts", "kl", "tasks", "compile"} <= set(build)
+    cold, warm = (result["runs"][name]["phases"]["evaluator_build"]["cache"] for name in ("cold", "warm"))
+    assert cold == "wikitext2:miss,tasks:miss" and warm == "wikitext2:hit,tasks:hit"
+    assert result["runs"]["cold"]["phases"]["first_job"]["status"] == "ok"
