@@ -23,6 +23,7 @@
 # Fourth session (one H200, GPTQ):
 #   bash benchmarks/gpu_session.sh gptq        # GPU tests, benchmarks/gptq.py at the 410M and 1.4B shapes
 #   bash benchmarks/gpu_session.sh gptq-study  # h100 ladder (three processes on the one GPU), sweeps/gptq.yaml
+# Eighth session's work, measured by the next one: BUDGET=560 bash benchmarks/gpu_session.sh pending
 # Fifth session (one H200):
 #   bash benchmarks/gpu_session.sh gptq-1.4b   # benchmarks/gptq.py at the 1.4B shape, quantile included
 #   bash benchmarks/gpu_session.sh paired      # h100 ladder, then the paper grid on the held-out split with
@@ -306,6 +307,19 @@ recovery)
       >"$OUT/bcq.log" 2>&1
     echo "bcq exit $?"; grep -v -i -E "warn|it/s\]" "$OUT/bcq.log" | tail -24
   fi
+  ;;
+pending)
+  # eighth session's GPU work, run by the next session with device time (one call, ~8 min): the GPU tests
+  # of the kernels (fused quantizer, BCQ kernel), the fused quantizer old vs new (issue 17, item 6), the
+  # BCQ kernel against the torch loop and RTN (issue 18), and the 1.4B start-up sweep cold and warm
+  # (issue 17, items 2-3)
+  python3 -m pytest -q -m gpu -p no:cacheprovider tests/kernels 2>&1 | tail -4
+  timeout 150 python3 benchmarks/quantize_kernels.py --quick --kernel both --choices chain4,vpt32 \
+    --out "$OUT/kernels-h200.json" >"$OUT/kernels.log" 2>&1; echo "kernels exit $?"; tail -12 "$OUT/kernels.log"
+  timeout 150 python3 benchmarks/bcq.py --device cuda --data-root .carry/data --out "$OUT/bcq-h200-pythia-410m.json" \
+    >"$OUT/bcq.log" 2>&1; echo "bcq exit $?"; grep -v -i -E "warn|it/s\]" "$OUT/bcq.log" | tail -24
+  timeout $(($(left) - 5)) python3 benchmarks/startup.py --shape pythia-1.4b --data-root .carry/data \
+    --out "$OUT/startup-h200.json" >"$OUT/startup.log" 2>&1; echo "startup exit $?"; tail -20 "$OUT/startup.log"
   ;;
 *) echo "unknown phase $phase; use study, resume, final, after, tune, retuned, heldout, compile, gptq, gptq-study or gptq-1.4b" >&2; exit 2 ;;
 esac

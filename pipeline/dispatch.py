@@ -167,6 +167,8 @@ class EarlyStart:
     number of jobs to run is known. `cancel` undoes what is left; call it however the run ends.
     The thread stays alive until `cancel`: Ray's processes are started with a parent-death signal,
     which Linux sends when the parent *thread* ends, so they would die with a finished thread.
+    A SIGTERM after Ray's start and before `wait` meets Ray's failure handler (the driver aborts; no job
+    has run yet, nothing is written); `wait` puts Python's handlers back.
     """
 
     def __init__(
@@ -199,8 +201,15 @@ class EarlyStart:
         self._release.wait()  # Ray's processes live as long as this thread (see the class docstring)
 
     def wait(self) -> None:
-        """Block until the start is done; raise what it raised."""
+        """Block until the start is done; raise what it raised. On the main thread, Python's own SIGTERM
+        and SIGINT handlers go back in place: Ray's core worker, started on the thread, installed a
+        process-wide failure handler that aborts on SIGTERM (exit −6 instead of the driver's 143)."""
         self._ready.wait()
+        if threading.current_thread() is threading.main_thread():
+            for signum in (signal.SIGTERM, signal.SIGINT):
+                handler = signal.getsignal(signum)
+                if handler is not None:
+                    signal.signal(signum, handler)  # re-installs Python's C-level trampoline
         if self._error is not None:
             raise self._error
 
