@@ -29,10 +29,7 @@ from analysis.sections import (
     METHODS_TITLE,
     Study,
     curves_section,
-    effective_blocks,
-    effective_fit,
     failures_section,
-    fit_blocks_shape,
     fixed_precision_section,
     gaps_section,
     guarded,
@@ -44,6 +41,7 @@ from analysis.sections import (
     study_draws,
     study_section,
 )
+from analysis.sections_fits import effective_blocks, effective_fit, fit_blocks_shape
 from analysis.sections_frontier import (
     BINARY_TITLE,
     MIXED_TITLE,

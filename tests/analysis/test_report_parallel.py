@@ -16,16 +16,8 @@ from analysis.answer import optimality_section, optimality_table
 from analysis.curves import curve_points, with_baseline
 from analysis.render import render_markdown
 from analysis.report import build_sections, study_from_results, write_report
-from analysis.sections import (
-    MAX_FAMILY_FIGURES,
-    SCALE_FIT_BOOT,
-    Study,
-    curves_section,
-    fit_blocks_shape,
-    fit_replicates,
-    fits_section,
-    guarded,
-)
+from analysis.sections import MAX_FAMILY_FIGURES, Study, curves_section, guarded
+from analysis.sections_fits import SCALE_FIT_BOOT, fit_blocks_shape, fit_replicates, fits_section
 from tests.analysis.synthetic import Units, grid, study_frame
 
 SIZES = (1_000_000, 4_000_000, 16_000_000)

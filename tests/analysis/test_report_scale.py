@@ -14,7 +14,8 @@ import pandas as pd
 from analysis import effective, fits, paired, tidy
 from analysis.curves import curve_points, group_tuples, with_baseline
 from analysis.report import study_from_results
-from analysis.sections import Study, effective_fit, fit_replicates
+from analysis.sections import Study
+from analysis.sections_fits import effective_fit, fit_replicates
 from tests.analysis.synthetic import grid, study_frame
 
 SIZES = (1_000_000, 4_000_000, 16_000_000)
