@@ -73,6 +73,13 @@ SHAPES: dict[str, dict[str, int]] = {
         intermediate_size=4096,
         vocab_size=50304,
     ),
+    "pythia-1.4b": dict(
+        hidden_size=2048,
+        num_hidden_layers=24,
+        num_attention_heads=16,
+        intermediate_size=8192,
+        vocab_size=50304,
+    ),
 }
 COMPILE = {"auto": None, "on": True, "off": False}
 TOKENIZER_VOCAB = 1024
@@ -177,7 +184,7 @@ def build_model(shape: str, path: Path, device: str, data_root: Path) -> Path:
 
     train_text, _ = split_corpus(data_root)
     tokenizer = train_tokenizer([train_text[:TOKENIZER_CHARS]], TOKENIZER_VOCAB)
-    dims = dict(SHAPES[shape])
+    dims: dict[str, Any] = dict(SHAPES[shape])
     vocab = dims.pop("vocab_size", len(tokenizer))
     config = GPTNeoXConfig(
         vocab_size=vocab,
@@ -188,9 +195,14 @@ def build_model(shape: str, path: Path, device: str, data_root: Path) -> Path:
         **dims,
     )
     torch.manual_seed(0)
-    model = GPTNeoXForCausalLM(config)
-    if device.startswith("cuda"):
-        model = model.to(torch.bfloat16)  # what load_model's "auto" loads on CUDA
+    torch_dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32  # load_model's "auto"
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(torch_dtype)
+    try:
+        with torch.device(device):  # initialised on the device in its dtype: seconds, not a minute, at 1.4B
+            model = GPTNeoXForCausalLM(config)
+    finally:
+        torch.set_default_dtype(default)
     model.save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path
@@ -236,6 +248,7 @@ def count_forwards(model: Any, timers: Timers) -> Callable[[], None]:
 
     def before_body(_: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         ids = kwargs.get("input_ids", args[0] if args else None)
+        assert ids is not None, "a decoder forward without input ids"
         rows, new = ids.shape
         cache = kwargs.get("past_key_values")
         past = cache.get_seq_length() if cache is not None else 0
@@ -303,6 +316,7 @@ def build_evaluator(model: Any, tokenizer: Any, spec: Any, scorer: str, timers: 
         with timers.block("build"):
             evaluator = Evaluator(model, tokenizer, spec, scorer=scorer)
     suite = evaluator.suite
+    assert suite is not None, "the evaluation benchmark scores lm-eval tasks"
     for task in suite.task_dict["tasks"].values():  # later runs: the reused requests, reset
         task.build_all_requests = timers.wrap(task.build_all_requests, "requests")
     suite.lm.loglikelihood = timers.wrap(suite.lm.loglikelihood, "loglikelihood")

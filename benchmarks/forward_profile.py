@@ -134,7 +134,7 @@ def main() -> int:
     from benchmarks.evaluation import SHAPES, FlopModel, matmul_rate
     from pipeline.evals.fastscore import attention_bias
 
-    dims = dict(SHAPES[args.shape])
+    dims: dict[str, Any] = dict(SHAPES[args.shape])
     dims.setdefault("vocab_size", 1024)
     config = GPTNeoXConfig(max_position_embeddings=2048, tie_word_embeddings=False, **dims)
     torch.manual_seed(0)

@@ -40,25 +40,9 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 DEFAULT_DATA = ROOT.parent / "shared" / "data"
-SHAPES: dict[str, dict[str, int]] = {
-    "tiny": dict(hidden_size=128, num_hidden_layers=4, num_attention_heads=4, intermediate_size=512),
-    "pythia-410m": dict(
-        hidden_size=1024,
-        num_hidden_layers=24,
-        num_attention_heads=16,
-        intermediate_size=4096,
-        vocab_size=50304,
-    ),
-    "pythia-1.4b": dict(
-        hidden_size=2048,
-        num_hidden_layers=24,
-        num_attention_heads=16,
-        intermediate_size=8192,
-        vocab_size=50304,
-    ),
-}
-TOKENIZER_VOCAB = 1024
-TOKENIZER_CHARS = 300_000
+
+from benchmarks.evaluation import SHAPES, build_model  # noqa: E402
+
 GRID = ("quant.dtype=int", "quant.bits=3,4,5,6,8", "quant.block_size=64")  # 5 jobs
 PHASE = re.compile(r"startup phase=(\w+) s=([0-9.]+) at=([0-9.]+)(.*)$")
 DRIVER_LINES = {  # what the driver logs -> the name of its mark
@@ -68,40 +52,6 @@ DRIVER_LINES = {  # what the driver logs -> the name of its mark
     "dispatch": re.compile(r"\d+ worker\(s\), each"),
 }
 RUNS = ("cold", "warm")
-
-
-def build_model(shape: str, path: Path, device: str, data_root: Path) -> Path:
-    """Save a random-weight GPT-NeoX of `shape` with a trained BPE tokenizer under `path`."""
-    import torch
-    from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
-
-    from pipeline.ladders.corpus import split_corpus
-    from pipeline.ladders.tokenizer import train_tokenizer
-
-    train_text, _ = split_corpus(data_root)
-    tokenizer = train_tokenizer([train_text[:TOKENIZER_CHARS]], TOKENIZER_VOCAB)
-    dims: dict[str, Any] = dict(SHAPES[shape])
-    vocab = dims.pop("vocab_size", len(tokenizer))
-    config = GPTNeoXConfig(
-        vocab_size=vocab,
-        max_position_embeddings=2048,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        tie_word_embeddings=False,
-        **dims,
-    )
-    torch.manual_seed(0)
-    torch_dtype = torch.bfloat16 if device == "cuda" else torch.float32  # what load_model's "auto" loads
-    default = torch.get_default_dtype()
-    torch.set_default_dtype(torch_dtype)
-    try:
-        with torch.device(device):  # initialised on the GPU: seconds, not a minute, at 1.4B
-            model = GPTNeoXForCausalLM(config)
-    finally:
-        torch.set_default_dtype(default)
-    model.save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return path
 
 
 def sweep_command(model: Path, eval_name: str, data_root: Path, results: Path, extra: list[str]) -> list[str]:

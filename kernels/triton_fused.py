@@ -71,9 +71,9 @@ EYTZINGER_FROM_LOG2 = tl.constexpr(6)  # the shared-memory search reads larger c
 
 
 @triton.jit
-def _nearest_code(xn, mids_ptr, LOG2_LEVELS: tl.constexpr):
-    # #(mids < xn) over 2^LOG2_LEVELS sorted midpoints padded with +inf: exactly LOG2_LEVELS probes.
-    # The first two levels probe at most three fixed midpoints: scalar loads and a select, no gather.
+def _first_two_levels(xn, mids_ptr, LOG2_LEVELS: tl.constexpr):
+    # The search's first two levels over sorted midpoints: at most three fixed midpoints, scalar loads
+    # and a select, no gather.
     top = 1 << (LOG2_LEVELS - 1)
     code = tl.where(tl.load(mids_ptr + (top - 1)) < xn, top, 0)
     if LOG2_LEVELS >= 2:
@@ -81,6 +81,13 @@ def _nearest_code(xn, mids_ptr, LOG2_LEVELS: tl.constexpr):
         low = tl.load(mids_ptr + (quarter - 1))
         high = tl.load(mids_ptr + (top + quarter - 1))
         code = tl.where(tl.where(code == 0, low, high) < xn, code + quarter, code)
+    return code
+
+
+@triton.jit
+def _nearest_code(xn, mids_ptr, LOG2_LEVELS: tl.constexpr):
+    # #(mids < xn) over 2^LOG2_LEVELS sorted midpoints padded with +inf: exactly LOG2_LEVELS probes.
+    code = _first_two_levels(xn, mids_ptr, LOG2_LEVELS)
     for s in tl.static_range(2, LOG2_LEVELS):
         half = 1 << (LOG2_LEVELS - 1 - s)
         probe = tl.load(mids_ptr + code + (half - 1))
@@ -94,13 +101,7 @@ def _nearest_code_shared(xn, table_ptr, LOG2_LEVELS: tl.constexpr):
     # the table that tl.gather keeps in shared memory (32-bit addresses, no L1 tag lookups).
     table = tl.load(table_ptr + tl.arange(0, 1 << LOG2_LEVELS))
     if LOG2_LEVELS <= EYTZINGER_FROM_LOG2 - 1:  # sorted midpoints: up to 32 words, one per bank
-        top = 1 << (LOG2_LEVELS - 1)
-        code = tl.where(tl.load(table_ptr + (top - 1)) < xn, top, 0)
-        if LOG2_LEVELS >= 2:
-            quarter = top // 2
-            low = tl.load(table_ptr + (quarter - 1))
-            high = tl.load(table_ptr + (top + quarter - 1))
-            code = tl.where(tl.where(code == 0, low, high) < xn, code + quarter, code)
+        code = _first_two_levels(xn, table_ptr, LOG2_LEVELS)
         for s in tl.static_range(2, LOG2_LEVELS):
             half = 1 << (LOG2_LEVELS - 1 - s)
             code = tl.where(tl.gather(table, code + (half - 1), 0) < xn, code + half, code)
