@@ -274,9 +274,7 @@ def kernel_agrees(q: int, block: int, iters: int, device: str) -> bool:
 def fit_blocks(x: Tensor, q: int, settings: BCQSettings) -> tuple[Tensor, Tensor]:
     """(α float32 [n, q], codes int64 [n, B]) of float32 blocks x [n, B]: greedy, then `iters` rounds."""
     if use_triton(x, q, settings):
-        from kernels.triton_bcq import fit_blocks_triton
-
-        alpha, codes, _, _ = fit_blocks_triton(x, q, settings.iters, store_codes=True)
+        alpha, codes, _ = _kernel_fit(x, q, settings, decoded=False)
         assert codes is not None
         return alpha, codes.long()
     alpha, codes, _ = refine_blocks(x, *greedy_fit(x, q, settings.scales), settings)
@@ -287,12 +285,20 @@ def fit_decode_blocks(x: Tensor, q: int, settings: BCQSettings) -> Tensor:
     """float32 [n, B]: blocks x [n, B] as their fit decodes them (`decode(*fit_blocks(...))`); on the
     one-kernel path the kernel writes them directly (no codes stored)."""
     if use_triton(x, q, settings):
-        from kernels.triton_bcq import fit_blocks_triton
-
-        _, _, out, _ = fit_blocks_triton(x, q, settings.iters, store_codes=False, store_out=True)
+        _, _, out = _kernel_fit(x, q, settings, decoded=True)
         assert out is not None
         return out
     return decode(*fit_blocks(x, q, settings))
+
+
+def _kernel_fit(
+    x: Tensor, q: int, settings: BCQSettings, decoded: bool
+) -> tuple[Tensor, Tensor | None, Tensor | None]:
+    """(α, uint8 codes or None, decoded values or None) from `kernels.triton_bcq` (codes unless `decoded`)."""
+    from kernels.triton_bcq import fit_blocks_triton
+
+    alpha, codes, out, _ = fit_blocks_triton(x, q, settings.iters, store_codes=not decoded, store_out=decoded)
+    return alpha, codes, out
 
 
 @dataclass(frozen=True, eq=False)
