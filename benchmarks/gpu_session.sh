@@ -308,19 +308,23 @@ recovery)
     echo "bcq exit $?"; grep -v -i -E "warn|it/s\]" "$OUT/bcq.log" | tail -24
   fi
   ;;
-pending)
-  # eighth session's GPU work, run by the next session with device time (one call, ~8 min): the GPU tests
-  # of the kernels (fused quantizer, BCQ kernel), the fused quantizer old vs new (issue 17, item 6), the
-  # BCQ kernel against the torch loop and RTN (issue 18), and the 1.4B start-up sweep cold and warm
-  # (issue 17, items 2-3)
+pending|startup)
+  # pending (eighth session's GPU work, run by the ninth, ~6 min): the GPU tests of the kernels (fused
+  # quantizer, BCQ kernel), the fused quantizer old vs new (issue 17, item 6), the BCQ kernel against the
+  # torch loop and RTN (issue 18), and the 1.4B start-up sweep cold and warm (issue 17, items 2-3).
+  # startup (ninth session, ~5 min): the same without BCQ, the kernels timed by CUDA-graph replay under
+  # more launch choices, the start-up with the driver's phases.
   python3 -m pytest -q -m gpu -p no:cacheprovider tests/kernels 2>&1 | tail -4
-  timeout 150 python3 benchmarks/quantize_kernels.py --quick --kernel both --choices chain4,vpt32 \
+  [ "$phase" = startup ] && CHOICES=chain4,vpt32,vpt8,w4 || CHOICES=chain4,vpt32
+  timeout 150 python3 benchmarks/quantize_kernels.py --quick --kernel both --choices $CHOICES \
     --out "$OUT/kernels-h200.json" >"$OUT/kernels.log" 2>&1; echo "kernels exit $?"; tail -12 "$OUT/kernels.log"
-  timeout 150 python3 benchmarks/bcq.py --device cuda --data-root .carry/data --out "$OUT/bcq-h200-pythia-410m.json" \
-    >"$OUT/bcq.log" 2>&1; echo "bcq exit $?"; grep -v -i -E "warn|it/s\]" "$OUT/bcq.log" | tail -24
+  if [ "$phase" = pending ]; then
+    timeout 150 python3 benchmarks/bcq.py --device cuda --data-root .carry/data --out "$OUT/bcq-h200-pythia-410m.json" \
+      >"$OUT/bcq.log" 2>&1; echo "bcq exit $?"; grep -v -i -E "warn|it/s\]" "$OUT/bcq.log" | tail -24
+  fi
   timeout $(($(left) - 5)) python3 benchmarks/startup.py --shape pythia-1.4b --data-root .carry/data \
     --out "$OUT/startup-h200.json" >"$OUT/startup.log" 2>&1; echo "startup exit $?"; tail -20 "$OUT/startup.log"
   ;;
-*) echo "unknown phase $phase; use study, resume, final, after, tune, retuned, heldout, compile, gptq, gptq-study or gptq-1.4b" >&2; exit 2 ;;
+*) echo "unknown phase $phase; use study, resume, final, after, tune, retuned, heldout, compile, gptq, gptq-study, gptq-1.4b, pending or startup" >&2; exit 2 ;;
 esac
 echo "phase $phase done in $((SECONDS - start)) s"

@@ -1,12 +1,14 @@
 """Benchmark `kernels.fake_quantize`: fused Triton kernel vs torch reference vs torch.compile'd reference.
 
-For each weight shape x bits x data type x block size it times (CUDA events, after warm-up, several
-launches between two events so no host sync sits inside the timed region):
+For each weight shape x bits x data type x block size it times (CUDA events, after warm-up; the kernel
+columns replay `reps` calls captured in one CUDA graph, so they measure the GPU's work and not Python's
+launch cost, which at ~0.1 ms a call is of the same size; the copy floor is timed the same way):
 
-  fused_ms    the Triton kernel alone (codebook levels prepared, no NaN check)
+  fused_ms    the Triton kernel alone (codebook levels prepared, no NaN check), graph replay
+  eager ms    the same calls launched eagerly back to back (fused_eager_ms: launch cost included)
   api_ms      the public call `fake_quantize(w, spec)` as a sweep makes it (codebook lookup or quantile
               estimation, kernel, NaN/Inf check with its one host sync)
-  torch_ms    the torch reference (levels prepared, no NaN check)
+  torch_ms    the torch reference (levels prepared, no NaN check), graph replay where it can be captured
   compile_ms  the torch.compile'd reference (only for some configs in --quick: compilation is slow)
 
 and the bandwidth each achieves, bytes read + written (2 x numel x element size) / time, as a fraction of
@@ -82,13 +84,23 @@ class Row:
     compile_bit_exact: bool | None = None  # informational: inductor may round differently
     old_ms: float | None = None  # --kernel both: the previous kernel
     old_frac_copy_bw: float | None = None
+    fused_eager_ms: float | None = None  # the fused kernel as eager calls (launch cost included)
     old_bit_exact: bool | None = None
     choice_ms: dict[str, float] | None = None  # --choices: the new kernel under other launch choices
     choice_bit_exact: bool | None = None  # all of them equal the reference
 
 
-def time_ms(fn: Callable[[], object], reps: int, warmup: int, device: torch.device) -> float:
-    """Mean milliseconds per call; on CUDA, `reps` back-to-back launches between two events."""
+def time_ms(
+    fn: Callable[[], object], reps: int, warmup: int, device: torch.device, graph: bool = True
+) -> float:
+    """Mean milliseconds per call. On CUDA with `graph`, `reps` calls captured in one CUDA graph and
+    replayed between two events: the kernels' own time, with no Python or launch cost between them
+    (the copy floor is timed the same way); a call that cannot be captured (a host sync) falls back to
+    eager timing. Without `graph`, `reps` back-to-back eager calls between two events (a sweep's cost)."""
+    if device.type == "cuda" and graph:
+        captured = _graph_ms(fn, reps, warmup)
+        if captured is not None:
+            return captured
     for _ in range(warmup):
         fn()
     if device.type == "cuda":
@@ -104,6 +116,33 @@ def time_ms(fn: Callable[[], object], reps: int, warmup: int, device: torch.devi
     for _ in range(reps):
         fn()
     return (time.perf_counter() - t0) * 1e3 / reps
+
+
+def _graph_ms(fn: Callable[[], object], reps: int, warmup: int) -> float | None:
+    """`time_ms` by CUDA-graph replay (the second replay is timed); None if `fn` cannot be captured."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm-up off the default stream, as capture requires
+        for _ in range(max(warmup, 1)):
+            fn()
+    torch.cuda.current_stream().wait_stream(side)
+    torch.cuda.synchronize()
+    g = torch.cuda.CUDAGraph()
+    try:
+        with torch.cuda.graph(g):
+            for _ in range(reps):
+                fn()
+    except RuntimeError:  # e.g. a host sync inside fn
+        torch.cuda.synchronize()
+        return None
+    g.replay()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    torch.cuda.synchronize()
+    start.record()
+    g.replay()
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end) / reps
 
 
 def copy_bandwidth_gbps(device: torch.device, reps: int) -> float:
@@ -154,7 +193,8 @@ def bench_config(
     fused_fn = old_fn if kernel == "old" else new_fn
     fused_ms = time_ms(fused_fn, reps, 2, device)
     row = replace(
-        row, fused_ms=fused_ms, api_ms=time_ms(lambda: fake_quantize(w, spec), reps, 1, device),
+        row, fused_ms=fused_ms, api_ms=time_ms(lambda: fake_quantize(w, spec), reps, 1, device, graph=False),
+        fused_eager_ms=time_ms(fused_fn, reps, 2, device, graph=False),
         fused_frac_copy_bw=_frac(fused_ms, _n_bytes(w), copy_gbps),
         bit_exact=bool(torch.equal(fused_fn(), reference)),
     )  # fmt: skip
@@ -199,13 +239,14 @@ def exact(r: Row) -> bool | None:
 def format_table(rows: list[Row]) -> str:
     """A Markdown table of the rows (old-kernel columns when any row has them)."""
     with_old = any(r.old_ms is not None for r in rows)
-    head = "| shape | dtype | bits | block | fused ms | api ms | torch ms | compile ms | fused/copy | " \
-           "torch/copy | compile/copy | bit-exact |"  # fmt: skip
+    head = "| shape | dtype | bits | block | fused ms | eager ms | api ms | torch ms | compile ms | " \
+           "fused/copy | torch/copy | compile/copy | bit-exact |"  # fmt: skip
     head += " old ms | old/copy |" if with_old else ""
-    lines = [head, "|" + "---|" * (14 if with_old else 12)]
+    lines = [head, "|" + "---|" * (15 if with_old else 13)]
     for r in rows:
         cells = [f"{r.shape[0]}x{r.shape[1]}", r.dtype, str(r.bits), str(r.block_size or "tensor"),
-                 _fmt(r.fused_ms), _fmt(r.api_ms), _fmt(r.torch_ms), _fmt(r.compile_ms),
+                 _fmt(r.fused_ms), _fmt(r.fused_eager_ms), _fmt(r.api_ms), _fmt(r.torch_ms),
+                 _fmt(r.compile_ms),
                  _fmt(r.fused_frac_copy_bw, ".2f"), _fmt(r.torch_frac_copy_bw, ".2f"),
                  _fmt(r.compile_frac_copy_bw, ".2f"), _fmt(exact(r))]  # fmt: skip
         if with_old:
@@ -243,7 +284,7 @@ def main(argv: list[str] | None = None) -> int:
     if unknown := sorted(set(choices) - set(CHOICES)):
         raise SystemExit(f"unknown --choices {unknown}; allowed: {', '.join(CHOICES)}")
     device = torch.device(args.device)
-    reps = args.reps or (3 if args.quick else 20)
+    reps = args.reps or (10 if args.quick else 50)
     shapes: Sequence[tuple[int, ...]]
     if args.shapes:
         shapes = [tuple(int(d) for d in s.split("x")) for s in args.shapes.split(",")]

@@ -11,8 +11,10 @@
    fresh results folder). Per run it records, from the command's start: when each result file
    (`<job key>.parquet`) appeared, hence the first and the last row and the steady state per job
    (the median gap between result files after the first); the driver's own lines (Ray started,
-   planned); the worker's `startup phase=...` lines (`pipeline.worker.log_phase`: worker start,
-   model load, snapshot, Evaluator build with its parts and cache hits, first job); the command's
+   planned); the driver's and the worker's `startup phase=...` lines (`pipeline.startup`: the
+   driver's imports, config, pre-flight and plan, Ray's start and the workers' creation; the worker's
+   start with its parts, model load, snapshot, Evaluator build with its parts and cache hits, first
+   job with its parts); the command's
    wall time; and the per-job seconds the rows hold (restore + quantize + evaluate).
 3. Prints a table and writes JSON (`--out`; the table goes next to it as .md).
 
@@ -47,11 +49,19 @@ GRID = ("quant.dtype=int", "quant.bits=3,4,5,6,8", "quant.block_size=64")  # 5 j
 PHASE = re.compile(r"startup phase=(\w+) s=([0-9.]+) at=([0-9.]+)(.*)$")
 DRIVER_LINES = {  # what the driver logs -> the name of its mark
     "ray_started": re.compile(r"Started a local Ray instance"),
-    "early_start_done": re.compile(r"started while planning"),
     "planned": re.compile(r"planned in [0-9.]+s"),
     "dispatch": re.compile(r"\d+ worker\(s\), each"),
 }
 RUNS = ("cold", "warm")
+# `startup phase=` lines (pipeline.startup), in the order they happen
+DRIVER_PHASES = ("driver_imports", "driver_config", "ray_start", "driver_preflight", "workers_created",
+                 "driver_plan")  # fmt: skip
+WORKER_PHASES = ("worker_init", "model_load", "snapshot", "evaluator_build", "first_job")
+PHASE_PARTS = {  # the facts of a phase line shown in the table
+    "worker_init": ("process", "torch", "device_query", "job_modules"),
+    "evaluator_build": ("texts", "kl", "tasks", "compile", "cache"),
+    "first_job": ("load", "restore", "quantize", "eval"),
+}
 
 
 def sweep_command(model: Path, eval_name: str, data_root: Path, results: Path, extra: list[str]) -> list[str]:
@@ -189,9 +199,12 @@ def render(result: dict[str, Any]) -> str:
     row("per-job s in the rows (restore+quantize+eval)", lambda r: r["row_job_s"])
     for mark in DRIVER_LINES:
         row(f"driver: {mark} at s", lambda r, m=mark: r["driver"].get(m))
-    for phase in ("worker_init", "model_load", "snapshot", "evaluator_build", "first_job"):
+    for phase in DRIVER_PHASES:
+        row(f"driver: {phase} s (ends at s)", lambda r, p=phase: _phase_cell(r, p))
+    for phase in WORKER_PHASES:
         row(f"worker: {phase} s (ends at s)", lambda r, p=phase: _phase_cell(r, p))
-    row("Evaluator build parts", lambda r: _build_parts(r))
+    for phase, parts in PHASE_PARTS.items():
+        row(f"{phase} parts s", lambda r, p=phase, k=parts: _parts(r, p, k))
     return "\n".join(lines)
 
 
@@ -200,12 +213,9 @@ def _phase_cell(run: dict[str, Any], name: str) -> str | None:
     return None if phase is None else f"{phase['s']:.2f} ({phase['end_s']:.1f})"
 
 
-def _build_parts(run: dict[str, Any]) -> str | None:
-    build = run["phases"].get("evaluator_build")
-    if build is None:
-        return None
-    parts = " ".join(f"{k}={build[k]}" for k in ("texts", "kl", "tasks", "compile") if k in build)
-    return f"{parts} cache={build.get('cache', '-')}"
+def _parts(run: dict[str, Any], name: str, keys: tuple[str, ...]) -> str | None:
+    phase = run["phases"].get(name)
+    return None if phase is None else " ".join(f"{k}={phase[k]}" for k in keys if k in phase)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:

@@ -31,6 +31,7 @@ from pipeline.pool import WorkerLost, WorkerPool, death_error
 from pipeline.progress import Progress
 from pipeline.results import STATUS_OK, job_outcome, job_path, write_job_rows
 from pipeline.specs import ModelRef
+from pipeline.startup import log_phase
 from pipeline.worker import JobResult, WorkerEnv, job_rows
 
 log = logging.getLogger(__name__)
@@ -159,12 +160,14 @@ def start_workers(
 class EarlyStart:
     """Ray and the worker actors started on a background thread while the driver plans.
 
-    The driver's planning (Hydra, imports, pre-flight, job keys) and Ray's start (its processes)
-    take seconds each and need little of each other: `pipeline.run` starts this right after
-    composing the config, and `run_on_ray` takes the cluster and the actors from it. The actors are
-    created for at most `max_jobs` jobs (the cells: a cap, as `plan_workers` applies one), start
-    importing torch and initialising their device at once, and the surplus is killed once the
-    number of jobs to run is known. `cancel` undoes what is left; call it however the run ends.
+    The driver's planning (imports, pre-flight, job keys) and Ray's start (its processes) take seconds
+    each and need little of each other: `pipeline.run` starts Ray here as soon as the config is composed
+    and its run-wide settings check out, with `workers=False`, and lets the workers follow (`proceed`)
+    once pre-flight has passed, so a bad input never starts a worker or touches a GPU (Ray alone is
+    stopped again). `run_on_ray` takes the cluster and the actors from it. The actors are created for at
+    most `max_jobs` jobs (the cells: a cap, as `plan_workers` applies one), start importing torch and
+    querying their device at once, and the surplus is killed once the number of jobs to run is known.
+    `cancel` undoes what is left; call it however the run ends.
     The thread stays alive until `cancel`: Ray's processes are started with a parent-death signal,
     which Linux sends when the parent *thread* ends, so they would die with a finished thread.
     A SIGTERM after Ray's start and before `wait` meets Ray's failure handler (the driver aborts; no job
@@ -172,33 +175,51 @@ class EarlyStart:
     """
 
     def __init__(
-        self, cfg: RayConfig, max_jobs: int, results_root: Path, plugins: Sequence[str] = ()
+        self,
+        cfg: RayConfig,
+        max_jobs: int,
+        results_root: Path,
+        plugins: Sequence[str] = (),
+        workers: bool = True,
     ) -> None:
         self.cfg = cfg
         self.started = False  # whether this start started Ray (then `cancel` stops it)
         self.workers: list[Any] = []
         self.options: dict[str, Any] = {}
         self._error: BaseException | None = None
-        self._ready, self._release = threading.Event(), threading.Event()
+        self._ready, self._release, self._go = threading.Event(), threading.Event(), threading.Event()
+        self._cancelled = False
+        self.connected = threading.Event()  # set once Ray is up (or its start failed)
+        if workers:
+            self._go.set()
         args = (max_jobs, results_root, tuple(plugins))
         self._thread = threading.Thread(target=self._start, args=args, name="ray-early-start", daemon=True)
         self._thread.start()
 
     def _start(self, max_jobs: int, results_root: Path, plugins: tuple[str, ...]) -> None:
-        import ray
-
         start = time.perf_counter()
         try:
+            import ray
+
             self.started = connect(self.cfg)
-            plan = plan_workers(self.cfg, ray.cluster_resources(), max_jobs)
-            self.options = plan.options
-            self.workers = start_workers(plan, results_root, self.cfg.max_attempts, None, plugins)
-            log.info("Ray and %d worker(s) started while planning (%.2fs)", len(self.workers),
-                     time.perf_counter() - start)  # fmt: skip
+            log_phase("ray_start", time.perf_counter() - start)
+            self.connected.set()
+            self._go.wait()  # `proceed`: pre-flight passed (or `cancel`)
+            if not self._cancelled:
+                created = time.perf_counter()
+                plan = plan_workers(self.cfg, ray.cluster_resources(), max_jobs)
+                self.options = plan.options
+                self.workers = start_workers(plan, results_root, self.cfg.max_attempts, None, plugins)
+                log_phase("workers_created", time.perf_counter() - created, workers=len(self.workers))
         except BaseException as err:  # raised again by `wait`, on the driver's thread
             self._error = err
+        self.connected.set()
         self._ready.set()
         self._release.wait()  # Ray's processes live as long as this thread (see the class docstring)
+
+    def proceed(self) -> None:
+        """Let the workers start (once Ray is up): pre-flight has passed."""
+        self._go.set()
 
     def wait(self) -> None:
         """Block until the start is done; raise what it raised. On the main thread, Python's own SIGTERM
@@ -224,7 +245,9 @@ class EarlyStart:
 
     def cancel(self) -> None:
         """Kill the actors not taken, stop Ray if this start started it and no one took it over,
-        and end the thread (waits for the start to finish; idempotent)."""
+        and end the thread (waits for Ray's start to finish, but starts no worker; idempotent)."""
+        self._cancelled = True
+        self._go.set()
         self._ready.wait()
         if self.started or self.workers:
             import ray

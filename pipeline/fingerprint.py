@@ -60,19 +60,20 @@ def _cached_sha256(path: str, size: int, mtime_ns: int, inode: int) -> str:
         pass  # not cached yet
     with open(path, "rb") as handle:
         digest = hashlib.file_digest(handle, "sha256").hexdigest()
-    _store(entry, digest)
+    store_text(entry, digest)
     return digest
 
 
-def _store(entry: Path, digest: str) -> None:
-    """Write `digest` to `entry` atomically; a cache that cannot be written only costs a rehash."""
+def store_text(entry: Path, text: str) -> None:
+    """Write `text` to the cache entry `entry` atomically; a cache entry that cannot be written only
+    costs the work again next time."""
     tmp = entry.with_name(f".{entry.name}.{os.getpid()}.tmp")
     try:
         entry.parent.mkdir(parents=True, exist_ok=True)
-        tmp.write_text(digest)
+        tmp.write_text(text)
         os.replace(tmp, entry)
     except OSError as err:
-        log.debug("digest cache %s not written: %s", entry, err)
+        log.debug("cache entry %s not written: %s", entry, err)
 
 
 def model_files(folder: Path, gguf_file: str | None = None) -> list[Path]:

@@ -23,9 +23,11 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import json
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -298,11 +300,9 @@ def choose_snapshot(
 @functools.lru_cache(maxsize=64)
 def model_shape(name_or_path: str, torch_dtype: str, on_cuda: bool) -> ModelShape | None:
     """The shape of a local model folder or a hub id in the hub cache, from its config alone (None: no
-    config here, e.g. a ladder not trained yet, or an unreadable one)."""
-    from pathlib import Path
-
+    config here, e.g. a ladder not trained yet, or an unreadable one). Cached on disk by the config's
+    bytes (`_shape_entry`), so a rerun's pre-flight imports no modeling code."""
     from pipeline.hub import HUB_ID, cached_snapshot
-    from pipeline.models.loading import resolve_torch_dtype
 
     folder = Path(name_or_path).expanduser()
     if not (folder / "config.json").is_file():
@@ -311,13 +311,55 @@ def model_shape(name_or_path: str, torch_dtype: str, on_cuda: bool) -> ModelShap
         if cached is None or not (cached / "config.json").is_file():
             return None
         folder = cached
+    entry = _shape_entry(folder / "config.json", torch_dtype, on_cuda)
+    if entry is not None and (shape := _load_shape(entry)) is not None:
+        return shape
     from transformers import AutoConfig
+
+    from pipeline.models.loading import resolve_torch_dtype
 
     try:
         config = AutoConfig.from_pretrained(str(folder), local_files_only=True, trust_remote_code=False)
-        return meta_shape(config, resolve_torch_dtype(torch_dtype, "cuda" if on_cuda else "cpu"))
+        shape = meta_shape(config, resolve_torch_dtype(torch_dtype, "cuda" if on_cuda else "cpu"))
     except (OSError, ValueError, KeyError):
         return None  # pre-flight's model check names the problem
+    if entry is not None:
+        from pipeline.fingerprint import store_text
+
+        store_text(entry, json.dumps(dataclasses.asdict(shape)))
+    return shape
+
+
+SHAPE_CACHE = "shapes"  # under `fingerprint.cache_base()`
+SHAPE_CACHE_VERSION = 1  # bump when `shape_of` counts differently
+
+
+def _shape_entry(config_json: Path, torch_dtype: str, on_cuda: bool) -> Path | None:
+    """The cache file of a config's shape: keyed by the config's bytes, the dtype setting, the device
+    kind, transformers' version (its modules define the parameters) and `SHAPE_CACHE_VERSION`; None if
+    the config cannot be read."""
+    import hashlib
+    from importlib.metadata import PackageNotFoundError, version
+
+    from pipeline.fingerprint import cache_base
+
+    try:
+        text = config_json.read_bytes()
+        library = version("transformers")
+    except (OSError, PackageNotFoundError):
+        return None
+    key = hashlib.sha256(
+        text + f"\0{torch_dtype}\0{on_cuda}\0{library}\0{SHAPE_CACHE_VERSION}".encode()
+    ).hexdigest()
+    return cache_base() / SHAPE_CACHE / f"{key}.json"
+
+
+def _load_shape(entry: Path) -> ModelShape | None:
+    """A cached shape, or None (absent, or unreadable: then it is computed again)."""
+    try:
+        return ModelShape(**json.loads(entry.read_text()))
+    except (OSError, ValueError, TypeError):
+        return None
 
 
 def describe_jobs(jobs: Sequence[Any], n_gpus: int, capacity: Sequence[int]) -> list[str]:

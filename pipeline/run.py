@@ -47,6 +47,7 @@ from pipeline.preflight import error_message, preflight, ray_problems, results_p
 from pipeline.progress import Progress, sigterm_interrupts
 from pipeline.results import STATUS_OK, job_status
 from pipeline.specs import ModelRef
+from pipeline.startup import PhaseClock
 from pipeline.sweep import ConfigError, expand, plan_sweep
 
 if TYPE_CHECKING:
@@ -320,11 +321,11 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def start_early(cells: Sequence[Config]) -> EarlyStart | None:
-    """Start an embedded Ray cluster and the workers on a background thread while the driver builds
-    the jobs (model and data fingerprints, ladders, finished jobs) (`EarlyStart`), once pre-flight has
-    passed (`check_cells`), so bad input never costs GPU time; not for a dry run, a cluster joined by
-    address (`ray.address`), with `KBIT_EARLY_START=0`, or when a run-wide check (Ray settings,
-    results folder) fails."""
+    """Start an embedded Ray cluster on a background thread while the driver runs pre-flight and
+    builds the jobs (model and data fingerprints, ladders, finished jobs) (`EarlyStart`); its workers
+    wait for `EarlyStart.proceed`, which the driver calls once pre-flight has passed, so bad input never
+    starts a worker or touches a GPU. Not for a dry run, a cluster joined by address (`ray.address`),
+    with `KBIT_EARLY_START=0`, or when a run-wide check (Ray settings, results folder) fails."""
     first = cells[0]
     if first.dry_run or first.ray.address is not None or os.environ.get("KBIT_EARLY_START", "1") == "0":
         return None
@@ -340,7 +341,7 @@ def start_early(cells: Sequence[Config]) -> EarlyStart | None:
 
     if first.verbose:  # read by every worker (pipeline.evals.lmeval.verbose): set before Ray starts
         os.environ["KBIT_VERBOSE"] = "1"
-    return EarlyStart(first.ray, len(cells), root, tuple(first.plugins))
+    return EarlyStart(first.ray, len(cells), root, tuple(first.plugins), workers=False)
 
 
 def _main(args: list[str]) -> int:
@@ -353,6 +354,8 @@ def _main(args: list[str]) -> int:
 
 
 def _run(args: list[str], starts: list[EarlyStart]) -> int:
+    clock = PhaseClock()  # the driver's start-up phases (`pipeline.startup`), from the process's start
+    clock.mark("driver_imports")
     try:
         multirun, show, overrides = parse_argv(args)
         if not args:
@@ -365,10 +368,15 @@ def _run(args: list[str], starts: list[EarlyStart]) -> int:
 
             print(OmegaConf.to_yaml(asdict(cells[0])))
             return 0
-        check_cells(cells)  # bad input is refused before Ray starts or a GPU is touched
-        early = start_early(cells)
+        clock.mark("driver_config", cells=len(cells))
+        early = start_early(cells)  # Ray alone, while pre-flight runs
         starts.extend([early] if early is not None else [])
+        check_cells(cells)  # bad input is refused before a worker starts or a GPU is touched
+        clock.mark("driver_preflight")
+        if early is not None:
+            early.proceed()
         plan = plan_cells(cells, checked=True)
+        clock.mark("driver_plan", jobs=len(plan.to_run))
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -32,6 +32,7 @@ from pipeline.ladders.train import member_train_tokens
 from pipeline.recovery import RecoveryReport, with_adapter_bits
 from pipeline.results import STATUS_FAILED, STATUS_OK, write_job_rows
 from pipeline.specs import EvalSpec, MetricValue, ModelRef, QuantReport
+from pipeline.startup import log_phase, process_age
 
 log = logging.getLogger(__name__)
 
@@ -193,40 +194,12 @@ def use_compile_cache() -> Path:
     return Path(os.environ.setdefault(INDUCTOR_CACHE_ENV, str(cache_base() / "inductor")))
 
 
-PHASE_LOGGER = "pipeline.worker.phases"
-
-
-def phase_logger() -> logging.Logger:
-    """The logger of the worker's start-up phases: INFO lines on stderr, which Ray forwards to the
-    driver, so a user sees where a sweep's first minute goes (a few lines per worker and model)."""
-    logger = logging.getLogger(PHASE_LOGGER)
-    if not logger.handlers:
-        handler = logging.StreamHandler(sys.stderr)
-        handler.setFormatter(logging.Formatter("%(message)s"))
-        logger.addHandler(handler)
-        logger.setLevel(logging.INFO)
-        logger.propagate = False
-    return logger
-
-
-def phase_line(name: str, seconds: float, **facts: Any) -> str:
-    """`startup phase=<name> s=<seconds> at=<unix time> k=v ...`: one start-up phase, parseable
-    (`benchmarks/startup.py` reads them); `at` is when it ended."""
-    extra = "".join(f" {key}={value}" for key, value in facts.items())
-    return f"startup phase={name} s={seconds:.3f} at={time.time():.3f}{extra}"
-
-
 def build_facts(evaluator: Any) -> dict[str, str]:
     """An Evaluator's build phases in seconds and its `evalcache` hits, e.g. {"texts": "0.012",
     "tasks": "0.310", "cache": "wikitext2:hit,tasks:hit"}, for its `evaluator_build` line."""
     facts = {name.removesuffix("_s"): f"{s:.3f}" for name, s in evaluator.phases.items()}
     hits = [f"{name}:{'hit' if hit else 'miss'}" for name, hit in evaluator.cache_hits.items()]
     return {**facts, "cache": ",".join(hits) or "-"}
-
-
-def log_phase(name: str, seconds: float, **facts: Any) -> None:
-    """Log one start-up phase (`phase_line`)."""
-    phase_logger().info("%s", phase_line(name, seconds, **facts))
 
 
 # What a worker's first job would import; imported when the worker starts instead, which (with
@@ -263,12 +236,14 @@ class ModelWorker:
         self, results_root: str, cpu_threads: int = 1, plugins: Sequence[str] = (), gpus_per_worker: int = 1
     ) -> None:
         start = time.perf_counter()
+        before = process_age()  # Ray's process start and this module's imports, before the actor began
         use_compile_cache()
         import torch
 
         from pipeline.config import import_plugins
 
         import_plugins(plugins)  # methods (or other records) the driver's config named
+        imported = time.perf_counter()
         self._results_root = Path(results_root)
         self._device = "cuda" if torch.cuda.is_available() else "cpu"
         self._n_gpus = gpus_per_worker if self._device == "cuda" else 0  # >1: the model is sharded
@@ -276,6 +251,7 @@ class ModelWorker:
             torch.set_num_threads(max(1, cpu_threads))
         name = torch.cuda.get_device_name() if self._device == "cuda" else f"cpu ({platform.machine()})"
         self._env = WorkerEnv(device=name + ray_placement(), versions=versions_json())
+        queried = time.perf_counter()
         self._name = f"{platform.node()}:{id(self):x}"
         self._ref: ModelRef | None = None
         self._model: Any = None
@@ -289,7 +265,12 @@ class ModelWorker:
         self._load_errors: dict[ModelRef, str] = {}
         self._first_job_of: ModelRef | None = None  # the model whose first job is still to finish
         import_job_modules()
-        log_phase("worker_init", time.perf_counter() - start, device=self._env.device.replace(" ", "_"))
+        done = time.perf_counter()
+        log_phase(
+            "worker_init", done - start, device=self._env.device.replace(" ", "_"), process=f"{before:.2f}",
+            torch=f"{imported - start:.2f}", device_query=f"{queried - imported:.2f}",
+            job_modules=f"{done - queried:.2f}",
+        )  # fmt: skip
 
     def describe(self) -> str:
         """The device this worker runs on (also forces the actor to start)."""
@@ -337,7 +318,8 @@ class ModelWorker:
         log.info("job %s %s in %.2fs", job.key[:12], status, timings["job_s"])
         if self._first_job_of is not None and self._first_job_of == job.model:
             self._first_job_of = None
-            log_phase("first_job", timings["job_s"], job=job.key[:12], status=status)
+            parts = {k.removesuffix("_s"): f"{v:.2f}" for k, v in timings.items() if k != "job_s"}
+            log_phase("first_job", timings["job_s"], job=job.key[:12], status=status, **parts)
         return JobResult(job.key, status, error, tuple(rows), timings, self._name)
 
     def _ensure_model(self, job: Job) -> float:

@@ -1,4 +1,5 @@
-"""`dispatch.EarlyStart`: Ray and the workers started on a thread while the driver plans, and undone."""
+"""`dispatch.EarlyStart`: Ray and the workers started on a thread while the driver plans, and undone;
+the workers only once pre-flight has passed."""
 
 from __future__ import annotations
 
@@ -38,22 +39,40 @@ def test_a_run_that_needs_no_ray_starts_none(tmp_path):
     assert start_early(cells(f"results_root={tmp_path / 'file'}")) is None
 
 
-def test_bad_input_is_refused_before_ray_starts(tmp_path, capsys, monkeypatch):
+def test_bad_input_starts_no_worker_and_stops_ray(tmp_path, capsys, monkeypatch):
     import ray
 
     import pipeline.dispatch as dispatch
     from pipeline.run import main
 
-    made: list[int] = []
+    made: list[dispatch.EarlyStart] = []
 
-    class Recorded(dispatch.EarlyStart):  # the real start, counted
+    class Recorded(dispatch.EarlyStart):  # the real start, kept
         def __init__(self, *args, **kwargs) -> None:
-            made.append(1)
             super().__init__(*args, **kwargs)
+            made.append(self)
 
     monkeypatch.setattr(dispatch, "EarlyStart", Recorded)
     if ray.is_initialized():
         ray.shutdown()
     code = main(["-m", f"results_root={tmp_path}", "eval.tasks=[]", "quant.dtype=int", "quant.bits=1"])
     assert code == 2 and "bits=1" in capsys.readouterr().err
-    assert not made and not ray.is_initialized()  # pre-flight refused it before any start
+    assert len(made) == 1 and made[0].options == {}  # Ray started during pre-flight, no worker planned
+    assert not made[0].workers and not ray.is_initialized()  # and Ray is stopped again
+    assert list(tmp_path.iterdir()) == []  # nothing written
+
+
+@pytest.mark.slow
+def test_workers_wait_for_proceed(tmp_path):
+    import ray
+
+    if ray.is_initialized():
+        ray.shutdown()
+    early = EarlyStart(RayConfig(num_cpus=1), max_jobs=2, results_root=tmp_path, workers=False)
+    assert early.connected.wait(timeout=120) and ray.is_initialized()
+    assert not early.workers and early.options == {}  # Ray is up; the thread waits for `proceed`
+    early.proceed()
+    early.wait()
+    assert early.started and len(early.workers) == 1
+    early.cancel()
+    assert not ray.is_initialized() and not early.workers

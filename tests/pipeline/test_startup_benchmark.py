@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.worker import PHASE_LOGGER, phase_line
+from pipeline.startup import PHASE_LOGGER, phase_line
 
 ROOT = Path(__file__).resolve().parents[2]
 PHASES = ("worker_init", "model_load", "snapshot", "evaluator_build", "first_job")
@@ -23,7 +23,7 @@ def test_phase_lines_parse_back():
     parsed = parse_lines([(2.0, line), (3.0, "x: 5 cells -> 5 jobs (planned in 0.10s)")], t0_epoch=0.0)
     assert parsed["phases"]["model_load"]["s"] == 1.5 and parsed["phases"]["model_load"]["job"] == "abc"
     assert parsed["driver"] == {"planned": 3.0}
-    assert PHASE_LOGGER.startswith("pipeline.worker")
+    assert PHASE_LOGGER.startswith("pipeline.startup")
 
 
 @pytest.mark.slow
