@@ -314,8 +314,8 @@ pending|startup)
   # torch loop and RTN (issue 18), and the 1.4B start-up sweep cold and warm (issue 17, items 2-3).
   # startup (ninth session, ~5 min): the same without BCQ, the kernels timed by CUDA-graph replay under
   # more launch choices, the start-up with the driver's phases.
-  python3 -m pytest -q -m gpu -p no:cacheprovider tests/kernels 2>&1 | tail -4
-  [ "$phase" = startup ] && CHOICES=chain4,vpt32,vpt8,w4 || CHOICES=chain4,vpt32
+  python3 -m pytest -q -m gpu -p no:cacheprovider tests/kernels tests/pipeline/test_memplan.py 2>&1 | tail -4
+  [ "$phase" = startup ] && CHOICES=w8,vpt8 || CHOICES=chain4,vpt32
   timeout 150 python3 benchmarks/quantize_kernels.py --quick --kernel both --choices $CHOICES \
     --out "$OUT/kernels-h200.json" >"$OUT/kernels.log" 2>&1; echo "kernels exit $?"; tail -12 "$OUT/kernels.log"
   if [ "$phase" = pending ]; then

@@ -54,15 +54,17 @@ class FusedChoice:
             the others a binary search.
         max_shared_log2: the binary search reads codebooks of up to 2^this entries from shared memory
             (2 x 4 x 2^this bytes per program), larger ones from global memory (L1).
-        values_per_thread: values each thread holds (16: two 16-byte bf16 loads; registers stay <= 64,
-            so four 8-warp programs fit on an SM).
-        num_warps: warps per program; a program holds values_per_thread * 32 * num_warps values.
+        values_per_thread: values each thread holds (16: two 16-byte bf16 loads; registers stay <= 64).
+        num_warps: warps per program; a program holds values_per_thread * 32 * num_warps values. 4 (2048
+            values a program) beat 8 at every bit width and block size on one H200 (ninth session,
+            `benchmarks/quantize_kernels.py --quick --choices w4`: 3 bits 0.078 -> 0.074 ms, 8 bits 0.166
+            -> 0.145 ms on 8192x8192).
     """
 
     max_chain_log2: int = 0
     max_shared_log2: int = 8
     values_per_thread: int = 16
-    num_warps: int = 8
+    num_warps: int = 4
 
 
 DEFAULT_CHOICE = FusedChoice()

@@ -21,10 +21,12 @@ which must not create a CUDA context); with no GPU visible the plan is printed b
 
 from __future__ import annotations
 
+import ctypes
 import dataclasses
 import functools
 import json
 import math
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -261,7 +263,10 @@ def _gpus_needed(shape: ModelShape, load: JobLoad, plan: MemoryPlan, most: int =
 
 def gpu_capacity(free: bool = False) -> tuple[int, ...]:
     """Bytes per visible GPU: free memory (`free=True`, creates a CUDA context: workers only) or total
-    memory (the driver); () without CUDA."""
+    memory (the driver: from NVML where it can map the visible GPUs, which initialises no CUDA, seconds
+    on a large GPU; else from torch); () without CUDA."""
+    if not free and (totals := nvml_total_memory()) is not None:
+        return totals
     import torch
 
     if not torch.cuda.is_available():
@@ -270,6 +275,49 @@ def gpu_capacity(free: bool = False) -> tuple[int, ...]:
     if free:
         return tuple(torch.cuda.mem_get_info(i)[0] for i in range(count))
     return tuple(torch.cuda.get_device_properties(i).total_memory for i in range(count))
+
+
+class _NvmlMemory(ctypes.Structure):
+    _fields_ = [("total", ctypes.c_ulonglong), ("free", ctypes.c_ulonglong), ("used", ctypes.c_ulonglong)]
+
+
+def nvml_total_memory() -> tuple[int, ...] | None:
+    """Total bytes of each GPU CUDA_VISIBLE_DEVICES shows, from NVML (libnvidia-ml, the driver's own
+    library); None where NVML is missing or fails, or the visible set is not a list of indices (UUIDs,
+    MIG), so the caller asks CUDA instead."""
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if visible is not None and not all(part.strip().isdigit() for part in visible.split(",") if part.strip()):
+        return None
+    try:
+        lib = ctypes.CDLL("libnvidia-ml.so.1")
+    except OSError:
+        return None
+    if lib.nvmlInit_v2() != 0:
+        return None
+    try:
+        count = ctypes.c_uint()
+        if lib.nvmlDeviceGetCount_v2(ctypes.byref(count)) != 0:
+            return None
+        totals = []
+        for index in range(count.value):
+            handle, memory = ctypes.c_void_p(), _NvmlMemory()
+            if lib.nvmlDeviceGetHandleByIndex_v2(index, ctypes.byref(handle)) != 0:
+                return None
+            if lib.nvmlDeviceGetMemoryInfo(handle, ctypes.byref(memory)) != 0:
+                return None
+            totals.append(int(memory.total))
+    finally:
+        lib.nvmlShutdown()
+    if visible is None:
+        return tuple(totals)
+    picked = [int(part) for part in visible.split(",") if part.strip()]
+    if any(i >= len(totals) for i in picked):
+        return None
+    # NVML counts in PCI bus order, CUDA fastest first unless CUDA_DEVICE_ORDER=PCI_BUS_ID: the same
+    # totals on a box of one GPU model (then the order does not matter), else ask CUDA.
+    if len(set(totals)) > 1 and os.environ.get("CUDA_DEVICE_ORDER") != "PCI_BUS_ID":
+        return None
+    return tuple(totals[i] for i in picked)
 
 
 def job_load(job: Any) -> JobLoad:

@@ -217,16 +217,21 @@ JOB_MODULES = (
 )
 
 
-def import_job_modules(names: Sequence[str] = JOB_MODULES) -> None:
-    """Import the modules a job needs; one that fails is left for the job to import (and to fail
-    as a job, with its row), not the worker's start."""
+def import_job_modules(names: Sequence[str] = JOB_MODULES) -> dict[str, float]:
+    """Import the modules a job needs; returns the seconds each took (what an earlier one had already
+    imported is not counted again). One that fails is left for the job to import (and to fail as a
+    job, with its row), not the worker's start."""
     import importlib
 
+    seconds = {}
     for name in names:
+        start = time.perf_counter()
         try:
             importlib.import_module(name)
         except Exception as err:  # reported by the job that needs it
             log.warning("could not import %s when the worker started (%s)", name, error_line(err))
+        seconds[name] = time.perf_counter() - start
+    return seconds
 
 
 class ModelWorker:
@@ -264,12 +269,13 @@ class ModelWorker:
         self._dirty = False
         self._load_errors: dict[ModelRef, str] = {}
         self._first_job_of: ModelRef | None = None  # the model whose first job is still to finish
-        import_job_modules()
+        modules = import_job_modules()
+        slowest = sorted(modules, key=modules.__getitem__, reverse=True)[:3]
         done = time.perf_counter()
         log_phase(
             "worker_init", done - start, device=self._env.device.replace(" ", "_"), process=f"{before:.2f}",
             torch=f"{imported - start:.2f}", device_query=f"{queried - imported:.2f}",
-            job_modules=f"{done - queried:.2f}",
+            job_modules=f"{done - queried:.2f}", slowest=",".join(f"{m}:{modules[m]:.2f}" for m in slowest),
         )  # fmt: skip
 
     def describe(self) -> str:

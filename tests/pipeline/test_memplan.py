@@ -6,6 +6,7 @@ import dataclasses
 import os
 
 import pytest
+import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -137,3 +138,21 @@ def test_job_load_reads_the_batch_window_method_and_adapters():
     assert job_load(job) == JobLoad(4, 128, "gptq", 4, 128)
     tasks = Job(ModelRef("m"), Recipe(), dataclasses.replace(evals, tasks=("piqa",)), "s")
     assert job_load(tasks) == JobLoad(4, TASK_SEQ_LEN, "rtn", 0, 0)
+
+
+def test_nvml_is_not_asked_when_the_visible_gpus_are_not_indices(monkeypatch):
+    from pipeline.memplan import nvml_total_memory
+
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "GPU-0a1b2c3d")
+    assert nvml_total_memory() is None  # UUIDs cannot be mapped to NVML's order: CUDA is asked instead
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_nvml_totals_are_cudas_within_two_percent():
+    from pipeline.memplan import nvml_total_memory
+
+    totals = nvml_total_memory()
+    cuda = [torch.cuda.get_device_properties(i).total_memory for i in range(torch.cuda.device_count())]
+    assert totals is not None and len(totals) == len(cuda)
+    assert all(abs(t - c) <= 0.02 * c for t, c in zip(totals, cuda, strict=True)), (totals, cuda)
