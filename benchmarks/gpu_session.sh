@@ -314,16 +314,23 @@ pending|startup)
   # torch loop and RTN (issue 18), and the 1.4B start-up sweep cold and warm (issue 17, items 2-3).
   # startup (ninth session, ~5 min): the same without BCQ, the kernels timed by CUDA-graph replay under
   # more launch choices, the start-up with the driver's phases.
-  python3 -m pytest -q -m gpu -p no:cacheprovider tests/kernels tests/pipeline/test_memplan.py 2>&1 | tail -4
+  # ONLY_STARTUP=1: the start-up sweep (and the pre-flight profile) alone
+  [ -n "${ONLY_STARTUP:-}" ] || python3 -m pytest -q -m gpu -p no:cacheprovider tests/kernels tests/pipeline/test_memplan.py 2>&1 | tail -4
   [ "$phase" = startup ] && CHOICES=w8,vpt8 || CHOICES=chain4,vpt32
-  timeout 150 python3 benchmarks/quantize_kernels.py --quick --kernel both --choices $CHOICES \
-    --out "$OUT/kernels-h200.json" >"$OUT/kernels.log" 2>&1; echo "kernels exit $?"; tail -12 "$OUT/kernels.log"
+  [ -n "${ONLY_STARTUP:-}" ] || { timeout 150 python3 benchmarks/quantize_kernels.py --quick --kernel both --choices $CHOICES \
+    --out "$OUT/kernels-h200.json" >"$OUT/kernels.log" 2>&1; echo "kernels exit $?"; tail -12 "$OUT/kernels.log"; }
   if [ "$phase" = pending ]; then
     timeout 150 python3 benchmarks/bcq.py --device cuda --data-root .carry/data --out "$OUT/bcq-h200-pythia-410m.json" \
       >"$OUT/bcq.log" 2>&1; echo "bcq exit $?"; grep -v -i -E "warn|it/s\]" "$OUT/bcq.log" | tail -24
   fi
-  timeout $(($(left) - 5)) python3 benchmarks/startup.py --shape pythia-1.4b --data-root .carry/data \
-    --out "$OUT/startup-h200.json" >"$OUT/startup.log" 2>&1; echo "startup exit $?"; tail -20 "$OUT/startup.log"
+  timeout $(($(left) - 25)) python3 benchmarks/startup.py --shape pythia-1.4b --data-root .carry/data \
+    --workdir /tmp/startup --out "$OUT/startup-h200.json" >"$OUT/startup.log" 2>&1; echo "startup exit $?"
+  tail -20 "$OUT/startup.log"
+  if [ -f .carry/prof_preflight.py ]; then  # a one-off profile of the driver's pre-flight (warm caches)
+    KBIT_CACHE=/tmp/startup/cache timeout 20 python3 .carry/prof_preflight.py -m model.name_or_path=/tmp/startup/model \
+      eval=paper_ladder eval.data_root=.carry/data quant.dtype=int quant.bits=3 results_root=/tmp/startup/prof \
+      >"$OUT/preflight-profile.txt" 2>&1; head -3 "$OUT/preflight-profile.txt"
+  fi
   ;;
 *) echo "unknown phase $phase; use study, resume, final, after, tune, retuned, heldout, compile, gptq, gptq-study, gptq-1.4b, pending or startup" >&2; exit 2 ;;
 esac

@@ -203,12 +203,13 @@ def build_facts(evaluator: Any) -> dict[str, str]:
 
 
 # What a worker's first job would import; imported when the worker starts instead, which (with
-# `dispatch.EarlyStart`) is while the driver still plans: ~2-6 s of imports off the first row.
+# `dispatch.EarlyStart`) is while the driver still plans. Not lm_eval.models.huggingface (HFLM, 4.6-6.4 s
+# on one H200 host, ninth session): `scorer=auto` takes it only for an architecture the fast scorer
+# does not support, and imports it then.
 JOB_MODULES = (
     "transformers",
     "pipeline.models",
     "pipeline.snapshot",
-    "lm_eval.models.huggingface",
     "lm_eval.tasks",
     "pipeline.evals.evaluate",
     "pipeline.evals.lmeval",
