@@ -15,13 +15,11 @@ and the bandwidth each achieves, bytes read + written (2 x numel x element size)
 the device's copy bandwidth measured in the same run (a large device-to-device copy). It also checks that
 the fused output equals the reference bit for bit. On a CPU machine the GPU-only columns are left empty.
 
-`--kernel` picks the one-pass kernel timed as fused_ms: `new` (the current `triton_fused` kernel), `old`
-(the previous one, kept as `triton_fused.fake_quantize_v1`), or `both` (new as fused_ms, old as old_ms,
-each checked bit for bit). `--choices` also times the new kernel under other fixed launch choices
+`--choices` also times the kernel under other fixed launch choices
 (`CHOICES`: e.g. `chain4`, the compare-select chain for k <= 4), one JSON field and summary column each.
 
     python benchmarks/quantize_kernels.py --quick --out kernels.json       # < 90 s on one H100
-    python benchmarks/quantize_kernels.py --quick --kernel both --choices chain4,vpt32 --out kernels.json
+    python benchmarks/quantize_kernels.py --quick --choices w8,vpt8 --out kernels.json
     python benchmarks/quantize_kernels.py --out kernels.json                # the full grid, compile for all
 """
 
@@ -56,8 +54,7 @@ BITS = [3, 4, 8]
 DTYPES = ["int", "fp", "nf", "quantile", "dynamic"]
 BLOCKS: list[int | None] = [64, 1024, None]
 QUICK_COMPILE = [("nf", 4, 64)]  # configs (dtype, bits, block) given a torch.compile column in --quick
-KERNELS = ("new", "old", "both")
-# Other fixed launch choices of the new kernel a run may time besides the default (FusedChoice fields).
+# Other fixed launch choices of the kernel a run may time besides the default (FusedChoice fields).
 CHOICES: dict[str, dict[str, int]] = {
     "chain4": {"max_chain_log2": 4},  # compare-select chain over register-held midpoints for k <= 4
     "global": {"max_shared_log2": 0},  # binary search read through L1 (the old search, new launch shape)
@@ -83,11 +80,8 @@ class Row:
     compile_frac_copy_bw: float | None
     bit_exact: bool | None
     compile_bit_exact: bool | None = None  # informational: inductor may round differently
-    old_ms: float | None = None  # --kernel both: the previous kernel
-    old_frac_copy_bw: float | None = None
     fused_eager_ms: float | None = None  # the fused kernel as eager calls (launch cost included)
-    old_bit_exact: bool | None = None
-    choice_ms: dict[str, float] | None = None  # --choices: the new kernel under other launch choices
+    choice_ms: dict[str, float] | None = None  # --choices: the kernel under other launch choices
     choice_bit_exact: bool | None = None  # all of them equal the reference
 
 
@@ -169,9 +163,7 @@ def _n_bytes(w: torch.Tensor) -> int:
     return 2 * w.numel() * w.element_size()
 
 
-def bench_config(
-    w: torch.Tensor, spec: QuantSpec, reps: int, copy_gbps: float, kernel: str = "new", choices: tuple = ()
-) -> Row:
+def bench_config(w: torch.Tensor, spec: QuantSpec, reps: int, copy_gbps: float, choices: tuple = ()) -> Row:
     """Time one (weight, spec) without torch.compile and check the fused kernel(s) against the reference."""
     device = w.device
     levels = levels_for(w, spec)
@@ -190,9 +182,7 @@ def bench_config(
     from kernels import triton_fused
 
     reference = ref_fn()
-    new_fn = functools.partial(triton_fused.fused_fake_quantize, w, spec, levels, False)
-    old_fn = functools.partial(triton_fused.fake_quantize_v1, w, spec, levels)
-    fused_fn = old_fn if kernel == "old" else new_fn
+    fused_fn = functools.partial(triton_fused.fused_fake_quantize, w, spec, levels, False)
     fused_ms = time_ms(fused_fn, reps, 2, device)
     row = replace(
         row, fused_ms=fused_ms, api_ms=time_ms(lambda: fake_quantize(w, spec), reps, 1, device, graph=False),
@@ -200,14 +190,8 @@ def bench_config(
         fused_frac_copy_bw=_frac(fused_ms, _n_bytes(w), copy_gbps),
         bit_exact=bool(torch.equal(fused_fn(), reference)),
     )  # fmt: skip
-    if kernel == "both":
-        old_ms = time_ms(old_fn, reps, 2, device)
-        row = replace(
-            row, old_ms=old_ms, old_frac_copy_bw=_frac(old_ms, _n_bytes(w), copy_gbps),
-            old_bit_exact=bool(torch.equal(old_fn(), reference)),
-        )  # fmt: skip
     if choices:
-        fns = {c: functools.partial(new_fn, choice=triton_fused.FusedChoice(**CHOICES[c])) for c in choices}
+        fns = {c: functools.partial(fused_fn, choice=triton_fused.FusedChoice(**CHOICES[c])) for c in choices}
         row = replace(
             row, choice_ms={c: time_ms(fn, reps, 2, device) for c, fn in fns.items()},
             choice_bit_exact=all(torch.equal(fn(), reference) for fn in fns.values()),
@@ -234,25 +218,21 @@ def _fmt(v: object, spec: str = ".3f") -> str:
 
 def exact(r: Row) -> bool | None:
     """Every kernel timed in the row equals the reference bit for bit (None: none was timed)."""
-    checks = [c for c in (r.bit_exact, r.old_bit_exact, r.choice_bit_exact) if c is not None]
+    checks = [c for c in (r.bit_exact, r.choice_bit_exact) if c is not None]
     return all(checks) if checks else None
 
 
 def format_table(rows: list[Row]) -> str:
-    """A Markdown table of the rows (old-kernel columns when any row has them)."""
-    with_old = any(r.old_ms is not None for r in rows)
+    """A Markdown table of the rows."""
     head = "| shape | dtype | bits | block | fused ms | eager ms | api ms | torch ms | compile ms | " \
            "fused/copy | torch/copy | compile/copy | bit-exact |"  # fmt: skip
-    head += " old ms | old/copy |" if with_old else ""
-    lines = [head, "|" + "---|" * (15 if with_old else 13)]
+    lines = [head, "|" + "---|" * 13]
     for r in rows:
         cells = [f"{r.shape[0]}x{r.shape[1]}", r.dtype, str(r.bits), str(r.block_size or "tensor"),
                  _fmt(r.fused_ms), _fmt(r.fused_eager_ms), _fmt(r.api_ms), _fmt(r.torch_ms),
                  _fmt(r.compile_ms),
                  _fmt(r.fused_frac_copy_bw, ".2f"), _fmt(r.torch_frac_copy_bw, ".2f"),
                  _fmt(r.compile_frac_copy_bw, ".2f"), _fmt(exact(r))]  # fmt: skip
-        if with_old:
-            cells += [_fmt(r.old_ms), _fmt(r.old_frac_copy_bw, ".2f")]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -273,10 +253,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--dtypes", default=",".join(DTYPES))
     p.add_argument("--bits", default=",".join(map(str, BITS)))
     p.add_argument("--no-compile", action="store_true", help="skip the torch.compile column")
-    p.add_argument(
-        "--kernel", choices=KERNELS, default="new", help="one-pass kernel(s) to time (old: previous)"
-    )
-    p.add_argument("--choices", default="", help=f"also time the new kernel with: {','.join(CHOICES)}")
+    p.add_argument("--choices", default="", help=f"also time the kernel with: {','.join(CHOICES)}")
     return p.parse_args(argv)
 
 
@@ -296,14 +273,14 @@ def main(argv: list[str] | None = None) -> int:
     copy_gbps = copy_bandwidth_gbps(device, reps=max(reps, 5))
     meta = {"device": device_name(device), "torch": torch.__version__, "triton": _triton_version(),
             "copy_gbps": copy_gbps, "reps": reps, "quick": args.quick,
-            "bytes_rule": "2 x numel x element size (bf16 read + written)", "kernel": args.kernel,
+            "bytes_rule": "2 x numel x element size (bf16 read + written)",
             "choices": {c: CHOICES[c] for c in choices}}  # fmt: skip
     print(f"device: {meta['device']}; copy bandwidth {copy_gbps:.1f} GB/s (read + write)", flush=True)
     rows: list[Row] = []
     grid = list(itertools.product(shapes, args.dtypes.split(","), map(int, args.bits.split(",")), BLOCKS))
     for shape, dtype, bits, block in grid:
         spec = QuantSpec(dtype, bits, block)
-        rows.append(bench_config(_weight(shape, device), spec, reps, copy_gbps, args.kernel, choices))
+        rows.append(bench_config(_weight(shape, device), spec, reps, copy_gbps, choices))
         print(".", end="", flush=True, file=sys.stderr)
         _write(args.out, meta, rows, time.perf_counter() - t_start)  # partial results survive a timeout
     for i, (shape, dtype, bits, block) in enumerate(grid):  # compile last: slow, and optional in --quick
@@ -326,9 +303,8 @@ def main(argv: list[str] | None = None) -> int:
 def summarize(rows: list[Row]) -> str:
     """Median (min) fraction of copy bandwidth per block size (all shapes, dtypes and bits), per kernel."""
     names = [f"choice {c}" for c in (rows[0].choice_ms or {})] if rows else []
-    with_old = any(r.old_ms is not None for r in rows)
     head = ["block", "fused/copy median (min)", "torch/copy median", "compile/copy median"]
-    head += ["old/copy median (min)"] * with_old + [f"{n}/copy median (min)" for n in names]
+    head += [f"{n}/copy median (min)" for n in names]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for block in BLOCKS:
         sel = [r for r in rows if r.block_size == block]
@@ -339,8 +315,6 @@ def summarize(rows: list[Row]) -> str:
             f"{statistics.median(r.torch_frac_copy_bw for r in sel):.2f}",
             _median_min([r.compile_frac_copy_bw for r in sel], with_min=False),
         ]
-        if with_old:
-            cells.append(_median_min([r.old_frac_copy_bw for r in sel]))
         for name in names:
             c = name.removeprefix("choice ")
             cells.append(_median_min([r.fused_frac_copy_bw * r.fused_ms / r.choice_ms[c] for r in sel

@@ -106,6 +106,13 @@ def plan_workers(cfg: RayConfig, resources: dict[str, float], n_jobs: int) -> Wo
     return WorkerPlan(count, options, cfg.cpus_per_worker, cfg.gpus_per_worker if gpus > 0 else 1)
 
 
+# Ray starts idle worker processes for tasks when a cluster starts (one per CPU); the workers here are
+# actors with their own runtime_env, which never take those, so on a local cluster they only compete
+# with the driver and the actors' start for the CPUs (2-core VM: Ray's start 6.0-7.2 -> 4.0-4.9 s, an
+# actor's 5.3-5.6 -> 4.1-4.2 s; `docs/benchmarks.md`, start-up).
+NO_PRESTART = {"prestart_worker_first_driver": False, "enable_worker_prestart": False}
+
+
 def connect(cfg: RayConfig) -> bool:
     """Start the embedded local cluster (address None) or join one; True if this call started Ray."""
     import ray
@@ -114,7 +121,7 @@ def connect(cfg: RayConfig) -> bool:
         return False
     kwargs: dict[str, Any] = {"include_dashboard": False, "log_to_driver": True}
     if cfg.address is None:
-        kwargs.update(num_cpus=cfg.num_cpus, num_gpus=cfg.num_gpus)
+        kwargs.update(num_cpus=cfg.num_cpus, num_gpus=cfg.num_gpus, _system_config=NO_PRESTART)
     if not os.environ.get("KBIT_VERBOSE"):  # token auth stays on (Ray's default); only its notice goes
         logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
     if threading.current_thread() is not threading.main_thread():  # `EarlyStart`: the caller keeps its

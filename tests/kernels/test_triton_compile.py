@@ -105,13 +105,3 @@ def test_two_pass_kernel_compiles_for_sm90() -> None:
         consts = {"TILE": 4096, "LOG2_LEVELS": log2_levels, "SEARCH": search, "STORE_OUT": True,
                   "STORE_CODES": False, "BF16_BY_HAND": False}  # fmt: skip
         _check(_ptx(_scaled_kernel, sig, consts), divides=False)  # 1 / absmax comes from torch
-
-
-def test_previous_kernel_compiles_for_sm90() -> None:
-    from kernels.triton_fused import _fused_blocks_kernel_v1
-
-    sig = {k: v for k, v in COMMON.items() if k != "codes_ptr"}
-    sig.update({"n_blocks": "i32", "block": "i32"})
-    sig.update(dict.fromkeys(["ROWS", "BLOCK_P2", "LOG2_LEVELS", "BF16_BY_HAND"], "constexpr"))
-    consts = {"ROWS": 64, "BLOCK_P2": 64, "LOG2_LEVELS": 4, "BF16_BY_HAND": False}
-    _check(_ptx(_fused_blocks_kernel_v1, sig, consts))

@@ -78,8 +78,6 @@ for k in range(1, 9):
         ref_codes, ref_absmax, _ = _codes_torch(x, spec, levels, check_finite=True)
         assert torch.equal(codes.int(), ref_codes.reshape(-1)[: x.numel()]), (k, block, torch_dtype)
         assert torch.equal(absmax, ref_absmax), (k, block)
-        if choice is small and torch_dtype == torch.bfloat16:  # the previous kernel agrees too
-            assert torch.equal(triton_fused.fake_quantize_v1(x, spec, levels), ref), (k, block)
         checked += 1
 
 # Blocks with absmax below 2^-64 (scaled by 2^64 first) and float32 subnormals. (Not bf16 subnormals:
