@@ -323,14 +323,18 @@ pending|startup)
     timeout 150 python3 benchmarks/bcq.py --device cuda --data-root .carry/data --out "$OUT/bcq-h200-pythia-410m.json" \
       >"$OUT/bcq.log" 2>&1; echo "bcq exit $?"; grep -v -i -E "warn|it/s\]" "$OUT/bcq.log" | tail -24
   fi
-  timeout $(($(left) - 25)) python3 benchmarks/startup.py --shape pythia-1.4b --data-root .carry/data \
-    --workdir /tmp/startup --out "$OUT/startup-h200.json" >"$OUT/startup.log" 2>&1; echo "startup exit $?"
-  tail -20 "$OUT/startup.log"
-  if [ -f .carry/prof_preflight.py ]; then  # a one-off profile of the driver's pre-flight (warm caches)
-    KBIT_CACHE=/tmp/startup/cache timeout 20 python3 .carry/prof_preflight.py -m model.name_or_path=/tmp/startup/model \
-      eval=paper_ladder eval.data_root=.carry/data quant.dtype=int quant.bits=3 results_root=/tmp/startup/prof \
-      >"$OUT/preflight-profile.txt" 2>&1; head -3 "$OUT/preflight-profile.txt"
+  if [ -f .carry/prof_preflight.py ]; then  # a one-off profile of the driver's pre-flight, cold then warm
+    python3 -c "import sys; sys.path.insert(0, '.'); from pathlib import Path; from benchmarks.evaluation import build_model
+build_model('tiny', Path('/tmp/prof/model'), 'cuda', Path('.carry/data'))" >/dev/null 2>&1
+    for run in cold warm; do
+      KBIT_CACHE=/tmp/prof/cache timeout 30 python3 .carry/prof_preflight.py -m model.name_or_path=/tmp/prof/model \
+        eval=paper_ladder eval.data_root=.carry/data quant.dtype=int quant.bits=3 results_root=/tmp/prof/results \
+        >"$OUT/preflight-profile-$run.txt" 2>&1; head -1 "$OUT/preflight-profile-$run.txt"
+    done
   fi
+  SHAPE=${SHAPE:-pythia-1.4b}
+  timeout $(($(left) - 5)) python3 benchmarks/startup.py --shape $SHAPE --data-root .carry/data \
+    --out "$OUT/startup-h200-$SHAPE.json" >"$OUT/startup.log" 2>&1; echo "startup exit $?"; tail -24 "$OUT/startup.log"
   ;;
 *) echo "unknown phase $phase; use study, resume, final, after, tune, retuned, heldout, compile, gptq, gptq-study, gptq-1.4b, pending or startup" >&2; exit 2 ;;
 esac
