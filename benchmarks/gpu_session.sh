@@ -323,15 +323,14 @@ pending|startup)
     timeout 150 python3 benchmarks/bcq.py --device cuda --data-root .carry/data --out "$OUT/bcq-h200-pythia-410m.json" \
       >"$OUT/bcq.log" 2>&1; echo "bcq exit $?"; grep -v -i -E "warn|it/s\]" "$OUT/bcq.log" | tail -24
   fi
-  if [ -f .carry/prof_preflight.py ]; then  # a one-off profile of the driver's pre-flight, cold then warm
-    python3 -c "import sys; sys.path.insert(0, '.'); from pathlib import Path; from benchmarks.evaluation import build_model
+  # the driver's pre-flight on this host, cold then warm (benchmarks/preflight_profile.py), on a tiny model
+  python3 -c "import sys; sys.path.insert(0, '.'); from pathlib import Path; from benchmarks.evaluation import build_model
 build_model('tiny', Path('/tmp/prof/model'), 'cuda', Path('.carry/data'))" >/dev/null 2>&1
-    for run in cold warm; do
-      KBIT_CACHE=/tmp/prof/cache timeout 30 python3 .carry/prof_preflight.py -m model.name_or_path=/tmp/prof/model \
-        eval=paper_ladder eval.data_root=.carry/data quant.dtype=int quant.bits=3 results_root=/tmp/prof/results \
-        >"$OUT/preflight-profile-$run.txt" 2>&1; head -1 "$OUT/preflight-profile-$run.txt"
-    done
-  fi
+  for run in cold warm; do
+    KBIT_CACHE=/tmp/prof/cache timeout 60 python3 benchmarks/preflight_profile.py --out "$OUT/preflight-$run.json" -- \
+      -m model.name_or_path=/tmp/prof/model eval=paper_ladder eval.data_root=.carry/data quant.dtype=int quant.bits=3 \
+      >"$OUT/preflight-$run.log" 2>&1; grep -v INFO "$OUT/preflight-$run.log" | head -12
+  done
   SHAPE=${SHAPE:-pythia-1.4b}
   timeout $(($(left) - 5)) python3 benchmarks/startup.py --shape $SHAPE --data-root .carry/data \
     --out "$OUT/startup-h200-$SHAPE.json" >"$OUT/startup.log" 2>&1; echo "startup exit $?"; tail -24 "$OUT/startup.log"

@@ -64,6 +64,22 @@ def _cached_sha256(path: str, size: int, mtime_ns: int, inode: int) -> str:
     return digest
 
 
+def config_fact_entry(config_json: Path, kind: str, *parts: str) -> Path | None:
+    """The cache file `$KBIT_CACHE/<kind>/<sha256>.json` of a fact derived from a model's config.json
+    alone (its shape, whether it is a causal LM): keyed by the file's bytes, `parts` (the settings and
+    code version the fact depends on) and transformers' version (its classes define the model); None if
+    the config cannot be read. Lets a rerun's pre-flight skip importing transformers' modeling code."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        text = config_json.read_bytes()
+        library = version("transformers")
+    except (OSError, PackageNotFoundError):
+        return None
+    key = hashlib.sha256(b"\0".join([text, library.encode(), *(p.encode() for p in parts)])).hexdigest()
+    return cache_base() / kind / f"{key}.json"
+
+
 def store_text(entry: Path, text: str) -> None:
     """Write `text` to the cache entry `entry` atomically; a cache entry that cannot be written only
     costs the work again next time."""

@@ -349,7 +349,7 @@ def choose_snapshot(
 def model_shape(name_or_path: str, torch_dtype: str, on_cuda: bool) -> ModelShape | None:
     """The shape of a local model folder or a hub id in the hub cache, from its config alone (None: no
     config here, e.g. a ladder not trained yet, or an unreadable one). Cached on disk by the config's
-    bytes (`_shape_entry`), so a rerun's pre-flight imports no modeling code."""
+    bytes (`fingerprint.config_fact_entry`), so a rerun's pre-flight imports no modeling code."""
     from pipeline.hub import HUB_ID, cached_snapshot
 
     folder = Path(name_or_path).expanduser()
@@ -359,7 +359,11 @@ def model_shape(name_or_path: str, torch_dtype: str, on_cuda: bool) -> ModelShap
         if cached is None or not (cached / "config.json").is_file():
             return None
         folder = cached
-    entry = _shape_entry(folder / "config.json", torch_dtype, on_cuda)
+    from pipeline.fingerprint import config_fact_entry
+
+    entry = config_fact_entry(
+        folder / "config.json", SHAPE_CACHE, torch_dtype, str(on_cuda), str(SHAPE_CACHE_VERSION)
+    )
     if entry is not None and (shape := _load_shape(entry)) is not None:
         return shape
     from transformers import AutoConfig
@@ -380,26 +384,6 @@ def model_shape(name_or_path: str, torch_dtype: str, on_cuda: bool) -> ModelShap
 
 SHAPE_CACHE = "shapes"  # under `fingerprint.cache_base()`
 SHAPE_CACHE_VERSION = 1  # bump when `shape_of` counts differently
-
-
-def _shape_entry(config_json: Path, torch_dtype: str, on_cuda: bool) -> Path | None:
-    """The cache file of a config's shape: keyed by the config's bytes, the dtype setting, the device
-    kind, transformers' version (its modules define the parameters) and `SHAPE_CACHE_VERSION`; None if
-    the config cannot be read."""
-    import hashlib
-    from importlib.metadata import PackageNotFoundError, version
-
-    from pipeline.fingerprint import cache_base
-
-    try:
-        text = config_json.read_bytes()
-        library = version("transformers")
-    except (OSError, PackageNotFoundError):
-        return None
-    key = hashlib.sha256(
-        text + f"\0{torch_dtype}\0{on_cuda}\0{library}\0{SHAPE_CACHE_VERSION}".encode()
-    ).hexdigest()
-    return cache_base() / SHAPE_CACHE / f"{key}.json"
 
 
 def _load_shape(entry: Path) -> ModelShape | None:

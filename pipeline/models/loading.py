@@ -89,7 +89,21 @@ def check_local_model(path: Path, ref: ModelRef) -> None:
         raise ValueError(
             f"model directory {name!r} has a config but no weights (*.safetensors or pytorch_model*.bin)"
         )
+    if ref.gguf_file:  # the config is inside the GGUF file
+        _check_causal(name, lambda: _auto_config(str(path), ref, local_files_only=True))
+        return
+    from pipeline.fingerprint import config_fact_entry, store_text
+
+    entry = config_fact_entry(path / "config.json", CAUSAL_CACHE, str(CAUSAL_CACHE_VERSION))
+    if entry is not None and entry.is_file():
+        return  # this config passed before, with this transformers version
     _check_causal(name, lambda: _auto_config(str(path), ref, local_files_only=True))
+    if entry is not None:
+        store_text(entry, '"causal"')
+
+
+CAUSAL_CACHE = "causal"  # configs found to be causal LMs, under `fingerprint.cache_base()`
+CAUSAL_CACHE_VERSION = 1  # bump when `not_causal_reason` changes
 
 
 def check_hub_model(ref: ModelRef) -> None:

@@ -156,3 +156,37 @@ def test_nvml_totals_are_cudas_within_two_percent():
     cuda = [torch.cuda.get_device_properties(i).total_memory for i in range(torch.cuda.device_count())]
     assert totals is not None and len(totals) == len(cuda)
     assert all(abs(t - c) <= 0.02 * c for t, c in zip(totals, cuda, strict=True)), (totals, cuda)
+
+
+def test_a_models_shape_and_causal_verdict_are_cached_by_its_config(tiny_model_dir, tmp_path, monkeypatch):
+    import shutil
+
+    import pipeline.memplan as memplan
+    from pipeline.models import loading
+    from pipeline.specs import ModelRef
+
+    monkeypatch.setenv("KBIT_CACHE", str(tmp_path / "cache"))
+    folder = tmp_path / "model"
+    shutil.copytree(tiny_model_dir, folder)
+    memplan.model_shape.cache_clear()
+    first = memplan.model_shape(str(folder), "auto", False)
+    loading.check_local_model(folder, ModelRef(str(folder)))
+    assert first is not None and first.n_layers == 2
+
+    def no_modeling_code(*args, **kwargs):
+        raise AssertionError("read the config with transformers again")
+
+    monkeypatch.setattr(memplan, "meta_shape", no_modeling_code)
+    monkeypatch.setattr(loading, "_auto_config", no_modeling_code)
+    memplan.model_shape.cache_clear()
+    assert memplan.model_shape(str(folder), "auto", False) == first  # from the disk cache
+    loading.check_local_model(folder, ModelRef(str(folder)))  # passed before: not checked again
+
+    config = folder / "config.json"
+    config.write_text(config.read_text().replace('"num_hidden_layers": 2', '"num_hidden_layers": 3'))
+    memplan.model_shape.cache_clear()
+    with pytest.raises(AssertionError, match="transformers again"):  # a changed config is a miss
+        memplan.model_shape(str(folder), "auto", False)
+    with pytest.raises(AssertionError, match="transformers again"):
+        loading.check_local_model(folder, ModelRef(str(folder)))
+    memplan.model_shape.cache_clear()

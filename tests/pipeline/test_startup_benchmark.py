@@ -4,6 +4,7 @@ the worker's start-up lines (the second sweep's Evaluator loads its texts and ta
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -51,3 +52,20 @@ def test_startup_benchmark_tiny_cpu(tmp_path, data_root):
     cold, warm = (result["runs"][name]["phases"]["evaluator_build"]["cache"] for name in ("cold", "warm"))
     assert cold == "wikitext2:miss,tasks:miss" and warm == "wikitext2:hit,tasks:hit"
     assert result["runs"]["cold"]["phases"]["first_job"]["status"] == "ok"
+
+
+def test_preflight_profile_times_and_profiles_the_checks(tiny_model_dir, tmp_path, data_root):
+    out = tmp_path / "preflight.json"
+    command = [
+        sys.executable, "benchmarks/preflight_profile.py", "--top", "5", "--out", str(out), "--",
+        "-m", f"model.name_or_path={tiny_model_dir}", "eval.tasks=[]", f"eval.data_root={data_root}",
+        "quant.dtype=int", "quant.bits=3,4", f"results_root={tmp_path / 'results'}",
+    ]  # fmt: skip
+    env = {**os.environ, "KBIT_CACHE": str(tmp_path / "cache")}
+    done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(out.read_text())
+    assert set(result["steps"]) == {"import_s", "expand_s", "preflight_s"}
+    assert len(result["top"]) == 5 and any("check_cells" in r["function"] for r in result["top"])
+    assert "| cumulative s |" in done.stdout
+    assert not (tmp_path / "results").exists()  # pre-flight writes no result
