@@ -1,4 +1,5 @@
-"""The remaining bad inputs: each gets one clear message before anything runs (before a worker starts; run-wide settings before Ray starts)."""
+"""The remaining bad inputs: each gets one clear message before anything runs (before a worker starts;
+run-wide settings before Ray starts)."""
 
 from __future__ import annotations
 
