@@ -71,7 +71,8 @@ def bench_dispatch(n_jobs: int, results_root: Path) -> dict[str, float]:
     """Seconds per driver phase for a paper-grid sweep of about `n_jobs` jobs (no-op workers)."""
     import ray
 
-    from pipeline.dispatch import plan_workers, run_jobs, start_workers
+    from pipeline.cluster import plan_workers, start_workers
+    from pipeline.dispatch import run_jobs
     from pipeline.jobs import build_jobs
     from pipeline.progress import Progress
     from pipeline.run import Plan, Settings, preflight, select_jobs
@@ -152,7 +153,8 @@ def bench_overhead(device: str, n_jobs: int, quick: bool, work: Path) -> dict[st
     import ray
     import torch
 
-    from pipeline.dispatch import plan_workers, run_jobs, start_workers
+    from pipeline.cluster import plan_workers, start_workers
+    from pipeline.dispatch import run_jobs
     from pipeline.progress import Progress
     from pipeline.results import load_results
     from pipeline.run import plan_run

@@ -51,7 +51,7 @@ from pipeline.startup import PhaseClock
 from pipeline.sweep import ConfigError, expand, plan_sweep
 
 if TYPE_CHECKING:
-    from pipeline.dispatch import EarlyStart
+    from pipeline.cluster import EarlyStart
 
 log = logging.getLogger(__name__)
 
@@ -337,7 +337,7 @@ def start_early(cells: Sequence[Config]) -> EarlyStart | None:
         or any(results_problems(root, s, False) for s in studies)
     ):
         return None
-    from pipeline.dispatch import EarlyStart
+    from pipeline.cluster import EarlyStart
 
     if first.verbose:  # read by every worker (pipeline.evals.lmeval.verbose): set before Ray starts
         os.environ["KBIT_VERBOSE"] = "1"

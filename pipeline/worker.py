@@ -203,7 +203,7 @@ def build_facts(evaluator: Any) -> dict[str, str]:
 
 
 # What a worker's first job would import; imported when the worker starts instead, which (with
-# `dispatch.EarlyStart`) is while the driver still plans. Not lm_eval.models.huggingface (HFLM, 4.6-6.4 s
+# `cluster.EarlyStart`) is while the driver still plans. Not lm_eval.models.huggingface (HFLM, 4.6-6.4 s
 # on one H200 host, ninth session): `scorer=auto` takes it only for an architecture the fast scorer
 # does not support, and imports it then.
 JOB_MODULES = (

@@ -6,8 +6,8 @@ import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+from pipeline.cluster import plan_workers
 from pipeline.config import RayConfig, load_config
-from pipeline.dispatch import plan_workers
 from pipeline.jobs import build_jobs
 from pipeline.memplan import GIB, describe_jobs
 from pipeline.preflight import memory_problems, ray_problems

@@ -1,12 +1,12 @@
-"""`dispatch.EarlyStart`: Ray and the workers started on a thread while the driver plans, and undone;
+"""`cluster.EarlyStart`: Ray and the workers started on a thread while the driver plans, and undone;
 the workers only once pre-flight has passed."""
 
 from __future__ import annotations
 
 import pytest
 
+from pipeline.cluster import EarlyStart
 from pipeline.config import RayConfig
-from pipeline.dispatch import EarlyStart
 
 
 @pytest.mark.slow
@@ -42,17 +42,17 @@ def test_a_run_that_needs_no_ray_starts_none(tmp_path):
 def test_bad_input_starts_no_worker_and_stops_ray(tmp_path, capsys, monkeypatch):
     import ray
 
-    import pipeline.dispatch as dispatch
+    import pipeline.cluster as cluster
     from pipeline.run import main
 
-    made: list[dispatch.EarlyStart] = []
+    made: list[cluster.EarlyStart] = []
 
-    class Recorded(dispatch.EarlyStart):  # the real start, kept
+    class Recorded(cluster.EarlyStart):  # the real start, kept
         def __init__(self, *args, **kwargs) -> None:
             super().__init__(*args, **kwargs)
             made.append(self)
 
-    monkeypatch.setattr(dispatch, "EarlyStart", Recorded)
+    monkeypatch.setattr(cluster, "EarlyStart", Recorded)
     if ray.is_initialized():
         ray.shutdown()
     code = main(["-m", f"results_root={tmp_path}", "eval.tasks=[]", "quant.dtype=int", "quant.bits=1"])

@@ -8,8 +8,9 @@ from pathlib import Path
 
 import pytest
 
+from pipeline.cluster import plan_workers
 from pipeline.config import RayConfig, load_config, replace_path
-from pipeline.dispatch import Scheduler, plan_workers
+from pipeline.dispatch import Scheduler
 from pipeline.jobs import KEY_VERSION, Job, ModelSource, build_jobs, group_by_model
 from pipeline.progress import Progress, format_duration
 from pipeline.recipe import BASELINE

@@ -18,7 +18,8 @@ from pathlib import Path
 import pytest
 from ray.exceptions import OutOfMemoryError
 
-from pipeline.dispatch import WorkerPlan, run_jobs, start_workers
+from pipeline.cluster import WorkerPlan, start_workers
+from pipeline.dispatch import run_jobs
 from pipeline.pool import death_error
 from pipeline.progress import Progress
 from pipeline.results import STATUS_FAILED, STATUS_OK, load_results
