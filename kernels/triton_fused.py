@@ -11,8 +11,7 @@ loads; below them the probes and the value lookup read a per-program copy of the
 keeps in shared memory (k <= 8; midpoints sorted up to 2^5 entries, in Eytzinger order above that so a
 level's probes do not collide in one bank); larger codebooks (up to 2^16) are read from global memory.
 `FusedChoice` also offers a compare-select chain over midpoints held in registers (no lookups at all),
-which costs 2 x (2^k - 1) instructions per value, and a bucketed search for large codebooks (see
-`_nearest_code_bucket`): fixed choices, compared by the benchmark, no autotuning.
+which costs 2 x (2^k - 1) instructions per value: fixed choices, compared by the benchmark, no autotuning.
 Programs that cover only whole blocks run without masks (one launch); a second, masked launch takes the
 tail. Offsets inside a program are int32 from an int64 base pointer, so address arithmetic stays cheap;
 one NaN-propagating max gives both the absmax and the non-finite flag.
@@ -60,24 +59,17 @@ class FusedChoice:
             values a program) beat 8 at every bit width and block size on one H200 (ninth session,
             `benchmarks/quantize_kernels.py --quick --choices w4`: 3 bits 0.078 -> 0.074 ms, 8 bits 0.166
             -> 0.145 ms on 8192x8192).
-        bucket_from_log2: codebooks of 2^k entries with this <= k <= min(max_shared_log2, 8) use the
-            bucketed search where `bucket_table` finds a table for them (0: never).
     """
 
     max_chain_log2: int = 0
     max_shared_log2: int = 8
     values_per_thread: int = 16
     num_warps: int = 4
-    bucket_from_log2: int = 0
 
 
 DEFAULT_CHOICE = FusedChoice()
 SEARCH_CHAIN, SEARCH_SHARED, SEARCH_GLOBAL = tl.constexpr(0), tl.constexpr(1), tl.constexpr(2)
-SEARCH_BUCKET = tl.constexpr(3)
 EYTZINGER_FROM_LOG2 = tl.constexpr(6)  # the shared-memory search reads larger codebooks in Eytzinger order
-BUCKET_MAX_LEVELS_LOG2 = 8  # the bucketed search takes codebooks of up to 2^8 entries (uint8 starts)
-MAX_BUCKETS_LOG2 = 11  # buckets per sign: tables of <= 4096 entries (bytes), copied by every program
-MAX_WINDOW = 4  # a bucketed search comparing more midpoints than this falls back to the binary search
 
 
 @triton.jit
@@ -132,47 +124,15 @@ def _nearest_code_shared(xn, table_ptr, LOG2_LEVELS: tl.constexpr):
 
 
 @triton.jit
-def _bucket(xn, BUCKET_SHIFT: tl.constexpr, BUCKET_FIRST: tl.constexpr, BUCKET_LOG2: tl.constexpr):
-    # xn's bucket (see `Buckets`; `bucket_index` is the torch mirror). A float's bits rise with it, so
-    # clamped to [bucket 0's lowest float, 1.0], |xn|'s bits >> SHIFT (exponent and top mantissa bits)
-    # minus FIRST count the buckets below. min and max keep the number of a NaN (PTX min/max, minnumf),
-    # so NaN goes to the top bucket; `xn >= 0` is false for it, so it takes the negative top bucket, whose
-    # start is 0: NaN's code, as compares say. Negative xn: the bits flipped, table order (2P - 1 - local).
-    low = tl.full([], BUCKET_FIRST << BUCKET_SHIFT, tl.int32).to(tl.float32, bitcast=True)
-    magnitude = tl.maximum(tl.minimum(tl.abs(xn), 1.0), low)
-    local = (magnitude.to(tl.int32, bitcast=True) >> BUCKET_SHIFT) - BUCKET_FIRST
-    return tl.where(xn >= 0, local, local ^ ((2 << BUCKET_LOG2) - 1))
-
-
-@triton.jit
-def _nearest_code_bucket(
-    xn, mids_ptr, starts_ptr, LOG2_LEVELS: tl.constexpr, BUCKET_SHIFT: tl.constexpr,
-    BUCKET_FIRST: tl.constexpr, BUCKET_LOG2: tl.constexpr, WINDOW: tl.constexpr,
-):  # fmt: skip
-    # #(mids < xn) over sorted mids: a table gives start = #(mids below xn's bucket) (clamped to at most
-    # 2^k - WINDOW), and at most WINDOW mids lie between it and xn (`bucket_table` computes both from the
-    # mids), so WINDOW of the reference's own compares count the rest. Both tables sit in shared memory.
-    starts = tl.load(starts_ptr + tl.arange(0, 2 << BUCKET_LOG2))
-    mids = tl.load(mids_ptr + tl.arange(0, 1 << LOG2_LEVELS))
-    start = tl.gather(starts, _bucket(xn, BUCKET_SHIFT, BUCKET_FIRST, BUCKET_LOG2), 0).to(tl.int32)
-    code = start
-    for j in tl.static_range(WINDOW):
-        code += (tl.gather(mids, start + j, 0) < xn).to(tl.int32)
-    return code
-
-
-@triton.jit
 def _nearest(
-    xn, mids_ptr, values_ptr, starts_ptr,
+    xn, mids_ptr, values_ptr,
     LOG2_LEVELS: tl.constexpr, SEARCH: tl.constexpr, STORE_OUT: tl.constexpr, STORE_CODES: tl.constexpr,
-    BUCKET_SHIFT: tl.constexpr, BUCKET_FIRST: tl.constexpr, BUCKET_LOG2: tl.constexpr, WINDOW: tl.constexpr,
 ):  # fmt: skip
     # (code, codebook[code]) of a 1-D xn with code = #(mids < xn); each only when its STORE_* flag is set.
     # SEARCH_CHAIN: the mids are sorted, so `mids[j] < xn` holds exactly for j < code: walking j upward,
     # the last select that fires is j = code - 1 and leaves values[code] (values[0] if none fires). The
     # 2^k - 1 compares are the reference's own float32 compares; mids[2^k - 1] is always +inf padding.
-    # The binary searches make the same compares in another order (k probes; see `_nearest_code`), the
-    # bucketed search a few of them after a table lookup.
+    # The binary searches make the same compares in another order (k probes; see `_nearest_code`).
     code = tl.zeros(xn.shape, tl.int32)
     value = tl.zeros(xn.shape, tl.float32)
     if SEARCH == SEARCH_CHAIN:
@@ -184,19 +144,14 @@ def _nearest(
                 value = tl.where(above, tl.load(values_ptr + (j + 1)), value)
             if STORE_CODES:
                 code = tl.where(above, j + 1, code)
-    elif SEARCH == SEARCH_GLOBAL:
+    elif SEARCH == SEARCH_SHARED:
+        code = _nearest_code_shared(xn, mids_ptr, LOG2_LEVELS)
+        if STORE_OUT:
+            value = tl.gather(tl.load(values_ptr + tl.arange(0, 1 << LOG2_LEVELS)), code, 0)
+    else:
         code = _nearest_code(xn, mids_ptr, LOG2_LEVELS)
         if STORE_OUT:
             value = tl.load(values_ptr + code)
-    else:  # SEARCH_SHARED or SEARCH_BUCKET: the codebook in shared memory
-        if SEARCH == SEARCH_SHARED:
-            code = _nearest_code_shared(xn, mids_ptr, LOG2_LEVELS)
-        else:
-            code = _nearest_code_bucket(
-                xn, mids_ptr, starts_ptr, LOG2_LEVELS, BUCKET_SHIFT, BUCKET_FIRST, BUCKET_LOG2, WINDOW
-            )
-        if STORE_OUT:
-            value = tl.gather(tl.load(values_ptr + tl.arange(0, 1 << LOG2_LEVELS)), code, 0)
     return code, value
 
 
@@ -220,11 +175,10 @@ def _max_nan(a, b):
 
 @triton.jit
 def _fused_blocks_kernel(
-    x_ptr, out_ptr, codes_ptr, absmax_ptr, values_ptr, mids_ptr, starts_ptr, n, first_row,
+    x_ptr, out_ptr, codes_ptr, absmax_ptr, values_ptr, mids_ptr, n, first_row,
     BLOCK: tl.constexpr, ROWS: tl.constexpr, BLOCK_P2: tl.constexpr, LOG2_LEVELS: tl.constexpr,
     SEARCH: tl.constexpr, MASKED: tl.constexpr, STORE_OUT: tl.constexpr, STORE_CODES: tl.constexpr,
-    BF16_BY_HAND: tl.constexpr, BUCKET_SHIFT: tl.constexpr, BUCKET_FIRST: tl.constexpr,
-    BUCKET_LOG2: tl.constexpr, WINDOW: tl.constexpr,
+    BF16_BY_HAND: tl.constexpr,
 ):  # fmt: skip
     row0 = first_row + tl.program_id(0).to(tl.int64) * ROWS
     base = row0 * BLOCK  # int64: the pointers move once per program, offsets below are int32
@@ -248,9 +202,8 @@ def _fused_blocks_kernel(
         xn = x * inv[:, None]
     # 1-D for tl.gather (a row-major reshape: the same values in the same places), then back.
     code, value = _nearest(
-        tl.reshape(xn, [ROWS * BLOCK_P2]), mids_ptr, values_ptr, starts_ptr, LOG2_LEVELS, SEARCH, STORE_OUT,
-        STORE_CODES, BUCKET_SHIFT, BUCKET_FIRST, BUCKET_LOG2, WINDOW,
-    )  # fmt: skip
+        tl.reshape(xn, [ROWS * BLOCK_P2]), mids_ptr, values_ptr, LOG2_LEVELS, SEARCH, STORE_OUT, STORE_CODES
+    )
     code, value = tl.reshape(code, [ROWS, BLOCK_P2]), tl.reshape(value, [ROWS, BLOCK_P2])
     if STORE_OUT:
         y = _cast_out(value * absmax[:, None], out_ptr, BF16_BY_HAND)
@@ -272,10 +225,9 @@ def _fused_blocks_kernel(
 
 @triton.jit
 def _scaled_kernel(
-    x_ptr, out_ptr, codes_ptr, absmax_ptr, inv_ptr, values_ptr, mids_ptr, starts_ptr, n, block,
+    x_ptr, out_ptr, codes_ptr, absmax_ptr, inv_ptr, values_ptr, mids_ptr, n, block,
     TILE: tl.constexpr, LOG2_LEVELS: tl.constexpr, SEARCH: tl.constexpr, STORE_OUT: tl.constexpr,
-    STORE_CODES: tl.constexpr, BF16_BY_HAND: tl.constexpr, BUCKET_SHIFT: tl.constexpr,
-    BUCKET_FIRST: tl.constexpr, BUCKET_LOG2: tl.constexpr, WINDOW: tl.constexpr,
+    STORE_CODES: tl.constexpr, BF16_BY_HAND: tl.constexpr,
 ):  # fmt: skip
     offs = tl.program_id(0).to(tl.int64) * TILE + tl.arange(0, TILE)
     mask = offs < n
@@ -284,10 +236,7 @@ def _scaled_kernel(
     inv = tl.load(inv_ptr + offs // block, mask=mask, other=1.0)  # torch's IEEE 1 / (absmax * scale)
     scale = tl.where(absmax < TINY_ABSMAX, TINY_SCALE, 1.0)
     xn = (x * scale) * inv
-    code, value = _nearest(
-        xn, mids_ptr, values_ptr, starts_ptr, LOG2_LEVELS, SEARCH, STORE_OUT, STORE_CODES, BUCKET_SHIFT,
-        BUCKET_FIRST, BUCKET_LOG2, WINDOW,
-    )  # fmt: skip
+    code, value = _nearest(xn, mids_ptr, values_ptr, LOG2_LEVELS, SEARCH, STORE_OUT, STORE_CODES)
     if STORE_OUT:
         tl.store(out_ptr + offs, _cast_out(value * absmax, out_ptr, BF16_BY_HAND), mask=mask)
     if STORE_CODES:
@@ -329,14 +278,9 @@ def fused_launches(n: int, block: int, rows: int) -> list[tuple[int, int, bool]]
 
 
 def search_kind(log2_levels: int, choice: FusedChoice) -> int:
-    """SEARCH_CHAIN, SEARCH_BUCKET, SEARCH_SHARED or SEARCH_GLOBAL for 2^log2_levels (padded) entries.
-
-    SEARCH_BUCKET falls back to SEARCH_SHARED where `bucket_table` finds no table (see `_flags`).
-    """
+    """SEARCH_CHAIN, SEARCH_SHARED or SEARCH_GLOBAL for a codebook of 2^log2_levels (padded) entries."""
     if log2_levels <= choice.max_chain_log2:
         return SEARCH_CHAIN.value
-    if 0 < choice.bucket_from_log2 <= log2_levels <= min(choice.max_shared_log2, BUCKET_MAX_LEVELS_LOG2):
-        return SEARCH_BUCKET.value
     return SEARCH_SHARED.value if log2_levels <= choice.max_shared_log2 else SEARCH_GLOBAL.value
 
 
@@ -367,111 +311,15 @@ def _padded_values(levels: Levels) -> Tensor:
     return torch.cat([values, values[-1:].expand(size - values.numel())]) if values.numel() < size else values
 
 
-@dataclass(frozen=True)
-class Buckets:
-    """How the bucketed search splits float32 xn by its bits (`bucket_index`; in the kernel `_bucket`).
-
-    Per sign, 2^log2_buckets buckets of |xn|: one for every 2^-mantissa_bits of each power-of-two interval
-    below 1.0 (the top M mantissa bits and the exponent), one for [1, +inf], and bucket 0 for everything
-    below the lowest interval the others reach. The table lists the positive buckets by rising |xn|, then
-    the negative ones by rising xn (a rotation of their order by xn).
-    """
-
-    mantissa_bits: int
-    log2_buckets: int
-
-    @property
-    def shift(self) -> int:
-        """Bits of |xn| below the mantissa bits kept."""
-        return 23 - self.mantissa_bits
-
-    @property
-    def first(self) -> int:
-        """|xn|'s bits >> shift in bucket 0's lowest interval; bucket 2^log2_buckets - 2 then ends at 1.0."""
-        return (127 << self.mantissa_bits) - (1 << self.log2_buckets) + 1
-
-
-@dataclass(frozen=True, eq=False)
-class BucketTable:
-    """The bucketed search's first guess for one codebook (see `_nearest_code_bucket`).
-
-    Attributes:
-        buckets: the bucket geometry.
-        starts: uint8 [2 x 2^log2_buckets] on the codebook's device, in `Buckets` order: per bucket,
-            #(mids < its smallest float), at most 2^k - window (mids[2^k - 1] is +inf: codes stay < 2^k).
-        window: J, the most midpoints between a bucket's start and any xn in it (0 <= code - start <= J).
-    """
-
-    buckets: Buckets
-    starts: Tensor
-    window: int
-
-
-def bucket_index(xn: Tensor, buckets: Buckets) -> Tensor:
-    """The kernel's bucket (`_bucket`) of each float32 xn, with the same steps (NaN: min and max keep
-    the number, as PTX's min/max do)."""
-    low = torch.tensor(buckets.first << buckets.shift, dtype=torch.int32).view(torch.float32)
-    magnitude = torch.fmax(torch.fmin(xn.abs(), torch.ones(())), low)
-    local = (magnitude.view(torch.int32) >> buckets.shift) - buckets.first
-    return torch.where(xn >= 0, local, local ^ ((2 << buckets.log2_buckets) - 1))
-
-
-def bucket_bounds(buckets: Buckets) -> tuple[Tensor, Tensor]:
-    """The smallest and the largest float32 (not NaN) of each bucket in `Buckets` order: float32 [2 x
-    2^log2_buckets] each (-0.0 counts as the smallest float of the positive bucket 0)."""
-    step = 1 << buckets.shift
-    lowest = (buckets.first + torch.arange(1 << buckets.log2_buckets, dtype=torch.int64)) * step
-    low, high = lowest.clone(), lowest + step - 1
-    low[0], high[-1] = 0, 0x7F800000  # bucket 0 from +0, the top bucket up to +inf
-    low, high = low.to(torch.int32).view(torch.float32), high.to(torch.int32).view(torch.float32)
-    return torch.cat([low, -high.flip(0)]), torch.cat([high, -low.flip(0)])
-
-
-def _starts_and_window(mids: Tensor, buckets: Buckets) -> tuple[Tensor, int]:
-    """(#(mids < each bucket's smallest float), the most mids any bucket holds below its largest float)."""
-    smallest, largest = bucket_bounds(buckets)
-    first, last = torch.searchsorted(mids, smallest), torch.searchsorted(mids, largest)  # #(mids < v)
-    return first, int((last - first).max())
-
-
-@functools.lru_cache(maxsize=64)
-def bucket_table(levels: Levels) -> BucketTable | None:
-    """The bucket table with the smallest window, then the fewest entries, for these levels.
-
-    None if every table of at most 2 x 2^MAX_BUCKETS_LOG2 entries needs a window over MAX_WINDOW (e.g.
-    a quantile codebook with many equal values). Cached per Levels object, as `eytzinger_mids` is; the
-    choice reads the mids on the host: one device-to-host copy per new codebook on a GPU (~10 ms).
-    """
-    mids = levels.mids.cpu()
-    # Geometries whose buckets cover at least [1/2, 1] (2^M of them); fewer leave most mids in bucket 0.
-    geometries = [Buckets(m, p) for p in range(1, MAX_BUCKETS_LOG2 + 1) for m in range(p)]
-    geometries = [g for g in geometries if g.first >= 0]  # bucket 0 starts at |xn| = 0
-    windows = {g: _starts_and_window(mids, g)[1] for g in geometries}
-    buckets = min(geometries, key=lambda g: (windows[g], g.log2_buckets, g.mantissa_bits))
-    window = windows[buckets]
-    if window > MAX_WINDOW:
-        return None
-    starts = _starts_and_window(mids, buckets)[0].clamp(max=mids.numel() - window)
-    return BucketTable(buckets, starts.to(torch.uint8).to(levels.mids.device), window)
-
-
 def _flags(x: Tensor, levels: Levels, store_out: bool, store_codes: bool, choice: FusedChoice) -> dict:
     log2_levels = levels.mids.numel().bit_length() - 1
     assert levels.mids.numel() == 1 << log2_levels and levels.mids.device == x.device
-    search = search_kind(log2_levels, choice)
-    table = bucket_table(levels) if search == SEARCH_BUCKET.value else None
-    if search == SEARCH_BUCKET.value and table is None:
-        search = SEARCH_SHARED.value
     return {
         "LOG2_LEVELS": log2_levels,
-        "SEARCH": search,
+        "SEARCH": search_kind(log2_levels, choice),
         "STORE_OUT": store_out,
         "STORE_CODES": store_codes,
         "BF16_BY_HAND": x.dtype == torch.bfloat16 and os.environ.get("TRITON_INTERPRET") == "1",
-        "BUCKET_SHIFT": table.buckets.shift if table else 0,  # 0s: one variant for the other searches
-        "BUCKET_FIRST": table.buckets.first if table else 0,
-        "BUCKET_LOG2": table.buckets.log2_buckets if table else 0,
-        "WINDOW": table.window if table else 0,
     }
 
 
@@ -496,14 +344,12 @@ def _launch(
     values = _padded_values(levels)
     eytzinger = flags["SEARCH"] == SEARCH_SHARED.value and flags["LOG2_LEVELS"] >= EYTZINGER_FROM_LOG2.value
     mids = eytzinger_mids(levels) if eytzinger else levels.mids
-    table = bucket_table(levels) if flags["SEARCH"] == SEARCH_BUCKET.value else None
-    starts = table.starts if table is not None else mids  # never read by the other searches
     if block <= MAX_FUSED_BLOCK and spec.block_size is not None:
         rows, num_warps = fused_config(block, n_blocks, choice)
         absmax = torch.empty(n_blocks, dtype=torch.float32, device=x.device)
         for first_row, programs, masked in fused_launches(n, block, rows):
             _fused_blocks_kernel[(programs,)](
-                *args, absmax, values, mids, starts, n, first_row, BLOCK=block, ROWS=rows,
+                *args, absmax, values, mids, n, first_row, BLOCK=block, ROWS=rows,
                 BLOCK_P2=triton.next_power_of_2(block), MASKED=masked, num_warps=num_warps, **flags,
             )  # fmt: skip
     else:
@@ -512,7 +358,7 @@ def _launch(
         inv = torch.reciprocal(torch.where(absmax > 0, absmax, torch.ones_like(absmax)) * scale)
         grid = (triton.cdiv(n, TILE),)
         _scaled_kernel[grid](
-            *args, absmax, inv, values, mids, starts, n, block, TILE=TILE, num_warps=8, **flags
+            *args, absmax, inv, values, mids, n, block, TILE=TILE, num_warps=8, **flags
         )  # fmt: skip
     return out, codes, absmax
 
