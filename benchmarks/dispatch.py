@@ -137,12 +137,17 @@ def save_model(path: Path, quick: bool) -> Path:
 
     train_text, _ = split_corpus(ROOT.parent / "shared" / "data")
     tokenizer = train_tokenizer([train_text[:300_000]], 1024)
-    shape = dict(hidden_size=256, num_hidden_layers=4, num_attention_heads=4, intermediate_size=1024)
+    shape: dict[str, Any] = {
+        "hidden_size": 256,
+        "num_hidden_layers": 4,
+        "num_attention_heads": 4,
+        "intermediate_size": 1024,
+    }
     if not quick:  # Pythia-410M
         shape = dict(hidden_size=1024, num_hidden_layers=24, num_attention_heads=16, intermediate_size=4096)
     config = GPTNeoXConfig(vocab_size=50304, max_position_embeddings=2048, **shape)
     torch.manual_seed(0)
-    model = GPTNeoXForCausalLM(config).to(torch.float16)
+    model = GPTNeoXForCausalLM(config).half()  # fp16 on disk
     model.save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path
