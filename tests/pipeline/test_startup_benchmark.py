@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from benchmarks.startup import DRIVER_PHASES
 from pipeline.startup import PHASE_LOGGER, phase_line
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -46,6 +47,10 @@ def test_startup_benchmark_tiny_cpu(tmp_path, data_root):
         for key in ("first_row_s", "last_row_s", "wall_s", "steady_job_s", "row_job_s"):
             assert isinstance(run[key], float), (name, key, run[key])
         assert set(PHASES) <= set(run["phases"]), run["phases"]
+        assert set(DRIVER_PHASES) <= set(run["phases"]), run["phases"]  # the driver's own lines
+        ends = [run["phases"][name]["end_s"] for name in DRIVER_PHASES[:2] + DRIVER_PHASES[3:4]]
+        assert ends == sorted(ends)  # in the order they happen
+        assert run["phases"]["workers_created"]["end_s"] >= run["phases"]["driver_preflight"]["end_s"]
         assert {"planned", "dispatch"} <= set(run["driver"])
         build = run["phases"]["evaluator_build"]
         assert {"texts", "kl", "tasks", "compile"} <= set(build)
