@@ -316,7 +316,7 @@ pending|startup)
   # more launch choices, the start-up with the driver's phases.
   # ONLY_STARTUP=1: the start-up sweep (and the pre-flight profile) alone
   [ -n "${ONLY_STARTUP:-}" ] || python3 -m pytest -q -m gpu -p no:cacheprovider tests/kernels tests/pipeline/test_memplan.py 2>&1 | tail -4
-  [ "$phase" = startup ] && CHOICES=w8,vpt8 || CHOICES=chain4,vpt32
+  [ "$phase" = startup ] && CHOICES=${CHOICES:-bucket6,bucket4,w8} || CHOICES=chain4,vpt32
   [ -n "${ONLY_STARTUP:-}" ] || { timeout 150 python3 benchmarks/quantize_kernels.py --quick --choices $CHOICES \
     --out "$OUT/kernels-h200.json" >"$OUT/kernels.log" 2>&1; echo "kernels exit $?"; tail -12 "$OUT/kernels.log"; }
   if [ "$phase" = pending ]; then

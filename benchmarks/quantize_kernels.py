@@ -58,6 +58,8 @@ QUICK_COMPILE = [("nf", 4, 64)]  # configs (dtype, bits, block) given a torch.co
 CHOICES: dict[str, dict[str, int]] = {
     "chain4": {"max_chain_log2": 4},  # compare-select chain over register-held midpoints for k <= 4
     "global": {"max_shared_log2": 0},  # binary search read through L1 (the old search, new launch shape)
+    "bucket6": {"bucket_from_log2": 6},  # k >= 6: a bucket table from xn's bits, then 1..4 compares
+    "bucket4": {"bucket_from_log2": 4},  # the same from k = 4 (fewer SASS than the binary search at k = 4)
     "vpt32": {"values_per_thread": 32},  # twice the values (bytes in flight) per thread
     "vpt8": {"values_per_thread": 8},
     "w4": {"num_warps": 4},  # the default since the ninth session

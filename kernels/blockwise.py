@@ -168,12 +168,15 @@ def levels_for(w: Tensor, spec: QuantSpec) -> Levels:
 def _codes_torch(
     w: Tensor, spec: QuantSpec, levels: Levels, check_finite: bool
 ) -> tuple[Tensor, Tensor, Tensor | None]:
-    """Reference codes: (codes [n_blocks, B] int32, absmax, mean or None)."""
+    """Reference codes: (codes [n_blocks, B] int32, absmax, mean or None). code = #(mids < xn), so a NaN
+    (reachable with `check_finite=False`) is code 0, as the fused kernel's compares give; torch.bucketize
+    alone would give it len(mids), past the codebook."""
     blocks, count = _padded_blocks(w, effective_block_size(spec.block_size, w.numel()))
     xn, absmax, mean = normalize_rows(blocks, count, spec.centering)
     if check_finite:
         check_finite_absmax(absmax)
-    return torch.bucketize(xn, levels.mids, out_int32=True), absmax, mean
+    codes = torch.bucketize(xn, levels.mids, out_int32=True)
+    return codes.masked_fill_(xn.isnan(), 0), absmax, mean
 
 
 def _decode(

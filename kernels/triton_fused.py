@@ -11,7 +11,10 @@ loads; below them the probes and the value lookup read a per-program copy of the
 keeps in shared memory (k <= 8; midpoints sorted up to 2^5 entries, in Eytzinger order above that so a
 level's probes do not collide in one bank); larger codebooks (up to 2^16) are read from global memory.
 `FusedChoice` also offers a compare-select chain over midpoints held in registers (no lookups at all),
-which costs 2 x (2^k - 1) instructions per value: fixed choices, compared by the benchmark, no autotuning.
+which costs 2 x (2^k - 1) instructions per value, and for large codebooks a bucketed search: a table
+indexed by xn's sign, exponent and top mantissa bits gives the code of the bucket's lowest float, and one
+to four compares finish it (see `_nearest_code_bucket`). Fixed choices, compared by the benchmark, no
+autotuning.
 Programs that cover only whole blocks run without masks (one launch); a second, masked launch takes the
 tail. Offsets inside a program are int32 from an int64 base pointer, so address arithmetic stays cheap;
 one NaN-propagating max gives both the absmax and the non-finite flag.
@@ -35,6 +38,7 @@ import triton.language as tl
 from torch import Tensor
 
 from kernels import scaling
+from kernels.buckets import BUCKET_MAX_LEVELS_LOG2, bucket_table
 from kernels.codebooks import Levels
 from kernels.scaling import check_finite_absmax, effective_block_size
 from kernels.spec import QuantSpec
@@ -59,16 +63,20 @@ class FusedChoice:
             values a program) beat 8 at every bit width and block size on one H200 (ninth session,
             `benchmarks/quantize_kernels.py --quick --choices w4`: 3 bits 0.078 -> 0.074 ms, 8 bits 0.166
             -> 0.145 ms on 8192x8192).
+        bucket_from_log2: codebooks of 2^k entries with this <= k <= min(max_shared_log2, 8) use the
+            bucketed search where `bucket_table` finds a table for them, else the binary search (0: never).
     """
 
     max_chain_log2: int = 0
     max_shared_log2: int = 8
     values_per_thread: int = 16
     num_warps: int = 4
+    bucket_from_log2: int = 0
 
 
 DEFAULT_CHOICE = FusedChoice()
 SEARCH_CHAIN, SEARCH_SHARED, SEARCH_GLOBAL = tl.constexpr(0), tl.constexpr(1), tl.constexpr(2)
+SEARCH_BUCKET = tl.constexpr(3)
 EYTZINGER_FROM_LOG2 = tl.constexpr(6)  # the shared-memory search reads larger codebooks in Eytzinger order
 
 
@@ -124,15 +132,48 @@ def _nearest_code_shared(xn, table_ptr, LOG2_LEVELS: tl.constexpr):
 
 
 @triton.jit
+def _bucket(xn, BUCKET_SHIFT: tl.constexpr, BUCKET_FIRST: tl.constexpr, BUCKET_LOG2: tl.constexpr):
+    # xn's bucket (see `kernels.buckets.Buckets`; `buckets.bucket_index` is the torch mirror). A float's
+    # bits rise with it, so clamped to [bucket 0's lowest float, 1.0], |xn|'s bits >> SHIFT (exponent and
+    # top mantissa bits) minus FIRST count the buckets below. min and max keep the number of a NaN (PTX
+    # min/max, minnumf), so NaN goes to the top bucket; `xn >= 0` is false for it, so it takes the negative
+    # top bucket, whose start is 0: NaN's code, as compares say. Negative xn: the bits flipped, table order
+    # (2P - 1 - local).
+    low = tl.full([], BUCKET_FIRST << BUCKET_SHIFT, tl.int32).to(tl.float32, bitcast=True)
+    magnitude = tl.maximum(tl.minimum(tl.abs(xn), 1.0), low)
+    local = (magnitude.to(tl.int32, bitcast=True) >> BUCKET_SHIFT) - BUCKET_FIRST
+    return tl.where(xn >= 0, local, local ^ ((2 << BUCKET_LOG2) - 1))
+
+
+@triton.jit
+def _nearest_code_bucket(
+    xn, mids_ptr, starts_ptr, LOG2_LEVELS: tl.constexpr, BUCKET_SHIFT: tl.constexpr,
+    BUCKET_FIRST: tl.constexpr, BUCKET_LOG2: tl.constexpr, WINDOW: tl.constexpr,
+):  # fmt: skip
+    # #(mids < xn) over sorted mids: a table gives start = #(mids below xn's bucket) (clamped to at most
+    # 2^k - WINDOW), and at most WINDOW mids lie between it and xn (`bucket_table` computes both from the
+    # mids), so WINDOW of the reference's own compares count the rest. Both tables sit in shared memory.
+    starts = tl.load(starts_ptr + tl.arange(0, 2 << BUCKET_LOG2))
+    mids = tl.load(mids_ptr + tl.arange(0, 1 << LOG2_LEVELS))
+    start = tl.gather(starts, _bucket(xn, BUCKET_SHIFT, BUCKET_FIRST, BUCKET_LOG2), 0).to(tl.int32)
+    code = start
+    for j in tl.static_range(WINDOW):
+        code += (tl.gather(mids, start + j, 0) < xn).to(tl.int32)
+    return code
+
+
+@triton.jit
 def _nearest(
-    xn, mids_ptr, values_ptr,
+    xn, mids_ptr, values_ptr, starts_ptr,
     LOG2_LEVELS: tl.constexpr, SEARCH: tl.constexpr, STORE_OUT: tl.constexpr, STORE_CODES: tl.constexpr,
+    BUCKET_SHIFT: tl.constexpr, BUCKET_FIRST: tl.constexpr, BUCKET_LOG2: tl.constexpr, WINDOW: tl.constexpr,
 ):  # fmt: skip
     # (code, codebook[code]) of a 1-D xn with code = #(mids < xn); each only when its STORE_* flag is set.
     # SEARCH_CHAIN: the mids are sorted, so `mids[j] < xn` holds exactly for j < code: walking j upward,
     # the last select that fires is j = code - 1 and leaves values[code] (values[0] if none fires). The
     # 2^k - 1 compares are the reference's own float32 compares; mids[2^k - 1] is always +inf padding.
-    # The binary searches make the same compares in another order (k probes; see `_nearest_code`).
+    # The binary searches make the same compares in another order (k probes; see `_nearest_code`), the
+    # bucketed search a few of them after a table lookup.
     code = tl.zeros(xn.shape, tl.int32)
     value = tl.zeros(xn.shape, tl.float32)
     if SEARCH == SEARCH_CHAIN:
@@ -144,14 +185,19 @@ def _nearest(
                 value = tl.where(above, tl.load(values_ptr + (j + 1)), value)
             if STORE_CODES:
                 code = tl.where(above, j + 1, code)
-    elif SEARCH == SEARCH_SHARED:
-        code = _nearest_code_shared(xn, mids_ptr, LOG2_LEVELS)
-        if STORE_OUT:
-            value = tl.gather(tl.load(values_ptr + tl.arange(0, 1 << LOG2_LEVELS)), code, 0)
-    else:
+    elif SEARCH == SEARCH_GLOBAL:
         code = _nearest_code(xn, mids_ptr, LOG2_LEVELS)
         if STORE_OUT:
             value = tl.load(values_ptr + code)
+    else:  # SEARCH_SHARED or SEARCH_BUCKET: the codebook in shared memory
+        if SEARCH == SEARCH_SHARED:
+            code = _nearest_code_shared(xn, mids_ptr, LOG2_LEVELS)
+        else:
+            code = _nearest_code_bucket(
+                xn, mids_ptr, starts_ptr, LOG2_LEVELS, BUCKET_SHIFT, BUCKET_FIRST, BUCKET_LOG2, WINDOW
+            )
+        if STORE_OUT:
+            value = tl.gather(tl.load(values_ptr + tl.arange(0, 1 << LOG2_LEVELS)), code, 0)
     return code, value
 
 
@@ -175,10 +221,11 @@ def _max_nan(a, b):
 
 @triton.jit
 def _fused_blocks_kernel(
-    x_ptr, out_ptr, codes_ptr, absmax_ptr, values_ptr, mids_ptr, n, first_row,
+    x_ptr, out_ptr, codes_ptr, absmax_ptr, values_ptr, mids_ptr, starts_ptr, n, first_row,
     BLOCK: tl.constexpr, ROWS: tl.constexpr, BLOCK_P2: tl.constexpr, LOG2_LEVELS: tl.constexpr,
     SEARCH: tl.constexpr, MASKED: tl.constexpr, STORE_OUT: tl.constexpr, STORE_CODES: tl.constexpr,
-    BF16_BY_HAND: tl.constexpr,
+    BF16_BY_HAND: tl.constexpr, BUCKET_SHIFT: tl.constexpr, BUCKET_FIRST: tl.constexpr,
+    BUCKET_LOG2: tl.constexpr, WINDOW: tl.constexpr,
 ):  # fmt: skip
     row0 = first_row + tl.program_id(0).to(tl.int64) * ROWS
     base = row0 * BLOCK  # int64: the pointers move once per program, offsets below are int32
@@ -202,8 +249,9 @@ def _fused_blocks_kernel(
         xn = x * inv[:, None]
     # 1-D for tl.gather (a row-major reshape: the same values in the same places), then back.
     code, value = _nearest(
-        tl.reshape(xn, [ROWS * BLOCK_P2]), mids_ptr, values_ptr, LOG2_LEVELS, SEARCH, STORE_OUT, STORE_CODES
-    )
+        tl.reshape(xn, [ROWS * BLOCK_P2]), mids_ptr, values_ptr, starts_ptr, LOG2_LEVELS, SEARCH, STORE_OUT,
+        STORE_CODES, BUCKET_SHIFT, BUCKET_FIRST, BUCKET_LOG2, WINDOW,
+    )  # fmt: skip
     code, value = tl.reshape(code, [ROWS, BLOCK_P2]), tl.reshape(value, [ROWS, BLOCK_P2])
     if STORE_OUT:
         y = _cast_out(value * absmax[:, None], out_ptr, BF16_BY_HAND)
@@ -225,9 +273,10 @@ def _fused_blocks_kernel(
 
 @triton.jit
 def _scaled_kernel(
-    x_ptr, out_ptr, codes_ptr, absmax_ptr, inv_ptr, values_ptr, mids_ptr, n, block,
+    x_ptr, out_ptr, codes_ptr, absmax_ptr, inv_ptr, values_ptr, mids_ptr, starts_ptr, n, block,
     TILE: tl.constexpr, LOG2_LEVELS: tl.constexpr, SEARCH: tl.constexpr, STORE_OUT: tl.constexpr,
-    STORE_CODES: tl.constexpr, BF16_BY_HAND: tl.constexpr,
+    STORE_CODES: tl.constexpr, BF16_BY_HAND: tl.constexpr, BUCKET_SHIFT: tl.constexpr,
+    BUCKET_FIRST: tl.constexpr, BUCKET_LOG2: tl.constexpr, WINDOW: tl.constexpr,
 ):  # fmt: skip
     offs = tl.program_id(0).to(tl.int64) * TILE + tl.arange(0, TILE)
     mask = offs < n
@@ -236,7 +285,10 @@ def _scaled_kernel(
     inv = tl.load(inv_ptr + offs // block, mask=mask, other=1.0)  # torch's IEEE 1 / (absmax * scale)
     scale = tl.where(absmax < TINY_ABSMAX, TINY_SCALE, 1.0)
     xn = (x * scale) * inv
-    code, value = _nearest(xn, mids_ptr, values_ptr, LOG2_LEVELS, SEARCH, STORE_OUT, STORE_CODES)
+    code, value = _nearest(
+        xn, mids_ptr, values_ptr, starts_ptr, LOG2_LEVELS, SEARCH, STORE_OUT, STORE_CODES, BUCKET_SHIFT,
+        BUCKET_FIRST, BUCKET_LOG2, WINDOW,
+    )  # fmt: skip
     if STORE_OUT:
         tl.store(out_ptr + offs, _cast_out(value * absmax, out_ptr, BF16_BY_HAND), mask=mask)
     if STORE_CODES:
@@ -278,9 +330,14 @@ def fused_launches(n: int, block: int, rows: int) -> list[tuple[int, int, bool]]
 
 
 def search_kind(log2_levels: int, choice: FusedChoice) -> int:
-    """SEARCH_CHAIN, SEARCH_SHARED or SEARCH_GLOBAL for a codebook of 2^log2_levels (padded) entries."""
+    """SEARCH_CHAIN, SEARCH_BUCKET, SEARCH_SHARED or SEARCH_GLOBAL for 2^log2_levels (padded) entries.
+
+    SEARCH_BUCKET falls back to SEARCH_SHARED where `bucket_table` finds no table (see `_flags`).
+    """
     if log2_levels <= choice.max_chain_log2:
         return SEARCH_CHAIN.value
+    if 0 < choice.bucket_from_log2 <= log2_levels <= min(choice.max_shared_log2, BUCKET_MAX_LEVELS_LOG2):
+        return SEARCH_BUCKET.value
     return SEARCH_SHARED.value if log2_levels <= choice.max_shared_log2 else SEARCH_GLOBAL.value
 
 
@@ -314,12 +371,20 @@ def _padded_values(levels: Levels) -> Tensor:
 def _flags(x: Tensor, levels: Levels, store_out: bool, store_codes: bool, choice: FusedChoice) -> dict:
     log2_levels = levels.mids.numel().bit_length() - 1
     assert levels.mids.numel() == 1 << log2_levels and levels.mids.device == x.device
+    search = search_kind(log2_levels, choice)
+    table = bucket_table(levels) if search == SEARCH_BUCKET.value else None
+    if search == SEARCH_BUCKET.value and table is None:
+        search = SEARCH_SHARED.value
     return {
         "LOG2_LEVELS": log2_levels,
-        "SEARCH": search_kind(log2_levels, choice),
+        "SEARCH": search,
         "STORE_OUT": store_out,
         "STORE_CODES": store_codes,
         "BF16_BY_HAND": x.dtype == torch.bfloat16 and os.environ.get("TRITON_INTERPRET") == "1",
+        "BUCKET_SHIFT": table.buckets.shift if table else 0,  # 0s: one variant for the other searches
+        "BUCKET_FIRST": table.buckets.first if table else 0,
+        "BUCKET_LOG2": table.buckets.log2_buckets if table else 0,
+        "WINDOW": table.window if table else 0,
     }
 
 
@@ -344,12 +409,14 @@ def _launch(
     values = _padded_values(levels)
     eytzinger = flags["SEARCH"] == SEARCH_SHARED.value and flags["LOG2_LEVELS"] >= EYTZINGER_FROM_LOG2.value
     mids = eytzinger_mids(levels) if eytzinger else levels.mids
+    table = bucket_table(levels) if flags["SEARCH"] == SEARCH_BUCKET.value else None
+    starts = table.starts if table is not None else mids  # never read by the other searches
     if block <= MAX_FUSED_BLOCK and spec.block_size is not None:
         rows, num_warps = fused_config(block, n_blocks, choice)
         absmax = torch.empty(n_blocks, dtype=torch.float32, device=x.device)
         for first_row, programs, masked in fused_launches(n, block, rows):
             _fused_blocks_kernel[(programs,)](
-                *args, absmax, values, mids, n, first_row, BLOCK=block, ROWS=rows,
+                *args, absmax, values, mids, starts, n, first_row, BLOCK=block, ROWS=rows,
                 BLOCK_P2=triton.next_power_of_2(block), MASKED=masked, num_warps=num_warps, **flags,
             )  # fmt: skip
     else:
@@ -358,7 +425,7 @@ def _launch(
         inv = torch.reciprocal(torch.where(absmax > 0, absmax, torch.ones_like(absmax)) * scale)
         grid = (triton.cdiv(n, TILE),)
         _scaled_kernel[grid](
-            *args, absmax, inv, values, mids, n, block, TILE=TILE, num_warps=8, **flags
+            *args, absmax, inv, values, mids, starts, n, block, TILE=TILE, num_warps=8, **flags
         )  # fmt: skip
     return out, codes, absmax
 

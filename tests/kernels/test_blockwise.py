@@ -212,3 +212,16 @@ def test_batched_quantile_levels_equal_one_estimate_per_tensor(shape, block_size
         quantile_levels([torch.randn(4, 8), torch.randn(8, 4)], spec)
     with pytest.raises(ValueError, match="data-dependent"):
         quantile_levels(ws, QuantSpec("nf", 4, 64))
+
+
+def test_unchecked_reference_codes_nan_as_zero_and_keeps_the_block_nan():
+    from kernels.blockwise import _codes_torch, levels_for, reference_fake_quantize
+
+    x = torch.randn(3, 64, generator=torch.Generator().manual_seed(5))
+    x[1, 3] = float("nan")
+    spec = QuantSpec("nf", 4, 64)
+    levels = levels_for(x, spec)
+    codes = _codes_torch(x, spec, levels, check_finite=False)[0]
+    assert codes[1, 3] == 0 and int(codes.max()) < levels.values.numel()  # #(mids < NaN) = 0
+    out = reference_fake_quantize(x, spec, levels, False)
+    assert out[1].isnan().all() and torch.isfinite(out[[0, 2]]).all()  # the block's absmax is NaN

@@ -15,6 +15,7 @@ SEED = int.from_bytes(os.urandom(4), "little")  # fresh inputs every run; printe
 # (shape, bits, block_size, torch_dtype): tails everywhere, both kernel paths (fused: whole-block programs
 # and a masked tail launch; two-pass for block_size=None and blocks wider than MAX_FUSED_BLOCK), 3..8 and
 # 16 bits (shared-memory search, sorted and Eytzinger order; global for 16). Kept short: few compilations.
+# The bucketed search (FusedChoice(bucket_from_log2=6), off by default) has tests of its own below.
 CASES = [
     ((1000, 333), 3, 64, torch.bfloat16),
     ((4099, 4096), 4, 64, torch.bfloat16),
@@ -84,7 +85,7 @@ def test_every_launch_choice_agrees(bits: int) -> None:
     from kernels.blockwise import levels_for
     from kernels.triton_fused import FusedChoice, fused_fake_quantize
 
-    choices = [FusedChoice(max_chain_log2=8), FusedChoice(max_shared_log2=0),
+    choices = [FusedChoice(max_chain_log2=8), FusedChoice(max_shared_log2=0), FusedChoice(bucket_from_log2=6),
                FusedChoice(values_per_thread=32), FusedChoice(values_per_thread=8, num_warps=4)]  # fmt: skip
     for salt, (shape, block) in enumerate([((4099, 4096), 64), ((1000, 333), 1024), ((513, 257), None)]):
         w = _fresh(shape, torch.bfloat16, 100 + salt)
@@ -95,3 +96,49 @@ def test_every_launch_choice_agrees(bits: int) -> None:
             assert torch.equal(fused_fake_quantize(w, spec, levels, choice=choice), ref), (
                 f"seed={SEED} {choice}"
             )
+
+
+@pytest.mark.parametrize("dtype", list(CODEBOOKS))
+def test_bucket_search_equals_reference(dtype: str) -> None:
+    from kernels.blockwise import levels_for
+    from kernels.triton_fused import SEARCH_BUCKET, FusedChoice, _flags, fused_fake_quantize, fused_quantize
+
+    bucket = FusedChoice(bucket_from_log2=6)
+    cases = [((4099, 4096), 8, 64, torch.bfloat16), ((1000, 333), 7, 100, torch.float32),
+             ((513, 257), 6, None, torch.bfloat16), ((4096, 1024), 8, 1024, torch.float16)]  # fmt: skip
+    for salt, (shape, bits, block, torch_dtype) in enumerate(cases):
+        w = _fresh(shape, torch_dtype, 200 + salt)
+        spec = QuantSpec(dtype, bits, block)
+        levels = levels_for(w, spec)
+        assert _flags(w, levels, True, False, bucket)["SEARCH"] == SEARCH_BUCKET, f"no table: {spec}"
+        ref = fake_quantize(w, spec, impl="torch", levels=levels)
+        assert torch.equal(fused_fake_quantize(w, spec, levels, choice=bucket), ref), f"seed={SEED} {spec}"
+        codes = fused_quantize(w, spec, levels, choice=bucket)[0]
+        assert torch.equal(codes, quantize(w, spec, impl="torch").codes), f"seed={SEED} {spec}"
+
+
+@pytest.mark.parametrize("bits", [6, 8])
+def test_bucket_search_edges(bits: int) -> None:
+    # Compiled min/max/compare semantics: each midpoint and its float32 neighbours in blocks of absmax 1
+    # (xn == x), +-0 and subnormals; NaN and Inf blocks (check_finite off) give the binary search's codes.
+    from kernels.blockwise import levels_for
+    from kernels.triton_fused import FusedChoice, _launch, fused_fake_quantize
+
+    bucket = FusedChoice(bucket_from_log2=6)
+    for dtype in ("int", "nf", "fp", "dynamic"):
+        spec = QuantSpec(dtype, bits, 64)
+        levels = levels_for(torch.zeros(1, device="cuda"), spec)
+        mids = levels.mids[levels.mids.isfinite()]
+        inf = torch.tensor(float("inf"), device="cuda")
+        specials = torch.tensor([0.0, -0.0, 1e-45, -1e-45, 1e-40, -3e-39], device="cuda")
+        values = torch.cat([mids, torch.nextafter(mids, inf), torch.nextafter(mids, -inf), specials])
+        blocks = torch.nn.functional.pad(values, (0, -values.numel() % 63)).view(-1, 63)
+        x = torch.cat([blocks, torch.ones(blocks.shape[0], 1, device="cuda")], 1).reshape(-1)
+        ref = fake_quantize(x, spec, impl="torch", levels=levels)
+        assert torch.equal(fused_fake_quantize(x, spec, levels, choice=bucket), ref), spec
+        x = _fresh((6, 64), torch.float32, 300)
+        x[1, 5], x[3, 7], x[4, 0] = float("nan"), float("inf"), float("-inf")
+        out, codes, _ = _launch(x, spec, levels, True, torch.uint8, bucket)
+        base_out, base_codes, _ = _launch(x, spec, levels, True, torch.uint8)
+        assert torch.equal(codes, base_codes) and codes[64 + 5] == codes[3 * 64 + 7] == 0, spec
+        torch.testing.assert_close(out, base_out, rtol=0, atol=0, equal_nan=True)

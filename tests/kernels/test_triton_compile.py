@@ -1,8 +1,8 @@
 """The Triton kernels compile for an H100/H200 (sm_90) on a CPU machine, with the arithmetic the bit-exactness
 argument needs: IEEE division (div.rn, not Triton's approximate div.full), no fused multiply-add, 16-byte
 vector loads of the weights where blocks are powers of two; and that each search reads the codebook where
-it should (the shared-memory search from shared memory, the chain once per program). Catches
-compiled-mode errors the interpreter cannot."""
+it should (the shared-memory and bucketed searches from shared memory, the chain once per program).
+Catches compiled-mode errors the interpreter cannot."""
 
 from __future__ import annotations
 
@@ -15,8 +15,10 @@ import pytest
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="needs triton")
 
 COMMON = {"x_ptr": "*bf16", "out_ptr": "*bf16", "codes_ptr": "*u8", "absmax_ptr": "*fp32",
-          "values_ptr": "*fp32", "mids_ptr": "*fp32", "n": "i32"}  # fmt: skip
-FLAGS = ["LOG2_LEVELS", "SEARCH", "STORE_OUT", "STORE_CODES", "BF16_BY_HAND"]
+          "values_ptr": "*fp32", "mids_ptr": "*fp32", "starts_ptr": "*u8", "n": "i32"}  # fmt: skip
+FLAGS = ["LOG2_LEVELS", "SEARCH", "STORE_OUT", "STORE_CODES", "BF16_BY_HAND", "BUCKET_SHIFT", "BUCKET_FIRST",
+         "BUCKET_LOG2", "WINDOW"]  # fmt: skip
+NO_BUCKETS = {"BUCKET_SHIFT": 0, "BUCKET_FIRST": 0, "BUCKET_LOG2": 0, "WINDOW": 0}
 
 
 def _ptx(fn, signature: dict[str, str], constexprs: Mapping[str, object], num_warps: int = 8) -> str:
@@ -52,11 +54,44 @@ def _scalar_loads(ptx: str) -> int:
     return len(re.findall(r"\bld\.global(\.[a-z]+)*\.b32\s", ptx))
 
 
-def _shared_loads(ptx: str) -> int:
-    return len(re.findall(r"\bld\.shared(\.[a-z0-9]+)*\s", ptx))
+def _shared_loads(ptx: str, width: str = "") -> int:
+    return len(re.findall(rf"\bld\.shared(\.[a-z0-9]+)*{width}\s", ptx))
 
 
-CHAIN, SHARED, GLOBAL = 0, 1, 2  # triton_fused.SEARCH_*
+def _bucket_flags(dtype: str, log2_levels: int) -> dict[str, int]:
+    """The bucketed search's constexprs for a codebook, as `triton_fused._flags` passes them."""
+    import torch
+
+    from kernels.buckets import bucket_table
+    from kernels.codebooks import static_levels
+
+    table = bucket_table(static_levels(dtype, log2_levels, None, torch.device("cpu")))
+    assert table is not None
+    return {"BUCKET_SHIFT": table.buckets.shift, "BUCKET_FIRST": table.buckets.first,
+            "BUCKET_LOG2": table.buckets.log2_buckets, "WINDOW": table.window}  # fmt: skip
+
+
+CHAIN, SHARED, GLOBAL, BUCKET = 0, 1, 2, 3  # triton_fused.SEARCH_*
+
+
+def _fused_ptx(
+    log2_levels: int, search: int, block: int, masked: bool, store_codes: bool, buckets: dict[str, int]
+) -> str:
+    import triton
+
+    from kernels import triton_fused
+
+    sig = {**COMMON, "n": "i64", "first_row": "i32"}
+    sig.update(dict.fromkeys(["BLOCK", "ROWS", "BLOCK_P2", "MASKED", *FLAGS], "constexpr"))
+    block_p2 = triton.next_power_of_2(block)
+    consts = {"BLOCK": block, "ROWS": 4096 // block_p2, "BLOCK_P2": block_p2, "MASKED": masked,
+              "LOG2_LEVELS": log2_levels, "SEARCH": search, "STORE_OUT": True, "STORE_CODES": store_codes,
+              "BF16_BY_HAND": False, **buckets}  # fmt: skip
+    ptx = _ptx(triton_fused._fused_blocks_kernel, sig, consts)
+    _check(ptx, vector_loads=block == block_p2)
+    return ptx
+
+
 # (log2_levels, search, block, masked, store_codes): every search path (the default shared-memory binary
 # search for k = 1..8, sorted up to 5 and Eytzinger from 6; the compare-select chain; the global-memory
 # search, k = 16 included), power-of-two blocks unmasked and as a tail launch, a block that is not a power
@@ -72,19 +107,10 @@ CASES = [(k, SHARED, 64, False, k == 4) for k in range(1, 9)] + [
 def test_fused_kernel_compiles_for_sm90(
     log2_levels: int, search: int, block: int, masked: bool, store_codes: bool
 ) -> None:
-    import triton
-
     from kernels import triton_fused
 
     assert (triton_fused.SEARCH_CHAIN, triton_fused.SEARCH_SHARED, triton_fused.SEARCH_GLOBAL) == (0, 1, 2)
-    sig = {**COMMON, "n": "i64", "first_row": "i32"}
-    sig.update(dict.fromkeys(["BLOCK", "ROWS", "BLOCK_P2", "MASKED", *FLAGS], "constexpr"))
-    block_p2 = triton.next_power_of_2(block)
-    consts = {"BLOCK": block, "ROWS": 4096 // block_p2, "BLOCK_P2": block_p2, "MASKED": masked,
-              "LOG2_LEVELS": log2_levels, "SEARCH": search, "STORE_OUT": True, "STORE_CODES": store_codes,
-              "BF16_BY_HAND": False}  # fmt: skip
-    ptx = _ptx(triton_fused._fused_blocks_kernel, sig, consts)
-    _check(ptx, vector_loads=block == block_p2)
+    ptx = _fused_ptx(log2_levels, search, block, masked, store_codes, NO_BUCKETS)
     per_thread = 4096 // (8 * 32)  # values a thread holds
     if search == CHAIN:  # the codebook is read once per program (2^k - 1 midpoints, 2^k values)
         assert _scalar_loads(ptx) == 2 ** (log2_levels + 1) - 1 and _shared_loads(ptx) <= 5
@@ -95,13 +121,41 @@ def test_fused_kernel_compiles_for_sm90(
         assert _scalar_loads(ptx) >= per_thread * max(1, log2_levels - 1), _scalar_loads(ptx)
 
 
+# (dtype, log2_levels, block, masked, store_codes): the bucketed search at 6..8 bits, each data type's
+# table geometry (8 bits: int M=6, 1024 entries; fp M=3; nf; dynamic's 4096 entries), unmasked, as a
+# tail launch, a block that is not a power of two, codes stored.
+BUCKET_CASES = [
+    ("int", 8, 64, False, False), ("fp", 8, 64, True, True), ("nf", 8, 1024, False, False),
+    ("dynamic", 8, 100, True, False), ("nf", 6, 64, False, True), ("int", 7, 100, True, True),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("dtype", "log2_levels", "block", "masked", "store_codes"), BUCKET_CASES)
+def test_bucket_kernel_compiles_for_sm90(
+    dtype: str, log2_levels: int, block: int, masked: bool, store_codes: bool
+) -> None:
+    from kernels import triton_fused
+
+    assert triton_fused.SEARCH_BUCKET == BUCKET
+    buckets = _bucket_flags(dtype, log2_levels)
+    ptx = _fused_ptx(log2_levels, BUCKET, block, masked, store_codes, buckets)
+    per_thread = 4096 // (8 * 32)
+    # The table, the window's midpoints and the values are read per value from shared memory (one byte of
+    # the table, 4 bytes each of the others); from global memory only the weights and the tables' copies.
+    assert _scalar_loads(ptx) <= 5, _scalar_loads(ptx)
+    assert _shared_loads(ptx, r"\.b8") >= per_thread, _shared_loads(ptx, r"\.b8")
+    assert _shared_loads(ptx, r"\.b32") >= per_thread * (buckets["WINDOW"] + 1), _shared_loads(ptx)
+
+
 def test_two_pass_kernel_compiles_for_sm90() -> None:
     from kernels.triton_fused import _scaled_kernel
 
-    pointers = ["x_ptr", "out_ptr", "codes_ptr", "absmax_ptr", "inv_ptr", "values_ptr", "mids_ptr"]
+    pointers = ["x_ptr", "out_ptr", "codes_ptr", "absmax_ptr", "inv_ptr", "values_ptr", "mids_ptr",
+                "starts_ptr"]  # fmt: skip
     sig = {**{k: COMMON.get(k, "*fp32") for k in pointers}, "n": "i32", "block": "i32"}
     sig.update(dict.fromkeys(["TILE", *FLAGS], "constexpr"))
-    for log2_levels, search in ((4, SHARED), (8, SHARED), (3, CHAIN), (8, GLOBAL)):
+    for log2_levels, search in ((4, SHARED), (8, SHARED), (3, CHAIN), (8, GLOBAL), (8, BUCKET)):
+        buckets = _bucket_flags("nf", log2_levels) if search == BUCKET else NO_BUCKETS
         consts = {"TILE": 4096, "LOG2_LEVELS": log2_levels, "SEARCH": search, "STORE_OUT": True,
-                  "STORE_CODES": False, "BF16_BY_HAND": False}  # fmt: skip
+                  "STORE_CODES": False, "BF16_BY_HAND": False, **buckets}  # fmt: skip
         _check(_ptx(_scaled_kernel, sig, consts), divides=False)  # 1 / absmax comes from torch

@@ -1,7 +1,8 @@
 """The Triton kernel's numerics on CPU under TRITON_INTERPRET=1 (set before triton is imported, so the
 check runs in a subprocess): codes, absmax and outputs equal the torch reference's bit for bit, on every
-search path (binary search in shared or global memory, compare-select chain; k = 1..8 and 16), launch
-shape (whole-block programs, masked tails) and input dtype; NaN and Inf blocks are flagged as before."""
+search path (binary search in shared or global memory, compare-select chain, bucketed search (more in
+test_bucket_search.py); k = 1..8 and 16), launch shape (whole-block programs, masked tails) and input
+dtype; NaN and Inf blocks are flagged as before."""
 
 from __future__ import annotations
 
@@ -51,9 +52,10 @@ for block in (48, 100, None):
 triton_fused.MAX_FUSED_BLOCK = 8192
 
 # Every search path on codebooks of 2^k sorted values (2^k - 1 for even k: padded values), k = 1..8: the
-# shared-memory binary search (sorted to k = 5, Eytzinger order from 6), the compare-select chain and the
-# global-memory search (FusedChoice); power-of-two blocks as whole-block programs plus a masked tail
-# launch, a block that is not a power of two, the two-pass path (block None); bf16 and float32.
+# shared-memory binary search (sorted to k = 5, Eytzinger order from 6), the compare-select chain, the
+# global-memory search and the bucketed search (FusedChoice); power-of-two blocks as whole-block programs
+# plus a masked tail launch, a block that is not a power of two, the two-pass path (block None); bf16 and
+# float32.
 from kernels.blockwise import _codes_torch, reference_fake_quantize
 from kernels.codebooks import levels_from_values
 
@@ -61,10 +63,12 @@ shapes = {64: (65, 64), 128: (2137, 2), 1024: (1, 4196), 100: (3, 70), None: (5,
 small = triton_fused.FusedChoice(values_per_thread=4, num_warps=2)  # more, smaller programs and launches
 chain = triton_fused.FusedChoice(max_chain_log2=8)
 in_global = triton_fused.FusedChoice(max_shared_log2=0)
+bucket = triton_fused.FusedChoice(bucket_from_log2=6, values_per_thread=4, num_warps=2)
 for k in range(1, 9):
     values = torch.sort(torch.rand(2**k - (k % 2 == 0), generator=g, dtype=torch.float64) * 2 - 1).values
     levels = levels_from_values(values / values.abs().max())
     choices = [triton_fused.DEFAULT_CHOICE, small] + [chain] * (k <= 5) + [in_global] * (k in (2, 6, 8))
+    choices += [bucket] * (k in (6, 8))  # random codebooks: windows of 1 or 2 midpoints
     for (block, shape), torch_dtype, choice in itertools.product(
         shapes.items(), (torch.bfloat16, torch.float32), choices
     ):

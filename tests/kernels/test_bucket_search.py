@@ -1,0 +1,223 @@
+"""The bucketed search (`triton_fused.SEARCH_BUCKET`, `FusedChoice(bucket_from_log2=...)`).
+
+On the host: the buckets partition the float32 line in order, and each codebook's table brackets every
+code, start <= #(mids < xn) <= start + window, for random bit patterns and adversarial xn (each midpoint
+and its float32 neighbours, +-0, subnormals, +-1 and just above, +-inf, NaN). Under TRITON_INTERPRET=1 (a
+subprocess, as in test_triton_interpret.py): the kernel's codes and outputs equal the reference's bit for
+bit for every codebook data type at 6..8 bits, and its codes on NaN/Inf blocks equal the binary search's.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from kernels import CODEBOOKS, QuantSpec
+from kernels import buckets as kb
+from kernels.codebooks import Levels, levels_from_values
+
+pytestmark = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="needs triton")
+
+CASES = [(dtype, bits) for dtype in CODEBOOKS for bits in (6, 7, 8)] + [("close", 2), ("close", 3)]
+
+
+def _levels(dtype: str, bits: int) -> Levels:
+    """The codebook of (dtype, bits); ("close", n): 256 values whose top n + 1 lie within 1e-6 of 1.0, so
+    n midpoints share every bucket that holds one: the window is n, the top bucket's start is clamped."""
+    from kernels.blockwise import levels_for
+
+    if dtype == "close":
+        top = 1 - 2e-7 * torch.arange(bits, 0, -1, dtype=torch.float64)
+        return levels_from_values(
+            torch.cat([torch.linspace(-1, 0.9, 255 - bits, dtype=torch.float64), top, torch.ones(1)])
+        )
+    w = torch.randn(64, 256, generator=torch.Generator().manual_seed(bits))  # quantile needs data
+    return levels_for(w, QuantSpec(dtype, bits, 64))
+
+
+def _adversarial(mids: torch.Tensor) -> torch.Tensor:
+    finite = mids[mids.isfinite()]
+    specials = [0.0, -0.0, 1e-45, -1e-45, 1e-40, -1e-40, 1.1754944e-38, -1.1754944e-38, 2.0**-64, 1.0, -1.0]
+    specials += [1.0000001, -1.0000001, 3.0, float("inf"), float("-inf"), float("nan"), -float("nan")]
+    g = torch.Generator().manual_seed(0)
+    bits = torch.randint(-(2**31), 2**31, (50_000,), generator=g, dtype=torch.int64).to(torch.int32)
+    anything = bits.view(torch.float32) * 1.0  # a product, as xn is: NaNs (any payload, sign) are quiet
+    up, down = torch.nextafter(finite, torch.tensor(2.0)), torch.nextafter(finite, torch.tensor(-2.0))
+    ordinary = torch.cat([torch.randn(20_000, generator=g), torch.randn(20_000, generator=g) * 1e-3])
+    return torch.cat([finite, up, down, torch.tensor(specials), ordinary, anything])
+
+
+def _count_below(mids: torch.Tensor, xn: torch.Tensor) -> torch.Tensor:
+    """#(mids < xn), the definition (NaN: 0), one float32 compare per pair."""
+    return torch.cat([(mids[None, :] < part[:, None]).sum(1) for part in xn.split(8192)])
+
+
+@pytest.mark.parametrize(("dtype", "bits"), CASES)
+def test_table_brackets_every_code(dtype: str, bits: int) -> None:
+
+    levels = _levels(dtype, bits)
+    table = kb.bucket_table(levels)
+    assert table is not None, (dtype, bits)
+    assert table.starts.dtype == torch.uint8 and table.starts.numel() == 2 << table.buckets.log2_buckets
+    assert table.starts.numel() <= 2 << kb.MAX_BUCKETS_LOG2 and 1 <= table.window <= kb.MAX_WINDOW
+    assert dtype != "close" or table.window == bits
+    xn = _adversarial(levels.mids)
+    start = table.starts.long()[kb.bucket_index(xn, table.buckets)]
+    code = _count_below(levels.mids, xn)
+    assert bool(((start <= code) & (code <= start + table.window)).all()), (dtype, bits)
+    assert int(table.starts.max()) + table.window <= levels.mids.numel()  # the window stays inside the mids
+    # The window is the exact need, not a guess: some bucket's largest float needs all of it.
+    largest = kb.bucket_bounds(table.buckets)[1]
+    assert int((_count_below(levels.mids, largest) - table.starts.long()).max()) == table.window
+
+
+@pytest.mark.parametrize("geometry", [(0, 1), (0, 5), (3, 8), (6, 9), (6, 11), (10, 11)])
+def test_buckets_partition_the_floats_in_order(geometry: tuple[int, int]) -> None:
+    from kernels.buckets import Buckets, bucket_bounds, bucket_index
+
+    buckets = Buckets(*geometry)
+    half = 1 << buckets.log2_buckets
+    smallest, largest = bucket_bounds(buckets)
+    index = torch.arange(2 * half)
+    assert torch.equal(bucket_index(smallest, buckets), index) and torch.equal(
+        bucket_index(largest, buckets), index
+    )
+    # By rising xn (the negative half of the table first), each bucket starts one float above the last.
+    order = torch.cat([index[half:], index[:half]])
+    lo, hi = smallest[order], largest[order]
+    assert lo[0] == float("-inf") and hi[-1] == float("inf") and bool((lo <= hi).all())
+    assert torch.equal(torch.nextafter(hi[:-1], torch.tensor(float("inf"))), lo[1:])  # -0.0 == +0.0
+    nan = torch.tensor([float("nan"), -float("nan")])
+    assert torch.equal(bucket_index(nan, buckets), torch.tensor([half, half]))  # start 0: NaN's code
+    assert torch.equal(bucket_index(torch.tensor([0.0, -0.0]), buckets), torch.tensor([0, 0]))
+
+
+def test_search_kind_and_fallback() -> None:
+    from kernels import triton_fused as tf
+
+    bucket = tf.FusedChoice(bucket_from_log2=6)
+    chain, shared, global_, by_bucket = 0, 1, 2, 3
+    assert (tf.SEARCH_CHAIN, tf.SEARCH_SHARED, tf.SEARCH_GLOBAL, tf.SEARCH_BUCKET) == (0, 1, 2, 3)
+    assert [tf.search_kind(k, bucket) for k in (5, 6, 8, 9)] == [shared, by_bucket, by_bucket, global_]
+    assert tf.search_kind(8, tf.DEFAULT_CHOICE) == shared  # off by default
+    assert tf.search_kind(6, tf.FusedChoice(bucket_from_log2=6, max_chain_log2=6)) == chain
+    assert tf.search_kind(8, tf.FusedChoice(bucket_from_log2=6, max_shared_log2=7)) == global_
+    # 40 equal midpoints (a quantile codebook of mostly zeros) need a window of 40: the binary search.
+    crowded = levels_from_values(
+        torch.cat([torch.linspace(-1, -0.5, 12), torch.zeros(41), torch.linspace(0.5, 1, 11)])
+    )
+    assert kb.bucket_table(crowded) is None
+    x = torch.zeros(4)
+    assert tf._flags(x, crowded, True, False, bucket)["SEARCH"] == shared
+    assert tf._flags(x, _levels("nf", 8), True, False, bucket)["SEARCH"] == by_bucket
+
+
+SCRIPT = r"""
+import itertools, torch
+from kernels import CODEBOOKS, QuantSpec
+from kernels import buckets as kb
+from kernels import triton_fused as tf
+from kernels.blockwise import _codes_torch, levels_for, normalize_rows, reference_fake_quantize
+from kernels.codebooks import levels_from_values
+from tests.kernels.test_bucket_search import _levels
+
+bucket = tf.FusedChoice(bucket_from_log2=6)
+g = torch.Generator().manual_seed(99)
+checked = 0
+
+def edges(levels):
+    # float32 blocks whose absmax is 1.0, so xn == x: each midpoint and its neighbours, +-0, subnormals;
+    # blocks that put xn just above 1 (absmax 3: 3 * fl(1/3) > 1) and tiny blocks (absmax < 2^-64).
+    mids = levels.mids[levels.mids.isfinite()]
+    up, down = torch.nextafter(mids, torch.tensor(2.0)), torch.nextafter(mids, torch.tensor(-2.0))
+    specials = torch.tensor([0.0, -0.0, 1e-45, -1e-45, 1e-40, -3e-39, 1.1754944e-38])
+    values = torch.cat([mids, up, down, specials])
+    blocks = torch.nn.functional.pad(values, (0, -values.numel() % 63)).view(-1, 63)
+    ones = torch.ones(blocks.shape[0], 1)
+    ones[1::2] = -1.0
+    above_one = torch.tensor([3.0, -3.0, 1.0, -1.0, 2.9999998, 0.0] * 8)
+    tiny = torch.tensor([1e-39, -5e-40, 7e-45, 0.0] * 16)
+    return torch.cat([torch.cat([blocks, ones], 1).reshape(-1), above_one, tiny])
+
+def same(x, spec, levels, choice=bucket):
+    assert tf._flags(x, levels, True, False, choice)["SEARCH"] == tf.SEARCH_BUCKET.value, spec
+    ref = reference_fake_quantize(x, spec, levels)
+    assert torch.equal(tf.fused_fake_quantize(x, spec, levels, choice=choice), ref), spec
+    codes, absmax = tf.fused_quantize(x, spec, levels, choice=choice)
+    ref_codes, ref_absmax, _ = _codes_torch(x, spec, levels, check_finite=True)
+    assert torch.equal(codes.long(), ref_codes.reshape(-1)[: x.numel()].long()), spec
+    assert torch.equal(absmax, ref_absmax), spec
+
+# Every codebook data type at 6..8 bits; a power-of-two block (whole-block programs and a masked tail) and
+# one that is not, bf16 and float32; the two-pass kernel (block None) and `edges` once per data type.
+for dtype, bits in itertools.product(CODEBOOKS, (6, 7, 8)):
+    for block, torch_dtype in itertools.product((64, 100), (torch.bfloat16, torch.float32)):
+        x = (torch.randn(5, 77, generator=g) * 0.02).to(torch_dtype)
+        spec = QuantSpec(dtype, bits, block)
+        same(x, spec, levels_for(x, spec))
+        checked += 1
+    spec = QuantSpec(dtype, bits, None)
+    x = torch.randn(3, 50, generator=g)
+    same(x, spec, levels_for(x, spec))
+
+    levels = levels_for(x, QuantSpec(dtype, bits, 64))
+    same(edges(levels), QuantSpec(dtype, bits, 64), levels)
+    checked += 1
+
+# Windows of 2 and 3 midpoints (the top bucket's start clamped so the window stays inside the mids).
+for n in (2, 3):
+    levels = _levels("close", n)
+    assert kb.bucket_table(levels).window == n
+    for block, torch_dtype in ((64, torch.float32), (100, torch.bfloat16)):
+        x = (torch.randn(5, 77, generator=g) * 0.02).to(torch_dtype)
+        same(x, QuantSpec("quantile", 8, block), levels)
+    same(edges(levels), QuantSpec("quantile", 8, 64), levels)
+    checked += 1
+
+# NaN and Inf blocks (check_finite off): the absmax is NaN for those blocks only; the codes are
+# #(mids < xn) (NaN: 0, all compares false), the outputs are the binary search's. (A NaN block is scaled
+# by 1, so its xn reach beyond 1; an Inf block by 0, so its xn are +-0 and NaN for the +-inf.)
+for dtype, bits in itertools.product(("int", "nf", "fp"), (6, 8)):
+    x = torch.randn(6, 64, generator=g)
+    x[1, 5], x[3, 7], x[4, 0] = float("nan"), float("inf"), float("-inf")
+    spec = QuantSpec(dtype, bits, 64)
+    levels = levels_for(torch.randn(6, 64, generator=g), spec)
+    for block in (64, None):
+        spec = QuantSpec(dtype, bits, block)
+        out, codes, absmax = tf._launch(x, spec, levels, True, torch.uint8, bucket)
+        base_out, base_codes, base_absmax = tf._launch(x, spec, levels, True, torch.uint8)
+        torch.testing.assert_close(out, base_out, rtol=0, atol=0, equal_nan=True)
+        assert torch.equal(codes, base_codes) and torch.equal(absmax.isnan(), base_absmax.isnan())
+        if block == 64:
+            assert torch.equal(absmax.isnan(), torch.tensor([False, True, False, True, True, False]))
+            xn = normalize_rows(x, None, False)[0].reshape(-1)
+            expected = (levels.mids[None, :] < xn[:, None]).sum(1)
+            assert torch.equal(codes.long(), expected), (dtype, bits)
+            assert codes[64 + 5] == codes[3 * 64 + 7] == codes[4 * 64] == 0 and codes.max() > 0
+        checked += 1
+
+# The fallback: a codebook of many equal values has no table and takes the binary search.
+crowded = torch.cat([torch.linspace(-1, -0.5, 100), torch.zeros(101), torch.linspace(0.5, 1, 55)])
+crowded = levels_from_values(crowded)
+x = torch.randn(4, 64, generator=g)
+spec = QuantSpec("quantile", 8, 64)
+out = tf.fused_fake_quantize(x, spec, crowded, choice=bucket)
+assert torch.equal(out, reference_fake_quantize(x, spec, crowded))
+print("checked", checked)
+"""
+
+
+def test_bucket_search_matches_reference_under_interpreter() -> None:
+    repo = Path(__file__).resolve().parents[2]
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    proc = subprocess.run(
+        [sys.executable, "-c", SCRIPT], capture_output=True, text=True, timeout=600, cwd=repo, env=env
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert "checked" in proc.stdout
