@@ -286,7 +286,8 @@ def nvml_total_memory() -> tuple[int, ...] | None:
     library); None where NVML is missing or fails, or the visible set is not a list of indices (UUIDs,
     MIG), so the caller asks CUDA instead."""
     visible = os.environ.get("CUDA_VISIBLE_DEVICES")
-    if visible is not None and not all(part.strip().isdigit() for part in visible.split(",") if part.strip()):
+    parts = None if visible is None else [part.strip() for part in visible.split(",") if part.strip()]
+    if parts is not None and not all(part.isdigit() for part in parts):
         return None
     try:
         lib = ctypes.CDLL("libnvidia-ml.so.1")
@@ -308,9 +309,9 @@ def nvml_total_memory() -> tuple[int, ...] | None:
             totals.append(int(memory.total))
     finally:
         lib.nvmlShutdown()
-    if visible is None:
+    if parts is None:
         return tuple(totals)
-    picked = [int(part) for part in visible.split(",") if part.strip()]
+    picked = [int(part) for part in parts]
     if any(i >= len(totals) for i in picked):
         return None
     # NVML counts in PCI bus order, CUDA fastest first unless CUDA_DEVICE_ORDER=PCI_BUS_ID: the same
