@@ -102,7 +102,9 @@ def test_search_kind_and_fallback() -> None:
     chain, shared, global_, by_bucket = 0, 1, 2, 3
     assert (tf.SEARCH_CHAIN, tf.SEARCH_SHARED, tf.SEARCH_GLOBAL, tf.SEARCH_BUCKET) == (0, 1, 2, 3)
     assert [tf.search_kind(k, bucket) for k in (5, 6, 8, 9)] == [shared, by_bucket, by_bucket, global_]
-    assert tf.search_kind(8, tf.DEFAULT_CHOICE) == shared  # off by default
+    # the default (bucket_from_log2=4, the faster on one H200): k = 3 keeps the binary search
+    assert [tf.search_kind(k, tf.DEFAULT_CHOICE) for k in (3, 4, 8)] == [shared, by_bucket, by_bucket]
+    assert tf.search_kind(8, tf.FusedChoice(bucket_from_log2=0)) == shared  # 0: off
     assert tf.search_kind(6, tf.FusedChoice(bucket_from_log2=6, max_chain_log2=6)) == chain
     assert tf.search_kind(8, tf.FusedChoice(bucket_from_log2=6, max_shared_log2=7)) == global_
     # 40 equal midpoints (a quantile codebook of mostly zeros) need a window of 40: the binary search.

@@ -15,7 +15,8 @@ SEED = int.from_bytes(os.urandom(4), "little")  # fresh inputs every run; printe
 # (shape, bits, block_size, torch_dtype): tails everywhere, both kernel paths (fused: whole-block programs
 # and a masked tail launch; two-pass for block_size=None and blocks wider than MAX_FUSED_BLOCK), 3..8 and
 # 16 bits (shared-memory search, sorted and Eytzinger order; global for 16). Kept short: few compilations.
-# The bucketed search (FusedChoice(bucket_from_log2=6), off by default) has tests of its own below.
+# The default takes the bucketed search from 4 bits (FusedChoice(bucket_from_log2=4)); it has tests of its
+# own below, and `test_every_launch_choice_agrees` keeps the binary search (bucket_from_log2=0) checked.
 CASES = [
     ((1000, 333), 3, 64, torch.bfloat16),
     ((4099, 4096), 4, 64, torch.bfloat16),
@@ -85,7 +86,7 @@ def test_every_launch_choice_agrees(bits: int) -> None:
     from kernels.blockwise import levels_for
     from kernels.triton_fused import FusedChoice, fused_fake_quantize
 
-    choices = [FusedChoice(max_chain_log2=8), FusedChoice(max_shared_log2=0), FusedChoice(bucket_from_log2=6),
+    choices = [FusedChoice(max_chain_log2=8), FusedChoice(max_shared_log2=0), FusedChoice(bucket_from_log2=0),
                FusedChoice(values_per_thread=32), FusedChoice(values_per_thread=8, num_warps=4)]  # fmt: skip
     for salt, (shape, block) in enumerate([((4099, 4096), 64), ((1000, 333), 1024), ((513, 257), None)]):
         w = _fresh(shape, torch.bfloat16, 100 + salt)

@@ -58,7 +58,8 @@ from kernels.blockwise import _codes_torch, reference_fake_quantize
 from kernels.codebooks import levels_from_values
 
 shapes = {64: (65, 64), 128: (2137, 2), 1024: (1, 4196), 100: (3, 70), None: (5, 77)}  # tails 0, 50, 100, 10
-small = triton_fused.FusedChoice(values_per_thread=4, num_warps=2)  # more, smaller programs and launches
+# more, smaller programs and launches, with the binary search (the default takes the bucketed one from k = 4)
+small = triton_fused.FusedChoice(values_per_thread=4, num_warps=2, bucket_from_log2=0)
 chain = triton_fused.FusedChoice(max_chain_log2=8)
 in_global = triton_fused.FusedChoice(max_shared_log2=0)
 bucket = triton_fused.FusedChoice(bucket_from_log2=6, values_per_thread=4, num_warps=2)
