@@ -335,6 +335,18 @@ build_model('tiny', Path('/tmp/prof/model'), 'cuda', Path('.carry/data'))" >/dev
   timeout $(($(left) - 5)) python3 benchmarks/startup.py --shape $SHAPE --data-root .carry/data \
     --out "$OUT/startup-h200-$SHAPE.json" >"$OUT/startup.log" 2>&1; echo "startup exit $?"; tail -24 "$OUT/startup.log"
   ;;
-*) echo "unknown phase $phase; use study, resume, final, after, tune, retuned, heldout, compile, gptq, gptq-study, gptq-1.4b, pending or startup" >&2; exit 2 ;;
+profile)
+  # tenth session (~2 min): where a worker's start goes on this host (benchmarks/worker_profile.py), twice on
+  # a 1.4B-shape model: the first pays this bare machine's bytecode compiles, the second is the warm one
+  SHAPE=${SHAPE:-pythia-1.4b}
+  python3 -c "import sys; sys.path.insert(0, '.'); from pathlib import Path; from benchmarks.evaluation import build_model
+build_model('$SHAPE', Path('/tmp/prof14/model'), 'cuda', Path('.carry/data'))" >/dev/null 2>&1
+  for run in first second; do
+    timeout 150 python3 benchmarks/worker_profile.py --model /tmp/prof14/model --out "$OUT/worker-profile-$run.json" \
+      >"$OUT/worker-profile-$run.log" 2>&1; echo "worker profile ($run) exit $?"
+  done
+  grep -v -i -E "warn|it/s\]" "$OUT/worker-profile-second.log" | head -90
+  ;;
+*) echo "unknown phase $phase; use study, resume, final, after, tune, retuned, heldout, compile, gptq, gptq-study, gptq-1.4b, pending, startup or profile" >&2; exit 2 ;;
 esac
 echo "phase $phase done in $((SECONDS - start)) s"
