@@ -13,12 +13,27 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from pipeline.config import RayConfig
 from pipeline.startup import log_phase
 
+if TYPE_CHECKING:  # not at run time: `pipeline.prestart` imports this module before the config's imports
+    from pipeline.config import RayConfig
+
 log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class RayStart:
+    """What starting or joining Ray takes from the config (`connect`): where, and a local cluster's size."""
+
+    address: str | None = None
+    num_cpus: int | None = None
+    num_gpus: int | None = None
+
+    @classmethod
+    def of(cls, cfg: RayConfig | RayStart) -> RayStart:
+        return cls(cfg.address, cfg.num_cpus, cfg.num_gpus)
 
 
 @dataclass(frozen=True)
@@ -57,7 +72,7 @@ def plan_workers(cfg: RayConfig, resources: dict[str, float], n_jobs: int) -> Wo
 NO_PRESTART = {"prestart_worker_first_driver": False, "enable_worker_prestart": False}
 
 
-def connect(cfg: RayConfig) -> bool:
+def connect(cfg: RayConfig | RayStart) -> bool:
     """Start the embedded local cluster (address None) or join one; True if this call started Ray."""
     import ray
 
@@ -127,27 +142,36 @@ class EarlyStart:
 
     def __init__(
         self,
-        cfg: RayConfig,
-        max_jobs: int,
-        results_root: Path,
+        cfg: RayConfig | RayStart,
+        max_jobs: int = 0,
+        results_root: Path | None = None,
         plugins: Sequence[str] = (),
         workers: bool = True,
     ) -> None:
-        self.cfg = cfg
+        self.cfg = cfg  # a bare `RayStart`: a start on a guess, until `adopt` gives it the config
         self.started = False  # whether this start started Ray (then `cancel` stops it)
         self.workers: list[Any] = []
         self.options: dict[str, Any] = {}
+        self._plan_args = (max_jobs, results_root, tuple(plugins))
         self._error: BaseException | None = None
         self._ready, self._release, self._go = threading.Event(), threading.Event(), threading.Event()
         self._cancelled = False
         self.connected = threading.Event()  # set once Ray is up (or its start failed)
         if workers:
             self._go.set()
-        args = (max_jobs, results_root, tuple(plugins))
-        self._thread = threading.Thread(target=self._start, args=args, name="ray-early-start", daemon=True)
+        self._thread = threading.Thread(target=self._start, name="ray-early-start", daemon=True)
         self._thread.start()
 
-    def _start(self, max_jobs: int, results_root: Path, plugins: tuple[str, ...]) -> None:
+    def adopt(self, cfg: RayConfig, max_jobs: int, results_root: Path, plugins: Sequence[str] = ()) -> bool:
+        """Take over a start made before the config was composed (`pipeline.prestart`): True when it
+        starts the Ray that `cfg` asks for, and then its workers (not started yet) follow `cfg`; False
+        (nothing changed) otherwise, and the caller cancels it."""
+        if self._go.is_set() or RayStart.of(cfg) != RayStart.of(self.cfg):
+            return False
+        self.cfg, self._plan_args = cfg, (max_jobs, results_root, tuple(plugins))
+        return True
+
+    def _start(self) -> None:
         start = time.perf_counter()
         try:
             import ray
@@ -156,7 +180,8 @@ class EarlyStart:
             log_phase("ray_start", time.perf_counter() - start)
             self.connected.set()
             self._go.wait()  # `proceed`: pre-flight passed (or `cancel`)
-            if not self._cancelled:
+            max_jobs, results_root, plugins = self._plan_args
+            if not self._cancelled and results_root is not None and not isinstance(self.cfg, RayStart):
                 created = time.perf_counter()
                 plan = plan_workers(self.cfg, ray.cluster_resources(), max_jobs)
                 self.options = plan.options

@@ -22,6 +22,10 @@ if __name__ == "__main__" and {"-h", "--help"} & set(sys.argv[1:]):  # answer be
 
     print(help_text())
     raise SystemExit(0)
+if __name__ == "__main__":  # Ray starts now, on a guess from the arguments, while the imports below run
+    from pipeline.prestart import prestart
+
+    prestart(sys.argv[1:])
 
 import dataclasses
 import logging
@@ -324,23 +328,35 @@ def start_early(cells: Sequence[Config]) -> EarlyStart | None:
     """Start an embedded Ray cluster on a background thread while the driver runs pre-flight and
     builds the jobs (model and data fingerprints, ladders, finished jobs) (`EarlyStart`); its workers
     wait for `EarlyStart.proceed`, which the driver calls once pre-flight has passed, so bad input never
-    starts a worker or touches a GPU. Not for a dry run, a cluster joined by address (`ray.address`),
-    with `KBIT_EARLY_START=0`, or when a run-wide check (Ray settings, results folder) fails."""
+    starts a worker or touches a GPU. A start already made on the driver's first line
+    (`pipeline.prestart`) is adopted when it started the Ray these cells ask for, else cancelled. Not
+    for a dry run, a cluster joined by address (`ray.address`), with `KBIT_EARLY_START=0`, or when a
+    run-wide check (Ray settings, results folder) fails."""
+    from pipeline import prestart
+
+    guessed = prestart.take()
     first = cells[0]
-    if first.dry_run or first.ray.address is not None or os.environ.get("KBIT_EARLY_START", "1") == "0":
-        return None
     root = project_path(first.results_root)
     studies = sorted({cell.study for cell in cells})
     if (
-        run_wide_problems(cells)
+        first.dry_run
+        or first.ray.address is not None
+        or os.environ.get("KBIT_EARLY_START", "1") == "0"
+        or run_wide_problems(cells)
         or ray_problems(first.ray)
         or any(results_problems(root, s, False) for s in studies)
     ):
+        if guessed is not None:
+            guessed.cancel()
         return None
     from pipeline.cluster import EarlyStart
 
-    if first.verbose:  # read by every worker (pipeline.evals.lmeval.verbose): set before Ray starts
+    if first.verbose:  # read by every worker (pipeline.evals.lmeval.verbose): set before they start
         os.environ["KBIT_VERBOSE"] = "1"
+    if guessed is not None:
+        if guessed.adopt(first.ray, len(cells), root, tuple(first.plugins)):
+            return guessed
+        guessed.cancel()
     return EarlyStart(first.ray, len(cells), root, tuple(first.plugins), workers=False)
 
 
@@ -349,8 +365,11 @@ def _main(args: list[str]) -> int:
     try:
         return _run(args, starts)
     finally:
-        for early in starts:
-            early.cancel()  # a no-op once run_on_ray has taken the cluster and the workers
+        from pipeline import prestart
+
+        for early in [*starts, prestart.take()]:  # a start on a guess is still here if nothing took it
+            if early is not None:
+                early.cancel()  # a no-op once run_on_ray has taken the cluster and the workers
 
 
 def _run(args: list[str], starts: list[EarlyStart]) -> int:

@@ -76,3 +76,75 @@ def test_workers_wait_for_proceed(tmp_path):
     assert early.started and len(early.workers) == 1
     early.cancel()
     assert not ray.is_initialized() and not early.workers
+
+
+def test_the_guess_reads_ray_settings_from_the_arguments_or_declines(monkeypatch):
+    from pipeline.cluster import RayStart
+    from pipeline.prestart import guess
+
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    monkeypatch.delenv("KBIT_EARLY_START", raising=False)
+    assert guess([]) == RayStart()  # the demo study: Ray's own detection
+    assert guess(["-m", "quant.bits=3,4", "ray.num_cpus=2", "+ray.num_gpus=null"]) == RayStart(num_cpus=2)
+    assert guess(["ray.num_gpus=1", "dry_run=false"]) == RayStart(num_gpus=1)
+    for declined in (
+        ["-m", "dry_run=true"], ["--cfg"], ["--help"], ["ray.address=auto"], ["ray=cluster"],
+        ["ray.num_cpus=1,2"], ["ray.num_gpus=two"], ["--bogus"],
+    ):  # fmt: skip
+        assert guess(declined) is None, declined
+    monkeypatch.setenv("KBIT_EARLY_START", "0")
+    assert guess([]) is None
+    monkeypatch.setenv("KBIT_EARLY_START", "1")
+    monkeypatch.setenv("RAY_ADDRESS", "127.0.0.1:6379")  # ray.init would join that cluster
+    assert guess([]) is None
+
+
+@pytest.mark.slow
+def test_a_start_on_a_guess_is_adopted_when_it_asks_for_the_same_ray(tmp_path, monkeypatch):
+    import ray
+
+    from pipeline import prestart
+    from pipeline.run import start_early
+    from pipeline.sweep import expand, plan_sweep
+
+    monkeypatch.delenv("KBIT_EARLY_START", raising=False)
+    if ray.is_initialized():
+        ray.shutdown()
+    argv = [f"results_root={tmp_path}", "eval.tasks=[]", "ray.num_cpus=1", "ray.max_workers=1"]
+    prestart.prestart(["-m", *argv])
+    guessed = prestart._PENDING[0]
+    early = start_early(expand(plan_sweep(argv, True)))
+    assert early is guessed and prestart.take() is None  # adopted: one Ray start, not two
+    assert early.cfg.max_workers == 1  # the workers follow the composed config
+    early.proceed()
+    early.wait()
+    assert early.started and len(early.workers) == 1
+    early.cancel()
+    assert not ray.is_initialized()
+
+
+def test_a_wrong_guess_is_cancelled_and_bad_input_still_stops_ray(tmp_path, capsys, monkeypatch):
+    import ray
+
+    import pipeline.cluster as cluster
+    from pipeline import prestart
+    from pipeline.run import main
+
+    made: list[cluster.EarlyStart] = []
+
+    class Recorded(cluster.EarlyStart):  # the real start, kept
+        def __init__(self, *args, **kwargs) -> None:
+            super().__init__(*args, **kwargs)
+            made.append(self)
+
+    monkeypatch.setattr(cluster, "EarlyStart", Recorded)
+    monkeypatch.delenv("KBIT_EARLY_START", raising=False)
+    if ray.is_initialized():
+        ray.shutdown()
+    prestart.prestart(["-m", "ray.num_cpus=2"])  # the config below asks for one CPU (a sweep file, say)
+    argv = ["-m", f"results_root={tmp_path}", "eval.tasks=[]", "ray.num_cpus=1", "quant.bits=1"]
+    assert main(argv) == 2 and "bits=1" in capsys.readouterr().err
+    assert len(made) == 2 and made[0].cfg == cluster.RayStart(num_cpus=2)  # the guess, then the right one
+    assert not any(start.workers or start._thread.is_alive() for start in made)  # both undone
+    assert prestart.take() is None and not ray.is_initialized()
+    assert list(tmp_path.iterdir()) == []  # nothing written
