@@ -346,6 +346,11 @@ build_model('$SHAPE', Path('/tmp/prof14/model'), 'cuda', Path('.carry/data'))" >
       >"$OUT/worker-profile-$run.log" 2>&1; echo "worker profile ($run) exit $?"
   done
   grep -v -i -E "warn|it/s\]" "$OUT/worker-profile-second.log" | head -90
+  # is it this host's /tmp? the same imports from a copy of the packages in /dev/shm (RAM), each twice
+  cp -r /tmp/site /dev/shm/site 2>/dev/null && for where in /tmp/site /dev/shm/site /tmp/site /dev/shm/site; do
+    PYTHONPATH=$where:$PWD python3 -c "import time; t = time.perf_counter(); import torch, transformers, pandas, ray
+from transformers import modeling_utils; print('imports from $where: %.2f s' % (time.perf_counter() - t))"
+  done; df -h /tmp /dev/shm | tail -2
   ;;
 *) echo "unknown phase $phase; use study, resume, final, after, tune, retuned, heldout, compile, gptq, gptq-study, gptq-1.4b, pending, startup or profile" >&2; exit 2 ;;
 esac
