@@ -79,6 +79,10 @@ def connect(cfg: RayConfig | RayStart) -> bool:
     if ray.is_initialized():
         return False
     kwargs: dict[str, Any] = {"include_dashboard": False, "log_to_driver": True}
+    if getattr(cfg, "keep_workers", False):  # kept workers are named in their own namespace
+        from pipeline.kept import NAMESPACE
+
+        kwargs["namespace"] = NAMESPACE
     if cfg.address is None:
         kwargs.update(num_cpus=cfg.num_cpus, num_gpus=cfg.num_gpus, _system_config=NO_PRESTART)
     if not os.environ.get("KBIT_VERBOSE"):  # token auth stays on (Ray's default); only its notice goes
@@ -105,8 +109,10 @@ def start_workers(
     max_restarts: int,
     worker_cls: Any = None,
     plugins: Sequence[str] = (),
+    keep: bool = False,
 ) -> list[Any]:
-    """Create the worker actors (default class: `pipeline.worker.ModelWorker`); each imports `plugins`."""
+    """Create the worker actors (default class: `pipeline.worker.ModelWorker`); each imports `plugins`.
+    `keep`: named, detached actors that outlive the command, reused when alive (`pipeline.kept`)."""
     import ray
 
     from pipeline.worker import ModelWorker
@@ -115,12 +121,17 @@ def start_workers(
         "TQDM_DISABLE": os.environ.get("TQDM_DISABLE", "0" if os.environ.get("KBIT_VERBOSE") else "1"),
         "KBIT_VERBOSE": os.environ.get("KBIT_VERBOSE", ""),
     }
-    actor = ray.remote(worker_cls or ModelWorker).options(
-        **plan.options, max_restarts=max_restarts, runtime_env={"env_vars": quiet}
-    )
+    cls = worker_cls or ModelWorker
+    remote_cls = ray.remote(cls)
+    options = {**plan.options, "max_restarts": max_restarts, "runtime_env": {"env_vars": quiet}}
     sharded = {"gpus_per_worker": plan.gpus_per_worker} if plan.gpus_per_worker > 1 else {}
     args = (str(results_root), plan.cpu_threads, list(plugins))
-    return [actor.remote(*args, **sharded) for _ in range(plan.count)]
+    if keep:
+        from pipeline.kept import start_kept
+
+        name = f"{cls.__module__}.{cls.__qualname__}"
+        return start_kept(remote_cls, name, options, args, sharded, plan.count)
+    return [remote_cls.options(**options).remote(*args, **sharded) for _ in range(plan.count)]
 
 
 class EarlyStart:

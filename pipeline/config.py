@@ -167,6 +167,7 @@ class RayConfig:
     max_workers: int | None = None  # cap on worker actors; None: as many as the resources allow
     max_attempts: int = 3  # a job whose worker dies this many times is recorded as failed
     in_flight_per_worker: int = 2  # jobs queued on each actor, so it never waits for the driver
+    keep_workers: bool = False  # a joined cluster only: workers (and their models) outlive the command
 
 
 @dataclass

@@ -124,7 +124,8 @@ def run_on_ray(
         else:
             if early is not None:
                 early.take(0)
-            workers = start_workers(plan, results_root, cfg.max_attempts, worker_cls, plugins)
+            keep = cfg.keep_workers
+            workers = start_workers(plan, results_root, cfg.max_attempts, worker_cls, plugins, keep)
         log.info("%d worker(s), each %s", len(workers), plan.options)
         jobs = resolve_compile(jobs, len(workers))
         run_jobs(
@@ -133,7 +134,10 @@ def run_on_ray(
             max_new_workers=NEW_WORKERS_PER_WORKER * len(workers),
         )  # fmt: skip
     finally:
-        for actor in workers:
+        if cfg.keep_workers and workers:
+            log.info("%d worker(s) kept for the next command (python -m pipeline.kept release frees them)",
+                     len(workers))  # fmt: skip
+        for actor in workers if not cfg.keep_workers else ():
             ray.kill(actor)
         if started:
             ray.shutdown()

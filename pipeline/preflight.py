@@ -304,6 +304,11 @@ def ray_problems(ray: RayConfig) -> list[str]:
             f"ray.gpus_per_worker={ray.gpus_per_worker} but ray.num_gpus={ray.num_gpus}: a worker needs "
             "that many GPUs of one node; lower gpus_per_worker or raise num_gpus"
         )
+    if ray.keep_workers and ray.address is None:
+        problems.append(
+            "ray.keep_workers=true needs a Ray cluster that outlives the command: start one with "
+            "`ray start --head` and add ray=cluster (ray.address=auto)"
+        )
     problem = address_problem(ray.address)
     return problems + ([problem] if problem else [])
 
