@@ -37,6 +37,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -55,7 +56,7 @@ DTYPES = ["int", "fp", "nf", "quantile", "dynamic"]
 BLOCKS: list[int | None] = [64, 1024, None]
 QUICK_COMPILE = [("nf", 4, 64)]  # configs (dtype, bits, block) given a torch.compile column in --quick
 # Other fixed launch choices of the kernel a run may time besides the default (FusedChoice fields).
-CHOICES: dict[str, dict[str, int]] = {
+CHOICES: dict[str, dict[str, Any]] = {  # FusedChoice fields and their values (int or bool)
     "chain4": {"max_chain_log2": 4},  # compare-select chain over register-held midpoints for k <= 4
     "global": {"max_shared_log2": 0},  # binary search read through L1 (the old search, new launch shape)
     "bucket6": {"bucket_from_log2": 6},  # k >= 6: a bucket table from xn's bits, then 1..4 compares
@@ -64,6 +65,17 @@ CHOICES: dict[str, dict[str, int]] = {
     "vpt8": {"values_per_thread": 8},
     "w4": {"num_warps": 4},  # the default since the ninth session
     "w8": {"num_warps": 8},  # the default before
+    # Bucketed search (k >= 4 by default), window of one: two gathers indexed by the bucket, none waiting
+    # for another (12 bytes a bucket per program; tables of <= 1024 buckets, else the chained lookup).
+    "ind": {"independent": True},
+    "first": {"tables_first": True},  # the search's tables loaded before the weights (latency overlapped)
+    "ind+first": {"independent": True, "tables_first": True},
+    # Persistent programs (unmasked launch): tables loaded once, the next tile's weights loaded while the
+    # current one is quantized; this many a multiprocessor, fewer where its registers do not fit them.
+    "persist": {"programs_per_sm": 8},
+    "persist4": {"programs_per_sm": 4},
+    "ind+persist": {"independent": True, "programs_per_sm": 8},
+    "persist+vpt8": {"programs_per_sm": 16, "values_per_thread": 8},
 }
 
 

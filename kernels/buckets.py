@@ -1,13 +1,18 @@
-"""The host side of the fused quantizer's bucketed search (`triton_fused.SEARCH_BUCKET`): how float32 xn
-splits into buckets by its bits, and per codebook the table of each bucket's first code and the window of
-compares that finishes it. Pure torch (no Triton), so it is tested and reasoned about on its own; the
-kernel's `_bucket` mirrors `bucket_index` step for step.
+"""The host side of the fused quantizer's codebook tables (`kernels.triton_fused`): the bucketed search
+(`SEARCH_BUCKET`): how float32 xn splits into buckets by its bits, per codebook the table of each bucket's
+first code and the window of compares that finishes it, and for windows of one midpoint the per-bucket
+tables of the independent lookup (`bucket_pairs`); the Eytzinger order of the shared-memory binary search;
+the padded values; the launch geometry (rows a program, launches, persistent programs). Pure torch (no
+Triton), so it is tested and reasoned about on its own; the kernel's
+`_bucket` mirrors `bucket_index` step for step.
 """
 
 from __future__ import annotations
 
 import functools
+import math
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -17,6 +22,9 @@ from kernels.codebooks import Levels
 BUCKET_MAX_LEVELS_LOG2 = 8  # the bucketed search takes codebooks of up to 2^8 entries (uint8 starts)
 MAX_BUCKETS_LOG2 = 11  # buckets per sign: tables of <= 4096 entries (bytes), copied by every program
 MAX_WINDOW = 4  # a bucketed search comparing more midpoints than this falls back to the binary search
+# The independent lookup copies 12 bytes a bucket per program (held in registers: 24 per thread at 1024
+# buckets and 128 threads); codebooks whose table has more buckets keep the chained lookup.
+MAX_PAIR_BUCKETS = 1024
 
 
 @dataclass(frozen=True)
@@ -45,7 +53,7 @@ class Buckets:
 
 @dataclass(frozen=True, eq=False)
 class BucketTable:
-    """The bucketed search's first guess for one codebook (see `_nearest_code_bucket`).
+    """The bucketed search's first guess for one codebook (see `triton_fused._bucket_lookup`).
 
     Attributes:
         buckets: the bucket geometry.
@@ -110,3 +118,126 @@ def bucket_table(levels: Levels) -> BucketTable | None:
         return None
     starts = _starts_and_window(mids, buckets)[0].clamp(max=mids.numel() - window)
     return BucketTable(buckets, starts.to(torch.uint8).to(levels.mids.device), window)
+
+
+@dataclass(frozen=True, eq=False)
+class BucketPairs:
+    """Per-bucket tables of the independent lookup (window 1; see `triton_fused._bucket_lookup`).
+
+    With one midpoint in the window, code = start + (mids[start] < xn), so every table the lookup reads
+    can be indexed by the bucket: no gather waits for another.
+
+    Attributes:
+        starts: `BucketTable.starts`.
+        mids: float32 [2 x 2^log2_buckets]: mids[start[b]], the reference's own compare operand.
+        values: int64 [2 x 2^log2_buckets]: the float32 bits of values[start[b]] (low 32 bits) and of
+            values[start[b] + 1] (high 32 bits; values[start[b]] where that is past the last value, which
+            only a +inf midpoint can lead to, and it never does).
+    """
+
+    starts: Tensor
+    mids: Tensor
+    values: Tensor
+
+
+def _float_bits(v: Tensor) -> Tensor:
+    return v.contiguous().view(torch.int32).to(torch.int64) & 0xFFFFFFFF
+
+
+@functools.lru_cache(maxsize=64)
+def bucket_pairs(levels: Levels) -> BucketPairs | None:
+    """The independent lookup's tables for these levels; None where `bucket_table` has none, its window
+    is over one midpoint, or it has more than MAX_PAIR_BUCKETS buckets. Cached per Levels object."""
+    table = bucket_table(levels)
+    if table is None or table.window != 1 or table.starts.numel() > MAX_PAIR_BUCKETS:
+        return None
+    starts, last = table.starts.long(), levels.values.numel() - 1
+    low = _float_bits(levels.values[starts.clamp(max=last)])
+    high = _float_bits(levels.values[(starts + 1).clamp(max=last)])
+    return BucketPairs(table.starts, levels.mids[starts].contiguous(), low | (high << 32))  # << wraps
+
+
+@functools.lru_cache(maxsize=16)
+def _eytzinger_order(log2_levels: int) -> Tensor:
+    """Sorted index of each node 1..2^k - 1 of a complete binary search tree, level by level, after the
+    +inf padding entry (index 2^k - 1) at position 0, which the search never reads."""
+    nodes = torch.arange(1, 1 << log2_levels)  # node i: level = bit length - 1, position = the rest
+    level = torch.floor(torch.log2(nodes.double())).long()
+    position = nodes - (1 << level)
+    return torch.cat([nodes[-1:], (2 * position + 1) * (1 << (log2_levels - 1 - level)) - 1])
+
+
+@functools.lru_cache(maxsize=64)
+def eytzinger_mids(levels: Levels) -> Tensor:
+    """levels.mids in the order `triton_fused._nearest_code_shared` reads them (the +inf padding first).
+
+    Cached per Levels object, as static levels are; levels must not be modified after the first call.
+    """
+    log2_levels = levels.mids.numel().bit_length() - 1
+    return levels.mids[_eytzinger_order(log2_levels).to(levels.mids.device)]
+
+
+@functools.lru_cache(maxsize=64)
+def padded_values(levels: Levels) -> Tensor:
+    """levels.values padded with its last value to levels.mids.numel() entries (the chain reads them all)."""
+    values, size = levels.values, levels.mids.numel()
+    return torch.cat([values, values[-1:].expand(size - values.numel())]) if values.numel() < size else values
+
+
+def _next_power_of_2(n: int) -> int:
+    return 1 << max(0, n - 1).bit_length()
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def block_absmax(flat: Tensor, block: int) -> Tensor:
+    """float32 absmax of each block of a flat tensor (tail block included); NaN/Inf propagate."""
+    n = flat.numel()
+    n_full = n // block
+    parts = []
+    if n_full:
+        lo, hi = torch.aminmax(flat[: n_full * block].view(n_full, block), dim=1)
+        parts.append(torch.maximum(-lo, hi))
+    if n_full * block < n:
+        lo, hi = torch.aminmax(flat[n_full * block :])
+        parts.append(torch.maximum(-lo, hi).reshape(1))
+    return torch.cat(parts).to(torch.float32)
+
+
+def fused_config(block: int, n_blocks: int, values_per_thread: int, num_warps: int) -> tuple[int, int]:
+    """(rows per program, num_warps) of the one-pass kernel for this block size."""
+    block_p2 = _next_power_of_2(block)
+    tile = values_per_thread * 32 * num_warps
+    rows = max(1, min(tile // block_p2, _next_power_of_2(n_blocks)))
+    return rows, num_warps if rows * block_p2 >= tile else 4
+
+
+def fused_launches(n: int, block: int, rows: int) -> list[tuple[int, int, bool]]:
+    """(first row, programs, masked) per launch: programs of whole blocks run unmasked, the rest masked."""
+    n_blocks = math.ceil(n / block)
+    if block != _next_power_of_2(block):
+        return [(0, _cdiv(n_blocks, rows), True)]
+    whole = n // (rows * block)
+    launches = [(0, whole, False)] if whole else []
+    if whole * rows < n_blocks:
+        launches.append((whole * rows, _cdiv(n_blocks - whole * rows, rows), True))
+    return launches
+
+
+def persistent_programs(kernel: Any, num_warps: int, per_sm: int) -> int:
+    """Programs of a persistent launch: per_sm a streaming multiprocessor, at most as many as it holds at
+    once (registers, shared memory, threads), so none waits for another to finish its loop. A CPU
+    (interpreter) counts as 4 multiprocessors, so the test loops run over a few tiles."""
+    if kernel is None:
+        return 4 * per_sm
+    _ = kernel.run  # loads the binary, which sets n_regs
+    props = torch.cuda.get_device_properties(torch.cuda.current_device())
+    warp_regs = -(-kernel.n_regs * 32 // 256) * 256  # registers are allocated 256 to a warp at a time
+    held = min(
+        getattr(props, "regs_per_multiprocessor", 65536) // (warp_regs * num_warps),
+        props.max_threads_per_multi_processor // (32 * num_warps),
+        getattr(props, "shared_memory_per_multiprocessor", 233472) // (kernel.metadata.shared + 1024),
+    )
+    return props.multi_processor_count * max(1, min(per_sm, held))

@@ -13,8 +13,9 @@ level's probes do not collide in one bank); larger codebooks (up to 2^16) are re
 `FusedChoice` also offers a compare-select chain over midpoints held in registers (no lookups at all),
 which costs 2 x (2^k - 1) instructions per value, and for large codebooks a bucketed search: a table
 indexed by xn's sign, exponent and top mantissa bits gives the code of the bucket's lowest float, and one
-to four compares finish it (see `_nearest_code_bucket`). Fixed choices, compared by the benchmark, no
-autotuning.
+to four compares finish it (see `_bucket_lookup`; opt-in: per-bucket tables read in independent
+gathers, the tables loaded before the weights, persistent programs). Fixed choices, compared by the
+benchmark, no autotuning.
 Programs that cover only whole blocks run without masks (one launch); a second, masked launch takes the
 tail. Offsets inside a program are int32 from an int64 base pointer, so address arithmetic stays cheap;
 one NaN-propagating max gives both the absmax and the non-finite flag.
@@ -27,7 +28,6 @@ outputs equal the reference's bit for bit. Written for Triton 3.6 and 3.9.
 
 from __future__ import annotations
 
-import functools
 import math
 import os
 from dataclasses import dataclass
@@ -38,7 +38,17 @@ import triton.language as tl
 from torch import Tensor
 
 from kernels import scaling
-from kernels.buckets import BUCKET_MAX_LEVELS_LOG2, bucket_table
+from kernels.buckets import (
+    BUCKET_MAX_LEVELS_LOG2,
+    block_absmax,
+    bucket_pairs,
+    bucket_table,
+    eytzinger_mids,
+    fused_config,
+    fused_launches,
+    padded_values,
+    persistent_programs,
+)
 from kernels.codebooks import Levels
 from kernels.scaling import check_finite_absmax, effective_block_size
 from kernels.spec import QuantSpec
@@ -67,6 +77,12 @@ class FusedChoice:
             bucketed search where `bucket_table` finds a table for them, else the binary search (0: never).
             4 (tenth session, one H200, `--choices bucket6,bucket4`): at 4 bits 0.078 -> 0.076 ms, at 8
             bits 0.144 -> 0.109 ms (int) and 0.140 -> 0.087 ms (fp) on 8192x8192, 3 bits unchanged.
+        independent: a bucketed search with a window of one reads per-bucket tables (`bucket_pairs`, <=
+            1024 buckets, 12 bytes each a program) in two gathers that wait for nothing (`_bucket_lookup`).
+        tables_first: the bucketed search's tables are loaded before the weights, not after the absmax.
+        programs_per_sm: 0: a program a tile. Else the unmasked launch runs this many persistent programs a
+            multiprocessor (fewer where they do not fit), each loading its tables once and looping over
+            tiles, the next tile's weights loaded while it quantizes the current one.
     """
 
     max_chain_log2: int = 0
@@ -74,6 +90,9 @@ class FusedChoice:
     values_per_thread: int = 16
     num_warps: int = 4
     bucket_from_log2: int = 4
+    independent: bool = False
+    tables_first: bool = False
+    programs_per_sm: int = 0
 
 
 DEFAULT_CHOICE = FusedChoice()
@@ -148,34 +167,85 @@ def _bucket(xn, BUCKET_SHIFT: tl.constexpr, BUCKET_FIRST: tl.constexpr, BUCKET_L
 
 
 @triton.jit
-def _nearest_code_bucket(
-    xn, mids_ptr, starts_ptr, LOG2_LEVELS: tl.constexpr, BUCKET_SHIFT: tl.constexpr,
-    BUCKET_FIRST: tl.constexpr, BUCKET_LOG2: tl.constexpr, WINDOW: tl.constexpr,
+def _bucket_tables(
+    starts_ptr, mids_ptr, values_ptr, LOG2_LEVELS: tl.constexpr, BUCKET_LOG2: tl.constexpr,
+    INDEPENDENT: tl.constexpr,
 ):  # fmt: skip
-    # #(mids < xn) over sorted mids: a table gives start = #(mids below xn's bucket) (clamped to at most
-    # 2^k - WINDOW), and at most WINDOW mids lie between it and xn (`bucket_table` computes both from the
-    # mids), so WINDOW of the reference's own compares count the rest. Both tables sit in shared memory.
-    starts = tl.load(starts_ptr + tl.arange(0, 2 << BUCKET_LOG2))
-    mids = tl.load(mids_ptr + tl.arange(0, 1 << LOG2_LEVELS))
-    start = tl.gather(starts, _bucket(xn, BUCKET_SHIFT, BUCKET_FIRST, BUCKET_LOG2), 0).to(tl.int32)
-    code = start
-    for j in tl.static_range(WINDOW):
-        code += (tl.gather(mids, start + j, 0) < xn).to(tl.int32)
-    return code
+    # The bucketed search's tables (tl.gather copies each into shared memory where it is read): the starts
+    # and, INDEPENDENT, each bucket's midpoint and value pair, else the sorted mids and the values.
+    buckets = tl.arange(0, 2 << BUCKET_LOG2)
+    starts = tl.load(starts_ptr + buckets)
+    if INDEPENDENT:
+        mids = tl.load(mids_ptr + buckets)
+        values = tl.load(values_ptr + buckets)
+    else:
+        mids = tl.load(mids_ptr + tl.arange(0, 1 << LOG2_LEVELS))
+        values = tl.load(values_ptr + tl.arange(0, 1 << LOG2_LEVELS))
+    return starts, mids, values
+
+
+@triton.jit
+def _tables_first(
+    starts_ptr, mids_ptr, values_ptr, LOG2_LEVELS: tl.constexpr, SEARCH: tl.constexpr,
+    BUCKET_LOG2: tl.constexpr, INDEPENDENT: tl.constexpr, TABLES_FIRST: tl.constexpr,
+):  # fmt: skip
+    # TABLES_FIRST: the bucketed search's tables, loaded before the weights so that their latency hides
+    # behind the weights'. Else placeholders: the searches load their tables where they use them.
+    if SEARCH == SEARCH_BUCKET and TABLES_FIRST:
+        starts, mids, values = _bucket_tables(
+            starts_ptr, mids_ptr, values_ptr, LOG2_LEVELS, BUCKET_LOG2, INDEPENDENT
+        )  # fmt: skip
+    else:
+        starts, mids, values = tl.zeros([1], tl.uint8), tl.zeros([1], tl.float32), tl.zeros([1], tl.float32)
+    return starts, mids, values
+
+
+@triton.jit
+def _bucket_lookup(
+    xn, starts, mids, values, values_ptr, LOG2_LEVELS: tl.constexpr, BUCKET_SHIFT: tl.constexpr,
+    BUCKET_FIRST: tl.constexpr, BUCKET_LOG2: tl.constexpr, WINDOW: tl.constexpr, INDEPENDENT: tl.constexpr,
+    TABLES_FIRST: tl.constexpr,
+):  # fmt: skip
+    # (#(mids < xn), values[code]) over sorted mids: the starts table gives start = #(mids below xn's
+    # bucket) (clamped to at most 2^k - WINDOW), and at most WINDOW mids lie between it and xn
+    # (`bucket_table` computes both from the mids), so WINDOW of the reference's own compares count the
+    # rest, then values[code]: gathers that each wait for the last. INDEPENDENT (a window of one): the
+    # same compare, mids[start] < xn, and values[start] or values[start + 1], from per-bucket tables
+    # (`bucket_pairs`), all indexed by the bucket. The value pair is one int64 gather (one 64-bit shared
+    # load, its halves two registers) rather than two float32 ones: one load and address less a value.
+    # Without TABLES_FIRST the values are loaded after the search, as the default search does.
+    bucket = _bucket(xn, BUCKET_SHIFT, BUCKET_FIRST, BUCKET_LOG2)
+    if INDEPENDENT:
+        above = tl.gather(mids, bucket, 0) < xn
+        pair = tl.gather(values, bucket, 0)
+        value = tl.where(above, (pair >> 32).to(tl.int32), pair.to(tl.int32)).to(tl.float32, bitcast=True)
+        code = tl.gather(starts, bucket, 0).to(tl.int32) + above.to(tl.int32)
+    else:
+        start = tl.gather(starts, bucket, 0).to(tl.int32)
+        code = start
+        for j in tl.static_range(WINDOW):
+            code += (tl.gather(mids, start + j, 0) < xn).to(tl.int32)
+        if TABLES_FIRST:
+            value = tl.gather(values, code, 0)
+        else:
+            value = tl.gather(tl.load(values_ptr + tl.arange(0, 1 << LOG2_LEVELS)), code, 0)
+    return code, value
 
 
 @triton.jit
 def _nearest(
-    xn, mids_ptr, values_ptr, starts_ptr,
+    xn, mids_ptr, values_ptr, starts_ptr, starts, mids, values,
     LOG2_LEVELS: tl.constexpr, SEARCH: tl.constexpr, STORE_OUT: tl.constexpr, STORE_CODES: tl.constexpr,
     BUCKET_SHIFT: tl.constexpr, BUCKET_FIRST: tl.constexpr, BUCKET_LOG2: tl.constexpr, WINDOW: tl.constexpr,
+    INDEPENDENT: tl.constexpr, TABLES_FIRST: tl.constexpr,
 ):  # fmt: skip
     # (code, codebook[code]) of a 1-D xn with code = #(mids < xn); each only when its STORE_* flag is set.
     # SEARCH_CHAIN: the mids are sorted, so `mids[j] < xn` holds exactly for j < code: walking j upward,
     # the last select that fires is j = code - 1 and leaves values[code] (values[0] if none fires). The
     # 2^k - 1 compares are the reference's own float32 compares; mids[2^k - 1] is always +inf padding.
     # The binary searches make the same compares in another order (k probes; see `_nearest_code`), the
-    # bucketed search a few of them after a table lookup.
+    # bucketed search a few of them after a table lookup, from the tables `_bucket_tables` loaded (before
+    # the weights with TABLES_FIRST, else here).
     code = tl.zeros(xn.shape, tl.int32)
     value = tl.zeros(xn.shape, tl.float32)
     if SEARCH == SEARCH_CHAIN:
@@ -191,15 +261,19 @@ def _nearest(
         code = _nearest_code(xn, mids_ptr, LOG2_LEVELS)
         if STORE_OUT:
             value = tl.load(values_ptr + code)
-    else:  # SEARCH_SHARED or SEARCH_BUCKET: the codebook in shared memory
-        if SEARCH == SEARCH_SHARED:
-            code = _nearest_code_shared(xn, mids_ptr, LOG2_LEVELS)
-        else:
-            code = _nearest_code_bucket(
-                xn, mids_ptr, starts_ptr, LOG2_LEVELS, BUCKET_SHIFT, BUCKET_FIRST, BUCKET_LOG2, WINDOW
-            )
+    elif SEARCH == SEARCH_SHARED:  # the codebook in shared memory
+        code = _nearest_code_shared(xn, mids_ptr, LOG2_LEVELS)
         if STORE_OUT:
             value = tl.gather(tl.load(values_ptr + tl.arange(0, 1 << LOG2_LEVELS)), code, 0)
+    else:
+        if not TABLES_FIRST:
+            starts, mids, values = _bucket_tables(
+                starts_ptr, mids_ptr, values_ptr, LOG2_LEVELS, BUCKET_LOG2, INDEPENDENT
+            )
+        code, value = _bucket_lookup(
+            xn, starts, mids, values, values_ptr, LOG2_LEVELS, BUCKET_SHIFT, BUCKET_FIRST, BUCKET_LOG2,
+            WINDOW, INDEPENDENT, TABLES_FIRST,
+        )  # fmt: skip
     return code, value
 
 
@@ -222,24 +296,27 @@ def _max_nan(a, b):
 
 
 @triton.jit
-def _fused_blocks_kernel(
-    x_ptr, out_ptr, codes_ptr, absmax_ptr, values_ptr, mids_ptr, starts_ptr, n, first_row,
-    BLOCK: tl.constexpr, ROWS: tl.constexpr, BLOCK_P2: tl.constexpr, LOG2_LEVELS: tl.constexpr,
-    SEARCH: tl.constexpr, MASKED: tl.constexpr, STORE_OUT: tl.constexpr, STORE_CODES: tl.constexpr,
-    BF16_BY_HAND: tl.constexpr, BUCKET_SHIFT: tl.constexpr, BUCKET_FIRST: tl.constexpr,
-    BUCKET_LOG2: tl.constexpr, WINDOW: tl.constexpr,
-):  # fmt: skip
-    row0 = first_row + tl.program_id(0).to(tl.int64) * ROWS
-    base = row0 * BLOCK  # int64: the pointers move once per program, offsets below are int32
+def _tile_offsets(row0, n, BLOCK: tl.constexpr, ROWS: tl.constexpr, BLOCK_P2: tl.constexpr):
+    # Offsets of a program's ROWS blocks from row0's first value (int32), and the mask of those inside
+    # the weight (only the masked launch uses it).
     rows = tl.arange(0, ROWS)
     cols = tl.arange(0, BLOCK_P2)
     offs = rows[:, None] * BLOCK + cols[None, :]
-    if MASKED:  # the tail launch, or a block size that is not a power of two
-        limit = tl.minimum(n - base, ROWS * BLOCK).to(tl.int32)
-        mask = (cols[None, :] < BLOCK) & (offs < limit)
-        x = tl.load(x_ptr + base + offs, mask=mask, other=0.0).to(tl.float32)
-    else:
-        x = tl.load(x_ptr + base + offs).to(tl.float32)
+    limit = tl.minimum(n - row0 * BLOCK, ROWS * BLOCK).to(tl.int32)
+    return offs, (cols[None, :] < BLOCK) & (offs < limit)
+
+
+@triton.jit
+def _quantize_rows(
+    x, row0, out_ptr, codes_ptr, absmax_ptr, values_ptr, mids_ptr, starts_ptr, starts, mids, values, n,
+    BLOCK: tl.constexpr, ROWS: tl.constexpr, BLOCK_P2: tl.constexpr, LOG2_LEVELS: tl.constexpr,
+    SEARCH: tl.constexpr, MASKED: tl.constexpr, STORE_OUT: tl.constexpr, STORE_CODES: tl.constexpr,
+    BF16_BY_HAND: tl.constexpr, BUCKET_SHIFT: tl.constexpr, BUCKET_FIRST: tl.constexpr,
+    BUCKET_LOG2: tl.constexpr, WINDOW: tl.constexpr, INDEPENDENT: tl.constexpr, TABLES_FIRST: tl.constexpr,
+):  # fmt: skip
+    # Quantize the ROWS blocks from row0 (x: their float32 values, 0 where masked) and store them.
+    base = row0 * BLOCK  # int64: the pointers move once per program, offsets are int32
+    offs, mask = _tile_offsets(row0, n, BLOCK, ROWS, BLOCK_P2)
     # NaN-propagating max: one reduction gives the absmax and flags NaN (NaN) and Inf (inf) blocks.
     absmax = tl.reduce(tl.abs(x), 1, _max_nan)
     tiny = absmax < TINY_ABSMAX
@@ -251,26 +328,60 @@ def _fused_blocks_kernel(
         xn = x * inv[:, None]
     # 1-D for tl.gather (a row-major reshape: the same values in the same places), then back.
     code, value = _nearest(
-        tl.reshape(xn, [ROWS * BLOCK_P2]), mids_ptr, values_ptr, starts_ptr, LOG2_LEVELS, SEARCH, STORE_OUT,
-        STORE_CODES, BUCKET_SHIFT, BUCKET_FIRST, BUCKET_LOG2, WINDOW,
+        tl.reshape(xn, [ROWS * BLOCK_P2]), mids_ptr, values_ptr, starts_ptr, starts, mids, values,
+        LOG2_LEVELS, SEARCH, STORE_OUT, STORE_CODES, BUCKET_SHIFT, BUCKET_FIRST, BUCKET_LOG2, WINDOW,
+        INDEPENDENT, TABLES_FIRST,
     )  # fmt: skip
     code, value = tl.reshape(code, [ROWS, BLOCK_P2]), tl.reshape(value, [ROWS, BLOCK_P2])
     if STORE_OUT:
         y = _cast_out(value * absmax[:, None], out_ptr, BF16_BY_HAND)
-        if MASKED:
-            tl.store(out_ptr + base + offs, y, mask=mask)
-        else:
-            tl.store(out_ptr + base + offs, y)
+        tl.store(out_ptr + base + offs, y, mask=mask if MASKED else None)
     if STORE_CODES:
-        if MASKED:
-            tl.store(codes_ptr + base + offs, code.to(codes_ptr.dtype.element_ty), mask=mask)
-        else:
-            tl.store(codes_ptr + base + offs, code.to(codes_ptr.dtype.element_ty))
+        tl.store(codes_ptr + base + offs, code.to(codes_ptr.dtype.element_ty), mask=mask if MASKED else None)
     stored = tl.where(absmax < float("inf"), absmax, float("nan"))  # NaN for any non-finite block
-    if MASKED:
-        tl.store(absmax_ptr + row0 + rows, stored, mask=rows.to(tl.int64) * BLOCK < n - base)
+    rows = tl.arange(0, ROWS)
+    tl.store(absmax_ptr + row0 + rows, stored, mask=rows.to(tl.int64) * BLOCK < n - base if MASKED else None)
+
+
+@triton.jit
+def _fused_blocks_kernel(
+    x_ptr, out_ptr, codes_ptr, absmax_ptr, values_ptr, mids_ptr, starts_ptr, n, first_row, tiles,
+    BLOCK: tl.constexpr, ROWS: tl.constexpr, BLOCK_P2: tl.constexpr, LOG2_LEVELS: tl.constexpr,
+    SEARCH: tl.constexpr, MASKED: tl.constexpr, STORE_OUT: tl.constexpr, STORE_CODES: tl.constexpr,
+    BF16_BY_HAND: tl.constexpr, BUCKET_SHIFT: tl.constexpr, BUCKET_FIRST: tl.constexpr,
+    BUCKET_LOG2: tl.constexpr, WINDOW: tl.constexpr, INDEPENDENT: tl.constexpr, TABLES_FIRST: tl.constexpr,
+    PERSISTENT: tl.constexpr,
+):  # fmt: skip
+    # One program quantizes ROWS whole blocks (a tile), or PERSISTENT (unmasked launch) the tiles
+    # pid, pid + programs, ... < tiles, loading each next tile's weights before quantizing the current one.
+    # TABLES_FIRST is set when PERSISTENT: a program loads its tables once.
+    starts, mids, values = _tables_first(
+        starts_ptr, mids_ptr, values_ptr, LOG2_LEVELS, SEARCH, BUCKET_LOG2, INDEPENDENT, TABLES_FIRST
+    )  # fmt: skip
+    tile = tl.program_id(0)
+    row0 = first_row + tile.to(tl.int64) * ROWS
+    offs, mask = _tile_offsets(row0, n, BLOCK, ROWS, BLOCK_P2)
+    x = tl.load(x_ptr + row0 * BLOCK + offs, mask=mask if MASKED else None, other=0.0 if MASKED else None)
+    if PERSISTENT:
+        programs = tl.num_programs(0)
+        for _ in tl.range(tile, tiles, programs):
+            tile += programs
+            next_row0 = first_row + tile.to(tl.int64) * ROWS
+            more = offs < tl.where(tile < tiles, ROWS * BLOCK, 0)  # past the last tile: no read
+            x_next = tl.load(x_ptr + next_row0 * BLOCK + offs, mask=more)
+            _quantize_rows(
+                x.to(tl.float32), row0, out_ptr, codes_ptr, absmax_ptr, values_ptr, mids_ptr, starts_ptr,
+                starts, mids, values, n, BLOCK, ROWS, BLOCK_P2, LOG2_LEVELS, SEARCH, MASKED, STORE_OUT,
+                STORE_CODES, BF16_BY_HAND, BUCKET_SHIFT, BUCKET_FIRST, BUCKET_LOG2, WINDOW, INDEPENDENT,
+                TABLES_FIRST,
+            )  # fmt: skip
+            x, row0 = x_next, next_row0
     else:
-        tl.store(absmax_ptr + row0 + rows, stored)
+        _quantize_rows(
+            x.to(tl.float32), row0, out_ptr, codes_ptr, absmax_ptr, values_ptr, mids_ptr, starts_ptr, starts,
+            mids, values, n, BLOCK, ROWS, BLOCK_P2, LOG2_LEVELS, SEARCH, MASKED, STORE_OUT, STORE_CODES,
+            BF16_BY_HAND, BUCKET_SHIFT, BUCKET_FIRST, BUCKET_LOG2, WINDOW, INDEPENDENT, TABLES_FIRST,
+        )  # fmt: skip
 
 
 @triton.jit
@@ -278,8 +389,12 @@ def _scaled_kernel(
     x_ptr, out_ptr, codes_ptr, absmax_ptr, inv_ptr, values_ptr, mids_ptr, starts_ptr, n, block,
     TILE: tl.constexpr, LOG2_LEVELS: tl.constexpr, SEARCH: tl.constexpr, STORE_OUT: tl.constexpr,
     STORE_CODES: tl.constexpr, BF16_BY_HAND: tl.constexpr, BUCKET_SHIFT: tl.constexpr,
-    BUCKET_FIRST: tl.constexpr, BUCKET_LOG2: tl.constexpr, WINDOW: tl.constexpr,
+    BUCKET_FIRST: tl.constexpr, BUCKET_LOG2: tl.constexpr, WINDOW: tl.constexpr, INDEPENDENT: tl.constexpr,
+    TABLES_FIRST: tl.constexpr,
 ):  # fmt: skip
+    starts, mids, values = _tables_first(
+        starts_ptr, mids_ptr, values_ptr, LOG2_LEVELS, SEARCH, BUCKET_LOG2, INDEPENDENT, TABLES_FIRST
+    )  # fmt: skip
     offs = tl.program_id(0).to(tl.int64) * TILE + tl.arange(0, TILE)
     mask = offs < n
     x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
@@ -288,47 +403,13 @@ def _scaled_kernel(
     scale = tl.where(absmax < TINY_ABSMAX, TINY_SCALE, 1.0)
     xn = (x * scale) * inv
     code, value = _nearest(
-        xn, mids_ptr, values_ptr, starts_ptr, LOG2_LEVELS, SEARCH, STORE_OUT, STORE_CODES, BUCKET_SHIFT,
-        BUCKET_FIRST, BUCKET_LOG2, WINDOW,
+        xn, mids_ptr, values_ptr, starts_ptr, starts, mids, values, LOG2_LEVELS, SEARCH, STORE_OUT,
+        STORE_CODES, BUCKET_SHIFT, BUCKET_FIRST, BUCKET_LOG2, WINDOW, INDEPENDENT, TABLES_FIRST,
     )  # fmt: skip
     if STORE_OUT:
         tl.store(out_ptr + offs, _cast_out(value * absmax, out_ptr, BF16_BY_HAND), mask=mask)
     if STORE_CODES:
         tl.store(codes_ptr + offs, code.to(codes_ptr.dtype.element_ty), mask=mask)
-
-
-def block_absmax(flat: Tensor, block: int) -> Tensor:
-    """float32 absmax of each block of a flat tensor (tail block included); NaN/Inf propagate."""
-    n = flat.numel()
-    n_full = n // block
-    parts = []
-    if n_full:
-        lo, hi = torch.aminmax(flat[: n_full * block].view(n_full, block), dim=1)
-        parts.append(torch.maximum(-lo, hi))
-    if n_full * block < n:
-        lo, hi = torch.aminmax(flat[n_full * block :])
-        parts.append(torch.maximum(-lo, hi).reshape(1))
-    return torch.cat(parts).to(torch.float32)
-
-
-def fused_config(block: int, n_blocks: int, choice: FusedChoice) -> tuple[int, int]:
-    """(rows per program, num_warps) of the one-pass kernel for this block size."""
-    block_p2 = triton.next_power_of_2(block)
-    tile = choice.values_per_thread * 32 * choice.num_warps
-    rows = max(1, min(tile // block_p2, triton.next_power_of_2(n_blocks)))
-    return rows, choice.num_warps if rows * block_p2 >= tile else 4
-
-
-def fused_launches(n: int, block: int, rows: int) -> list[tuple[int, int, bool]]:
-    """(first row, programs, masked) per launch: programs of whole blocks run unmasked, the rest masked."""
-    n_blocks = math.ceil(n / block)
-    if block != triton.next_power_of_2(block):
-        return [(0, triton.cdiv(n_blocks, rows), True)]
-    whole = n // (rows * block)
-    launches = [(0, whole, False)] if whole else []
-    if whole * rows < n_blocks:
-        launches.append((whole * rows, triton.cdiv(n_blocks - whole * rows, rows), True))
-    return launches
 
 
 def search_kind(log2_levels: int, choice: FusedChoice) -> int:
@@ -341,33 +422,6 @@ def search_kind(log2_levels: int, choice: FusedChoice) -> int:
     if 0 < choice.bucket_from_log2 <= log2_levels <= min(choice.max_shared_log2, BUCKET_MAX_LEVELS_LOG2):
         return SEARCH_BUCKET.value
     return SEARCH_SHARED.value if log2_levels <= choice.max_shared_log2 else SEARCH_GLOBAL.value
-
-
-@functools.lru_cache(maxsize=16)
-def _eytzinger_order(log2_levels: int) -> Tensor:
-    """Sorted index of each node 1..2^k - 1 of a complete binary search tree, level by level, after the
-    +inf padding entry (index 2^k - 1) at position 0, which the search never reads."""
-    nodes = torch.arange(1, 1 << log2_levels)  # node i: level = bit length - 1, position = the rest
-    level = torch.floor(torch.log2(nodes.double())).long()
-    position = nodes - (1 << level)
-    return torch.cat([nodes[-1:], (2 * position + 1) * (1 << (log2_levels - 1 - level)) - 1])
-
-
-@functools.lru_cache(maxsize=64)
-def eytzinger_mids(levels: Levels) -> Tensor:
-    """levels.mids in the order `_nearest_code_shared` reads them (the +inf padding entry first).
-
-    Cached per Levels object, as static levels are; levels must not be modified after the first call.
-    """
-    log2_levels = levels.mids.numel().bit_length() - 1
-    return levels.mids[_eytzinger_order(log2_levels).to(levels.mids.device)]
-
-
-@functools.lru_cache(maxsize=64)
-def _padded_values(levels: Levels) -> Tensor:
-    """levels.values padded with its last value to levels.mids.numel() entries (the chain reads them all)."""
-    values, size = levels.values, levels.mids.numel()
-    return torch.cat([values, values[-1:].expand(size - values.numel())]) if values.numel() < size else values
 
 
 def _flags(x: Tensor, levels: Levels, store_out: bool, store_codes: bool, choice: FusedChoice) -> dict:
@@ -387,7 +441,21 @@ def _flags(x: Tensor, levels: Levels, store_out: bool, store_codes: bool, choice
         "BUCKET_FIRST": table.buckets.first if table else 0,
         "BUCKET_LOG2": table.buckets.log2_buckets if table else 0,
         "WINDOW": table.window if table else 0,
+        "INDEPENDENT": bool(table and choice.independent and bucket_pairs(levels) is not None),
+        "TABLES_FIRST": bool(table and (choice.tables_first or choice.programs_per_sm > 0)),
     }
+
+
+def _tables(levels: Levels, flags: dict) -> tuple[Tensor, Tensor, Tensor]:
+    """(values, mids, starts) as the kernels' search reads them (values_ptr, mids_ptr, starts_ptr)."""
+    pairs = bucket_pairs(levels) if flags["INDEPENDENT"] else None
+    if pairs is not None:
+        return pairs.values, pairs.mids, pairs.starts
+    values = padded_values(levels)
+    eytzinger = flags["SEARCH"] == SEARCH_SHARED.value and flags["LOG2_LEVELS"] >= EYTZINGER_FROM_LOG2.value
+    mids = eytzinger_mids(levels) if eytzinger else levels.mids
+    table = bucket_table(levels) if flags["SEARCH"] == SEARCH_BUCKET.value else None
+    return values, mids, table.starts if table is not None else mids  # never read by the other searches
 
 
 def _launch(
@@ -408,27 +476,26 @@ def _launch(
     dummy = x  # never written when its STORE_* flag is off
     args = (x, out if out is not None else dummy, codes if codes is not None else dummy)
     flags = _flags(x, levels, store_out, codes is not None, choice)
-    values = _padded_values(levels)
-    eytzinger = flags["SEARCH"] == SEARCH_SHARED.value and flags["LOG2_LEVELS"] >= EYTZINGER_FROM_LOG2.value
-    mids = eytzinger_mids(levels) if eytzinger else levels.mids
-    table = bucket_table(levels) if flags["SEARCH"] == SEARCH_BUCKET.value else None
-    starts = table.starts if table is not None else mids  # never read by the other searches
+    tables = _tables(levels, flags)
     if block <= MAX_FUSED_BLOCK and spec.block_size is not None:
-        rows, num_warps = fused_config(block, n_blocks, choice)
+        rows, num_warps = fused_config(block, n_blocks, choice.values_per_thread, choice.num_warps)
         absmax = torch.empty(n_blocks, dtype=torch.float32, device=x.device)
-        for first_row, programs, masked in fused_launches(n, block, rows):
-            _fused_blocks_kernel[(programs,)](
-                *args, absmax, values, mids, starts, n, first_row, BLOCK=block, ROWS=rows,
-                BLOCK_P2=triton.next_power_of_2(block), MASKED=masked, num_warps=num_warps, **flags,
-            )  # fmt: skip
+        for first_row, tiles, masked in fused_launches(n, block, rows):
+            persistent = choice.programs_per_sm > 0 and not masked
+            launch_args = (*args, absmax, *tables, n, first_row, tiles)
+            kwargs = dict(BLOCK=block, ROWS=rows, BLOCK_P2=triton.next_power_of_2(block), MASKED=masked,
+                          PERSISTENT=persistent, num_warps=num_warps, **flags)  # fmt: skip
+            programs = tiles
+            if persistent:  # the compiled kernel's registers bound the programs a multiprocessor holds
+                kernel = _fused_blocks_kernel.warmup(*launch_args, grid=(1,), **kwargs) if x.is_cuda else None
+                programs = min(tiles, persistent_programs(kernel, num_warps, choice.programs_per_sm))
+            _fused_blocks_kernel[(programs,)](*launch_args, **kwargs)
     else:
         absmax = block_absmax(x.reshape(-1), block)
         scale = torch.where(absmax < TINY_ABSMAX.value, TINY_SCALE.value, 1.0)
         inv = torch.reciprocal(torch.where(absmax > 0, absmax, torch.ones_like(absmax)) * scale)
         grid = (triton.cdiv(n, TILE),)
-        _scaled_kernel[grid](
-            *args, absmax, inv, values, mids, starts, n, block, TILE=TILE, num_warps=8, **flags
-        )  # fmt: skip
+        _scaled_kernel[grid](*args, absmax, inv, *tables, n, block, TILE=TILE, num_warps=8, **flags)
     return out, codes, absmax
 
 

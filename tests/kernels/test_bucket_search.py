@@ -95,6 +95,27 @@ def test_buckets_partition_the_floats_in_order(geometry: tuple[int, int]) -> Non
     assert torch.equal(bucket_index(torch.tensor([0.0, -0.0]), buckets), torch.tensor([0, 0]))
 
 
+@pytest.mark.parametrize(("dtype", "bits"), [c for c in CASES if c[0] != "close"] + [("int", 4), ("nf", 5)])
+def test_bucket_pairs_give_each_code_and_value(dtype: str, bits: int) -> None:
+    # The independent lookup in torch: start[b] + (pair mid < xn) is #(mids < xn), and the pair's value
+    # is values[code], for every xn; tables only for windows of one and up to MAX_PAIR_BUCKETS buckets.
+    levels = _levels(dtype, bits)
+    table, pairs = kb.bucket_table(levels), kb.bucket_pairs(levels)
+    assert table is not None
+    if table.window != 1 or table.starts.numel() > kb.MAX_PAIR_BUCKETS:
+        assert pairs is None
+        return
+    assert pairs is not None and pairs.mids.dtype == torch.float32 and pairs.values.dtype == torch.int64
+    xn = _adversarial(levels.mids)
+    bucket = kb.bucket_index(xn, table.buckets)
+    above = pairs.mids[bucket] < xn
+    code = table.starts.long()[bucket] + above.long()
+    assert torch.equal(code, _count_below(levels.mids, xn)), (dtype, bits)
+    pair = pairs.values[bucket]
+    bits32 = torch.where(above, pair >> 32, pair).to(torch.int32)  # the kernel's halves, truncated
+    assert torch.equal(bits32.view(torch.float32), levels.values[code]), (dtype, bits)
+
+
 def test_search_kind_and_fallback() -> None:
     from kernels import triton_fused as tf
 
@@ -117,7 +138,7 @@ def test_search_kind_and_fallback() -> None:
     assert tf._flags(x, _levels("nf", 8), True, False, bucket)["SEARCH"] == by_bucket
 
 
-SCRIPT = r"""
+PRELUDE = r"""
 import itertools, torch
 from kernels import CODEBOOKS, QuantSpec
 from kernels import buckets as kb
@@ -144,15 +165,22 @@ def edges(levels):
     tiny = torch.tensor([1e-39, -5e-40, 7e-45, 0.0] * 16)
     return torch.cat([torch.cat([blocks, ones], 1).reshape(-1), above_one, tiny])
 
-def same(x, spec, levels, choice=bucket):
+def same(x, spec, levels, choice=bucket, codes=True):
     assert tf._flags(x, levels, True, False, choice)["SEARCH"] == tf.SEARCH_BUCKET.value, spec
     ref = reference_fake_quantize(x, spec, levels)
-    assert torch.equal(tf.fused_fake_quantize(x, spec, levels, choice=choice), ref), spec
+    assert torch.equal(tf.fused_fake_quantize(x, spec, levels, choice=choice), ref), (spec, choice)
+    if not codes:
+        return
     codes, absmax = tf.fused_quantize(x, spec, levels, choice=choice)
     ref_codes, ref_absmax, _ = _codes_torch(x, spec, levels, check_finite=True)
     assert torch.equal(codes.long(), ref_codes.reshape(-1)[: x.numel()].long()), spec
     assert torch.equal(absmax, ref_absmax), spec
 
+"""
+
+SCRIPT = (
+    PRELUDE
+    + r"""
 # Every codebook data type at 6..8 bits; a power-of-two block (whole-block programs and a masked tail) and
 # one that is not, bf16 and float32; the two-pass kernel (block None) and `edges` once per data type.
 for dtype, bits in itertools.product(CODEBOOKS, (6, 7, 8)):
@@ -210,7 +238,58 @@ out = tf.fused_fake_quantize(x, spec, crowded, choice=bucket)
 assert torch.equal(out, reference_fake_quantize(x, spec, crowded))
 print("checked", checked)
 """
+)
 
 
 def test_bucket_search_matches_reference_under_interpreter() -> None:
     run_interpreted(SCRIPT)
+
+
+CHOICES_SCRIPT = (
+    PRELUDE
+    + r"""
+# The opt-in launch choices (FusedChoice.independent, tables_first, programs_per_sm) at 4..8 bits for every
+# codebook data type: ordinary blocks and those of `edges` in one float32 weight long enough that each of
+# the 4 persistent programs (the interpreter counts 4 multiprocessors) loops over several tiles of 256
+# values, then a masked tail launch.
+small = dict(values_per_thread=4, num_warps=2)
+ind = tf.FusedChoice(independent=True, **small)
+first = tf.FusedChoice(tables_first=True, **small)
+persist = tf.FusedChoice(programs_per_sm=1, **small)
+ind_persist = tf.FusedChoice(independent=True, programs_per_sm=1, **small)
+for dtype, bits in itertools.product(CODEBOOKS, range(4, 9)):
+    spec = QuantSpec(dtype, bits, 64)
+    levels = levels_for(torch.randn(64, 64, generator=g), spec)
+    x = torch.cat([torch.randn(1024, generator=g) * 0.02, edges(levels)])  # 16 whole blocks first
+    choices = (ind_persist, persist) + (ind, first) * (bits % 2 == 0)  # the last two: their own lookups
+    for choice in choices:
+        same(x, spec, levels, choice, codes=choice.programs_per_sm > 0)
+        flags = tf._flags(x, levels, True, False, choice)
+        assert flags["INDEPENDENT"] == (choice.independent and kb.bucket_pairs(levels) is not None)
+        checked += 1
+    # every table of up to MAX_PAIR_BUCKETS buckets here (all but 8-bit dynamic and quantile) has pairs
+    assert kb.bucket_pairs(levels) is not None or bits == 8 and dtype in ("quantile", "dynamic")
+    if bits == 8:  # the two-pass kernel (block None) with the independent lookup and the tables first
+        spec = QuantSpec(dtype, bits, None)
+        same(x, spec, levels, tf.FusedChoice(independent=True, tables_first=True), codes=False)
+
+# NaN and Inf blocks (check_finite off): codes and outputs equal the binary search's, absmax NaN there.
+for dtype, bits in itertools.product(("int", "nf", "fp"), (4, 8)):
+    x = torch.randn(40, 64, generator=g)
+    x[1, 5], x[13, 7], x[34, 0] = float("nan"), float("inf"), float("-inf")
+    spec = QuantSpec(dtype, bits, 64)
+    levels = levels_for(torch.randn(6, 64, generator=g), spec)
+    base_out, base_codes, base_absmax = tf._launch(x, spec, levels, True, torch.uint8, bucket)
+    for choice in (ind_persist, persist):
+        out, codes, absmax = tf._launch(x, spec, levels, True, torch.uint8, choice)
+        torch.testing.assert_close(out, base_out, rtol=0, atol=0, equal_nan=True)
+        assert torch.equal(codes, base_codes) and torch.equal(absmax.isnan(), base_absmax.isnan())
+        assert int(absmax.isnan().sum()) == 3 and codes[64 + 5] == codes[13 * 64 + 7] == 0
+        checked += 1
+print("checked", checked)
+"""
+)
+
+
+def test_launch_choices_match_reference_under_interpreter() -> None:
+    run_interpreted(CHOICES_SCRIPT)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import os
 
 import pytest
@@ -87,7 +88,10 @@ def test_every_launch_choice_agrees(bits: int) -> None:
     from kernels.triton_fused import FusedChoice, fused_fake_quantize
 
     choices = [FusedChoice(max_chain_log2=8), FusedChoice(max_shared_log2=0), FusedChoice(bucket_from_log2=0),
-               FusedChoice(values_per_thread=32), FusedChoice(values_per_thread=8, num_warps=4)]  # fmt: skip
+               FusedChoice(values_per_thread=32), FusedChoice(values_per_thread=8, num_warps=4),
+               FusedChoice(independent=True), FusedChoice(tables_first=True), FusedChoice(programs_per_sm=4),
+               FusedChoice(independent=True, programs_per_sm=4),
+               FusedChoice(independent=True, programs_per_sm=1, values_per_thread=4)]  # fmt: skip
     for salt, (shape, block) in enumerate([((4099, 4096), 64), ((1000, 333), 1024), ((513, 257), None)]):
         w = _fresh(shape, torch.bfloat16, 100 + salt)
         spec = QuantSpec("nf", bits, block)
@@ -126,7 +130,8 @@ def test_bucket_search_edges(bits: int) -> None:
     from kernels.triton_fused import FusedChoice, _launch, fused_fake_quantize
 
     bucket = FusedChoice(bucket_from_log2=6)
-    for dtype in ("int", "nf", "fp", "dynamic"):
+    ind_persist = FusedChoice(independent=True, programs_per_sm=2)  # the opt-in lookup and launch
+    for dtype, choice in itertools.product(("int", "nf", "fp", "dynamic"), (bucket, ind_persist)):
         spec = QuantSpec(dtype, bits, 64)
         levels = levels_for(torch.zeros(1, device="cuda"), spec)
         mids = levels.mids[levels.mids.isfinite()]
@@ -136,10 +141,11 @@ def test_bucket_search_edges(bits: int) -> None:
         blocks = torch.nn.functional.pad(values, (0, -values.numel() % 63)).view(-1, 63)
         x = torch.cat([blocks, torch.ones(blocks.shape[0], 1, device="cuda")], 1).reshape(-1)
         ref = fake_quantize(x, spec, impl="torch", levels=levels)
-        assert torch.equal(fused_fake_quantize(x, spec, levels, choice=bucket), ref), spec
+        assert torch.equal(fused_fake_quantize(x, spec, levels, choice=choice), ref), (spec, choice)
         x = _fresh((6, 64), torch.float32, 300)
         x[1, 5], x[3, 7], x[4, 0] = float("nan"), float("inf"), float("-inf")
-        out, codes, _ = _launch(x, spec, levels, True, torch.uint8, bucket)
+        out, codes, _ = _launch(x, spec, levels, True, torch.uint8, choice)
         base_out, base_codes, _ = _launch(x, spec, levels, True, torch.uint8)
-        assert torch.equal(codes, base_codes) and codes[64 + 5] == codes[3 * 64 + 7] == 0, spec
+        assert codes is not None and base_codes is not None and torch.equal(codes, base_codes), spec
+        assert codes[64 + 5] == codes[3 * 64 + 7] == 0, spec
         torch.testing.assert_close(out, base_out, rtol=0, atol=0, equal_nan=True)

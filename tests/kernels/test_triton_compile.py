@@ -17,8 +17,9 @@ pytestmark = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reas
 COMMON = {"x_ptr": "*bf16", "out_ptr": "*bf16", "codes_ptr": "*u8", "absmax_ptr": "*fp32",
           "values_ptr": "*fp32", "mids_ptr": "*fp32", "starts_ptr": "*u8", "n": "i32"}  # fmt: skip
 FLAGS = ["LOG2_LEVELS", "SEARCH", "STORE_OUT", "STORE_CODES", "BF16_BY_HAND", "BUCKET_SHIFT", "BUCKET_FIRST",
-         "BUCKET_LOG2", "WINDOW"]  # fmt: skip
-NO_BUCKETS = {"BUCKET_SHIFT": 0, "BUCKET_FIRST": 0, "BUCKET_LOG2": 0, "WINDOW": 0}
+         "BUCKET_LOG2", "WINDOW", "INDEPENDENT", "TABLES_FIRST"]  # fmt: skip
+NO_BUCKETS = {"BUCKET_SHIFT": 0, "BUCKET_FIRST": 0, "BUCKET_LOG2": 0, "WINDOW": 0, "INDEPENDENT": False,
+              "TABLES_FIRST": False}  # fmt: skip
 
 
 def _ptx(fn, signature: dict[str, str], constexprs: Mapping[str, object], num_warps: int = 8) -> str:
@@ -68,25 +69,33 @@ def _bucket_flags(dtype: str, log2_levels: int) -> dict[str, int]:
     table = bucket_table(static_levels(dtype, log2_levels, None, torch.device("cpu")))
     assert table is not None
     return {"BUCKET_SHIFT": table.buckets.shift, "BUCKET_FIRST": table.buckets.first,
-            "BUCKET_LOG2": table.buckets.log2_buckets, "WINDOW": table.window}  # fmt: skip
+            "BUCKET_LOG2": table.buckets.log2_buckets, "WINDOW": table.window, "INDEPENDENT": False,
+            "TABLES_FIRST": False}  # fmt: skip
 
 
 CHAIN, SHARED, GLOBAL, BUCKET = 0, 1, 2, 3  # triton_fused.SEARCH_*
 
 
 def _fused_ptx(
-    log2_levels: int, search: int, block: int, masked: bool, store_codes: bool, buckets: dict[str, int]
+    log2_levels: int,
+    search: int,
+    block: int,
+    masked: bool,
+    store_codes: bool,
+    buckets: Mapping[str, object],
+    persistent: bool = False,
+    pointers: Mapping[str, str] = COMMON,
 ) -> str:
     import triton
 
     from kernels import triton_fused
 
-    sig = {**COMMON, "n": "i64", "first_row": "i32"}
-    sig.update(dict.fromkeys(["BLOCK", "ROWS", "BLOCK_P2", "MASKED", *FLAGS], "constexpr"))
+    sig = {**pointers, "n": "i64", "first_row": "i32", "tiles": "i32"}
+    sig.update(dict.fromkeys(["BLOCK", "ROWS", "BLOCK_P2", "MASKED", "PERSISTENT", *FLAGS], "constexpr"))
     block_p2 = triton.next_power_of_2(block)
     consts = {"BLOCK": block, "ROWS": 4096 // block_p2, "BLOCK_P2": block_p2, "MASKED": masked,
-              "LOG2_LEVELS": log2_levels, "SEARCH": search, "STORE_OUT": True, "STORE_CODES": store_codes,
-              "BF16_BY_HAND": False, **buckets}  # fmt: skip
+              "PERSISTENT": persistent, "LOG2_LEVELS": log2_levels, "SEARCH": search, "STORE_OUT": True,
+              "STORE_CODES": store_codes, "BF16_BY_HAND": False, **buckets}  # fmt: skip
     ptx = _ptx(triton_fused._fused_blocks_kernel, sig, consts)
     _check(ptx, vector_loads=block == block_p2)
     return ptx
@@ -145,6 +154,36 @@ def test_bucket_kernel_compiles_for_sm90(
     assert _scalar_loads(ptx) <= 5, _scalar_loads(ptx)
     assert _shared_loads(ptx, r"\.b8") >= per_thread, _shared_loads(ptx, r"\.b8")
     assert _shared_loads(ptx, r"\.b32") >= per_thread * (buckets["WINDOW"] + 1), _shared_loads(ptx)
+
+
+# (dtype, log2_levels, block, store_codes, independent, tables_first, persistent): the opt-in launch choices
+# (FusedChoice.independent, tables_first, programs_per_sm) on the bucketed search.
+CHOICE_CASES = [
+    ("int", 8, 64, False, True, False, False), ("nf", 6, 1024, True, True, True, False),
+    ("int", 8, 1024, False, False, True, False), ("fp", 8, 64, True, False, True, True),
+    ("nf", 8, 64, False, True, True, True), ("int", 4, 1024, True, True, True, True),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("dtype", "log2_levels", "block", "store_codes", "independent", "tables_first", "persistent"),
+    CHOICE_CASES,
+)
+def test_launch_choices_compile_for_sm90(
+    dtype: str, log2_levels: int, block: int, store_codes: bool, independent: bool, tables_first: bool,
+    persistent: bool,
+) -> None:  # fmt: skip
+    flags = {**_bucket_flags(dtype, log2_levels), "INDEPENDENT": independent, "TABLES_FIRST": tables_first}
+    pointers = {**COMMON, "values_ptr": "*i64"} if independent else COMMON  # value pairs as one int64
+    ptx = _fused_ptx(log2_levels, BUCKET, block, False, store_codes, flags, persistent, pointers)
+    per_thread = 4096 // (8 * 32)
+    assert _scalar_loads(ptx) <= 5, _scalar_loads(ptx)
+    if independent:  # per value one midpoint and one 64-bit value pair, both indexed by the bucket
+        assert _shared_loads(ptx, r"\.b64") >= per_thread and _shared_loads(ptx, r"\.b32") >= per_thread
+    else:
+        assert _shared_loads(ptx, r"\.b32") >= per_thread * (flags["WINDOW"] + 1), _shared_loads(ptx)
+    if persistent:  # the next tile's weights: 16-byte loads behind a predicate (none past the last tile)
+        assert len(re.findall(r"@%p\d+ ld\.global(\.[a-z0-9_]+)*\.v4\.b32", ptx)) >= 2, "no prefetch"
 
 
 def test_two_pass_kernel_compiles_for_sm90() -> None:
