@@ -16,7 +16,11 @@
    start with its parts, model load, snapshot, Evaluator build with its parts and cache hits, first
    job with its parts); the command's
    wall time; and the per-job seconds the rows hold (restore + quantize + evaluate).
-3. Prints a table and writes JSON (`--out`; the table goes next to it as .md).
+3. With `--kept`, then: starts a cluster (`ray start --head`, the machine's CPUs and GPUs) and runs the
+   sweep twice more on it with `ray.address=auto ray.keep_workers=true` (`pipeline.kept`), into two
+   studies of one results folder: `kept-1` starts the kept worker, `kept-2` finds it with its model
+   resident (the warm case of a researcher's next command); then releases it and stops the cluster.
+4. Prints a table and writes JSON (`--out`; the table goes next to it as .md).
 
 One command, within ~5 minutes on one H200 at the 1.4B shape (model build ~30 s, two sweeps).
 """
@@ -30,6 +34,7 @@ import os
 import platform
 import re
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
@@ -64,12 +69,37 @@ PHASE_PARTS = {  # the facts of a phase line shown in the table
 }
 
 
-def sweep_command(model: Path, eval_name: str, data_root: Path, results: Path, extra: list[str]) -> list[str]:
-    """The CLI call: the 5-job grid on `model`, results under `results`."""
+def sweep_command(
+    model: Path, eval_name: str, data_root: Path, results: Path, extra: list[str], study: str = "startup"
+) -> list[str]:
+    """The CLI call: the 5-job grid on `model`, results under `results`/`study`."""
     return [
         sys.executable, "-m", "pipeline.run", "-m", f"model.name_or_path={model}", f"eval={eval_name}",
-        f"eval.data_root={data_root}", *GRID, f"results_root={results}", "study=startup", *extra,
+        f"eval.data_root={data_root}", *GRID, f"results_root={results}", f"study={study}", *extra,
     ]  # fmt: skip
+
+
+def start_head() -> subprocess.Popen[str]:
+    """`ray start --head --block` (this machine's CPUs and GPUs), once it has recorded the cluster for
+    `ray.address=auto`; stop it with `stop_head`."""
+    head = subprocess.Popen(
+        [sys.executable, "-m", "ray.scripts.scripts", "start", "--head", "--block", "--disable-usage-stats",
+         "--include-dashboard=false"],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
+    )  # fmt: skip
+    assert head.stdout is not None
+    for line in head.stdout:
+        if "block forever" in line:
+            return head
+    raise RuntimeError(f"ray start --head exited with {head.wait()}")
+
+
+def stop_head(head: subprocess.Popen[str], env: dict[str, str]) -> None:
+    """Release the kept workers, then stop the cluster `start_head` started."""
+    release = [sys.executable, "-m", "pipeline.kept", "release", "--address", "auto"]
+    subprocess.run(release, cwd=ROOT, env=env, capture_output=True, timeout=120)
+    os.killpg(head.pid, signal.SIGTERM)  # `ray start --block` stops its cluster on SIGTERM
+    head.wait(timeout=120)
 
 
 def sweep_env(cache: Path) -> dict[str, str]:
@@ -184,13 +214,11 @@ def fmt(value: Any) -> str:
 def render(result: dict[str, Any]) -> str:
     """The table: per run, the first row, the last, the steady state and the worker's phases."""
     header = f"{result['device']}; {result['shape']}, eval={result['eval']}, {result['jobs']} jobs"
-    lines = [header, "", "| | cold | warm |", "|---|---|---|"]
     runs = result["runs"]
+    lines = [header, "", "| | " + " | ".join(runs) + " |", "|---" * (len(runs) + 1) + "|"]
 
     def row(label: str, get: Any) -> None:
-        lines.append(
-            f"| {label} | " + " | ".join(fmt(get(runs[name])) for name in RUNS if name in runs) + " |"
-        )
+        lines.append(f"| {label} | " + " | ".join(fmt(get(run)) for run in runs.values()) + " |")
 
     row("first row s (from the command's start)", lambda r: r["first_row_s"])
     row("last row s", lambda r: r["last_row_s"])
@@ -231,6 +259,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--timeout", type=float, default=240.0, help="seconds per sweep before it is killed")
     parser.add_argument("--out", type=Path, default=None, help="JSON output (the table goes next to it, .md)")
+    parser.add_argument("--kept", action="store_true", help="also two sweeps with ray.keep_workers=true")
     parser.add_argument("extra", nargs="*", help="more overrides for both sweeps, e.g. ray.max_workers=1")
     return parser.parse_args(argv)
 
@@ -261,6 +290,16 @@ def main(argv: list[str] | None = None) -> int:
         command = sweep_command(model, args.eval, data_root, results, args.extra)
         result["command"] = " ".join(command[1:])
         result["runs"][name] = run_sweep(command, sweep_env(cache), results / "startup", args.timeout)
+    if args.kept:
+        head = start_head()
+        try:
+            results = workdir / "results-kept"
+            kept = [*args.extra, "ray.address=auto", "ray.keep_workers=true"]
+            for name in ("kept-1", "kept-2"):
+                command = sweep_command(model, args.eval, data_root, results, kept, study=name)
+                result["runs"][name] = run_sweep(command, sweep_env(cache), results / name, args.timeout)
+        finally:
+            stop_head(head, sweep_env(cache))
     table = render(result)
     print(table)
     if args.out is not None:
