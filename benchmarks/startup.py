@@ -16,10 +16,12 @@
    start with its parts, model load, snapshot, Evaluator build with its parts and cache hits, first
    job with its parts); the command's
    wall time; and the per-job seconds the rows hold (restore + quantize + evaluate).
-3. With `--kept`, then: starts a cluster (`ray start --head`, the machine's CPUs and GPUs) and runs the
-   sweep twice more on it with `ray.address=auto ray.keep_workers=true` (`pipeline.kept`), into two
-   studies of one results folder: `kept-1` starts the kept worker, `kept-2` finds it with its model
-   resident (the warm case of a researcher's next command); then releases it and stops the cluster.
+3. `--runs cold,warm,kept-1,kept-2` adds sweeps on a cluster started with `ray start --head` (the
+   machine's CPUs and GPUs) with `ray.address=auto ray.keep_workers=true` (`pipeline.kept`), into
+   studies of one results folder: the first starts the kept worker, the next finds it with its model
+   resident (the warm case of a researcher's next command); at the end the kept workers are released and
+   the cluster stopped. The runs share one cache (only the first is cold); the JSON is rewritten after
+   each run, so a cut run keeps what finished.
 4. Prints a table and writes JSON (`--out`; the table goes next to it as .md).
 
 One command, within ~5 minutes on one H200 at the 1.4B shape (model build ~30 s, two sweeps).
@@ -79,13 +81,14 @@ def sweep_command(
     ]  # fmt: skip
 
 
-def start_head() -> subprocess.Popen[str]:
+def start_head(env: dict[str, str]) -> subprocess.Popen[str]:
     """`ray start --head --block` (this machine's CPUs and GPUs), once it has recorded the cluster for
     `ray.address=auto`; stop it with `stop_head`."""
     head = subprocess.Popen(
         [sys.executable, "-m", "ray.scripts.scripts", "start", "--head", "--block", "--disable-usage-stats",
          "--include-dashboard=false"],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True, env=env,
+        cwd=ROOT,
     )  # fmt: skip
     assert head.stdout is not None
     for line in head.stdout:
@@ -259,9 +262,23 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--timeout", type=float, default=240.0, help="seconds per sweep before it is killed")
     parser.add_argument("--out", type=Path, default=None, help="JSON output (the table goes next to it, .md)")
-    parser.add_argument("--kept", action="store_true", help="also two sweeps with ray.keep_workers=true")
+    parser.add_argument(
+        "--runs", default=",".join(RUNS),
+        help="sweeps in order on one cache (the first is cold): cold/warm on an embedded cluster, kept-* on "
+        "a `ray start --head` cluster with ray.keep_workers=true, e.g. cold,warm,kept-1,kept-2",
+    )  # fmt: skip
     parser.add_argument("extra", nargs="*", help="more overrides for both sweeps, e.g. ray.max_workers=1")
     return parser.parse_args(argv)
+
+
+def write(result: dict[str, Any], out: Path | None) -> str:
+    """The table of `result`; with `out`, the JSON there and the table next to it (.md)."""
+    table = render(result)
+    if out is not None:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(result, indent=2) + "\n")
+        out.with_suffix(".md").write_text(table + "\n")
+    return table
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -284,28 +301,28 @@ def main(argv: list[str] | None = None) -> int:
         "device": device_name(device), "torch": torch.__version__, "shape": args.shape, "eval": args.eval,
         "jobs": 5, "grid": list(GRID), "extra": args.extra, "model_build_s": round(build_s, 1), "runs": {},
     }  # fmt: skip
-    for name in RUNS:
-        results = workdir / f"results-{name}"
-        shutil.rmtree(results, ignore_errors=True)
-        command = sweep_command(model, args.eval, data_root, results, args.extra)
-        result["command"] = " ".join(command[1:])
-        result["runs"][name] = run_sweep(command, sweep_env(cache), results / "startup", args.timeout)
-    if args.kept:
-        head = start_head()
-        try:
-            results = workdir / "results-kept"
-            kept = [*args.extra, "ray.address=auto", "ray.keep_workers=true"]
-            for name in ("kept-1", "kept-2"):
-                command = sweep_command(model, args.eval, data_root, results, kept, study=name)
-                result["runs"][name] = run_sweep(command, sweep_env(cache), results / name, args.timeout)
-        finally:
-            stop_head(head, sweep_env(cache))
-    table = render(result)
-    print(table)
-    if args.out is not None:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(result, indent=2) + "\n")
-        args.out.with_suffix(".md").write_text(table + "\n")
+    env = sweep_env(cache)
+    head: subprocess.Popen[str] | None = None
+    try:
+        for name in args.runs.split(","):
+            kept = name.startswith("kept")
+            if kept and head is None:
+                head = start_head(env)  # its workers get the sweeps' environment: the same $KBIT_CACHE
+            results = workdir / ("results-kept" if kept else f"results-{name}")
+            study = name if kept else "startup"  # kept runs share a results root (part of a worker's name)
+            shutil.rmtree(results / study, ignore_errors=True)
+            extra = [*args.extra, *(("ray.address=auto", "ray.keep_workers=true") if kept else ())]
+            command = sweep_command(model, args.eval, data_root, results, extra, study=study)
+            result["command"] = " ".join(command[1:])
+            run = result["runs"][name] = run_sweep(command, env, results / study, args.timeout)
+            print(f"{name}: rc {run['rc']}, first row {run['first_row_s']} s, rows {run['rows']}", flush=True)
+            if run["rc"] != 0:
+                print("\n".join(run["log_tail"]), flush=True)
+            write(result, args.out)  # what is done so far survives a cut
+    finally:
+        if head is not None:
+            stop_head(head, env)
+    print(write(result, args.out))
     if args.workdir is None:
         shutil.rmtree(workdir, ignore_errors=True)
     return 0 if all(run["rc"] == 0 for run in result["runs"].values()) else 1
