@@ -89,7 +89,7 @@ def test_every_launch_choice_agrees(bits: int) -> None:
 
     choices = [FusedChoice(max_chain_log2=8), FusedChoice(max_shared_log2=0), FusedChoice(bucket_from_log2=0),
                FusedChoice(values_per_thread=32), FusedChoice(values_per_thread=8, num_warps=4),
-               FusedChoice(independent=True), FusedChoice(tables_first=True), FusedChoice(programs_per_sm=4),
+               FusedChoice(independent=True), FusedChoice(tables_first=False), FusedChoice(programs_per_sm=4),
                FusedChoice(independent=True, programs_per_sm=4),
                FusedChoice(independent=True, programs_per_sm=1, values_per_thread=4)]  # fmt: skip
     for salt, (shape, block) in enumerate([((4099, 4096), 64), ((1000, 333), 1024), ((513, 257), None)]):
