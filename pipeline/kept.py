@@ -8,7 +8,8 @@ pristine copy and their Evaluators resident, and its first job starts at once.
 
 "The same workers" is the name: `kbit-worker-<digest>-<i>`, the digest over everything fixed when a
 worker starts (the Ray options, the results root, the plugins, the CPU threads, GPUs per worker) and
-the source of `pipeline/` and `kernels/`, so a worker never runs code older than the driver's. Kept
+the source of `pipeline/`, `kernels/` and the plugin modules, so a worker never runs code older than
+the driver's. Kept
 workers under another digest hold GPUs the new ones need: the driver kills them first (and says so).
 They are freed by `python -m pipeline.kept release [--address auto]` (or `ray stop`).
 Trade-off: a kept worker holds its GPU memory between commands; that is the point, and the cost.
@@ -42,6 +43,22 @@ def code_version(root: Path = ROOT) -> str:
     for folder in SOURCE_DIRS:
         for path in sorted((root / folder).rglob("*.py")):
             digest.update(str(path.relative_to(root)).encode() + b"\0" + path.read_bytes() + b"\0")
+    return digest.hexdigest()
+
+
+def plugin_sources(plugins: Sequence[str]) -> str:
+    """sha256 over the source files of the plugin modules (found, not imported): a worker that imported
+    an older version of a plugin is not reused either. A module not found counts by its name alone."""
+    import importlib.util
+
+    digest = hashlib.sha256()
+    for name in plugins:
+        try:
+            spec = importlib.util.find_spec(name)
+        except (ImportError, ValueError):
+            spec = None
+        origin = Path(spec.origin) if spec is not None and spec.origin else None
+        digest.update(name.encode() + b"\0" + (origin.read_bytes() if origin and origin.is_file() else b""))
     return digest.hexdigest()
 
 
@@ -83,7 +100,9 @@ def start_kept(remote_cls: Any, class_name: str, options: dict[str, Any], args: 
     """`count` kept workers of `remote_cls` (`ray.remote` of the class named `class_name`) started with
     `options`, `args` and `kwargs`: those alive under their name are reused as they are, the others
     started (named, detached); kept workers under another name are killed first."""
-    prefix = kept_prefix({**options, "class": class_name}, args, kwargs, code_version())
+    plugins = args[2] if len(args) > 2 else ()  # ModelWorker(results_root, cpu_threads, plugins)
+    version = code_version() + plugin_sources(plugins)
+    prefix = kept_prefix({**options, "class": class_name}, args, kwargs, version)
     stale = stale_names(kept_names(), prefix)
     if stale:
         log.warning(

@@ -97,3 +97,15 @@ def test_a_second_command_reuses_the_kept_worker_and_its_model(tiny_model_dir, t
     finally:
         os.killpg(head.pid, signal.SIGTERM)  # `ray start --block` stops its cluster on SIGTERM
         head.wait(timeout=60)
+
+
+def test_a_plugin_counts_by_its_source(tmp_path, monkeypatch):
+    from pipeline.kept import plugin_sources
+
+    (tmp_path / "my_plugin.py").write_text("SCALE = 1\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    before = plugin_sources(["my_plugin"])
+    assert plugin_sources(["my_plugin"]) == before and plugin_sources([]) != before
+    (tmp_path / "my_plugin.py").write_text("SCALE = 2\n")
+    assert plugin_sources(["my_plugin"]) != before
+    assert plugin_sources(["no_such_module_here"]) != plugin_sources([])  # by its name alone
