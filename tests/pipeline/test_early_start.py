@@ -39,20 +39,27 @@ def test_a_run_that_needs_no_ray_starts_none(tmp_path):
     assert start_early(cells(f"results_root={tmp_path / 'file'}")) is None
 
 
-def test_bad_input_starts_no_worker_and_stops_ray(tmp_path, capsys, monkeypatch):
-    import ray
-
+def recorded_starts(monkeypatch: pytest.MonkeyPatch) -> list[EarlyStart]:
+    """Every `EarlyStart` made from now on (the real ones, kept in a list)."""
     import pipeline.cluster as cluster
-    from pipeline.run import main
 
-    made: list[cluster.EarlyStart] = []
+    made: list[EarlyStart] = []
 
-    class Recorded(cluster.EarlyStart):  # the real start, kept
+    class Recorded(cluster.EarlyStart):
         def __init__(self, *args, **kwargs) -> None:
             super().__init__(*args, **kwargs)
             made.append(self)
 
     monkeypatch.setattr(cluster, "EarlyStart", Recorded)
+    return made
+
+
+def test_bad_input_starts_no_worker_and_stops_ray(tmp_path, capsys, monkeypatch):
+    import ray
+
+    from pipeline.run import main
+
+    made = recorded_starts(monkeypatch)
     if ray.is_initialized():
         ray.shutdown()
     code = main(["-m", f"results_root={tmp_path}", "eval.tasks=[]", "quant.dtype=int", "quant.bits=1"])
@@ -130,14 +137,7 @@ def test_a_wrong_guess_is_cancelled_and_bad_input_still_stops_ray(tmp_path, caps
     from pipeline import prestart
     from pipeline.run import main
 
-    made: list[cluster.EarlyStart] = []
-
-    class Recorded(cluster.EarlyStart):  # the real start, kept
-        def __init__(self, *args, **kwargs) -> None:
-            super().__init__(*args, **kwargs)
-            made.append(self)
-
-    monkeypatch.setattr(cluster, "EarlyStart", Recorded)
+    made = recorded_starts(monkeypatch)
     monkeypatch.delenv("KBIT_EARLY_START", raising=False)
     if ray.is_initialized():
         ray.shutdown()
