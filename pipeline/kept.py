@@ -130,6 +130,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     import ray
 
     logging.basicConfig(level=logging.WARNING)
+    from pipeline.preflight import address_problem
+
+    problem = address_problem(args.address)
+    if problem is not None:  # Ray itself would retry for a minute, then raise
+        print(f"error: {problem}", file=sys.stderr)
+        return 2
     ray.init(address=args.address, namespace=NAMESPACE, include_dashboard=False, log_to_driver=False)
     try:
         names = kept_names()

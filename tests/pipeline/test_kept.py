@@ -109,3 +109,11 @@ def test_a_plugin_counts_by_its_source(tmp_path, monkeypatch):
     (tmp_path / "my_plugin.py").write_text("SCALE = 2\n")
     assert plugin_sources(["my_plugin"]) != before
     assert plugin_sources(["no_such_module_here"]) != plugin_sources([])  # by its name alone
+
+
+def test_release_names_an_address_nothing_answers_at(capsys):
+    from pipeline.kept import main as kept_main
+
+    assert kept_main(["release", "--address", f"127.0.0.1:{_free_port()}"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ray.address=127.0.0.1:") and "no Ray cluster answers" in err
