@@ -23,6 +23,9 @@ class Interrupted(KeyboardInterrupt):
         self.signum = signum
 
 
+_RECEIVED: list[int] = []  # the SIGTERMs the handler of the current `sigterm_interrupts` block took
+
+
 @contextmanager
 def sigterm_interrupts() -> Iterator[None]:
     """While the block runs, the first SIGTERM raises `Interrupted` in the main thread (later ones are
@@ -30,19 +33,28 @@ def sigterm_interrupts() -> Iterator[None]:
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-    received: list[int] = []
 
     def handler(signum: int, frame: FrameType | None) -> None:
-        received.append(signum)
-        if len(received) == 1:
+        _RECEIVED.append(signum)
+        if len(_RECEIVED) == 1:
             raise Interrupted(signum)
         log.warning("SIGTERM again: already stopping")
 
+    _RECEIVED.clear()
     previous = signal.signal(signal.SIGTERM, handler)
     try:
         yield
     finally:
         signal.signal(signal.SIGTERM, previous)
+        _RECEIVED.clear()
+
+
+def interrupt_signal(err: BaseException) -> int:
+    """The signal that ended the run with `err`: the one an `Interrupted` names; else a SIGTERM the handler
+    took (Ray turns an exception raised by a signal handler inside its own blocking calls, `ray.wait`,
+    into a plain KeyboardInterrupt); else SIGINT (Ctrl-C)."""
+    signum = getattr(err, "signum", None)
+    return int(signum) if signum is not None else (_RECEIVED[0] if _RECEIVED else int(signal.SIGINT))
 
 
 def format_duration(seconds: float) -> str:
@@ -91,7 +103,7 @@ class Progress:
     def interrupt(self, err: KeyboardInterrupt) -> None:
         """Mark the run interrupted by Ctrl-C, or by the signal an `Interrupted` names."""
         self.interrupted = True
-        self.signum = getattr(err, "signum", signal.SIGINT)
+        self.signum = interrupt_signal(err)
 
     def exit_code(self) -> int:
         """0 all ok; 1 a job failed or did not run; 128 + the signal's number when interrupted (130, 143)."""

@@ -48,7 +48,7 @@ from pipeline.jobs import Job, ModelSource, build_jobs, group_by_model, single_s
 from pipeline.ladders.configs import LADDER_PREFIX
 from pipeline.lock import StudyLocked, claim_studies
 from pipeline.preflight import error_message, preflight, ray_problems, results_problems
-from pipeline.progress import Progress, sigterm_interrupts
+from pipeline.progress import Progress, interrupt_signal, sigterm_interrupts
 from pipeline.results import STATUS_OK, job_status
 from pipeline.specs import ModelRef
 from pipeline.startup import PhaseClock
@@ -319,7 +319,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         try:
             return _main(args)
         except KeyboardInterrupt as err:
-            signum = getattr(err, "signum", signal.SIGINT)
+            signum = interrupt_signal(err)
             print(f"interrupted ({signal.Signals(signum).name}) before any job ran", file=sys.stderr)
             return 128 + signum
 

@@ -205,6 +205,24 @@ def test_progress_line_and_summary():
     assert format_duration(3725) == "1h02m" and format_duration(65) == "1m05s"
 
 
+def test_a_sigterm_that_ray_turned_into_a_plain_keyboard_interrupt_still_exits_143():
+    import os
+    import signal
+    import time
+
+    from pipeline.progress import Interrupted, interrupt_signal, sigterm_interrupts
+
+    assert interrupt_signal(KeyboardInterrupt()) == signal.SIGINT  # Ctrl-C: 130
+    with sigterm_interrupts():
+        with pytest.raises(Interrupted):
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(5)  # the handler raises at the next bytecode
+        progress = Progress(total=2)
+        progress.interrupt(KeyboardInterrupt())  # what ray.wait raises instead when the signal lands in it
+        assert progress.exit_code() == 128 + signal.SIGTERM
+    assert interrupt_signal(KeyboardInterrupt()) == signal.SIGINT  # the block is over: Ctrl-C again
+
+
 def test_replace_path_fast_path_matches_composition():
     composed = load_config(["quant.bits=5", "quant.block_size=null"])
     fast = replace_path(load_config([]), {"quant.bits": 5, "quant.block_size": None})
