@@ -130,7 +130,7 @@ def start_workers(
         from pipeline.kept import start_kept
 
         name = f"{cls.__module__}.{cls.__qualname__}"
-        return start_kept(remote_cls, name, options, args, sharded, plan.count)
+        return start_kept(remote_cls, name, options, args, sharded, plan.count, plugins)
     return [remote_cls.options(**options).remote(*args, **sharded) for _ in range(plan.count)]
 
 

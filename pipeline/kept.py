@@ -9,8 +9,8 @@ pristine copy and their Evaluators resident, and its first job starts at once.
 "The same workers" is the name: `kbit-worker-<digest>-<i>`, the digest over everything fixed when a
 worker starts (the Ray options, the results root, the plugins, the CPU threads, GPUs per worker) and
 the source of `pipeline/`, `kernels/` and the plugin modules, so a worker never runs code older than
-the driver's. Kept
-workers under another digest hold GPUs the new ones need: the driver kills them first (and says so).
+the driver's. Kept workers under another digest hold GPUs the new ones need: the driver kills them
+first (and says so).
 They are freed by `python -m pipeline.kept release [--address auto]` (or `ray stop`).
 Trade-off: a kept worker holds its GPU memory between commands; that is the point, and the cost.
 """
@@ -96,26 +96,26 @@ def kept_names() -> list[str]:
 
 
 def start_kept(remote_cls: Any, class_name: str, options: dict[str, Any], args: Sequence[Any],
-               kwargs: dict[str, Any], count: int) -> list[Any]:  # fmt: skip
-    """`count` kept workers of `remote_cls` (`ray.remote` of the class named `class_name`) started with
-    `options`, `args` and `kwargs`: those alive under their name are reused as they are, the others
-    started (named, detached); kept workers under another name are killed first."""
-    plugins = args[2] if len(args) > 2 else ()  # ModelWorker(results_root, cpu_threads, plugins)
+               kwargs: dict[str, Any], count: int, plugins: Sequence[str] = ()) -> list[Any]:  # fmt: skip
+    """`count` kept workers of `remote_cls` (`ray.remote` of the class named `class_name`, which imports
+    `plugins`) started with `options`, `args` and `kwargs`: those alive under their name are reused as
+    they are, the others started (named, detached); kept workers under another name are killed first."""
     version = code_version() + plugin_sources(plugins)
     prefix = kept_prefix({**options, "class": class_name}, args, kwargs, version)
-    stale = stale_names(kept_names(), prefix)
+    names = kept_names()
+    stale = stale_names(names, prefix)
     if stale:
         log.warning(
             "killing %d kept worker(s) started under another configuration or code version "
             "(they hold the resources the new ones need): %s", len(stale), ", ".join(stale),
         )  # fmt: skip
         kill_named(stale)
-    alive = set(kept_names())
-    reused = sum(f"{prefix}{i}" in alive for i in range(count))
+    reused = sum(f"{prefix}{i}" in names for i in range(count))
     log.info("kept workers: %d reused, %d started (%s*)", reused, count - reused, prefix)
-    kept = {"name": "", "namespace": NAMESPACE, "lifetime": "detached", "get_if_exists": True}
     return [
-        remote_cls.options(**options, **{**kept, "name": f"{prefix}{i}"}).remote(*args, **kwargs)
+        remote_cls.options(
+            **options, name=f"{prefix}{i}", namespace=NAMESPACE, lifetime="detached", get_if_exists=True
+        ).remote(*args, **kwargs)
         for i in range(count)
     ]
 
