@@ -50,6 +50,12 @@ def test_keeping_workers_needs_a_cluster_that_outlives_the_command(tmp_path, cap
     assert list(tmp_path.iterdir()) == []
 
 
+def _rows(folder: Path) -> list[dict]:
+    import pyarrow.parquet as pq
+
+    return [row for path in folder.glob("**/*.parquet") for row in pq.read_table(path).to_pylist()]
+
+
 def _free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
@@ -84,11 +90,13 @@ def test_a_second_command_reuses_the_kept_worker_and_its_model(tiny_model_dir, t
                 break
         assert head.poll() is None, "ray start --head did not come up"
         first = run("quant.dtype=int", "quant.bits=3")
-        assert "kept workers: 0 reused, 1 started" in first and "phase=model_load" in first
+        assert "kept workers: 0 reused, 1 started" in first, first
         second = run("quant.dtype=int", "quant.bits=4")  # another job, the same model and workers
-        assert "kept workers: 1 reused, 0 started" in second
-        assert "phase=model_load" not in second and "phase=worker_init" not in second  # resident already
-        assert len(list((tmp_path / "kept").glob("**/*.parquet"))) >= 2
+        assert "kept workers: 1 reused, 0 started" in second, second
+        # the rows, not the workers' forwarded log lines (which a joined cluster may deliver after the
+        # driver exits): the first command's job loaded the model, the second's found it resident
+        load_s = {row["bits"]: row["load_s"] for row in _rows(tmp_path / "kept")}
+        assert load_s[3] > 0 and load_s[4] == 0, load_s
         released = subprocess.run(
             [sys.executable, "-m", "pipeline.kept", "release", "--address", address],
             cwd=ROOT, env=env, capture_output=True, text=True, timeout=120,
