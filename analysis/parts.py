@@ -1,7 +1,7 @@
 """The report's parts as independent tasks, and the pool of worker processes that runs them.
 
 Every part of the report (a section, or a run of families' effective-parameter fits) is a task: a pure
-function of the `Study` (seeded resampling), so the parts can run in any order, in forked worker
+function of the `Study` (seeded resampling), so the parts can run in any order, in worker
 processes (`build_sections`), each saving its own figures (`save_figures`) so that no `Figure` crosses a
 process boundary; `assemble` puts the results in reading order. The same report for any number of
 processes (tests/analysis/test_report_parallel.py).
@@ -184,31 +184,43 @@ def build_sections(study: Study, processes: int = 1, fig_dir: Path | None = None
     """Every section of the report, gaps stated where a part could not be produced.
 
     With `fig_dir`, each task saves its figures there as soon as it has drawn them (the blocks keep
-    only the name: `Block.saved`); with `processes` > 1 (needs `fig_dir` and the 'fork' start method)
-    the tasks run in that many worker processes. Every task is a pure function of `study` (seeded
+    only the name: `Block.saved`); with `processes` > 1 (needs `fig_dir`) the tasks run in that many
+    worker processes (`_pool_context`). Every task is a pure function of `study` (seeded
     resampling), so the report is the same whichever way it runs.
     """
     tasks = section_tasks(study)
-    if processes > 1 and fig_dir is not None and "fork" in mp.get_all_start_methods():
-        global _FORKED_TASKS  # the workers inherit the tasks by fork: closures over `study`, never pickled
-        _FORKED_TASKS = (tasks, fig_dir)
-        try:
-            with mp.get_context("fork").Pool(min(processes, len(tasks))) as pool:
-                results = pool.map(_run_forked, list(tasks), chunksize=1)
-        finally:
-            _FORKED_TASKS = None
+    if processes > 1 and fig_dir is not None:
+        with _pool_context().Pool(min(processes, len(tasks)), _start_worker, (study, fig_dir)) as pool:
+            results = pool.map(_run_in_worker, list(tasks), chunksize=1)
         return assemble(study, dict(zip(tasks, results, strict=True)))
     done = {key: run_task(key, task, fig_dir) for key, task in tasks.items()}
     return assemble(study, done)
 
 
-_FORKED_TASKS: tuple[dict[str, Task], Path] | None = None  # set only while a pool of forks runs them
+def _pool_context() -> mp.context.BaseContext:
+    """Workers start from a fresh single-threaded server ('forkserver', which has this module imported),
+    never as forks of this process: after a sweep, Ray's threads here may hold locks that a forked child
+    would wait on forever (a CI run hung so). 'spawn' where there is no forkserver."""
+    if "forkserver" not in mp.get_all_start_methods():
+        return mp.get_context("spawn")
+    context = mp.get_context("forkserver")
+    context.set_forkserver_preload([__name__])
+    return context
 
 
-def _run_forked(key: str) -> object:
-    """In a forked worker: run one task and save its figures (what comes back holds no `Figure`)."""
-    assert _FORKED_TASKS is not None
-    tasks, fig_dir = _FORKED_TASKS
+_WORKER_TASKS: tuple[dict[str, Task], Path] | None = None  # set in each pool worker by `_start_worker`
+
+
+def _start_worker(study: Study, fig_dir: Path) -> None:
+    """In a pool worker: build the tasks from the study (closures over it, so they are never pickled)."""
+    global _WORKER_TASKS
+    _WORKER_TASKS = (section_tasks(study), fig_dir)
+
+
+def _run_in_worker(key: str) -> object:
+    """In a pool worker: run one task and save its figures (what comes back holds no `Figure`)."""
+    assert _WORKER_TASKS is not None
+    tasks, fig_dir = _WORKER_TASKS
     return run_task(key, tasks[key], fig_dir)
 
 
