@@ -6,7 +6,10 @@ Runs what `python -m pipeline.run` does before any job (import `pipeline.run`, e
 `check_cells`: every pre-flight check, the memory plan included) and prints the seconds of each step and
 cProfile's top functions of `check_cells` by cumulative time (`--top`). Run it twice on one
 `$KBIT_CACHE` to see a cold and a warm pre-flight (the model's shape and causal check are cached by its
-config). Writes the step seconds and the top rows as JSON (`--out`). Nothing starts Ray or a GPU.
+config). Writes the step seconds and the top rows as JSON (`--out`). Nothing starts Ray or a GPU, except
+with `--prestart`: Ray starts on a background thread first, as on the CLI's first line
+(`pipeline.prestart`), to show whether pre-flight waits on it (its wall seconds against the main
+thread's CPU seconds; Ray is stopped at the end).
 """
 
 from __future__ import annotations
@@ -38,21 +41,33 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out", type=Path, default=None, help="write the steps and top rows as JSON")
     parser.add_argument("--top", type=int, default=30, help="profile rows to print")
+    parser.add_argument("--prestart", action="store_true", help="start Ray first, as the CLI does")
     parser.add_argument("overrides", nargs="*", help="the CLI's arguments (after --)")
     args = parser.parse_args(argv)
     start = time.perf_counter()
+    if args.prestart:
+        from pipeline import prestart
+
+        prestart.prestart(args.overrides)
     import pipeline.run as run
 
     imported = time.perf_counter()
     multirun, _, overrides = run.parse_argv(args.overrides)
     cells = run.expand(run.plan_sweep(overrides, multirun))
     expanded = time.perf_counter()
+    early = run.start_early(cells) if args.prestart else None
+    adopted = time.perf_counter()
     profile = cProfile.Profile()
+    cpu = time.thread_time()
     profile.enable()
     run.check_cells(cells)
     profile.disable()
-    checked = time.perf_counter()
-    steps = {"import_s": imported - start, "expand_s": expanded - imported, "preflight_s": checked - expanded}
+    checked, cpu = time.perf_counter(), time.thread_time() - cpu
+    steps = {"import_s": imported - start, "expand_s": expanded - imported,
+             "start_early_s": adopted - expanded, "preflight_s": checked - adopted,
+             "preflight_thread_cpu_s": cpu}  # fmt: skip
+    if early is not None:
+        early.cancel()  # Ray's own start time is its `startup phase=ray_start` log line
     rows = top_rows(profile, args.top)
     print(" ".join(f"{k}={v:.2f}" for k, v in steps.items()))
     print("\n| cumulative s | own s | calls | function |\n|---|---|---|---|")

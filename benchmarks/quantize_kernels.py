@@ -76,6 +76,10 @@ CHOICES: dict[str, dict[str, Any]] = {  # FusedChoice fields and their values (i
     "persist4": {"programs_per_sm": 4},
     "ind+persist": {"independent": True, "programs_per_sm": 8},
     "persist+vpt8": {"programs_per_sm": 16, "values_per_thread": 8},
+    # The bucketed search's tables read by loads through L1, no per-program copy in shared memory
+    "l1": {"l1_tables": True},
+    "ind+l1": {"independent": True, "l1_tables": True},
+    "l1+vpt32": {"l1_tables": True, "values_per_thread": 32},
 }
 
 

@@ -85,6 +85,9 @@ class FusedChoice:
         programs_per_sm: 0: a program a tile. Else the unmasked launch runs this many persistent programs a
             multiprocessor (fewer where they do not fit), each loading its tables once and looping over
             tiles, the next tile's weights loaded while it quantizes the current one.
+        l1_tables: the bucketed search reads its tables with plain loads (through L1) where it uses
+            them, not from a per-program copy in shared memory: no table set-up per program (at 8 bits
+            up to 1,536 entries against the program's 2,048 values), L1 tag lookups instead.
     """
 
     max_chain_log2: int = 0
@@ -95,11 +98,12 @@ class FusedChoice:
     independent: bool = False
     tables_first: bool = True
     programs_per_sm: int = 0
+    l1_tables: bool = False
 
 
 DEFAULT_CHOICE = FusedChoice()
 SEARCH_CHAIN, SEARCH_SHARED, SEARCH_GLOBAL = tl.constexpr(0), tl.constexpr(1), tl.constexpr(2)
-SEARCH_BUCKET = tl.constexpr(3)
+SEARCH_BUCKET, SEARCH_BUCKET_L1 = tl.constexpr(3), tl.constexpr(4)  # the latter: `FusedChoice.l1_tables`
 EYTZINGER_FROM_LOG2 = tl.constexpr(6)  # the shared-memory search reads larger codebooks in Eytzinger order
 
 
@@ -235,6 +239,28 @@ def _bucket_lookup(
 
 
 @triton.jit
+def _bucket_lookup_l1(
+    xn, starts_ptr, mids_ptr, values_ptr, BUCKET_SHIFT: tl.constexpr, BUCKET_FIRST: tl.constexpr,
+    BUCKET_LOG2: tl.constexpr, WINDOW: tl.constexpr, INDEPENDENT: tl.constexpr,
+):  # fmt: skip
+    # `_bucket_lookup`'s compares and results, its tables read by plain loads (L1) instead of gathers from
+    # shared memory. INDEPENDENT: three loads indexed by the bucket, none waiting for another.
+    bucket = _bucket(xn, BUCKET_SHIFT, BUCKET_FIRST, BUCKET_LOG2)
+    if INDEPENDENT:
+        above = tl.load(mids_ptr + bucket) < xn
+        pair = tl.load(values_ptr + bucket)
+        value = tl.where(above, (pair >> 32).to(tl.int32), pair.to(tl.int32)).to(tl.float32, bitcast=True)
+        code = tl.load(starts_ptr + bucket).to(tl.int32) + above.to(tl.int32)
+    else:
+        start = tl.load(starts_ptr + bucket).to(tl.int32)
+        code = start
+        for j in tl.static_range(WINDOW):
+            code += (tl.load(mids_ptr + start + j) < xn).to(tl.int32)
+        value = tl.load(values_ptr + code)
+    return code, value
+
+
+@triton.jit
 def _nearest(
     xn, mids_ptr, values_ptr, starts_ptr, starts, mids, values,
     LOG2_LEVELS: tl.constexpr, SEARCH: tl.constexpr, STORE_OUT: tl.constexpr, STORE_CODES: tl.constexpr,
@@ -267,6 +293,10 @@ def _nearest(
         code = _nearest_code_shared(xn, mids_ptr, LOG2_LEVELS)
         if STORE_OUT:
             value = tl.gather(tl.load(values_ptr + tl.arange(0, 1 << LOG2_LEVELS)), code, 0)
+    elif SEARCH == SEARCH_BUCKET_L1:
+        code, value = _bucket_lookup_l1(
+            xn, starts_ptr, mids_ptr, values_ptr, BUCKET_SHIFT, BUCKET_FIRST, BUCKET_LOG2, WINDOW, INDEPENDENT
+        )  # fmt: skip
     else:
         if not TABLES_FIRST:
             starts, mids, values = _bucket_tables(
@@ -433,9 +463,10 @@ def _flags(x: Tensor, levels: Levels, store_out: bool, store_codes: bool, choice
     table = bucket_table(levels) if search == SEARCH_BUCKET.value else None
     if search == SEARCH_BUCKET.value and table is None:
         search = SEARCH_SHARED.value
+    l1 = table is not None and choice.l1_tables
     return {
         "LOG2_LEVELS": log2_levels,
-        "SEARCH": search,
+        "SEARCH": SEARCH_BUCKET_L1.value if l1 else search,
         "STORE_OUT": store_out,
         "STORE_CODES": store_codes,
         "BF16_BY_HAND": x.dtype == torch.bfloat16 and os.environ.get("TRITON_INTERPRET") == "1",
@@ -444,7 +475,7 @@ def _flags(x: Tensor, levels: Levels, store_out: bool, store_codes: bool, choice
         "BUCKET_LOG2": table.buckets.log2_buckets if table else 0,
         "WINDOW": table.window if table else 0,
         "INDEPENDENT": bool(table and choice.independent and bucket_pairs(levels) is not None),
-        "TABLES_FIRST": bool(table and (choice.tables_first or choice.programs_per_sm > 0)),
+        "TABLES_FIRST": bool(table and not l1 and (choice.tables_first or choice.programs_per_sm > 0)),
     }
 
 
@@ -456,7 +487,8 @@ def _tables(levels: Levels, flags: dict) -> tuple[Tensor, Tensor, Tensor]:
     values = padded_values(levels)
     eytzinger = flags["SEARCH"] == SEARCH_SHARED.value and flags["LOG2_LEVELS"] >= EYTZINGER_FROM_LOG2.value
     mids = eytzinger_mids(levels) if eytzinger else levels.mids
-    table = bucket_table(levels) if flags["SEARCH"] == SEARCH_BUCKET.value else None
+    bucketed = flags["SEARCH"] in (SEARCH_BUCKET.value, SEARCH_BUCKET_L1.value)
+    table = bucket_table(levels) if bucketed else None
     return values, mids, table.starts if table is not None else mids  # never read by the other searches
 
 

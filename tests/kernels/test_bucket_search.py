@@ -166,7 +166,8 @@ def edges(levels):
     return torch.cat([torch.cat([blocks, ones], 1).reshape(-1), above_one, tiny])
 
 def same(x, spec, levels, choice=bucket, codes=True):
-    assert tf._flags(x, levels, True, False, choice)["SEARCH"] == tf.SEARCH_BUCKET.value, spec
+    bucketed = tf.SEARCH_BUCKET_L1 if choice.l1_tables else tf.SEARCH_BUCKET
+    assert tf._flags(x, levels, True, False, choice)["SEARCH"] == bucketed.value, spec
     ref = reference_fake_quantize(x, spec, levels)
     assert torch.equal(tf.fused_fake_quantize(x, spec, levels, choice=choice), ref), (spec, choice)
     if not codes:
@@ -248,24 +249,27 @@ def test_bucket_search_matches_reference_under_interpreter() -> None:
 CHOICES_SCRIPT = (
     PRELUDE
     + r"""
-# The opt-in launch choices (FusedChoice.independent, tables_first, programs_per_sm) at 4..8 bits for every
-# codebook data type: ordinary blocks and those of `edges` in one float32 weight long enough that each of
-# the 4 persistent programs (the interpreter counts 4 multiprocessors) loops over several tiles of 256
-# values, then a masked tail launch.
+# The opt-in launch choices (FusedChoice.independent, tables_first, programs_per_sm, l1_tables) at 4..8
+# bits for every codebook data type: ordinary blocks and those of `edges` in one float32 weight long
+# enough that each of the 4 persistent programs (the interpreter counts 4 multiprocessors) loops over
+# several tiles of 256 values, then a masked tail launch.
 small = dict(values_per_thread=4, num_warps=2)
 ind = tf.FusedChoice(independent=True, **small)
 first = tf.FusedChoice(tables_first=False, **small)  # the default loads them first
 persist = tf.FusedChoice(programs_per_sm=1, **small)
 ind_persist = tf.FusedChoice(independent=True, programs_per_sm=1, **small)
+l1 = tf.FusedChoice(l1_tables=True, **small)  # the tables read by loads, not from shared memory
+ind_l1 = tf.FusedChoice(l1_tables=True, independent=True, **small)
 for dtype, bits in itertools.product(CODEBOOKS, range(4, 9)):
     spec = QuantSpec(dtype, bits, 64)
     levels = levels_for(torch.randn(64, 64, generator=g), spec)
     x = torch.cat([torch.randn(1024, generator=g) * 0.02, edges(levels)])  # 16 whole blocks first
-    choices = (ind_persist, persist) + (ind, first) * (bits % 2 == 0)  # the last two: their own lookups
+    choices = (ind_persist, persist) + (ind, first) * (bits % 2 == 0) + (l1, ind_l1) * (bits % 2 == 1)
     for choice in choices:
         same(x, spec, levels, choice, codes=choice.programs_per_sm > 0)
         flags = tf._flags(x, levels, True, False, choice)
         assert flags["INDEPENDENT"] == (choice.independent and kb.bucket_pairs(levels) is not None)
+        assert (flags["SEARCH"] == tf.SEARCH_BUCKET_L1.value) == choice.l1_tables
         checked += 1
     # every table of up to MAX_PAIR_BUCKETS buckets here (all but 8-bit dynamic and quantile) has pairs
     assert kb.bucket_pairs(levels) is not None or bits == 8 and dtype in ("quantile", "dynamic")
@@ -280,7 +284,7 @@ for dtype, bits in itertools.product(("int", "nf", "fp"), (4, 8)):
     spec = QuantSpec(dtype, bits, 64)
     levels = levels_for(torch.randn(6, 64, generator=g), spec)
     base_out, base_codes, base_absmax = tf._launch(x, spec, levels, True, torch.uint8, bucket)
-    for choice in (ind_persist, persist):
+    for choice in (ind_persist, persist, l1, ind_l1):
         out, codes, absmax = tf._launch(x, spec, levels, True, torch.uint8, choice)
         torch.testing.assert_close(out, base_out, rtol=0, atol=0, equal_nan=True)
         assert torch.equal(codes, base_codes) and torch.equal(absmax.isnan(), base_absmax.isnan())

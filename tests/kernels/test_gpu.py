@@ -91,7 +91,8 @@ def test_every_launch_choice_agrees(bits: int) -> None:
                FusedChoice(values_per_thread=32), FusedChoice(values_per_thread=8, num_warps=4),
                FusedChoice(independent=True), FusedChoice(tables_first=False), FusedChoice(programs_per_sm=4),
                FusedChoice(independent=True, programs_per_sm=4),
-               FusedChoice(independent=True, programs_per_sm=1, values_per_thread=4)]  # fmt: skip
+               FusedChoice(independent=True, programs_per_sm=1, values_per_thread=4),
+               FusedChoice(l1_tables=True), FusedChoice(l1_tables=True, independent=True)]  # fmt: skip
     for salt, (shape, block) in enumerate([((4099, 4096), 64), ((1000, 333), 1024), ((513, 257), None)]):
         w = _fresh(shape, torch.bfloat16, 100 + salt)
         spec = QuantSpec("nf", bits, block)
