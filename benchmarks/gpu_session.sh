@@ -371,14 +371,14 @@ from transformers import modeling_utils; print('imports from $where: %.2f s' % (
 eleventh)
   # eleventh session (~5 min): the kernels' GPU tests, the bucketed search's tables read through L1 against
   # the shared-memory copy at 4/6/8 bits, then the pre-flight cold, warm, and warm beside Ray's start
-  # (`--prestart`, as on the CLI's first line: does pre-flight wait on it?)
+  # (`--prestart`, as on the CLI's first line: does pre-flight wait on it?). ONLY_KERNELS=1: no pre-flight
   python3 -m pytest -q -m gpu -p no:cacheprovider tests/kernels/test_gpu.py 2>&1 | tail -4
-  timeout 200 python3 benchmarks/quantize_kernels.py --quick --bits 4,6,8 \
+  timeout 200 python3 benchmarks/quantize_kernels.py --quick --bits ${BITS:-4,6,8} \
     --choices ${CHOICES:-l1,ind+l1,l1+vpt32,vpt32,w8} --out "$OUT/kernels-h200.json" >"$OUT/kernels.log" 2>&1
   echo "kernels exit $?"; tail -12 "$OUT/kernels.log"
-  python3 -c "import sys; sys.path.insert(0, '.'); from pathlib import Path; from benchmarks.evaluation import build_model
+  [ -n "${ONLY_KERNELS:-}" ] || python3 -c "import sys; sys.path.insert(0, '.'); from pathlib import Path; from benchmarks.evaluation import build_model
 build_model('tiny', Path('/tmp/prof/model'), 'cuda', Path('.carry/data'))" >/dev/null 2>&1
-  for run in cold warm prestart; do
+  for run in ${ONLY_KERNELS:+none} cold warm prestart; do [ "$run" = none ] && break
     KBIT_CACHE=/tmp/prof/cache timeout 60 python3 benchmarks/preflight_profile.py --out "$OUT/preflight-$run.json" \
       $([ $run = prestart ] && echo --prestart) -- -m model.name_or_path=/tmp/prof/model eval=paper_ladder \
       eval.data_root=.carry/data quant.dtype=int quant.bits=3 >"$OUT/preflight-$run.log" 2>&1

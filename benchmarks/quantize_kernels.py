@@ -80,6 +80,9 @@ CHOICES: dict[str, dict[str, Any]] = {  # FusedChoice fields and their values (i
     "l1": {"l1_tables": True},
     "ind+l1": {"independent": True, "l1_tables": True},
     "l1+vpt32": {"l1_tables": True, "values_per_thread": 32},
+    # The int grid's code by arithmetic and one compare (other codebooks: the default search)
+    "uniform": {"uniform": True},
+    "uniform+vpt32": {"uniform": True, "values_per_thread": 32},
 }
 
 

@@ -1,10 +1,10 @@
 """The host side of the fused quantizer's codebook tables (`kernels.triton_fused`): the bucketed search
 (`SEARCH_BUCKET`): how float32 xn splits into buckets by its bits, per codebook the table of each bucket's
 first code and the window of compares that finishes it, and for windows of one midpoint the per-bucket
-tables of the independent lookup (`bucket_pairs`); the Eytzinger order of the shared-memory binary search;
-the padded values; the launch geometry (rows a program, launches, persistent programs). Pure torch (no
-Triton), so it is tested and reasoned about on its own; the kernel's
-`_bucket` mirrors `bucket_index` step for step.
+tables of the independent lookup (`bucket_pairs`); the int grid's uniform search (`uniform_m`); the
+Eytzinger order of the shared-memory binary search; the padded values; the launch geometry (rows a
+program, launches, persistent programs). Pure torch (no Triton), so it is tested and reasoned about on
+its own; the kernel's `_bucket` mirrors `bucket_index` step for step.
 """
 
 from __future__ import annotations
@@ -175,6 +175,38 @@ def eytzinger_mids(levels: Levels) -> Tensor:
     """
     log2_levels = levels.mids.numel().bit_length() - 1
     return levels.mids[_eytzinger_order(log2_levels).to(levels.mids.device)]
+
+
+UNIFORM_TOLERANCE = 1e-6  # how far a uniform codebook's float32 midpoints may lie from their rationals
+
+
+@functools.lru_cache(maxsize=64)
+def uniform_m(levels: Levels) -> int | None:
+    """m when the codebook is the int grid (j - m) / m, j = 0..2m, with m = 2^(k-1) - 1 for its 2^k padded
+    midpoints, each within UNIFORM_TOLERANCE of (2j + 1 - 2m) / 2m, the padding +inf; else None.
+
+    Then the uniform search (`triton_fused.SEARCH_UNIFORM`, `uniform_codes`) finds a code by arithmetic and
+    one compare: its guess can be one off only where xn lies near a value, half a step from any midpoint.
+    Cached per Levels object (reads the mids on the host, as `bucket_table` does).
+    """
+    mids = levels.mids.double().cpu()
+    m = (1 << (mids.numel().bit_length() - 2)) - 1
+    if m < 1 or levels.values.numel() != 2 * m + 1:
+        return None
+    rational = (2 * torch.arange(2 * m, dtype=torch.float64) + 1 - 2 * m) / (2 * m)
+    close = bool((mids[: 2 * m] - rational).abs().max() <= UNIFORM_TOLERANCE)
+    return m if close and bool(torch.isinf(mids[2 * m :]).all()) else None
+
+
+def uniform_codes(xn: Tensor, m: int, mids: Tensor) -> Tensor:
+    """#(mids < xn) as the uniform search computes it (the kernel's `_uniform_lookup`, step for step):
+    t = xn * m + (m - 0.5) in float32, clamped to [0, 2m] (NaN to 0), j = trunc(t + 0.5), then
+    j + (mids[j] < xn)."""
+    t = xn.float() * m + (m - 0.5)
+    t = torch.where(t > 0, t, 0.0)
+    t = torch.where(t < 2 * m, t, float(2 * m))
+    j = (t + 0.5).to(torch.int32).long()
+    return j + (mids[j] < xn).long()
 
 
 @functools.lru_cache(maxsize=64)

@@ -48,6 +48,7 @@ from kernels.buckets import (
     fused_launches,
     padded_values,
     persistent_programs,
+    uniform_m,
 )
 from kernels.codebooks import Levels
 from kernels.scaling import check_finite_absmax, effective_block_size
@@ -88,6 +89,8 @@ class FusedChoice:
         l1_tables: the bucketed search reads its tables with plain loads (through L1) where it uses
             them, not from a per-program copy in shared memory: no table set-up per program (at 8 bits
             up to 1,536 entries against the program's 2,048 values), L1 tag lookups instead.
+        uniform: the int grid (`buckets.uniform_m`) finds its code by arithmetic and one compare
+            (`_uniform_lookup`): no bucket table, two gathers (the midpoint, the value) instead of three.
     """
 
     max_chain_log2: int = 0
@@ -99,11 +102,13 @@ class FusedChoice:
     tables_first: bool = True
     programs_per_sm: int = 0
     l1_tables: bool = False
+    uniform: bool = False
 
 
 DEFAULT_CHOICE = FusedChoice()
 SEARCH_CHAIN, SEARCH_SHARED, SEARCH_GLOBAL = tl.constexpr(0), tl.constexpr(1), tl.constexpr(2)
 SEARCH_BUCKET, SEARCH_BUCKET_L1 = tl.constexpr(3), tl.constexpr(4)  # the latter: `FusedChoice.l1_tables`
+SEARCH_UNIFORM = tl.constexpr(5)  # the int grid (`FusedChoice.uniform`)
 EYTZINGER_FROM_LOG2 = tl.constexpr(6)  # the shared-memory search reads larger codebooks in Eytzinger order
 
 
@@ -201,6 +206,10 @@ def _tables_first(
         starts, mids, values = _bucket_tables(
             starts_ptr, mids_ptr, values_ptr, LOG2_LEVELS, BUCKET_LOG2, INDEPENDENT
         )  # fmt: skip
+    elif SEARCH == SEARCH_UNIFORM and TABLES_FIRST:
+        starts = tl.zeros([1], tl.uint8)
+        mids = tl.load(mids_ptr + tl.arange(0, 1 << LOG2_LEVELS))
+        values = tl.load(values_ptr + tl.arange(0, 1 << LOG2_LEVELS))
     else:
         starts, mids, values = tl.zeros([1], tl.uint8), tl.zeros([1], tl.float32), tl.zeros([1], tl.float32)
     return starts, mids, values
@@ -261,6 +270,21 @@ def _bucket_lookup_l1(
 
 
 @triton.jit
+def _uniform_lookup(xn, mids, values, LOG2_LEVELS: tl.constexpr):
+    # (#(mids < xn), values[code]) for the int grid (j - M) / M (`buckets.uniform_codes` is the torch
+    # mirror): xn sits at index t = xn * M + M - 1/2 among the midpoints, so every midpoint below
+    # j = round(t) is below xn and every one above it above xn (half a step of margin against float32's
+    # error in t); one of the reference's compares settles midpoint j. NaN: t -> 0, code 0 (as compares).
+    M: tl.constexpr = (1 << (LOG2_LEVELS - 1)) - 1
+    t = xn * M + (M - 0.5)
+    t = tl.where(t > 0, t, 0.0)
+    t = tl.where(t < 2 * M, t, 2.0 * M)
+    j = (t + 0.5).to(tl.int32)
+    code = j + (tl.gather(mids, j, 0) < xn).to(tl.int32)
+    return code, tl.gather(values, code, 0)
+
+
+@triton.jit
 def _nearest(
     xn, mids_ptr, values_ptr, starts_ptr, starts, mids, values,
     LOG2_LEVELS: tl.constexpr, SEARCH: tl.constexpr, STORE_OUT: tl.constexpr, STORE_CODES: tl.constexpr,
@@ -293,6 +317,11 @@ def _nearest(
         code = _nearest_code_shared(xn, mids_ptr, LOG2_LEVELS)
         if STORE_OUT:
             value = tl.gather(tl.load(values_ptr + tl.arange(0, 1 << LOG2_LEVELS)), code, 0)
+    elif SEARCH == SEARCH_UNIFORM:
+        if not TABLES_FIRST:
+            mids = tl.load(mids_ptr + tl.arange(0, 1 << LOG2_LEVELS))
+            values = tl.load(values_ptr + tl.arange(0, 1 << LOG2_LEVELS))
+        code, value = _uniform_lookup(xn, mids, values, LOG2_LEVELS)
     elif SEARCH == SEARCH_BUCKET_L1:
         code, value = _bucket_lookup_l1(
             xn, starts_ptr, mids_ptr, values_ptr, BUCKET_SHIFT, BUCKET_FIRST, BUCKET_LOG2, WINDOW, INDEPENDENT
@@ -464,6 +493,9 @@ def _flags(x: Tensor, levels: Levels, store_out: bool, store_codes: bool, choice
     if search == SEARCH_BUCKET.value and table is None:
         search = SEARCH_SHARED.value
     l1 = table is not None and choice.l1_tables
+    uniform = choice.uniform and log2_levels <= choice.max_shared_log2 and uniform_m(levels) is not None
+    if uniform:
+        search, table, l1 = SEARCH_UNIFORM.value, None, False
     return {
         "LOG2_LEVELS": log2_levels,
         "SEARCH": SEARCH_BUCKET_L1.value if l1 else search,
@@ -475,7 +507,9 @@ def _flags(x: Tensor, levels: Levels, store_out: bool, store_codes: bool, choice
         "BUCKET_LOG2": table.buckets.log2_buckets if table else 0,
         "WINDOW": table.window if table else 0,
         "INDEPENDENT": bool(table and choice.independent and bucket_pairs(levels) is not None),
-        "TABLES_FIRST": bool(table and not l1 and (choice.tables_first or choice.programs_per_sm > 0)),
+        "TABLES_FIRST": bool(
+            (table or uniform) and not l1 and (choice.tables_first or choice.programs_per_sm > 0)
+        ),
     }
 
 

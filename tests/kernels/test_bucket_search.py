@@ -74,6 +74,27 @@ def test_table_brackets_every_code(dtype: str, bits: int) -> None:
     assert int((_count_below(levels.mids, largest) - table.starts.long()).max()) == table.window
 
 
+@pytest.mark.parametrize("bits", range(2, 9))
+def test_uniform_search_counts_every_midpoint_below_for_the_int_grid(bits: int) -> None:
+    # The int grid's arithmetic guess and one compare (`uniform_codes`, the kernel's `_uniform_lookup`)
+    # against the definition on midpoints, their float neighbours, specials (NaN, +-inf, > 1) and noise.
+    levels = _levels("int", bits)
+    m = kb.uniform_m(levels)
+    assert m == 2 ** (bits - 1) - 1
+    xn = _adversarial(levels.mids)
+    assert torch.equal(kb.uniform_codes(xn, m, levels.mids), _count_below(levels.mids, xn))
+
+
+@pytest.mark.parametrize("dtype", [d for d in CODEBOOKS if d != "int"] + ["close"])
+def test_uniform_search_is_only_for_the_int_grid(dtype: str) -> None:
+    assert kb.uniform_m(_levels(dtype, 6 if dtype != "close" else 2)) is None
+    # an int grid whose midpoints moved by more than the tolerance is not uniform any more
+    levels = _levels("int", 6)
+    moved = levels.mids.clone()
+    moved[10] += 4 * kb.UNIFORM_TOLERANCE
+    assert kb.uniform_m(Levels(levels.values, moved)) is None
+
+
 @pytest.mark.parametrize("geometry", [(0, 1), (0, 5), (3, 8), (6, 9), (6, 11), (10, 11)])
 def test_buckets_partition_the_floats_in_order(geometry: tuple[int, int]) -> None:
     from kernels.buckets import Buckets, bucket_bounds, bucket_index
@@ -167,7 +188,8 @@ def edges(levels):
 
 def same(x, spec, levels, choice=bucket, codes=True):
     bucketed = tf.SEARCH_BUCKET_L1 if choice.l1_tables else tf.SEARCH_BUCKET
-    assert tf._flags(x, levels, True, False, choice)["SEARCH"] == bucketed.value, spec
+    kind = tf.SEARCH_UNIFORM if choice.uniform and kb.uniform_m(levels) is not None else bucketed
+    assert tf._flags(x, levels, True, False, choice)["SEARCH"] == kind.value, spec
     ref = reference_fake_quantize(x, spec, levels)
     assert torch.equal(tf.fused_fake_quantize(x, spec, levels, choice=choice), ref), (spec, choice)
     if not codes:
@@ -260,11 +282,14 @@ persist = tf.FusedChoice(programs_per_sm=1, **small)
 ind_persist = tf.FusedChoice(independent=True, programs_per_sm=1, **small)
 l1 = tf.FusedChoice(l1_tables=True, **small)  # the tables read by loads, not from shared memory
 ind_l1 = tf.FusedChoice(l1_tables=True, independent=True, **small)
+uniform = tf.FusedChoice(uniform=True, **small)
+uniform_late = tf.FusedChoice(uniform=True, tables_first=False, **small)
 for dtype, bits in itertools.product(CODEBOOKS, range(4, 9)):
     spec = QuantSpec(dtype, bits, 64)
     levels = levels_for(torch.randn(64, 64, generator=g), spec)
     x = torch.cat([torch.randn(1024, generator=g) * 0.02, edges(levels)])  # 16 whole blocks first
     choices = (ind_persist, persist) + (ind, first) * (bits % 2 == 0) + (l1, ind_l1) * (bits % 2 == 1)
+    choices += (uniform, uniform_late) * (dtype == "int")
     for choice in choices:
         same(x, spec, levels, choice, codes=choice.programs_per_sm > 0)
         flags = tf._flags(x, levels, True, False, choice)
@@ -276,6 +301,12 @@ for dtype, bits in itertools.product(CODEBOOKS, range(4, 9)):
     if bits == 8:  # the two-pass kernel (block None) with the independent lookup and the tables first
         spec = QuantSpec(dtype, bits, None)
         same(x, spec, levels, tf.FusedChoice(independent=True, tables_first=True), codes=False)
+        if dtype == "int":
+            same(x, spec, levels, tf.FusedChoice(uniform=True), codes=False)
+# The uniform search at 3 bits too (below the bucketed search's 4), where the default chain/shared search runs
+spec = QuantSpec("int", 3, 64)
+levels = levels_for(torch.randn(64, 64, generator=g), spec)
+same(torch.cat([torch.randn(1024, generator=g), edges(levels)]), spec, levels, uniform)
 
 # NaN and Inf blocks (check_finite off): codes and outputs equal the binary search's, absmax NaN there.
 for dtype, bits in itertools.product(("int", "nf", "fp"), (4, 8)):
@@ -284,7 +315,7 @@ for dtype, bits in itertools.product(("int", "nf", "fp"), (4, 8)):
     spec = QuantSpec(dtype, bits, 64)
     levels = levels_for(torch.randn(6, 64, generator=g), spec)
     base_out, base_codes, base_absmax = tf._launch(x, spec, levels, True, torch.uint8, bucket)
-    for choice in (ind_persist, persist, l1, ind_l1):
+    for choice in (ind_persist, persist, l1, ind_l1) + (uniform,) * (dtype == "int"):
         out, codes, absmax = tf._launch(x, spec, levels, True, torch.uint8, choice)
         torch.testing.assert_close(out, base_out, rtol=0, atol=0, equal_nan=True)
         assert torch.equal(codes, base_codes) and torch.equal(absmax.isnan(), base_absmax.isnan())

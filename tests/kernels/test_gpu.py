@@ -123,6 +123,29 @@ def test_bucket_search_equals_reference(dtype: str) -> None:
         assert torch.equal(codes, quantize(w, spec, impl="torch").codes), f"seed={SEED} {spec}"
 
 
+@pytest.mark.parametrize("bits", [3, 4, 6, 8])
+def test_uniform_search_equals_reference(bits: int) -> None:
+    # The int grid's arithmetic search (FusedChoice(uniform=True)): compiled float32 arithmetic (FMA
+    # contraction included) only moves the guess inside its margin; codes and outputs are the reference's.
+    from kernels.blockwise import levels_for
+    from kernels.triton_fused import SEARCH_UNIFORM, FusedChoice, _flags, fused_fake_quantize, fused_quantize
+
+    late = FusedChoice(uniform=True, tables_first=False, values_per_thread=32)
+    for salt, (shape, block, torch_dtype, choice) in enumerate([
+        ((4099, 4096), 64, torch.bfloat16, FusedChoice(uniform=True)),
+        ((1000, 333), 1024, torch.float16, late),
+        ((513, 257), None, torch.bfloat16, FusedChoice(uniform=True)),
+    ]):  # fmt: skip
+        w = _fresh(shape, torch_dtype, 400 + salt)
+        spec = QuantSpec("int", bits, block)
+        levels = levels_for(w, spec)
+        assert _flags(w, levels, True, False, choice)["SEARCH"] == SEARCH_UNIFORM
+        ref = fake_quantize(w, spec, impl="torch", levels=levels)
+        assert torch.equal(fused_fake_quantize(w, spec, levels, choice=choice), ref), f"seed={SEED} {spec}"
+        codes = fused_quantize(w, spec, levels, choice=choice)[0]
+        assert torch.equal(codes, quantize(w, spec, impl="torch").codes), f"seed={SEED} {spec}"
+
+
 @pytest.mark.parametrize("bits", [6, 8])
 def test_bucket_search_edges(bits: int) -> None:
     # Compiled min/max/compare semantics: each midpoint and its float32 neighbours in blocks of absmax 1
@@ -132,7 +155,8 @@ def test_bucket_search_edges(bits: int) -> None:
 
     bucket = FusedChoice(bucket_from_log2=6)
     ind_persist = FusedChoice(independent=True, programs_per_sm=2)  # the opt-in lookup and launch
-    for dtype, choice in itertools.product(("int", "nf", "fp", "dynamic"), (bucket, ind_persist)):
+    uniform = FusedChoice(uniform=True)  # int only; the bucketed search for the others
+    for dtype, choice in itertools.product(("int", "nf", "fp", "dynamic"), (bucket, ind_persist, uniform)):
         spec = QuantSpec(dtype, bits, 64)
         levels = levels_for(torch.zeros(1, device="cuda"), spec)
         mids = levels.mids[levels.mids.isfinite()]
