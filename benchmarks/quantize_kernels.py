@@ -83,6 +83,8 @@ CHOICES: dict[str, dict[str, Any]] = {  # FusedChoice fields and their values (i
     # The int grid's code by arithmetic and one compare (other codebooks: the default search)
     "uniform": {"uniform": True},
     "uniform+vpt32": {"uniform": True, "values_per_thread": 32},
+    "before": {"uniform": False, "wide_from_log2": 0},  # the defaults of the tenth session
+    "narrow": {"wide_from_log2": 0},
 }
 
 

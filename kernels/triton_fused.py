@@ -91,6 +91,13 @@ class FusedChoice:
             up to 1,536 entries against the program's 2,048 values), L1 tag lookups instead.
         uniform: the int grid (`buckets.uniform_m`) finds its code by arithmetic and one compare
             (`_uniform_lookup`): no bucket table, two gathers (the midpoint, the value) instead of three.
+            On (eleventh session, one H200, `--choices uniform`, int, the lower of two shapes and blocks
+            64/1024): 3 bits 0.81 -> 0.90 of copy, 4 bits 0.79 -> 0.90, 6 bits 0.75 -> 0.87, 8 bits 0.56
+            -> 0.73.
+        wide_from_log2: the bucketed search of codebooks of 2^k >= 2^this entries runs programs of twice
+            values_per_thread (0: never), so each program's table set-up covers twice the values. Same
+            run, `--choices vpt32`: 6 bits 0.73-0.77 -> 0.75-0.80, 8 bits 0.55-0.72 -> 0.58-0.74; at 3
+            bits twice the values were slower (0.81-0.84 -> 0.76).
     """
 
     max_chain_log2: int = 0
@@ -102,7 +109,8 @@ class FusedChoice:
     tables_first: bool = True
     programs_per_sm: int = 0
     l1_tables: bool = False
-    uniform: bool = False
+    uniform: bool = True
+    wide_from_log2: int = 6
 
 
 DEFAULT_CHOICE = FusedChoice()
@@ -546,7 +554,9 @@ def _launch(
     flags = _flags(x, levels, store_out, codes is not None, choice)
     tables = _tables(levels, flags)
     if block <= MAX_FUSED_BLOCK and spec.block_size is not None:
-        rows, num_warps = fused_config(block, n_blocks, choice.values_per_thread, choice.num_warps)
+        wide = flags["SEARCH"] == SEARCH_BUCKET.value and 0 < choice.wide_from_log2 <= flags["LOG2_LEVELS"]
+        per_thread = choice.values_per_thread * (2 if wide else 1)
+        rows, num_warps = fused_config(block, n_blocks, per_thread, choice.num_warps)
         absmax = torch.empty(n_blocks, dtype=torch.float32, device=x.device)
         for first_row, tiles, masked in fused_launches(n, block, rows):
             persistent = choice.programs_per_sm > 0 and not masked

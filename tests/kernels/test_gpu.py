@@ -109,7 +109,7 @@ def test_bucket_search_equals_reference(dtype: str) -> None:
     from kernels.blockwise import levels_for
     from kernels.triton_fused import SEARCH_BUCKET, FusedChoice, _flags, fused_fake_quantize, fused_quantize
 
-    bucket = FusedChoice(bucket_from_log2=6)
+    bucket = FusedChoice(bucket_from_log2=6, uniform=False)  # the int grid too (by default: uniform)
     cases = [((4099, 4096), 8, 64, torch.bfloat16), ((1000, 333), 7, 100, torch.float32),
              ((513, 257), 6, None, torch.bfloat16), ((4096, 1024), 8, 1024, torch.float16)]  # fmt: skip
     for salt, (shape, bits, block, torch_dtype) in enumerate(cases):
@@ -153,8 +153,8 @@ def test_bucket_search_edges(bits: int) -> None:
     from kernels.blockwise import levels_for
     from kernels.triton_fused import FusedChoice, _launch, fused_fake_quantize
 
-    bucket = FusedChoice(bucket_from_log2=6)
-    ind_persist = FusedChoice(independent=True, programs_per_sm=2)  # the opt-in lookup and launch
+    bucket = FusedChoice(bucket_from_log2=6, uniform=False)
+    ind_persist = FusedChoice(independent=True, programs_per_sm=2, uniform=False)  # opt-in lookup and launch
     uniform = FusedChoice(uniform=True)  # int only; the bucketed search for the others
     for dtype, choice in itertools.product(("int", "nf", "fp", "dynamic"), (bucket, ind_persist, uniform)):
         spec = QuantSpec(dtype, bits, 64)
