@@ -13,8 +13,10 @@ level's probes do not collide in one bank); larger codebooks (up to 2^16) are re
 `FusedChoice` also offers a compare-select chain over midpoints held in registers (no lookups at all),
 which costs 2 x (2^k - 1) instructions per value, and for large codebooks a bucketed search: a table
 indexed by xn's sign, exponent and top mantissa bits gives the code of the bucket's lowest float, and one
-to four compares finish it (see `_bucket_lookup`; opt-in: per-bucket tables read in independent
-gathers, the tables loaded before the weights, persistent programs). Fixed choices, compared by the
+to four compares finish it (see `_bucket_lookup`; the default from 4 bits, in programs of twice the values
+from 6). The int grid (j - m) / m needs no table: arithmetic on xn gives the one midpoint to compare
+(`_uniform_lookup`, the default for int). Opt-in: per-bucket tables read in independent gathers, tables
+read through L1, tables loaded after the weights, persistent programs. Fixed choices, compared by the
 benchmark, no autotuning.
 Programs that cover only whole blocks run without masks (one launch); a second, masked launch takes the
 tail. Offsets inside a program are int32 from an int64 base pointer, so address arithmetic stays cheap;
