@@ -53,7 +53,7 @@ class Buckets:
 
 @dataclass(frozen=True, eq=False)
 class BucketTable:
-    """The bucketed search's first guess for one codebook (see `triton_fused._bucket_lookup`).
+    """The bucketed search's first guess for one codebook (see `triton_search._bucket_lookup`).
 
     Attributes:
         buckets: the bucket geometry.
@@ -122,7 +122,7 @@ def bucket_table(levels: Levels) -> BucketTable | None:
 
 @dataclass(frozen=True, eq=False)
 class BucketPairs:
-    """Per-bucket tables of the independent lookup (window 1; see `triton_fused._bucket_lookup`).
+    """Per-bucket tables of the independent lookup (window 1; see `triton_search._bucket_lookup`).
 
     With one midpoint in the window, code = start + (mids[start] < xn), so every table the lookup reads
     can be indexed by the bucket: no gather waits for another.
@@ -169,7 +169,7 @@ def _eytzinger_order(log2_levels: int) -> Tensor:
 
 @functools.lru_cache(maxsize=64)
 def eytzinger_mids(levels: Levels) -> Tensor:
-    """levels.mids in the order `triton_fused._nearest_code_shared` reads them (the +inf padding first).
+    """levels.mids in the order `triton_search._nearest_code_shared` reads them (the +inf padding first).
 
     Cached per Levels object, as static levels are; levels must not be modified after the first call.
     """
@@ -200,12 +200,12 @@ def uniform_m(levels: Levels) -> int | None:
 
 def uniform_codes(xn: Tensor, m: int, mids: Tensor) -> Tensor:
     """#(mids < xn) as the uniform search computes it (the kernel's `_uniform_lookup`, step for step):
-    t = xn * m + (m - 0.5) in float32, clamped to [0, 2m] (NaN to 0), j = trunc(t + 0.5), then
-    j + (mids[j] < xn)."""
-    t = xn.float() * m + (m - 0.5)
-    t = torch.where(t > 0, t, 0.0)
-    t = torch.where(t < 2 * m, t, float(2 * m))
-    j = (t + 0.5).to(torch.int32).long()
+    v = xn * m in float32, clamped to [-m, m] (NaN to -m), j = floor(v) + m (= round(t), t = xn's index
+    among the midpoints), then j + (mids[j] < xn)."""
+    v = xn.float() * m
+    v = torch.where(v > -m, v, float(-m))
+    v = torch.where(v < m, v, float(m))
+    j = torch.floor(v).long() + m
     return j + (mids[j] < xn).long()
 
 

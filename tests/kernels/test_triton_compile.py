@@ -73,7 +73,7 @@ def _bucket_flags(dtype: str, log2_levels: int) -> dict[str, int]:
             "TABLES_FIRST": False}  # fmt: skip
 
 
-CHAIN, SHARED, GLOBAL, BUCKET = 0, 1, 2, 3  # triton_fused.SEARCH_*
+CHAIN, SHARED, GLOBAL, BUCKET, UNIFORM = 0, 1, 2, 3, 5  # triton_fused.SEARCH_*
 
 
 def _fused_ptx(
@@ -186,6 +186,24 @@ def test_launch_choices_compile_for_sm90(
         assert len(re.findall(r"@%p\d+ ld\.global(\.[a-z0-9_]+)*\.v4\.b32", ptx)) >= 2, "no prefetch"
 
 
+UNIFORM_CASES = [(8, 64, True), (6, 1024, False), (3, 100, True)]  # (log2_levels, block, tables_first)
+
+
+@pytest.mark.parametrize(("log2_levels", "block", "tables_first"), UNIFORM_CASES)
+def test_uniform_search_compiles_for_sm90(log2_levels: int, block: int, tables_first: bool) -> None:
+    # The int grid's search (FusedChoice.uniform): per value two shared-memory reads (the one midpoint
+    # compared, the value), no table of bucket starts (no byte reads).
+    from kernels import triton_fused
+
+    assert triton_fused.SEARCH_UNIFORM == UNIFORM
+    flags = {**NO_BUCKETS, "TABLES_FIRST": tables_first}
+    ptx = _fused_ptx(log2_levels, UNIFORM, block, block != 64, False, flags)
+    per_thread = 4096 // (8 * 32)
+    assert _scalar_loads(ptx) <= 5, _scalar_loads(ptx)
+    assert _shared_loads(ptx, r"\.b32") >= per_thread * 2, _shared_loads(ptx)
+    assert _shared_loads(ptx, r"\.b8") == 0, _shared_loads(ptx, r"\.b8")
+
+
 def test_two_pass_kernel_compiles_for_sm90() -> None:
     from kernels.triton_fused import _scaled_kernel
 
@@ -193,7 +211,7 @@ def test_two_pass_kernel_compiles_for_sm90() -> None:
                 "starts_ptr"]  # fmt: skip
     sig = {**{k: COMMON.get(k, "*fp32") for k in pointers}, "n": "i32", "block": "i32"}
     sig.update(dict.fromkeys(["TILE", *FLAGS], "constexpr"))
-    for log2_levels, search in ((4, SHARED), (8, SHARED), (3, CHAIN), (8, GLOBAL), (8, BUCKET)):
+    for log2_levels, search in ((4, SHARED), (8, SHARED), (3, CHAIN), (8, GLOBAL), (8, BUCKET), (8, UNIFORM)):
         buckets = _bucket_flags("nf", log2_levels) if search == BUCKET else NO_BUCKETS
         consts = {"TILE": 4096, "LOG2_LEVELS": log2_levels, "SEARCH": search, "STORE_OUT": True,
                   "STORE_CODES": False, "BF16_BY_HAND": False, **buckets}  # fmt: skip
