@@ -92,11 +92,13 @@ class FusedChoice:
         l1_tables: the bucketed search reads its tables with plain loads (through L1) where it uses
             them, not from a per-program copy in shared memory: no table set-up per program (at 8 bits
             up to 1,536 entries against the program's 2,048 values), L1 tag lookups instead.
-        uniform: the int grid (`buckets.uniform_m`) finds its code by arithmetic and one compare
-            (`_uniform_lookup`): no bucket table, two gathers (the midpoint, the value) instead of three.
-            On (eleventh session, one H200, `--choices uniform`, int, the lower of two shapes and blocks
-            64/1024): 3 bits 0.81 -> 0.90 of copy, 4 bits 0.79 -> 0.90, 6 bits 0.75 -> 0.87, 8 bits 0.56
-            -> 0.73.
+        uniform_from_log2: the int grid (`buckets.uniform_m`) of 2^k >= 2^this entries finds its code by
+            arithmetic and one compare (`_uniform_lookup`; 0: never): no bucket table, two gathers (the
+            midpoint, the value) instead of three. The form without an FMA (eleventh session, one H200,
+            24db2b2, against the tenth session's default): int at 7 bits 0.65-0.69 -> 0.76-0.77 of copy,
+            8 bits 0.55-0.59 -> 0.73-0.74, 6 bits even (0.75-0.79 -> 0.77-0.78), 3-5 bits slower
+            (0.82-0.86 -> 0.76-0.80), hence from 6. (Its first form, fused into an FMA, measured
+            0.87-0.92 at 3-6 bits: docs/benchmarks.md.)
         wide_from_log2: the bucketed search of codebooks of 2^k >= 2^this entries runs programs of twice
             values_per_thread (0: never), so each program's table set-up covers twice the values. Same
             run, `--choices vpt32`: 6 bits 0.73-0.77 -> 0.75-0.80, 8 bits 0.55-0.72 -> 0.58-0.74; at 3
@@ -112,7 +114,7 @@ class FusedChoice:
     tables_first: bool = True
     programs_per_sm: int = 0
     l1_tables: bool = False
-    uniform: bool = True
+    uniform_from_log2: int = 6
     wide_from_log2: int = 6
 
 
@@ -274,7 +276,8 @@ def _flags(x: Tensor, levels: Levels, store_out: bool, store_codes: bool, choice
     if search == SEARCH_BUCKET.value and table is None:
         search = SEARCH_SHARED.value
     l1 = table is not None and choice.l1_tables
-    uniform = choice.uniform and log2_levels <= choice.max_shared_log2 and uniform_m(levels) is not None
+    in_range = 0 < choice.uniform_from_log2 <= log2_levels <= choice.max_shared_log2
+    uniform = in_range and uniform_m(levels) is not None
     if uniform:
         search, table, l1 = SEARCH_UNIFORM.value, None, False
     return {

@@ -168,7 +168,7 @@ from kernels.blockwise import _codes_torch, levels_for, normalize_rows, referenc
 from kernels.codebooks import levels_from_values
 from tests.kernels.test_bucket_search import _levels
 
-bucket = tf.FusedChoice(bucket_from_log2=6, uniform=False)  # the int grid too (its default: uniform)
+bucket = tf.FusedChoice(bucket_from_log2=6, uniform_from_log2=0)  # the int grid too (its default: uniform)
 g = torch.Generator().manual_seed(99)
 checked = 0
 
@@ -188,7 +188,9 @@ def edges(levels):
 
 def same(x, spec, levels, choice=bucket, codes=True):
     bucketed = tf.SEARCH_BUCKET_L1 if choice.l1_tables else tf.SEARCH_BUCKET
-    kind = tf.SEARCH_UNIFORM if choice.uniform and kb.uniform_m(levels) is not None else bucketed
+    log2 = levels.mids.numel().bit_length() - 1
+    uniform = 0 < choice.uniform_from_log2 <= log2 and kb.uniform_m(levels) is not None
+    kind = tf.SEARCH_UNIFORM if uniform else bucketed
     assert tf._flags(x, levels, True, False, choice)["SEARCH"] == kind.value, spec
     ref = reference_fake_quantize(x, spec, levels)
     assert torch.equal(tf.fused_fake_quantize(x, spec, levels, choice=choice), ref), (spec, choice)
@@ -275,15 +277,15 @@ CHOICES_SCRIPT = (
 # bits for every codebook data type: ordinary blocks and those of `edges` in one float32 weight long
 # enough that each of the 4 persistent programs (the interpreter counts 4 multiprocessors) loops over
 # several tiles of 256 values, then a masked tail launch.
-small = dict(values_per_thread=4, num_warps=2, uniform=False)
+small = dict(values_per_thread=4, num_warps=2, uniform_from_log2=0)
 ind = tf.FusedChoice(independent=True, **small)
 first = tf.FusedChoice(tables_first=False, **small)  # the default loads them first
 persist = tf.FusedChoice(programs_per_sm=1, **small)
 ind_persist = tf.FusedChoice(independent=True, programs_per_sm=1, **small)
 l1 = tf.FusedChoice(l1_tables=True, **small)  # the tables read by loads, not from shared memory
 ind_l1 = tf.FusedChoice(l1_tables=True, independent=True, **small)
-uniform = tf.FusedChoice(**small | {"uniform": True})
-uniform_late = tf.FusedChoice(tables_first=False, **small | {"uniform": True})
+uniform = tf.FusedChoice(**small | {"uniform_from_log2": 1})
+uniform_late = tf.FusedChoice(tables_first=False, **small | {"uniform_from_log2": 1})
 for dtype, bits in itertools.product(CODEBOOKS, range(4, 9)):
     spec = QuantSpec(dtype, bits, 64)
     levels = levels_for(torch.randn(64, 64, generator=g), spec)
@@ -300,9 +302,9 @@ for dtype, bits in itertools.product(CODEBOOKS, range(4, 9)):
     assert kb.bucket_pairs(levels) is not None or bits == 8 and dtype in ("quantile", "dynamic")
     if bits == 8:  # the two-pass kernel (block None) with the independent lookup and the tables first
         spec = QuantSpec(dtype, bits, None)
-        same(x, spec, levels, tf.FusedChoice(independent=True, uniform=False), codes=False)
+        same(x, spec, levels, tf.FusedChoice(independent=True, uniform_from_log2=0), codes=False)
         if dtype == "int":
-            same(x, spec, levels, tf.FusedChoice(uniform=True), codes=False)
+            same(x, spec, levels, tf.FusedChoice(uniform_from_log2=1), codes=False)
 # The uniform search at 3 bits too (below the bucketed search's 4), where the default chain/shared search runs
 spec = QuantSpec("int", 3, 64)
 levels = levels_for(torch.randn(64, 64, generator=g), spec)

@@ -109,7 +109,7 @@ def test_bucket_search_equals_reference(dtype: str) -> None:
     from kernels.blockwise import levels_for
     from kernels.triton_fused import SEARCH_BUCKET, FusedChoice, _flags, fused_fake_quantize, fused_quantize
 
-    bucket = FusedChoice(bucket_from_log2=6, uniform=False)  # the int grid too (by default: uniform)
+    bucket = FusedChoice(bucket_from_log2=6, uniform_from_log2=0)  # the int grid too (by default: uniform)
     cases = [((4099, 4096), 8, 64, torch.bfloat16), ((1000, 333), 7, 100, torch.float32),
              ((513, 257), 6, None, torch.bfloat16), ((4096, 1024), 8, 1024, torch.float16)]  # fmt: skip
     for salt, (shape, bits, block, torch_dtype) in enumerate(cases):
@@ -125,16 +125,16 @@ def test_bucket_search_equals_reference(dtype: str) -> None:
 
 @pytest.mark.parametrize("bits", [3, 4, 6, 8])
 def test_uniform_search_equals_reference(bits: int) -> None:
-    # The int grid's arithmetic search (FusedChoice(uniform=True)): compiled float32 arithmetic (FMA
-    # contraction included) only moves the guess inside its margin; codes and outputs are the reference's.
+    # The int grid's arithmetic search from 3 bits (FusedChoice(uniform_from_log2=1)): compiled float32
+    # arithmetic only moves the guess inside its margin; codes and outputs are the reference's.
     from kernels.blockwise import levels_for
     from kernels.triton_fused import SEARCH_UNIFORM, FusedChoice, _flags, fused_fake_quantize, fused_quantize
 
-    late = FusedChoice(uniform=True, tables_first=False, values_per_thread=32)
+    late = FusedChoice(uniform_from_log2=1, tables_first=False, values_per_thread=32)
     for salt, (shape, block, torch_dtype, choice) in enumerate([
-        ((4099, 4096), 64, torch.bfloat16, FusedChoice(uniform=True)),
+        ((4099, 4096), 64, torch.bfloat16, FusedChoice(uniform_from_log2=1)),
         ((1000, 333), 1024, torch.float16, late),
-        ((513, 257), None, torch.bfloat16, FusedChoice(uniform=True)),
+        ((513, 257), None, torch.bfloat16, FusedChoice(uniform_from_log2=1)),
     ]):  # fmt: skip
         w = _fresh(shape, torch_dtype, 400 + salt)
         spec = QuantSpec("int", bits, block)
@@ -153,9 +153,9 @@ def test_bucket_search_edges(bits: int) -> None:
     from kernels.blockwise import levels_for
     from kernels.triton_fused import FusedChoice, _launch, fused_fake_quantize
 
-    bucket = FusedChoice(bucket_from_log2=6, uniform=False)
-    ind_persist = FusedChoice(independent=True, programs_per_sm=2, uniform=False)  # opt-in lookup and launch
-    uniform = FusedChoice(uniform=True)  # int only; the bucketed search for the others
+    bucket = FusedChoice(bucket_from_log2=6, uniform_from_log2=0)
+    ind_persist = FusedChoice(independent=True, programs_per_sm=2, uniform_from_log2=0)  # opt-in choices
+    uniform = FusedChoice(uniform_from_log2=1)  # int only; the bucketed search for the others
     for dtype, choice in itertools.product(("int", "nf", "fp", "dynamic"), (bucket, ind_persist, uniform)):
         spec = QuantSpec(dtype, bits, 64)
         levels = levels_for(torch.zeros(1, device="cuda"), spec)

@@ -191,8 +191,8 @@ UNIFORM_CASES = [(8, 64, True), (6, 1024, False), (3, 100, True)]  # (log2_level
 
 @pytest.mark.parametrize(("log2_levels", "block", "tables_first"), UNIFORM_CASES)
 def test_uniform_search_compiles_for_sm90(log2_levels: int, block: int, tables_first: bool) -> None:
-    # The int grid's search (FusedChoice.uniform): per value two shared-memory reads (the one midpoint
-    # compared, the value), no table of bucket starts (no byte reads).
+    # The int grid's search (FusedChoice.uniform_from_log2): per value two shared-memory reads (the one
+    # midpoint compared, the value), no table of bucket starts (no byte reads).
     from kernels import triton_fused
 
     assert triton_fused.SEARCH_UNIFORM == UNIFORM

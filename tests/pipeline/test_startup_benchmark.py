@@ -70,7 +70,14 @@ def test_preflight_profile_times_and_profiles_the_checks(tiny_model_dir, tmp_pat
     done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
     assert done.returncode == 0, done.stderr[-3000:]
     result = json.loads(out.read_text())
-    assert set(result["steps"]) == {"import_s", "expand_s", "preflight_s"}
+    steps = {"import_s", "expand_s", "start_early_s", "preflight_s", "preflight_thread_cpu_s"}
+    assert set(result["steps"]) == steps
     assert len(result["top"]) == 5 and any("check_cells" in r["function"] for r in result["top"])
     assert "| cumulative s |" in done.stdout
     assert not (tmp_path / "results").exists()  # pre-flight writes no result
+    # --prestart: Ray starts first, as on the CLI's first line, is adopted, and is stopped at the end
+    prestart = [*command[:2], "--prestart", *command[2:]]
+    done = subprocess.run(prestart, cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert set(json.loads(out.read_text())["steps"]) == steps
+    assert "startup phase=ray_start" in done.stderr
