@@ -49,7 +49,7 @@ class NoopWorker:
         return "noop"
 
     def run_batch(self, jobs: list[Any]) -> list[Any]:
-        from pipeline.worker import JobResult
+        from pipeline.jobrows import JobResult
 
         return [JobResult(job.key, "ok", None, (), {"job_s": 0.0}, "noop") for job in jobs]
 

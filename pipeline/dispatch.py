@@ -24,12 +24,12 @@ from typing import Any
 
 from pipeline.cluster import EarlyStart, connect, plan_workers, start_workers
 from pipeline.config import RayConfig
+from pipeline.jobrows import JobResult, WorkerEnv, job_rows
 from pipeline.jobs import Job
 from pipeline.pool import WorkerLost, WorkerPool, death_error
 from pipeline.progress import Progress
 from pipeline.results import STATUS_OK, job_outcome, job_path, write_job_rows
 from pipeline.specs import ModelRef
-from pipeline.worker import JobResult, WorkerEnv, job_rows
 
 log = logging.getLogger(__name__)
 

@@ -11,13 +11,13 @@ import pytest
 from pipeline.cluster import plan_workers
 from pipeline.config import RayConfig, load_config, replace_path
 from pipeline.dispatch import Scheduler
+from pipeline.jobrows import WorkerEnv, check_finite, error_line, job_rows
 from pipeline.jobs import KEY_VERSION, Job, ModelSource, build_jobs, group_by_model
 from pipeline.progress import Progress, format_duration
 from pipeline.recipe import BASELINE
 from pipeline.results import COLUMNS, load_results, write_job_rows
 from pipeline.specs import MetricValue, ModelRef, QuantReport
 from pipeline.sweep import expand, plan_sweep
-from pipeline.worker import WorkerEnv, check_finite, error_line, job_rows
 
 
 def cells(*overrides: str):

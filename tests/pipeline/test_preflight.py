@@ -100,8 +100,8 @@ def test_a_bad_value_in_every_grid_is_reported_once(capsys):
 
 
 def test_a_rerun_says_how_many_failed_jobs_it_skipped(tiny_model_dir, tmp_path, caplog):
+    from pipeline.jobrows import WorkerEnv, job_rows
     from pipeline.results import write_job_rows
-    from pipeline.worker import WorkerEnv, job_rows
 
     argv = [
         f"model.name_or_path={tiny_model_dir}",

@@ -12,9 +12,9 @@ import yaml
 from pipeline.config import EvalConfig
 from pipeline.evals import fastscore
 from pipeline.evals.evaluate import Evaluator, check_eval_spec, resolve_scorer, scorer_problems
+from pipeline.jobrows import eval_columns
 from pipeline.models import load_model
 from pipeline.specs import EvalSpec, MetricValue, ModelRef
-from pipeline.worker import eval_columns
 
 CONF_EVAL = Path(__file__).resolve().parents[2] / "conf" / "eval"
 
