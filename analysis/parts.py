@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import multiprocessing as mp
 import os
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
@@ -190,7 +191,8 @@ def build_sections(study: Study, processes: int = 1, fig_dir: Path | None = None
     """
     tasks = section_tasks(study)
     if processes > 1 and fig_dir is not None:
-        with _pool_context().Pool(min(processes, len(tasks)), _start_worker, (study, fig_dir)) as pool:
+        level = logging.getLogger().getEffectiveLevel()  # the workers log as this process does
+        with _pool_context().Pool(min(processes, len(tasks)), _start_worker, (study, fig_dir, level)) as pool:
             results = pool.map(_run_in_worker, list(tasks), chunksize=1)
         return assemble(study, dict(zip(tasks, results, strict=True)))
     done = {key: run_task(key, task, fig_dir) for key, task in tasks.items()}
@@ -198,10 +200,16 @@ def build_sections(study: Study, processes: int = 1, fig_dir: Path | None = None
 
 
 def _pool_context() -> mp.context.BaseContext:
-    """Workers start from a fresh single-threaded server ('forkserver', which has this module imported),
-    never as forks of this process: after a sweep, Ray's threads here may hold locks that a forked child
-    would wait on forever (a CI run hung so). 'spawn' where there is no forkserver."""
-    if "forkserver" not in mp.get_all_start_methods():
+    """'fork' where it is safe: the workers inherit the study, nothing is pickled. Once this process has
+    imported Ray (the report a sweep writes in `pipeline.run`), a fresh single-threaded server
+    ('forkserver', which has this module imported) starts them from the pickled study instead: Ray's
+    threads here may hold locks that a forked child would wait on forever (a CI run hung so). 'spawn'
+    where neither exists. Trade-off: at 35,000 jobs the pickled study is ~390 MB a worker, ~10-20 s more
+    (docs/benchmarks.md)."""
+    methods = mp.get_all_start_methods()
+    if "fork" in methods and "ray" not in sys.modules:
+        return mp.get_context("fork")
+    if "forkserver" not in methods:
         return mp.get_context("spawn")
     context = mp.get_context("forkserver")
     context.set_forkserver_preload([__name__])
@@ -211,10 +219,14 @@ def _pool_context() -> mp.context.BaseContext:
 _WORKER_TASKS: tuple[dict[str, Task], Path] | None = None  # set in each pool worker by `_start_worker`
 
 
-def _start_worker(study: Study, fig_dir: Path) -> None:
-    """In a pool worker: build the tasks from the study (closures over it, so they are never pickled)."""
+def _start_worker(study: Study, fig_dir: Path, log_level: int) -> None:
+    """In a pool worker: log at the parent's level (a started process has no logging set up), and build
+    the tasks from the study (closures over it, so they are never pickled)."""
     global _WORKER_TASKS
+    logging.basicConfig(level=log_level, format="%(levelname)s %(name)s: %(message)s")
+    start = time.perf_counter()
     _WORKER_TASKS = (section_tasks(study), fig_dir)
+    log.info("report worker %d ready: %.1f s to build its tasks", os.getpid(), time.perf_counter() - start)
 
 
 def _run_in_worker(key: str) -> object:

@@ -5,13 +5,14 @@ replicate once and the leave-one-out runs over all curves at once, bit for bit."
 
 from __future__ import annotations
 
+import multiprocessing as mp
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
 
-from analysis import fits
+from analysis import fits, parts
 from analysis.answer import optimality_section, optimality_table
 from analysis.curves import curve_points, with_baseline
 from analysis.render import render_markdown
@@ -37,7 +38,18 @@ def _pngs(out: Path) -> dict[str, bytes]:
     return {png.name: png.read_bytes() for png in sorted((out / "figures").glob("*.png"))}
 
 
-def test_worker_processes_give_the_report_of_one_process(tmp_path: Path) -> None:
+@pytest.mark.parametrize("start", ["fork", "forkserver"])
+def test_worker_processes_give_the_report_of_one_process(
+    tmp_path: Path, start: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Both ways the pool starts its workers (`parts._pool_context`): forked (the study inherited) and from
+    # a forkserver (the study pickled; the way once Ray is imported), each the report of one process.
+    if start not in mp.get_all_start_methods():
+        pytest.skip(f"no {start} start method here")
+    context = mp.get_context(start)
+    if start == "forkserver":
+        context.set_forkserver_preload([parts.__name__])
+    monkeypatch.setattr(parts, "_pool_context", lambda: context)
     study = _study(families=2, n_boot=30, units=True)
     runs = {
         "serial": build_sections(study, processes=1, fig_dir=tmp_path / "serial" / "figures"),
@@ -53,6 +65,15 @@ def test_worker_processes_give_the_report_of_one_process(tmp_path: Path) -> None
         assert [p.name for p in files[name].figures] == [p.name for p in files["serial"].figures]
         assert _pngs(tmp_path / name) == _pngs(tmp_path / "serial")
     assert len(_pngs(tmp_path / "serial")) >= 6
+
+
+def test_the_pool_forks_only_without_ray(monkeypatch: pytest.MonkeyPatch) -> None:
+    import sys
+
+    monkeypatch.delitem(sys.modules, "ray", raising=False)
+    assert parts._pool_context().get_start_method() == "fork"
+    monkeypatch.setitem(sys.modules, "ray", sys)  # any module: Ray imported, its threads may run
+    assert parts._pool_context().get_start_method() in ("forkserver", "spawn")
 
 
 @pytest.mark.parametrize("sizes", [SIZES, SIZES[:1]])
