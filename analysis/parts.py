@@ -204,8 +204,8 @@ def _pool_context() -> mp.context.BaseContext:
     imported Ray (the report a sweep writes in `pipeline.run`), a fresh single-threaded server
     ('forkserver', which has this module imported) starts them from the pickled study instead: Ray's
     threads here may hold locks that a forked child would wait on forever (a CI run hung so). 'spawn'
-    where neither exists. Trade-off: at 35,000 jobs the pickled study is ~390 MB a worker, ~10-20 s more
-    (docs/benchmarks.md)."""
+    where neither exists. Trade-off: at 35,000 jobs the pickled study is ~390 MB a worker (2 s to pickle;
+    the whole report 154 -> 161 s, within that machine's noise: docs/benchmarks.md)."""
     methods = mp.get_all_start_methods()
     if "fork" in methods and "ray" not in sys.modules:
         return mp.get_context("fork")

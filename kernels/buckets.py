@@ -185,7 +185,7 @@ def uniform_m(levels: Levels) -> int | None:
     """m when the codebook is the int grid (j - m) / m, j = 0..2m, with m = 2^(k-1) - 1 for its 2^k padded
     midpoints, each within UNIFORM_TOLERANCE of (2j + 1 - 2m) / 2m, the padding +inf; else None.
 
-    Then the uniform search (`triton_fused.SEARCH_UNIFORM`, `uniform_codes`) finds a code by arithmetic and
+    Then the uniform search (`triton_search._uniform_lookup`, `uniform_codes`) finds a code by arithmetic and
     one compare: its guess can be one off only where xn lies near a value, half a step from any midpoint.
     Cached per Levels object (reads the mids on the host, as `bucket_table` does).
     """

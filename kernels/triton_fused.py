@@ -272,14 +272,14 @@ def _flags(x: Tensor, levels: Levels, store_out: bool, store_codes: bool, choice
     log2_levels = levels.mids.numel().bit_length() - 1
     assert levels.mids.numel() == 1 << log2_levels and levels.mids.device == x.device
     search = search_kind(log2_levels, choice)
+    in_range = 0 < choice.uniform_from_log2 <= log2_levels <= choice.max_shared_log2
+    uniform = in_range and uniform_m(levels) is not None
+    if uniform:
+        search = SEARCH_UNIFORM.value
     table = bucket_table(levels) if search == SEARCH_BUCKET.value else None
     if search == SEARCH_BUCKET.value and table is None:
         search = SEARCH_SHARED.value
     l1 = table is not None and choice.l1_tables
-    in_range = 0 < choice.uniform_from_log2 <= log2_levels <= choice.max_shared_log2
-    uniform = in_range and uniform_m(levels) is not None
-    if uniform:
-        search, table, l1 = SEARCH_UNIFORM.value, None, False
     return {
         "LOG2_LEVELS": log2_levels,
         "SEARCH": SEARCH_BUCKET_L1.value if l1 else search,

@@ -94,6 +94,13 @@ def _bucket(xn, BUCKET_SHIFT: tl.constexpr, BUCKET_FIRST: tl.constexpr, BUCKET_L
 
 
 @triton.jit
+def _sorted_tables(mids_ptr, values_ptr, LOG2_LEVELS: tl.constexpr):
+    # The sorted midpoints and the (padded) values, each 2^LOG2_LEVELS entries, for tl.gather.
+    mids = tl.load(mids_ptr + tl.arange(0, 1 << LOG2_LEVELS))
+    return mids, tl.load(values_ptr + tl.arange(0, 1 << LOG2_LEVELS))
+
+
+@triton.jit
 def _bucket_tables(
     starts_ptr, mids_ptr, values_ptr, LOG2_LEVELS: tl.constexpr, BUCKET_LOG2: tl.constexpr,
     INDEPENDENT: tl.constexpr,
@@ -106,8 +113,7 @@ def _bucket_tables(
         mids = tl.load(mids_ptr + buckets)
         values = tl.load(values_ptr + buckets)
     else:
-        mids = tl.load(mids_ptr + tl.arange(0, 1 << LOG2_LEVELS))
-        values = tl.load(values_ptr + tl.arange(0, 1 << LOG2_LEVELS))
+        mids, values = _sorted_tables(mids_ptr, values_ptr, LOG2_LEVELS)
     return starts, mids, values
 
 
@@ -124,8 +130,7 @@ def _tables_first(
         )  # fmt: skip
     elif SEARCH == SEARCH_UNIFORM and TABLES_FIRST:
         starts = tl.zeros([1], tl.uint8)
-        mids = tl.load(mids_ptr + tl.arange(0, 1 << LOG2_LEVELS))
-        values = tl.load(values_ptr + tl.arange(0, 1 << LOG2_LEVELS))
+        mids, values = _sorted_tables(mids_ptr, values_ptr, LOG2_LEVELS)
     else:
         starts, mids, values = tl.zeros([1], tl.uint8), tl.zeros([1], tl.float32), tl.zeros([1], tl.float32)
     return starts, mids, values
@@ -237,8 +242,7 @@ def _nearest(
             value = tl.gather(tl.load(values_ptr + tl.arange(0, 1 << LOG2_LEVELS)), code, 0)
     elif SEARCH == SEARCH_UNIFORM:
         if not TABLES_FIRST:
-            mids = tl.load(mids_ptr + tl.arange(0, 1 << LOG2_LEVELS))
-            values = tl.load(values_ptr + tl.arange(0, 1 << LOG2_LEVELS))
+            mids, values = _sorted_tables(mids_ptr, values_ptr, LOG2_LEVELS)
         code, value = _uniform_lookup(xn, mids, values, LOG2_LEVELS)
     elif SEARCH == SEARCH_BUCKET_L1:
         code, value = _bucket_lookup_l1(
