@@ -200,12 +200,12 @@ def uniform_m(levels: Levels) -> int | None:
 
 def uniform_codes(xn: Tensor, m: int, mids: Tensor) -> Tensor:
     """#(mids < xn) as the uniform search computes it (the kernel's `_uniform_lookup`, step for step):
-    v = xn * m in float32, clamped to [-m, m] (NaN to -m), j = floor(v) + m (= round(t), t = xn's index
-    among the midpoints), then j + (mids[j] < xn)."""
-    v = xn.float() * m
-    v = torch.where(v > -m, v, float(-m))
-    v = torch.where(v < m, v, float(m))
-    j = torch.floor(v).long() + m
+    t = xn * m + m in float32 (a multiply, then an add), clamped to [0, 2m] (NaN to 0), j = trunc(t)
+    (= floor(t), xn's index among the midpoints rounded), then j + (mids[j] < xn)."""
+    t = xn.float() * m + m
+    t = torch.where(t > 0, t, 0.0)
+    t = torch.where(t < 2 * m, t, float(2 * m))
+    j = t.long()
     return j + (mids[j] < xn).long()
 
 

@@ -59,6 +59,9 @@ from kernels.triton_search import (
 
 TINY_ABSMAX = tl.constexpr(scaling.TINY_ABSMAX)  # blocks with a smaller absmax are scaled by 2^64 first
 TINY_SCALE = tl.constexpr(scaling.TINY_SCALE)
+# No fused multiply-add anywhere: the reference rounds every product and sum on its own (Triton 3.9 warns
+# that its default, fusion on, changes in 3.10; this pins it for every version).
+COMPILE_OPTIONS = {"enable_fp_fusion": False}
 MAX_FUSED_BLOCK = 8192  # widest (padded) block one program holds in registers
 TILE = 4096  # elements per program of the two-pass kernel
 
@@ -166,10 +169,9 @@ def _quantize_rows(
     tiny = absmax < TINY_ABSMAX
     scale = tl.where(tiny, TINY_SCALE, 1.0)
     inv = tl.div_rn(tl.full(absmax.shape, 1.0, tl.float32), tl.where(absmax > 0, absmax, 1.0) * scale)
-    if tl.max(tiny.to(tl.int32), axis=0) > 0:  # noqa: SIM108  (rare: a block is scaled by 2^64 first)
-        xn = (x * scale[:, None]) * inv[:, None]
-    else:  # x * 1 is exact, so this is the same product with one multiply less
-        xn = x * inv[:, None]
+    # Both multiplies always: x * 1 is exact, and a branch to skip it was compiled as both sides and a
+    # select per value (a multiply and a select more than this, and a barrier for the branch's test).
+    xn = (x * scale[:, None]) * inv[:, None]
     # 1-D for tl.gather (a row-major reshape: the same values in the same places), then back.
     code, value = _nearest(
         tl.reshape(xn, [ROWS * BLOCK_P2]), mids_ptr, values_ptr, starts_ptr, starts, mids, values,
@@ -338,7 +340,7 @@ def _launch(
             persistent = choice.programs_per_sm > 0 and not masked
             launch_args = (*args, absmax, *tables, n, first_row, tiles)
             kwargs = dict(BLOCK=block, ROWS=rows, BLOCK_P2=triton.next_power_of_2(block), MASKED=masked,
-                          PERSISTENT=persistent, num_warps=num_warps, **flags)  # fmt: skip
+                          PERSISTENT=persistent, num_warps=num_warps, **COMPILE_OPTIONS, **flags)  # fmt: skip
             programs = tiles
             if persistent:  # the compiled kernel's registers bound the programs a multiprocessor holds
                 kernel = _fused_blocks_kernel.warmup(*launch_args, grid=(1,), **kwargs) if x.is_cuda else None
@@ -349,7 +351,9 @@ def _launch(
         scale = torch.where(absmax < TINY_ABSMAX.value, TINY_SCALE.value, 1.0)
         inv = torch.reciprocal(torch.where(absmax > 0, absmax, torch.ones_like(absmax)) * scale)
         grid = (triton.cdiv(n, TILE),)
-        _scaled_kernel[grid](*args, absmax, inv, *tables, n, block, TILE=TILE, num_warps=8, **flags)
+        _scaled_kernel[grid](
+            *args, absmax, inv, *tables, n, block, TILE=TILE, num_warps=8, **COMPILE_OPTIONS, **flags
+        )  # fmt: skip
     return out, codes, absmax
 
 

@@ -193,16 +193,14 @@ def _bucket_lookup_l1(
 @triton.jit
 def _uniform_lookup(xn, mids, values, LOG2_LEVELS: tl.constexpr):
     # (#(mids < xn), values[code]) for the int grid (j - M) / M (`buckets.uniform_codes` is the torch
-    # mirror): xn sits at index t = xn * M + M - 1/2 among the midpoints, so every midpoint below
-    # j = round(t) = floor(xn * M) + M is below xn and every one above it above xn (half a step of margin
-    # against float32's error in xn * M); one of the reference's compares settles midpoint j. A multiply
-    # and integer arithmetic: no add the compiler could fuse into an FMA. NaN: j = 0, code 0 (as compares).
+    # mirror): xn sits at index t - 1/2 among the midpoints, t = xn * M + M, so every midpoint below
+    # j = floor(t) is below xn and every one above it above xn (half a step of margin against float32's
+    # error in t); one of the reference's compares settles midpoint j. Clamped to [0, 2M], t >= 0 and its
+    # truncation is its floor: a multiply, an add (never fused: `COMPILE_OPTIONS`), max, min and one
+    # conversion. NaN: t -> 0, code 0 (as compares).
     M: tl.constexpr = (1 << (LOG2_LEVELS - 1)) - 1
-    v = xn * M
-    v = tl.where(v > -M, v, -1.0 * M)
-    v = tl.where(v < M, v, 1.0 * M)
-    i = v.to(tl.int32)  # toward zero; floor(v) is one less where v is negative and not whole
-    j = i - (v < i.to(tl.float32)).to(tl.int32) + M
+    t = xn * M + M
+    j = tl.minimum(tl.maximum(t, 0.0), 2.0 * M).to(tl.int32)  # max.f32 and min.f32 take NaN to 0
     code = j + (tl.gather(mids, j, 0) < xn).to(tl.int32)
     return code, tl.gather(values, code, 0)
 

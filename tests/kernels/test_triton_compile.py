@@ -27,11 +27,14 @@ def _ptx(fn, signature: dict[str, str], constexprs: Mapping[str, object], num_wa
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
+    from kernels import triton_fused
+
     runtime = [k for k, v in signature.items() if v != "constexpr"]
     attrs = {(i,): [["tt.divisibility", 16]] for i in range(len(runtime))}  # as the JIT specializes 8192x8192
     src = ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs)
     try:
-        compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": num_warps})
+        options = {"num_warps": num_warps, **triton_fused.COMPILE_OPTIONS}  # as the kernels are launched
+        compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=options)
     except Exception as e:  # no NVIDIA backend in this triton build
         if "backend" in str(e).lower() or "ptxas" in str(e).lower():
             pytest.skip(f"triton cannot compile for CUDA here: {e}")
