@@ -97,11 +97,10 @@ class FusedChoice:
             up to 1,536 entries against the program's 2,048 values), L1 tag lookups instead.
         uniform_from_log2: the int grid (`buckets.uniform_m`) of 2^k >= 2^this entries finds its code by
             arithmetic and one compare (`_uniform_lookup`; 0: never): no bucket table, two gathers (the
-            midpoint, the value) instead of three. The form without an FMA (eleventh session, one H200,
-            24db2b2, against the tenth session's default): int at 7 bits 0.65-0.69 -> 0.76-0.77 of copy,
-            8 bits 0.55-0.59 -> 0.73-0.74, 6 bits even (0.75-0.79 -> 0.77-0.78), 3-5 bits slower
-            (0.82-0.86 -> 0.76-0.80), hence from 6. (Its first form, fused into an FMA, measured
-            0.87-0.92 at 3-6 bits: docs/benchmarks.md.)
+            midpoint, the value) instead of three. 1 (twelfth session, one H200, 53e39da, fusion off and
+            the add-and-truncate form, `--choices uniform` against the bucketed search then the default
+            from 4 bits): int at 3-5 bits 0.80-0.90 -> 0.90-0.94 of copy, 6-7 bits 0.83-0.91 -> 0.87-0.92,
+            8 bits 0.75-0.82 -> 0.76-0.82.
         wide_from_log2: the bucketed search of codebooks of 2^k >= 2^this entries runs programs of twice
             values_per_thread (0: never), so each program's table set-up covers twice the values. Same
             run, `--choices vpt32`: 6 bits 0.73-0.77 -> 0.75-0.80, 8 bits 0.55-0.72 -> 0.58-0.74; at 3
@@ -117,7 +116,7 @@ class FusedChoice:
     tables_first: bool = True
     programs_per_sm: int = 0
     l1_tables: bool = False
-    uniform_from_log2: int = 6
+    uniform_from_log2: int = 1
     wide_from_log2: int = 6
 
 

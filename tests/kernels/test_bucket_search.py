@@ -305,7 +305,8 @@ for dtype, bits in itertools.product(CODEBOOKS, range(4, 9)):
         same(x, spec, levels, tf.FusedChoice(independent=True, uniform_from_log2=0), codes=False)
         if dtype == "int":
             same(x, spec, levels, tf.FusedChoice(uniform_from_log2=1), codes=False)
-# The uniform search at 3 bits too (below the bucketed search's 4), where the default chain/shared search runs
+# The uniform search at 3 bits too (below the bucketed search's 4; the other data types' default there is
+# the shared-memory binary search)
 spec = QuantSpec("int", 3, 64)
 levels = levels_for(torch.randn(64, 64, generator=g), spec)
 same(torch.cat([torch.randn(1024, generator=g), edges(levels)]), spec, levels, uniform)

@@ -109,7 +109,7 @@ def test_bucket_search_equals_reference(dtype: str) -> None:
     from kernels.blockwise import levels_for
     from kernels.triton_fused import SEARCH_BUCKET, FusedChoice, _flags, fused_fake_quantize, fused_quantize
 
-    bucket = FusedChoice(bucket_from_log2=6, uniform_from_log2=0)  # the int grid too (by default: uniform)
+    bucket = FusedChoice(bucket_from_log2=6, uniform_from_log2=0)  # the int grid too (its default: uniform)
     cases = [((4099, 4096), 8, 64, torch.bfloat16), ((1000, 333), 7, 100, torch.float32),
              ((513, 257), 6, None, torch.bfloat16), ((4096, 1024), 8, 1024, torch.float16)]  # fmt: skip
     for salt, (shape, bits, block, torch_dtype) in enumerate(cases):

@@ -72,3 +72,17 @@ def test_transformers_sees_no_hub_kernels_and_runs_a_model(tmp_path: Path) -> No
     assert out["no_metadata_probe"] == [True, "N/A"]
     assert out["shape"] == [2, 12, 96] and out["same"] and out["finite"]
     assert 0 < out["quant_err"] < 0.2
+
+
+def test_the_installed_kernels_package_is_ours_outside_the_repo(tmp_path: Path) -> None:
+    # From another directory (no repo root on sys.path) `import kernels` must still find this project's
+    # package: Hugging Face's hub-kernels distribution, which transformers 5.25 requires, would shadow it
+    # (hence pyproject's transformers < 5.25).
+    repo = Path(__file__).resolve().parents[2]
+    code = "import importlib.util as u, kernels; print(kernels.__file__, u.find_spec('kernels').origin)"
+    proc = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=tmp_path
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    found = {Path(p).resolve().parent for p in proc.stdout.split()}
+    assert found == {repo / "kernels"}, f"`import kernels` finds {found}, not this project's package"
