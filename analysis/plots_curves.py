@@ -328,11 +328,9 @@ def _draw_margins(ax: Axes, opt: pd.DataFrame) -> None:
               "none": ("#d62728", "no paired CI available")}  # fmt: skip
     for key, rows in opt.assign(verdict=verdict).groupby("verdict"):
         color, label = styles[str(key)]
-        low, high = rows["margin"] - rows["margin_ci_low"], rows["margin_ci_high"] - rows["margin"]
-        yerr = None if key == "none" else [low, high]
-        ax.errorbar(
-            rows["budget_bits"], rows["margin"], yerr=yerr, fmt="o", capsize=2, color=color, label=label
-        )
+        ax.plot(rows["budget_bits"], rows["margin"], "o", color=color, label=label)
+        if key != "none":  # the interval as drawn lines: a bootstrap CI need not contain its estimate
+            ax.vlines(rows["budget_bits"], rows["margin_ci_low"], rows["margin_ci_high"], color=color)
     ax.axhline(0.0, color="#555555", linewidth=0.8)
     bits_axis(ax, "memory budget (total model bits)")
     ax.set_ylabel("margin over runner-up")

@@ -38,9 +38,9 @@ def plot_degradation(deltas: pd.DataFrame, family: str) -> Figure:
             color = category_color(sizes.index(size))
             label = f"{eng_label(float(size), 1)} {setting.removeprefix(f'{k}-bit ')}"
             ax.plot(x, y, linestyle=style, marker=marker, color=color, label=label)
-            err = np.abs(line[["delta_ci_low", "delta_ci_high"]].to_numpy(float).T - y)
-            if np.isfinite(err).all():
-                ax.errorbar(x, y, yerr=err, fmt="none", color=color, linewidth=0.8, capsize=2)
+            low, high = line["delta_ci_low"].to_numpy(float), line["delta_ci_high"].to_numpy(float)
+            if np.isfinite(low).all() and np.isfinite(high).all():  # drawn as lines: a bootstrap CI need
+                ax.vlines(x, low, high, color=color, linewidth=0.8)  # not contain its estimate
         ax.axhline(0.0, color="#111111", linewidth=0.7)
         bits_axis(ax, "training tokens")  # a log axis with compact labels (2.5M, 10M)
         ax.set_ylabel("ΔqLoss (nats/token)")

@@ -373,7 +373,7 @@ eleventh)
   # the shared-memory copy at 4/6/8 bits, then the pre-flight cold, warm, and warm beside Ray's start
   # (`--prestart`, as on the CLI's first line: does pre-flight wait on it?). ONLY_KERNELS=1: no pre-flight
   python3 -m pytest -q -m gpu -p no:cacheprovider tests/kernels/test_gpu.py 2>&1 | tail -4
-  timeout 200 python3 benchmarks/quantize_kernels.py --quick --bits ${BITS:-4,6,8} \
+  timeout 200 python3 benchmarks/quantize_kernels.py --quick --bits ${BITS:-4,6,8} ${DTYPES:+--dtypes $DTYPES} \
     --choices ${CHOICES:-l1,ind+l1,l1+vpt32,vpt32,w8} --out "$OUT/kernels-h200.json" >"$OUT/kernels.log" 2>&1
   echo "kernels exit $?"; tail -12 "$OUT/kernels.log"
   [ -n "${ONLY_KERNELS:-}" ] || python3 -c "import sys; sys.path.insert(0, '.'); from pathlib import Path; from benchmarks.evaluation import build_model

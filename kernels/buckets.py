@@ -1,10 +1,11 @@
 """The host side of the fused quantizer's codebook tables (`kernels.triton_fused`): the bucketed search
 (`SEARCH_BUCKET`): how float32 xn splits into buckets by its bits, per codebook the table of each bucket's
 first code and the window of compares that finishes it, and for windows of one midpoint the per-bucket
-tables of the independent lookup (`bucket_pairs`); the int grid's uniform search (`uniform_m`); the
-Eytzinger order of the shared-memory binary search; the padded values; the launch geometry (rows a
-program, launches, persistent programs). Pure torch (no Triton), so it is tested and reasoned about on
-its own; the kernel's `_bucket` mirrors `bucket_index` step for step.
+tables of the independent lookup (`bucket_pairs`) and the packed lookup's one word a bucket
+(`packed_table`); the int grid's uniform search (`uniform_m`); the Eytzinger order of the shared-memory
+binary search; the padded values; the launch geometry (rows a program, launches, persistent programs).
+Pure torch (no Triton), so it is tested and reasoned about on its own; the kernel's `_bucket` mirrors
+`bucket_index` step for step.
 """
 
 from __future__ import annotations
@@ -25,6 +26,8 @@ MAX_WINDOW = 4  # a bucketed search comparing more midpoints than this falls bac
 # The independent lookup copies 12 bytes a bucket per program (held in registers: 24 per thread at 1024
 # buckets and 128 threads); codebooks whose table has more buckets keep the chained lookup.
 MAX_PAIR_BUCKETS = 1024
+# The packed lookup copies 4 bytes a bucket per program (`packed_table`): 8 KB at most.
+MAX_PACKED_BUCKETS = 2048
 
 
 @dataclass(frozen=True)
@@ -155,6 +158,110 @@ def bucket_pairs(levels: Levels) -> BucketPairs | None:
     low = _float_bits(levels.values[starts.clamp(max=last)])
     high = _float_bits(levels.values[(starts + 1).clamp(max=last)])
     return BucketPairs(table.starts, levels.mids[starts].contiguous(), low | (high << 32))  # << wraps
+
+
+PACKED_START_SHIFT = 24  # a packed word: the bucket's start code in bits 24..31, its threshold below
+
+
+def bucket_key(xn: Tensor, buckets: Buckets) -> Tensor:
+    """Each float32 xn's key inside its bucket: the bits of |xn| clamped as `bucket_index` clamps it, below
+    the bucket's (its low `shift` bits), flipped for negative xn, so that it rises with xn in every bucket
+    (int64; `_packed_words` finds the thresholds with it)."""
+    low = torch.tensor(buckets.first << buckets.shift, dtype=torch.int32).view(torch.float32)
+    magnitude = torch.fmax(torch.fmin(xn.abs(), torch.ones(())), low)
+    mask = (1 << buckets.shift) - 1
+    low_bits = magnitude.view(torch.int32).long() & mask
+    return torch.where(xn >= 0, low_bits, low_bits ^ mask)
+
+
+@dataclass(frozen=True, eq=False)
+class PackedTable:
+    """The packed lookup's table (`triton_search._packed_lookup`) for one codebook.
+
+    Attributes:
+        buckets: its bucket geometry (not always `bucket_table`'s: see `packed_table`).
+        words: int32 [2 x 2^log2_buckets] on the codebook's device, the positive buckets by rising |xn|,
+            then the negative ones by rising |xn| (`packed_index`, not `Buckets` order): per bucket its
+            start code, #(mids < its smallest float), << PACKED_START_SHIFT | its threshold (`_packed_words`).
+    """
+
+    buckets: Buckets
+    words: Tensor
+
+
+def packed_index(xn: Tensor, buckets: Buckets) -> tuple[Tensor, Tensor, Tensor]:
+    """(word index, |xn|'s low bits, negative) of each float32 xn as `_packed_lookup` computes them: |xn|
+    clamped as `bucket_index` clamps it, its bucket by rising |xn| (+ 2^log2_buckets where not xn >= 0,
+    NaN included), the clamped |xn|'s bits below the bucket's."""
+    low = torch.tensor(buckets.first << buckets.shift, dtype=torch.int32).view(torch.float32)
+    bits = torch.fmax(torch.fmin(xn.abs(), torch.ones(())), low).view(torch.int32).long()
+    negative = ~(xn >= 0)
+    index = (bits >> buckets.shift) - buckets.first + negative.long() * (1 << buckets.log2_buckets)
+    return index, bits & ((1 << buckets.shift) - 1), negative
+
+
+def _packed_words(mids: Tensor, buckets: Buckets) -> Tensor | None:
+    """The packed words of one geometry (`PackedTable.words`), or None where it has a window over one
+    midpoint or the clamp of |xn| into bucket 0 gives floats on both sides of mids[start] one key.
+
+    In each bucket the key `bucket_key` rises with xn; t is the least key of the bucket's floats above
+    mids[start] (0: all are, 2^shift: none is), so xn > mids[start] exactly when key >= t. The kernel
+    compares |xn|'s low bits instead: for a negative bucket key = mask - low, so key >= t exactly when
+    not low >= mask + 1 - t, and the word holds mask + 1 - t there (the kernel flips the compare).
+    """
+    starts, window = _starts_and_window(mids, buckets)
+    if window > 1:
+        return None
+    smallest, largest = bucket_bounds(buckets)
+    mid = mids[starts]
+    # Within a bucket, the largest float <= mid (mid itself where it lies inside) and the next one up.
+    below = torch.where(mid >= largest, largest, mid)
+    above = torch.where(mid < smallest, smallest, torch.nextafter(mid, torch.tensor(float("inf"))))
+    has_below, has_above = mid >= smallest, mid < largest
+    key_below, key_above = bucket_key(below, buckets), bucket_key(above, buckets)
+    if bool((has_below & has_above & (key_above <= key_below)).any()):
+        return None
+    t = torch.where(has_above, torch.where(has_below, key_below + 1, 0), 1 << buckets.shift)
+    half = 1 << buckets.log2_buckets  # Buckets order -> packed order: the negative buckets reversed
+    t = torch.cat([t[:half], (1 << buckets.shift) - t[half:].flip(0)])
+    return (torch.cat([starts[:half], starts[half:].flip(0)]) << PACKED_START_SHIFT) | t
+
+
+@functools.lru_cache(maxsize=64)
+def packed_table(levels: Levels) -> PackedTable | None:
+    """The packed lookup's table with the fewest buckets for these levels, or None (no geometry of at most
+    MAX_PACKED_BUCKETS buckets has a window of one midpoint and no clamped key on both sides of one).
+
+    One table read gives what the bucketed search reads from two tables (the start, then the midpoint),
+    and a compare of integers replaces the float compare: within a bucket the key rises with xn, so
+    key >= t exactly when xn > mids[start] (t = 0: every float of the bucket is above it; t = 2^shift:
+    none is). The clamp puts every |xn| below bucket 0's lowest float on that float's key, so a geometry
+    whose bucket 0 holds a midpoint below it is skipped (the bucketed search's table may have one).
+    Cached per Levels object; reads the mids on the host, as `bucket_table` does.
+    """
+    if levels.mids.numel() > 1 << BUCKET_MAX_LEVELS_LOG2:
+        return None
+    mids = levels.mids.cpu()
+    geometries = [Buckets(m, p) for p in range(1, MAX_BUCKETS_LOG2 + 1) for m in range(p)]
+    for buckets in sorted(geometries, key=lambda g: (g.log2_buckets, g.mantissa_bits)):
+        if buckets.first < 0 or 2 << buckets.log2_buckets > MAX_PACKED_BUCKETS:
+            continue
+        words = _packed_words(mids, buckets)
+        if words is not None:  # start >= 128 wraps to a negative int32, as the kernel reads it
+            words32 = words.to(torch.uint32).view(torch.int32)
+            return PackedTable(buckets, words32.to(levels.mids.device))
+    return None
+
+
+def packed_codes(xn: Tensor, levels: Levels) -> Tensor:
+    """#(mids < xn) as the packed lookup computes it (`_packed_lookup`, step for step): the bucket's word,
+    then start + ((low >= t) xor negative). For tests; `packed_table` must exist for the levels."""
+    table = packed_table(levels)
+    assert table is not None
+    index, low_bits, negative = packed_index(xn, table.buckets)
+    word = table.words.cpu()[index].long() & 0xFFFFFFFF
+    start, t = word >> PACKED_START_SHIFT, word & ((1 << PACKED_START_SHIFT) - 1)
+    return start + ((low_bits >= t) ^ negative).long()
 
 
 @functools.lru_cache(maxsize=16)

@@ -38,6 +38,7 @@ from kernels.buckets import (
     eytzinger_mids,
     fused_config,
     fused_launches,
+    packed_table,
     padded_values,
     persistent_programs,
     uniform_m,
@@ -51,6 +52,7 @@ from kernels.triton_search import (
     SEARCH_BUCKET_L1,
     SEARCH_CHAIN,
     SEARCH_GLOBAL,
+    SEARCH_PACKED,
     SEARCH_SHARED,
     SEARCH_UNIFORM,
     _nearest,
@@ -101,6 +103,9 @@ class FusedChoice:
             the add-and-truncate form, `--choices uniform` against the bucketed search then the default
             from 4 bits): int at 3-5 bits 0.80-0.90 -> 0.90-0.94 of copy, 6-7 bits 0.83-0.91 -> 0.87-0.92,
             8 bits 0.75-0.82 -> 0.76-0.82.
+        packed_from_log2: codebooks of 2^k >= 2^this entries that take the bucketed search use the packed
+            lookup where `packed_table` finds a table (0: never): one word a bucket holds the start code
+            and an integer threshold, so two gathers (the word, the value) instead of three.
         wide_from_log2: the bucketed search of codebooks of 2^k >= 2^this entries runs programs of twice
             values_per_thread (0: never), so each program's table set-up covers twice the values. Same
             run, `--choices vpt32`: 6 bits 0.73-0.77 -> 0.75-0.80, 8 bits 0.55-0.72 -> 0.58-0.74; at 3
@@ -118,6 +123,7 @@ class FusedChoice:
     l1_tables: bool = False
     uniform_from_log2: int = 1
     wide_from_log2: int = 6
+    packed_from_log2: int = 0
 
 
 DEFAULT_CHOICE = FusedChoice()
@@ -277,10 +283,22 @@ def _flags(x: Tensor, levels: Levels, store_out: bool, store_codes: bool, choice
     uniform = in_range and uniform_m(levels) is not None
     if uniform:
         search = SEARCH_UNIFORM.value
+    packed = None
+    if search == SEARCH_BUCKET.value and 0 < choice.packed_from_log2 <= log2_levels and not choice.l1_tables:
+        packed = packed_table(levels)
     table = bucket_table(levels) if search == SEARCH_BUCKET.value else None
     if search == SEARCH_BUCKET.value and table is None:
         search = SEARCH_SHARED.value
     l1 = table is not None and choice.l1_tables
+    if packed is not None:
+        return {
+            "LOG2_LEVELS": log2_levels, "SEARCH": SEARCH_PACKED.value, "STORE_OUT": store_out,
+            "STORE_CODES": store_codes,
+            "BF16_BY_HAND": x.dtype == torch.bfloat16 and os.environ.get("TRITON_INTERPRET") == "1",
+            "BUCKET_SHIFT": packed.buckets.shift, "BUCKET_FIRST": packed.buckets.first,
+            "BUCKET_LOG2": packed.buckets.log2_buckets, "WINDOW": 1, "INDEPENDENT": False,
+            "TABLES_FIRST": choice.tables_first or choice.programs_per_sm > 0,
+        }  # fmt: skip
     return {
         "LOG2_LEVELS": log2_levels,
         "SEARCH": SEARCH_BUCKET_L1.value if l1 else search,
@@ -300,6 +318,10 @@ def _flags(x: Tensor, levels: Levels, store_out: bool, store_codes: bool, choice
 
 def _tables(levels: Levels, flags: dict) -> tuple[Tensor, Tensor, Tensor]:
     """(values, mids, starts) as the kernels' search reads them (values_ptr, mids_ptr, starts_ptr)."""
+    if flags["SEARCH"] == SEARCH_PACKED.value:
+        words = packed_table(levels)
+        assert words is not None
+        return padded_values(levels), words.words, words.words  # starts_ptr: never read
     pairs = bucket_pairs(levels) if flags["INDEPENDENT"] else None
     if pairs is not None:
         return pairs.values, pairs.mids, pairs.starts
@@ -331,7 +353,8 @@ def _launch(
     flags = _flags(x, levels, store_out, codes is not None, choice)
     tables = _tables(levels, flags)
     if block <= MAX_FUSED_BLOCK and spec.block_size is not None:
-        wide = flags["SEARCH"] == SEARCH_BUCKET.value and 0 < choice.wide_from_log2 <= flags["LOG2_LEVELS"]
+        bucketed = flags["SEARCH"] in (SEARCH_BUCKET.value, SEARCH_PACKED.value)
+        wide = bucketed and 0 < choice.wide_from_log2 <= flags["LOG2_LEVELS"]
         per_thread = choice.values_per_thread * (2 if wide else 1)
         rows, num_warps = fused_config(block, n_blocks, per_thread, choice.num_warps)
         absmax = torch.empty(n_blocks, dtype=torch.float32, device=x.device)

@@ -25,6 +25,9 @@ import triton.language as tl
 SEARCH_CHAIN, SEARCH_SHARED, SEARCH_GLOBAL = tl.constexpr(0), tl.constexpr(1), tl.constexpr(2)
 SEARCH_BUCKET, SEARCH_BUCKET_L1 = tl.constexpr(3), tl.constexpr(4)  # the latter: `FusedChoice.l1_tables`
 SEARCH_UNIFORM = tl.constexpr(5)  # the int grid (`FusedChoice.uniform_from_log2`)
+SEARCH_PACKED = tl.constexpr(6)  # one word a bucket: start and threshold (`FusedChoice.packed_from_log2`)
+PACKED_START_SHIFT = tl.constexpr(24)  # `buckets.PACKED_START_SHIFT`: the start's bits, t's below
+PACKED_T_MASK = tl.constexpr((1 << 24) - 1)
 EYTZINGER_FROM_LOG2 = tl.constexpr(6)  # the shared-memory search reads larger codebooks in Eytzinger order
 
 
@@ -118,6 +121,13 @@ def _bucket_tables(
 
 
 @triton.jit
+def _packed_tables(words_ptr, values_ptr, LOG2_LEVELS: tl.constexpr, BUCKET_LOG2: tl.constexpr):
+    # The packed lookup's words (one a bucket) and the (padded) values, for tl.gather.
+    words = tl.load(words_ptr + tl.arange(0, 2 << BUCKET_LOG2))
+    return words, tl.load(values_ptr + tl.arange(0, 1 << LOG2_LEVELS))
+
+
+@triton.jit
 def _tables_first(
     starts_ptr, mids_ptr, values_ptr, LOG2_LEVELS: tl.constexpr, SEARCH: tl.constexpr,
     BUCKET_LOG2: tl.constexpr, INDEPENDENT: tl.constexpr, TABLES_FIRST: tl.constexpr,
@@ -131,6 +141,9 @@ def _tables_first(
     elif SEARCH == SEARCH_UNIFORM and TABLES_FIRST:
         starts = tl.zeros([1], tl.uint8)
         mids, values = _sorted_tables(mids_ptr, values_ptr, LOG2_LEVELS)
+    elif SEARCH == SEARCH_PACKED and TABLES_FIRST:
+        starts = tl.zeros([1], tl.uint8)
+        mids, values = _packed_tables(mids_ptr, values_ptr, LOG2_LEVELS, BUCKET_LOG2)
     else:
         starts, mids, values = tl.zeros([1], tl.uint8), tl.zeros([1], tl.float32), tl.zeros([1], tl.float32)
     return starts, mids, values
@@ -206,6 +219,26 @@ def _uniform_lookup(xn, mids, values, LOG2_LEVELS: tl.constexpr):
 
 
 @triton.jit
+def _packed_lookup(
+    xn, words, values, BUCKET_SHIFT: tl.constexpr, BUCKET_FIRST: tl.constexpr, BUCKET_LOG2: tl.constexpr
+):  # fmt: skip
+    # (#(mids < xn), values[code]) from one word a bucket (`buckets.packed_table`; `packed_codes` is the
+    # torch mirror): |xn| clamped as `_bucket` clamps it, its bucket by rising |xn| (the negative ones
+    # after the positive ones), and its bits below the bucket's. The word holds the start and a threshold
+    # t of those bits: code = start + ((low >= t) xor negative) (a negative bucket's t is stored for the
+    # flipped compare), then the value. Two gathers (the word, the value) where the bucketed search makes
+    # three, and an integer compare. NaN: a negative top bucket, |xn| as 1.0: code = its start, 0.
+    low = tl.full([], BUCKET_FIRST << BUCKET_SHIFT, tl.int32).to(tl.float32, bitcast=True)
+    bits = tl.maximum(tl.minimum(tl.abs(xn), 1.0), low).to(tl.int32, bitcast=True)
+    negative = ~(xn >= 0)
+    bucket = (bits >> BUCKET_SHIFT) - BUCKET_FIRST + tl.where(negative, 1 << BUCKET_LOG2, 0)
+    word = tl.gather(words, bucket, 0).to(tl.uint32, bitcast=True)
+    above = (bits & ((1 << BUCKET_SHIFT) - 1)).to(tl.uint32) >= (word & PACKED_T_MASK)
+    code = (word >> PACKED_START_SHIFT).to(tl.int32) + (above ^ negative).to(tl.int32)
+    return code, tl.gather(values, code, 0)
+
+
+@triton.jit
 def _nearest(
     xn, mids_ptr, values_ptr, starts_ptr, starts, mids, values,
     LOG2_LEVELS: tl.constexpr, SEARCH: tl.constexpr, STORE_OUT: tl.constexpr, STORE_CODES: tl.constexpr,
@@ -242,6 +275,10 @@ def _nearest(
         if not TABLES_FIRST:
             mids, values = _sorted_tables(mids_ptr, values_ptr, LOG2_LEVELS)
         code, value = _uniform_lookup(xn, mids, values, LOG2_LEVELS)
+    elif SEARCH == SEARCH_PACKED:
+        if not TABLES_FIRST:
+            mids, values = _packed_tables(mids_ptr, values_ptr, LOG2_LEVELS, BUCKET_LOG2)
+        code, value = _packed_lookup(xn, mids, values, BUCKET_SHIFT, BUCKET_FIRST, BUCKET_LOG2)
     elif SEARCH == SEARCH_BUCKET_L1:
         code, value = _bucket_lookup_l1(
             xn, starts_ptr, mids_ptr, values_ptr, BUCKET_SHIFT, BUCKET_FIRST, BUCKET_LOG2, WINDOW, INDEPENDENT

@@ -85,6 +85,37 @@ def test_uniform_search_counts_every_midpoint_below_for_the_int_grid(bits: int) 
     assert torch.equal(kb.uniform_codes(xn, m, levels.mids), _count_below(levels.mids, xn))
 
 
+@pytest.mark.parametrize(("dtype", "bits"), [(d, b) for d in CODEBOOKS for b in range(3, 9)] + [("close", 1)])
+def test_packed_lookup_counts_every_midpoint_below(dtype: str, bits: int) -> None:
+    # One word a bucket (`packed_table`, the kernel's `_packed_lookup`, mirrored by `packed_codes`): start
+    # and threshold give #(mids < xn) on midpoints, their float neighbours, each bucket's smallest and
+    # largest floats and theirs, specials (NaN of either sign, +-inf, +-0, subnormals, > 1) and noise.
+    levels = _levels(dtype, bits)
+    table = kb.packed_table(levels)
+    if table is None:  # no geometry within MAX_PACKED_BUCKETS has a window of one
+        assert (dtype, bits) in {("dynamic", 8), ("close", 1)}, (dtype, bits)
+        return
+    assert table.words.dtype == torch.int32 and table.words.numel() == 2 << table.buckets.log2_buckets
+    assert table.words.numel() <= kb.MAX_PACKED_BUCKETS
+    smallest, largest = kb.bucket_bounds(table.buckets)
+    inf = torch.tensor(float("inf"))
+    edges = torch.cat([smallest, largest, torch.nextafter(smallest, -inf), torch.nextafter(largest, inf)])
+    xn = torch.cat([_adversarial(levels.mids), edges])
+    assert torch.equal(kb.packed_codes(xn, levels), _count_below(levels.mids, xn)), (dtype, bits)
+
+
+def test_packed_lookup_skips_a_midpoint_the_clamp_hides() -> None:
+    # A midpoint below bucket 0's lowest float: every |xn| under that float has its key, so no threshold
+    # splits them; the smallest geometry that puts the midpoint above bucket 0's clamp is chosen.
+    levels = levels_from_values(torch.tensor([-1.0, -1e-3, 1e-3, 1.0], dtype=torch.float64))
+    table = kb.packed_table(levels)
+    assert table is not None
+    low = torch.tensor(table.buckets.first << table.buckets.shift, dtype=torch.int32).view(torch.float32)
+    assert float(low) <= 5e-4 or table.buckets.first == 0  # the midpoint 0.0 aside, +-5e-4 above the clamp
+    xn = _adversarial(levels.mids)
+    assert torch.equal(kb.packed_codes(xn, levels), _count_below(levels.mids, xn))
+
+
 @pytest.mark.parametrize("dtype", [d for d in CODEBOOKS if d != "int"] + ["close"])
 def test_uniform_search_is_only_for_the_int_grid(dtype: str) -> None:
     assert kb.uniform_m(_levels(dtype, 6 if dtype != "close" else 2)) is None
@@ -190,7 +221,8 @@ def same(x, spec, levels, choice=bucket, codes=True):
     bucketed = tf.SEARCH_BUCKET_L1 if choice.l1_tables else tf.SEARCH_BUCKET
     log2 = levels.mids.numel().bit_length() - 1
     uniform = 0 < choice.uniform_from_log2 <= log2 and kb.uniform_m(levels) is not None
-    kind = tf.SEARCH_UNIFORM if uniform else bucketed
+    packed = 0 < choice.packed_from_log2 <= log2 and kb.packed_table(levels) is not None
+    kind = tf.SEARCH_UNIFORM if uniform else tf.SEARCH_PACKED if packed else bucketed
     assert tf._flags(x, levels, True, False, choice)["SEARCH"] == kind.value, spec
     ref = reference_fake_quantize(x, spec, levels)
     assert torch.equal(tf.fused_fake_quantize(x, spec, levels, choice=choice), ref), (spec, choice)
@@ -286,17 +318,21 @@ l1 = tf.FusedChoice(l1_tables=True, **small)  # the tables read by loads, not fr
 ind_l1 = tf.FusedChoice(l1_tables=True, independent=True, **small)
 uniform = tf.FusedChoice(**small | {"uniform_from_log2": 1})
 uniform_late = tf.FusedChoice(tables_first=False, **small | {"uniform_from_log2": 1})
+packed = tf.FusedChoice(packed_from_log2=4, **small)  # one word a bucket where a packed table exists
+packed_late_persist = tf.FusedChoice(packed_from_log2=4, tables_first=False, programs_per_sm=1, **small)
 for dtype, bits in itertools.product(CODEBOOKS, range(4, 9)):
     spec = QuantSpec(dtype, bits, 64)
     levels = levels_for(torch.randn(64, 64, generator=g), spec)
     x = torch.cat([torch.randn(1024, generator=g) * 0.02, edges(levels)])  # 16 whole blocks first
     choices = (ind_persist, persist) + (ind, first) * (bits % 2 == 0) + (l1, ind_l1) * (bits % 2 == 1)
-    choices += (uniform, uniform_late) * (dtype == "int")
+    choices += (uniform, uniform_late) * (dtype == "int") + (packed, packed_late_persist)
     for choice in choices:
         same(x, spec, levels, choice, codes=choice.programs_per_sm > 0)
         flags = tf._flags(x, levels, True, False, choice)
         assert flags["INDEPENDENT"] == (choice.independent and kb.bucket_pairs(levels) is not None)
         assert (flags["SEARCH"] == tf.SEARCH_BUCKET_L1.value) == choice.l1_tables
+        packs = choice.packed_from_log2 > 0 and kb.packed_table(levels) is not None
+        assert (flags["SEARCH"] == tf.SEARCH_PACKED.value) == packs
         checked += 1
     # every table of up to MAX_PAIR_BUCKETS buckets here (all but 8-bit dynamic and quantile) has pairs
     assert kb.bucket_pairs(levels) is not None or bits == 8 and dtype in ("quantile", "dynamic")
@@ -305,6 +341,7 @@ for dtype, bits in itertools.product(CODEBOOKS, range(4, 9)):
         same(x, spec, levels, tf.FusedChoice(independent=True, uniform_from_log2=0), codes=False)
         if dtype == "int":
             same(x, spec, levels, tf.FusedChoice(uniform_from_log2=1), codes=False)
+        same(x, spec, levels, tf.FusedChoice(packed_from_log2=4, uniform_from_log2=0), codes=False)
 # The uniform search at 3 bits too (below the bucketed search's 4; the other data types' default there is
 # the shared-memory binary search)
 spec = QuantSpec("int", 3, 64)
@@ -318,7 +355,7 @@ for dtype, bits in itertools.product(("int", "nf", "fp"), (4, 8)):
     spec = QuantSpec(dtype, bits, 64)
     levels = levels_for(torch.randn(6, 64, generator=g), spec)
     base_out, base_codes, base_absmax = tf._launch(x, spec, levels, True, torch.uint8, bucket)
-    for choice in (ind_persist, persist, l1, ind_l1) + (uniform,) * (dtype == "int"):
+    for choice in (ind_persist, persist, l1, ind_l1, packed) + (uniform,) * (dtype == "int"):
         out, codes, absmax = tf._launch(x, spec, levels, True, torch.uint8, choice)
         torch.testing.assert_close(out, base_out, rtol=0, atol=0, equal_nan=True)
         assert torch.equal(codes, base_codes) and torch.equal(absmax.isnan(), base_absmax.isnan())

@@ -156,7 +156,9 @@ def test_bucket_search_edges(bits: int) -> None:
     bucket = FusedChoice(bucket_from_log2=6, uniform_from_log2=0)
     ind_persist = FusedChoice(independent=True, programs_per_sm=2, uniform_from_log2=0)  # opt-in choices
     uniform = FusedChoice(uniform_from_log2=1)  # int only; the bucketed search for the others
-    for dtype, choice in itertools.product(("int", "nf", "fp", "dynamic"), (bucket, ind_persist, uniform)):
+    packed = FusedChoice(packed_from_log2=4, uniform_from_log2=0)  # one word a bucket (not 8-bit dynamic)
+    choices = (bucket, ind_persist, uniform, packed)
+    for dtype, choice in itertools.product(("int", "nf", "fp", "dynamic"), choices):
         spec = QuantSpec(dtype, bits, 64)
         levels = levels_for(torch.zeros(1, device="cuda"), spec)
         mids = levels.mids[levels.mids.isfinite()]

@@ -76,7 +76,7 @@ def _bucket_flags(dtype: str, log2_levels: int) -> dict[str, int]:
             "TABLES_FIRST": False}  # fmt: skip
 
 
-CHAIN, SHARED, GLOBAL, BUCKET, UNIFORM = 0, 1, 2, 3, 5  # triton_fused.SEARCH_*
+CHAIN, SHARED, GLOBAL, BUCKET, UNIFORM, PACKED = 0, 1, 2, 3, 5, 6  # triton_fused.SEARCH_*
 
 
 def _fused_ptx(
@@ -201,6 +201,34 @@ def test_uniform_search_compiles_for_sm90(log2_levels: int, block: int, tables_f
     assert triton_fused.SEARCH_UNIFORM == UNIFORM
     flags = {**NO_BUCKETS, "TABLES_FIRST": tables_first}
     ptx = _fused_ptx(log2_levels, UNIFORM, block, block != 64, False, flags)
+    per_thread = 4096 // (8 * 32)
+    assert _scalar_loads(ptx) <= 5, _scalar_loads(ptx)
+    assert _shared_loads(ptx, r"\.b32") >= per_thread * 2, _shared_loads(ptx)
+    assert _shared_loads(ptx, r"\.b8") == 0, _shared_loads(ptx, r"\.b8")
+
+
+PACKED_CASES = [("nf", 8, 64), ("fp", 6, 1024), ("quantile", 4, 100)]  # (dtype, log2_levels, block)
+
+
+@pytest.mark.parametrize(("dtype", "log2_levels", "block"), PACKED_CASES)
+def test_packed_lookup_compiles_for_sm90(dtype: str, log2_levels: int, block: int) -> None:
+    # The packed lookup (FusedChoice.packed_from_log2): per value two 32-bit shared-memory reads (the
+    # bucket's word, the value), no byte table, no float compare of a midpoint read from a table.
+    import torch
+
+    from kernels import QuantSpec, triton_fused
+    from kernels.blockwise import levels_for
+    from kernels.buckets import packed_table
+
+    assert triton_fused.SEARCH_PACKED == PACKED
+    w = torch.randn(64, 256, generator=torch.Generator().manual_seed(log2_levels))
+    table = packed_table(levels_for(w, QuantSpec(dtype, log2_levels, 64)))
+    assert table is not None
+    flags = {"BUCKET_SHIFT": table.buckets.shift, "BUCKET_FIRST": table.buckets.first,
+             "BUCKET_LOG2": table.buckets.log2_buckets, "WINDOW": 1, "INDEPENDENT": False,
+             "TABLES_FIRST": True}  # fmt: skip
+    words = {**COMMON, "mids_ptr": "*i32"}
+    ptx = _fused_ptx(log2_levels, PACKED, block, block != 64, False, flags, pointers=words)
     per_thread = 4096 // (8 * 32)
     assert _scalar_loads(ptx) <= 5, _scalar_loads(ptx)
     assert _shared_loads(ptx, r"\.b32") >= per_thread * 2, _shared_loads(ptx)
