@@ -86,9 +86,8 @@ CHOICES: dict[str, dict[str, Any]] = {  # FusedChoice fields and their values (i
     "before": {"uniform_from_log2": 0, "wide_from_log2": 0},  # the defaults of the tenth session
     "narrow": {"wide_from_log2": 0},
     # one word a bucket holds the start and an integer threshold: two table reads a value, not three
-    "packed": {"packed_from_log2": 6},  # below 6 bits its words conflict more than the byte starts do
-    "packed+narrow": {"packed_from_log2": 6, "wide_from_log2": 0},
-    "packed+persist": {"packed_from_log2": 6, "programs_per_sm": 4},
+    "packed": {"packed_from_buckets": 128},  # from 6 bits (the default: tables of >= 512 entries)
+    "nopacked": {"packed_from_buckets": 0},  # the bucketed search's three reads everywhere
 }
 
 

@@ -103,9 +103,14 @@ class FusedChoice:
             the add-and-truncate form, `--choices uniform` against the bucketed search then the default
             from 4 bits): int at 3-5 bits 0.80-0.90 -> 0.90-0.94 of copy, 6-7 bits 0.83-0.91 -> 0.87-0.92,
             8 bits 0.75-0.82 -> 0.76-0.82.
-        packed_from_log2: codebooks of 2^k >= 2^this entries that take the bucketed search use the packed
-            lookup where `packed_table` finds a table (0: never): one word a bucket holds the start code
-            and an integer threshold, so two gathers (the word, the value) instead of three.
+        packed_from_buckets: codebooks whose bucket table has at least this many entries (both signs)
+            use the packed lookup where `packed_table` finds a table (0: never): one word a bucket holds
+            the start code and an integer threshold, so two gathers (the word, the value) instead of
+            three, for ~9 more instructions a value; in programs of values_per_thread (never wide).
+            512 (twelfth session, one H200, 1a95577, `--choices packed+narrow`, medians over shapes and
+            blocks 64/1024): nf 7 bits 0.68 -> 0.74 of copy, quantile 7 bits 0.67 -> 0.74, nf 8 bits
+            0.61 -> 0.64, fp 8 bits 0.74 -> 0.77; within 0.01 at dynamic 6-7, quantile 8 and nf 6 (which
+            has 256). Below, the byte table of starts hardly conflicts (fp 6-7 lose 0.01-0.02).
         wide_from_log2: the bucketed search of codebooks of 2^k >= 2^this entries runs programs of twice
             values_per_thread (0: never), so each program's table set-up covers twice the values. Same
             run, `--choices vpt32`: 6 bits 0.73-0.77 -> 0.75-0.80, 8 bits 0.55-0.72 -> 0.58-0.74; at 3
@@ -123,7 +128,7 @@ class FusedChoice:
     l1_tables: bool = False
     uniform_from_log2: int = 1
     wide_from_log2: int = 6
-    packed_from_log2: int = 0
+    packed_from_buckets: int = 512
 
 
 DEFAULT_CHOICE = FusedChoice()
@@ -283,10 +288,10 @@ def _flags(x: Tensor, levels: Levels, store_out: bool, store_codes: bool, choice
     uniform = in_range and uniform_m(levels) is not None
     if uniform:
         search = SEARCH_UNIFORM.value
-    packed = None
-    if search == SEARCH_BUCKET.value and 0 < choice.packed_from_log2 <= log2_levels and not choice.l1_tables:
-        packed = packed_table(levels)
     table = bucket_table(levels) if search == SEARCH_BUCKET.value else None
+    packed = None
+    if table is not None and 0 < choice.packed_from_buckets <= table.starts.numel() and not choice.l1_tables:
+        packed = packed_table(levels)
     if search == SEARCH_BUCKET.value and table is None:
         search = SEARCH_SHARED.value
     l1 = table is not None and choice.l1_tables
@@ -353,8 +358,7 @@ def _launch(
     flags = _flags(x, levels, store_out, codes is not None, choice)
     tables = _tables(levels, flags)
     if block <= MAX_FUSED_BLOCK and spec.block_size is not None:
-        bucketed = flags["SEARCH"] in (SEARCH_BUCKET.value, SEARCH_PACKED.value)
-        wide = bucketed and 0 < choice.wide_from_log2 <= flags["LOG2_LEVELS"]
+        wide = flags["SEARCH"] == SEARCH_BUCKET.value and 0 < choice.wide_from_log2 <= flags["LOG2_LEVELS"]
         per_thread = choice.values_per_thread * (2 if wide else 1)
         rows, num_warps = fused_config(block, n_blocks, per_thread, choice.num_warps)
         absmax = torch.empty(n_blocks, dtype=torch.float32, device=x.device)

@@ -25,7 +25,7 @@ import triton.language as tl
 SEARCH_CHAIN, SEARCH_SHARED, SEARCH_GLOBAL = tl.constexpr(0), tl.constexpr(1), tl.constexpr(2)
 SEARCH_BUCKET, SEARCH_BUCKET_L1 = tl.constexpr(3), tl.constexpr(4)  # the latter: `FusedChoice.l1_tables`
 SEARCH_UNIFORM = tl.constexpr(5)  # the int grid (`FusedChoice.uniform_from_log2`)
-SEARCH_PACKED = tl.constexpr(6)  # one word a bucket: start and threshold (`FusedChoice.packed_from_log2`)
+SEARCH_PACKED = tl.constexpr(6)  # one word a bucket: start and threshold (`FusedChoice.packed_from_buckets`)
 PACKED_START_SHIFT = tl.constexpr(24)  # `buckets.PACKED_START_SHIFT`: the start's bits, t's below
 PACKED_T_MASK = tl.constexpr((1 << 24) - 1)
 EYTZINGER_FROM_LOG2 = tl.constexpr(6)  # the shared-memory search reads larger codebooks in Eytzinger order

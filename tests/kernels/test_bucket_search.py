@@ -171,7 +171,7 @@ def test_bucket_pairs_give_each_code_and_value(dtype: str, bits: int) -> None:
 def test_search_kind_and_fallback() -> None:
     from kernels import triton_fused as tf
 
-    bucket = tf.FusedChoice(bucket_from_log2=6)
+    bucket = tf.FusedChoice(bucket_from_log2=6, packed_from_buckets=0)
     chain, shared, global_, by_bucket = 0, 1, 2, 3
     assert (tf.SEARCH_CHAIN, tf.SEARCH_SHARED, tf.SEARCH_GLOBAL, tf.SEARCH_BUCKET) == (0, 1, 2, 3)
     assert [tf.search_kind(k, bucket) for k in (5, 6, 8, 9)] == [shared, by_bucket, by_bucket, global_]
@@ -199,7 +199,7 @@ from kernels.blockwise import _codes_torch, levels_for, normalize_rows, referenc
 from kernels.codebooks import levels_from_values
 from tests.kernels.test_bucket_search import _levels
 
-bucket = tf.FusedChoice(bucket_from_log2=6, uniform_from_log2=0)  # the int grid too (its default: uniform)
+bucket = tf.FusedChoice(bucket_from_log2=6, uniform_from_log2=0, packed_from_buckets=0)  # int too; not packed
 g = torch.Generator().manual_seed(99)
 checked = 0
 
@@ -221,7 +221,9 @@ def same(x, spec, levels, choice=bucket, codes=True):
     bucketed = tf.SEARCH_BUCKET_L1 if choice.l1_tables else tf.SEARCH_BUCKET
     log2 = levels.mids.numel().bit_length() - 1
     uniform = 0 < choice.uniform_from_log2 <= log2 and kb.uniform_m(levels) is not None
-    packed = 0 < choice.packed_from_log2 <= log2 and kb.packed_table(levels) is not None
+    table = kb.bucket_table(levels)
+    packs = table is not None and 0 < choice.packed_from_buckets <= table.starts.numel()
+    packed = packs and not choice.l1_tables and kb.packed_table(levels) is not None
     kind = tf.SEARCH_UNIFORM if uniform else tf.SEARCH_PACKED if packed else bucketed
     assert tf._flags(x, levels, True, False, choice)["SEARCH"] == kind.value, spec
     ref = reference_fake_quantize(x, spec, levels)
@@ -309,7 +311,7 @@ CHOICES_SCRIPT = (
 # bits for every codebook data type: ordinary blocks and those of `edges` in one float32 weight long
 # enough that each of the 4 persistent programs (the interpreter counts 4 multiprocessors) loops over
 # several tiles of 256 values, then a masked tail launch.
-small = dict(values_per_thread=4, num_warps=2, uniform_from_log2=0)
+small = dict(values_per_thread=4, num_warps=2, uniform_from_log2=0, packed_from_buckets=0)
 ind = tf.FusedChoice(independent=True, **small)
 first = tf.FusedChoice(tables_first=False, **small)  # the default loads them first
 persist = tf.FusedChoice(programs_per_sm=1, **small)
@@ -318,8 +320,9 @@ l1 = tf.FusedChoice(l1_tables=True, **small)  # the tables read by loads, not fr
 ind_l1 = tf.FusedChoice(l1_tables=True, independent=True, **small)
 uniform = tf.FusedChoice(**small | {"uniform_from_log2": 1})
 uniform_late = tf.FusedChoice(tables_first=False, **small | {"uniform_from_log2": 1})
-packed = tf.FusedChoice(packed_from_log2=4, **small)  # one word a bucket where a packed table exists
-packed_late_persist = tf.FusedChoice(packed_from_log2=4, tables_first=False, programs_per_sm=1, **small)
+packed = tf.FusedChoice(**small | {"packed_from_buckets": 1})  # one word a bucket where a packed table exists
+late = {"packed_from_buckets": 1, "tables_first": False, "programs_per_sm": 1}
+packed_late_persist = tf.FusedChoice(**small | late)
 for dtype, bits in itertools.product(CODEBOOKS, range(4, 9)):
     spec = QuantSpec(dtype, bits, 64)
     levels = levels_for(torch.randn(64, 64, generator=g), spec)
@@ -331,17 +334,18 @@ for dtype, bits in itertools.product(CODEBOOKS, range(4, 9)):
         flags = tf._flags(x, levels, True, False, choice)
         assert flags["INDEPENDENT"] == (choice.independent and kb.bucket_pairs(levels) is not None)
         assert (flags["SEARCH"] == tf.SEARCH_BUCKET_L1.value) == choice.l1_tables
-        packs = choice.packed_from_log2 > 0 and kb.packed_table(levels) is not None
+        packs = choice.packed_from_buckets > 0 and kb.packed_table(levels) is not None
         assert (flags["SEARCH"] == tf.SEARCH_PACKED.value) == packs
         checked += 1
     # every table of up to MAX_PAIR_BUCKETS buckets here (all but 8-bit dynamic and quantile) has pairs
     assert kb.bucket_pairs(levels) is not None or bits == 8 and dtype in ("quantile", "dynamic")
     if bits == 8:  # the two-pass kernel (block None) with the independent lookup and the tables first
         spec = QuantSpec(dtype, bits, None)
-        same(x, spec, levels, tf.FusedChoice(independent=True, uniform_from_log2=0), codes=False)
+        ind = tf.FusedChoice(independent=True, uniform_from_log2=0, packed_from_buckets=0)
+        same(x, spec, levels, ind, codes=False)
         if dtype == "int":
             same(x, spec, levels, tf.FusedChoice(uniform_from_log2=1), codes=False)
-        same(x, spec, levels, tf.FusedChoice(packed_from_log2=4, uniform_from_log2=0), codes=False)
+        same(x, spec, levels, tf.FusedChoice(packed_from_buckets=1, uniform_from_log2=0), codes=False)
 # The uniform search at 3 bits too (below the bucketed search's 4; the other data types' default there is
 # the shared-memory binary search)
 spec = QuantSpec("int", 3, 64)

@@ -87,12 +87,15 @@ def test_every_launch_choice_agrees(bits: int) -> None:
     from kernels.blockwise import levels_for
     from kernels.triton_fused import FusedChoice, fused_fake_quantize
 
+    off = {"packed_from_buckets": 0}  # the bucketed search's own choices, not the packed lookup's
     choices = [FusedChoice(max_chain_log2=8), FusedChoice(max_shared_log2=0), FusedChoice(bucket_from_log2=0),
                FusedChoice(values_per_thread=32), FusedChoice(values_per_thread=8, num_warps=4),
-               FusedChoice(independent=True), FusedChoice(tables_first=False), FusedChoice(programs_per_sm=4),
-               FusedChoice(independent=True, programs_per_sm=4),
-               FusedChoice(independent=True, programs_per_sm=1, values_per_thread=4),
-               FusedChoice(l1_tables=True), FusedChoice(l1_tables=True, independent=True)]  # fmt: skip
+               FusedChoice(independent=True, **off), FusedChoice(tables_first=False, **off),
+               FusedChoice(programs_per_sm=4, **off), FusedChoice(independent=True, programs_per_sm=4, **off),
+               FusedChoice(independent=True, programs_per_sm=1, values_per_thread=4, **off),
+               FusedChoice(l1_tables=True), FusedChoice(l1_tables=True, independent=True, **off),
+               FusedChoice(packed_from_buckets=1), FusedChoice(packed_from_buckets=1, tables_first=False),
+               FusedChoice(packed_from_buckets=1, programs_per_sm=4)]  # fmt: skip
     for salt, (shape, block) in enumerate([((4099, 4096), 64), ((1000, 333), 1024), ((513, 257), None)]):
         w = _fresh(shape, torch.bfloat16, 100 + salt)
         spec = QuantSpec("nf", bits, block)
@@ -107,9 +110,18 @@ def test_every_launch_choice_agrees(bits: int) -> None:
 @pytest.mark.parametrize("dtype", list(CODEBOOKS))
 def test_bucket_search_equals_reference(dtype: str) -> None:
     from kernels.blockwise import levels_for
-    from kernels.triton_fused import SEARCH_BUCKET, FusedChoice, _flags, fused_fake_quantize, fused_quantize
+    from kernels.buckets import packed_table
+    from kernels.triton_fused import (
+        SEARCH_BUCKET,
+        SEARCH_PACKED,
+        FusedChoice,
+        _flags,
+        fused_fake_quantize,
+        fused_quantize,
+    )
 
-    bucket = FusedChoice(bucket_from_log2=6, uniform_from_log2=0)  # the int grid too (its default: uniform)
+    bucket = FusedChoice(bucket_from_log2=6, uniform_from_log2=0, packed_from_buckets=0)  # int too
+    packed = FusedChoice(bucket_from_log2=6, uniform_from_log2=0, packed_from_buckets=1)
     cases = [((4099, 4096), 8, 64, torch.bfloat16), ((1000, 333), 7, 100, torch.float32),
              ((513, 257), 6, None, torch.bfloat16), ((4096, 1024), 8, 1024, torch.float16)]  # fmt: skip
     for salt, (shape, bits, block, torch_dtype) in enumerate(cases):
@@ -121,6 +133,13 @@ def test_bucket_search_equals_reference(dtype: str) -> None:
         assert torch.equal(fused_fake_quantize(w, spec, levels, choice=bucket), ref), f"seed={SEED} {spec}"
         codes = fused_quantize(w, spec, levels, choice=bucket)[0]
         assert torch.equal(codes, quantize(w, spec, impl="torch").codes), f"seed={SEED} {spec}"
+        if packed_table(levels) is not None:  # all here but 8-bit dynamic
+            assert _flags(w, levels, True, False, packed)["SEARCH"] == SEARCH_PACKED
+            assert torch.equal(fused_fake_quantize(w, spec, levels, choice=packed), ref), (
+                f"seed={SEED} {spec}"
+            )
+            codes = fused_quantize(w, spec, levels, choice=packed)[0]
+            assert torch.equal(codes, quantize(w, spec, impl="torch").codes), f"seed={SEED} {spec}"
 
 
 @pytest.mark.parametrize("bits", [3, 4, 6, 8])
@@ -153,10 +172,10 @@ def test_bucket_search_edges(bits: int) -> None:
     from kernels.blockwise import levels_for
     from kernels.triton_fused import FusedChoice, _launch, fused_fake_quantize
 
-    bucket = FusedChoice(bucket_from_log2=6, uniform_from_log2=0)
-    ind_persist = FusedChoice(independent=True, programs_per_sm=2, uniform_from_log2=0)  # opt-in choices
+    bucket = FusedChoice(bucket_from_log2=6, uniform_from_log2=0, packed_from_buckets=0)
+    ind_persist = FusedChoice(independent=True, programs_per_sm=2, uniform_from_log2=0, packed_from_buckets=0)
     uniform = FusedChoice(uniform_from_log2=1)  # int only; the bucketed search for the others
-    packed = FusedChoice(packed_from_log2=4, uniform_from_log2=0)  # one word a bucket (not 8-bit dynamic)
+    packed = FusedChoice(packed_from_buckets=1, uniform_from_log2=0)  # one word a bucket (not 8-bit dynamic)
     choices = (bucket, ind_persist, uniform, packed)
     for dtype, choice in itertools.product(("int", "nf", "fp", "dynamic"), choices):
         spec = QuantSpec(dtype, bits, 64)

@@ -212,7 +212,7 @@ PACKED_CASES = [("nf", 8, 64), ("fp", 6, 1024), ("quantile", 4, 100)]  # (dtype,
 
 @pytest.mark.parametrize(("dtype", "log2_levels", "block"), PACKED_CASES)
 def test_packed_lookup_compiles_for_sm90(dtype: str, log2_levels: int, block: int) -> None:
-    # The packed lookup (FusedChoice.packed_from_log2): per value two 32-bit shared-memory reads (the
+    # The packed lookup (FusedChoice.packed_from_buckets): per value two 32-bit shared-memory reads (the
     # bucket's word, the value), no byte table, no float compare of a midpoint read from a table.
     import torch
 
