@@ -168,8 +168,7 @@ def main() -> None:
             levels = levels_for(torch.randn(256, 64, generator=torch.Generator().manual_seed(1)), spec)
             x = torch.empty(1, dtype=torch.bfloat16)
             flags = tf._flags(x, levels, True, False, choice)
-            bucketed = flags["SEARCH"] in (tf.SEARCH_BUCKET.value, tf.SEARCH_PACKED.value)
-            wide = bucketed and 0 < choice.wide_from_log2 <= bits
+            wide = flags["SEARCH"] == tf.SEARCH_BUCKET.value and 0 < choice.wide_from_log2 <= bits
             reads = table_reads(levels, flags, xn)
             per_thread = choice.values_per_thread * (2 if wide else 1)
             sass = sass_stats(flags, per_thread, ptxas, workdir) if ptxas else {}
