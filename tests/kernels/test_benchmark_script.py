@@ -21,3 +21,33 @@ def test_benchmark_runs_on_cpu(tmp_path: Path) -> None:
     row = record["rows"][0]
     assert row["shape"] == [32, 64] and row["torch_ms"] > 0 and row["fused_ms"] is None
     assert "| 32x64 | quantile | 4 | tensor |" in out.with_suffix(".md").read_text()
+
+
+def test_kernel_anatomy_runs_on_cpu(tmp_path: Path) -> None:
+    # benchmarks/kernel_anatomy.py: a table of up to 32 words (int 4 bits: 15 midpoints, 16 values) is
+    # read without bank conflicts, one wavefront a read; an 8-bit table conflicts (the packed lookup's
+    # two reads for nf 8 bits, over 2 wavefronts each); SASS counted where Triton's ptxas is installed.
+    repo = Path(__file__).resolve().parents[2]
+    out = tmp_path / "anatomy.json"
+    cmd = [
+        sys.executable,
+        "benchmarks/kernel_anatomy.py",
+        "--bits",
+        "4,8",
+        "--dtypes",
+        "int,nf",
+        "--out",
+        str(out),
+    ]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=repo)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = {(r["dtype"], r["bits"]): r for r in json.loads(out.read_text())["rows"]}
+    assert rows["int", 4]["search"] == "uniform" and rows["int", 4]["wavefronts"] == {
+        "mids": 1.0,
+        "values": 1.0,
+    }
+    assert rows["nf", 8]["search"] == "packed" and set(rows["nf", 8]["wavefronts"]) == {"words", "values"}
+    assert all(w > 2.0 for w in rows["nf", 8]["wavefronts"].values())
+    assert "| nf | 8 | packed |" in proc.stdout
+    if json.loads(out.read_text())["ptxas"]:
+        assert 20 < rows["int", 4]["sass_per_value"] < 60 and rows["nf", 8]["lds_per_value"] >= 2
