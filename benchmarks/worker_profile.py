@@ -84,6 +84,7 @@ def main(argv: list[str] | None = None) -> int:
     result: dict[str, Any] = {
         "model": str(args.model),
         "ray_worker_imports": importtime_top(RAY_WORKER_IMPORTS, args.top),
+        "driver_imports": importtime_top(DRIVER_IMPORTS, args.top),
     }
     steps: dict[str, float] = {}
     torch = timed(steps, "import_torch", lambda: __import__("torch"))
@@ -118,6 +119,8 @@ def main(argv: list[str] | None = None) -> int:
     timed(steps, "load_model_again", lambda: load_model(ModelRef(str(args.model)), device))
     result["steps"] = steps
     result["weight_bytes"] = sum(f.stat().st_size for f in files)
+    if args.out:  # before the printout, so that nothing printed can lose the measurement
+        args.out.write_text(json.dumps(result, indent=1))
     print(" ".join(f"{k}={v}" for k, v in steps.items()))
     for part in ("driver_imports", "ray_worker_imports"):
         print(f"{part} (python -X importtime): {result[part]['wall_s']} s")
@@ -129,8 +132,6 @@ def main(argv: list[str] | None = None) -> int:
         print(f"\n{title}:")
         for row in result[key][:14]:
             print(f"  {row['cumulative_s']:8.3f} {row['own_s']:8.3f} {row['calls']:6} {row['function']}")
-    if args.out:
-        args.out.write_text(json.dumps(result, indent=1))
     return 0
 
 
