@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from pipeline import bytecode
 from pipeline.startup import log_phase
 
 if TYPE_CHECKING:  # not at run time: `pipeline.prestart` imports this module before the config's imports
@@ -120,6 +121,7 @@ def start_workers(
     quiet = {  # no progress bars from every worker, unless verbose=true (KBIT_VERBOSE, set by the driver)
         "TQDM_DISABLE": os.environ.get("TQDM_DISABLE", "0" if os.environ.get("KBIT_VERBOSE") else "1"),
         "KBIT_VERBOSE": os.environ.get("KBIT_VERBOSE", ""),
+        **bytecode.worker_env(),  # where no bytecode is written, a cache under $KBIT_CACHE (a cluster too)
     }
     cls = worker_cls or ModelWorker
     remote_cls = ray.remote(cls)

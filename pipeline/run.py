@@ -23,7 +23,10 @@ if __name__ == "__main__" and {"-h", "--help"} & set(sys.argv[1:]):  # answer be
     print(help_text())
     raise SystemExit(0)
 if __name__ == "__main__":  # Ray starts now, on a guess from the arguments, while the imports below run
+    from pipeline.bytecode import use_in_this_process
     from pipeline.prestart import prestart
+
+    use_in_this_process()  # where the environment writes no bytecode, cache it under $KBIT_CACHE
 
     prestart(sys.argv[1:])
 
