@@ -369,6 +369,11 @@ from transformers import modeling_utils; print('imports from $where: %.2f s' % (
   done; df -h /tmp /dev/shm | tail -2
   ;;
 eleventh)
+  # Twelfth session, one H200 (the kernel runs; DTYPES= limits the data types):
+  #   ONLY_KERNELS=1 BITS=3,4,5,6,7,8 CHOICES=uniform,uniform+vpt32 BUDGET=420 bash benchmarks/gpu_session.sh eleventh
+  #   ONLY_KERNELS=1 BITS=6,7,8 DTYPES=fp,nf,quantile,dynamic CHOICES=packed,packed+narrow,packed+persist ...
+  #   ONLY_KERNELS=1 BITS=3,4,5,6,7,8 CHOICES=nopacked BUDGET=420 bash benchmarks/gpu_session.sh eleventh
+  #   then, alone: python3 benchmarks/quantize_kernels.py --quick --bits 3,4,5,6,7,8 --choices nopacked
   # eleventh session (~5 min): the kernels' GPU tests, the bucketed search's tables read through L1 against
   # the shared-memory copy at 4/6/8 bits, then the pre-flight cold, warm, and warm beside Ray's start
   # (`--prestart`, as on the CLI's first line: does pre-flight wait on it?). ONLY_KERNELS=1: no pre-flight
