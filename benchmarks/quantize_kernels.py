@@ -83,7 +83,7 @@ CHOICES: dict[str, dict[str, Any]] = {  # FusedChoice fields and their values (i
     "ind+l1": {"independent": True, "l1_tables": True},
     "l1+vpt32": {"l1_tables": True, "values_per_thread": 32},
     # The int grid's code by arithmetic and one compare (other codebooks: the default search)
-    "uniform": {"uniform_from_log2": 1},  # from 3 bits (the default: from 6)
+    "uniform": {"uniform_from_log2": 1},  # from 3 bits (the default since the twelfth session; was 6)
     "uniform+vpt32": {"uniform_from_log2": 1, "values_per_thread": 32},
     "before": {"uniform_from_log2": 0, "wide_from_log2": 0},  # the defaults of the tenth session
     "narrow": {"wide_from_log2": 0},
