@@ -13,7 +13,23 @@ import pytest
 from pipeline import bytecode
 
 
-def test_only_an_environment_that_writes_no_bytecode_gets_the_cache(tmp_path: Path) -> None:
+@pytest.fixture
+def no_shipped_bytecode(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Packages without bytecode beside their source, as on the lent H200 image (this venv has it)."""
+    monkeypatch.setattr(bytecode, "shipped_bytecode", lambda package="torch": False)
+
+
+def test_pip_installed_packages_ship_their_bytecode() -> None:
+    # pip compiles at install, so this venv's torch has it: no cache is needed (or made) here.
+    bytecode.shipped_bytecode.cache_clear()
+    assert bytecode.shipped_bytecode("torch") is True
+    assert bytecode.cache_dir({"PYTHONDONTWRITEBYTECODE": "1"}) is None
+    assert bytecode.shipped_bytecode("no_such_package_here") is True  # nothing to compile
+
+
+def test_only_an_environment_that_writes_no_bytecode_gets_the_cache(
+    tmp_path: Path, no_shipped_bytecode
+) -> None:
     off = {"PYTHONDONTWRITEBYTECODE": "1", "KBIT_CACHE": str(tmp_path)}
     assert bytecode.cache_dir(off) == tmp_path / "pycache"
     assert bytecode.worker_env(off) == {
@@ -30,10 +46,12 @@ def test_only_an_environment_that_writes_no_bytecode_gets_the_cache(tmp_path: Pa
 
 def test_the_cli_process_writes_its_bytecode_under_the_cache(tmp_path: Path) -> None:
     # What `python -m pipeline.run` does first: from then on imports write .pyc files under the prefix.
+    # (In the child, packages are taken to ship no bytecode, as on the lent H200 image.)
     (tmp_path / "src").mkdir()
     (tmp_path / "src" / "probe_module.py").write_text("VALUE = 1\n")
     code = (
-        "import sys; from pipeline.bytecode import use_in_this_process; where = use_in_this_process(); "
+        "import sys; from pipeline import bytecode; bytecode.shipped_bytecode = lambda package='': False; "
+        "from pipeline.bytecode import use_in_this_process; where = use_in_this_process(); "
         "sys.path.insert(0, sys.argv[1]); import probe_module; print(where, sys.flags.dont_write_bytecode)"
     )
     env = {**os.environ, "PYTHONDONTWRITEBYTECODE": "1", "KBIT_CACHE": str(tmp_path / "cache")}
@@ -58,7 +76,9 @@ class BytecodeProbe:
 
 
 @pytest.mark.filterwarnings("ignore::DeprecationWarning")
-def test_a_ray_worker_gets_the_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_ray_worker_gets_the_cache(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, no_shipped_bytecode
+) -> None:
     import ray
 
     from pipeline.cluster import WorkerPlan, start_workers
