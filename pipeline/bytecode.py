@@ -43,7 +43,7 @@ def cache_dir(environ: Mapping[str, str] = os.environ) -> Path | None:
     if environ.get("KBIT_BYTECODE_CACHE", "1") == "0" or shipped_bytecode():
         return None
     base = Path(environ.get("KBIT_CACHE") or Path.home() / ".cache" / "kbitscale").expanduser()
-    return base / "pycache"
+    return base.absolute() / "pycache"  # absolute: workers start in other directories
 
 
 def worker_env(environ: Mapping[str, str] = os.environ) -> dict[str, str]:

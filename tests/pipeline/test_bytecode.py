@@ -40,6 +40,8 @@ def test_only_an_environment_that_writes_no_bytecode_gets_the_cache(
     assert bytecode.worker_env({"PYTHONDONTWRITEBYTECODE": ""}) == {}  # empty: writing is on
     assert bytecode.cache_dir({**off, "PYTHONPYCACHEPREFIX": "/elsewhere"}) is None  # the user's prefix
     assert bytecode.cache_dir({**off, "KBIT_BYTECODE_CACHE": "0"}) is None
+    relative = bytecode.cache_dir({"PYTHONDONTWRITEBYTECODE": "1", "KBIT_CACHE": "cache"})
+    assert relative == Path.cwd() / "cache" / "pycache"  # workers start in other directories
     home = bytecode.cache_dir({"PYTHONDONTWRITEBYTECODE": "1"})
     assert home == Path.home() / ".cache" / "kbitscale" / "pycache"
 
