@@ -26,6 +26,7 @@ import json
 import re
 import subprocess
 import sys
+import tempfile
 from dataclasses import replace
 from pathlib import Path
 
@@ -158,7 +159,7 @@ def main() -> None:
     choice = replace(tf.DEFAULT_CHOICE, **CHOICES[args.choice]) if args.choice else tf.DEFAULT_CHOICE
     xn = warp_values()
     ptxas = ptxas_path()
-    workdir = Path(subprocess.run(["mktemp", "-d"], capture_output=True, text=True).stdout.strip())
+    workdir = Path(tempfile.mkdtemp(prefix="kernel-anatomy-"))
     rows = []
     print("| dtype | bits | search | wavefronts a table read | total | SASS/value | LDS/value | registers |")
     print("|---|---|---|---|---|---|---|---|")

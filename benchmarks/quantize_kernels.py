@@ -38,7 +38,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 
@@ -222,9 +222,8 @@ def bench_config(w: torch.Tensor, spec: QuantSpec, reps: int, copy_gbps: float, 
         bit_exact=bool(torch.equal(fused_fn(), reference)),
     )  # fmt: skip
     if choices:
-        row = replace(
-            row, choice_ms=kernel_ms, choice_bit_exact=all(torch.equal(fns[c](), reference) for c in choices)  # type: ignore[arg-type]
-        )  # fmt: skip
+        same = all(torch.equal(cast(torch.Tensor, fns[c]()), reference) for c in choices)
+        row = replace(row, choice_ms=kernel_ms, choice_bit_exact=same)
     return row
 
 

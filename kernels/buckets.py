@@ -70,13 +70,17 @@ class BucketTable:
     window: int
 
 
-def bucket_index(xn: Tensor, buckets: Buckets) -> Tensor:
-    """The kernel's bucket (`_bucket`) of each float32 xn, with the same steps: fmin/fmax keep the number
-    of a quiet NaN as PTX's min/max do (xn is a product, so its NaNs are quiet; torch's CPU fmin returns a
-    signalling NaN)."""
+def clamped_bits(xn: Tensor, buckets: Buckets) -> Tensor:
+    """The bits (int64) of each float32 |xn| clamped to [bucket 0's lowest float, 1.0], as the kernel's
+    `_clamped_bits` computes them: fmin/fmax keep the number of a quiet NaN as PTX's min/max do (xn is a
+    product, so its NaNs are quiet; torch's CPU fmin returns a signalling NaN), so NaN's are 1.0's."""
     low = torch.tensor(buckets.first << buckets.shift, dtype=torch.int32).view(torch.float32)
-    magnitude = torch.fmax(torch.fmin(xn.abs(), torch.ones(())), low)
-    local = (magnitude.view(torch.int32) >> buckets.shift) - buckets.first
+    return torch.fmax(torch.fmin(xn.abs(), torch.ones(())), low).view(torch.int32).long()
+
+
+def bucket_index(xn: Tensor, buckets: Buckets) -> Tensor:
+    """The kernel's bucket (`_bucket`) of each float32 xn, with the same steps."""
+    local = (clamped_bits(xn, buckets) >> buckets.shift) - buckets.first
     return torch.where(xn >= 0, local, local ^ ((2 << buckets.log2_buckets) - 1))
 
 
@@ -167,10 +171,8 @@ def bucket_key(xn: Tensor, buckets: Buckets) -> Tensor:
     """Each float32 xn's key inside its bucket: the bits of |xn| clamped as `bucket_index` clamps it, below
     the bucket's (its low `shift` bits), flipped for negative xn, so that it rises with xn in every bucket
     (int64; `_packed_words` finds the thresholds with it)."""
-    low = torch.tensor(buckets.first << buckets.shift, dtype=torch.int32).view(torch.float32)
-    magnitude = torch.fmax(torch.fmin(xn.abs(), torch.ones(())), low)
     mask = (1 << buckets.shift) - 1
-    low_bits = magnitude.view(torch.int32).long() & mask
+    low_bits = clamped_bits(xn, buckets) & mask
     return torch.where(xn >= 0, low_bits, low_bits ^ mask)
 
 
@@ -193,8 +195,7 @@ def packed_index(xn: Tensor, buckets: Buckets) -> tuple[Tensor, Tensor, Tensor]:
     """(word index, |xn|'s low bits, negative) of each float32 xn as `_packed_lookup` computes them: |xn|
     clamped as `bucket_index` clamps it, its bucket by rising |xn| (+ 2^log2_buckets where not xn >= 0,
     NaN included), the clamped |xn|'s bits below the bucket's."""
-    low = torch.tensor(buckets.first << buckets.shift, dtype=torch.int32).view(torch.float32)
-    bits = torch.fmax(torch.fmin(xn.abs(), torch.ones(())), low).view(torch.int32).long()
+    bits = clamped_bits(xn, buckets)
     negative = ~(xn >= 0)
     index = (bits >> buckets.shift) - buckets.first + negative.long() * (1 << buckets.log2_buckets)
     return index, bits & ((1 << buckets.shift) - 1), negative

@@ -296,25 +296,21 @@ def _flags(x: Tensor, levels: Levels, store_out: bool, store_codes: bool, choice
         search = SEARCH_SHARED.value
     l1 = table is not None and choice.l1_tables
     if packed is not None:
-        return {
-            "LOG2_LEVELS": log2_levels, "SEARCH": SEARCH_PACKED.value, "STORE_OUT": store_out,
-            "STORE_CODES": store_codes,
-            "BF16_BY_HAND": x.dtype == torch.bfloat16 and os.environ.get("TRITON_INTERPRET") == "1",
-            "BUCKET_SHIFT": packed.buckets.shift, "BUCKET_FIRST": packed.buckets.first,
-            "BUCKET_LOG2": packed.buckets.log2_buckets, "WINDOW": 1, "INDEPENDENT": False,
-            "TABLES_FIRST": choice.tables_first or choice.programs_per_sm > 0,
-        }  # fmt: skip
+        search = SEARCH_PACKED.value
+    geometry = packed.buckets if packed is not None else table.buckets if table is not None else None
     return {
         "LOG2_LEVELS": log2_levels,
         "SEARCH": SEARCH_BUCKET_L1.value if l1 else search,
         "STORE_OUT": store_out,
         "STORE_CODES": store_codes,
         "BF16_BY_HAND": x.dtype == torch.bfloat16 and os.environ.get("TRITON_INTERPRET") == "1",
-        "BUCKET_SHIFT": table.buckets.shift if table else 0,  # 0s: one variant for the other searches
-        "BUCKET_FIRST": table.buckets.first if table else 0,
-        "BUCKET_LOG2": table.buckets.log2_buckets if table else 0,
-        "WINDOW": table.window if table else 0,
-        "INDEPENDENT": bool(table and choice.independent and bucket_pairs(levels) is not None),
+        "BUCKET_SHIFT": geometry.shift if geometry else 0,  # 0s: one variant for the other searches
+        "BUCKET_FIRST": geometry.first if geometry else 0,
+        "BUCKET_LOG2": geometry.log2_buckets if geometry else 0,
+        "WINDOW": 1 if packed is not None else table.window if table else 0,
+        "INDEPENDENT": bool(
+            table and packed is None and choice.independent and bucket_pairs(levels) is not None
+        ),
         "TABLES_FIRST": bool(
             (table or uniform) and not l1 and (choice.tables_first or choice.programs_per_sm > 0)
         ),

@@ -83,6 +83,14 @@ def _nearest_code_shared(xn, table_ptr, LOG2_LEVELS: tl.constexpr):
 
 
 @triton.jit
+def _clamped_bits(xn, BUCKET_SHIFT: tl.constexpr, BUCKET_FIRST: tl.constexpr):
+    # The int32 bits of |xn| clamped to [bucket 0's lowest float, 1.0] (`buckets.clamped_bits` is the
+    # torch mirror). min and max keep the number of a NaN (PTX min/max, minnumf): NaN's are 1.0's.
+    low = tl.full([], BUCKET_FIRST << BUCKET_SHIFT, tl.int32).to(tl.float32, bitcast=True)
+    return tl.maximum(tl.minimum(tl.abs(xn), 1.0), low).to(tl.int32, bitcast=True)
+
+
+@triton.jit
 def _bucket(xn, BUCKET_SHIFT: tl.constexpr, BUCKET_FIRST: tl.constexpr, BUCKET_LOG2: tl.constexpr):
     # xn's bucket (see `kernels.buckets.Buckets`; `buckets.bucket_index` is the torch mirror). A float's
     # bits rise with it, so clamped to [bucket 0's lowest float, 1.0], |xn|'s bits >> SHIFT (exponent and
@@ -90,9 +98,7 @@ def _bucket(xn, BUCKET_SHIFT: tl.constexpr, BUCKET_FIRST: tl.constexpr, BUCKET_L
     # min/max, minnumf), so NaN goes to the top bucket; `xn >= 0` is false for it, so it takes the negative
     # top bucket, whose start is 0: NaN's code, as compares say. Negative xn: the bits flipped, table order
     # (2P - 1 - local).
-    low = tl.full([], BUCKET_FIRST << BUCKET_SHIFT, tl.int32).to(tl.float32, bitcast=True)
-    magnitude = tl.maximum(tl.minimum(tl.abs(xn), 1.0), low)
-    local = (magnitude.to(tl.int32, bitcast=True) >> BUCKET_SHIFT) - BUCKET_FIRST
+    local = (_clamped_bits(xn, BUCKET_SHIFT, BUCKET_FIRST) >> BUCKET_SHIFT) - BUCKET_FIRST
     return tl.where(xn >= 0, local, local ^ ((2 << BUCKET_LOG2) - 1))
 
 
@@ -228,8 +234,7 @@ def _packed_lookup(
     # t of those bits: code = start + ((low >= t) xor negative) (a negative bucket's t is stored for the
     # flipped compare), then the value. Two gathers (the word, the value) where the bucketed search makes
     # three, and an integer compare. NaN: a negative top bucket, |xn| as 1.0: code = its start, 0.
-    low = tl.full([], BUCKET_FIRST << BUCKET_SHIFT, tl.int32).to(tl.float32, bitcast=True)
-    bits = tl.maximum(tl.minimum(tl.abs(xn), 1.0), low).to(tl.int32, bitcast=True)
+    bits = _clamped_bits(xn, BUCKET_SHIFT, BUCKET_FIRST)
     negative = ~(xn >= 0)
     bucket = (bits >> BUCKET_SHIFT) - BUCKET_FIRST + tl.where(negative, 1 << BUCKET_LOG2, 0)
     word = tl.gather(words, bucket, 0).to(tl.uint32, bitcast=True)

@@ -23,6 +23,8 @@ import sys
 from collections.abc import Mapping
 from pathlib import Path
 
+from pipeline.cachedir import cache_base
+
 
 @functools.cache
 def shipped_bytecode(package: str = "torch") -> bool:
@@ -42,8 +44,7 @@ def cache_dir(environ: Mapping[str, str] = os.environ) -> Path | None:
         return None
     if environ.get("KBIT_BYTECODE_CACHE", "1") == "0" or shipped_bytecode():
         return None
-    base = Path(environ.get("KBIT_CACHE") or Path.home() / ".cache" / "kbitscale").expanduser()
-    return base.absolute() / "pycache"  # absolute: workers start in other directories
+    return cache_base(environ).absolute() / "pycache"  # absolute: workers start in other directories
 
 
 def worker_env(environ: Mapping[str, str] = os.environ) -> dict[str, str]:

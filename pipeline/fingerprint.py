@@ -24,6 +24,7 @@ import logging
 import os
 from pathlib import Path
 
+from pipeline.cachedir import cache_base
 from pipeline.hub import HUB_ID, pinned_revision
 from pipeline.ladders.corpus import HELDOUT, HELDOUT_FRACTION, corpus_files
 from pipeline.specs import EvalSpec, ModelRef
@@ -35,11 +36,6 @@ DIGESTS = "digests"
 IGNORED_SUFFIXES = (".md", ".rst", ".png", ".jpg")
 IGNORED_PREFIXES = ("license", "notice", "readme")
 WEIGHT_SUFFIXES = (".gguf",)  # a folder may hold several; only the one `gguf_file` names is read
-
-
-def cache_base() -> Path:
-    """`$KBIT_CACHE`, else ~/.cache/kbitscale (ladders and digests live under it)."""
-    return Path(os.environ.get("KBIT_CACHE") or Path.home() / ".cache" / "kbitscale").expanduser()
 
 
 def file_sha256(path: Path) -> str:
