@@ -62,15 +62,15 @@ def _family_draws(fam: pd.DataFrame, draws: np.ndarray | None) -> tuple[np.ndarr
 
 def _interpolated(
     fam: pd.DataFrame, fam_draws: np.ndarray, budgets: np.ndarray
-) -> tuple[pd.DataFrame, np.ndarray]:
-    """(curves, values): values[c, j, d] is curve c at budget j in draw d (d=0: measured values)."""
+) -> tuple[pd.DataFrame, list[np.ndarray]]:
+    """(curves, values): values[c][j, d] is curve c at budget j in draw d (d=0: measured values)."""
     at = np.log2(budgets)
     curves, values = [], []
     for keys, curve in fam.groupby(list(CURVE_KEYS), sort=True):
         weights = interpolation_weights(curve["log2_bits"].to_numpy(), at)
         values.append(weights @ fam_draws[fam.index.get_indexer(curve.index)])
         curves.append(dict(zip(CURVE_KEYS, keys, strict=True)))
-    return pd.DataFrame(curves), np.stack(values)
+    return pd.DataFrame(curves), values
 
 
 def bit_optimality(
@@ -94,7 +94,8 @@ def bit_optimality(
     for family, budgets in budget_grid(points, n_budgets).items():
         fam = points[points["model_family"] == family]
         fam_draws, paired = _family_draws(fam, draws)
-        curves, scores = _interpolated(fam, fam_draws, budgets)
+        curves, values = _interpolated(fam, fam_draws, budgets)
+        scores = np.stack(values)
         for j, budget in enumerate(budgets):
             row = _budget_row(curves, sign * scores[:, j, :], sign, paired)
             if row:
@@ -176,6 +177,28 @@ def _margin(best: np.ndarray, rival: np.ndarray, prefix: str) -> dict[str, objec
 BEST_COLUMNS = ["model_family", "bits", "budget_bits", "value", "ci_low", "ci_high", "curve"]
 
 
+def _best_of_family(
+    family: str, curves: pd.DataFrame, values: list[np.ndarray], budgets: np.ndarray, higher_is_better: bool
+) -> pd.DataFrame:
+    """One family's best curve per bit width and budget, with the interval of that curve's replicates
+    there. Only the chosen rows' intervals are computed: a percentile over every curve at every budget
+    was most of the report's bit-optimality part at 35,000 jobs (docs/benchmarks.md)."""
+    frames = []
+    for c, curve in curves.iterrows():
+        keep = np.flatnonzero(~np.isnan(values[c][:, 0]))
+        frames.append(pd.DataFrame({
+            "model_family": family, "bits": curve["precision"], "budget_bits": budgets[keep],
+            "value": values[c][keep, 0], "curve": curve["curve"], "_at": [(c, j) for j in keep],
+        }))  # fmt: skip
+    table = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
+    if table.empty:
+        return pd.DataFrame(columns=BEST_COLUMNS)
+    table = table.sort_values("value", ascending=not higher_is_better, kind="stable")
+    best = table.drop_duplicates(["model_family", "bits", "budget_bits"])
+    low, high = interval(np.stack([values[c][j] for c, j in best["_at"]]))
+    return best.assign(ci_low=low, ci_high=high)[BEST_COLUMNS]
+
+
 def best_per_bits(
     points: pd.DataFrame, higher_is_better: bool, n_budgets: int = 60, draws: np.ndarray | None = None
 ) -> pd.DataFrame:
@@ -190,18 +213,12 @@ def best_per_bits(
     for family, budgets in budget_grid(points, n_budgets).items():
         fam = points[points["model_family"] == family]
         curves, values = _interpolated(fam, _family_draws(fam, draws)[0], budgets)
-        low, high = interval(values)
-        for c, curve in curves.iterrows():
-            keep = ~np.isnan(values[c, :, 0])
-            frames.append(pd.DataFrame({
-                "model_family": family, "bits": curve["precision"], "budget_bits": budgets[keep],
-                "value": values[c, keep, 0], "ci_low": low[c, keep], "ci_high": high[c, keep],
-                "curve": curve["curve"],
-            }))  # fmt: skip
+        best = _best_of_family(family, curves, values, budgets, higher_is_better)
+        if not best.empty:
+            frames.append(best)
     if not frames:
         return pd.DataFrame(columns=BEST_COLUMNS)
-    table = pd.concat(frames, ignore_index=True).sort_values("value", ascending=not higher_is_better)
-    best = table.drop_duplicates(["model_family", "bits", "budget_bits"])[BEST_COLUMNS]
+    best = pd.concat(frames, ignore_index=True)
     order = best["bits"].map(precision_order)  # bit widths and mixed keys together: never compared raw
     return (
         best.assign(_order=order)

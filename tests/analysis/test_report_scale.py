@@ -72,13 +72,14 @@ def _reference_solve_batch(
     inputs: effective.LawInputs, targets: np.ndarray, starts: np.ndarray, weights: np.ndarray
 ) -> tuple[np.ndarray, np.ndarray]:
     """The solver before the fourth pass (docs/benchmarks.md), kept as the reference: every running row
-    gathered from the full batch, residuals and Jacobians evaluated at every trial step."""
+    gathered from the full batch, residuals and Jacobians evaluated at every trial step (its damping
+    the gain-ratio update the solver has had since the thirteenth session)."""
     root_w = np.sqrt(weights)
     lower, upper = effective._bounds(targets, weights)
     x = np.clip(starts, lower + 1e-9, upper - 1e-9)
     residual, jac = effective._batch_eval(x, inputs, targets, root_w)
     cost = 0.5 * np.sum(residual**2, axis=1)
-    damping = np.full(len(x), 1e-3)
+    damping, growth = np.full(len(x), 1e-3), np.full(len(x), 2.0)
     live = np.flatnonzero(np.isfinite(cost))
     for _ in range(400):
         if not len(live):
@@ -98,10 +99,13 @@ def _reference_solve_batch(
         trial_cost = 0.5 * np.sum(trial_residual**2, axis=1)
         better = np.isfinite(trial_cost) & (trial_cost < cost[live])
         converged = better & (cost[live] - trial_cost <= effective.FTOL * cost[live])
+        with np.errstate(over="ignore", invalid="ignore"):
+            decrease = effective._predicted_decrease(grad, normal, trial - xl)
+            gain = (cost[live] - trial_cost) / np.maximum(decrease, 1e-300)
+        damping[live], growth[live] = effective._damping(lam, growth[live], better, gain)
         take = live[better]
         x[take], residual[take], jac[take] = trial[better], trial_residual[better], trial_jac[better]
         cost[take] = trial_cost[better]
-        damping[live] = np.where(better, lam / 3.0, lam * 2.0)
         live = live[~converged & (damping[live] <= 1e10)]
     return x, cost
 
