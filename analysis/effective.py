@@ -120,10 +120,14 @@ def _weighted_jacobian(x: np.ndarray, terms: Terms, inputs: LawInputs, root_w: n
     """Weighted Jacobians (R, n, 4) at parameter rows x (R, 4), from `_residuals`' terms at x."""
     power, decay, base, gamma = terms
     alpha = x[:, 1:2]
+    jac = np.empty((*power.shape, 4))  # each column weighted as it is written: no stacked copy
     with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
         d_log_gamma = alpha * power * decay * inputs.k * inputs.n_quantized / (gamma * base)
-        jac = np.stack([power, -power * np.log(base), d_log_gamma, np.ones_like(power)], axis=-1)
-    return jac * root_w[:, :, None]
+        np.multiply(power, root_w, out=jac[..., 0])
+        np.multiply(-power * np.log(base), root_w, out=jac[..., 1])
+        np.multiply(d_log_gamma, root_w, out=jac[..., 2])
+        jac[..., 3] = root_w  # d / dE = 1, weighted
+    return jac
 
 
 def jacobian(x: np.ndarray, inputs: LawInputs) -> np.ndarray:
@@ -172,6 +176,16 @@ def solve_batch(
     batch keeps only the rows still running, and a row's Jacobian, gradient and normal matrix are
     recomputed only after a step it took (a rejected step leaves them as they were).
     """
+    x, cost, run = _begin(inputs, targets, starts, weights)
+    _advance(run, x, cost, max_iter, until_rows=0)
+    return x, cost
+
+
+def _begin(
+    inputs: LawInputs, targets: np.ndarray, starts: np.ndarray, weights: np.ndarray | None
+) -> tuple[np.ndarray, np.ndarray, _Run]:
+    """Each row's start clipped into its box and its cost there (x (R, 4), cost (R,), the values a row
+    that never runs keeps), and the run of the rows whose cost is finite."""
     weights = np.ones_like(targets) if weights is None else weights
     root_w = np.sqrt(weights)
     lower, upper = _bounds(targets, weights)
@@ -180,21 +194,26 @@ def solve_batch(
     cost = 0.5 * np.sum(residual**2, axis=1)
     live = np.flatnonzero(np.isfinite(cost))
     grad, normal = _normal_equations(jac[live], residual[live])
-    damping, growth = np.full(len(live), 1e-3), np.full(len(live), 2.0)
-    run = _Run(live, inputs.take(live), x[live], cost[live], damping, growth, targets[live], root_w[live],
-               upper[live], residual[live], grad, normal)  # fmt: skip
-    for _ in range(max_iter):
-        if not len(run.rows):
-            break
-        run = _iterate(run, x, cost)
-    x[run.rows], cost[run.rows] = run.x, run.cost
-    return x, cost
+    damping, growth, steps = np.full(len(live), 1e-3), np.full(len(live), 2.0), np.zeros(len(live), int)
+    run = _Run(live, inputs.take(live), x[live], cost[live], damping, growth, steps, targets[live],
+               root_w[live], upper[live], residual[live], grad, normal)  # fmt: skip
+    return x, cost, run
+
+
+def _advance(run: _Run, x_out: np.ndarray, cost_out: np.ndarray, max_iter: int, until_rows: int) -> _Run:
+    """Step `run` until no more than `until_rows` rows still run (or none: a row stops after `max_iter`
+    steps at the latest); rows that stop are written to `x_out`, `cost_out`. The rows left."""
+    if max_iter <= 0:  # no steps: every row keeps its start, which `_begin` wrote
+        return run.take(np.zeros(len(run.rows), bool))
+    while len(run.rows) > until_rows:
+        run = _iterate(run, x_out, cost_out, max_iter)
+    return run
 
 
 @dataclass
 class _Run:
-    """The rows of `solve_batch` still running (indices into the batch, `rows`) and their state, which
-    `_iterate` updates in place (the solver's only mutable object; it never leaves `solve_batch`)."""
+    """The rows of a solve still running (indices into its output arrays, `rows`) and their state, which
+    `_iterate` updates in place (the solver's only mutable object; it never leaves this module)."""
 
     rows: np.ndarray
     inputs: LawInputs
@@ -202,6 +221,7 @@ class _Run:
     cost: np.ndarray  # (r,)
     damping: np.ndarray  # (r,)
     growth: np.ndarray  # (r,): the damping's factor at the next rejected step
+    steps: np.ndarray  # (r,): steps taken or rejected so far
     targets: np.ndarray  # (r, n)
     root_w: np.ndarray  # (r, n)
     upper: np.ndarray  # (r, 4)
@@ -214,6 +234,13 @@ class _Run:
         fields = {name: value[keep] for name, value in vars(self).items() if name != "inputs"}
         return _Run(inputs=self.inputs.take(keep), **fields)
 
+    @staticmethod
+    def concat(runs: Sequence[_Run]) -> _Run:
+        """The rows of several runs (of per-row inputs with the same number of points) as one run."""
+        names = [name for name in vars(runs[0]) if name != "inputs"]
+        fields = {name: np.concatenate([getattr(run, name) for run in runs]) for name in names}
+        return _Run(inputs=_concat_inputs([run.inputs for run in runs]), **fields)
+
 
 def _normal_equations(jac: np.ndarray, residual: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Gradient J^T r (r, 4) and normal matrix J^T J (r, 4, 4) of weighted Jacobians and residuals."""
@@ -221,8 +248,10 @@ def _normal_equations(jac: np.ndarray, residual: np.ndarray) -> tuple[np.ndarray
     return (jt @ residual[:, :, None])[:, :, 0], jt @ jac
 
 
-def _iterate(run: _Run, x_out: np.ndarray, cost_out: np.ndarray) -> _Run:
-    """One damped step of every running row; rows that stop are written to `x_out`, `cost_out`."""
+def _iterate(run: _Run, x_out: np.ndarray, cost_out: np.ndarray, max_iter: int) -> _Run:
+    """One damped step of every running row; rows that stop (converged, no step lowers the cost, or
+    `max_iter` steps) are written to `x_out`, `cost_out`."""
+    run.steps += 1
     grad, normal, xl, hi, lam = run.grad, run.normal, run.x, run.upper, run.damping
     diag = np.diagonal(normal, axis1=1, axis2=2)
     scale = np.maximum(diag, 1e-12 * diag.max(axis=1, keepdims=True) + 1e-300)
@@ -245,7 +274,7 @@ def _iterate(run: _Run, x_out: np.ndarray, cost_out: np.ndarray) -> _Run:
         jac = _weighted_jacobian(trial[took], taken, run.inputs.take(took), run.root_w[took])
         run.x[took], run.cost[took], run.residual[took] = trial[took], trial_cost[took], trial_residual[took]
         run.grad[took], run.normal[took] = _normal_equations(jac, run.residual[took])
-    keep = ~converged & (run.damping <= 1e10)
+    keep = ~converged & (run.damping <= 1e10) & (run.steps < max_iter)
     if keep.all():
         return run
     stop = ~keep
@@ -282,40 +311,55 @@ def starts(y: np.ndarray) -> list[np.ndarray]:
     return [np.array([log_a0, alpha, np.log(gamma), e0]) for alpha in (0.1, 0.5) for gamma in GAMMA_STARTS]
 
 
-BATCH_ROWS = 4096  # rows of one `solve_batch` call when many groups are solved together (`solve_many`)
+BATCH_ROWS = 4096  # rows a batch of `solve_many` starts with (problems with the same number of points)
+TAIL_ROWS = 256  # a batch down to this many running rows joins the other batches' tails
 
 Problem = tuple[LawInputs, np.ndarray, np.ndarray, np.ndarray | None]  # inputs, targets, starts, weights
 
 
 def solve_many(
-    problems: Sequence[Problem], batch_rows: int = BATCH_ROWS
+    problems: Sequence[Problem], batch_rows: int = BATCH_ROWS, tail_rows: int = TAIL_ROWS, max_iter: int = 400
 ) -> list[tuple[np.ndarray, np.ndarray]]:
     """`solve_batch` of each problem, the rows of problems with the same number of points solved in
     shared batches of about `batch_rows` rows (inputs repeated per row): the same result, bit for bit,
-    as one call per problem (rows are solved independently), without one solver loop per problem
-    running on to its slowest few rows (a loop's per-iteration cost, not its rows, dominates there)."""
+    as one call per problem (rows are solved independently).
+
+    A batch runs until `tail_rows` of its rows still run; those slow rows then run on with the tails
+    of the other batches (same number of points) in one shared loop: a loop's per-step cost, not its
+    rows, dominates once few rows are left, and each batch running on to its slowest row cost most of
+    the effective law's report part at 35,000 jobs (docs/benchmarks.md, "thirteenth session")."""
     solved: list[tuple[np.ndarray, np.ndarray]] = [(np.zeros((0, 4)), np.zeros(0))] * len(problems)
-    for chunk in _chunks(problems, batch_rows):
-        parts = [problems[i] for i in chunk]
-        sizes = [len(targets) for _, targets, _, _ in parts]
-        inputs = _concat_inputs([p[0].per_row(n) for p, n in zip(parts, sizes, strict=True)])
-        weights = [np.ones_like(t) if w is None else w for _, t, _, w in parts]
-        x, cost = solve_batch(
-            inputs, np.vstack([p[1] for p in parts]), np.vstack([p[2] for p in parts]), np.vstack(weights)
-        )
-        bounds = np.cumsum([0, *sizes])
-        for i, lo, hi in zip(chunk, bounds[:-1], bounds[1:], strict=True):
-            solved[i] = (x[lo:hi], cost[lo:hi])
+    for chunks in _chunks(problems, batch_rows):
+        parts = [[problems[i] for i in chunk] for chunk in chunks]
+        sizes = [[len(targets) for _, targets, _, _ in part] for part in parts]
+        x_out, cost_out = np.empty((sum(map(sum, sizes)), 4)), np.empty(sum(map(sum, sizes)))
+        tails, offset = [], 0
+        for part, size in zip(parts, sizes, strict=True):
+            inputs = _concat_inputs([p[0].per_row(n) for p, n in zip(part, size, strict=True)])
+            weights = np.vstack([np.ones_like(t) if w is None else w for _, t, _, w in part])
+            x, cost, run = _begin(
+                inputs, np.vstack([p[1] for p in part]), np.vstack([p[2] for p in part]), weights
+            )
+            rows = slice(offset, offset + len(x))
+            x_out[rows], cost_out[rows], run.rows = x, cost, run.rows + offset
+            tails.append(_advance(run, x_out, cost_out, max_iter, until_rows=tail_rows))
+            offset += len(x)
+        _advance(_Run.concat(tails), x_out, cost_out, max_iter, until_rows=0)
+        bounds = np.cumsum([0, *(n for size in sizes for n in size)])
+        for i, lo, hi in zip((i for chunk in chunks for i in chunk), bounds[:-1], bounds[1:], strict=True):
+            solved[i] = (x_out[lo:hi], cost_out[lo:hi])
     return solved
 
 
-def _chunks(problems: Sequence[Problem], batch_rows: int) -> list[list[int]]:
-    """Problem indices in batches: same number of points, about `batch_rows` rows each."""
-    chunks: list[list[int]] = []
+def _chunks(problems: Sequence[Problem], batch_rows: int) -> list[list[list[int]]]:
+    """Problem indices in batches of about `batch_rows` rows, grouped by the problems' number of points
+    (the batches of one group share their tails: `solve_many`)."""
     by_points: dict[int, list[int]] = {}
     for i, (_, targets, _, _) in enumerate(problems):
         by_points.setdefault(targets.shape[1], []).append(i)
+    groups = []
     for indices in by_points.values():
+        chunks: list[list[int]] = []
         rows = 0
         for i in indices:
             if rows and rows + len(problems[i][1]) > batch_rows:
@@ -324,7 +368,8 @@ def _chunks(problems: Sequence[Problem], batch_rows: int) -> list[list[int]]:
                 chunks.append([])
             chunks[-1].append(i)
             rows += len(problems[i][1])
-    return chunks
+        groups.append(chunks)
+    return groups
 
 
 def _concat_inputs(parts: Sequence[LawInputs]) -> LawInputs:

@@ -10,6 +10,7 @@ import warnings
 
 import numpy as np
 import pandas as pd
+import pytest
 
 from analysis import effective, fits, paired, tidy
 from analysis.curves import curve_points, group_tuples, with_baseline
@@ -150,11 +151,24 @@ def test_problems_solved_together_are_bit_identical_to_one_at_a_time(law_tidy: p
     assert weights is not None
     fewer = effective.LawInputs(inputs.n_unquantized[:-3], inputs.n_quantized[:-3], inputs.k[:-3], 1.0)
     problems.insert(1, (fewer, targets[:, :-3], starts, weights[:, :-3]))  # a group of fewer points
-    together = effective.solve_many(problems, batch_rows=50)
-    for (inputs, targets, starts, weights), (x, cost) in zip(problems, together, strict=True):
-        alone_x, alone_cost = effective.solve_batch(inputs, targets, starts, weights)
-        np.testing.assert_array_equal(x, alone_x)
-        np.testing.assert_array_equal(cost, alone_cost)
+    alone = [effective.solve_batch(*problem) for problem in problems]
+    steps = []
+    iterate = effective._iterate
+
+    def counted(run: effective._Run, *args: object) -> effective._Run:
+        steps.append(len(run.rows))
+        return iterate(run, *args)  # type: ignore[arg-type]
+
+    for tail_rows in (0, 10, 1000):  # no shared tail, batches joined with 10 rows left, joined at once
+        steps.clear()
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(effective, "_iterate", counted)
+            together = effective.solve_many(problems, batch_rows=50, tail_rows=tail_rows)
+        for (x, cost), (alone_x, alone_cost) in zip(together, alone, strict=True):
+            np.testing.assert_array_equal(x, alone_x)
+            np.testing.assert_array_equal(cost, alone_cost)
+        if tail_rows == 10:  # some steps ran a batch alone, some the joined tails (more than one batch's)
+            assert min(steps) <= 10 and max(steps) > 10 and steps[-1] > 0
 
 
 def _families_study(n_boot: int = 20) -> Study:
