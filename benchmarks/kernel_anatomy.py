@@ -51,6 +51,7 @@ from kernels.codebooks import Levels  # noqa: E402
 
 DTYPES = ["int", "fp", "nf", "quantile", "dynamic"]
 SEARCH_NAMES = {0: "chain", 1: "shared", 2: "global", 3: "bucket", 4: "bucket-l1", 5: "uniform", 6: "packed"}
+SEARCH_NAMES[7] = "arithmetic"  # the int grid without tables
 WARPS = 4000  # warp instructions simulated per table
 
 
@@ -77,6 +78,8 @@ def table_reads(levels: Levels, flags: dict, xn: torch.Tensor) -> dict[str, floa
 
     code = torch.searchsorted(levels.mids, xn.contiguous())  # #(mids < xn)
     search = flags["SEARCH"]
+    if search == tf.SEARCH_ARITHMETIC.value:
+        return {}  # no table
     if search == tf.SEARCH_UNIFORM.value:
         m = uniform_m(levels)
         assert m is not None

@@ -2,7 +2,8 @@
 (`SEARCH_BUCKET`): how float32 xn splits into buckets by its bits, per codebook the table of each bucket's
 first code and the window of compares that finishes it, and for windows of one midpoint the per-bucket
 tables of the independent lookup (`bucket_pairs`) and the packed lookup's one word a bucket
-(`packed_table`); the int grid's uniform search (`uniform_m`); the Eytzinger order of the shared-memory
+(`packed_table`); the int grid's uniform search (`uniform_m`) and its table-free form
+(`arithmetic_grid`); the Eytzinger order of the shared-memory
 binary search; the padded values; the launch geometry (rows a program, launches, persistent programs).
 Pure torch (no Triton), so it is tested and reasoned about on its own; the kernel's `_bucket` mirrors
 `bucket_index` step for step.
@@ -13,6 +14,7 @@ from __future__ import annotations
 import functools
 import math
 from dataclasses import dataclass
+from fractions import Fraction
 from typing import Any
 
 import torch
@@ -315,6 +317,65 @@ def uniform_codes(xn: Tensor, m: int, mids: Tensor) -> Tensor:
     t = torch.where(t < 2 * m, t, float(2 * m))
     j = t.long()
     return j + (mids[j] < xn).long()
+
+
+def grid_values(j: Tensor, m: int) -> Tensor:
+    """The int grid's value (j - m) / m in float32 for integer-valued float32 j, IEEE-rounded once."""
+    return (j - m) / torch.tensor(float(m), dtype=torch.float32)
+
+
+def _round32(exact: Fraction) -> float:
+    """`exact` rounded to the nearest float32 (ties to even), as a float."""
+    near = torch.tensor(float(exact), dtype=torch.float32)
+    pick = [torch.nextafter(near, torch.tensor(s * math.inf)) for s in (-1.0, 1.0)] + [near]
+    key = lambda c: (abs(Fraction(float(c)) - exact), int(c.view(torch.int32)) & 1)  # noqa: E731
+    return float(min(pick, key=key))
+
+
+def _markstein(a: int, m: int) -> float:
+    """`triton_search._grid_value` of a / m in exact rationals: q = a * r, q + (a - q * m) * r, each
+    operation (the product, then the two FMAs) rounded once to float32, r = 1 / m rounded."""
+    r = Fraction(_round32(Fraction(1, m)))
+    q = Fraction(_round32(a * r))
+    remainder = Fraction(_round32(a - q * m))
+    return _round32(remainder * r + q)
+
+
+@functools.lru_cache(maxsize=64)
+def arithmetic_grid(levels: Levels) -> int | None:
+    """m where the kernel can compute the int grid's tables without reading them
+    (`triton_search._arithmetic_lookup`, mirrored by `arithmetic_codes`): each float32 value is
+    (j - m) / m rounded once, each midpoint (values[j] + values[j + 1]) * 0.5 in float32, and the kernel's
+    three-instruction quotient (`_markstein`) gives exactly those values for every numerator it meets
+    (-m .. m + 1); else None.
+
+    Checked entry by entry, not assumed: the codebook's values come from float64 and are cast once, its
+    midpoints are float32 sums, and the quotient is exact only where the remainder step corrects it; the
+    int grids of 2-8 bits pass (a test), any other construction must pass here.
+    """
+    m = uniform_m(levels)
+    if m is None:
+        return None
+    quotients = torch.tensor([_markstein(a, m) for a in range(-m, m + 2)], dtype=torch.float32)
+    values = grid_values(torch.arange(2 * m + 2, dtype=torch.float32), m)
+    mids = (values[:-2] + values[1:-1]) * 0.5
+    as_bits = lambda t: t.float().cpu().contiguous().view(torch.int32)  # noqa: E731
+    exact = torch.equal(as_bits(quotients), as_bits(values))
+    exact = exact and torch.equal(as_bits(levels.values), as_bits(values[:-1]))
+    return m if exact and torch.equal(as_bits(levels.mids[: 2 * m]), as_bits(mids)) else None
+
+
+def arithmetic_codes(xn: Tensor, m: int) -> tuple[Tensor, Tensor]:
+    """(#(mids < xn), values[code]) of the int grid as `_arithmetic_lookup` computes them, step for step:
+    j as `uniform_codes` finds it, values[j] and values[j + 1] by `grid_values`, their midpoint, one
+    compare (none at j = 2m, whose midpoint is the +inf padding). The IEEE quotient stands for the
+    kernel's (`arithmetic_grid` proved them equal for this grid)."""
+    t = xn.float() * m + m
+    t = torch.where(t > 0, t, 0.0)
+    j = torch.where(t < 2 * m, t, float(2 * m)).trunc()
+    low, high = grid_values(j, m), grid_values(j + 1, m)
+    above = ((low + high) * 0.5 < xn) & (j < 2 * m)
+    return j.long() + above.long(), torch.where(above, high, low)
 
 
 @functools.lru_cache(maxsize=64)

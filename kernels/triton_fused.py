@@ -32,6 +32,7 @@ from torch import Tensor
 from kernels import scaling
 from kernels.buckets import (
     BUCKET_MAX_LEVELS_LOG2,
+    arithmetic_grid,
     block_absmax,
     bucket_pairs,
     bucket_table,
@@ -48,6 +49,7 @@ from kernels.scaling import check_finite_absmax, effective_block_size
 from kernels.spec import QuantSpec
 from kernels.triton_search import (
     EYTZINGER_FROM_LOG2,
+    SEARCH_ARITHMETIC,
     SEARCH_BUCKET,
     SEARCH_BUCKET_L1,
     SEARCH_CHAIN,
@@ -111,6 +113,9 @@ class FusedChoice:
             blocks 64/1024): nf 7 bits 0.68 -> 0.74 of copy, quantile 7 bits 0.67 -> 0.74, nf 8 bits
             0.61 -> 0.64, fp 8 bits 0.74 -> 0.77; within 0.01 at dynamic 6-7, quantile 8 and nf 6 (which
             has 256). Below, the byte table of starts hardly conflicts (fp 6-7 lose 0.01-0.02).
+        arithmetic_from_log2: the int grid of 2^k >= 2^this entries whose float32 values and midpoints
+            are the quotients the kernel computes (`buckets.arithmetic_grid`, checked entry by entry) reads
+            no table (`_arithmetic_lookup`: two IEEE divisions instead of two gathers; 0: never).
         wide_from_log2: the bucketed search of codebooks of 2^k >= 2^this entries runs programs of twice
             values_per_thread (0: never), so each program's table set-up covers twice the values. Same
             run, `--choices vpt32`: 6 bits 0.73-0.77 -> 0.75-0.80, 8 bits 0.55-0.72 -> 0.58-0.74; at 3
@@ -129,6 +134,7 @@ class FusedChoice:
     uniform_from_log2: int = 1
     wide_from_log2: int = 6
     packed_from_buckets: int = 512
+    arithmetic_from_log2: int = 6
 
 
 DEFAULT_CHOICE = FusedChoice()
@@ -288,6 +294,8 @@ def _flags(x: Tensor, levels: Levels, store_out: bool, store_codes: bool, choice
     uniform = in_range and uniform_m(levels) is not None
     if uniform:
         search = SEARCH_UNIFORM.value
+        if 0 < choice.arithmetic_from_log2 <= log2_levels and arithmetic_grid(levels) is not None:
+            search = SEARCH_ARITHMETIC.value
     table = bucket_table(levels) if search == SEARCH_BUCKET.value else None
     packed = None
     if table is not None and 0 < choice.packed_from_buckets <= table.starts.numel() and not choice.l1_tables:
@@ -312,7 +320,9 @@ def _flags(x: Tensor, levels: Levels, store_out: bool, store_codes: bool, choice
             table and packed is None and choice.independent and bucket_pairs(levels) is not None
         ),
         "TABLES_FIRST": bool(
-            (table or uniform) and not l1 and (choice.tables_first or choice.programs_per_sm > 0)
+            (table or search == SEARCH_UNIFORM.value)
+            and not l1
+            and (choice.tables_first or choice.programs_per_sm > 0)
         ),
     }
 

@@ -11,8 +11,9 @@ level's probes do not collide in one bank); larger codebooks (up to 2^16) are re
 which costs 2 x (2^k - 1) instructions per value, and for large codebooks a bucketed search: a table
 indexed by xn's sign, exponent and top mantissa bits gives the code of the bucket's lowest float, and one
 to four compares finish it (see `_bucket_lookup`; the default from 4 bits, in programs of twice the values
-from 6). The int grid (j - m) / m needs no table: arithmetic on xn gives the one midpoint to compare
-(`_uniform_lookup`, the default for int at every bit width). Opt-in: per-bucket tables read in
+from 6). The int grid (j - m) / m needs no bucket table: arithmetic on xn gives the one midpoint to
+compare (`_uniform_lookup`, the default for int at every bit width), and where the codebook's floats are
+exactly those quotients, no table at all (`_arithmetic_lookup`). Opt-in: per-bucket tables read in
 independent gathers, tables read through L1, tables loaded after the weights, persistent programs. Fixed
 choices, compared by the benchmark, no autotuning.
 """
@@ -26,6 +27,7 @@ SEARCH_CHAIN, SEARCH_SHARED, SEARCH_GLOBAL = tl.constexpr(0), tl.constexpr(1), t
 SEARCH_BUCKET, SEARCH_BUCKET_L1 = tl.constexpr(3), tl.constexpr(4)  # the latter: `FusedChoice.l1_tables`
 SEARCH_UNIFORM = tl.constexpr(5)  # the int grid (`FusedChoice.uniform_from_log2`)
 SEARCH_PACKED = tl.constexpr(6)  # one word a bucket: start and threshold (`FusedChoice.packed_from_buckets`)
+SEARCH_ARITHMETIC = tl.constexpr(7)  # the int grid without tables (`FusedChoice.arithmetic_from_log2`)
 PACKED_START_SHIFT = tl.constexpr(24)  # `buckets.PACKED_START_SHIFT`: the start's bits, t's below
 PACKED_T_MASK = tl.constexpr((1 << 24) - 1)
 EYTZINGER_FROM_LOG2 = tl.constexpr(6)  # the shared-memory search reads larger codebooks in Eytzinger order
@@ -225,6 +227,35 @@ def _uniform_lookup(xn, mids, values, LOG2_LEVELS: tl.constexpr):
 
 
 @triton.jit
+def _grid_value(a, m, r):
+    # a / m rounded once, for the integer-valued float32 a: the quotient a * r (r = 1 / m rounded) and one
+    # Markstein correction by the exact remainder, two explicit FMAs (3 instructions; an IEEE division
+    # compiles to ~17, and two of them doubled the kernel's SASS a value). Exact for every a the int grid
+    # uses: `buckets.arithmetic_grid` checks each one before the kernel takes this path.
+    q = a * r
+    return tl.fma(tl.fma(-q, m, a), r, q)
+
+
+@triton.jit
+def _arithmetic_lookup(xn, LOG2_LEVELS: tl.constexpr):
+    # `_uniform_lookup` without its two gathers (`buckets.arithmetic_codes` is the torch mirror): where
+    # `buckets.arithmetic_grid` proved the codebook's values are (j - m) / m rounded once and its
+    # midpoints their float32 means, values[j], values[j + 1] and mids[j] are computed (`_grid_value`,
+    # an add, a multiply) instead of read: no table, so none of the shared-memory bank conflicts that
+    # bound the 8-bit grid's two random reads. j = 2M compares nothing (its midpoint is padding).
+    M: tl.constexpr = (1 << (LOG2_LEVELS - 1)) - 1
+    t = xn * M + M
+    j = tl.minimum(tl.maximum(t, 0.0), 2.0 * M).to(tl.int32)
+    jf = j.to(tl.float32)
+    m = tl.full([], M, tl.float32)
+    r = tl.div_rn(tl.full([], 1.0, tl.float32), m)  # once a program
+    low = _grid_value(jf - M, m, r)
+    high = _grid_value(jf + (1 - M), m, r)
+    above = ((low + high) * 0.5 < xn) & (j < 2 * M)
+    return j + above.to(tl.int32), tl.where(above, high, low)
+
+
+@triton.jit
 def _packed_lookup(
     xn, words, values, BUCKET_SHIFT: tl.constexpr, BUCKET_FIRST: tl.constexpr, BUCKET_LOG2: tl.constexpr
 ):  # fmt: skip
@@ -280,6 +311,8 @@ def _nearest(
         if not TABLES_FIRST:
             mids, values = _sorted_tables(mids_ptr, values_ptr, LOG2_LEVELS)
         code, value = _uniform_lookup(xn, mids, values, LOG2_LEVELS)
+    elif SEARCH == SEARCH_ARITHMETIC:
+        code, value = _arithmetic_lookup(xn, LOG2_LEVELS)
     elif SEARCH == SEARCH_PACKED:
         if not TABLES_FIRST:
             mids, values = _packed_tables(mids_ptr, values_ptr, LOG2_LEVELS, BUCKET_LOG2)

@@ -80,9 +80,35 @@ def test_uniform_search_counts_every_midpoint_below_for_the_int_grid(bits: int) 
     # against the definition on midpoints, their float neighbours, specials (NaN, +-inf, > 1) and noise.
     levels = _levels("int", bits)
     m = kb.uniform_m(levels)
-    assert m == 2 ** (bits - 1) - 1
+    assert m is not None and m == 2 ** (bits - 1) - 1
     xn = _adversarial(levels.mids)
     assert torch.equal(kb.uniform_codes(xn, m, levels.mids), _count_below(levels.mids, xn))
+
+
+@pytest.mark.parametrize("bits", range(2, 9))
+def test_arithmetic_search_computes_the_int_grid_tables_bit_for_bit(bits: int) -> None:
+    # The table-free int grid (`arithmetic_codes`, the kernel's `_arithmetic_lookup`): the codebook's
+    # values and midpoints are the computed quotients (`arithmetic_grid` checks every entry), so codes and
+    # values equal the definition's on midpoints, their float neighbours, specials (NaN, +-inf, > 1), noise.
+    levels = _levels("int", bits)
+    m = kb.arithmetic_grid(levels)
+    assert m is not None and m == kb.uniform_m(levels)
+    xn = _adversarial(levels.mids)
+    codes, values = kb.arithmetic_codes(xn, m)
+    assert torch.equal(codes, _count_below(levels.mids, xn))
+    assert torch.equal(values.view(torch.int32), levels.values[codes].view(torch.int32))
+
+
+def test_arithmetic_search_refuses_a_grid_one_float_off() -> None:
+    # within the uniform search's tolerance, but one value or one midpoint an ulp away from its quotient:
+    # the kernel would compute another float than the table holds, so the tables are read instead
+    levels = _levels("int", 6)
+    for field in ("values", "mids"):
+        moved = {"values": levels.values.clone(), "mids": levels.mids.clone()}
+        moved[field][7] = torch.nextafter(moved[field][7], torch.tensor(2.0))
+        shifted = Levels(moved["values"], moved["mids"])
+        assert kb.uniform_m(shifted) is not None and kb.arithmetic_grid(shifted) is None, field
+    assert all(kb.arithmetic_grid(_levels(dtype, 6)) is None for dtype in CODEBOOKS if dtype != "int")
 
 
 @pytest.mark.parametrize(("dtype", "bits"), [(d, b) for d in CODEBOOKS for b in range(3, 9)] + [("close", 1)])
@@ -224,7 +250,9 @@ def same(x, spec, levels, choice=bucket, codes=True):
     table = kb.bucket_table(levels)
     packs = table is not None and 0 < choice.packed_from_buckets <= table.starts.numel()
     packed = packs and not choice.l1_tables and kb.packed_table(levels) is not None
-    kind = tf.SEARCH_UNIFORM if uniform else tf.SEARCH_PACKED if packed else bucketed
+    computed = 0 < choice.arithmetic_from_log2 <= log2 and kb.arithmetic_grid(levels) is not None
+    kind = tf.SEARCH_PACKED if packed else bucketed
+    kind = (tf.SEARCH_ARITHMETIC if computed else tf.SEARCH_UNIFORM) if uniform else kind
     assert tf._flags(x, levels, True, False, choice)["SEARCH"] == kind.value, spec
     ref = reference_fake_quantize(x, spec, levels)
     assert torch.equal(tf.fused_fake_quantize(x, spec, levels, choice=choice), ref), (spec, choice)
@@ -318,8 +346,10 @@ persist = tf.FusedChoice(programs_per_sm=1, **small)
 ind_persist = tf.FusedChoice(independent=True, programs_per_sm=1, **small)
 l1 = tf.FusedChoice(l1_tables=True, **small)  # the tables read by loads, not from shared memory
 ind_l1 = tf.FusedChoice(l1_tables=True, independent=True, **small)
-uniform = tf.FusedChoice(**small | {"uniform_from_log2": 1})
-uniform_late = tf.FusedChoice(tables_first=False, **small | {"uniform_from_log2": 1})
+grid = {"uniform_from_log2": 1, "arithmetic_from_log2": 0}  # the int grid's search with its two tables
+uniform = tf.FusedChoice(**small | grid)
+uniform_late = tf.FusedChoice(tables_first=False, **small | grid)
+arithmetic = tf.FusedChoice(**small | {"uniform_from_log2": 1, "arithmetic_from_log2": 1})  # no tables
 packed = tf.FusedChoice(**small | {"packed_from_buckets": 1})  # one word a bucket where a packed table exists
 late = {"packed_from_buckets": 1, "tables_first": False, "programs_per_sm": 1}
 packed_late_persist = tf.FusedChoice(**small | late)
@@ -328,7 +358,7 @@ for dtype, bits in itertools.product(CODEBOOKS, range(4, 9)):
     levels = levels_for(torch.randn(64, 64, generator=g), spec)
     x = torch.cat([torch.randn(1024, generator=g) * 0.02, edges(levels)])  # 16 whole blocks first
     choices = (ind_persist, persist) + (ind, first) * (bits % 2 == 0) + (l1, ind_l1) * (bits % 2 == 1)
-    choices += (uniform, uniform_late) * (dtype == "int") + (packed, packed_late_persist)
+    choices += (uniform, uniform_late, arithmetic) * (dtype == "int") + (packed, packed_late_persist)
     for choice in choices:
         same(x, spec, levels, choice, codes=choice.programs_per_sm > 0)
         flags = tf._flags(x, levels, True, False, choice)
@@ -345,12 +375,14 @@ for dtype, bits in itertools.product(CODEBOOKS, range(4, 9)):
         same(x, spec, levels, ind, codes=False)
         if dtype == "int":
             same(x, spec, levels, tf.FusedChoice(uniform_from_log2=1), codes=False)
+            same(x, spec, levels, tf.FusedChoice(uniform_from_log2=1, arithmetic_from_log2=0), codes=False)
         same(x, spec, levels, tf.FusedChoice(packed_from_buckets=1, uniform_from_log2=0), codes=False)
 # The uniform search at 3 bits too (below the bucketed search's 4; the other data types' default there is
 # the shared-memory binary search)
 spec = QuantSpec("int", 3, 64)
 levels = levels_for(torch.randn(64, 64, generator=g), spec)
 same(torch.cat([torch.randn(1024, generator=g), edges(levels)]), spec, levels, uniform)
+same(torch.cat([torch.randn(1024, generator=g), edges(levels)]), spec, levels, arithmetic)
 
 # NaN and Inf blocks (check_finite off): codes and outputs equal the binary search's, absmax NaN there.
 for dtype, bits in itertools.product(("int", "nf", "fp"), (4, 8)):
@@ -359,7 +391,7 @@ for dtype, bits in itertools.product(("int", "nf", "fp"), (4, 8)):
     spec = QuantSpec(dtype, bits, 64)
     levels = levels_for(torch.randn(6, 64, generator=g), spec)
     base_out, base_codes, base_absmax = tf._launch(x, spec, levels, True, torch.uint8, bucket)
-    for choice in (ind_persist, persist, l1, ind_l1, packed) + (uniform,) * (dtype == "int"):
+    for choice in (ind_persist, persist, l1, ind_l1, packed) + (uniform, arithmetic) * (dtype == "int"):
         out, codes, absmax = tf._launch(x, spec, levels, True, torch.uint8, choice)
         torch.testing.assert_close(out, base_out, rtol=0, atol=0, equal_nan=True)
         assert torch.equal(codes, base_codes) and torch.equal(absmax.isnan(), base_absmax.isnan())

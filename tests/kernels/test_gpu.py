@@ -144,21 +144,35 @@ def test_bucket_search_equals_reference(dtype: str) -> None:
 
 @pytest.mark.parametrize("bits", [3, 4, 6, 8])
 def test_uniform_search_equals_reference(bits: int) -> None:
-    # The int grid's arithmetic search from 3 bits (FusedChoice(uniform_from_log2=1)): compiled float32
-    # arithmetic only moves the guess inside its margin; codes and outputs are the reference's.
+    # The int grid's arithmetic search from 3 bits (FusedChoice(uniform_from_log2=1)), with its two tables
+    # and without (arithmetic_from_log2=1: compiled IEEE divisions): compiled float32 arithmetic only moves
+    # the guess inside its margin; codes and outputs are the reference's.
     from kernels.blockwise import levels_for
-    from kernels.triton_fused import SEARCH_UNIFORM, FusedChoice, _flags, fused_fake_quantize, fused_quantize
+    from kernels.triton_fused import (
+        SEARCH_ARITHMETIC,
+        SEARCH_UNIFORM,
+        FusedChoice,
+        _flags,
+        fused_fake_quantize,
+        fused_quantize,
+    )
 
-    late = FusedChoice(uniform_from_log2=1, tables_first=False, values_per_thread=32)
+    tables = FusedChoice(uniform_from_log2=1, arithmetic_from_log2=0)
+    late = FusedChoice(uniform_from_log2=1, arithmetic_from_log2=0, tables_first=False, values_per_thread=32)
+    computed = FusedChoice(uniform_from_log2=1, arithmetic_from_log2=1)  # no tables (`_arithmetic_lookup`)
     for salt, (shape, block, torch_dtype, choice) in enumerate([
-        ((4099, 4096), 64, torch.bfloat16, FusedChoice(uniform_from_log2=1)),
+        ((4099, 4096), 64, torch.bfloat16, tables),
         ((1000, 333), 1024, torch.float16, late),
-        ((513, 257), None, torch.bfloat16, FusedChoice(uniform_from_log2=1)),
+        ((513, 257), None, torch.bfloat16, tables),
+        ((4099, 4096), 64, torch.bfloat16, computed),
+        ((1000, 333), 1024, torch.float16, computed),
+        ((513, 257), None, torch.bfloat16, computed),
     ]):  # fmt: skip
         w = _fresh(shape, torch_dtype, 400 + salt)
         spec = QuantSpec("int", bits, block)
         levels = levels_for(w, spec)
-        assert _flags(w, levels, True, False, choice)["SEARCH"] == SEARCH_UNIFORM
+        kind = SEARCH_ARITHMETIC if choice is computed else SEARCH_UNIFORM
+        assert _flags(w, levels, True, False, choice)["SEARCH"] == kind
         ref = fake_quantize(w, spec, impl="torch", levels=levels)
         assert torch.equal(fused_fake_quantize(w, spec, levels, choice=choice), ref), f"seed={SEED} {spec}"
         codes = fused_quantize(w, spec, levels, choice=choice)[0]
