@@ -115,7 +115,11 @@ class FusedChoice:
             has 256). Below, the byte table of starts hardly conflicts (fp 6-7 lose 0.01-0.02).
         arithmetic_from_log2: the int grid of 2^k >= 2^this entries whose float32 values and midpoints
             are the quotients the kernel computes (`buckets.arithmetic_grid`, checked entry by entry) reads
-            no table (`_arithmetic_lookup`: two IEEE divisions instead of two gathers; 0: never).
+            no table (`_arithmetic_lookup`: two three-instruction quotients instead of two gathers; 0:
+            never, the default). Thirteenth session, one H200, 2f6f902, `--choices arith,noarith`: 0.71-0.75
+            of copy at every width (38.5 SASS a value against 32.5), the tables' 0.92-0.95 at 3-5 bits,
+            0.86-0.94 at 6-7 and 0.75-0.82 at 8: the kernel is bound by instruction issue near 30 SASS a
+            value, so six more instructions cost more than the 8-bit tables' bank conflicts.
         wide_from_log2: the bucketed search of codebooks of 2^k >= 2^this entries runs programs of twice
             values_per_thread (0: never), so each program's table set-up covers twice the values. Same
             run, `--choices vpt32`: 6 bits 0.73-0.77 -> 0.75-0.80, 8 bits 0.55-0.72 -> 0.58-0.74; at 3
@@ -134,7 +138,7 @@ class FusedChoice:
     uniform_from_log2: int = 1
     wide_from_log2: int = 6
     packed_from_buckets: int = 512
-    arithmetic_from_log2: int = 6
+    arithmetic_from_log2: int = 0
 
 
 DEFAULT_CHOICE = FusedChoice()
