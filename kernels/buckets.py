@@ -86,9 +86,11 @@ def bucket_index(xn: Tensor, buckets: Buckets) -> Tensor:
     return torch.where(xn >= 0, local, local ^ ((2 << buckets.log2_buckets) - 1))
 
 
+@functools.lru_cache(maxsize=128)
 def bucket_bounds(buckets: Buckets) -> tuple[Tensor, Tensor]:
     """The smallest and the largest float32 (not NaN) of each bucket, in `Buckets` order: float32
-    [2 x 2^log2_buckets] each."""
+    [2 x 2^log2_buckets] each. Cached per geometry (they do not depend on a codebook; not to be
+    written to)."""
     step = 1 << buckets.shift
     low = (buckets.first + torch.arange(1 << buckets.log2_buckets, dtype=torch.int64)) * step  # |xn| bits
     high = torch.cat([low[1:] - 1, torch.tensor([0x7F800000])])  # the top bucket up to +inf
@@ -108,6 +110,32 @@ def _starts_and_window(mids: Tensor, buckets: Buckets) -> tuple[Tensor, int]:
     return first, int((last - first).max())
 
 
+def _geometries() -> list[Buckets]:
+    """Every geometry a table may use, bucket 0 starting at |xn| = 0, whose buckets cover at least
+    [1/2, 1] (2^M of them; fewer leave most mids in bucket 0)."""
+    geometries = [Buckets(m, p) for p in range(1, MAX_BUCKETS_LOG2 + 1) for m in range(p)]
+    return [g for g in geometries if g.first >= 0]
+
+
+@functools.lru_cache(maxsize=1)
+def _all_bounds() -> tuple[Tensor, Tensor, Tensor]:
+    """`bucket_bounds` of every `_geometries()` entry end to end (smallest, largest), and each bucket's
+    geometry (its index in the list)."""
+    bounds = [bucket_bounds(g) for g in _geometries()]
+    owner = torch.cat([torch.full((len(low),), i) for i, (low, _) in enumerate(bounds)])
+    return torch.cat([low for low, _ in bounds]), torch.cat([high for _, high in bounds]), owner
+
+
+def _windows(mids: Tensor) -> dict[Buckets, int]:
+    """`_starts_and_window`'s window of every geometry, in two searches over all their buckets at once
+    (one pair of searches a geometry was ~10 ms a codebook, paid for every weight of a per-tensor
+    quantile codebook)."""
+    smallest, largest, owner = _all_bounds()
+    held = torch.searchsorted(mids, largest) - torch.searchsorted(mids, smallest)
+    most = torch.zeros(int(owner[-1]) + 1, dtype=held.dtype).scatter_reduce(0, owner, held, "amax")
+    return dict(zip(_geometries(), most.tolist(), strict=True))
+
+
 @functools.lru_cache(maxsize=64)
 def bucket_table(levels: Levels) -> BucketTable | None:
     """The bucket table with the smallest window, then the fewest entries, for these levels.
@@ -117,11 +145,8 @@ def bucket_table(levels: Levels) -> BucketTable | None:
     choice reads the mids on the host: one device-to-host copy per new codebook on a GPU (~10 ms).
     """
     mids = levels.mids.cpu()
-    # Geometries whose buckets cover at least [1/2, 1] (2^M of them); fewer leave most mids in bucket 0.
-    geometries = [Buckets(m, p) for p in range(1, MAX_BUCKETS_LOG2 + 1) for m in range(p)]
-    geometries = [g for g in geometries if g.first >= 0]  # bucket 0 starts at |xn| = 0
-    windows = {g: _starts_and_window(mids, g)[1] for g in geometries}
-    buckets = min(geometries, key=lambda g: (windows[g], g.log2_buckets, g.mantissa_bits))
+    windows = _windows(mids)
+    buckets = min(windows, key=lambda g: (windows[g], g.log2_buckets, g.mantissa_bits))
     window = windows[buckets]
     if window > MAX_WINDOW:
         return None
@@ -245,9 +270,9 @@ def packed_table(levels: Levels) -> PackedTable | None:
     if levels.mids.numel() > 1 << BUCKET_MAX_LEVELS_LOG2:
         return None
     mids = levels.mids.cpu()
-    geometries = [Buckets(m, p) for p in range(1, MAX_BUCKETS_LOG2 + 1) for m in range(p)]
-    for buckets in sorted(geometries, key=lambda g: (g.log2_buckets, g.mantissa_bits)):
-        if buckets.first < 0 or 2 << buckets.log2_buckets > MAX_PACKED_BUCKETS:
+    windows = _windows(mids)
+    for buckets in sorted(windows, key=lambda g: (g.log2_buckets, g.mantissa_bits)):
+        if windows[buckets] > 1 or 2 << buckets.log2_buckets > MAX_PACKED_BUCKETS:
             continue
         words = _packed_words(mids, buckets)
         if words is not None:  # start >= 128 wraps to a negative int32, as the kernel reads it
