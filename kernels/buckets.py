@@ -2,9 +2,9 @@
 (`SEARCH_BUCKET`): how float32 xn splits into buckets by its bits, per codebook the table of each bucket's
 first code and the window of compares that finishes it, and for windows of one midpoint the per-bucket
 tables of the independent lookup (`bucket_pairs`) and the packed lookup's one word a bucket
-(`packed_table`); the int grid's uniform search (`uniform_m`) and its table-free form
-(`arithmetic_grid`); the Eytzinger order of the shared-memory
-binary search; the padded values; the launch geometry (rows a program, launches, persistent programs).
+(`packed_table`); the int grid's uniform search (`uniform_m`) and its table-free form (`arithmetic_grid`);
+the Eytzinger order of the shared-memory binary search; the padded values; the launch geometry (rows a
+program, launches, persistent programs).
 Pure torch (no Triton), so it is tested and reasoned about on its own; the kernel's `_bucket` mirrors
 `bucket_index` step for step.
 """
