@@ -42,6 +42,7 @@ from kernels.blockwise import levels_for  # noqa: E402
 from kernels.buckets import (  # noqa: E402
     bucket_index,
     bucket_table,
+    grid_index,
     packed_index,
     packed_table,
     uniform_codes,
@@ -50,8 +51,9 @@ from kernels.buckets import (  # noqa: E402
 from kernels.codebooks import Levels  # noqa: E402
 
 DTYPES = ["int", "fp", "nf", "quantile", "dynamic"]
-SEARCH_NAMES = {0: "chain", 1: "shared", 2: "global", 3: "bucket", 4: "bucket-l1", 5: "uniform", 6: "packed"}
-SEARCH_NAMES[7] = "arithmetic"  # the int grid without tables
+SEARCH_NAMES = dict(
+    enumerate(["chain", "shared", "global", "bucket", "bucket-l1", "uniform", "packed", "arithmetic"])
+)  # `triton_search.SEARCH_*` by value
 WARPS = 4000  # warp instructions simulated per table
 
 
@@ -83,8 +85,10 @@ def table_reads(levels: Levels, flags: dict, xn: torch.Tensor) -> dict[str, floa
     if search == tf.SEARCH_UNIFORM.value:
         m = uniform_m(levels)
         assert m is not None
-        t = torch.clamp(xn * m + m, 0, 2 * m)
-        return {"mids": wavefronts(t.long()), "values": wavefronts(uniform_codes(xn, m, levels.mids))}
+        return {
+            "mids": wavefronts(grid_index(xn, m)),
+            "values": wavefronts(uniform_codes(xn, m, levels.mids)),
+        }
     if search == tf.SEARCH_PACKED.value:
         packed = packed_table(levels)
         assert packed is not None

@@ -333,14 +333,19 @@ def uniform_m(levels: Levels) -> int | None:
     return m if close and bool(torch.isinf(mids[2 * m :]).all()) else None
 
 
-def uniform_codes(xn: Tensor, m: int, mids: Tensor) -> Tensor:
-    """#(mids < xn) as the uniform search computes it (the kernel's `_uniform_lookup`, step for step):
+def grid_index(xn: Tensor, m: int) -> Tensor:
+    """xn's index among the int grid's midpoints, rounded, as the kernel's `_grid_index` computes it:
     t = xn * m + m in float32 (a multiply, then an add), clamped to [0, 2m] (NaN to 0), j = trunc(t)
-    (= floor(t), xn's index among the midpoints rounded), then j + (mids[j] < xn)."""
+    (= floor(t)); int64."""
     t = xn.float() * m + m
     t = torch.where(t > 0, t, 0.0)
-    t = torch.where(t < 2 * m, t, float(2 * m))
-    j = t.long()
+    return torch.where(t < 2 * m, t, float(2 * m)).long()
+
+
+def uniform_codes(xn: Tensor, m: int, mids: Tensor) -> Tensor:
+    """#(mids < xn) as the uniform search computes it (the kernel's `_uniform_lookup`, step for step):
+    j = `grid_index`, then j + (mids[j] < xn)."""
+    j = grid_index(xn, m)
     return j + (mids[j] < xn).long()
 
 
@@ -392,15 +397,13 @@ def arithmetic_grid(levels: Levels) -> int | None:
 
 def arithmetic_codes(xn: Tensor, m: int) -> tuple[Tensor, Tensor]:
     """(#(mids < xn), values[code]) of the int grid as `_arithmetic_lookup` computes them, step for step:
-    j as `uniform_codes` finds it, values[j] and values[j + 1] by `grid_values`, their midpoint, one
-    compare (none at j = 2m, whose midpoint is the +inf padding). The IEEE quotient stands for the
-    kernel's (`arithmetic_grid` proved them equal for this grid)."""
-    t = xn.float() * m + m
-    t = torch.where(t > 0, t, 0.0)
-    j = torch.where(t < 2 * m, t, float(2 * m)).trunc()
-    low, high = grid_values(j, m), grid_values(j + 1, m)
+    j = `grid_index`, values[j] and values[j + 1] by `grid_values`, their midpoint, one compare (none at
+    j = 2m, whose midpoint is the +inf padding). The IEEE quotient stands for the kernel's
+    (`arithmetic_grid` proved them equal for this grid)."""
+    j = grid_index(xn, m)
+    low, high = grid_values(j.float(), m), grid_values(j.float() + 1, m)
     above = ((low + high) * 0.5 < xn) & (j < 2 * m)
-    return j.long() + above.long(), torch.where(above, high, low)
+    return j + above.long(), torch.where(above, high, low)
 
 
 @functools.lru_cache(maxsize=64)

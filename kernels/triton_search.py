@@ -212,6 +212,15 @@ def _bucket_lookup_l1(
 
 
 @triton.jit
+def _grid_index(xn, LOG2_LEVELS: tl.constexpr):
+    # xn's index among the int grid's 2M midpoints, rounded (`buckets.grid_index` is the torch mirror):
+    # t = xn * M + M, clamped to [0, 2M] (max.f32 and min.f32 take NaN to 0), truncated (= floored).
+    M: tl.constexpr = (1 << (LOG2_LEVELS - 1)) - 1
+    t = xn * M + M
+    return tl.minimum(tl.maximum(t, 0.0), 2.0 * M).to(tl.int32)
+
+
+@triton.jit
 def _uniform_lookup(xn, mids, values, LOG2_LEVELS: tl.constexpr):
     # (#(mids < xn), values[code]) for the int grid (j - M) / M (`buckets.uniform_codes` is the torch
     # mirror): xn sits at index t - 1/2 among the midpoints, t = xn * M + M, so every midpoint below
@@ -219,9 +228,7 @@ def _uniform_lookup(xn, mids, values, LOG2_LEVELS: tl.constexpr):
     # error in t); one of the reference's compares settles midpoint j. Clamped to [0, 2M], t >= 0 and its
     # truncation is its floor: a multiply, an add (never fused: `COMPILE_OPTIONS`), max, min and one
     # conversion. NaN: t -> 0, code 0 (as compares).
-    M: tl.constexpr = (1 << (LOG2_LEVELS - 1)) - 1
-    t = xn * M + M
-    j = tl.minimum(tl.maximum(t, 0.0), 2.0 * M).to(tl.int32)  # max.f32 and min.f32 take NaN to 0
+    j = _grid_index(xn, LOG2_LEVELS)
     code = j + (tl.gather(mids, j, 0) < xn).to(tl.int32)
     return code, tl.gather(values, code, 0)
 
@@ -244,8 +251,7 @@ def _arithmetic_lookup(xn, LOG2_LEVELS: tl.constexpr):
     # an add, a multiply) instead of read: no table, so none of the shared-memory bank conflicts that
     # bound the 8-bit grid's two random reads. j = 2M compares nothing (its midpoint is padding).
     M: tl.constexpr = (1 << (LOG2_LEVELS - 1)) - 1
-    t = xn * M + M
-    j = tl.minimum(tl.maximum(t, 0.0), 2.0 * M).to(tl.int32)
+    j = _grid_index(xn, LOG2_LEVELS)
     jf = j.to(tl.float32)
     m = tl.full([], M, tl.float32)
     r = tl.div_rn(tl.full([], 1.0, tl.float32), m)  # once a program
