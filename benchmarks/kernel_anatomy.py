@@ -51,9 +51,9 @@ from kernels.buckets import (  # noqa: E402
 from kernels.codebooks import Levels  # noqa: E402
 
 DTYPES = ["int", "fp", "nf", "quantile", "dynamic"]
-SEARCH_NAMES = dict(
-    enumerate(["chain", "shared", "global", "bucket", "bucket-l1", "uniform", "packed", "arithmetic"])
-)  # `triton_search.SEARCH_*` by value
+SEARCH_NAMES = dict(  # `triton_search.SEARCH_*` by value
+    enumerate("chain shared global bucket bucket-l1 uniform packed arithmetic pairs grid-value".split())
+)
 WARPS = 4000  # warp instructions simulated per table
 
 
@@ -64,6 +64,16 @@ def wavefronts(words: torch.Tensor) -> float:
         per_bank = collections.Counter(word % 32 for word in set(row))
         total += max(per_bank.values())
     return total / len(words)
+
+
+def wavefronts64(entries: torch.Tensor) -> float:
+    """Mean wavefronts of 64-bit warp reads of these entries ([warps, 32]): each half-warp is one pass,
+    an entry two adjacent banks, one wavefront per distinct entry in the fullest bank pair."""
+    total = 0
+    for row in entries.tolist():
+        for half in (row[:16], row[16:]):
+            total += max(collections.Counter(entry % 16 for entry in set(half)).values())
+    return total / len(entries)
 
 
 def warp_values(block: int = 64, seed: int = 0) -> torch.Tensor:
@@ -82,6 +92,10 @@ def table_reads(levels: Levels, flags: dict, xn: torch.Tensor) -> dict[str, floa
     search = flags["SEARCH"]
     if search == tf.SEARCH_ARITHMETIC.value:
         return {}  # no table
+    if search == tf.SEARCH_GRID_VALUE.value:  # the midpoint read, the value computed
+        m = uniform_m(levels)
+        assert m is not None
+        return {"mids": wavefronts(grid_index(xn, m))}
     if search == tf.SEARCH_UNIFORM.value:
         m = uniform_m(levels)
         assert m is not None
@@ -89,6 +103,8 @@ def table_reads(levels: Levels, flags: dict, xn: torch.Tensor) -> dict[str, floa
             "mids": wavefronts(grid_index(xn, m)),
             "values": wavefronts(uniform_codes(xn, m, levels.mids)),
         }
+    if search == tf.SEARCH_PAIRS.value:  # one 64-bit pair a bucket (the starts only where codes are stored)
+        return {"pairs": wavefronts64(bucket_index(xn, bucket_table(levels).buckets))}
     if search == tf.SEARCH_PACKED.value:
         packed = packed_table(levels)
         assert packed is not None
@@ -132,6 +148,8 @@ def sass_stats(flags: dict, values_per_thread: int, ptxas: Path, workdir: Path) 
                 "values_ptr": "*fp32", "mids_ptr": "*fp32", "starts_ptr": "*u8"}  # fmt: skip
     if flags["SEARCH"] == tf.SEARCH_PACKED.value:
         pointers["mids_ptr"] = "*i32"  # the packed words
+    if flags["SEARCH"] == tf.SEARCH_PAIRS.value:
+        pointers["values_ptr"] = pointers["mids_ptr"] = "*i64"  # the value pairs
     signature = {**pointers, "n": "i64", "first_row": "i32", "tiles": "i32"}
     consts = {"BLOCK": block, "ROWS": values // block, "BLOCK_P2": block, "MASKED": False,
               "PERSISTENT": False, **flags, "BF16_BY_HAND": False}  # fmt: skip

@@ -93,6 +93,12 @@ CHOICES: dict[str, dict[str, Any]] = {  # FusedChoice fields and their values (i
     # the int grid without tables (two IEEE divisions a value instead of two gathers)
     "arith": {"arithmetic_from_log2": 1},  # from 3 bits (slower everywhere: `FusedChoice` has the figures)
     "noarith": {"arithmetic_from_log2": 0},  # the uniform search's two gathers everywhere (the default)
+    # one 64-bit read a value: the bucket's value pair, the midpoint between them computed
+    "pairs": {"pairs_from_log2": 4},  # tables of <= 1024 buckets (8 KB a program)
+    "pairs+big": {"pairs_from_log2": 4, "pairs_max_buckets": 4096},  # 8-bit quantile and dynamic too
+    "pairs+w8": {"pairs_from_log2": 4, "pairs_max_buckets": 4096, "num_warps": 8},  # half the copies a value
+    "gridvalue": {"computed_value_from_log2": 1},  # the int grid: its midpoint read, its value computed
+    "pairs+vpt32": {"pairs_from_log2": 4, "pairs_max_buckets": 4096, "values_per_thread": 32},
 }
 
 

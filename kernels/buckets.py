@@ -1,8 +1,9 @@
 """The host side of the fused quantizer's codebook tables (`kernels.triton_fused`): the bucketed search
 (`SEARCH_BUCKET`): how float32 xn splits into buckets by its bits, per codebook the table of each bucket's
 first code and the window of compares that finishes it, and for windows of one midpoint the per-bucket
-tables of the independent lookup (`bucket_pairs`) and the packed lookup's one word a bucket
-(`packed_table`); the int grid's uniform search (`uniform_m`) and its table-free form (`arithmetic_grid`);
+tables of the independent lookup (`bucket_pairs`), the pair lookup's two values a bucket (`mean_pairs`)
+and the packed lookup's one word a bucket (`packed_table`); the int grid's uniform search (`uniform_m`)
+and its table-free form (`arithmetic_grid`);
 the Eytzinger order of the shared-memory binary search; the padded values; the launch geometry (rows a
 program, launches, persistent programs).
 Pure torch (no Triton), so it is tested and reasoned about on its own; the kernel's `_bucket` mirrors
@@ -185,10 +186,73 @@ def bucket_pairs(levels: Levels) -> BucketPairs | None:
     table = bucket_table(levels)
     if table is None or table.window != 1 or table.starts.numel() > MAX_PAIR_BUCKETS:
         return None
-    starts, last = table.starts.long(), levels.values.numel() - 1
+    starts = table.starts.long()
+    return BucketPairs(table.starts, levels.mids[starts].contiguous(), _value_pairs(levels, starts))
+
+
+def _value_pairs(levels: Levels, starts: Tensor) -> Tensor:
+    """int64 per bucket: values[start] in the low 32 bits, values[start + 1] (values[start] past the last
+    value) in the high ones."""
+    last = levels.values.numel() - 1
     low = _float_bits(levels.values[starts.clamp(max=last)])
     high = _float_bits(levels.values[(starts + 1).clamp(max=last)])
-    return BucketPairs(table.starts, levels.mids[starts].contiguous(), low | (high << 32))  # << wraps
+    return low | (high << 32)  # << wraps
+
+
+def mids_are_means(levels: Levels) -> bool:
+    """Whether each midpoint between two values is the kernel's float32 (values[j] + values[j + 1]) * 0.5
+    (an add and a multiply, each rounded; no subnormal result). `levels_from_value_rows` rounds the exact
+    mean once, which is the same float wherever the sum is exact in float64: the pair lookup checks it."""
+    values, mids = levels.values.cpu(), levels.mids.cpu()
+    means = (values[:-1] + values[1:]) * 0.5
+    normal = (means == 0) | (means.abs() >= torch.finfo(torch.float32).tiny)
+    return bool(torch.equal(means, mids[: means.numel()]) and normal.all())
+
+
+@dataclass(frozen=True, eq=False)
+class MeanPairs:
+    """The pair lookup's table (`triton_search._pair_lookup`) for one codebook: one 64-bit read a value.
+
+    Where the window is one midpoint and every midpoint is the float32 mean of its neighbours
+    (`mids_are_means`), a bucket's pair (values[start], values[start + 1]) is all it needs: the midpoint
+    between them is computed, so value = high if (low + high) * 0.5 < xn else low, with the reference's
+    own compare. The code, where it is stored, is starts[bucket] + that compare.
+
+    Attributes:
+        buckets: `BucketTable.buckets`.
+        starts: `BucketTable.starts` (read only where codes are stored).
+        values: int64 [2 x 2^log2_buckets], `Buckets` order (as `BucketPairs.values`).
+    """
+
+    buckets: Buckets
+    starts: Tensor
+    values: Tensor
+
+
+@functools.lru_cache(maxsize=64)
+def mean_pairs(levels: Levels, max_buckets: int = MAX_PAIR_BUCKETS) -> MeanPairs | None:
+    """The pair lookup's table for these levels; None where `bucket_table` has none, its window is over
+    one midpoint, it has more than max_buckets buckets (both signs; 8 bytes each a program) or the
+    midpoints are not the computed means. Cached per Levels object."""
+    table = bucket_table(levels)
+    if table is None or table.window != 1 or table.starts.numel() > max_buckets:
+        return None
+    if not mids_are_means(levels):
+        return None
+    return MeanPairs(table.buckets, table.starts, _value_pairs(levels, table.starts.long()))
+
+
+def pair_values(xn: Tensor, levels: Levels, max_buckets: int = MAX_PAIR_BUCKETS) -> tuple[Tensor, Tensor]:
+    """(#(mids < xn), values[code]) of each float32 xn as the pair lookup computes them (`_pair_lookup`,
+    step for step). For tests; `mean_pairs` must exist for the levels."""
+    table = mean_pairs(levels, max_buckets)
+    assert table is not None
+    bucket = bucket_index(xn, table.buckets)
+    pair = table.values.cpu()[bucket]
+    low = pair.to(torch.int32).view(torch.float32)  # the low 32 bits (a truncating cast)
+    high = (pair >> 32).to(torch.int32).view(torch.float32)
+    above = (low + high) * 0.5 < xn
+    return table.starts.cpu().long()[bucket] + above.long(), torch.where(above, high, low)
 
 
 PACKED_START_SHIFT = 24  # a packed word: the bucket's start code in bits 24..31, its threshold below

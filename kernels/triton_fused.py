@@ -39,6 +39,7 @@ from kernels.buckets import (
     eytzinger_mids,
     fused_config,
     fused_launches,
+    mean_pairs,
     packed_table,
     padded_values,
     persistent_programs,
@@ -54,7 +55,9 @@ from kernels.triton_search import (
     SEARCH_BUCKET_L1,
     SEARCH_CHAIN,
     SEARCH_GLOBAL,
+    SEARCH_GRID_VALUE,
     SEARCH_PACKED,
+    SEARCH_PAIRS,
     SEARCH_SHARED,
     SEARCH_UNIFORM,
     _nearest,
@@ -120,6 +123,15 @@ class FusedChoice:
             of copy at every width (38.5 SASS a value against 32.5), the tables' 0.92-0.95 at 3-5 bits,
             0.86-0.94 at 6-7 and 0.75-0.82 at 8: the kernel is bound by instruction issue near 30 SASS a
             value, so six more instructions cost more than the 8-bit tables' bank conflicts.
+        pairs_from_log2: codebooks of 2^k >= 2^this entries whose bucket table has a window of one and
+            at most pairs_max_buckets entries, and whose midpoints are the float32 means of their
+            neighbours (`buckets.mean_pairs`), use the pair lookup (0: never): one 64-bit read a value,
+            the bucket's (values[start], values[start + 1]), and the midpoint computed, where the packed
+            lookup reads a word and then the value. Codes, where stored, read the bucket's start too.
+        computed_value_from_log2: the int grid of 2^k >= 2^this entries (where arithmetic_from_log2 does
+            not take it and `buckets.arithmetic_grid` proves its values) reads its midpoint and computes
+            its value (`_grid_value_lookup`): one table read a value instead of two, for ~4 instructions.
+        pairs_max_buckets: the largest pair table (both signs; 8 bytes a bucket, copied by every program).
         wide_from_log2: the bucketed search of codebooks of 2^k >= 2^this entries runs programs of twice
             values_per_thread (0: never), so each program's table set-up covers twice the values. Same
             run, `--choices vpt32`: 6 bits 0.73-0.77 -> 0.75-0.80, 8 bits 0.55-0.72 -> 0.58-0.74; at 3
@@ -139,6 +151,9 @@ class FusedChoice:
     wide_from_log2: int = 6
     packed_from_buckets: int = 512
     arithmetic_from_log2: int = 0
+    pairs_from_log2: int = 0
+    computed_value_from_log2: int = 0
+    pairs_max_buckets: int = 1024
 
 
 DEFAULT_CHOICE = FusedChoice()
@@ -298,8 +313,15 @@ def _flags(x: Tensor, levels: Levels, store_out: bool, store_codes: bool, choice
     uniform = in_range and uniform_m(levels) is not None
     if uniform:
         search = SEARCH_UNIFORM.value
-        if 0 < choice.arithmetic_from_log2 <= log2_levels and arithmetic_grid(levels) is not None:
+        computed = (
+            arithmetic_grid(levels) is not None
+            if choice.arithmetic_from_log2 or choice.computed_value_from_log2
+            else False
+        )
+        if 0 < choice.arithmetic_from_log2 <= log2_levels and computed:
             search = SEARCH_ARITHMETIC.value
+        elif 0 < choice.computed_value_from_log2 <= log2_levels and computed:
+            search = SEARCH_GRID_VALUE.value
     table = bucket_table(levels) if search == SEARCH_BUCKET.value else None
     packed = None
     if table is not None and 0 < choice.packed_from_buckets <= table.starts.numel() and not choice.l1_tables:
@@ -307,6 +329,11 @@ def _flags(x: Tensor, levels: Levels, store_out: bool, store_codes: bool, choice
     if search == SEARCH_BUCKET.value and table is None:
         search = SEARCH_SHARED.value
     l1 = table is not None and choice.l1_tables
+    pairs = None
+    if table is not None and 0 < choice.pairs_from_log2 <= log2_levels and not l1:
+        pairs = mean_pairs(levels, choice.pairs_max_buckets)
+    if pairs is not None:
+        search, packed = SEARCH_PAIRS.value, None
     if packed is not None:
         search = SEARCH_PACKED.value
     geometry = packed.buckets if packed is not None else table.buckets if table is not None else None
@@ -321,22 +348,30 @@ def _flags(x: Tensor, levels: Levels, store_out: bool, store_codes: bool, choice
         "BUCKET_LOG2": geometry.log2_buckets if geometry else 0,
         "WINDOW": 1 if packed is not None else table.window if table else 0,
         "INDEPENDENT": bool(
-            table and packed is None and choice.independent and bucket_pairs(levels) is not None
+            table
+            and packed is None
+            and pairs is None
+            and choice.independent
+            and bucket_pairs(levels) is not None
         ),
         "TABLES_FIRST": bool(
-            (table or search == SEARCH_UNIFORM.value)
+            (table or search in (SEARCH_UNIFORM.value, SEARCH_GRID_VALUE.value))
             and not l1
             and (choice.tables_first or choice.programs_per_sm > 0)
         ),
     }
 
 
-def _tables(levels: Levels, flags: dict) -> tuple[Tensor, Tensor, Tensor]:
+def _tables(levels: Levels, flags: dict, choice: FusedChoice) -> tuple[Tensor, Tensor, Tensor]:
     """(values, mids, starts) as the kernels' search reads them (values_ptr, mids_ptr, starts_ptr)."""
     if flags["SEARCH"] == SEARCH_PACKED.value:
         words = packed_table(levels)
         assert words is not None
         return padded_values(levels), words.words, words.words  # starts_ptr: never read
+    if flags["SEARCH"] == SEARCH_PAIRS.value:
+        means = mean_pairs(levels, choice.pairs_max_buckets)
+        assert means is not None
+        return means.values, means.values, means.starts  # mids_ptr: never read
     pairs = bucket_pairs(levels) if flags["INDEPENDENT"] else None
     if pairs is not None:
         return pairs.values, pairs.mids, pairs.starts
@@ -366,7 +401,7 @@ def _launch(
     dummy = x  # never written when its STORE_* flag is off
     args = (x, out if out is not None else dummy, codes if codes is not None else dummy)
     flags = _flags(x, levels, store_out, codes is not None, choice)
-    tables = _tables(levels, flags)
+    tables = _tables(levels, flags, choice)
     if block <= MAX_FUSED_BLOCK and spec.block_size is not None:
         wide = flags["SEARCH"] == SEARCH_BUCKET.value and 0 < choice.wide_from_log2 <= flags["LOG2_LEVELS"]
         per_thread = choice.values_per_thread * (2 if wide else 1)

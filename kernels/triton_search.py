@@ -28,6 +28,12 @@ SEARCH_BUCKET, SEARCH_BUCKET_L1 = tl.constexpr(3), tl.constexpr(4)  # the latter
 SEARCH_UNIFORM = tl.constexpr(5)  # the int grid (`FusedChoice.uniform_from_log2`)
 SEARCH_PACKED = tl.constexpr(6)  # one word a bucket: start and threshold (`FusedChoice.packed_from_buckets`)
 SEARCH_ARITHMETIC = tl.constexpr(7)  # the int grid without tables (`FusedChoice.arithmetic_from_log2`)
+SEARCH_GRID_VALUE = tl.constexpr(
+    9
+)  # the int grid: its midpoint read, its value computed (`computed_value_from_log2`)
+SEARCH_PAIRS = tl.constexpr(
+    8
+)  # one 64-bit value pair a bucket, the midpoint computed (`FusedChoice.pairs_from_log2`)
 PACKED_START_SHIFT = tl.constexpr(24)  # `buckets.PACKED_START_SHIFT`: the start's bits, t's below
 PACKED_T_MASK = tl.constexpr((1 << 24) - 1)
 EYTZINGER_FROM_LOG2 = tl.constexpr(6)  # the shared-memory search reads larger codebooks in Eytzinger order
@@ -136,6 +142,14 @@ def _packed_tables(words_ptr, values_ptr, LOG2_LEVELS: tl.constexpr, BUCKET_LOG2
 
 
 @triton.jit
+def _pair_tables(starts_ptr, values_ptr, BUCKET_LOG2: tl.constexpr):
+    # The pair lookup's starts (gathered only where codes are stored; unused, the load is dead code) and
+    # value pairs, for tl.gather.
+    buckets = tl.arange(0, 2 << BUCKET_LOG2)
+    return tl.load(starts_ptr + buckets), tl.zeros([1], tl.float32), tl.load(values_ptr + buckets)
+
+
+@triton.jit
 def _tables_first(
     starts_ptr, mids_ptr, values_ptr, LOG2_LEVELS: tl.constexpr, SEARCH: tl.constexpr,
     BUCKET_LOG2: tl.constexpr, INDEPENDENT: tl.constexpr, TABLES_FIRST: tl.constexpr,
@@ -146,12 +160,14 @@ def _tables_first(
         starts, mids, values = _bucket_tables(
             starts_ptr, mids_ptr, values_ptr, LOG2_LEVELS, BUCKET_LOG2, INDEPENDENT
         )  # fmt: skip
-    elif SEARCH == SEARCH_UNIFORM and TABLES_FIRST:
+    elif (SEARCH == SEARCH_UNIFORM or SEARCH == SEARCH_GRID_VALUE) and TABLES_FIRST:  # noqa: SIM109
         starts = tl.zeros([1], tl.uint8)
         mids, values = _sorted_tables(mids_ptr, values_ptr, LOG2_LEVELS)
     elif SEARCH == SEARCH_PACKED and TABLES_FIRST:
         starts = tl.zeros([1], tl.uint8)
         mids, values = _packed_tables(mids_ptr, values_ptr, LOG2_LEVELS, BUCKET_LOG2)
+    elif SEARCH == SEARCH_PAIRS and TABLES_FIRST:
+        starts, mids, values = _pair_tables(starts_ptr, values_ptr, BUCKET_LOG2)
     else:
         starts, mids, values = tl.zeros([1], tl.uint8), tl.zeros([1], tl.float32), tl.zeros([1], tl.float32)
     return starts, mids, values
@@ -262,6 +278,19 @@ def _arithmetic_lookup(xn, LOG2_LEVELS: tl.constexpr):
 
 
 @triton.jit
+def _grid_value_lookup(xn, mids, LOG2_LEVELS: tl.constexpr):
+    # `_uniform_lookup`'s code (one midpoint read), its value computed as `_arithmetic_lookup` computes
+    # values (`buckets.arithmetic_grid` proved every (code - M) / M the kernel meets): one table read a
+    # value instead of two, for one conversion and three arithmetic instructions.
+    M: tl.constexpr = (1 << (LOG2_LEVELS - 1)) - 1
+    j = _grid_index(xn, LOG2_LEVELS)
+    code = j + (tl.gather(mids, j, 0) < xn).to(tl.int32)
+    m = tl.full([], M, tl.float32)
+    r = tl.div_rn(tl.full([], 1.0, tl.float32), m)  # once a program
+    return code, _grid_value(code.to(tl.float32) - M, m, r)
+
+
+@triton.jit
 def _packed_lookup(
     xn, words, values, BUCKET_SHIFT: tl.constexpr, BUCKET_FIRST: tl.constexpr, BUCKET_LOG2: tl.constexpr
 ):  # fmt: skip
@@ -278,6 +307,28 @@ def _packed_lookup(
     above = (bits & ((1 << BUCKET_SHIFT) - 1)).to(tl.uint32) >= (word & PACKED_T_MASK)
     code = (word >> PACKED_START_SHIFT).to(tl.int32) + (above ^ negative).to(tl.int32)
     return code, tl.gather(values, code, 0)
+
+
+@triton.jit
+def _pair_lookup(
+    xn, starts, pairs, BUCKET_SHIFT: tl.constexpr, BUCKET_FIRST: tl.constexpr, BUCKET_LOG2: tl.constexpr,
+    STORE_CODES: tl.constexpr,
+):  # fmt: skip
+    # (#(mids < xn) where STORE_CODES else 0, values[code]) from one 64-bit read a value
+    # (`buckets.mean_pairs`; `pair_values` is the torch mirror): the bucket's pair (values[start],
+    # values[start + 1]) and the midpoint between them computed as the codebook computed it
+    # (`buckets.mids_are_means`: the host checks every one), so mid < xn is the reference's own compare.
+    # The value needs no second read; the code, where it is stored, is the bucket's start + that compare.
+    # NaN: the negative top bucket (start 0), the compare false: values[0], code 0.
+    bucket = _bucket(xn, BUCKET_SHIFT, BUCKET_FIRST, BUCKET_LOG2)
+    pair = tl.gather(pairs, bucket, 0)
+    low = pair.to(tl.int32).to(tl.float32, bitcast=True)
+    high = (pair >> 32).to(tl.int32).to(tl.float32, bitcast=True)
+    above = (low + high) * 0.5 < xn  # never fused (`COMPILE_OPTIONS`)
+    code = tl.zeros(xn.shape, tl.int32)
+    if STORE_CODES:
+        code = tl.gather(starts, bucket, 0).to(tl.int32) + above.to(tl.int32)
+    return code, tl.where(above, high, low)
 
 
 @triton.jit
@@ -319,10 +370,18 @@ def _nearest(
         code, value = _uniform_lookup(xn, mids, values, LOG2_LEVELS)
     elif SEARCH == SEARCH_ARITHMETIC:
         code, value = _arithmetic_lookup(xn, LOG2_LEVELS)
+    elif SEARCH == SEARCH_GRID_VALUE:
+        if not TABLES_FIRST:
+            mids, values = _sorted_tables(mids_ptr, values_ptr, LOG2_LEVELS)
+        code, value = _grid_value_lookup(xn, mids, LOG2_LEVELS)
     elif SEARCH == SEARCH_PACKED:
         if not TABLES_FIRST:
             mids, values = _packed_tables(mids_ptr, values_ptr, LOG2_LEVELS, BUCKET_LOG2)
         code, value = _packed_lookup(xn, mids, values, BUCKET_SHIFT, BUCKET_FIRST, BUCKET_LOG2)
+    elif SEARCH == SEARCH_PAIRS:
+        if not TABLES_FIRST:
+            starts, mids, values = _pair_tables(starts_ptr, values_ptr, BUCKET_LOG2)
+        code, value = _pair_lookup(xn, starts, values, BUCKET_SHIFT, BUCKET_FIRST, BUCKET_LOG2, STORE_CODES)
     elif SEARCH == SEARCH_BUCKET_L1:
         code, value = _bucket_lookup_l1(
             xn, starts_ptr, mids_ptr, values_ptr, BUCKET_SHIFT, BUCKET_FIRST, BUCKET_LOG2, WINDOW, INDEPENDENT

@@ -251,7 +251,9 @@ def same(x, spec, levels, choice=bucket, codes=True):
     packs = table is not None and 0 < choice.packed_from_buckets <= table.starts.numel()
     packed = packs and not choice.l1_tables and kb.packed_table(levels) is not None
     computed = 0 < choice.arithmetic_from_log2 <= log2 and kb.arithmetic_grid(levels) is not None
-    kind = tf.SEARCH_PACKED if packed else bucketed
+    pairs = 0 < choice.pairs_from_log2 <= log2 and not choice.l1_tables and table is not None
+    paired = pairs and kb.mean_pairs(levels, choice.pairs_max_buckets) is not None
+    kind = tf.SEARCH_PAIRS if paired else tf.SEARCH_PACKED if packed else bucketed
     kind = (tf.SEARCH_ARITHMETIC if computed else tf.SEARCH_UNIFORM) if uniform else kind
     assert tf._flags(x, levels, True, False, choice)["SEARCH"] == kind.value, spec
     ref = reference_fake_quantize(x, spec, levels)

@@ -95,7 +95,8 @@ def test_every_launch_choice_agrees(bits: int) -> None:
                FusedChoice(independent=True, programs_per_sm=1, values_per_thread=4, **off),
                FusedChoice(l1_tables=True), FusedChoice(l1_tables=True, independent=True, **off),
                FusedChoice(packed_from_buckets=1), FusedChoice(packed_from_buckets=1, tables_first=False),
-               FusedChoice(packed_from_buckets=1, programs_per_sm=4)]  # fmt: skip
+               FusedChoice(packed_from_buckets=1, programs_per_sm=4), FusedChoice(pairs_from_log2=1),
+               FusedChoice(pairs_from_log2=1, tables_first=False, values_per_thread=32)]  # fmt: skip
     for salt, (shape, block) in enumerate([((4099, 4096), 64), ((1000, 333), 1024), ((513, 257), None)]):
         w = _fresh(shape, torch.bfloat16, 100 + salt)
         spec = QuantSpec("nf", bits, block)
@@ -150,6 +151,7 @@ def test_uniform_search_equals_reference(bits: int) -> None:
     from kernels.blockwise import levels_for
     from kernels.triton_fused import (
         SEARCH_ARITHMETIC,
+        SEARCH_GRID_VALUE,
         SEARCH_UNIFORM,
         FusedChoice,
         _flags,
@@ -160,6 +162,7 @@ def test_uniform_search_equals_reference(bits: int) -> None:
     tables = FusedChoice(uniform_from_log2=1, arithmetic_from_log2=0)
     late = FusedChoice(uniform_from_log2=1, arithmetic_from_log2=0, tables_first=False, values_per_thread=32)
     computed = FusedChoice(uniform_from_log2=1, arithmetic_from_log2=1)  # no tables (`_arithmetic_lookup`)
+    grid_value = FusedChoice(computed_value_from_log2=1)  # the midpoint read, the value computed
     for salt, (shape, block, torch_dtype, choice) in enumerate([
         ((4099, 4096), 64, torch.bfloat16, tables),
         ((1000, 333), 1024, torch.float16, late),
@@ -167,11 +170,19 @@ def test_uniform_search_equals_reference(bits: int) -> None:
         ((4099, 4096), 64, torch.bfloat16, computed),
         ((1000, 333), 1024, torch.float16, computed),
         ((513, 257), None, torch.bfloat16, computed),
+        ((4099, 4096), 64, torch.bfloat16, grid_value),
+        ((513, 257), None, torch.float16, grid_value),
     ]):  # fmt: skip
         w = _fresh(shape, torch_dtype, 400 + salt)
         spec = QuantSpec("int", bits, block)
         levels = levels_for(w, spec)
-        kind = SEARCH_ARITHMETIC if choice is computed else SEARCH_UNIFORM
+        kind = (
+            SEARCH_ARITHMETIC
+            if choice is computed
+            else SEARCH_GRID_VALUE
+            if choice is grid_value
+            else SEARCH_UNIFORM
+        )
         assert _flags(w, levels, True, False, choice)["SEARCH"] == kind
         ref = fake_quantize(w, spec, impl="torch", levels=levels)
         assert torch.equal(fused_fake_quantize(w, spec, levels, choice=choice), ref), f"seed={SEED} {spec}"
@@ -190,8 +201,11 @@ def test_bucket_search_edges(bits: int) -> None:
     ind_persist = FusedChoice(independent=True, programs_per_sm=2, uniform_from_log2=0, packed_from_buckets=0)
     uniform = FusedChoice(uniform_from_log2=1)  # int only; the bucketed search for the others
     packed = FusedChoice(packed_from_buckets=1, uniform_from_log2=0)  # one word a bucket (not 8-bit dynamic)
-    choices = (bucket, ind_persist, uniform, packed)
-    for dtype, choice in itertools.product(("int", "nf", "fp", "dynamic"), choices):
+    pairs = FusedChoice(pairs_from_log2=1, pairs_max_buckets=4096, uniform_from_log2=0)  # midpoints computed
+    pairs_persist = FusedChoice(pairs_from_log2=1, programs_per_sm=2, uniform_from_log2=0)
+    grid_value = FusedChoice(computed_value_from_log2=1)  # int: the value computed; the others as default
+    choices = (bucket, ind_persist, uniform, packed, pairs, pairs_persist, grid_value)
+    for dtype, choice in itertools.product(("int", "nf", "fp", "dynamic", "quantile"), choices):
         spec = QuantSpec(dtype, bits, 64)
         levels = levels_for(torch.zeros(1, device="cuda"), spec)
         mids = levels.mids[levels.mids.isfinite()]
