@@ -166,8 +166,8 @@ class BucketPairs:
         starts: `BucketTable.starts`.
         mids: float32 [2 x 2^log2_buckets]: mids[start[b]], the reference's own compare operand.
         values: int64 [2 x 2^log2_buckets]: the float32 bits of values[start[b]] (low 32 bits) and of
-            values[start[b] + 1] (high 32 bits; values[start[b]] where that is past the last value, which
-            only a +inf midpoint can lead to, and it never does).
+            values[start[b] + 1] (high 32 bits; +inf past the last value, which only a +inf midpoint can
+            lead to, and it never does).
     """
 
     starts: Tensor
@@ -191,11 +191,13 @@ def bucket_pairs(levels: Levels) -> BucketPairs | None:
 
 
 def _value_pairs(levels: Levels, starts: Tensor) -> Tensor:
-    """int64 per bucket: values[start] in the low 32 bits, values[start + 1] (values[start] past the last
-    value) in the high ones."""
+    """int64 per bucket: values[start] in the low 32 bits, values[start + 1] in the high ones (+inf past
+    the last value: then mids[start] is +inf padding, and the pair lookup's computed midpoint is +inf too,
+    so xn > 1 by an ulp still takes values[start])."""
     last = levels.values.numel() - 1
     low = _float_bits(levels.values[starts.clamp(max=last)])
-    high = _float_bits(levels.values[(starts + 1).clamp(max=last)])
+    beyond = torch.full_like(levels.values[:1], float("inf"))
+    high = _float_bits(torch.cat([levels.values, beyond])[(starts + 1).clamp(max=last + 1)])
     return low | (high << 32)  # << wraps
 
 

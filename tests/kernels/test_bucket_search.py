@@ -194,6 +194,43 @@ def test_bucket_pairs_give_each_code_and_value(dtype: str, bits: int) -> None:
     assert torch.equal(bits32.view(torch.float32), levels.values[code]), (dtype, bits)
 
 
+@pytest.mark.parametrize(("dtype", "bits"), [(d, b) for d in CODEBOOKS for b in range(4, 9)] + [("close", 2)])
+def test_pair_lookup_gives_each_code_and_value(dtype: str, bits: int) -> None:
+    # The pair lookup in torch (`pair_values`, the kernel's `_pair_lookup` step for step): the bucket's
+    # value pair, the midpoint between them computed, one compare: #(mids < xn) and values[code] for every
+    # xn; tables only where the window is one, within the size limit, and every midpoint is the mean.
+    levels = _levels(dtype, bits)
+    table = kb.bucket_table(levels)
+    assert kb.mids_are_means(levels), (dtype, bits)  # every codebook the project builds
+    pairs = kb.mean_pairs(levels, 4096)
+    if table is None or table.window != 1:
+        assert pairs is None and dtype == "close"
+        return
+    assert pairs is not None and pairs.values.dtype == torch.int64 and pairs.buckets == table.buckets
+    small = kb.mean_pairs(levels)  # MAX_PAIR_BUCKETS
+    assert (small is None) == (table.starts.numel() > kb.MAX_PAIR_BUCKETS), (dtype, bits)
+    xn = _adversarial(levels.mids)
+    codes, values = kb.pair_values(xn, levels, 4096)
+    expected = _count_below(levels.mids, xn)
+    assert torch.equal(codes, expected), (dtype, bits)
+    assert torch.equal(values.view(torch.int32), levels.values[expected].view(torch.int32)), (dtype, bits)
+
+
+def test_pair_lookup_refuses_a_midpoint_that_is_not_the_mean() -> None:
+    # one midpoint an ulp above its neighbours' float32 mean: the kernel would compare with another float
+    # than the reference, so there is no pair table (the other searches read the midpoints themselves)
+    levels = _levels("nf", 6)
+    assert kb.mean_pairs(levels) is not None
+    mids = levels.mids.clone()
+    mids[20] = torch.nextafter(mids[20], torch.tensor(2.0))
+    moved = Levels(levels.values, mids)
+    assert not kb.mids_are_means(moved) and kb.mean_pairs(moved) is None
+    assert kb.bucket_table(moved) is not None  # the bucketed and packed searches still take it
+    # a subnormal mean: the kernel's add and multiply could flush it; refused
+    tiny = levels_from_values(torch.tensor([-1.0, 0.0, 1e-39, 1.0]))
+    assert not kb.mids_are_means(tiny)
+
+
 def test_search_kind_and_fallback() -> None:
     from kernels import triton_fused as tf
 
@@ -254,7 +291,9 @@ def same(x, spec, levels, choice=bucket, codes=True):
     pairs = 0 < choice.pairs_from_log2 <= log2 and not choice.l1_tables and table is not None
     paired = pairs and kb.mean_pairs(levels, choice.pairs_max_buckets) is not None
     kind = tf.SEARCH_PAIRS if paired else tf.SEARCH_PACKED if packed else bucketed
-    kind = (tf.SEARCH_ARITHMETIC if computed else tf.SEARCH_UNIFORM) if uniform else kind
+    valued = 0 < choice.computed_value_from_log2 <= log2 and kb.arithmetic_grid(levels) is not None
+    grid = tf.SEARCH_ARITHMETIC if computed else tf.SEARCH_GRID_VALUE if valued else tf.SEARCH_UNIFORM
+    kind = grid if uniform else kind
     assert tf._flags(x, levels, True, False, choice)["SEARCH"] == kind.value, spec
     ref = reference_fake_quantize(x, spec, levels)
     assert torch.equal(tf.fused_fake_quantize(x, spec, levels, choice=choice), ref), (spec, choice)
@@ -355,19 +394,25 @@ arithmetic = tf.FusedChoice(**small | {"uniform_from_log2": 1, "arithmetic_from_
 packed = tf.FusedChoice(**small | {"packed_from_buckets": 1})  # one word a bucket where a packed table exists
 late = {"packed_from_buckets": 1, "tables_first": False, "programs_per_sm": 1}
 packed_late_persist = tf.FusedChoice(**small | late)
+pairs = tf.FusedChoice(**small | {"pairs_from_log2": 1, "pairs_max_buckets": 4096})  # 8-bit dynamic too
+pairs_late_persist = tf.FusedChoice(**small | late | {"packed_from_buckets": 0, "pairs_from_log2": 1})
+grid_value = tf.FusedChoice(**small | {"uniform_from_log2": 1, "computed_value_from_log2": 1})
 for dtype, bits in itertools.product(CODEBOOKS, range(4, 9)):
     spec = QuantSpec(dtype, bits, 64)
     levels = levels_for(torch.randn(64, 64, generator=g), spec)
     x = torch.cat([torch.randn(1024, generator=g) * 0.02, edges(levels)])  # 16 whole blocks first
     choices = (ind_persist, persist) + (ind, first) * (bits % 2 == 0) + (l1, ind_l1) * (bits % 2 == 1)
-    choices += (uniform, uniform_late, arithmetic) * (dtype == "int") + (packed, packed_late_persist)
+    choices += (uniform, uniform_late, arithmetic, grid_value) * (dtype == "int")
+    choices += (packed, packed_late_persist) + (pairs, pairs_late_persist) * (dtype != "int")
     for choice in choices:
         same(x, spec, levels, choice, codes=choice.programs_per_sm > 0)
         flags = tf._flags(x, levels, True, False, choice)
         assert flags["INDEPENDENT"] == (choice.independent and kb.bucket_pairs(levels) is not None)
         assert (flags["SEARCH"] == tf.SEARCH_BUCKET_L1.value) == choice.l1_tables
-        packs = choice.packed_from_buckets > 0 and kb.packed_table(levels) is not None
+        paired = choice.pairs_from_log2 > 0 and kb.mean_pairs(levels, choice.pairs_max_buckets) is not None
+        packs = choice.packed_from_buckets > 0 and kb.packed_table(levels) is not None and not paired
         assert (flags["SEARCH"] == tf.SEARCH_PACKED.value) == packs
+        assert (flags["SEARCH"] == tf.SEARCH_PAIRS.value) == paired
         checked += 1
     # every table of up to MAX_PAIR_BUCKETS buckets here (all but 8-bit dynamic and quantile) has pairs
     assert kb.bucket_pairs(levels) is not None or bits == 8 and dtype in ("quantile", "dynamic")
@@ -379,6 +424,9 @@ for dtype, bits in itertools.product(CODEBOOKS, range(4, 9)):
             same(x, spec, levels, tf.FusedChoice(uniform_from_log2=1), codes=False)
             same(x, spec, levels, tf.FusedChoice(uniform_from_log2=1, arithmetic_from_log2=0), codes=False)
         same(x, spec, levels, tf.FusedChoice(packed_from_buckets=1, uniform_from_log2=0), codes=False)
+        same(x, spec, levels, tf.FusedChoice(pairs_from_log2=1, pairs_max_buckets=4096), codes=False)
+        if dtype == "int":
+            same(x, spec, levels, tf.FusedChoice(computed_value_from_log2=1), codes=False)
 # The uniform search at 3 bits too (below the bucketed search's 4; the other data types' default there is
 # the shared-memory binary search)
 spec = QuantSpec("int", 3, 64)
