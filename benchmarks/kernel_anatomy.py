@@ -52,7 +52,7 @@ from kernels.codebooks import Levels  # noqa: E402
 
 DTYPES = ["int", "fp", "nf", "quantile", "dynamic"]
 SEARCH_NAMES = dict(  # `triton_search.SEARCH_*` by value
-    enumerate("chain shared global bucket bucket-l1 uniform packed arithmetic pairs grid-value".split())
+    enumerate("chain shared global bucket bucket-l1 uniform packed arithmetic pairs grid-value".split())  # noqa: SIM905
 )
 WARPS = 4000  # warp instructions simulated per table
 
@@ -104,7 +104,9 @@ def table_reads(levels: Levels, flags: dict, xn: torch.Tensor) -> dict[str, floa
             "values": wavefronts(uniform_codes(xn, m, levels.mids)),
         }
     if search == tf.SEARCH_PAIRS.value:  # one 64-bit pair a bucket (the starts only where codes are stored)
-        return {"pairs": wavefronts64(bucket_index(xn, bucket_table(levels).buckets))}
+        table = bucket_table(levels)
+        assert table is not None
+        return {"pairs": wavefronts64(bucket_index(xn, table.buckets))}
     if search == tf.SEARCH_PACKED.value:
         packed = packed_table(levels)
         assert packed is not None
@@ -152,7 +154,7 @@ def sass_stats(flags: dict, values_per_thread: int, ptxas: Path, workdir: Path) 
         pointers["values_ptr"] = pointers["mids_ptr"] = "*i64"  # the value pairs
     signature = {**pointers, "n": "i64", "first_row": "i32", "tiles": "i32"}
     consts = {"BLOCK": block, "ROWS": values // block, "BLOCK_P2": block, "MASKED": False,
-              "PERSISTENT": False, **flags, "BF16_BY_HAND": False}  # fmt: skip
+              "PERSISTENT": False, "SPLIT": 1, **flags, "BF16_BY_HAND": False}  # fmt: skip
     signature.update(dict.fromkeys(consts, "constexpr"))
     attrs = {(i,): [["tt.divisibility", 16]] for i in range(len(pointers) + 1)}
     src = ASTSource(fn=tf._fused_blocks_kernel, signature=signature, constexprs=consts, attrs=attrs)
@@ -194,9 +196,9 @@ def main() -> None:
             levels = levels_for(torch.randn(256, 64, generator=torch.Generator().manual_seed(1)), spec)
             x = torch.empty(1, dtype=torch.bfloat16)
             flags = tf._flags(x, levels, True, False, choice)
-            wide = flags["SEARCH"] == tf.SEARCH_BUCKET.value and 0 < choice.wide_from_log2 <= bits
+            per_thread = tf.values_per_thread(64, flags, choice)  # block 64: never split
+            wide = per_thread > choice.values_per_thread
             reads = table_reads(levels, flags, xn)
-            per_thread = choice.values_per_thread * (2 if wide else 1)
             sass = sass_stats(flags, per_thread, ptxas, workdir) if ptxas else {}
             name = SEARCH_NAMES[flags["SEARCH"]]
             row = {"dtype": dtype, "bits": bits, "search": name, "wide": wide, "wavefronts": reads,

@@ -70,6 +70,8 @@ TINY_SCALE = tl.constexpr(scaling.TINY_SCALE)
 # that its default, fusion on, changes in 3.10; this pins it for every version).
 COMPILE_OPTIONS = {"enable_fp_fusion": False}
 MAX_FUSED_BLOCK = 8192  # widest (padded) block one program holds in registers
+SPLIT_SPAN = 256  # values a warp's lanes hold in one 16-byte vector each (bf16): a split block's slice
+MAX_SPLIT_BLOCK = 1024  # a split block's warp holds it whole: 32 values a thread at 1024
 TILE = 4096  # elements per program of the two-pass kernel
 
 
@@ -131,6 +133,10 @@ class FusedChoice:
         computed_value_from_log2: the int grid of 2^k >= 2^this entries (where arithmetic_from_log2 does
             not take it and `buckets.arithmetic_grid` proves its values) reads its midpoint and computes
             its value (`_grid_value_lookup`): one table read a value instead of two, for ~4 instructions.
+        split_from_block: power-of-two blocks of at least this many values (and over SPLIT_SPAN) are
+            held as [SPLIT, ROWS, SPLIT_SPAN] tiles (0: never; see `_tile_offsets`), so that Triton lays
+            each block in one warp and its absmax is reduced without a barrier; up to MAX_SPLIT_BLOCK, with
+            at least block / 32 values a thread (a warp holds one whole block).
         pairs_max_buckets: the largest pair table (both signs; 8 bytes a bucket, copied by every program).
         wide_from_log2: the bucketed search of codebooks of 2^k >= 2^this entries runs programs of twice
             values_per_thread (0: never), so each program's table set-up covers twice the values. Same
@@ -154,6 +160,7 @@ class FusedChoice:
     pairs_from_log2: int = 0
     computed_value_from_log2: int = 0
     pairs_max_buckets: int = 1024
+    split_from_block: int = 0
 
 
 DEFAULT_CHOICE = FusedChoice()
@@ -178,14 +185,45 @@ def _max_nan(a, b):
 
 
 @triton.jit
-def _tile_offsets(row0, n, BLOCK: tl.constexpr, ROWS: tl.constexpr, BLOCK_P2: tl.constexpr):
+def _tile_offsets(
+    row0, n, BLOCK: tl.constexpr, ROWS: tl.constexpr, BLOCK_P2: tl.constexpr, SPLIT: tl.constexpr
+):
     # Offsets of a program's ROWS blocks from row0's first value (int32), and the mask of those inside
-    # the weight (only the masked launch uses it).
-    rows = tl.arange(0, ROWS)
-    cols = tl.arange(0, BLOCK_P2)
-    offs = rows[:, None] * BLOCK + cols[None, :]
+    # the weight (only the masked launch uses it). SPLIT > 1 (a power-of-two block, `FusedChoice.split`):
+    # [SPLIT, ROWS, BLOCK / SPLIT], each block's SPLIT slices along the first axis, so that Triton lays a
+    # block in one warp (its warps go along the rows) and the absmax needs no exchange between warps.
+    if SPLIT == 1:
+        rows = tl.arange(0, ROWS)
+        cols = tl.arange(0, BLOCK_P2)
+        offs = rows[:, None] * BLOCK + cols[None, :]
+        inside = cols[None, :] < BLOCK
+    else:
+        W: tl.constexpr = BLOCK_P2 // SPLIT
+        slices = tl.arange(0, SPLIT)[:, None, None] * W
+        offs = tl.arange(0, ROWS)[None, :, None] * BLOCK + slices + tl.arange(0, W)[None, None, :]
+        inside = offs >= 0  # BLOCK == BLOCK_P2: every column is inside its block
     limit = tl.minimum(n - row0 * BLOCK, ROWS * BLOCK).to(tl.int32)
-    return offs, (cols[None, :] < BLOCK) & (offs < limit)
+    return offs, inside & (offs < limit)
+
+
+@triton.jit
+def _row_absmax(x, SPLIT: tl.constexpr):
+    # Each block's NaN-propagating max of |x| (one reduction gives the absmax and flags NaN and Inf blocks).
+    if SPLIT == 1:
+        m = tl.reduce(tl.abs(x), 1, _max_nan)
+    else:
+        m = tl.reduce(tl.reduce(tl.abs(x), 2, _max_nan), 0, _max_nan)
+    return m
+
+
+@triton.jit
+def _per_value(v, SPLIT: tl.constexpr):
+    # A per-block vector broadcast against the tile (`_tile_offsets`' shape).
+    if SPLIT == 1:  # noqa: SIM108 (a constexpr branch: only one side is compiled)
+        b = v[:, None]
+    else:
+        b = v[None, :, None]
+    return b
 
 
 @triton.jit
@@ -195,27 +233,27 @@ def _quantize_rows(
     SEARCH: tl.constexpr, MASKED: tl.constexpr, STORE_OUT: tl.constexpr, STORE_CODES: tl.constexpr,
     BF16_BY_HAND: tl.constexpr, BUCKET_SHIFT: tl.constexpr, BUCKET_FIRST: tl.constexpr,
     BUCKET_LOG2: tl.constexpr, WINDOW: tl.constexpr, INDEPENDENT: tl.constexpr, TABLES_FIRST: tl.constexpr,
+    SPLIT: tl.constexpr,
 ):  # fmt: skip
     # Quantize the ROWS blocks from row0 (x: their float32 values, 0 where masked) and store them.
     base = row0 * BLOCK  # int64: the pointers move once per program, offsets are int32
-    offs, mask = _tile_offsets(row0, n, BLOCK, ROWS, BLOCK_P2)
-    # NaN-propagating max: one reduction gives the absmax and flags NaN (NaN) and Inf (inf) blocks.
-    absmax = tl.reduce(tl.abs(x), 1, _max_nan)
+    offs, mask = _tile_offsets(row0, n, BLOCK, ROWS, BLOCK_P2, SPLIT)
+    absmax = _row_absmax(x, SPLIT)
     tiny = absmax < TINY_ABSMAX
     scale = tl.where(tiny, TINY_SCALE, 1.0)
     inv = tl.div_rn(tl.full(absmax.shape, 1.0, tl.float32), tl.where(absmax > 0, absmax, 1.0) * scale)
     # Both multiplies always: x * 1 is exact, and a branch to skip it was compiled as both sides and a
     # select per value (a multiply and a select more than this, and a barrier for the branch's test).
-    xn = (x * scale[:, None]) * inv[:, None]
+    xn = (x * _per_value(scale, SPLIT)) * _per_value(inv, SPLIT)
     # 1-D for tl.gather (a row-major reshape: the same values in the same places), then back.
     code, value = _nearest(
         tl.reshape(xn, [ROWS * BLOCK_P2]), mids_ptr, values_ptr, starts_ptr, starts, mids, values,
         LOG2_LEVELS, SEARCH, STORE_OUT, STORE_CODES, BUCKET_SHIFT, BUCKET_FIRST, BUCKET_LOG2, WINDOW,
         INDEPENDENT, TABLES_FIRST,
     )  # fmt: skip
-    code, value = tl.reshape(code, [ROWS, BLOCK_P2]), tl.reshape(value, [ROWS, BLOCK_P2])
+    code, value = tl.reshape(code, x.shape), tl.reshape(value, x.shape)
     if STORE_OUT:
-        y = _cast_out(value * absmax[:, None], out_ptr, BF16_BY_HAND)
+        y = _cast_out(value * _per_value(absmax, SPLIT), out_ptr, BF16_BY_HAND)
         tl.store(out_ptr + base + offs, y, mask=mask if MASKED else None)
     if STORE_CODES:
         tl.store(codes_ptr + base + offs, code.to(codes_ptr.dtype.element_ty), mask=mask if MASKED else None)
@@ -231,7 +269,7 @@ def _fused_blocks_kernel(
     SEARCH: tl.constexpr, MASKED: tl.constexpr, STORE_OUT: tl.constexpr, STORE_CODES: tl.constexpr,
     BF16_BY_HAND: tl.constexpr, BUCKET_SHIFT: tl.constexpr, BUCKET_FIRST: tl.constexpr,
     BUCKET_LOG2: tl.constexpr, WINDOW: tl.constexpr, INDEPENDENT: tl.constexpr, TABLES_FIRST: tl.constexpr,
-    PERSISTENT: tl.constexpr,
+    PERSISTENT: tl.constexpr, SPLIT: tl.constexpr,
 ):  # fmt: skip
     # One program quantizes ROWS whole blocks (a tile), or PERSISTENT (unmasked launch) the tiles
     # pid, pid + programs, ... < tiles, loading each next tile's weights before quantizing the current one.
@@ -241,7 +279,7 @@ def _fused_blocks_kernel(
     )  # fmt: skip
     tile = tl.program_id(0)
     row0 = first_row + tile.to(tl.int64) * ROWS
-    offs, mask = _tile_offsets(row0, n, BLOCK, ROWS, BLOCK_P2)
+    offs, mask = _tile_offsets(row0, n, BLOCK, ROWS, BLOCK_P2, SPLIT)
     x = tl.load(x_ptr + row0 * BLOCK + offs, mask=mask if MASKED else None, other=0.0 if MASKED else None)
     if PERSISTENT:
         programs = tl.num_programs(0)
@@ -254,14 +292,14 @@ def _fused_blocks_kernel(
                 x.to(tl.float32), row0, out_ptr, codes_ptr, absmax_ptr, values_ptr, mids_ptr, starts_ptr,
                 starts, mids, values, n, BLOCK, ROWS, BLOCK_P2, LOG2_LEVELS, SEARCH, MASKED, STORE_OUT,
                 STORE_CODES, BF16_BY_HAND, BUCKET_SHIFT, BUCKET_FIRST, BUCKET_LOG2, WINDOW, INDEPENDENT,
-                TABLES_FIRST,
+                TABLES_FIRST, SPLIT,
             )  # fmt: skip
             x, row0 = x_next, next_row0
     else:
         _quantize_rows(
             x.to(tl.float32), row0, out_ptr, codes_ptr, absmax_ptr, values_ptr, mids_ptr, starts_ptr, starts,
             mids, values, n, BLOCK, ROWS, BLOCK_P2, LOG2_LEVELS, SEARCH, MASKED, STORE_OUT, STORE_CODES,
-            BF16_BY_HAND, BUCKET_SHIFT, BUCKET_FIRST, BUCKET_LOG2, WINDOW, INDEPENDENT, TABLES_FIRST,
+            BF16_BY_HAND, BUCKET_SHIFT, BUCKET_FIRST, BUCKET_LOG2, WINDOW, INDEPENDENT, TABLES_FIRST, SPLIT,
         )  # fmt: skip
 
 
@@ -291,6 +329,22 @@ def _scaled_kernel(
         tl.store(out_ptr + offs, _cast_out(value * absmax, out_ptr, BF16_BY_HAND), mask=mask)
     if STORE_CODES:
         tl.store(codes_ptr + offs, code.to(codes_ptr.dtype.element_ty), mask=mask)
+
+
+def split_of(block: int, choice: FusedChoice) -> int:
+    """The one-pass kernel's SPLIT for this block size (`FusedChoice.split_from_block`; 1: not split):
+    power-of-two blocks over SPLIT_SPAN values, up to MAX_SPLIT_BLOCK."""
+    split = 0 < choice.split_from_block <= block <= MAX_SPLIT_BLOCK and block > SPLIT_SPAN
+    return block // SPLIT_SPAN if split and block & (block - 1) == 0 else 1
+
+
+def values_per_thread(block: int, flags: dict, choice: FusedChoice) -> int:
+    """Values a thread of the one-pass kernel holds: twice `values_per_thread` for the bucketed and the pair
+    searches from `wide_from_log2`, and for a split block at least a warp's share of one block."""
+    searches = (SEARCH_BUCKET.value, SEARCH_PAIRS.value)
+    wide = flags["SEARCH"] in searches and 0 < choice.wide_from_log2 <= flags["LOG2_LEVELS"]
+    per_thread = choice.values_per_thread * (2 if wide else 1)
+    return max(per_thread, block // 32) if split_of(block, choice) > 1 else per_thread
 
 
 def search_kind(log2_levels: int, choice: FusedChoice) -> int:
@@ -403,15 +457,15 @@ def _launch(
     flags = _flags(x, levels, store_out, codes is not None, choice)
     tables = _tables(levels, flags, choice)
     if block <= MAX_FUSED_BLOCK and spec.block_size is not None:
-        wide = flags["SEARCH"] == SEARCH_BUCKET.value and 0 < choice.wide_from_log2 <= flags["LOG2_LEVELS"]
-        per_thread = choice.values_per_thread * (2 if wide else 1)
+        per_thread = values_per_thread(block, flags, choice)
         rows, num_warps = fused_config(block, n_blocks, per_thread, choice.num_warps)
         absmax = torch.empty(n_blocks, dtype=torch.float32, device=x.device)
         for first_row, tiles, masked in fused_launches(n, block, rows):
             persistent = choice.programs_per_sm > 0 and not masked
             launch_args = (*args, absmax, *tables, n, first_row, tiles)
             kwargs = dict(BLOCK=block, ROWS=rows, BLOCK_P2=triton.next_power_of_2(block), MASKED=masked,
-                          PERSISTENT=persistent, num_warps=num_warps, **COMPILE_OPTIONS, **flags)  # fmt: skip
+                          PERSISTENT=persistent, SPLIT=split_of(block, choice), num_warps=num_warps,
+                          **COMPILE_OPTIONS, **flags)  # fmt: skip
             programs = tiles
             if persistent:  # the compiled kernel's registers bound the programs a multiprocessor holds
                 kernel = _fused_blocks_kernel.warmup(*launch_args, grid=(1,), **kwargs) if x.is_cuda else None

@@ -96,7 +96,10 @@ def test_every_launch_choice_agrees(bits: int) -> None:
                FusedChoice(l1_tables=True), FusedChoice(l1_tables=True, independent=True, **off),
                FusedChoice(packed_from_buckets=1), FusedChoice(packed_from_buckets=1, tables_first=False),
                FusedChoice(packed_from_buckets=1, programs_per_sm=4), FusedChoice(pairs_from_log2=1),
-               FusedChoice(pairs_from_log2=1, tables_first=False, values_per_thread=32)]  # fmt: skip
+               FusedChoice(pairs_from_log2=1, tables_first=False, values_per_thread=32),
+               FusedChoice(split_from_block=512),
+               FusedChoice(split_from_block=512, pairs_from_log2=1, programs_per_sm=4),
+               FusedChoice(split_from_block=512, computed_value_from_log2=1, wide_from_log2=4)]  # fmt: skip
     for salt, (shape, block) in enumerate([((4099, 4096), 64), ((1000, 333), 1024), ((513, 257), None)]):
         w = _fresh(shape, torch.bfloat16, 100 + salt)
         spec = QuantSpec("nf", bits, block)
