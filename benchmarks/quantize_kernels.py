@@ -97,6 +97,10 @@ CHOICES: dict[str, dict[str, Any]] = {  # FusedChoice fields and their values (i
     "pairs": {"pairs_from_log2": 4},  # tables of <= 1024 buckets (8 KB a program)
     "pairs+big": {"pairs_from_log2": 4, "pairs_max_buckets": 4096},  # 8-bit quantile and dynamic too
     "pairs+w8": {"pairs_from_log2": 4, "pairs_max_buckets": 4096, "num_warps": 8},  # half the copies a value
+    # the fourteenth session's defaults against the thirteenth's, in the same run
+    "old": {"pairs_from_log2": 0, "computed_value_from_log2": 0, "wide_from_log2": 6},
+    "wide6": {"wide_from_log2": 6},
+    "new+split": {"split_from_block": 512},
     # blocks of 512 and 1024 held a warp each (no barrier for the absmax; 32 values a thread at 1024)
     "split": {"split_from_block": 512},
     # candidates: pairs from 4 bits, the int grid's computed value at 8, split blocks, wide from 7 or 8

@@ -154,12 +154,12 @@ class FusedChoice:
     programs_per_sm: int = 0
     l1_tables: bool = False
     uniform_from_log2: int = 1
-    wide_from_log2: int = 6
+    wide_from_log2: int = 7
     packed_from_buckets: int = 512
     arithmetic_from_log2: int = 0
-    pairs_from_log2: int = 0
-    computed_value_from_log2: int = 0
-    pairs_max_buckets: int = 1024
+    pairs_from_log2: int = 4
+    computed_value_from_log2: int = 8
+    pairs_max_buckets: int = 2048
     split_from_block: int = 0
 
 
