@@ -154,7 +154,7 @@ class FusedChoice:
     programs_per_sm: int = 0
     l1_tables: bool = False
     uniform_from_log2: int = 1
-    wide_from_log2: int = 7
+    wide_from_log2: int = 6
     packed_from_buckets: int = 512
     arithmetic_from_log2: int = 0
     pairs_from_log2: int = 4

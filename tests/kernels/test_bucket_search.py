@@ -234,7 +234,7 @@ def test_pair_lookup_refuses_a_midpoint_that_is_not_the_mean() -> None:
 def test_search_kind_and_fallback() -> None:
     from kernels import triton_fused as tf
 
-    bucket = tf.FusedChoice(bucket_from_log2=6, packed_from_buckets=0)
+    bucket = tf.FusedChoice(bucket_from_log2=6, packed_from_buckets=0, pairs_from_log2=0)
     chain, shared, global_, by_bucket = 0, 1, 2, 3
     assert (tf.SEARCH_CHAIN, tf.SEARCH_SHARED, tf.SEARCH_GLOBAL, tf.SEARCH_BUCKET) == (0, 1, 2, 3)
     assert [tf.search_kind(k, bucket) for k in (5, 6, 8, 9)] == [shared, by_bucket, by_bucket, global_]
@@ -262,7 +262,8 @@ from kernels.blockwise import _codes_torch, levels_for, normalize_rows, referenc
 from kernels.codebooks import levels_from_values
 from tests.kernels.test_bucket_search import _levels
 
-bucket = tf.FusedChoice(bucket_from_log2=6, uniform_from_log2=0, packed_from_buckets=0)  # int too; not packed
+no = {"uniform_from_log2": 0, "packed_from_buckets": 0, "pairs_from_log2": 0}
+bucket = tf.FusedChoice(bucket_from_log2=6, **no)  # int too; not packed, no pairs
 g = torch.Generator().manual_seed(99)
 checked = 0
 
@@ -380,14 +381,15 @@ CHOICES_SCRIPT = (
 # bits for every codebook data type: ordinary blocks and those of `edges` in one float32 weight long
 # enough that each of the 4 persistent programs (the interpreter counts 4 multiprocessors) loops over
 # several tiles of 256 values, then a masked tail launch.
-small = dict(values_per_thread=4, num_warps=2, uniform_from_log2=0, packed_from_buckets=0)
+small = dict(values_per_thread=4, num_warps=2, uniform_from_log2=0, packed_from_buckets=0, pairs_from_log2=0)
 ind = tf.FusedChoice(independent=True, **small)
 first = tf.FusedChoice(tables_first=False, **small)  # the default loads them first
 persist = tf.FusedChoice(programs_per_sm=1, **small)
 ind_persist = tf.FusedChoice(independent=True, programs_per_sm=1, **small)
 l1 = tf.FusedChoice(l1_tables=True, **small)  # the tables read by loads, not from shared memory
 ind_l1 = tf.FusedChoice(l1_tables=True, independent=True, **small)
-grid = {"uniform_from_log2": 1, "arithmetic_from_log2": 0}  # the int grid's search with its two tables
+# the int grid's search with its two tables
+grid = {"uniform_from_log2": 1, "arithmetic_from_log2": 0, "computed_value_from_log2": 0}
 uniform = tf.FusedChoice(**small | grid)
 uniform_late = tf.FusedChoice(tables_first=False, **small | grid)
 arithmetic = tf.FusedChoice(**small | {"uniform_from_log2": 1, "arithmetic_from_log2": 1})  # no tables
@@ -418,12 +420,14 @@ for dtype, bits in itertools.product(CODEBOOKS, range(4, 9)):
     assert kb.bucket_pairs(levels) is not None or bits == 8 and dtype in ("quantile", "dynamic")
     if bits == 8:  # the two-pass kernel (block None) with the independent lookup and the tables first
         spec = QuantSpec(dtype, bits, None)
-        ind = tf.FusedChoice(independent=True, uniform_from_log2=0, packed_from_buckets=0)
+        ind = tf.FusedChoice(independent=True, uniform_from_log2=0, packed_from_buckets=0, pairs_from_log2=0)
         same(x, spec, levels, ind, codes=False)
         if dtype == "int":
             same(x, spec, levels, tf.FusedChoice(uniform_from_log2=1), codes=False)
-            same(x, spec, levels, tf.FusedChoice(uniform_from_log2=1, arithmetic_from_log2=0), codes=False)
-        same(x, spec, levels, tf.FusedChoice(packed_from_buckets=1, uniform_from_log2=0), codes=False)
+            two_tables = tf.FusedChoice(uniform_from_log2=1, computed_value_from_log2=0)
+            same(x, spec, levels, two_tables, codes=False)
+        packed_only = tf.FusedChoice(packed_from_buckets=1, uniform_from_log2=0, pairs_from_log2=0)
+        same(x, spec, levels, packed_only, codes=False)
         same(x, spec, levels, tf.FusedChoice(pairs_from_log2=1, pairs_max_buckets=4096), codes=False)
         if dtype == "int":
             same(x, spec, levels, tf.FusedChoice(computed_value_from_log2=1), codes=False)

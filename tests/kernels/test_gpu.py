@@ -87,7 +87,7 @@ def test_every_launch_choice_agrees(bits: int) -> None:
     from kernels.blockwise import levels_for
     from kernels.triton_fused import FusedChoice, fused_fake_quantize
 
-    off = {"packed_from_buckets": 0}  # the bucketed search's own choices, not the packed lookup's
+    off = {"packed_from_buckets": 0, "pairs_from_log2": 0}  # the bucketed search's own choices
     choices = [FusedChoice(max_chain_log2=8), FusedChoice(max_shared_log2=0), FusedChoice(bucket_from_log2=0),
                FusedChoice(values_per_thread=32), FusedChoice(values_per_thread=8, num_warps=4),
                FusedChoice(independent=True, **off), FusedChoice(tables_first=False, **off),
@@ -124,8 +124,10 @@ def test_bucket_search_equals_reference(dtype: str) -> None:
         fused_quantize,
     )
 
-    bucket = FusedChoice(bucket_from_log2=6, uniform_from_log2=0, packed_from_buckets=0)  # int too
-    packed = FusedChoice(bucket_from_log2=6, uniform_from_log2=0, packed_from_buckets=1)
+    bucket = FusedChoice(
+        bucket_from_log2=6, uniform_from_log2=0, packed_from_buckets=0, pairs_from_log2=0
+    )  # int too
+    packed = FusedChoice(bucket_from_log2=6, uniform_from_log2=0, packed_from_buckets=1, pairs_from_log2=0)
     cases = [((4099, 4096), 8, 64, torch.bfloat16), ((1000, 333), 7, 100, torch.float32),
              ((513, 257), 6, None, torch.bfloat16), ((4096, 1024), 8, 1024, torch.float16)]  # fmt: skip
     for salt, (shape, bits, block, torch_dtype) in enumerate(cases):
@@ -162,8 +164,10 @@ def test_uniform_search_equals_reference(bits: int) -> None:
         fused_quantize,
     )
 
-    tables = FusedChoice(uniform_from_log2=1, arithmetic_from_log2=0)
-    late = FusedChoice(uniform_from_log2=1, arithmetic_from_log2=0, tables_first=False, values_per_thread=32)
+    tables = FusedChoice(uniform_from_log2=1, arithmetic_from_log2=0, computed_value_from_log2=0)
+    late = FusedChoice(
+        uniform_from_log2=1, computed_value_from_log2=0, tables_first=False, values_per_thread=32
+    )
     computed = FusedChoice(uniform_from_log2=1, arithmetic_from_log2=1)  # no tables (`_arithmetic_lookup`)
     grid_value = FusedChoice(computed_value_from_log2=1)  # the midpoint read, the value computed
     for salt, (shape, block, torch_dtype, choice) in enumerate([
@@ -200,10 +204,11 @@ def test_bucket_search_edges(bits: int) -> None:
     from kernels.blockwise import levels_for
     from kernels.triton_fused import FusedChoice, _launch, fused_fake_quantize
 
-    bucket = FusedChoice(bucket_from_log2=6, uniform_from_log2=0, packed_from_buckets=0)
-    ind_persist = FusedChoice(independent=True, programs_per_sm=2, uniform_from_log2=0, packed_from_buckets=0)
+    no = {"uniform_from_log2": 0, "packed_from_buckets": 0, "pairs_from_log2": 0}  # the bucketed search
+    bucket = FusedChoice(bucket_from_log2=6, **no)
+    ind_persist = FusedChoice(independent=True, programs_per_sm=2, **no)
     uniform = FusedChoice(uniform_from_log2=1)  # int only; the bucketed search for the others
-    packed = FusedChoice(packed_from_buckets=1, uniform_from_log2=0)  # one word a bucket (not 8-bit dynamic)
+    packed = FusedChoice(packed_from_buckets=1, uniform_from_log2=0, pairs_from_log2=0)  # not 8-bit dynamic
     pairs = FusedChoice(pairs_from_log2=1, pairs_max_buckets=4096, uniform_from_log2=0)  # midpoints computed
     pairs_persist = FusedChoice(pairs_from_log2=1, programs_per_sm=2, uniform_from_log2=0)
     grid_value = FusedChoice(computed_value_from_log2=1)  # int: the value computed; the others as default

@@ -42,11 +42,12 @@ def _ptx(fn, signature: dict[str, str], constexprs: Mapping[str, object], num_wa
     return compiled.asm["ptx"]
 
 
-def _check(ptx: str, divides: bool = True, vector_loads: bool = True) -> None:
+def _check(ptx: str, divides: bool = True, vector_loads: bool = True, fma: bool = False) -> None:
     if divides:
         assert "div.rn.f32" in ptx
     assert "div.full" not in ptx and "div.approx" not in ptx and "rcp.approx" not in ptx
-    assert not re.search(r"\bfma\.rn\.f32", ptx), "a fused multiply-add would change the rounding"
+    fmas = len(re.findall(r"\bfma\.rn\.f32", ptx))  # fma: only the int grid's computed value's own (tl.fma)
+    assert fmas == 0 or fma, "a fused multiply-add would change the rounding"
     assert ".ftz" not in ptx, "flushing subnormals to zero would change the rounding"
     if vector_loads:
         assert "ld.global.v4.b32" in ptx, "weights should load as 16-byte vectors"
@@ -76,7 +77,7 @@ def _bucket_flags(dtype: str, log2_levels: int) -> dict[str, int]:
             "TABLES_FIRST": False}  # fmt: skip
 
 
-CHAIN, SHARED, GLOBAL, BUCKET, UNIFORM, PACKED = 0, 1, 2, 3, 5, 6  # triton_fused.SEARCH_*
+CHAIN, SHARED, GLOBAL, BUCKET, UNIFORM, PACKED, PAIRS, GRID_VALUE = 0, 1, 2, 3, 5, 6, 8, 9  # SEARCH_*
 
 
 def _fused_ptx(
@@ -88,19 +89,24 @@ def _fused_ptx(
     buckets: Mapping[str, object],
     persistent: bool = False,
     pointers: Mapping[str, str] = COMMON,
+    split: int = 1,
+    fma: bool = False,
+    num_warps: int = 8,
 ) -> str:
     import triton
 
     from kernels import triton_fused
 
     sig = {**pointers, "n": "i64", "first_row": "i32", "tiles": "i32"}
-    sig.update(dict.fromkeys(["BLOCK", "ROWS", "BLOCK_P2", "MASKED", "PERSISTENT", *FLAGS], "constexpr"))
+    sig.update(
+        dict.fromkeys(["BLOCK", "ROWS", "BLOCK_P2", "MASKED", "PERSISTENT", "SPLIT", *FLAGS], "constexpr")
+    )
     block_p2 = triton.next_power_of_2(block)
     consts = {"BLOCK": block, "ROWS": 4096 // block_p2, "BLOCK_P2": block_p2, "MASKED": masked,
-              "PERSISTENT": persistent, "LOG2_LEVELS": log2_levels, "SEARCH": search, "STORE_OUT": True,
-              "STORE_CODES": store_codes, "BF16_BY_HAND": False, **buckets}  # fmt: skip
-    ptx = _ptx(triton_fused._fused_blocks_kernel, sig, consts)
-    _check(ptx, vector_loads=block == block_p2)
+              "PERSISTENT": persistent, "SPLIT": split, "LOG2_LEVELS": log2_levels, "SEARCH": search,
+              "STORE_OUT": True, "STORE_CODES": store_codes, "BF16_BY_HAND": False, **buckets}  # fmt: skip
+    ptx = _ptx(triton_fused._fused_blocks_kernel, sig, consts, num_warps)
+    _check(ptx, vector_loads=block == block_p2, fma=fma)
     return ptx
 
 
@@ -233,6 +239,55 @@ def test_packed_lookup_compiles_for_sm90(dtype: str, log2_levels: int, block: in
     assert _scalar_loads(ptx) <= 5, _scalar_loads(ptx)
     assert _shared_loads(ptx, r"\.b32") >= per_thread * 2, _shared_loads(ptx)
     assert _shared_loads(ptx, r"\.b8") == 0, _shared_loads(ptx, r"\.b8")
+
+
+PAIR_CASES = [("nf", 8, 64, False), ("fp", 6, 1024, True), ("quantile", 4, 100, False)]
+
+
+@pytest.mark.parametrize(("dtype", "log2_levels", "block", "store_codes"), PAIR_CASES)
+def test_pair_lookup_compiles_for_sm90(dtype: str, log2_levels: int, block: int, store_codes: bool) -> None:
+    # The pair lookup (FusedChoice.pairs_from_log2): per value one 64-bit shared-memory read (the bucket's
+    # value pair) and no other table read, but the bucket's start (one byte) where codes are stored.
+    import torch
+
+    from kernels import QuantSpec, triton_fused
+    from kernels.blockwise import levels_for
+    from kernels.buckets import mean_pairs
+
+    assert triton_fused.SEARCH_PAIRS == PAIRS
+    w = torch.randn(64, 256, generator=torch.Generator().manual_seed(log2_levels))
+    table = mean_pairs(levels_for(w, QuantSpec(dtype, log2_levels, 64)))
+    assert table is not None
+    flags = {"BUCKET_SHIFT": table.buckets.shift, "BUCKET_FIRST": table.buckets.first,
+             "BUCKET_LOG2": table.buckets.log2_buckets, "WINDOW": 1, "INDEPENDENT": False,
+             "TABLES_FIRST": True}  # fmt: skip
+    pairs = {**COMMON, "values_ptr": "*i64", "mids_ptr": "*i64"}
+    ptx = _fused_ptx(log2_levels, PAIRS, block, block != 64, store_codes, flags, pointers=pairs)
+    per_thread = 4096 // (8 * 32)
+    assert _scalar_loads(ptx) <= 5, _scalar_loads(ptx)
+    assert _shared_loads(ptx, r"\.b64") >= per_thread, _shared_loads(ptx, r"\.b64")
+    assert _shared_loads(ptx, r"\.b8") == (per_thread if store_codes else 0), _shared_loads(ptx, r"\.b8")
+
+
+def test_grid_value_and_split_compile_for_sm90() -> None:
+    # The int grid's computed value (FusedChoice.computed_value_from_log2): one 32-bit shared-memory read
+    # a value (its midpoint), not two. Split blocks (FusedChoice.split_from_block): a block of 1024 held by
+    # one warp needs fewer barriers than one spread over the program's four warps (its absmax).
+    from kernels import triton_fused
+
+    assert triton_fused.SEARCH_GRID_VALUE == GRID_VALUE
+    per_thread = 4096 // (8 * 32)
+    ptx = _fused_ptx(8, GRID_VALUE, 64, False, False, {**NO_BUCKETS, "TABLES_FIRST": True}, fma=True)
+    assert per_thread <= _shared_loads(ptx, r"\.b32") < per_thread * 2, _shared_loads(ptx, r"\.b32")
+    flags = {**NO_BUCKETS, "TABLES_FIRST": True}
+    spread = _fused_ptx(4, UNIFORM, 1024, False, False, flags, num_warps=4)  # 4 blocks, as launched
+    split = _fused_ptx(
+        4, UNIFORM, 1024, False, False, flags, split=1024 // triton_fused.SPLIT_SPAN, num_warps=4
+    )
+    assert split.count("bar.sync") < spread.count("bar.sync"), (
+        split.count("bar.sync"),
+        spread.count("bar.sync"),
+    )
 
 
 def test_two_pass_kernel_compiles_for_sm90() -> None:
