@@ -130,16 +130,27 @@ class FusedChoice:
             neighbours (`buckets.mean_pairs`), use the pair lookup (0: never): one 64-bit read a value,
             the bucket's (values[start], values[start + 1]), and the midpoint computed, where the packed
             lookup reads a word and then the value. Codes, where stored, read the bucket's start too.
+            4 (fourteenth session, one H200, 0636920, against the thirteenth session's defaults in the same
+            run, blocks 64/1024): fp 4-8 bits 0.74-0.89 -> 0.81-0.95 of copy, nf 6 0.75-0.82 -> 0.80-0.86,
+            nf 8 0.62-0.67 -> 0.70-0.77, dynamic 7 0.67-0.73 -> 0.71-0.78; dynamic 5 0.84-0.89 -> 0.83-0.86
+            (the one loss).
         computed_value_from_log2: the int grid of 2^k >= 2^this entries (where arithmetic_from_log2 does
             not take it and `buckets.arithmetic_grid` proves its values) reads its midpoint and computes
             its value (`_grid_value_lookup`): one table read a value instead of two, for ~4 instructions.
+            8 (same run): int 8 0.76-0.82 -> 0.83; at 4-7 bits it lost 0.04-0.11 (8e35693).
+        pairs_max_buckets: the largest pair table (both signs; 8 bytes a bucket, copied by every program):
+            2048 takes 8-bit quantile (0.62-0.63 -> 0.63-0.70); 4096 (8-bit dynamic's, 32 KB) was slower
+            than its bucketed search (0.39-0.43 against 0.60-0.63, 8e35693).
         split_from_block: power-of-two blocks of at least this many values (and over SPLIT_SPAN) are
             held as [SPLIT, ROWS, SPLIT_SPAN] tiles (0: never; see `_tile_offsets`), so that Triton lays
             each block in one warp and its absmax is reduced without a barrier; up to MAX_SPLIT_BLOCK, with
-            at least block / 32 values a thread (a warp holds one whole block).
-        pairs_max_buckets: the largest pair table (both signs; 8 bytes a bucket, copied by every program).
-        wide_from_log2: the bucketed search of codebooks of 2^k >= 2^this entries runs programs of twice
-            values_per_thread (0: never), so each program's table set-up covers twice the values. Same
+            at least block / 32 values a thread (a warp holds one whole block). Opt-in: at block 1024 it
+            gained at 7 bits (quantile 0.64 -> 0.71) and lost where the search is cheap (int 6 0.91 -> 0.88,
+            3 bits 0.86 -> 0.74: 32 values a thread), 25fee39.
+        wide_from_log2: the bucketed and the pair searches of codebooks of 2^k >= 2^this entries run
+            programs of twice values_per_thread (0: never), so each program's table set-up covers twice the
+            values. For the pair lookup 6 beat 7 at 6 bits (nf 0.77-0.83 -> 0.78-0.85, 599c372) and 8 bits
+            gained (nf 0.63-0.71 -> 0.69-0.77, 8e35693). Same
             run, `--choices vpt32`: 6 bits 0.73-0.77 -> 0.75-0.80, 8 bits 0.55-0.72 -> 0.58-0.74; at 3
             bits twice the values were slower (0.81-0.84 -> 0.76).
     """

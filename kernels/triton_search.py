@@ -12,7 +12,10 @@ which costs 2 x (2^k - 1) instructions per value, and for large codebooks a buck
 indexed by xn's sign, exponent and top mantissa bits gives the code of the bucket's lowest float, and one
 to four compares finish it (see `_bucket_lookup`; the default from 4 bits, in programs of twice the values
 from 6). The int grid (j - m) / m needs no bucket table: arithmetic on xn gives the one midpoint to
-compare (`_uniform_lookup`, the default for int at every bit width). Opt-in: the int grid without any
+compare (`_uniform_lookup`, the default for int at every bit width; at 8 bits the compared midpoint is
+read and the value computed, `_grid_value_lookup`). Where a codebook's midpoints are the float32 means of
+their neighbours, one 64-bit read of the bucket's value pair finishes the bucketed search: the midpoint
+between the two is computed (`_pair_lookup`, the default from 4 bits). Opt-in: the int grid without any
 table where the codebook's floats are exactly the computed quotients (`_arithmetic_lookup`), per-bucket
 tables read in independent gathers, tables read through L1, tables loaded after the weights, persistent
 programs. Fixed choices, compared by the benchmark, no autotuning.
