@@ -73,6 +73,16 @@ class BucketTable:
     window: int
 
 
+@functools.lru_cache(maxsize=64)
+def host_levels(levels: Levels) -> tuple[Tensor, Tensor]:
+    """(values, mids) on the host, copied in one transfer and cached per Levels object: the choices below
+    all read them, and a per-tensor quantile codebook is new for every weight (on a GPU each separate
+    copy is a synchronization)."""
+    n = levels.values.numel()
+    both = torch.cat([levels.values, levels.mids]).cpu()
+    return both[:n], both[n:]
+
+
 def clamped_bits(xn: Tensor, buckets: Buckets) -> Tensor:
     """The bits (int64) of each float32 |xn| clamped to [bucket 0's lowest float, 1.0], as the kernel's
     `_clamped_bits` computes them: fmin/fmax keep the number of a quiet NaN as PTX's min/max do (xn is a
@@ -143,9 +153,10 @@ def bucket_table(levels: Levels) -> BucketTable | None:
 
     None if every table of at most 2 x 2^MAX_BUCKETS_LOG2 entries needs a window over MAX_WINDOW (e.g.
     a quantile codebook with many equal values). Cached per Levels object, as `eytzinger_mids` is; the
-    choice reads the mids on the host: one device-to-host copy per new codebook on a GPU (~10 ms).
+    choice reads the mids on the host (`host_levels`: one device-to-host copy per new codebook, shared by
+    every choice).
     """
-    mids = levels.mids.cpu()
+    mids = host_levels(levels)[1]
     windows = _windows(mids)
     buckets = min(windows, key=lambda g: (windows[g], g.log2_buckets, g.mantissa_bits))
     window = windows[buckets]
@@ -205,7 +216,7 @@ def mids_are_means(levels: Levels) -> bool:
     """Whether each midpoint between two values is the kernel's float32 (values[j] + values[j + 1]) * 0.5
     (an add and a multiply, each rounded; no subnormal result). `levels_from_value_rows` rounds the exact
     mean once, which is the same float wherever the sum is exact in float64: the pair lookup checks it."""
-    values, mids = levels.values.cpu(), levels.mids.cpu()
+    values, mids = host_levels(levels)
     means = (values[:-1] + values[1:]) * 0.5
     normal = (means == 0) | (means.abs() >= torch.finfo(torch.float32).tiny)
     return bool(torch.equal(means, mids[: means.numel()]) and normal.all())
@@ -335,7 +346,7 @@ def packed_table(levels: Levels) -> PackedTable | None:
     """
     if levels.mids.numel() > 1 << BUCKET_MAX_LEVELS_LOG2:
         return None
-    mids = levels.mids.cpu()
+    mids = host_levels(levels)[1]
     windows = _windows(mids)
     for buckets in sorted(windows, key=lambda g: (g.log2_buckets, g.mantissa_bits)):
         if windows[buckets] > 1 or 2 << buckets.log2_buckets > MAX_PACKED_BUCKETS:
@@ -390,7 +401,7 @@ def uniform_m(levels: Levels) -> int | None:
     one compare: its guess can be one off only where xn lies near a value, half a step from any midpoint.
     Cached per Levels object (reads the mids on the host, as `bucket_table` does).
     """
-    mids = levels.mids.double().cpu()
+    mids = host_levels(levels)[1].double()
     m = (1 << (mids.numel().bit_length() - 2)) - 1
     if m < 1 or levels.values.numel() != 2 * m + 1:
         return None
@@ -457,8 +468,9 @@ def arithmetic_grid(levels: Levels) -> int | None:
     mids = (values[:-2] + values[1:-1]) * 0.5
     as_bits = lambda t: t.float().cpu().contiguous().view(torch.int32)  # noqa: E731
     exact = torch.equal(as_bits(quotients), as_bits(values))
-    exact = exact and torch.equal(as_bits(levels.values), as_bits(values[:-1]))
-    return m if exact and torch.equal(as_bits(levels.mids[: 2 * m]), as_bits(mids)) else None
+    held_values, held_mids = host_levels(levels)
+    exact = exact and torch.equal(as_bits(held_values), as_bits(values[:-1]))
+    return m if exact and torch.equal(as_bits(held_mids[: 2 * m]), as_bits(mids)) else None
 
 
 def arithmetic_codes(xn: Tensor, m: int) -> tuple[Tensor, Tensor]:
