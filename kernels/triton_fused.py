@@ -150,9 +150,9 @@ class FusedChoice:
         wide_from_log2: the bucketed and the pair searches of codebooks of 2^k >= 2^this entries run
             programs of twice values_per_thread (0: never), so each program's table set-up covers twice the
             values. For the pair lookup 6 beat 7 at 6 bits (nf 0.77-0.83 -> 0.78-0.85, 599c372) and 8 bits
-            gained (nf 0.63-0.71 -> 0.69-0.77, 8e35693). Same
-            run, `--choices vpt32`: 6 bits 0.73-0.77 -> 0.75-0.80, 8 bits 0.55-0.72 -> 0.58-0.74; at 3
-            bits twice the values were slower (0.81-0.84 -> 0.76).
+            gained (nf 0.63-0.71 -> 0.69-0.77, 8e35693). For the bucketed search (tenth session, as
+            bucket_from_log2, `--choices vpt32`): 6 bits 0.73-0.77 -> 0.75-0.80, 8 bits 0.55-0.72 ->
+            0.58-0.74; at 3 bits twice the values were slower (0.81-0.84 -> 0.76).
     """
 
     max_chain_log2: int = 0
@@ -200,7 +200,7 @@ def _tile_offsets(
     row0, n, BLOCK: tl.constexpr, ROWS: tl.constexpr, BLOCK_P2: tl.constexpr, SPLIT: tl.constexpr
 ):
     # Offsets of a program's ROWS blocks from row0's first value (int32), and the mask of those inside
-    # the weight (only the masked launch uses it). SPLIT > 1 (a power-of-two block, `FusedChoice.split`):
+    # the weight (only the masked launch uses it). SPLIT > 1 (a power-of-two block, `split_from_block`):
     # [SPLIT, ROWS, BLOCK / SPLIT], each block's SPLIT slices along the first axis, so that Triton lays a
     # block in one warp (its warps go along the rows) and the absmax needs no exchange between warps.
     if SPLIT == 1:
@@ -378,15 +378,10 @@ def _flags(x: Tensor, levels: Levels, store_out: bool, store_codes: bool, choice
     uniform = in_range and uniform_m(levels) is not None
     if uniform:
         search = SEARCH_UNIFORM.value
-        computed = (
-            arithmetic_grid(levels) is not None
-            if choice.arithmetic_from_log2 or choice.computed_value_from_log2
-            else False
-        )
-        if 0 < choice.arithmetic_from_log2 <= log2_levels and computed:
-            search = SEARCH_ARITHMETIC.value
-        elif 0 < choice.computed_value_from_log2 <= log2_levels and computed:
-            search = SEARCH_GRID_VALUE.value
+        table_free = 0 < choice.arithmetic_from_log2 <= log2_levels
+        computed = table_free or 0 < choice.computed_value_from_log2 <= log2_levels
+        if computed and arithmetic_grid(levels) is not None:  # its floats are the kernel's quotients
+            search = SEARCH_ARITHMETIC.value if table_free else SEARCH_GRID_VALUE.value
     table = bucket_table(levels) if search == SEARCH_BUCKET.value else None
     packed = None
     if table is not None and 0 < choice.packed_from_buckets <= table.starts.numel() and not choice.l1_tables:

@@ -31,12 +31,10 @@ SEARCH_BUCKET, SEARCH_BUCKET_L1 = tl.constexpr(3), tl.constexpr(4)  # the latter
 SEARCH_UNIFORM = tl.constexpr(5)  # the int grid (`FusedChoice.uniform_from_log2`)
 SEARCH_PACKED = tl.constexpr(6)  # one word a bucket: start and threshold (`FusedChoice.packed_from_buckets`)
 SEARCH_ARITHMETIC = tl.constexpr(7)  # the int grid without tables (`FusedChoice.arithmetic_from_log2`)
-SEARCH_GRID_VALUE = tl.constexpr(
-    9
-)  # the int grid: its midpoint read, its value computed (`computed_value_from_log2`)
-SEARCH_PAIRS = tl.constexpr(
-    8
-)  # one 64-bit value pair a bucket, the midpoint computed (`FusedChoice.pairs_from_log2`)
+# one 64-bit value pair a bucket, the midpoint computed (`FusedChoice.pairs_from_log2`)
+SEARCH_PAIRS = tl.constexpr(8)
+# the int grid: its midpoint read, its value computed (`FusedChoice.computed_value_from_log2`)
+SEARCH_GRID_VALUE = tl.constexpr(9)
 PACKED_START_SHIFT = tl.constexpr(24)  # `buckets.PACKED_START_SHIFT`: the start's bits, t's below
 PACKED_T_MASK = tl.constexpr((1 << 24) - 1)
 EYTZINGER_FROM_LOG2 = tl.constexpr(6)  # the shared-memory search reads larger codebooks in Eytzinger order

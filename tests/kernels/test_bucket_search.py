@@ -431,6 +431,23 @@ for dtype, bits in itertools.product(CODEBOOKS, range(4, 9)):
         same(x, spec, levels, tf.FusedChoice(pairs_from_log2=1, pairs_max_buckets=4096), codes=False)
         if dtype == "int":
             same(x, spec, levels, tf.FusedChoice(computed_value_from_log2=1), codes=False)
+# Split blocks (FusedChoice.split_from_block): power-of-two blocks of 512 and 1024 held as [SPLIT, ROWS, 256]
+# tiles (with the pair lookup, the int grid's and a persistent loop), a block that is not a power of two
+# (not split), a masked tail; a NaN block (check_finite off) gives NaN's absmax and code 0.
+splits = (tf.FusedChoice(split_from_block=512), tf.FusedChoice(split_from_block=512, programs_per_sm=1))
+split_cases = [("nf", 8, 512), ("int", 4, 1024), ("fp", 6, 1024), ("quantile", 7, 1024), ("nf", 4, 600)]
+for choice, (dtype, bits, block) in itertools.product(splits, split_cases):
+    spec = QuantSpec(dtype, bits, block)
+    x = torch.randn(block * 5 + 77, generator=g)
+    levels = levels_for(x, spec)
+    assert tf.split_of(block, choice) == (block // 256 if block in (512, 1024) else 1)
+    same(x, spec, levels, choice)
+    x[block + 3] = float("nan")
+    out, codes, absmax = tf._launch(x, spec, levels, True, torch.uint8, choice)
+    base_out, base_codes, _ = tf._launch(x, spec, levels, True, torch.uint8)
+    torch.testing.assert_close(out, base_out, rtol=0, atol=0, equal_nan=True)
+    assert torch.equal(codes, base_codes) and bool(absmax[1].isnan()) and int(codes[block + 3]) == 0
+    checked += 1
 # The uniform search at 3 bits too (below the bucketed search's 4; the other data types' default there is
 # the shared-memory binary search)
 spec = QuantSpec("int", 3, 64)
