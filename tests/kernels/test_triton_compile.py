@@ -213,6 +213,22 @@ def test_uniform_search_compiles_for_sm90(log2_levels: int, block: int, tables_f
     assert _shared_loads(ptx, r"\.b8") == 0, _shared_loads(ptx, r"\.b8")
 
 
+def _window_one_flags(table_of, dtype: str, log2_levels: int) -> dict[str, object]:
+    """The constexprs `triton_fused._flags` passes for a one-midpoint lookup (packed or pair) whose table
+    `table_of(levels)` builds (it must have one) for the codebook of (dtype, log2_levels)."""
+    import torch
+
+    from kernels import QuantSpec
+    from kernels.blockwise import levels_for
+
+    w = torch.randn(64, 256, generator=torch.Generator().manual_seed(log2_levels))
+    table = table_of(levels_for(w, QuantSpec(dtype, log2_levels, 64)))
+    assert table is not None
+    return {"BUCKET_SHIFT": table.buckets.shift, "BUCKET_FIRST": table.buckets.first,
+            "BUCKET_LOG2": table.buckets.log2_buckets, "WINDOW": 1, "INDEPENDENT": False,
+            "TABLES_FIRST": True}  # fmt: skip
+
+
 PACKED_CASES = [("nf", 8, 64), ("fp", 6, 1024), ("quantile", 4, 100)]  # (dtype, log2_levels, block)
 
 
@@ -220,19 +236,11 @@ PACKED_CASES = [("nf", 8, 64), ("fp", 6, 1024), ("quantile", 4, 100)]  # (dtype,
 def test_packed_lookup_compiles_for_sm90(dtype: str, log2_levels: int, block: int) -> None:
     # The packed lookup (FusedChoice.packed_from_buckets): per value two 32-bit shared-memory reads (the
     # bucket's word, the value), no byte table, no float compare of a midpoint read from a table.
-    import torch
-
-    from kernels import QuantSpec, triton_fused
-    from kernels.blockwise import levels_for
+    from kernels import triton_fused
     from kernels.buckets import packed_table
 
     assert triton_fused.SEARCH_PACKED == PACKED
-    w = torch.randn(64, 256, generator=torch.Generator().manual_seed(log2_levels))
-    table = packed_table(levels_for(w, QuantSpec(dtype, log2_levels, 64)))
-    assert table is not None
-    flags = {"BUCKET_SHIFT": table.buckets.shift, "BUCKET_FIRST": table.buckets.first,
-             "BUCKET_LOG2": table.buckets.log2_buckets, "WINDOW": 1, "INDEPENDENT": False,
-             "TABLES_FIRST": True}  # fmt: skip
+    flags = _window_one_flags(packed_table, dtype, log2_levels)
     words = {**COMMON, "mids_ptr": "*i32"}
     ptx = _fused_ptx(log2_levels, PACKED, block, block != 64, False, flags, pointers=words)
     per_thread = 4096 // (8 * 32)
@@ -248,19 +256,11 @@ PAIR_CASES = [("nf", 8, 64, False), ("fp", 6, 1024, True), ("quantile", 4, 100, 
 def test_pair_lookup_compiles_for_sm90(dtype: str, log2_levels: int, block: int, store_codes: bool) -> None:
     # The pair lookup (FusedChoice.pairs_from_log2): per value one 64-bit shared-memory read (the bucket's
     # value pair) and no other table read, but the bucket's start (one byte) where codes are stored.
-    import torch
-
-    from kernels import QuantSpec, triton_fused
-    from kernels.blockwise import levels_for
+    from kernels import triton_fused
     from kernels.buckets import mean_pairs
 
     assert triton_fused.SEARCH_PAIRS == PAIRS
-    w = torch.randn(64, 256, generator=torch.Generator().manual_seed(log2_levels))
-    table = mean_pairs(levels_for(w, QuantSpec(dtype, log2_levels, 64)))
-    assert table is not None
-    flags = {"BUCKET_SHIFT": table.buckets.shift, "BUCKET_FIRST": table.buckets.first,
-             "BUCKET_LOG2": table.buckets.log2_buckets, "WINDOW": 1, "INDEPENDENT": False,
-             "TABLES_FIRST": True}  # fmt: skip
+    flags = _window_one_flags(mean_pairs, dtype, log2_levels)
     pairs = {**COMMON, "values_ptr": "*i64", "mids_ptr": "*i64"}
     ptx = _fused_ptx(log2_levels, PAIRS, block, block != 64, store_codes, flags, pointers=pairs)
     per_thread = 4096 // (8 * 32)
