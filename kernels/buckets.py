@@ -121,11 +121,12 @@ def _starts_and_window(mids: Tensor, buckets: Buckets) -> tuple[Tensor, int]:
     return first, int((last - first).max())
 
 
-def _geometries() -> list[Buckets]:
+@functools.lru_cache(maxsize=1)
+def _geometries() -> tuple[Buckets, ...]:
     """Every geometry a table may use, bucket 0 starting at |xn| = 0, whose buckets cover at least
-    [1/2, 1] (2^M of them; fewer leave most mids in bucket 0)."""
+    [1/2, 1] (2^M of them; fewer leave most mids in bucket 0). Cached: built for every new codebook."""
     geometries = [Buckets(m, p) for p in range(1, MAX_BUCKETS_LOG2 + 1) for m in range(p)]
-    return [g for g in geometries if g.first >= 0]
+    return tuple(g for g in geometries if g.first >= 0)
 
 
 @functools.lru_cache(maxsize=1)

@@ -383,17 +383,21 @@ def _flags(x: Tensor, levels: Levels, store_out: bool, store_codes: bool, choice
         if computed and arithmetic_grid(levels) is not None:  # its floats are the kernel's quotients
             search = SEARCH_ARITHMETIC.value if table_free else SEARCH_GRID_VALUE.value
     table = bucket_table(levels) if search == SEARCH_BUCKET.value else None
-    packed = None
-    if table is not None and 0 < choice.packed_from_buckets <= table.starts.numel() and not choice.l1_tables:
-        packed = packed_table(levels)
     if search == SEARCH_BUCKET.value and table is None:
         search = SEARCH_SHARED.value
     l1 = table is not None and choice.l1_tables
-    pairs = None
+    pairs = packed = None  # the pair lookup first: its table is cheap, the packed one is not (~2 ms)
     if table is not None and 0 < choice.pairs_from_log2 <= log2_levels and not l1:
         pairs = mean_pairs(levels, choice.pairs_max_buckets)
+    if (
+        pairs is None
+        and table is not None
+        and 0 < choice.packed_from_buckets <= table.starts.numel()
+        and not l1
+    ):
+        packed = packed_table(levels)
     if pairs is not None:
-        search, packed = SEARCH_PAIRS.value, None
+        search = SEARCH_PAIRS.value
     if packed is not None:
         search = SEARCH_PACKED.value
     geometry = packed.buckets if packed is not None else table.buckets if table is not None else None
