@@ -3,10 +3,12 @@
 For the search each codebook gets by default (`triton_fused._flags`) it reports:
 
   wavefronts  shared-memory wavefronts per warp instruction of each table read the search makes
-              (bucket starts, midpoints, values; packed words), simulated: a warp's 32 lanes hold values
-              16 apart (each thread holds consecutive values), Gaussian weights normalized per block of 64,
-              4-byte banks, one wavefront per distinct word in the fullest bank. Random reads of a
-              table larger than 32 words conflict: a table lookup costs 2-3 wavefronts instead of 1.
+              (bucket starts, midpoints, values; packed words; value pairs), simulated: a warp's 32
+              lanes hold values 16 apart (each thread holds consecutive values), Gaussian weights
+              normalized per block of 64, 4-byte banks, one wavefront per distinct word in the fullest
+              bank (64-bit pairs: a pass per half-warp, per distinct pair in its fullest bank pair).
+              Random reads of a table larger than 32 words conflict: a lookup costs 2-3 wavefronts
+              instead of 1 (a 64-bit one ~6 instead of 2).
   sass        if Triton's ptxas is installed: the default kernel compiled for sm_90a (block 64), its
               SASS instructions per value, shared loads per value and registers per thread.
 
