@@ -1,0 +1,223 @@
+"""Probe (GPU): does a persistent pair lookup with lane-private table copies reach 80% of copy bandwidth?
+
+The next step docs/benchmarks.md names for issue 17, item 6 (nf, quantile and dynamic at 7-8 bits stop at
+0.61-0.83 of copy): the Triton kernel's one 64-bit read a value costs ~6 shared-memory wavefronts a warp
+(random entries of a table of 512-2,048 value pairs), and every program copies that table. Here one CUDA
+C++ kernel (compiled at run time by CuPy's NVRTC; the GPU image has CuPy, this project does not depend
+on it) keeps the table in shared memory for the whole launch, one program a multiprocessor looping over
+the weight, with COPIES interleaved copies (entry e of copy c at e * COPIES + c, lane l reads copy
+l % COPIES): at 16 copies each lane of a half-warp has its own bank pair, 2 wavefronts a read.
+
+Blocks of 64, bf16 weights, codebooks with a pair table (`kernels.buckets.mean_pairs`): the same
+arithmetic as the Triton kernel (`triton_search._pair_lookup`), so the output must equal the torch
+reference bit for bit, which the probe checks before it times anything. A measurement tool, not the
+product kernel: written in the fourteenth session with no device time left to run it.
+
+    python3 benchmarks/pairs_copies_probe.py --out pairs-probe.json      # GPU, CuPy; ~1 min
+    python3 benchmarks/pairs_copies_probe.py --dry-run                   # CPU: tables and shared memory only
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+
+_HERE = Path(__file__).resolve().parent
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _HERE]
+sys.path.insert(0, str(_HERE.parent))
+
+from kernels import QuantSpec, scaling  # noqa: E402
+from kernels.blockwise import levels_for, reference_fake_quantize  # noqa: E402
+from kernels.buckets import mean_pairs  # noqa: E402
+
+MAX_SHARED = 227 * 1024  # bytes of shared memory one H100/H200 program may use
+VALUES_A_LANE = 8  # one 16-byte load of bf16
+CHUNK = 32 * VALUES_A_LANE  # values a warp quantizes at a time: four blocks of 64
+
+SOURCE = r"""
+// Persistent fake-quantization with the pair lookup, blocks of 64 (8 lanes of 8 values each), bf16.
+extern "C" __global__ void pairs_fq(
+    const unsigned short* __restrict__ x, unsigned short* __restrict__ out, float* __restrict__ absmax_out,
+    const unsigned long long* __restrict__ pairs, int n_pairs, long long n_chunks, int shift, int first,
+    int flip, float tiny_absmax, float tiny_scale) {
+  extern __shared__ uint2 table[];
+  for (int i = threadIdx.x; i < n_pairs * COPIES; i += blockDim.x) {
+    unsigned long long p = pairs[i / COPIES];
+    table[i] = make_uint2((unsigned)p, (unsigned)(p >> 32));
+  }
+  __syncthreads();
+  const int lane = threadIdx.x & 31;
+  const int copy = lane & (COPIES - 1);
+  const float low = __int_as_float(first << shift);
+  const long long warps = (long long)gridDim.x * (blockDim.x >> 5);
+  for (long long c = (long long)blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5); c < n_chunks;
+       c += warps) {
+    const long long base = c * 256 + lane * 8;
+    const uint4 raw = *reinterpret_cast<const uint4*>(x + base);
+    const unsigned w[4] = {raw.x, raw.y, raw.z, raw.w};
+    float v[8];
+    int top = 0;  // max of |v|'s bits: NaN's bits beat inf's, inf's beat every finite float's
+#pragma unroll
+    for (int k = 0; k < 4; ++k) {
+      v[2 * k] = __uint_as_float(w[k] << 16);
+      v[2 * k + 1] = __uint_as_float(w[k] & 0xFFFF0000u);
+      top = max(top, __float_as_int(v[2 * k]) & 0x7FFFFFFF);
+      top = max(top, __float_as_int(v[2 * k + 1]) & 0x7FFFFFFF);
+    }
+#pragma unroll
+    for (int d = 1; d < 8; d <<= 1) top = max(top, __shfl_xor_sync(0xFFFFFFFFu, top, d));
+    const float absmax = __int_as_float(top);
+    const float scale = absmax < tiny_absmax ? tiny_scale : 1.0f;
+    const float inv = __fdiv_rn(1.0f, __fmul_rn(absmax > 0.0f ? absmax : 1.0f, scale));
+    unsigned packed[4];
+#pragma unroll
+    for (int i = 0; i < 8; ++i) {
+      const float xn = __fmul_rn(__fmul_rn(v[i], scale), inv);
+      const int bits = __float_as_int(fmaxf(fminf(fabsf(xn), 1.0f), low));  // NaN -> 1.0 (fminf)
+      const int local = (bits >> shift) - first;
+      const int bucket = xn >= 0.0f ? local : (local ^ flip);
+      const uint2 pair = table[bucket * COPIES + copy];
+      const float lo = __uint_as_float(pair.x), hi = __uint_as_float(pair.y);
+      const float value = __fmul_rn(__fadd_rn(lo, hi), 0.5f) < xn ? hi : lo;
+      const unsigned y = __float_as_uint(__fmul_rn(value, absmax));
+      const unsigned rounded = (y + 0x7FFFu + ((y >> 16) & 1u)) >> 16;  // round to nearest even
+      const unsigned h = (y & 0x7FFFFFFFu) > 0x7F800000u ? 0x7FC0u : rounded;  // NaN stays NaN
+      packed[i >> 1] = (i & 1) ? (packed[i >> 1] | (h << 16)) : h;
+    }
+    *reinterpret_cast<uint4*>(out + base) = make_uint4(packed[0], packed[1], packed[2], packed[3]);
+    if ((lane & 7) == 0)  // NaN for any non-finite block, as the Triton kernel stores it
+      absmax_out[base / 64] = absmax < __int_as_float(0x7F800000) ? absmax : __int_as_float(0x7FC00000);
+  }
+}
+"""
+
+
+def table_for(dtype: str, bits: int, w: torch.Tensor, copies: int) -> dict[str, Any]:
+    """The codebook's pair table and what the kernel needs of it; `shared` > MAX_SHARED: does not fit."""
+    spec = QuantSpec(dtype, bits, 64)
+    levels = levels_for(w, spec)
+    pairs = mean_pairs(levels, 4096)
+    if pairs is None:
+        raise SystemExit(f"{dtype} {bits} bits: no pair table (window over one, or midpoints not means)")
+    n_pairs = pairs.values.numel()
+    return {"spec": spec, "levels": levels, "pairs": pairs, "n_pairs": n_pairs,
+            "shared": n_pairs * copies * 8}  # fmt: skip
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--shape", default="8192x8192")
+    parser.add_argument("--configs", default="nf:8,nf:7,quantile:8,quantile:7,dynamic:7,dynamic:6")
+    parser.add_argument("--copies", default="1,2,4,8,16")
+    parser.add_argument("--threads", default="512,1024")
+    parser.add_argument("--reps", type=int, default=50)
+    parser.add_argument("--dry-run", action="store_true", help="tables and shared memory only (CPU)")
+    parser.add_argument("--out", type=Path, default=None)
+    args = parser.parse_args()
+    rows_n, cols_n = (int(v) for v in args.shape.split("x"))
+    device = "cpu" if args.dry_run else "cuda"
+    g = torch.Generator(device=device).manual_seed(0)
+    w = (torch.randn(rows_n, cols_n, generator=g, device=device) * 0.02).to(torch.bfloat16)
+    assert w.numel() % CHUNK == 0, f"the probe takes weights of a multiple of {CHUNK} values"
+    configs = [(c.split(":")[0], int(c.split(":")[1])) for c in args.configs.split(",")]
+    copies_list = [int(c) for c in args.copies.split(",")]
+    if args.dry_run:
+        for dtype, bits in configs:
+            for copies in copies_list:
+                t = table_for(dtype, bits, w, copies)
+                fits = "fits" if t["shared"] <= MAX_SHARED else "too large"
+                print(
+                    f"{dtype} {bits}: {t['n_pairs']} pairs x {copies} copies = {t['shared']} bytes ({fits})"
+                )
+        return 0
+    return run_on_gpu(args, w, configs, copies_list)
+
+
+def run_on_gpu(args: argparse.Namespace, w: torch.Tensor, configs: list, copies_list: list[int]) -> int:
+    import cupy as cp
+
+    from kernels import fake_quantize
+
+    stream = cp.cuda.ExternalStream(torch.cuda.current_stream().cuda_stream)
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    n = w.numel()
+    moved = 2 * n + 2 * n + 4 * (n // 64)  # bytes read and written
+
+    def elapsed_ms(fn: Any) -> float:
+        fn()
+        torch.cuda.synchronize()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(args.reps):
+            fn()
+        end.record()
+        torch.cuda.synchronize()
+        return start.elapsed_time(end) / args.reps
+
+    src = torch.empty(n // 2, dtype=torch.float32, device="cuda")
+    dst = torch.empty_like(src)
+    copy_ms = elapsed_ms(lambda: dst.copy_(src))  # the same bytes read and written: 4 n bytes
+    copy_gbps = 4 * n / copy_ms / 1e6
+    print(f"{torch.cuda.get_device_name(0)}, copy {copy_gbps:.0f} GB/s")
+    print("| dtype | bits | copies | threads | ms | /copy | Triton default /copy | bit-exact |")
+    print("|---|---|---|---|---|---|---|---|")
+    records = []
+    for dtype, bits in configs:
+        spec = QuantSpec(dtype, bits, 64)
+        levels = levels_for(w, spec)
+        ref = reference_fake_quantize(w, spec, levels)
+        triton_ms = elapsed_ms(lambda: fake_quantize(w, spec, levels=levels, impl="triton"))  # noqa: B023
+        for copies in copies_list:
+            t = table_for(dtype, bits, w, copies)
+            if t["shared"] > MAX_SHARED:
+                continue
+            kernel = cp.RawKernel(SOURCE, "pairs_fq", options=(f"-DCOPIES={copies}",))
+            kernel.max_dynamic_shared_size_bytes = t["shared"]
+            buckets = t["pairs"].buckets
+            out = torch.empty_like(w)
+            absmax = torch.empty(n // 64, dtype=torch.float32, device="cuda")
+            table = t["pairs"].values.to("cuda").contiguous()
+            x_cp, out_cp = cp.from_dlpack(w.view(torch.int16)), cp.from_dlpack(out.view(torch.int16))
+            absmax_cp, table_cp = cp.from_dlpack(absmax), cp.from_dlpack(table)
+            launch_args = (x_cp, out_cp, absmax_cp, table_cp, cp.int32(t["n_pairs"]), cp.int64(n // CHUNK),
+                           cp.int32(buckets.shift), cp.int32(buckets.first),
+                           cp.int32((2 << buckets.log2_buckets) - 1), cp.float32(scaling.TINY_ABSMAX),
+                           cp.float32(scaling.TINY_SCALE))  # fmt: skip
+            for threads in (int(v) for v in args.threads.split(",")):
+
+                def launch() -> None:
+                    with stream:
+                        kernel((sms,), (threads,), launch_args, shared_mem=t["shared"])  # noqa: B023
+
+                try:
+                    launch()
+                    torch.cuda.synchronize()
+                except Exception as e:  # e.g. too many registers for 1024 threads: recorded, not fatal
+                    records.append({"dtype": dtype, "bits": bits, "copies": copies, "threads": threads,
+                                    "error": str(e)})  # fmt: skip
+                    print(f"| {dtype} | {bits} | {copies} | {threads} | {e} |")
+                    continue
+                exact = torch.equal(out, ref)
+                ms = elapsed_ms(launch) if exact else float("nan")
+                row = {"dtype": dtype, "bits": bits, "copies": copies, "threads": threads,
+                       "n_pairs": t["n_pairs"], "shared": t["shared"], "ms": ms, "bit_exact": exact,
+                       "frac_copy": moved / ms / 1e6 / copy_gbps if exact else None,
+                       "triton_ms": triton_ms,
+                       "triton_frac_copy": moved / triton_ms / 1e6 / copy_gbps}  # fmt: skip
+                records.append(row)
+                frac = f"{row['frac_copy']:.2f}" if exact else "-"
+                print(f"| {dtype} | {bits} | {copies} | {threads} | {ms:.3f} | {frac} | "
+                      f"{row['triton_frac_copy']:.2f} | {exact} |")  # fmt: skip
+    if args.out:
+        args.out.write_text(json.dumps({"device": torch.cuda.get_device_name(0), "copy_gbps": copy_gbps,
+                                        "shape": args.shape, "rows": records}, indent=1))  # fmt: skip
+    return 0 if all(r.get("bit_exact", True) for r in records) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
