@@ -97,16 +97,13 @@ extern "C" __global__ void pairs_fq(
 """
 
 
-def table_for(dtype: str, bits: int, w: torch.Tensor, copies: int) -> dict[str, Any]:
-    """The codebook's pair table and what the kernel needs of it; `shared` > MAX_SHARED: does not fit."""
-    spec = QuantSpec(dtype, bits, 64)
-    levels = levels_for(w, spec)
+def pair_table(levels: Any, name: str) -> Any:
+    """The codebook's pair table (`mean_pairs`, up to 4,096 buckets); a table of n pairs in c copies takes
+    8 n c bytes of shared memory (more than MAX_SHARED does not fit)."""
     pairs = mean_pairs(levels, 4096)
     if pairs is None:
-        raise SystemExit(f"{dtype} {bits} bits: no pair table (window over one, or midpoints not means)")
-    n_pairs = pairs.values.numel()
-    return {"spec": spec, "levels": levels, "pairs": pairs, "n_pairs": n_pairs,
-            "shared": n_pairs * copies * 8}  # fmt: skip
+        raise SystemExit(f"{name}: no pair table (window over one, or midpoints not means)")
+    return pairs
 
 
 def main() -> int:
@@ -128,12 +125,11 @@ def main() -> int:
     copies_list = [int(c) for c in args.copies.split(",")]
     if args.dry_run:
         for dtype, bits in configs:
+            n_pairs = pair_table(levels_for(w, QuantSpec(dtype, bits, 64)), f"{dtype} {bits}").values.numel()
             for copies in copies_list:
-                t = table_for(dtype, bits, w, copies)
-                fits = "fits" if t["shared"] <= MAX_SHARED else "too large"
-                print(
-                    f"{dtype} {bits}: {t['n_pairs']} pairs x {copies} copies = {t['shared']} bytes ({fits})"
-                )
+                shared = n_pairs * copies * 8
+                fits = "fits" if shared <= MAX_SHARED else "too large"
+                print(f"{dtype} {bits}: {n_pairs} pairs x {copies} copies = {shared} bytes ({fits})")
         return 0
     return run_on_gpu(args, w, configs, copies_list)
 
@@ -181,19 +177,20 @@ def run_on_gpu(args: argparse.Namespace, w: torch.Tensor, configs: list, copies_
         levels = levels_for(w, spec)
         ref = reference_fake_quantize(w, spec, levels)
         triton_ms = graph_ms(lambda: fused_fake_quantize(w, spec, levels, check_finite=False))  # noqa: B023
+        pairs = pair_table(levels, f"{dtype} {bits}")
+        n_pairs, buckets = pairs.values.numel(), pairs.buckets
+        table = pairs.values.to("cuda").contiguous()
+        out = torch.empty_like(w)
+        absmax = torch.empty(n // 64, dtype=torch.float32, device="cuda")
+        x_cp, out_cp = cp.from_dlpack(w.view(torch.int16)), cp.from_dlpack(out.view(torch.int16))
+        absmax_cp, table_cp = cp.from_dlpack(absmax), cp.from_dlpack(table)
         for copies in copies_list:
-            t = table_for(dtype, bits, w, copies)
-            if t["shared"] > MAX_SHARED:
+            shared = n_pairs * copies * 8
+            if shared > MAX_SHARED:
                 continue
             kernel = cp.RawKernel(SOURCE, "pairs_fq", options=(f"-DCOPIES={copies}",))
-            kernel.max_dynamic_shared_size_bytes = t["shared"]
-            buckets = t["pairs"].buckets
-            out = torch.empty_like(w)
-            absmax = torch.empty(n // 64, dtype=torch.float32, device="cuda")
-            table = t["pairs"].values.to("cuda").contiguous()
-            x_cp, out_cp = cp.from_dlpack(w.view(torch.int16)), cp.from_dlpack(out.view(torch.int16))
-            absmax_cp, table_cp = cp.from_dlpack(absmax), cp.from_dlpack(table)
-            launch_args = (x_cp, out_cp, absmax_cp, table_cp, cp.int32(t["n_pairs"]), cp.int64(n // CHUNK),
+            kernel.max_dynamic_shared_size_bytes = shared
+            launch_args = (x_cp, out_cp, absmax_cp, table_cp, cp.int32(n_pairs), cp.int64(n // CHUNK),
                            cp.int32(buckets.shift), cp.int32(buckets.first),
                            cp.int32((2 << buckets.log2_buckets) - 1), cp.float32(scaling.TINY_ABSMAX),
                            cp.float32(scaling.TINY_SCALE))  # fmt: skip
@@ -201,7 +198,7 @@ def run_on_gpu(args: argparse.Namespace, w: torch.Tensor, configs: list, copies_
 
                 def launch() -> None:
                     with stream:
-                        kernel((sms,), (threads,), launch_args, shared_mem=t["shared"])  # noqa: B023
+                        kernel((sms,), (threads,), launch_args, shared_mem=shared)  # noqa: B023
 
                 try:
                     launch()
@@ -214,7 +211,7 @@ def run_on_gpu(args: argparse.Namespace, w: torch.Tensor, configs: list, copies_
                 exact = torch.equal(out, ref)
                 ms = elapsed_ms(launch) if exact else float("nan")
                 row = {"dtype": dtype, "bits": bits, "copies": copies, "threads": threads,
-                       "n_pairs": t["n_pairs"], "shared": t["shared"], "ms": ms, "bit_exact": exact,
+                       "n_pairs": n_pairs, "shared": shared, "ms": ms, "bit_exact": exact,
                        "frac_copy": moved / ms / 1e6 / copy_gbps if exact else None,
                        "triton_ms": triton_ms,
                        "triton_frac_copy": moved / triton_ms / 1e6 / copy_gbps}  # fmt: skip

@@ -251,6 +251,13 @@ def _uniform_lookup(xn, mids, values, LOG2_LEVELS: tl.constexpr):
 
 
 @triton.jit
+def _grid_divisor(M: tl.constexpr):
+    # (m, 1 / m rounded) as float32 for `_grid_value`: once a program.
+    m = tl.full([], M, tl.float32)
+    return m, tl.div_rn(tl.full([], 1.0, tl.float32), m)
+
+
+@triton.jit
 def _grid_value(a, m, r):
     # a / m rounded once, for the integer-valued float32 a: the quotient a * r (r = 1 / m rounded) and one
     # Markstein correction by the exact remainder, two explicit FMAs (3 instructions; an IEEE division
@@ -270,8 +277,7 @@ def _arithmetic_lookup(xn, LOG2_LEVELS: tl.constexpr):
     M: tl.constexpr = (1 << (LOG2_LEVELS - 1)) - 1
     j = _grid_index(xn, LOG2_LEVELS)
     jf = j.to(tl.float32)
-    m = tl.full([], M, tl.float32)
-    r = tl.div_rn(tl.full([], 1.0, tl.float32), m)  # once a program
+    m, r = _grid_divisor(M)
     low = _grid_value(jf - M, m, r)
     high = _grid_value(jf + (1 - M), m, r)
     above = ((low + high) * 0.5 < xn) & (j < 2 * M)
@@ -286,8 +292,7 @@ def _grid_value_lookup(xn, mids, LOG2_LEVELS: tl.constexpr):
     M: tl.constexpr = (1 << (LOG2_LEVELS - 1)) - 1
     j = _grid_index(xn, LOG2_LEVELS)
     code = j + (tl.gather(mids, j, 0) < xn).to(tl.int32)
-    m = tl.full([], M, tl.float32)
-    r = tl.div_rn(tl.full([], 1.0, tl.float32), m)  # once a program
+    m, r = _grid_divisor(M)
     return code, _grid_value(code.to(tl.float32) - M, m, r)
 
 
