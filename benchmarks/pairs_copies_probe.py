@@ -20,6 +20,7 @@ product kernel: written in the fourteenth session with no device time left to ru
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import sys
 from pathlib import Path
@@ -37,10 +38,16 @@ from kernels.buckets import mean_pairs  # noqa: E402
 
 MAX_SHARED = 227 * 1024  # bytes of shared memory one H100/H200 program may use
 VALUES_A_LANE = 8  # one 16-byte load of bf16
-CHUNK = 32 * VALUES_A_LANE  # values a warp quantizes at a time: four blocks of 64
+CHUNK = 32 * VALUES_A_LANE  # values one 16-byte load of every lane of a warp covers (UNROLL of them a turn)
 
 SOURCE = r"""
-// Persistent fake-quantization with the pair lookup, blocks of 64 (8 lanes of 8 values each), bf16.
+// Persistent fake-quantization with the pair lookup, bf16. A warp quantizes CHUNK = 256 * UNROLL values an
+// iteration: load u of lane l holds values [u * 256 + l * 8, +8) of the chunk (one 16-byte read), all UNROLL
+// loads issued before any arithmetic. BLOCK <= 256: a block is BLOCK / 8 lanes of one load; BLOCK > 256: a
+// block is BLOCK / 256 consecutive loads of the whole warp (BLOCK <= CHUNK).
+#define CHUNK (256 * UNROLL)
+#define LANES (BLOCK < 256 ? BLOCK / 8 : 32)
+#define GROUP (BLOCK > 256 ? BLOCK / 256 : 1)
 extern "C" __global__ void pairs_fq(
     const unsigned short* __restrict__ x, unsigned short* __restrict__ out, float* __restrict__ absmax_out,
     const unsigned long long* __restrict__ pairs, int n_pairs, long long n_chunks, int shift, int first,
@@ -57,41 +64,59 @@ extern "C" __global__ void pairs_fq(
   const long long warps = (long long)gridDim.x * (blockDim.x >> 5);
   for (long long c = (long long)blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5); c < n_chunks;
        c += warps) {
-    const long long base = c * 256 + lane * 8;
-    const uint4 raw = *reinterpret_cast<const uint4*>(x + base);
-    const unsigned w[4] = {raw.x, raw.y, raw.z, raw.w};
-    float v[8];
-    int top = 0;  // max of |v|'s bits: NaN's bits beat inf's, inf's beat every finite float's
+    const long long base = c * CHUNK + lane * 8;
+    uint4 raw[UNROLL];
 #pragma unroll
-    for (int k = 0; k < 4; ++k) {
-      v[2 * k] = __uint_as_float(w[k] << 16);
-      v[2 * k + 1] = __uint_as_float(w[k] & 0xFFFF0000u);
-      top = max(top, __float_as_int(v[2 * k]) & 0x7FFFFFFF);
-      top = max(top, __float_as_int(v[2 * k + 1]) & 0x7FFFFFFF);
+    for (int u = 0; u < UNROLL; ++u) raw[u] = *reinterpret_cast<const uint4*>(x + base + u * 256);
+    int top[UNROLL];  // max of |v|'s bits: NaN's bits beat inf's, inf's beat every finite float's
+#pragma unroll
+    for (int u = 0; u < UNROLL; ++u) {
+      const unsigned w[4] = {raw[u].x, raw[u].y, raw[u].z, raw[u].w};
+      top[u] = 0;
+#pragma unroll
+      for (int k = 0; k < 4; ++k) {
+        top[u] = max(top[u], (int)((w[k] << 16) & 0x7FFFFFFFu));
+        top[u] = max(top[u], (int)(w[k] & 0x7FFF0000u));
+      }
+#pragma unroll
+      for (int d = 1; d < LANES; d <<= 1) top[u] = max(top[u], __shfl_xor_sync(0xFFFFFFFFu, top[u], d));
     }
 #pragma unroll
-    for (int d = 1; d < 8; d <<= 1) top = max(top, __shfl_xor_sync(0xFFFFFFFFu, top, d));
-    const float absmax = __int_as_float(top);
-    const float scale = absmax < tiny_absmax ? tiny_scale : 1.0f;
-    const float inv = __fdiv_rn(1.0f, __fmul_rn(absmax > 0.0f ? absmax : 1.0f, scale));
-    unsigned packed[4];
+    for (int u = 0; u < UNROLL; u += GROUP) {
 #pragma unroll
-    for (int i = 0; i < 8; ++i) {
-      const float xn = __fmul_rn(__fmul_rn(v[i], scale), inv);
-      const int bits = __float_as_int(fmaxf(fminf(fabsf(xn), 1.0f), low));  // NaN -> 1.0 (fminf)
-      const int local = (bits >> shift) - first;
-      const int bucket = xn >= 0.0f ? local : (local ^ flip);
-      const uint2 pair = table[bucket * COPIES + copy];
-      const float lo = __uint_as_float(pair.x), hi = __uint_as_float(pair.y);
-      const float value = __fmul_rn(__fadd_rn(lo, hi), 0.5f) < xn ? hi : lo;
-      const unsigned y = __float_as_uint(__fmul_rn(value, absmax));
-      const unsigned rounded = (y + 0x7FFFu + ((y >> 16) & 1u)) >> 16;  // round to nearest even
-      const unsigned h = (y & 0x7FFFFFFFu) > 0x7F800000u ? 0x7FC0u : rounded;  // NaN stays NaN
-      packed[i >> 1] = (i & 1) ? (packed[i >> 1] | (h << 16)) : h;
+      for (int g = 1; g < GROUP; ++g) top[u] = max(top[u], top[u + g]);
+#pragma unroll
+      for (int g = 1; g < GROUP; ++g) top[u + g] = top[u];
     }
-    *reinterpret_cast<uint4*>(out + base) = make_uint4(packed[0], packed[1], packed[2], packed[3]);
-    if ((lane & 7) == 0)  // NaN for any non-finite block, as the Triton kernel stores it
-      absmax_out[base / 64] = absmax < __int_as_float(0x7F800000) ? absmax : __int_as_float(0x7FC00000);
+#pragma unroll
+    for (int u = 0; u < UNROLL; ++u) {
+      const unsigned w[4] = {raw[u].x, raw[u].y, raw[u].z, raw[u].w};
+      const float absmax = __int_as_float(top[u]);
+      const float scale = absmax < tiny_absmax ? tiny_scale : 1.0f;
+      const float inv = __fdiv_rn(1.0f, __fmul_rn(absmax > 0.0f ? absmax : 1.0f, scale));
+      unsigned packed[4];
+#pragma unroll
+      for (int i = 0; i < 8; ++i) {
+        const float v = __uint_as_float((i & 1) ? (w[i >> 1] & 0xFFFF0000u) : (w[i >> 1] << 16));
+        const float xn = __fmul_rn(__fmul_rn(v, scale), inv);
+        const int bits = __float_as_int(fmaxf(fminf(fabsf(xn), 1.0f), low));  // NaN -> 1.0 (fminf)
+        const int local = (bits >> shift) - first;
+        const int bucket = xn >= 0.0f ? local : (local ^ flip);
+        const uint2 pair = table[bucket * COPIES + copy];
+        const float lo = __uint_as_float(pair.x), hi = __uint_as_float(pair.y);
+        const float value = __fmul_rn(__fadd_rn(lo, hi), 0.5f) < xn ? hi : lo;
+        const unsigned y = __float_as_uint(__fmul_rn(value, absmax));
+        const unsigned rounded = (y + 0x7FFFu + ((y >> 16) & 1u)) >> 16;  // round to nearest even
+        const unsigned h = (y & 0x7FFFFFFFu) > 0x7F800000u ? 0x7FC0u : rounded;  // NaN stays NaN
+        packed[i >> 1] = (i & 1) ? (packed[i >> 1] | (h << 16)) : h;
+      }
+      uint4* dst = reinterpret_cast<uint4*>(out + base + u * 256);
+      *dst = make_uint4(packed[0], packed[1], packed[2], packed[3]);
+      const bool first_lane = BLOCK < 256 ? (lane & (LANES - 1)) == 0 : (lane == 0 && u % GROUP == 0);
+      if (first_lane)  // NaN for any non-finite block, as the Triton kernel stores it
+        absmax_out[(base + u * 256) / BLOCK] =
+            absmax < __int_as_float(0x7F800000) ? absmax : __int_as_float(0x7FC00000);
+    }
   }
 }
 """
@@ -106,12 +131,19 @@ def pair_table(levels: Any, name: str) -> Any:
     return pairs
 
 
+def _ints(text: str) -> list[int]:
+    return [int(v) for v in text.split(",")]
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--shape", default="8192x8192")
     parser.add_argument("--configs", default="nf:8,nf:7,quantile:8,quantile:7,dynamic:7,dynamic:6")
     parser.add_argument("--copies", default="1,2,4,8,16")
-    parser.add_argument("--threads", default="512,1024")
+    parser.add_argument("--threads", type=_ints, default="512,1024")
+    parser.add_argument("--blocks", type=_ints, default="64,1024")
+    parser.add_argument("--unroll", type=_ints, default="1,2,4", help="16-byte loads a lane issues at once")
+    parser.add_argument("--per-sm", type=_ints, default="1,2", help="programs a multiprocessor")
     parser.add_argument("--reps", type=int, default=50)
     parser.add_argument("--dry-run", action="store_true", help="tables and shared memory only (CPU)")
     parser.add_argument("--out", type=Path, default=None)
@@ -120,7 +152,7 @@ def main() -> int:
     device = "cpu" if args.dry_run else "cuda"
     g = torch.Generator(device=device).manual_seed(0)
     w = (torch.randn(rows_n, cols_n, generator=g, device=device) * 0.02).to(torch.bfloat16)
-    assert w.numel() % CHUNK == 0, f"the probe takes weights of a multiple of {CHUNK} values"
+    assert w.numel() % (CHUNK * 4) == 0, f"the probe takes weights of a multiple of {CHUNK * 4} values"
     configs = [(c.split(":")[0], int(c.split(":")[1])) for c in args.configs.split(",")]
     copies_list = [int(c) for c in args.copies.split(",")]
     if args.dry_run:
@@ -139,10 +171,9 @@ def run_on_gpu(args: argparse.Namespace, w: torch.Tensor, configs: list, copies_
 
     from kernels.triton_fused import fused_fake_quantize
 
-    stream = cp.cuda.ExternalStream(torch.cuda.current_stream().cuda_stream)
+    stream = cp.cuda.Stream.from_external(torch.cuda.current_stream())
     sms = torch.cuda.get_device_properties(0).multi_processor_count
     n = w.numel()
-    moved = 2 * n + 2 * n + 4 * (n // 64)  # bytes read and written
 
     def elapsed_ms(fn: Any) -> float:  # back-to-back launches: the GPU's time where launching is faster
         fn()
@@ -169,60 +200,76 @@ def run_on_gpu(args: argparse.Namespace, w: torch.Tensor, configs: list, copies_
     copy_ms = elapsed_ms(lambda: dst.copy_(src))  # the same bytes read and written: 4 n bytes
     copy_gbps = 4 * n / copy_ms / 1e6
     print(f"{torch.cuda.get_device_name(0)}, copy {copy_gbps:.0f} GB/s")
-    print("| dtype | bits | copies | threads | ms | /copy | Triton default /copy | bit-exact |")
-    print("|---|---|---|---|---|---|---|---|")
+    print(
+        "| dtype | bits | block | copies | unroll | threads | per SM | regs | ms | /copy | Triton /copy | exact |"
+    )
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     records = []
-    for dtype, bits in configs:
-        spec = QuantSpec(dtype, bits, 64)
+    out = torch.empty_like(w)
+    x_cp, out_cp = cp.from_dlpack(w.view(torch.int16)), cp.from_dlpack(out.view(torch.int16))
+    for (dtype, bits), block in itertools.product(configs, args.blocks):
+        spec = QuantSpec(dtype, bits, block)
         levels = levels_for(w, spec)
         ref = reference_fake_quantize(w, spec, levels)
+        moved = 4 * n + 4 * (n // block)  # bf16 read and written, float32 absmax written
         triton_ms = graph_ms(lambda: fused_fake_quantize(w, spec, levels, check_finite=False))  # noqa: B023
         pairs = pair_table(levels, f"{dtype} {bits}")
         n_pairs, buckets = pairs.values.numel(), pairs.buckets
         table = pairs.values.to("cuda").contiguous()
-        out = torch.empty_like(w)
-        absmax = torch.empty(n // 64, dtype=torch.float32, device="cuda")
-        x_cp, out_cp = cp.from_dlpack(w.view(torch.int16)), cp.from_dlpack(out.view(torch.int16))
+        absmax = torch.empty(n // block, dtype=torch.float32, device="cuda")
         absmax_cp, table_cp = cp.from_dlpack(absmax), cp.from_dlpack(table)
-        for copies in copies_list:
+        for copies, unroll in itertools.product(copies_list, args.unroll):
             shared = n_pairs * copies * 8
-            if shared > MAX_SHARED:
+            if shared > MAX_SHARED or block > CHUNK * unroll or n % (CHUNK * unroll):
                 continue
-            kernel = cp.RawKernel(SOURCE, "pairs_fq", options=(f"-DCOPIES={copies}",))
+            options = (f"-DCOPIES={copies}", f"-DBLOCK={block}", f"-DUNROLL={unroll}")
+            kernel = cp.RawKernel(SOURCE, "pairs_fq", options=options)
             kernel.max_dynamic_shared_size_bytes = shared
-            launch_args = (x_cp, out_cp, absmax_cp, table_cp, cp.int32(n_pairs), cp.int64(n // CHUNK),
+            launch_args = (x_cp, out_cp, absmax_cp, table_cp, cp.int32(n_pairs), cp.int64(n // CHUNK // unroll),
                            cp.int32(buckets.shift), cp.int32(buckets.first),
                            cp.int32((2 << buckets.log2_buckets) - 1), cp.float32(scaling.TINY_ABSMAX),
                            cp.float32(scaling.TINY_SCALE))  # fmt: skip
-            for threads in (int(v) for v in args.threads.split(",")):
+            for threads, per_sm in itertools.product(args.threads, args.per_sm):
+                if shared * per_sm > MAX_SHARED:
+                    continue
 
                 def launch() -> None:
                     with stream:
-                        kernel((sms,), (threads,), launch_args, shared_mem=shared)  # noqa: B023
+                        kernel((sms * per_sm,), (threads,), launch_args, shared_mem=shared)  # noqa: B023
 
+                key = {"dtype": dtype, "bits": bits, "block": block, "copies": copies, "unroll": unroll,
+                       "threads": threads, "per_sm": per_sm}  # fmt: skip
                 try:
+                    out.zero_()
                     launch()
                     torch.cuda.synchronize()
                 except Exception as e:  # e.g. too many registers for 1024 threads: recorded, not fatal
-                    records.append({"dtype": dtype, "bits": bits, "copies": copies, "threads": threads,
-                                    "error": str(e)})  # fmt: skip
-                    print(f"| {dtype} | {bits} | {copies} | {threads} | {e} |")
+                    records.append({**key, "error": str(e)})
+                    print(
+                        f"| {dtype} | {bits} | {block} | {copies} | {unroll} | {threads} | {per_sm} | {e} |"
+                    )
                     continue
-                exact = torch.equal(out, ref)
+                exact = torch.equal(out, ref) and torch.equal(absmax, _ref_absmax(w, block))
                 ms = elapsed_ms(launch) if exact else float("nan")
-                row = {"dtype": dtype, "bits": bits, "copies": copies, "threads": threads,
-                       "n_pairs": n_pairs, "shared": shared, "ms": ms, "bit_exact": exact,
-                       "frac_copy": moved / ms / 1e6 / copy_gbps if exact else None,
-                       "triton_ms": triton_ms,
+                row = {**key, "n_pairs": n_pairs, "shared": shared, "regs": kernel.num_regs,
+                       "spill": kernel.local_size_bytes, "ms": ms, "bit_exact": exact,
+                       "frac_copy": moved / ms / 1e6 / copy_gbps if exact else None, "triton_ms": triton_ms,
                        "triton_frac_copy": moved / triton_ms / 1e6 / copy_gbps}  # fmt: skip
                 records.append(row)
                 frac = f"{row['frac_copy']:.2f}" if exact else "-"
-                print(f"| {dtype} | {bits} | {copies} | {threads} | {ms:.3f} | {frac} | "
+                print(f"| {dtype} | {bits} | {block} | {copies} | {unroll} | {threads} | {per_sm} | "
+                      f"{kernel.num_regs}+{kernel.local_size_bytes} | {ms:.4f} | {frac} | "
                       f"{row['triton_frac_copy']:.2f} | {exact} |")  # fmt: skip
     if args.out:
         args.out.write_text(json.dumps({"device": torch.cuda.get_device_name(0), "copy_gbps": copy_gbps,
                                         "shape": args.shape, "rows": records}, indent=1))  # fmt: skip
     return 0 if all(r.get("bit_exact", True) for r in records) else 1
+
+
+def _ref_absmax(w: torch.Tensor, block: int) -> torch.Tensor:
+    """Block absmax as the kernels store it: NaN for a block holding any inf or NaN."""
+    a = w.float().reshape(-1, block).abs().amax(dim=1)
+    return torch.where(torch.isfinite(a), a, torch.full_like(a, float("nan")))
 
 
 if __name__ == "__main__":
