@@ -201,7 +201,7 @@ def run_on_gpu(args: argparse.Namespace, w: torch.Tensor, configs: list, copies_
     copy_gbps = 4 * n / copy_ms / 1e6
     print(f"{torch.cuda.get_device_name(0)}, copy {copy_gbps:.0f} GB/s")
     print(
-        "| dtype | bits | block | copies | unroll | threads | per SM | regs | ms | /copy | Triton /copy | exact |"
+        "| dtype | bits | block | copies | unroll | threads | per SM | regs | ms | /copy | Triton | exact |"
     )
     print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     records = []
@@ -225,7 +225,8 @@ def run_on_gpu(args: argparse.Namespace, w: torch.Tensor, configs: list, copies_
             options = (f"-DCOPIES={copies}", f"-DBLOCK={block}", f"-DUNROLL={unroll}")
             kernel = cp.RawKernel(SOURCE, "pairs_fq", options=options)
             kernel.max_dynamic_shared_size_bytes = shared
-            launch_args = (x_cp, out_cp, absmax_cp, table_cp, cp.int32(n_pairs), cp.int64(n // CHUNK // unroll),
+            launch_args = (x_cp, out_cp, absmax_cp, table_cp, cp.int32(n_pairs),
+                           cp.int64(n // CHUNK // unroll),
                            cp.int32(buckets.shift), cp.int32(buckets.first),
                            cp.int32((2 << buckets.log2_buckets) - 1), cp.float32(scaling.TINY_ABSMAX),
                            cp.float32(scaling.TINY_SCALE))  # fmt: skip
