@@ -82,6 +82,7 @@ def test_pairs_copies_probe_dry_run_and_source(tmp_path: Path) -> None:
         #define COPIES 16
         #define BLOCK 1024
         #define UNROLL 4
+        #define LOOKUP 1
         struct uint2 { unsigned x, y; };
         struct uint4 { unsigned x, y, z, w; };
         uint2 make_uint2(unsigned a, unsigned b);
