@@ -41,26 +41,91 @@ VALUES_A_LANE = 8  # one 16-byte load of bf16
 CHUNK = 32 * VALUES_A_LANE  # values one 16-byte load of every lane of a warp covers (UNROLL of them a turn)
 
 SOURCE = r"""
-// Persistent fake-quantization with the pair lookup, bf16. A warp quantizes CHUNK = 256 * UNROLL values an
-// iteration: load u of lane l holds values [u * 256 + l * 8, +8) of the chunk (one 16-byte read), all UNROLL
-// loads issued before any arithmetic. BLOCK <= 256: a block is BLOCK / 8 lanes of one load; BLOCK > 256: a
-// block is BLOCK / 256 consecutive loads of the whole warp (BLOCK <= CHUNK).
+// Persistent fake-quantization with the pair lookup, bf16. A warp quantizes CHUNK = 256 * UNROLL values a
+// turn: load u of lane l holds values [u * 256 + l * 8, +8) of the chunk (one 16-byte read). BLOCK <= 256:
+// a block is BLOCK / 8 lanes of one load; BLOCK > 256: BLOCK / 256 consecutive loads of the whole warp.
+// pairs_fq issues a turn's UNROLL loads before its arithmetic; pairs_fq_async keeps STAGES - 1 turns in
+// flight (cp.async into lane-private shared staging, each lane reading back only its own bytes).
 #define CHUNK (256 * UNROLL)
 #define LANES (BLOCK < 256 ? BLOCK / 8 : 32)
 #define GROUP (BLOCK > 256 ? BLOCK / 256 : 1)
-extern "C" __global__ void pairs_fq(
-    const unsigned short* __restrict__ x, unsigned short* __restrict__ out, float* __restrict__ absmax_out,
-    const unsigned long long* __restrict__ pairs, int n_pairs, long long n_chunks, int shift, int first,
-    int flip, float tiny_absmax, float tiny_scale) {
-  extern __shared__ uint2 table[];
+
+__device__ __forceinline__ void fill_table(uint2* table, const unsigned long long* pairs, int n_pairs) {
   for (int i = threadIdx.x; i < n_pairs * COPIES; i += blockDim.x) {
     unsigned long long p = pairs[i / COPIES];
     table[i] = make_uint2((unsigned)p, (unsigned)(p >> 32));
   }
   __syncthreads();
-  const int lane = threadIdx.x & 31;
+}
+
+__device__ __forceinline__ void quantize_turn(
+    const uint4 (&raw)[UNROLL], long long base, int lane, unsigned short* __restrict__ out,
+    float* __restrict__ absmax_out, const uint2* table, int shift, int first, int flip, float tiny_absmax,
+    float tiny_scale) {
   const int copy = lane & (COPIES - 1);
   const float low = __int_as_float(first << shift);
+  int top[UNROLL];  // max of |v|'s bits: NaN's bits beat inf's, inf's beat every finite float's
+#pragma unroll
+  for (int u = 0; u < UNROLL; ++u) {
+    const unsigned w[4] = {raw[u].x, raw[u].y, raw[u].z, raw[u].w};
+    top[u] = 0;
+#pragma unroll
+    for (int k = 0; k < 4; ++k) {
+      top[u] = max(top[u], (int)((w[k] << 16) & 0x7FFFFFFFu));
+      top[u] = max(top[u], (int)(w[k] & 0x7FFF0000u));
+    }
+#pragma unroll
+    for (int d = 1; d < LANES; d <<= 1) top[u] = max(top[u], __shfl_xor_sync(0xFFFFFFFFu, top[u], d));
+  }
+#pragma unroll
+  for (int u = 0; u < UNROLL; u += GROUP) {
+#pragma unroll
+    for (int g = 1; g < GROUP; ++g) top[u] = max(top[u], top[u + g]);
+#pragma unroll
+    for (int g = 1; g < GROUP; ++g) top[u + g] = top[u];
+  }
+#pragma unroll
+  for (int u = 0; u < UNROLL; ++u) {
+    const unsigned w[4] = {raw[u].x, raw[u].y, raw[u].z, raw[u].w};
+    const float absmax = __int_as_float(top[u]);
+    const float scale = absmax < tiny_absmax ? tiny_scale : 1.0f;
+    const float inv = __fdiv_rn(1.0f, __fmul_rn(absmax > 0.0f ? absmax : 1.0f, scale));
+    unsigned packed[4];
+#pragma unroll
+    for (int i = 0; i < 8; ++i) {
+      const float v = __uint_as_float((i & 1) ? (w[i >> 1] & 0xFFFF0000u) : (w[i >> 1] << 16));
+      const float xn = __fmul_rn(__fmul_rn(v, scale), inv);
+      const int bits = __float_as_int(fmaxf(fminf(fabsf(xn), 1.0f), low));  // NaN -> 1.0 (fminf)
+      const int local = (bits >> shift) - first;
+      const int bucket = xn >= 0.0f ? local : (local ^ flip);
+#if LOOKUP
+      const uint2 pair = table[bucket * COPIES + copy];
+#else  // the ceiling without the table read (not bit-exact): the bucket index kept live
+      const uint2 pair = make_uint2(__float_as_uint(xn), (unsigned)bucket);
+#endif
+      const float lo = __uint_as_float(pair.x), hi = __uint_as_float(pair.y);
+      const float value = __fmul_rn(__fadd_rn(lo, hi), 0.5f) < xn ? hi : lo;
+      const unsigned y = __float_as_uint(__fmul_rn(value, absmax));
+      const unsigned rounded = (y + 0x7FFFu + ((y >> 16) & 1u)) >> 16;  // round to nearest even
+      const unsigned h = (y & 0x7FFFFFFFu) > 0x7F800000u ? 0x7FC0u : rounded;  // NaN stays NaN
+      packed[i >> 1] = (i & 1) ? (packed[i >> 1] | (h << 16)) : h;
+    }
+    uint4* dst = reinterpret_cast<uint4*>(out + base + u * 256);
+    *dst = make_uint4(packed[0], packed[1], packed[2], packed[3]);
+    const bool first_lane = BLOCK < 256 ? (lane & (LANES - 1)) == 0 : (lane == 0 && u % GROUP == 0);
+    if (first_lane)  // NaN for any non-finite block, as the Triton kernel stores it
+      absmax_out[(base + u * 256) / BLOCK] =
+          absmax < __int_as_float(0x7F800000) ? absmax : __int_as_float(0x7FC00000);
+  }
+}
+
+extern "C" __global__ void pairs_fq(
+    const unsigned short* __restrict__ x, unsigned short* __restrict__ out, float* __restrict__ absmax_out,
+    const unsigned long long* __restrict__ pairs, int n_pairs, long long n_chunks, int shift, int first,
+    int flip, float tiny_absmax, float tiny_scale) {
+  extern __shared__ uint2 table[];
+  fill_table(table, pairs, n_pairs);
+  const int lane = threadIdx.x & 31;
   const long long warps = (long long)gridDim.x * (blockDim.x >> 5);
   for (long long c = (long long)blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5); c < n_chunks;
        c += warps) {
@@ -68,59 +133,58 @@ extern "C" __global__ void pairs_fq(
     uint4 raw[UNROLL];
 #pragma unroll
     for (int u = 0; u < UNROLL; ++u) raw[u] = *reinterpret_cast<const uint4*>(x + base + u * 256);
-    int top[UNROLL];  // max of |v|'s bits: NaN's bits beat inf's, inf's beat every finite float's
-#pragma unroll
-    for (int u = 0; u < UNROLL; ++u) {
-      const unsigned w[4] = {raw[u].x, raw[u].y, raw[u].z, raw[u].w};
-      top[u] = 0;
-#pragma unroll
-      for (int k = 0; k < 4; ++k) {
-        top[u] = max(top[u], (int)((w[k] << 16) & 0x7FFFFFFFu));
-        top[u] = max(top[u], (int)(w[k] & 0x7FFF0000u));
-      }
-#pragma unroll
-      for (int d = 1; d < LANES; d <<= 1) top[u] = max(top[u], __shfl_xor_sync(0xFFFFFFFFu, top[u], d));
-    }
-#pragma unroll
-    for (int u = 0; u < UNROLL; u += GROUP) {
-#pragma unroll
-      for (int g = 1; g < GROUP; ++g) top[u] = max(top[u], top[u + g]);
-#pragma unroll
-      for (int g = 1; g < GROUP; ++g) top[u + g] = top[u];
-    }
-#pragma unroll
-    for (int u = 0; u < UNROLL; ++u) {
-      const unsigned w[4] = {raw[u].x, raw[u].y, raw[u].z, raw[u].w};
-      const float absmax = __int_as_float(top[u]);
-      const float scale = absmax < tiny_absmax ? tiny_scale : 1.0f;
-      const float inv = __fdiv_rn(1.0f, __fmul_rn(absmax > 0.0f ? absmax : 1.0f, scale));
-      unsigned packed[4];
-#pragma unroll
-      for (int i = 0; i < 8; ++i) {
-        const float v = __uint_as_float((i & 1) ? (w[i >> 1] & 0xFFFF0000u) : (w[i >> 1] << 16));
-        const float xn = __fmul_rn(__fmul_rn(v, scale), inv);
-        const int bits = __float_as_int(fmaxf(fminf(fabsf(xn), 1.0f), low));  // NaN -> 1.0 (fminf)
-        const int local = (bits >> shift) - first;
-        const int bucket = xn >= 0.0f ? local : (local ^ flip);
-#if LOOKUP
-        const uint2 pair = table[bucket * COPIES + copy];
-#else  // the ceiling without the table read (not bit-exact): the bucket index kept live
-        const uint2 pair = make_uint2(__float_as_uint(xn), (unsigned)bucket);
+    quantize_turn(raw, base, lane, out, absmax_out, table, shift, first, flip, tiny_absmax, tiny_scale);
+  }
+}
+
+#ifndef STAGES
+#define STAGES 1
 #endif
-        const float lo = __uint_as_float(pair.x), hi = __uint_as_float(pair.y);
-        const float value = __fmul_rn(__fadd_rn(lo, hi), 0.5f) < xn ? hi : lo;
-        const unsigned y = __float_as_uint(__fmul_rn(value, absmax));
-        const unsigned rounded = (y + 0x7FFFu + ((y >> 16) & 1u)) >> 16;  // round to nearest even
-        const unsigned h = (y & 0x7FFFFFFFu) > 0x7F800000u ? 0x7FC0u : rounded;  // NaN stays NaN
-        packed[i >> 1] = (i & 1) ? (packed[i >> 1] | (h << 16)) : h;
+extern "C" __global__ void pairs_fq_async(
+    const unsigned short* __restrict__ x, unsigned short* __restrict__ out, float* __restrict__ absmax_out,
+    const unsigned long long* __restrict__ pairs, int n_pairs, long long n_chunks, int shift, int first,
+    int flip, float tiny_absmax, float tiny_scale) {
+  extern __shared__ uint2 table[];
+  fill_table(table, pairs, n_pairs);
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  // staging after the table (16-byte aligned): [warp][stage][u][lane] of 16 bytes
+  uint4* staging = reinterpret_cast<uint4*>(table + ((n_pairs * COPIES + 1) & ~1));
+  uint4* mine = staging + (long long)warp * STAGES * UNROLL * 32 + lane;
+  const long long warps = (long long)gridDim.x * (blockDim.x >> 5);
+  const long long c0 = (long long)blockIdx.x * (blockDim.x >> 5) + warp;
+#pragma unroll
+  for (int s = 0; s < STAGES - 1; ++s) {  // prologue: the first STAGES - 1 turns in flight
+    const long long c = c0 + s * warps;
+    if (c < n_chunks) {
+#pragma unroll
+      for (int u = 0; u < UNROLL; ++u) {
+        const unsigned dst = (unsigned)__cvta_generic_to_shared(mine + (s * UNROLL + u) * 32);
+        asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(dst),
+                     "l"(x + c * CHUNK + lane * 8 + u * 256));
       }
-      uint4* dst = reinterpret_cast<uint4*>(out + base + u * 256);
-      *dst = make_uint4(packed[0], packed[1], packed[2], packed[3]);
-      const bool first_lane = BLOCK < 256 ? (lane & (LANES - 1)) == 0 : (lane == 0 && u % GROUP == 0);
-      if (first_lane)  // NaN for any non-finite block, as the Triton kernel stores it
-        absmax_out[(base + u * 256) / BLOCK] =
-            absmax < __int_as_float(0x7F800000) ? absmax : __int_as_float(0x7FC00000);
     }
+    asm volatile("cp.async.commit_group;\n" ::);
+  }
+  int stage = 0;
+  for (long long c = c0; c < n_chunks; c += warps) {
+    const long long ahead = c + (STAGES - 1) * warps;
+    const int ahead_stage = (stage + STAGES - 1) % STAGES;
+    if (ahead < n_chunks) {
+#pragma unroll
+      for (int u = 0; u < UNROLL; ++u) {
+        const unsigned dst = (unsigned)__cvta_generic_to_shared(mine + (ahead_stage * UNROLL + u) * 32);
+        asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(dst),
+                     "l"(x + ahead * CHUNK + lane * 8 + u * 256));
+      }
+    }
+    asm volatile("cp.async.commit_group;\n" ::);
+    asm volatile("cp.async.wait_group %0;\n" ::"n"(STAGES - 1));  // this turn's bytes have landed
+    uint4 raw[UNROLL];
+#pragma unroll
+    for (int u = 0; u < UNROLL; ++u) raw[u] = mine[(stage * UNROLL + u) * 32];
+    quantize_turn(raw, c * CHUNK + lane * 8, lane, out, absmax_out, table, shift, first, flip, tiny_absmax,
+                  tiny_scale);
+    stage = (stage + 1) % STAGES;
   }
 }
 """
@@ -149,6 +213,9 @@ def main() -> int:
     parser.add_argument("--unroll", type=_ints, default="1,2,4", help="16-byte loads a lane issues at once")
     parser.add_argument("--per-sm", type=_ints, default="1,2", help="programs a multiprocessor")
     parser.add_argument("--reps", type=int, default=50)
+    parser.add_argument(
+        "--stages", type=_ints, default="0", help="0: plain loads; S: cp.async, S-1 turns ahead"
+    )
     parser.add_argument("--no-lookup", action="store_true", help="the ceiling without the table read")
     parser.add_argument("--dry-run", action="store_true", help="tables and shared memory only (CPU)")
     parser.add_argument("--out", type=Path, default=None)
@@ -205,10 +272,9 @@ def run_on_gpu(args: argparse.Namespace, w: torch.Tensor, configs: list, copies_
     copy_ms = elapsed_ms(lambda: dst.copy_(src))  # the same bytes read and written: 4 n bytes
     copy_gbps = 4 * n / copy_ms / 1e6
     print(f"{torch.cuda.get_device_name(0)}, copy {copy_gbps:.0f} GB/s")
-    print(
-        "| dtype | bits | block | copies | unroll | threads | per SM | regs | ms | /copy | Triton | exact |"
-    )
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+    print("| dtype | bits | block | copies | unroll | stages | threads | per SM | regs | ms | /copy | Triton "
+          "| exact |")  # fmt: skip
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     records = []
     out = torch.empty_like(w)
     x_cp, out_cp = cp.from_dlpack(w.view(torch.int16)), cp.from_dlpack(out.view(torch.int16))
@@ -223,20 +289,22 @@ def run_on_gpu(args: argparse.Namespace, w: torch.Tensor, configs: list, copies_
         table = pairs.values.to("cuda").contiguous()
         absmax = torch.empty(n // block, dtype=torch.float32, device="cuda")
         absmax_cp, table_cp = cp.from_dlpack(absmax), cp.from_dlpack(table)
-        for copies, unroll in itertools.product(copies_list, args.unroll):
-            shared = n_pairs * copies * 8
-            if shared > MAX_SHARED or block > CHUNK * unroll or n % (CHUNK * unroll):
+        for copies, unroll, stages in itertools.product(copies_list, args.unroll, args.stages):
+            table_bytes = -(-n_pairs * copies * 8 // 16) * 16
+            if table_bytes > MAX_SHARED or block > CHUNK * unroll or n % (CHUNK * unroll):
                 continue
             lookup = int(not args.no_lookup)
-            options = (f"-DCOPIES={copies}", f"-DBLOCK={block}", f"-DUNROLL={unroll}", f"-DLOOKUP={lookup}")
-            kernel = cp.RawKernel(SOURCE, "pairs_fq", options=options)
-            kernel.max_dynamic_shared_size_bytes = shared
+            options = (f"-DCOPIES={copies}", f"-DBLOCK={block}", f"-DUNROLL={unroll}", f"-DLOOKUP={lookup}",
+                       f"-DSTAGES={max(stages, 1)}")  # fmt: skip
+            kernel = cp.RawKernel(SOURCE, "pairs_fq_async" if stages else "pairs_fq", options=options)
+            kernel.max_dynamic_shared_size_bytes = MAX_SHARED
             launch_args = (x_cp, out_cp, absmax_cp, table_cp, cp.int32(n_pairs),
                            cp.int64(n // CHUNK // unroll),
                            cp.int32(buckets.shift), cp.int32(buckets.first),
                            cp.int32((2 << buckets.log2_buckets) - 1), cp.float32(scaling.TINY_ABSMAX),
                            cp.float32(scaling.TINY_SCALE))  # fmt: skip
             for threads, per_sm in itertools.product(args.threads, args.per_sm):
+                shared = table_bytes + (threads // 32) * stages * unroll * 32 * 16  # table, staging
                 if shared * per_sm > MAX_SHARED:
                     continue
 
@@ -245,16 +313,14 @@ def run_on_gpu(args: argparse.Namespace, w: torch.Tensor, configs: list, copies_
                         kernel((sms * per_sm,), (threads,), launch_args, shared_mem=shared)  # noqa: B023
 
                 key = {"dtype": dtype, "bits": bits, "block": block, "copies": copies, "unroll": unroll,
-                       "threads": threads, "per_sm": per_sm}  # fmt: skip
+                       "stages": stages, "threads": threads, "per_sm": per_sm}  # fmt: skip
                 try:
                     out.zero_()
                     launch()
                     torch.cuda.synchronize()
                 except Exception as e:  # e.g. too many registers for 1024 threads: recorded, not fatal
                     records.append({**key, "error": str(e)})
-                    print(
-                        f"| {dtype} | {bits} | {block} | {copies} | {unroll} | {threads} | {per_sm} | {e} |"
-                    )
+                    print(f"| {' | '.join(str(v) for v in key.values())} | {e} |")
                     continue
                 exact = torch.equal(out, ref) and torch.equal(absmax, _ref_absmax(w, block))
                 ms = elapsed_ms(launch) if exact or args.no_lookup else float("nan")
@@ -265,7 +331,7 @@ def run_on_gpu(args: argparse.Namespace, w: torch.Tensor, configs: list, copies_
                        "triton_frac_copy": moved / triton_ms / 1e6 / copy_gbps}  # fmt: skip
                 records.append(row)
                 frac = f"{row['frac_copy']:.2f}" if row["frac_copy"] else "-"
-                print(f"| {dtype} | {bits} | {block} | {copies} | {unroll} | {threads} | {per_sm} | "
+                print(f"| {' | '.join(str(v) for v in key.values())} | "
                       f"{kernel.num_regs}+{kernel.local_size_bytes} | {ms:.4f} | {frac} | "
                       f"{row['triton_frac_copy']:.2f} | {exact} |")  # fmt: skip
     if args.out:
