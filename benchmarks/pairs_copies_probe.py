@@ -50,6 +50,12 @@ SOURCE = r"""
 #define LANES (BLOCK < 256 ? BLOCK / 8 : 32)
 #define GROUP (BLOCK > 256 ? BLOCK / 256 : 1)
 
+__device__ __forceinline__ float max_nan(float a, float b) {  // PTX max.NaN: NaN if either is
+  float r;
+  asm("max.NaN.f32 %0, %1, %2;" : "=f"(r) : "f"(a), "f"(b));
+  return r;
+}
+
 __device__ __forceinline__ void fill_table(uint2* table, const unsigned long long* pairs, int n_pairs) {
   for (int i = threadIdx.x; i < n_pairs * COPIES; i += blockDim.x) {
     unsigned long long p = pairs[i / COPIES];
@@ -69,18 +75,21 @@ __device__ __forceinline__ void quantize_turn(
 #endif
   const int copy = lane & (COPIES - 1);
   const float low = __int_as_float(first << shift);
-  int top[UNROLL];  // max of |v|'s bits: NaN's bits beat inf's, inf's beat every finite float's
+  int top[UNROLL];  // the block's NaN-propagating max of |v| (its float bits, for the shuffles)
 #pragma unroll
   for (int u = 0; u < UNROLL; ++u) {
     const unsigned w[4] = {raw[u].x, raw[u].y, raw[u].z, raw[u].w};
-    top[u] = 0;
+    float m = 0.0f;
 #pragma unroll
     for (int k = 0; k < 4; ++k) {
-      top[u] = max(top[u], (int)((w[k] << 16) & 0x7FFFFFFFu));
-      top[u] = max(top[u], (int)(w[k] & 0x7FFF0000u));
+      m = max_nan(m, fabsf(__uint_as_float(w[k] << 16)));
+      m = max_nan(m, fabsf(__uint_as_float(w[k] & 0xFFFF0000u)));
     }
+    top[u] = __float_as_int(m);
 #pragma unroll
-    for (int d = 1; d < LANES; d <<= 1) top[u] = max(top[u], __shfl_xor_sync(0xFFFFFFFFu, top[u], d));
+    for (int d = 1; d < LANES; d <<= 1)
+      top[u] = __float_as_int(max_nan(__int_as_float(top[u]),
+                                      __int_as_float(__shfl_xor_sync(0xFFFFFFFFu, top[u], d))));
   }
 #pragma unroll
   for (int u = 0; u < UNROLL; u += GROUP) {
@@ -94,8 +103,8 @@ __device__ __forceinline__ void quantize_turn(
     const unsigned w[4] = {raw[u].x, raw[u].y, raw[u].z, raw[u].w};
     const float absmax = __int_as_float(top[u]);
     const float scale = absmax < tiny_absmax ? tiny_scale : 1.0f;
-    const float inv = __fdiv_rn(1.0f, __fmul_rn(absmax > 0.0f ? absmax : 1.0f, scale));
-    unsigned packed[4];
+    const float inv = __frcp_rn(__fmul_rn(absmax > 0.0f ? absmax : 1.0f, scale));  // = 1 / (.) rounded once
+    float y[8];
 #pragma unroll
     for (int i = 0; i < 8; ++i) {
       const float v = __uint_as_float((i & 1) ? (w[i >> 1] & 0xFFFF0000u) : (w[i >> 1] << 16));
@@ -110,11 +119,12 @@ __device__ __forceinline__ void quantize_turn(
 #endif
       const float lo = __uint_as_float(pair.x), hi = __uint_as_float(pair.y);
       const float value = __fmul_rn(__fadd_rn(lo, hi), 0.5f) < xn ? hi : lo;
-      const unsigned y = __float_as_uint(__fmul_rn(value, absmax));
-      const unsigned rounded = (y + 0x7FFFu + ((y >> 16) & 1u)) >> 16;  // round to nearest even
-      const unsigned h = (y & 0x7FFFFFFFu) > 0x7F800000u ? 0x7FC0u : rounded;  // NaN stays NaN
-      packed[i >> 1] = (i & 1) ? (packed[i >> 1] | (h << 16)) : h;
+      y[i] = __fmul_rn(value, absmax);
     }
+    unsigned packed[4];
+#pragma unroll
+    for (int k = 0; k < 4; ++k)  // round to nearest even, two values an instruction (NaN: 0x7FFF)
+      asm("cvt.rn.bf16x2.f32 %0, %1, %2;" : "=r"(packed[k]) : "f"(y[2 * k + 1]), "f"(y[2 * k]));
     uint4* dst = reinterpret_cast<uint4*>(out + base + u * 256);
     *dst = make_uint4(packed[0], packed[1], packed[2], packed[3]);
     const bool first_lane = BLOCK < 256 ? (lane & (LANES - 1)) == 0 : (lane == 0 && u % GROUP == 0);

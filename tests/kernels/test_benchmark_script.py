@@ -96,7 +96,8 @@ def test_pairs_copies_probe_dry_run_and_source(tmp_path: Path) -> None:
         int __shfl_xor_sync(unsigned mask, int v, int lane);
         float __int_as_float(int); int __float_as_int(float); float __uint_as_float(unsigned);
         unsigned __float_as_uint(float); float __fdiv_rn(float, float); float __fmul_rn(float, float);
-        float __fadd_rn(float, float); unsigned long __cvta_generic_to_shared(const void*);
+        float __fadd_rn(float, float); float __frcp_rn(float);
+        unsigned long __cvta_generic_to_shared(const void*);
     """
     source = tmp_path / "probe.cpp"
     source.write_text(stand_ins + SOURCE.replace("extern __shared__ uint2", "extern uint2"))
