@@ -29,7 +29,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from kernels import scaling
+from kernels import cuda_pairs, scaling
 from kernels.buckets import (
     BUCKET_MAX_LEVELS_LOG2,
     arithmetic_grid,
@@ -153,6 +153,10 @@ class FusedChoice:
             gained (nf 0.63-0.71 -> 0.69-0.77, 8e35693). For the bucketed search (tenth session, as
             bucket_from_log2, `--choices vpt32`): 6 bits 0.73-0.77 -> 0.75-0.80, 8 bits 0.55-0.72 ->
             0.58-0.74; at 3 bits twice the values were slower (0.81-0.84 -> 0.76).
+        resident_from_log2: fake quantization of bf16 weights with codebooks of 2^k >= 2^this entries
+            that have a pair table (`buckets.mean_pairs`, up to 4,096 buckets) runs the CUDA kernel
+            that keeps the table resident (`kernels.cuda_pairs`; 0: never), where NVRTC and an sm_80+
+            GPU are there; the Triton kernel quantizes the tail past its whole turns of 1,024 values.
     """
 
     max_chain_log2: int = 0
@@ -172,6 +176,7 @@ class FusedChoice:
     computed_value_from_log2: int = 8
     pairs_max_buckets: int = 2048
     split_from_block: int = 0
+    resident_from_log2: int = 6
 
 
 DEFAULT_CHOICE = FusedChoice()
@@ -470,7 +475,16 @@ def _launch(
         per_thread = values_per_thread(block, flags, choice)
         rows, num_warps = fused_config(block, n_blocks, per_thread, choice.num_warps)
         absmax = torch.empty(n_blocks, dtype=torch.float32, device=x.device)
-        for first_row, tiles, masked in fused_launches(n, block, rows):
+        launches = fused_launches(n, block, rows)
+        n_resident = resident_values(x, block, levels, out is not None and codes is None, choice)
+        if n_resident:
+            assert out is not None
+            pairs = mean_pairs(levels, cuda_pairs.MAX_TABLE_BYTES // 8)
+            assert pairs is not None
+            cuda_pairs.fake_quantize_prefix(x, out, absmax, pairs, block, n_resident)
+            first = n_resident // block  # the tail's first block: one masked launch, or none
+            launches = [(first, math.ceil((n_blocks - first) / rows), True)] if first < n_blocks else []
+        for first_row, tiles, masked in launches:
             persistent = choice.programs_per_sm > 0 and not masked
             launch_args = (*args, absmax, *tables, n, first_row, tiles)
             kwargs = dict(BLOCK=block, ROWS=rows, BLOCK_P2=triton.next_power_of_2(block), MASKED=masked,
@@ -490,6 +504,16 @@ def _launch(
             *args, absmax, inv, *tables, n, block, TILE=TILE, num_warps=8, **COMPILE_OPTIONS, **flags
         )  # fmt: skip
     return out, codes, absmax
+
+
+def resident_values(x: Tensor, block: int, levels: Levels, fake_only: bool, choice: FusedChoice) -> int:
+    """Values of flat `x` the resident CUDA kernel quantizes (`cuda_pairs.plan`; 0: all on Triton)."""
+    log2_levels = levels.mids.numel().bit_length() - 1
+    if not fake_only or not 0 < choice.resident_from_log2 <= log2_levels or not x.is_cuda:
+        return 0
+    if x.dtype != torch.bfloat16 or os.environ.get("TRITON_INTERPRET") == "1":
+        return 0
+    return cuda_pairs.plan(x, block, mean_pairs(levels, cuda_pairs.MAX_TABLE_BYTES // 8))
 
 
 def fused_fake_quantize(

@@ -231,3 +231,38 @@ def test_bucket_search_edges(bits: int) -> None:
         assert codes is not None and base_codes is not None and torch.equal(codes, base_codes), spec
         assert codes[64 + 5] == codes[3 * 64 + 7] == 0, spec
         torch.testing.assert_close(out, base_out, rtol=0, atol=0, equal_nan=True)
+
+
+@pytest.mark.parametrize("block", [16, 64, 128, 256, 512, 1024])
+def test_resident_pair_kernel_is_bit_exact(block: int) -> None:
+    # kernels.cuda_pairs (the table resident for the launch, bf16 fake quantization): bit for bit the
+    # Triton kernel's output and absmax (NaN bits included) and the torch reference's values, on bf16
+    # neighbours of every midpoint in blocks of absmax 1, the same scaled into tiny blocks (the 2^64
+    # path), subnormals, +-0, NaN, Inf and zero blocks, random weights and a tail past the last whole turn
+    # of 1,024 values (the Triton kernel's, a partial block at 1,024).
+    from kernels.blockwise import levels_for
+    from kernels.triton_fused import FusedChoice, _launch, resident_values
+
+    triton_only, resident = FusedChoice(resident_from_log2=0), FusedChoice(resident_from_log2=1)
+    for dtype, bits in (("nf", 7), ("nf", 8), ("quantile", 8), ("dynamic", 8), ("fp", 8), ("dynamic", 6)):
+        spec = QuantSpec(dtype, bits, block)
+        w = _fresh((37, 1088), torch.bfloat16, block + bits)
+        levels = levels_for(w, spec)
+        mids = levels.mids[levels.mids.isfinite()].to(torch.bfloat16)
+        up, down = ((mids.view(torch.int16) + d).view(torch.bfloat16) for d in (1, -1))
+        specials = torch.tensor([0.0, -0.0, 1e-40, -9e-41], device="cuda").bfloat16()
+        edge = torch.cat([mids, up, down, specials])
+        rows = torch.nn.functional.pad(edge.float(), (0, -edge.numel() % (block - 1))).view(-1, block - 1)
+        edge = torch.cat([rows, torch.ones(rows.shape[0], 1, device="cuda")], 1).reshape(-1)
+        special = torch.zeros(4, block, device="cuda")
+        special[0, 3], special[1, 0], special[2, -1] = float("nan"), float("inf"), float("-inf")
+        special[3] = 1e-40  # a subnormal block
+        x = torch.cat([edge, edge * 1e-30, special.reshape(-1), w.float().reshape(-1)]).bfloat16()
+        assert resident_values(x, block, levels, True, resident) >= x.numel() - 1024, spec
+        out, _, absmax = _launch(x, spec, levels, True, None, resident)
+        base, _, base_absmax = _launch(x, spec, levels, True, None, triton_only)
+        assert out is not None and base is not None
+        assert torch.equal(out.view(torch.int16), base.view(torch.int16)), f"seed={SEED} {spec}"
+        torch.testing.assert_close(absmax, base_absmax, rtol=0, atol=0, equal_nan=True)
+        ref = fake_quantize(x, spec, impl="torch", levels=levels)
+        torch.testing.assert_close(out, ref, rtol=0, atol=0, equal_nan=True, msg=f"seed={SEED} {spec}")

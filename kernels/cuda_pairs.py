@@ -1,0 +1,183 @@
+"""The pair lookup with its table resident for a whole launch: CUDA C++ compiled at run time (NVRTC).
+
+The Triton kernel (`triton_fused`) copies its table into shared memory in every program (`tl.gather`
+stores its source at each call), which at 7-8 bits costs as much as the weights a program quantizes.
+Here one persistent program a multiprocessor (1,024 threads) copies the pair table (`buckets.mean_pairs`,
+up to 4,096 buckets, 32 KB) once and loops over the weight: each warp quantizes 1,024 values a turn, its
+32 lanes reading four 16-byte bf16 words each before any arithmetic. The arithmetic is the Triton
+kernel's step for step (`triton_fused._quantize_rows`, `triton_search._pair_lookup`), so the output
+equals the torch reference bit for bit; NaN and Inf blocks store a NaN absmax, as there.
+
+Fake quantization of bf16 weights only (the codes path and other dtypes stay on Triton), blocks of
+16-1,024 values (powers of two), whole turns of 1,024 values: `fused_fake_quantize` hands the tail to
+the Triton kernel. `torch.cuda._compile_kernel` (NVRTC, in torch's CUDA wheels) compiles it once per
+block size and device; where it is missing or the GPU is older than sm_80 the Triton kernel runs.
+Probe and figures: `benchmarks/pairs_copies_probe.py`, docs/benchmarks.md (fifteenth session).
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from kernels import scaling
+from kernels.buckets import MeanPairs
+
+TURN = 1024  # values a warp quantizes a turn: 32 lanes x 4 loads x 8 bf16
+THREADS = 1024
+MAX_TABLE_BYTES = 48 * 1024  # static launch limit without opting in to more shared memory
+MIN_BLOCK, MAX_BLOCK = 16, TURN
+
+SOURCE = r"""
+// BLOCK, TINY_ABSMAX and TINY_SCALE are defined before this text. Load u of lane l holds values
+// [u * 256 + l * 8, +8) of the warp's turn. BLOCK <= 256: a block is BLOCK / 8 lanes of one load;
+// BLOCK > 256: BLOCK / 256 consecutive loads of the whole warp.
+#define UNROLL 4
+#define LANES (BLOCK < 256 ? BLOCK / 8 : 32)
+#define GROUP (BLOCK > 256 ? BLOCK / 256 : 1)
+
+__device__ __forceinline__ float max_nan(float a, float b) {  // PTX max.NaN: NaN if either is NaN
+  float r;
+  asm("max.NaN.f32 %0, %1, %2;" : "=f"(r) : "f"(a), "f"(b));
+  return r;
+}
+
+extern "C" __global__ void __launch_bounds__(1024, 1) pairs_fake_quantize(
+    const unsigned short* __restrict__ x, unsigned short* __restrict__ out, float* __restrict__ absmax_out,
+    const unsigned long long* __restrict__ pairs, int n_pairs, int n_turns, int shift, int first, int flip) {
+  extern __shared__ uint2 table[];
+  for (int i = threadIdx.x; i < n_pairs; i += blockDim.x) {
+    const unsigned long long p = pairs[i];
+    table[i] = make_uint2((unsigned)p, (unsigned)(p >> 32));
+  }
+  __syncthreads();
+  const int lane = threadIdx.x & 31;
+  const float low = __int_as_float(first << shift);  // bucket 0's lowest float
+  const int warps = gridDim.x * (blockDim.x >> 5);
+  for (int t = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5); t < n_turns; t += warps) {
+    const long long base = (long long)t * (256 * UNROLL) + lane * 8;
+    uint4 raw[UNROLL];
+#pragma unroll
+    for (int u = 0; u < UNROLL; ++u) raw[u] = *reinterpret_cast<const uint4*>(x + base + u * 256);
+    float top[UNROLL];  // each block's NaN-propagating max of |v|
+#pragma unroll
+    for (int u = 0; u < UNROLL; ++u) {
+      const unsigned w[4] = {raw[u].x, raw[u].y, raw[u].z, raw[u].w};
+      float m = 0.0f;
+#pragma unroll
+      for (int k = 0; k < 4; ++k) {
+        m = max_nan(m, fabsf(__uint_as_float(w[k] << 16)));
+        m = max_nan(m, fabsf(__uint_as_float(w[k] & 0xFFFF0000u)));
+      }
+#pragma unroll
+      for (int d = 1; d < LANES; d <<= 1) m = max_nan(m, __shfl_xor_sync(0xFFFFFFFFu, m, d));
+      top[u] = m;
+    }
+#pragma unroll
+    for (int u = 0; u < UNROLL; u += GROUP) {
+#pragma unroll
+      for (int g = 1; g < GROUP; ++g) top[u] = max_nan(top[u], top[u + g]);
+#pragma unroll
+      for (int g = 1; g < GROUP; ++g) top[u + g] = top[u];
+    }
+#pragma unroll
+    for (int u = 0; u < UNROLL; ++u) {
+      const unsigned w[4] = {raw[u].x, raw[u].y, raw[u].z, raw[u].w};
+      const float absmax = top[u];
+      const float scale = absmax < TINY_ABSMAX ? TINY_SCALE : 1.0f;
+      const float inv = __frcp_rn(__fmul_rn(absmax > 0.0f ? absmax : 1.0f, scale));  // IEEE 1 / (.)
+      float y[8];
+#pragma unroll
+      for (int i = 0; i < 8; ++i) {
+        const float v = __uint_as_float((i & 1) ? (w[i >> 1] & 0xFFFF0000u) : (w[i >> 1] << 16));
+        const float xn = __fmul_rn(__fmul_rn(v, scale), inv);
+        const int bits = __float_as_int(fmaxf(fminf(fabsf(xn), 1.0f), low));  // NaN -> 1.0 (fminf)
+        const int local = (bits >> shift) - first;
+        const int bucket = xn >= 0.0f ? local : (local ^ flip);  // NaN: the negative top bucket
+        const uint2 pair = table[bucket];
+        const float lo = __uint_as_float(pair.x), hi = __uint_as_float(pair.y);
+        const float value = __fmul_rn(__fadd_rn(lo, hi), 0.5f) < xn ? hi : lo;
+        y[i] = __fmul_rn(value, absmax);
+      }
+      unsigned packed[4];
+#pragma unroll
+      for (int k = 0; k < 4; ++k)  // round to nearest even, as the Triton kernel's cvt
+        asm("cvt.rn.bf16x2.f32 %0, %1, %2;" : "=r"(packed[k]) : "f"(y[2 * k + 1]), "f"(y[2 * k]));
+      uint4* dst = reinterpret_cast<uint4*>(out + base + u * 256);
+      *dst = make_uint4(packed[0], packed[1], packed[2], packed[3]);
+      const bool first_lane = BLOCK < 256 ? (lane & (LANES - 1)) == 0 : (lane == 0 && u % GROUP == 0);
+      if (first_lane)  // NaN for any non-finite block
+        absmax_out[(base + u * 256) / BLOCK] =
+            absmax < __int_as_float(0x7F800000) ? absmax : __int_as_float(0x7FC00000);
+    }
+  }
+}
+"""
+
+
+def source_for(block: int) -> str:
+    """The kernel's source for one block size (the constants the Triton kernel uses, as hex floats)."""
+    return (
+        f"#define BLOCK {block}\n"
+        f"#define TINY_ABSMAX {float(scaling.TINY_ABSMAX).hex()}f\n"
+        f"#define TINY_SCALE {float(scaling.TINY_SCALE).hex()}f\n" + SOURCE
+    )
+
+
+def runtime_available(device: torch.device) -> bool:
+    """NVRTC through torch (`torch.cuda._compile_kernel`) and a GPU of sm_80 or newer (cvt.rn.bf16x2)."""
+    if device.type != "cuda" or not hasattr(torch.cuda, "_compile_kernel"):
+        return False
+    return torch.cuda.get_device_capability(device) >= (8, 0)
+
+
+def prefix_values(
+    numel: int, dtype: torch.dtype, block: int | None, table_entries: int | None, address: int
+) -> int:
+    """Values of a flat weight the resident kernel can quantize (a prefix of whole turns), 0 where it
+    cannot: bf16 at a 16-byte aligned address, a power-of-two block of 16-1,024 values, a pair table of
+    at most MAX_TABLE_BYTES (None: the codebook has none), at least one turn."""
+    if table_entries is None or block is None or dtype != torch.bfloat16 or address % 16:
+        return 0
+    if not (MIN_BLOCK <= block <= MAX_BLOCK and block & (block - 1) == 0):
+        return 0
+    if table_entries * 8 > MAX_TABLE_BYTES:
+        return 0
+    return numel // TURN * TURN
+
+
+def plan(x: Tensor, block: int | None, pairs: MeanPairs | None) -> int:
+    """`prefix_values` of flat `x` where its device runs the kernel (`runtime_available`), else 0."""
+    entries = pairs.values.numel() if pairs is not None else None
+    n_main = prefix_values(x.numel(), x.dtype, block, entries, x.data_ptr())
+    return n_main if n_main and runtime_available(x.device) else 0
+
+
+@functools.cache
+def _kernel(block: int, device_index: int) -> Any:
+    with torch.cuda.device(device_index):
+        return torch.cuda._compile_kernel(source_for(block), "pairs_fake_quantize")
+
+
+@functools.cache
+def _multiprocessors(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def fake_quantize_prefix(
+    x: Tensor, out: Tensor, absmax: Tensor, pairs: MeanPairs, block: int, n_main: int
+) -> None:
+    """Quantize the first n_main values of flat bf16 `x` (`plan`) into `out` and their blocks' absmax into
+    `absmax` (NaN for a non-finite block), on the current stream."""
+    device_index = x.device.index if x.device.index is not None else torch.cuda.current_device()
+    kernel = _kernel(block, device_index)
+    table = pairs.values.to(x.device)
+    n_turns = n_main // TURN
+    programs = min(_multiprocessors(device_index), -(-n_turns // (THREADS // 32)))
+    buckets = pairs.buckets
+    args = [x, out, absmax, table, table.numel(), n_turns, buckets.shift, buckets.first,
+            (2 << buckets.log2_buckets) - 1]  # fmt: skip
+    kernel(grid=(programs, 1, 1), block=(THREADS, 1, 1), args=args, shared_mem=table.numel() * 8)

@@ -1,0 +1,93 @@
+"""kernels.cuda_pairs on the CPU: which weights it takes, its constants, and that its source parses.
+
+Its output is checked bit for bit on a GPU (`test_gpu.py::test_resident_pair_kernel_is_bit_exact`)."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+import torch
+
+from kernels import QuantSpec, cuda_pairs, scaling
+from kernels.blockwise import levels_for
+from kernels.buckets import mean_pairs
+from kernels.triton_fused import DEFAULT_CHOICE, FusedChoice, resident_values
+
+
+def test_prefix_values_takes_whole_turns_of_bf16_with_a_small_pair_table() -> None:
+    bf16 = torch.bfloat16
+    assert cuda_pairs.prefix_values(5000, bf16, 64, 1024, 0) == 4096  # whole turns; the tail on Triton
+    assert cuda_pairs.prefix_values(1023, bf16, 64, 1024, 0) == 0  # not one turn
+    for block in (16, 32, 64, 128, 256, 512, 1024):
+        assert cuda_pairs.prefix_values(2048, bf16, block, 4096, 256) == 2048, block
+    for block in (None, 8, 48, 100, 2048):  # tensor-wise, too small, not a power of two, over a turn
+        assert cuda_pairs.prefix_values(2048, bf16, block, 1024, 0) == 0, block
+    assert cuda_pairs.prefix_values(2048, bf16, 64, 6144, 0) == 2048  # 48 KB: the most it holds
+    assert cuda_pairs.prefix_values(2048, bf16, 64, 8192, 0) == 0
+    assert cuda_pairs.prefix_values(2048, bf16, 64, None, 0) == 0  # no pair table
+    assert cuda_pairs.prefix_values(2048, torch.float16, 64, 1024, 0) == 0
+    assert cuda_pairs.prefix_values(2048, bf16, 64, 1024, 8) == 0  # misaligned for 16-byte loads
+
+
+def test_resident_path_is_never_planned_off_cuda() -> None:
+    w = torch.randn(64, 1024).bfloat16()
+    spec = QuantSpec("nf", 8, 64)
+    levels = levels_for(w, spec)
+    pairs = mean_pairs(levels, cuda_pairs.MAX_TABLE_BYTES // 8)
+    assert pairs is not None and pairs.values.numel() == 1024
+    assert cuda_pairs.prefix_values(w.numel(), w.dtype, 64, pairs.values.numel(), w.data_ptr()) == w.numel()
+    assert not cuda_pairs.runtime_available(w.device)
+    assert cuda_pairs.plan(w.view(-1), 64, pairs) == 0
+    assert resident_values(w.view(-1), 64, levels, True, DEFAULT_CHOICE) == 0
+    assert DEFAULT_CHOICE.resident_from_log2 > 0 and FusedChoice(resident_from_log2=0).resident_from_log2 == 0
+
+
+@pytest.mark.parametrize("dtype", ["nf", "quantile", "dynamic"])
+def test_eight_bit_tables_fit(dtype: str) -> None:
+    # Every 8-bit lookup codebook the project builds has a pair table the kernel holds (dynamic: 4,096).
+    levels = levels_for(torch.randn(256, 64), QuantSpec(dtype, 8, 64))
+    pairs = mean_pairs(levels, cuda_pairs.MAX_TABLE_BYTES // 8)
+    assert pairs is not None and pairs.values.numel() * 8 <= cuda_pairs.MAX_TABLE_BYTES
+
+
+def test_source_constants_are_the_reference_scaling() -> None:
+    text = cuda_pairs.source_for(256)
+    defines = dict(line.split()[1:3] for line in text.splitlines() if line.startswith("#define "))
+    assert defines["BLOCK"] == "256"
+    assert float.fromhex(defines["TINY_ABSMAX"].rstrip("f")) == float(scaling.TINY_ABSMAX)
+    assert float.fromhex(defines["TINY_SCALE"].rstrip("f")) == float(scaling.TINY_SCALE)
+
+
+@pytest.mark.skipif(shutil.which("g++") is None, reason="needs g++")
+@pytest.mark.parametrize("block", [16, 64, 512, 1024])
+def test_source_parses_as_cpp(block: int, tmp_path: Path) -> None:
+    # NVRTC compiles it on the GPU; here it must at least parse as C++ under stand-ins for CUDA's
+    # built-ins, for every shape of block (the lane and load groupings differ below and above 256).
+    stand_ins = """
+        #include <cmath>
+        #define __global__
+        #define __device__
+        #define __forceinline__
+        #define __restrict__
+        #define __launch_bounds__(a, b)
+        struct uint2 { unsigned x, y; };
+        struct uint4 { unsigned x, y, z, w; };
+        uint2 make_uint2(unsigned a, unsigned b);
+        uint4 make_uint4(unsigned a, unsigned b, unsigned c, unsigned d);
+        struct dim { int x, y, z; };
+        extern dim threadIdx, blockIdx, blockDim, gridDim;
+        void __syncthreads();
+        float __shfl_xor_sync(unsigned mask, float v, int lane);
+        float __int_as_float(int); int __float_as_int(float); float __uint_as_float(unsigned);
+        float __fmul_rn(float, float); float __fadd_rn(float, float); float __frcp_rn(float);
+    """
+    source = tmp_path / "pairs.cpp"
+    text = cuda_pairs.source_for(block).replace("extern __shared__ uint2", "extern uint2")
+    source.write_text(stand_ins + text)
+    check = subprocess.run(
+        ["g++", "-std=c++17", "-fsyntax-only", str(source)], capture_output=True, text=True
+    )
+    assert check.returncode == 0, check.stderr[-3000:]
