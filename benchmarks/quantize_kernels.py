@@ -103,7 +103,7 @@ CHOICES: dict[str, dict[str, Any]] = {  # FusedChoice fields and their values (i
     "new+split": {"split_from_block": 512},
     "w8+big": {"num_warps": 8, "pairs_max_buckets": 4096},  # 8-bit dynamic's 32 KB pair table, 8192 values
     "w8+vpt16": {"num_warps": 8, "wide_from_log2": 0},
-    # the fifteenth session: the Triton kernel alone, without the resident CUDA pair kernel (kernels.cuda_pairs)
+    # fifteenth session: the Triton kernel alone, not the resident CUDA pair kernel (kernels.cuda_pairs)
     "triton": {"resident_from_log2": 0},
     # blocks of 512 and 1024 held a warp each (no barrier for the absmax; 32 values a thread at 1024)
     "split": {"split_from_block": 512},
