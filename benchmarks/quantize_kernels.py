@@ -104,7 +104,7 @@ CHOICES: dict[str, dict[str, Any]] = {  # FusedChoice fields and their values (i
     "w8+big": {"num_warps": 8, "pairs_max_buckets": 4096},  # 8-bit dynamic's 32 KB pair table, 8192 values
     "w8+vpt16": {"num_warps": 8, "wide_from_log2": 0},
     # fifteenth session: the Triton kernel alone, not the resident CUDA pair kernel (kernels.cuda_pairs)
-    "triton": {"resident_from_log2": 0},
+    "triton": {"resident_from_buckets": 0, "resident_wide_from_buckets": 0},
     # blocks of 512 and 1024 held a warp each (no barrier for the absmax; 32 values a thread at 1024)
     "split": {"split_from_block": 512},
     # candidates: pairs from 4 bits, the int grid's computed value at 8, split blocks, wide from 7 or 8
@@ -332,6 +332,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--dtypes", default=",".join(DTYPES))
     p.add_argument("--bits", default=",".join(map(str, BITS)))
     p.add_argument("--no-compile", action="store_true", help="skip the torch.compile column")
+    p.add_argument("--blocks", default="64,1024,tensor", help="block sizes ('tensor': one absmax a tensor)")
     p.add_argument("--choices", default="", help=f"also time the kernel with: {','.join(CHOICES)}")
     return p.parse_args(argv)
 
@@ -356,7 +357,8 @@ def main(argv: list[str] | None = None) -> int:
             "choices": {c: CHOICES[c] for c in choices}}  # fmt: skip
     print(f"device: {meta['device']}; copy bandwidth {copy_gbps:.1f} GB/s (read + write)", flush=True)
     rows: list[Row] = []
-    grid = list(itertools.product(shapes, args.dtypes.split(","), map(int, args.bits.split(",")), BLOCKS))
+    blocks = [None if b == "tensor" else int(b) for b in args.blocks.split(",")]
+    grid = list(itertools.product(shapes, args.dtypes.split(","), map(int, args.bits.split(",")), blocks))
     for shape, dtype, bits, block in grid:
         spec = QuantSpec(dtype, bits, block)
         rows.append(bench_config(_weight(shape, device), spec, reps, copy_gbps, choices))
@@ -385,7 +387,7 @@ def summarize(rows: list[Row]) -> str:
     head = ["block", "fused/copy median (min)", "torch/copy median", "compile/copy median"]
     head += [f"{n}/copy median (min)" for n in names]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for block in BLOCKS:
+    for block in sorted({r.block_size for r in rows}, key=lambda b: b or 1 << 62):
         sel = [r for r in rows if r.block_size == block]
         if not sel:
             continue

@@ -32,6 +32,7 @@ from torch import Tensor
 from kernels import cuda_pairs, scaling
 from kernels.buckets import (
     BUCKET_MAX_LEVELS_LOG2,
+    MeanPairs,
     arithmetic_grid,
     block_absmax,
     bucket_pairs,
@@ -153,10 +154,16 @@ class FusedChoice:
             gained (nf 0.63-0.71 -> 0.69-0.77, 8e35693). For the bucketed search (tenth session, as
             bucket_from_log2, `--choices vpt32`): 6 bits 0.73-0.77 -> 0.75-0.80, 8 bits 0.55-0.72 ->
             0.58-0.74; at 3 bits twice the values were slower (0.81-0.84 -> 0.76).
-        resident_from_log2: fake quantization of bf16 weights with codebooks of 2^k >= 2^this entries
-            that have a pair table (`buckets.mean_pairs`, up to 4,096 buckets) runs the CUDA kernel
-            that keeps the table resident (`kernels.cuda_pairs`; 0: never), where NVRTC and an sm_80+
-            GPU are there; the Triton kernel quantizes the tail past its whole turns of 1,024 values.
+        resident_from_buckets: fake quantization of bf16 weights with a pair table (`buckets.mean_pairs`)
+            of at least this many buckets (both signs; up to 4,096) runs the CUDA kernel that keeps the
+            table resident for the launch (`kernels.cuda_pairs`; 0: never), where NVRTC and an sm_80+ GPU
+            are there; the Triton kernel quantizes the tail past its whole turns of 1,024 values. Not the
+            int grid (its own search). resident_wide_from_buckets: the same from this many buckets for
+            blocks of at least resident_wide_block values. 512 / 256 / 512 (fifteenth session, one H200,
+            d7dd413, `--choices triton`, two shapes): 7-8-bit nf, quantile, dynamic at block 64 0.63-0.82
+            -> 0.80-0.83 of copy, at block 1024 0.60-0.76 -> 0.83-0.86; 6 bits at 1024 0.78-0.80 ->
+            0.86-0.87; at block 64 Triton led below 512 buckets (0.84-0.94 against 0.81-0.83) and at
+            512 lost little by it (fp 8 0.87 -> 0.82, dynamic 6 0.84 -> 0.82, both over 0.80).
     """
 
     max_chain_log2: int = 0
@@ -176,7 +183,9 @@ class FusedChoice:
     computed_value_from_log2: int = 8
     pairs_max_buckets: int = 2048
     split_from_block: int = 0
-    resident_from_log2: int = 6
+    resident_from_buckets: int = 512
+    resident_wide_from_buckets: int = 256
+    resident_wide_block: int = 512
 
 
 DEFAULT_CHOICE = FusedChoice()
@@ -476,10 +485,10 @@ def _launch(
         rows, num_warps = fused_config(block, n_blocks, per_thread, choice.num_warps)
         absmax = torch.empty(n_blocks, dtype=torch.float32, device=x.device)
         launches = fused_launches(n, block, rows)
-        n_resident = resident_values(x, block, levels, out is not None and codes is None, choice)
+        n_resident = resident_values(x, block, levels, flags, out is not None and codes is None, choice)
         if n_resident:
             assert out is not None
-            pairs = mean_pairs(levels, cuda_pairs.MAX_TABLE_BYTES // 8)
+            pairs = resident_table(levels, flags, block, True, x.dtype, choice)
             assert pairs is not None
             cuda_pairs.fake_quantize_prefix(x, out, absmax, pairs, block, n_resident)
             first = n_resident // block  # the tail's first block: one masked launch, or none
@@ -506,14 +515,29 @@ def _launch(
     return out, codes, absmax
 
 
-def resident_values(x: Tensor, block: int, levels: Levels, fake_only: bool, choice: FusedChoice) -> int:
+def resident_table(
+    levels: Levels, flags: dict, block: int, fake_only: bool, dtype: torch.dtype, choice: FusedChoice
+) -> MeanPairs | None:
+    """The pair table the resident CUDA kernel would hold for these levels (`choice.resident_*`), or None
+    where the Triton kernel quantizes all: codes, dtypes other than bf16, the int grid, smaller tables."""
+    grid = flags["SEARCH"] in (SEARCH_UNIFORM.value, SEARCH_GRID_VALUE.value, SEARCH_ARITHMETIC.value)
+    if not fake_only or grid or dtype != torch.bfloat16 or os.environ.get("TRITON_INTERPRET") == "1":
+        return None
+    least = [choice.resident_from_buckets]
+    if block >= choice.resident_wide_block:
+        least.append(choice.resident_wide_from_buckets)
+    least = [b for b in least if b > 0]
+    pairs = mean_pairs(levels, cuda_pairs.MAX_TABLE_BYTES // 8) if least else None
+    return pairs if pairs is not None and pairs.values.numel() >= min(least) else None
+
+
+def resident_values(
+    x: Tensor, block: int, levels: Levels, flags: dict, fake_only: bool, choice: FusedChoice
+) -> int:
     """Values of flat `x` the resident CUDA kernel quantizes (`cuda_pairs.plan`; 0: all on Triton)."""
-    log2_levels = levels.mids.numel().bit_length() - 1
-    if not fake_only or not 0 < choice.resident_from_log2 <= log2_levels or not x.is_cuda:
+    if not x.is_cuda:
         return 0
-    if x.dtype != torch.bfloat16 or os.environ.get("TRITON_INTERPRET") == "1":
-        return 0
-    return cuda_pairs.plan(x, block, mean_pairs(levels, cuda_pairs.MAX_TABLE_BYTES // 8))
+    return cuda_pairs.plan(x, block, resident_table(levels, flags, block, fake_only, x.dtype, choice))
 
 
 def fused_fake_quantize(

@@ -14,7 +14,7 @@ import torch
 from kernels import QuantSpec, cuda_pairs, scaling
 from kernels.blockwise import levels_for
 from kernels.buckets import mean_pairs
-from kernels.triton_fused import DEFAULT_CHOICE, FusedChoice, resident_values
+from kernels.triton_fused import DEFAULT_CHOICE, FusedChoice, _flags, resident_table, resident_values
 
 
 def test_prefix_values_takes_whole_turns_of_bf16_with_a_small_pair_table() -> None:
@@ -41,8 +41,31 @@ def test_resident_path_is_never_planned_off_cuda() -> None:
     assert cuda_pairs.prefix_values(w.numel(), w.dtype, 64, pairs.values.numel(), w.data_ptr()) == w.numel()
     assert not cuda_pairs.runtime_available(w.device)
     assert cuda_pairs.plan(w.view(-1), 64, pairs) == 0
-    assert resident_values(w.view(-1), 64, levels, True, DEFAULT_CHOICE) == 0
-    assert DEFAULT_CHOICE.resident_from_log2 > 0 and FusedChoice(resident_from_log2=0).resident_from_log2 == 0
+    flags = _flags(w, levels, True, False, DEFAULT_CHOICE)
+    assert resident_values(w.view(-1), 64, levels, flags, True, DEFAULT_CHOICE) == 0
+
+
+def test_resident_rule_by_table_size_and_block() -> None:
+    # Which codebooks would go resident on a GPU (the rule before the device check): 512 buckets and
+    # more at any block, 256 and more at blocks of 512 and over, never the int grid or the codes path.
+    choice = DEFAULT_CHOICE
+    w = torch.randn(64, 1024).bfloat16()
+
+    def wants(dtype: str, bits: int, block: int, fake_only: bool = True) -> bool:
+        levels = levels_for(w, QuantSpec(dtype, bits, block))
+        flags = _flags(w, levels, True, not fake_only, choice)
+        return resident_table(levels, flags, block, fake_only, torch.bfloat16, choice) is not None
+
+    assert wants("nf", 8, 64) and wants("nf", 7, 64) and wants("fp", 8, 64) and wants("dynamic", 8, 1024)
+    assert not wants("fp", 7, 64) and not wants("nf", 6, 64)
+    assert wants("nf", 6, 1024) and wants("fp", 7, 512) and not wants("fp", 6, 1024)
+    assert not wants("int", 8, 1024) and not wants("nf", 8, 64, fake_only=False)
+    levels = levels_for(w, QuantSpec("nf", 8, 64))
+    flags = _flags(w, levels, True, False, choice)
+    assert resident_table(levels, flags, 64, True, torch.float16, choice) is None  # bf16 only
+    off = FusedChoice(resident_from_buckets=0, resident_wide_from_buckets=0)
+    levels = levels_for(w, QuantSpec("nf", 8, 64))
+    assert resident_values(w.view(-1), 64, levels, _flags(w, levels, True, False, off), True, off) == 0
 
 
 @pytest.mark.parametrize("dtype", ["nf", "quantile", "dynamic"])
