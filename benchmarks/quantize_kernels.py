@@ -104,7 +104,12 @@ CHOICES: dict[str, dict[str, Any]] = {  # FusedChoice fields and their values (i
     "w8+big": {"num_warps": 8, "pairs_max_buckets": 4096},  # 8-bit dynamic's 32 KB pair table, 8192 values
     "w8+vpt16": {"num_warps": 8, "wide_from_log2": 0},
     # fifteenth session: the Triton kernel alone, not the resident CUDA pair kernel (kernels.cuda_pairs)
-    "triton": {"resident_from_buckets": 0, "resident_wide_from_buckets": 0},
+    "triton": {
+        "resident_from_buckets": 0,
+        "resident_wide_from_buckets": 0,
+        "resident_grid_wide_from_buckets": 0,
+    },
+    "streaming": {"resident_streaming": True},  # the resident kernel's loads and stores evict-first
     # blocks of 512 and 1024 held a warp each (no barrier for the absmax; 32 values a thread at 1024)
     "split": {"split_from_block": 512},
     # candidates: pairs from 4 bits, the int grid's computed value at 8, split blocks, wide from 7 or 8

@@ -45,6 +45,25 @@ __device__ __forceinline__ float max_nan(float a, float b) {  // PTX max.NaN: Na
   return r;
 }
 
+__device__ __forceinline__ uint4 load16(const unsigned short* p) {
+#if STREAMING  // ld.global.cs: evict first, each byte is read once
+  uint4 r;
+  asm("ld.global.cs.v4.u32 {%0, %1, %2, %3}, [%4];" : "=r"(r.x), "=r"(r.y), "=r"(r.z), "=r"(r.w) : "l"(p));
+  return r;
+#else
+  return *reinterpret_cast<const uint4*>(p);
+#endif
+}
+
+__device__ __forceinline__ void store16(unsigned short* p, uint4 v) {
+#if STREAMING
+  asm volatile("st.global.cs.v4.u32 [%0], {%1, %2, %3, %4};" ::"l"(p), "r"(v.x), "r"(v.y), "r"(v.z), "r"(v.w)
+               : "memory");
+#else
+  *reinterpret_cast<uint4*>(p) = v;
+#endif
+}
+
 extern "C" __global__ void __launch_bounds__(1024, 1) pairs_fake_quantize(
     const unsigned short* __restrict__ x, unsigned short* __restrict__ out, float* __restrict__ absmax_out,
     const unsigned long long* __restrict__ pairs, int n_pairs, int n_turns, int shift, int first, int flip) {
@@ -61,7 +80,7 @@ extern "C" __global__ void __launch_bounds__(1024, 1) pairs_fake_quantize(
     const long long base = (long long)t * (256 * UNROLL) + lane * 8;
     uint4 raw[UNROLL];
 #pragma unroll
-    for (int u = 0; u < UNROLL; ++u) raw[u] = *reinterpret_cast<const uint4*>(x + base + u * 256);
+    for (int u = 0; u < UNROLL; ++u) raw[u] = load16(x + base + u * 256);
     float top[UNROLL];  // each block's NaN-propagating max of |v|
 #pragma unroll
     for (int u = 0; u < UNROLL; ++u) {
@@ -106,8 +125,7 @@ extern "C" __global__ void __launch_bounds__(1024, 1) pairs_fake_quantize(
 #pragma unroll
       for (int k = 0; k < 4; ++k)  // round to nearest even, as the Triton kernel's cvt
         asm("cvt.rn.bf16x2.f32 %0, %1, %2;" : "=r"(packed[k]) : "f"(y[2 * k + 1]), "f"(y[2 * k]));
-      uint4* dst = reinterpret_cast<uint4*>(out + base + u * 256);
-      *dst = make_uint4(packed[0], packed[1], packed[2], packed[3]);
+      store16(out + base + u * 256, make_uint4(packed[0], packed[1], packed[2], packed[3]));
       const bool first_lane = BLOCK < 256 ? (lane & (LANES - 1)) == 0 : (lane == 0 && u % GROUP == 0);
       if (first_lane)  // NaN for any non-finite block
         absmax_out[(base + u * 256) / BLOCK] =
@@ -118,10 +136,12 @@ extern "C" __global__ void __launch_bounds__(1024, 1) pairs_fake_quantize(
 """
 
 
-def source_for(block: int) -> str:
-    """The kernel's source for one block size (the constants the Triton kernel uses, as hex floats)."""
+def source_for(block: int, streaming: bool = False) -> str:
+    """The kernel's source for one block size (the constants the Triton kernel uses, as hex floats);
+    `streaming`: loads and stores marked evict-first (.cs)."""
     return (
         f"#define BLOCK {block}\n"
+        f"#define STREAMING {int(streaming)}\n"
         f"#define TINY_ABSMAX {float(scaling.TINY_ABSMAX).hex()}f\n"
         f"#define TINY_SCALE {float(scaling.TINY_SCALE).hex()}f\n" + SOURCE
     )
@@ -157,9 +177,9 @@ def plan(x: Tensor, block: int | None, pairs: MeanPairs | None) -> int:
 
 
 @functools.cache
-def _kernel(block: int, device_index: int) -> Any:
+def _kernel(block: int, streaming: bool, device_index: int) -> Any:
     with torch.cuda.device(device_index):
-        return torch.cuda._compile_kernel(source_for(block), "pairs_fake_quantize")
+        return torch.cuda._compile_kernel(source_for(block, streaming), "pairs_fake_quantize")
 
 
 @functools.cache
@@ -168,12 +188,12 @@ def _multiprocessors(device_index: int) -> int:
 
 
 def fake_quantize_prefix(
-    x: Tensor, out: Tensor, absmax: Tensor, pairs: MeanPairs, block: int, n_main: int
+    x: Tensor, out: Tensor, absmax: Tensor, pairs: MeanPairs, block: int, n_main: int, streaming: bool = False
 ) -> None:
     """Quantize the first n_main values of flat bf16 `x` (`plan`) into `out` and their blocks' absmax into
     `absmax` (NaN for a non-finite block), on the current stream."""
     device_index = x.device.index if x.device.index is not None else torch.cuda.current_device()
-    kernel = _kernel(block, device_index)
+    kernel = _kernel(block, streaming, device_index)
     table = pairs.values.to(x.device)
     n_turns = n_main // TURN
     programs = min(_multiprocessors(device_index), -(-n_turns // (THREADS // 32)))

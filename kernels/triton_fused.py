@@ -164,6 +164,10 @@ class FusedChoice:
             -> 0.80-0.83 of copy, at block 1024 0.60-0.76 -> 0.83-0.86; 6 bits at 1024 0.78-0.80 ->
             0.86-0.87; at block 64 Triton led below 512 buckets (0.84-0.94 against 0.81-0.83) and at
             512 lost little by it (fp 8 0.87 -> 0.82, dynamic 6 0.84 -> 0.82, both over 0.80).
+        resident_grid_wide_from_buckets: the int grid goes resident only at blocks of at least
+            resident_wide_block values and from this many buckets (int 8 at block 512: 0.77-0.78 on
+            Triton, da5b0b1); below, its own search beats the resident kernel (0.87-0.93 against 0.85-0.87).
+        resident_streaming: the resident kernel's loads and stores marked evict-first (.cs).
     """
 
     max_chain_log2: int = 0
@@ -186,6 +190,8 @@ class FusedChoice:
     resident_from_buckets: int = 512
     resident_wide_from_buckets: int = 256
     resident_wide_block: int = 512
+    resident_grid_wide_from_buckets: int = 1024
+    resident_streaming: bool = False
 
 
 DEFAULT_CHOICE = FusedChoice()
@@ -490,7 +496,9 @@ def _launch(
             assert out is not None
             pairs = resident_table(levels, flags, block, True, x.dtype, choice)
             assert pairs is not None
-            cuda_pairs.fake_quantize_prefix(x, out, absmax, pairs, block, n_resident)
+            cuda_pairs.fake_quantize_prefix(
+                x, out, absmax, pairs, block, n_resident, choice.resident_streaming
+            )
             first = n_resident // block  # the tail's first block: one masked launch, or none
             launches = [(first, math.ceil((n_blocks - first) / rows), True)] if first < n_blocks else []
         for first_row, tiles, masked in launches:
@@ -521,11 +529,13 @@ def resident_table(
     """The pair table the resident CUDA kernel would hold for these levels (`choice.resident_*`), or None
     where the Triton kernel quantizes all: codes, dtypes other than bf16, the int grid, smaller tables."""
     grid = flags["SEARCH"] in (SEARCH_UNIFORM.value, SEARCH_GRID_VALUE.value, SEARCH_ARITHMETIC.value)
-    if not fake_only or grid or dtype != torch.bfloat16 or os.environ.get("TRITON_INTERPRET") == "1":
+    if not fake_only or dtype != torch.bfloat16 or os.environ.get("TRITON_INTERPRET") == "1":
         return None
-    least = [choice.resident_from_buckets]
-    if block >= choice.resident_wide_block:
-        least.append(choice.resident_wide_from_buckets)
+    wide = block >= choice.resident_wide_block
+    if grid:
+        least = [choice.resident_grid_wide_from_buckets] if wide else []
+    else:
+        least = [choice.resident_from_buckets] + ([choice.resident_wide_from_buckets] if wide else [])
     least = [b for b in least if b > 0]
     pairs = mean_pairs(levels, cuda_pairs.MAX_TABLE_BYTES // 8) if least else None
     return pairs if pairs is not None and pairs.values.numel() >= min(least) else None

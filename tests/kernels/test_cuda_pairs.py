@@ -59,7 +59,8 @@ def test_resident_rule_by_table_size_and_block() -> None:
     assert wants("nf", 8, 64) and wants("nf", 7, 64) and wants("fp", 8, 64) and wants("dynamic", 8, 1024)
     assert not wants("fp", 7, 64) and not wants("nf", 6, 64)
     assert wants("nf", 6, 1024) and wants("fp", 7, 512) and not wants("fp", 6, 1024)
-    assert not wants("int", 8, 1024) and not wants("nf", 8, 64, fake_only=False)
+    assert wants("int", 8, 512) and not wants("int", 8, 256) and not wants("int", 7, 1024)
+    assert not wants("nf", 8, 64, fake_only=False)
     levels = levels_for(w, QuantSpec("nf", 8, 64))
     flags = _flags(w, levels, True, False, choice)
     assert resident_table(levels, flags, 64, True, torch.float16, choice) is None  # bf16 only
@@ -79,14 +80,15 @@ def test_eight_bit_tables_fit(dtype: str) -> None:
 def test_source_constants_are_the_reference_scaling() -> None:
     text = cuda_pairs.source_for(256)
     defines = dict(line.split()[1:3] for line in text.splitlines() if line.startswith("#define "))
-    assert defines["BLOCK"] == "256"
+    assert defines["BLOCK"] == "256" and defines["STREAMING"] == "0"
+    assert "#define STREAMING 1" in cuda_pairs.source_for(256, streaming=True)
     assert float.fromhex(defines["TINY_ABSMAX"].rstrip("f")) == float(scaling.TINY_ABSMAX)
     assert float.fromhex(defines["TINY_SCALE"].rstrip("f")) == float(scaling.TINY_SCALE)
 
 
 @pytest.mark.skipif(shutil.which("g++") is None, reason="needs g++")
-@pytest.mark.parametrize("block", [16, 64, 512, 1024])
-def test_source_parses_as_cpp(block: int, tmp_path: Path) -> None:
+@pytest.mark.parametrize(("block", "streaming"), [(16, False), (64, True), (512, False), (1024, True)])
+def test_source_parses_as_cpp(block: int, streaming: bool, tmp_path: Path) -> None:
     # NVRTC compiles it on the GPU; here it must at least parse as C++ under stand-ins for CUDA's
     # built-ins, for every shape of block (the lane and load groupings differ below and above 256).
     stand_ins = """
@@ -108,7 +110,7 @@ def test_source_parses_as_cpp(block: int, tmp_path: Path) -> None:
         float __fmul_rn(float, float); float __fadd_rn(float, float); float __frcp_rn(float);
     """
     source = tmp_path / "pairs.cpp"
-    text = cuda_pairs.source_for(block).replace("extern __shared__ uint2", "extern uint2")
+    text = cuda_pairs.source_for(block, streaming).replace("extern __shared__ uint2", "extern uint2")
     source.write_text(stand_ins + text)
     check = subprocess.run(
         ["g++", "-std=c++17", "-fsyntax-only", str(source)], capture_output=True, text=True

@@ -244,8 +244,9 @@ def test_resident_pair_kernel_is_bit_exact(block: int) -> None:
     from kernels.triton_fused import FusedChoice, _flags, _launch, resident_values
 
     triton_only = FusedChoice(resident_from_buckets=0, resident_wide_from_buckets=0)
-    resident = FusedChoice(resident_from_buckets=1)
+    taken = []
     for dtype, bits in (("nf", 7), ("nf", 8), ("quantile", 8), ("dynamic", 8), ("fp", 8), ("dynamic", 6)):
+        resident = FusedChoice(resident_from_buckets=1, resident_streaming=bits == 8)  # both load kinds
         spec = QuantSpec(dtype, bits, block)
         w = _fresh((37, 1088), torch.bfloat16, block + bits)
         levels = levels_for(w, spec)
@@ -260,7 +261,10 @@ def test_resident_pair_kernel_is_bit_exact(block: int) -> None:
         special[3] = 1e-40  # a subnormal block
         x = torch.cat([edge, edge * 1e-30, special.reshape(-1), w.float().reshape(-1)]).bfloat16()
         flags = _flags(x, levels, True, False, resident)
-        assert resident_values(x, block, levels, flags, True, resident) >= x.numel() - 1024, spec
+        n_resident = resident_values(x, block, levels, flags, True, resident)
+        # a quantile codebook of small blocks repeats +-1 (no pair table): all on Triton, still checked
+        assert n_resident >= x.numel() - 1024 or (dtype == "quantile" and n_resident == 0), spec
+        taken.append(n_resident > 0)
         out, _, absmax = _launch(x, spec, levels, True, None, resident)
         base, _, base_absmax = _launch(x, spec, levels, True, None, triton_only)
         assert out is not None and base is not None
@@ -269,3 +273,4 @@ def test_resident_pair_kernel_is_bit_exact(block: int) -> None:
         ref = reference_fake_quantize(x, spec, levels, check_finite=False)
         finite = torch.isfinite(absmax).repeat_interleave(block)[: x.numel()]  # NaN and Inf blocks: Triton's
         torch.testing.assert_close(out[finite], ref[finite], rtol=0, atol=0, msg=f"seed={SEED} {spec}")
+    assert sum(taken) >= len(taken) - 1, taken
