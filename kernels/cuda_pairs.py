@@ -18,6 +18,7 @@ Probe and figures: `benchmarks/pairs_copies_probe.py`, docs/benchmarks.md (fifte
 from __future__ import annotations
 
 import functools
+import warnings
 from typing import Any
 
 import torch
@@ -169,17 +170,35 @@ def prefix_values(
     return numel // TURN * TURN
 
 
-def plan(x: Tensor, block: int | None, pairs: MeanPairs | None) -> int:
-    """`prefix_values` of flat `x` where its device runs the kernel (`runtime_available`), else 0."""
+def plan(x: Tensor, block: int | None, pairs: MeanPairs | None, streaming: bool = False) -> int:
+    """`prefix_values` of flat `x` where its device runs the kernel (`runtime_available`, and it
+    compiles: a failure warns once and leaves every value to the Triton kernel), else 0."""
     entries = pairs.values.numel() if pairs is not None else None
     n_main = prefix_values(x.numel(), x.dtype, block, entries, x.data_ptr())
-    return n_main if n_main and runtime_available(x.device) else 0
+    if not n_main or not runtime_available(x.device):
+        return 0
+    assert block is not None
+    return n_main if _kernel(block, streaming, _device_index(x.device)) is not None else 0
+
+
+def _device_index(device: torch.device) -> int:
+    return device.index if device.index is not None else torch.cuda.current_device()
 
 
 @functools.cache
 def _kernel(block: int, streaming: bool, device_index: int) -> Any:
-    with torch.cuda.device(device_index):
-        return torch.cuda._compile_kernel(source_for(block, streaming), "pairs_fake_quantize")
+    """The compiled kernel, or None (warned once) where NVRTC fails: the Triton kernel runs instead."""
+    try:
+        with torch.cuda.device(device_index):
+            return torch.cuda._compile_kernel(source_for(block, streaming), "pairs_fake_quantize")
+    except Exception as e:  # a missing libnvrtc, a torch whose private API changed: not the user's error
+        warnings.warn(
+            f"kernels.cuda_pairs: the resident pair kernel did not compile for block {block} ({e!r}); "
+            "the Triton kernel quantizes these weights instead (same bits, slower at 7-8 bits)",
+            RuntimeWarning,
+            stacklevel=2,
+        )
+        return None
 
 
 @functools.cache
@@ -192,8 +211,9 @@ def fake_quantize_prefix(
 ) -> None:
     """Quantize the first n_main values of flat bf16 `x` (`plan`) into `out` and their blocks' absmax into
     `absmax` (NaN for a non-finite block), on the current stream."""
-    device_index = x.device.index if x.device.index is not None else torch.cuda.current_device()
+    device_index = _device_index(x.device)
     kernel = _kernel(block, streaming, device_index)
+    assert kernel is not None, "fake_quantize_prefix without a plan"
     table = pairs.values.to(x.device)
     n_turns = n_main // TURN
     programs = min(_multiprocessors(device_index), -(-n_turns // (THREADS // 32)))

@@ -157,13 +157,14 @@ class FusedChoice:
         resident_from_buckets: fake quantization of bf16 weights with a pair table (`buckets.mean_pairs`)
             of at least this many buckets (both signs; up to 4,096) runs the CUDA kernel that keeps the
             table resident for the launch (`kernels.cuda_pairs`; 0: never), where NVRTC and an sm_80+ GPU
-            are there; the Triton kernel quantizes the tail past its whole turns of 1,024 values. Not the
-            int grid (its own search). resident_wide_from_buckets: the same from this many buckets for
-            blocks of at least resident_wide_block values. 512 / 256 / 512 (fifteenth session, one H200,
-            d7dd413, `--choices triton`, two shapes): 7-8-bit nf, quantile, dynamic at block 64 0.63-0.82
-            -> 0.80-0.83 of copy, at block 1024 0.60-0.76 -> 0.83-0.86; 6 bits at 1024 0.78-0.80 ->
-            0.86-0.87; at block 64 Triton led below 512 buckets (0.84-0.94 against 0.81-0.83) and at
-            512 lost little by it (fp 8 0.87 -> 0.82, dynamic 6 0.84 -> 0.82, both over 0.80).
+            are there; the Triton kernel quantizes the tail past its whole turns of 1,024 values. The int
+            grid: resident_grid_wide_from_buckets. resident_wide_from_buckets: the same from this many
+            buckets for blocks of at least resident_wide_block values. 512 / 256 / 512 (fifteenth
+            session, one H200, d7dd413 and da5b0b1, `--choices triton`, two shapes): 7-8-bit nf,
+            quantile, dynamic at block 64 0.63-0.82 -> 0.80-0.83 of copy, at block 1024 0.60-0.76 ->
+            0.83-0.86; 6 bits at 1024 0.78-0.80 -> 0.86-0.87; at block 64 Triton led below 512 buckets
+            (0.84-0.94 against 0.81-0.83) and at 512 lost little by it (fp 8 0.87 -> 0.82, dynamic 6
+            0.84 -> 0.82, both over 0.80).
         resident_grid_wide_from_buckets: the int grid goes resident only at blocks of at least
             resident_wide_block values and from this many buckets (int 8 at block 512: 0.77-0.78 on
             Triton, da5b0b1); below, its own search beats the resident kernel (0.87-0.93 against 0.85-0.87).
@@ -491,11 +492,11 @@ def _launch(
         rows, num_warps = fused_config(block, n_blocks, per_thread, choice.num_warps)
         absmax = torch.empty(n_blocks, dtype=torch.float32, device=x.device)
         launches = fused_launches(n, block, rows)
-        n_resident = resident_values(x, block, levels, flags, out is not None and codes is None, choice)
+        fake_only = out is not None and codes is None
+        pairs = resident_table(levels, flags, block, fake_only, x.dtype, choice) if x.is_cuda else None
+        n_resident = cuda_pairs.plan(x, block, pairs, choice.resident_streaming)
         if n_resident:
-            assert out is not None
-            pairs = resident_table(levels, flags, block, True, x.dtype, choice)
-            assert pairs is not None
+            assert out is not None and pairs is not None
             cuda_pairs.fake_quantize_prefix(
                 x, out, absmax, pairs, block, n_resident, choice.resident_streaming
             )
@@ -547,7 +548,8 @@ def resident_values(
     """Values of flat `x` the resident CUDA kernel quantizes (`cuda_pairs.plan`; 0: all on Triton)."""
     if not x.is_cuda:
         return 0
-    return cuda_pairs.plan(x, block, resident_table(levels, flags, block, fake_only, x.dtype, choice))
+    pairs = resident_table(levels, flags, block, fake_only, x.dtype, choice)
+    return cuda_pairs.plan(x, block, pairs, choice.resident_streaming)
 
 
 def fused_fake_quantize(

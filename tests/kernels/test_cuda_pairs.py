@@ -116,3 +116,10 @@ def test_source_parses_as_cpp(block: int, streaming: bool, tmp_path: Path) -> No
         ["g++", "-std=c++17", "-fsyntax-only", str(source)], capture_output=True, text=True
     )
     assert check.returncode == 0, check.stderr[-3000:]
+
+
+def test_a_kernel_that_cannot_compile_warns_and_leaves_the_weights_to_triton() -> None:
+    # Here NVRTC has no GPU (a CPU build of torch): the compile fails for real, warns once per block size
+    # and returns None, which `plan` turns into 0 values (the Triton kernel quantizes all of them).
+    with pytest.warns(RuntimeWarning, match="did not compile for block 64"):
+        assert cuda_pairs._kernel.__wrapped__(64, False, 0) is None
