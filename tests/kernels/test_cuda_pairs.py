@@ -118,6 +118,7 @@ def test_source_parses_as_cpp(block: int, streaming: bool, tmp_path: Path) -> No
     assert check.returncode == 0, check.stderr[-3000:]
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine where NVRTC cannot compile")
 def test_a_kernel_that_cannot_compile_warns_and_leaves_the_weights_to_triton() -> None:
     # Here NVRTC has no GPU (a CPU build of torch): the compile fails for real, warns once per block size
     # and returns None, which `plan` turns into 0 values (the Triton kernel quantizes all of them).
