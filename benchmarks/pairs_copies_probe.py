@@ -49,6 +49,10 @@ SOURCE = r"""
 #define CHUNK (256 * UNROLL)
 #define LANES (BLOCK < 256 ? BLOCK / 8 : 32)
 #define GROUP (BLOCK > 256 ? BLOCK / 256 : 1)
+#define KERNEL_PARAMS                                                                                     \
+  const unsigned short *__restrict__ x, unsigned short *__restrict__ out, float *__restrict__ absmax_out, \
+      const unsigned long long *__restrict__ pairs, int n_pairs, long long n_chunks, int shift, int first, \
+      int flip, float tiny_absmax, float tiny_scale
 
 __device__ __forceinline__ float max_nan(float a, float b) {  // PTX max.NaN: NaN if either is
   float r;
@@ -134,10 +138,7 @@ __device__ __forceinline__ void quantize_turn(
   }
 }
 
-extern "C" __global__ void pairs_fq(
-    const unsigned short* __restrict__ x, unsigned short* __restrict__ out, float* __restrict__ absmax_out,
-    const unsigned long long* __restrict__ pairs, int n_pairs, long long n_chunks, int shift, int first,
-    int flip, float tiny_absmax, float tiny_scale) {
+extern "C" __global__ void pairs_fq(KERNEL_PARAMS) {
   extern __shared__ uint2 table[];
   fill_table(table, pairs, n_pairs);
   const int lane = threadIdx.x & 31;
@@ -155,10 +156,22 @@ extern "C" __global__ void pairs_fq(
 #ifndef STAGES
 #define STAGES 1
 #endif
-extern "C" __global__ void pairs_fq_async(
-    const unsigned short* __restrict__ x, unsigned short* __restrict__ out, float* __restrict__ absmax_out,
-    const unsigned long long* __restrict__ pairs, int n_pairs, long long n_chunks, int shift, int first,
-    int flip, float tiny_absmax, float tiny_scale) {
+// One turn's cp.async into this lane's staging `stage` (none past the last turn) and its commit group
+// (empty past the last turn, so that wait_group counts stay in step).
+__device__ __forceinline__ void issue_turn(uint4* mine, int stage, const unsigned short* x, long long c,
+                                           long long n_chunks, int lane) {
+  if (c < n_chunks) {
+#pragma unroll
+    for (int u = 0; u < UNROLL; ++u) {
+      const unsigned dst = (unsigned)__cvta_generic_to_shared(mine + (stage * UNROLL + u) * 32);
+      asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(dst),
+                   "l"(x + c * CHUNK + lane * 8 + u * 256));
+    }
+  }
+  asm volatile("cp.async.commit_group;\n" ::);
+}
+
+extern "C" __global__ void pairs_fq_async(KERNEL_PARAMS) {
   extern __shared__ uint2 table[];
   fill_table(table, pairs, n_pairs);
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
@@ -168,31 +181,10 @@ extern "C" __global__ void pairs_fq_async(
   const long long warps = (long long)gridDim.x * (blockDim.x >> 5);
   const long long c0 = (long long)blockIdx.x * (blockDim.x >> 5) + warp;
 #pragma unroll
-  for (int s = 0; s < STAGES - 1; ++s) {  // prologue: the first STAGES - 1 turns in flight
-    const long long c = c0 + s * warps;
-    if (c < n_chunks) {
-#pragma unroll
-      for (int u = 0; u < UNROLL; ++u) {
-        const unsigned dst = (unsigned)__cvta_generic_to_shared(mine + (s * UNROLL + u) * 32);
-        asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(dst),
-                     "l"(x + c * CHUNK + lane * 8 + u * 256));
-      }
-    }
-    asm volatile("cp.async.commit_group;\n" ::);
-  }
+  for (int s = 0; s < STAGES - 1; ++s) issue_turn(mine, s, x, c0 + s * warps, n_chunks, lane);  // prologue
   int stage = 0;
   for (long long c = c0; c < n_chunks; c += warps) {
-    const long long ahead = c + (STAGES - 1) * warps;
-    const int ahead_stage = (stage + STAGES - 1) % STAGES;
-    if (ahead < n_chunks) {
-#pragma unroll
-      for (int u = 0; u < UNROLL; ++u) {
-        const unsigned dst = (unsigned)__cvta_generic_to_shared(mine + (ahead_stage * UNROLL + u) * 32);
-        asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(dst),
-                     "l"(x + ahead * CHUNK + lane * 8 + u * 256));
-      }
-    }
-    asm volatile("cp.async.commit_group;\n" ::);
+    issue_turn(mine, (stage + STAGES - 1) % STAGES, x, c + (STAGES - 1) * warps, n_chunks, lane);
     asm volatile("cp.async.wait_group %0;\n" ::"n"(STAGES - 1));  // this turn's bytes have landed
     uint4 raw[UNROLL];
 #pragma unroll

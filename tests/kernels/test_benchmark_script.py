@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from tests.kernels import cuda_syntax
+
 
 def test_benchmark_runs_on_cpu(tmp_path: Path) -> None:
     repo = Path(__file__).resolve().parents[2]
@@ -59,8 +61,6 @@ def test_pairs_copies_probe_dry_run_and_source(tmp_path: Path) -> None:
     # benchmarks/pairs_copies_probe.py (a GPU probe with CuPy, which CI lacks): on the CPU its tables and
     # shared-memory sizes (nf 8: 1,024 value pairs, 16 copies = 128 KB, the most one program may hold), and
     # its CUDA source parses as C++ under stand-ins for the CUDA built-ins (where g++ exists).
-    import shutil
-
     repo = Path(__file__).resolve().parents[2]
     cmd = [sys.executable, "benchmarks/pairs_copies_probe.py", "--dry-run", "--shape", "256x256",
            "--configs", "nf:8,quantile:8", "--copies", "1,16"]  # fmt: skip
@@ -68,40 +68,10 @@ def test_pairs_copies_probe_dry_run_and_source(tmp_path: Path) -> None:
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "nf 8: 1024 pairs x 16 copies = 131072 bytes (fits)" in proc.stdout
     assert "quantile 8: 2048 pairs x 16 copies = 262144 bytes (too large)" in proc.stdout
-    if shutil.which("g++") is None:
+    if not cuda_syntax.gxx_available():
         return
     sys.path.insert(0, str(repo))
     from benchmarks.pairs_copies_probe import SOURCE
 
-    stand_ins = """
-        #include <cmath>
-        #include <algorithm>
-        using std::max;
-        #define __global__
-        #define __restrict__
-        #define COPIES 16
-        #define BLOCK 1024
-        #define UNROLL 4
-        #define LOOKUP 1
-        #define STAGES 3
-        #define __device__
-        #define __forceinline__
-        struct uint2 { unsigned x, y; };
-        struct uint4 { unsigned x, y, z, w; };
-        uint2 make_uint2(unsigned a, unsigned b);
-        uint4 make_uint4(unsigned a, unsigned b, unsigned c, unsigned d);
-        struct dim { unsigned x, y, z; };
-        extern dim threadIdx, blockIdx, blockDim, gridDim;
-        void __syncthreads();
-        int __shfl_xor_sync(unsigned mask, int v, int lane);
-        float __int_as_float(int); int __float_as_int(float); float __uint_as_float(unsigned);
-        unsigned __float_as_uint(float); float __fdiv_rn(float, float); float __fmul_rn(float, float);
-        float __fadd_rn(float, float); float __frcp_rn(float);
-        unsigned long __cvta_generic_to_shared(const void*);
-    """
-    source = tmp_path / "probe.cpp"
-    source.write_text(stand_ins + SOURCE.replace("extern __shared__ uint2", "extern uint2"))
-    check = subprocess.run(
-        ["g++", "-std=c++17", "-fsyntax-only", str(source)], capture_output=True, text=True
-    )
-    assert check.returncode == 0, check.stderr[-3000:]
+    defines = {"COPIES": 16, "BLOCK": 1024, "UNROLL": 4, "LOOKUP": 1, "STAGES": 3}
+    cuda_syntax.check_parses(SOURCE, tmp_path, defines)

@@ -4,8 +4,6 @@ Its output is checked bit for bit on a GPU (`test_gpu.py::test_resident_pair_ker
 
 from __future__ import annotations
 
-import shutil
-import subprocess
 from pathlib import Path
 
 import pytest
@@ -15,6 +13,7 @@ from kernels import QuantSpec, cuda_pairs, scaling
 from kernels.blockwise import levels_for
 from kernels.buckets import mean_pairs
 from kernels.triton_fused import DEFAULT_CHOICE, FusedChoice, _flags, resident_table, resident_values
+from tests.kernels import cuda_syntax
 
 
 def test_prefix_values_takes_whole_turns_of_bf16_with_a_small_pair_table() -> None:
@@ -23,8 +22,8 @@ def test_prefix_values_takes_whole_turns_of_bf16_with_a_small_pair_table() -> No
     assert cuda_pairs.prefix_values(1023, bf16, 64, 1024, 0) == 0  # not one turn
     for block in (16, 32, 64, 128, 256, 512, 1024):
         assert cuda_pairs.prefix_values(2048, bf16, block, 4096, 256) == 2048, block
-    for block in (None, 8, 48, 100, 2048):  # tensor-wise, too small, not a power of two, over a turn
-        assert cuda_pairs.prefix_values(2048, bf16, block, 1024, 0) == 0, block
+    for refused in (None, 8, 48, 100, 2048):  # tensor-wise, too small, not a power of two, over a turn
+        assert cuda_pairs.prefix_values(2048, bf16, refused, 1024, 0) == 0, refused
     assert cuda_pairs.prefix_values(2048, bf16, 64, 6144, 0) == 2048  # 48 KB: the most it holds
     assert cuda_pairs.prefix_values(2048, bf16, 64, 8192, 0) == 0
     assert cuda_pairs.prefix_values(2048, bf16, 64, None, 0) == 0  # no pair table
@@ -86,36 +85,12 @@ def test_source_constants_are_the_reference_scaling() -> None:
     assert float.fromhex(defines["TINY_SCALE"].rstrip("f")) == float(scaling.TINY_SCALE)
 
 
-@pytest.mark.skipif(shutil.which("g++") is None, reason="needs g++")
+@pytest.mark.skipif(not cuda_syntax.gxx_available(), reason="needs g++")
 @pytest.mark.parametrize(("block", "streaming"), [(16, False), (64, True), (512, False), (1024, True)])
 def test_source_parses_as_cpp(block: int, streaming: bool, tmp_path: Path) -> None:
-    # NVRTC compiles it on the GPU; here it must at least parse as C++ under stand-ins for CUDA's
-    # built-ins, for every shape of block (the lane and load groupings differ below and above 256).
-    stand_ins = """
-        #include <cmath>
-        #define __global__
-        #define __device__
-        #define __forceinline__
-        #define __restrict__
-        #define __launch_bounds__(a, b)
-        struct uint2 { unsigned x, y; };
-        struct uint4 { unsigned x, y, z, w; };
-        uint2 make_uint2(unsigned a, unsigned b);
-        uint4 make_uint4(unsigned a, unsigned b, unsigned c, unsigned d);
-        struct dim { int x, y, z; };
-        extern dim threadIdx, blockIdx, blockDim, gridDim;
-        void __syncthreads();
-        float __shfl_xor_sync(unsigned mask, float v, int lane);
-        float __int_as_float(int); int __float_as_int(float); float __uint_as_float(unsigned);
-        float __fmul_rn(float, float); float __fadd_rn(float, float); float __frcp_rn(float);
-    """
-    source = tmp_path / "pairs.cpp"
-    text = cuda_pairs.source_for(block, streaming).replace("extern __shared__ uint2", "extern uint2")
-    source.write_text(stand_ins + text)
-    check = subprocess.run(
-        ["g++", "-std=c++17", "-fsyntax-only", str(source)], capture_output=True, text=True
-    )
-    assert check.returncode == 0, check.stderr[-3000:]
+    # NVRTC compiles it on the GPU; here it must at least parse as C++ for every shape of block (the
+    # lane and load groupings differ below and above 256) and both kinds of loads.
+    cuda_syntax.check_parses(cuda_pairs.source_for(block, streaming), tmp_path)
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine where NVRTC cannot compile")
