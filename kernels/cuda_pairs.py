@@ -67,7 +67,13 @@ __device__ __forceinline__ void store16(unsigned short* p, uint4 v) {
 
 extern "C" __global__ void __launch_bounds__(1024, 1) pairs_fake_quantize(
     const unsigned short* __restrict__ x, unsigned short* __restrict__ out, float* __restrict__ absmax_out,
-    const unsigned long long* __restrict__ pairs, int n_pairs, int n_turns, int shift, int first, int flip) {
+    const unsigned long long* __restrict__ pairs, int n_pairs, int n_turns, int shift_arg, int first_arg,
+    int flip_arg) {
+#ifdef CONST_SHIFT  // the bucket geometry compiled in: the shift and subtract fuse into one LEA.HI
+  const int shift = CONST_SHIFT, first = CONST_FIRST, flip = CONST_FLIP;
+#else
+  const int shift = shift_arg, first = first_arg, flip = flip_arg;
+#endif
   extern __shared__ uint2 table[];
   for (int i = threadIdx.x; i < n_pairs; i += blockDim.x) {
     const unsigned long long p = pairs[i];
@@ -137,11 +143,24 @@ extern "C" __global__ void __launch_bounds__(1024, 1) pairs_fake_quantize(
 """
 
 
-def source_for(block: int, streaming: bool = False) -> str:
+Geometry = tuple[int, int, int]  # a pair table's bucket shift, first and flip mask
+
+
+def geometry_of(pairs: MeanPairs) -> Geometry:
+    b = pairs.buckets
+    return b.shift, b.first, (2 << b.log2_buckets) - 1
+
+
+def source_for(block: int, streaming: bool = False, geometry: Geometry | None = None) -> str:
     """The kernel's source for one block size (the constants the Triton kernel uses, as hex floats);
-    `streaming`: loads and stores marked evict-first (.cs)."""
+    `streaming`: loads and stores marked evict-first (.cs); `geometry`: the bucket geometry compiled in
+    (one kernel a geometry) instead of read from the arguments."""
+    consts = ""
+    if geometry is not None:
+        names = ("SHIFT", "FIRST", "FLIP")
+        consts = "".join(f"#define CONST_{k} {v}\n" for k, v in zip(names, geometry, strict=True))
     return (
-        f"#define BLOCK {block}\n"
+        consts + f"#define BLOCK {block}\n"
         f"#define STREAMING {int(streaming)}\n"
         f"#define TINY_ABSMAX {float(scaling.TINY_ABSMAX).hex()}f\n"
         f"#define TINY_SCALE {float(scaling.TINY_SCALE).hex()}f\n" + SOURCE
@@ -170,15 +189,18 @@ def prefix_values(
     return numel // TURN * TURN
 
 
-def plan(x: Tensor, block: int | None, pairs: MeanPairs | None, streaming: bool = False) -> int:
+def plan(
+    x: Tensor, block: int | None, pairs: MeanPairs | None, streaming: bool = False, constant: bool = False
+) -> int:
     """`prefix_values` of flat `x` where its device runs the kernel (`runtime_available`, and it
     compiles: a failure warns once and leaves every value to the Triton kernel), else 0."""
     entries = pairs.values.numel() if pairs is not None else None
     n_main = prefix_values(x.numel(), x.dtype, block, entries, x.data_ptr())
     if not n_main or not runtime_available(x.device):
         return 0
-    assert block is not None
-    return n_main if _kernel(block, streaming, _device_index(x.device)) is not None else 0
+    assert block is not None and pairs is not None
+    geometry = geometry_of(pairs) if constant else None
+    return n_main if _kernel(block, streaming, geometry, _device_index(x.device)) is not None else 0
 
 
 def _device_index(device: torch.device) -> int:
@@ -186,11 +208,11 @@ def _device_index(device: torch.device) -> int:
 
 
 @functools.cache
-def _kernel(block: int, streaming: bool, device_index: int) -> Any:
+def _kernel(block: int, streaming: bool, geometry: Geometry | None, device_index: int) -> Any:
     """The compiled kernel, or None (warned once) where NVRTC fails: the Triton kernel runs instead."""
     try:
         with torch.cuda.device(device_index):
-            return torch.cuda._compile_kernel(source_for(block, streaming), "pairs_fake_quantize")
+            return torch.cuda._compile_kernel(source_for(block, streaming, geometry), "pairs_fake_quantize")
     except Exception as e:  # a missing libnvrtc, a torch whose private API changed: not the user's error
         warnings.warn(
             f"kernels.cuda_pairs: the resident pair kernel did not compile for block {block} ({e!r}); "
@@ -207,17 +229,22 @@ def _multiprocessors(device_index: int) -> int:
 
 
 def fake_quantize_prefix(
-    x: Tensor, out: Tensor, absmax: Tensor, pairs: MeanPairs, block: int, n_main: int, streaming: bool = False
+    x: Tensor,
+    out: Tensor,
+    absmax: Tensor,
+    pairs: MeanPairs,
+    block: int,
+    n_main: int,
+    streaming: bool = False,
+    constant: bool = False,
 ) -> None:
     """Quantize the first n_main values of flat bf16 `x` (`plan`) into `out` and their blocks' absmax into
     `absmax` (NaN for a non-finite block), on the current stream."""
     device_index = _device_index(x.device)
-    kernel = _kernel(block, streaming, device_index)
+    kernel = _kernel(block, streaming, geometry_of(pairs) if constant else None, device_index)
     assert kernel is not None, "fake_quantize_prefix without a plan"
     table = pairs.values.to(x.device)
     n_turns = n_main // TURN
     programs = min(_multiprocessors(device_index), -(-n_turns // (THREADS // 32)))
-    buckets = pairs.buckets
-    args = [x, out, absmax, table, table.numel(), n_turns, buckets.shift, buckets.first,
-            (2 << buckets.log2_buckets) - 1]  # fmt: skip
+    args = [x, out, absmax, table, table.numel(), n_turns, *geometry_of(pairs)]
     kernel(grid=(programs, 1, 1), block=(THREADS, 1, 1), args=args, shared_mem=table.numel() * 8)

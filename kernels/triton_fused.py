@@ -169,6 +169,8 @@ class FusedChoice:
             resident_wide_block values and from this many buckets (int 8 at block 512: 0.77-0.78 on
             Triton, da5b0b1); below, its own search beats the resident kernel (0.87-0.93 against 0.85-0.87).
         resident_streaming: the resident kernel's loads and stores marked evict-first (.cs).
+        resident_constant_geometry: the resident kernel compiled per bucket geometry (shift, first and
+            flip as constants: 2 fewer integer instructions a value, `benchmarks/kernel_anatomy.py`).
     """
 
     max_chain_log2: int = 0
@@ -193,6 +195,7 @@ class FusedChoice:
     resident_wide_block: int = 512
     resident_grid_wide_from_buckets: int = 1024
     resident_streaming: bool = False
+    resident_constant_geometry: bool = False
 
 
 DEFAULT_CHOICE = FusedChoice()
@@ -494,12 +497,15 @@ def _launch(
         launches = fused_launches(n, block, rows)
         fake_only = out is not None and codes is None
         pairs = resident_table(levels, flags, block, fake_only, x.dtype, choice) if x.is_cuda else None
-        n_resident = cuda_pairs.plan(x, block, pairs, choice.resident_streaming)
+        n_resident = cuda_pairs.plan(
+            x, block, pairs, choice.resident_streaming, choice.resident_constant_geometry
+        )
         if n_resident:
             assert out is not None and pairs is not None
             cuda_pairs.fake_quantize_prefix(
-                x, out, absmax, pairs, block, n_resident, choice.resident_streaming
-            )
+                x, out, absmax, pairs, block, n_resident, choice.resident_streaming,
+                choice.resident_constant_geometry,
+            )  # fmt: skip
             first = n_resident // block  # the tail's first block: one masked launch, or none
             launches = [(first, math.ceil((n_blocks - first) / rows), True)] if first < n_blocks else []
         for first_row, tiles, masked in launches:
@@ -549,7 +555,7 @@ def resident_values(
     if not x.is_cuda:
         return 0
     pairs = resident_table(levels, flags, block, fake_only, x.dtype, choice)
-    return cuda_pairs.plan(x, block, pairs, choice.resident_streaming)
+    return cuda_pairs.plan(x, block, pairs, choice.resident_streaming, choice.resident_constant_geometry)
 
 
 def fused_fake_quantize(

@@ -86,11 +86,18 @@ def test_source_constants_are_the_reference_scaling() -> None:
 
 
 @pytest.mark.skipif(not cuda_syntax.gxx_available(), reason="needs g++")
-@pytest.mark.parametrize(("block", "streaming"), [(16, False), (64, True), (512, False), (1024, True)])
-def test_source_parses_as_cpp(block: int, streaming: bool, tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    ("block", "streaming", "geometry"),
+    [(16, False, None), (64, True, (15, 30680, 2047)), (512, False, (15, 30680, 2047)), (1024, True, None)],
+)
+def test_source_parses_as_cpp(
+    block: int, streaming: bool, geometry: tuple[int, int, int] | None, tmp_path: Path
+) -> None:
     # NVRTC compiles it on the GPU; here it must at least parse as C++ for every shape of block (the
-    # lane and load groupings differ below and above 256) and both kinds of loads.
-    cuda_syntax.check_parses(cuda_pairs.source_for(block, streaming), tmp_path)
+    # lane and load groupings differ below and above 256), both kinds of loads, geometry compiled in or not.
+    text = cuda_pairs.source_for(block, streaming, geometry)
+    assert ("#define CONST_SHIFT 15" in text) == (geometry is not None)
+    cuda_syntax.check_parses(text, tmp_path)
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine where NVRTC cannot compile")
@@ -98,4 +105,4 @@ def test_a_kernel_that_cannot_compile_warns_and_leaves_the_weights_to_triton() -
     # Here NVRTC has no GPU (a CPU build of torch): the compile fails for real, warns once per block size
     # and returns None, which `plan` turns into 0 values (the Triton kernel quantizes all of them).
     with pytest.warns(RuntimeWarning, match="did not compile for block 64"):
-        assert cuda_pairs._kernel.__wrapped__(64, False, 0) is None
+        assert cuda_pairs._kernel.__wrapped__(64, False, None, 0) is None

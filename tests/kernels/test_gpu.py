@@ -246,7 +246,9 @@ def test_resident_pair_kernel_is_bit_exact(block: int) -> None:
     triton_only = FusedChoice(resident_from_buckets=0, resident_wide_from_buckets=0)
     taken = []
     for dtype, bits in (("nf", 7), ("nf", 8), ("quantile", 8), ("dynamic", 8), ("fp", 8), ("dynamic", 6)):
-        resident = FusedChoice(resident_from_buckets=1, resident_streaming=bits == 8)  # both load kinds
+        # both load kinds, the bucket geometry compiled in or read from the arguments
+        resident = FusedChoice(resident_from_buckets=1, resident_streaming=bits == 8,
+                               resident_constant_geometry=dtype != "nf")  # fmt: skip
         spec = QuantSpec(dtype, bits, block)
         w = _fresh((37, 1088), torch.bfloat16, block + bits)
         levels = levels_for(w, spec)
