@@ -166,8 +166,9 @@ class FusedChoice:
             (0.84-0.94 against 0.81-0.83) and at 512 lost little by it (fp 8 0.87 -> 0.82, dynamic 6
             0.84 -> 0.82, both over 0.80).
         resident_grid_wide_from_buckets: the int grid goes resident only at blocks of at least
-            resident_wide_block values and from this many buckets (int 8 at block 512: 0.77-0.78 on
-            Triton, da5b0b1); below, its own search beats the resident kernel (0.87-0.93 against 0.85-0.87).
+            resident_wide_block values and from this many buckets (int 8 at block 512 was 0.77-0.78 on
+            Triton, da5b0b1; resident not yet timed there); elsewhere its own search beat the resident
+            kernel (int 6-7 at blocks 64 and 1024: 0.87-0.94 against 0.81-0.87, d7dd413).
         resident_streaming: the resident kernel's loads and stores marked evict-first (.cs).
         resident_constant_geometry: the resident kernel compiled per bucket geometry (shift, first and
             flip as constants: 2 fewer integer instructions a value, `benchmarks/kernel_anatomy.py`).
