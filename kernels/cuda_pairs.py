@@ -239,7 +239,7 @@ def fake_quantize_prefix(
     constant: bool = False,
 ) -> None:
     """Quantize the first n_main values of flat bf16 `x` (`plan`) into `out` and their blocks' absmax into
-    `absmax` (NaN for a non-finite block), on the current stream."""
+    `absmax` (NaN for a non-finite block), on x's device's current stream."""
     device_index = _device_index(x.device)
     kernel = _kernel(block, streaming, geometry_of(pairs) if constant else None, device_index)
     assert kernel is not None, "fake_quantize_prefix without a plan"
@@ -247,4 +247,5 @@ def fake_quantize_prefix(
     n_turns = n_main // TURN
     programs = min(_multiprocessors(device_index), -(-n_turns // (THREADS // 32)))
     args = [x, out, absmax, table, table.numel(), n_turns, *geometry_of(pairs)]
-    kernel(grid=(programs, 1, 1), block=(THREADS, 1, 1), args=args, shared_mem=table.numel() * 8)
+    with torch.cuda.device(device_index):  # x's device and its current stream, whatever device is current
+        kernel(grid=(programs, 1, 1), block=(THREADS, 1, 1), args=args, shared_mem=table.numel() * 8)
