@@ -9,9 +9,9 @@ kernel's step for step (`triton_fused._quantize_rows`, `triton_search._pair_look
 equals the torch reference bit for bit; NaN and Inf blocks store a NaN absmax, as there.
 
 Fake quantization of bf16 weights only (the codes path and other dtypes stay on Triton), blocks of
-16-1,024 values (powers of two), whole turns of 1,024 values: `fused_fake_quantize` hands the tail to
-the Triton kernel. `torch.cuda._compile_kernel` (NVRTC, in torch's CUDA wheels) compiles it once per
-block size and device; where it is missing or the GPU is older than sm_80 the Triton kernel runs.
+16-1,024 values (powers of two), whole turns of 1,024 values (`plan`, then `ResidentPlan.run`):
+`fused_fake_quantize` hands the tail to the Triton kernel. `torch.cuda._compile_kernel` (NVRTC, in
+torch's CUDA wheels) compiles it once per block size and device; where it is missing or the GPU is older than sm_80 the Triton kernel runs.
 Probe and figures: `benchmarks/pairs_copies_probe.py`, docs/benchmarks.md (fifteenth session).
 """
 
@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import functools
 import warnings
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -189,18 +190,40 @@ def prefix_values(
     return numel // TURN * TURN
 
 
+@dataclass(frozen=True)
+class ResidentPlan:
+    """A launch `plan` settled: the compiled kernel, its table, and the n_main values it quantizes."""
+
+    kernel: Any
+    pairs: MeanPairs
+    n_main: int
+
+    def run(self, x: Tensor, out: Tensor, absmax: Tensor) -> None:
+        """Quantize the first n_main values of flat bf16 `x` into `out` and their blocks' absmax into
+        `absmax` (NaN for a non-finite block), on x's device's current stream."""
+        table = self.pairs.values.to(x.device)
+        n_turns = self.n_main // TURN
+        device_index = _device_index(x.device)
+        programs = min(_multiprocessors(device_index), -(-n_turns // (THREADS // 32)))
+        args = [x, out, absmax, table, table.numel(), n_turns, *geometry_of(self.pairs)]
+        with torch.cuda.device(device_index):  # x's device and its current stream, whatever is current
+            self.kernel(grid=(programs, 1, 1), block=(THREADS, 1, 1), args=args, shared_mem=table.numel() * 8)
+
+
 def plan(
     x: Tensor, block: int | None, pairs: MeanPairs | None, streaming: bool = False, constant: bool = False
-) -> int:
-    """`prefix_values` of flat `x` where its device runs the kernel (`runtime_available`, and it
-    compiles: a failure warns once and leaves every value to the Triton kernel), else 0."""
+) -> ResidentPlan | None:
+    """The resident launch for flat `x` (`prefix_values` of it) where its device runs the kernel
+    (`runtime_available`, and it compiles: a failure warns once and leaves every value to the Triton
+    kernel), else None."""
     entries = pairs.values.numel() if pairs is not None else None
     n_main = prefix_values(x.numel(), x.dtype, block, entries, x.data_ptr())
     if not n_main or not runtime_available(x.device):
-        return 0
+        return None
     assert block is not None and pairs is not None
     geometry = geometry_of(pairs) if constant else None
-    return n_main if _kernel(block, streaming, geometry, _device_index(x.device)) is not None else 0
+    kernel = _kernel(block, streaming, geometry, _device_index(x.device))
+    return ResidentPlan(kernel, pairs, n_main) if kernel is not None else None
 
 
 def _device_index(device: torch.device) -> int:
@@ -226,26 +249,3 @@ def _kernel(block: int, streaming: bool, geometry: Geometry | None, device_index
 @functools.cache
 def _multiprocessors(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
-
-
-def fake_quantize_prefix(
-    x: Tensor,
-    out: Tensor,
-    absmax: Tensor,
-    pairs: MeanPairs,
-    block: int,
-    n_main: int,
-    streaming: bool = False,
-    constant: bool = False,
-) -> None:
-    """Quantize the first n_main values of flat bf16 `x` (`plan`) into `out` and their blocks' absmax into
-    `absmax` (NaN for a non-finite block), on x's device's current stream."""
-    device_index = _device_index(x.device)
-    kernel = _kernel(block, streaming, geometry_of(pairs) if constant else None, device_index)
-    assert kernel is not None, "fake_quantize_prefix without a plan"
-    table = pairs.values.to(x.device)
-    n_turns = n_main // TURN
-    programs = min(_multiprocessors(device_index), -(-n_turns // (THREADS // 32)))
-    args = [x, out, absmax, table, table.numel(), n_turns, *geometry_of(pairs)]
-    with torch.cuda.device(device_index):  # x's device and its current stream, whatever device is current
-        kernel(grid=(programs, 1, 1), block=(THREADS, 1, 1), args=args, shared_mem=table.numel() * 8)

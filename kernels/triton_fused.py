@@ -496,18 +496,11 @@ def _launch(
         rows, num_warps = fused_config(block, n_blocks, per_thread, choice.num_warps)
         absmax = torch.empty(n_blocks, dtype=torch.float32, device=x.device)
         launches = fused_launches(n, block, rows)
-        fake_only = out is not None and codes is None
-        pairs = resident_table(levels, flags, block, fake_only, x.dtype, choice) if x.is_cuda else None
-        n_resident = cuda_pairs.plan(
-            x, block, pairs, choice.resident_streaming, choice.resident_constant_geometry
-        )
-        if n_resident:
-            assert out is not None and pairs is not None
-            cuda_pairs.fake_quantize_prefix(
-                x, out, absmax, pairs, block, n_resident, choice.resident_streaming,
-                choice.resident_constant_geometry,
-            )  # fmt: skip
-            first = n_resident // block  # the tail's first block: one masked launch, or none
+        resident = resident_plan(x, block, levels, flags, out is not None and codes is None, choice)
+        if resident is not None:
+            assert out is not None
+            resident.run(x, out, absmax)
+            first = resident.n_main // block  # the tail's first block: one masked launch, or none
             launches = [(first, math.ceil((n_blocks - first) / rows), True)] if first < n_blocks else []
         for first_row, tiles, masked in launches:
             persistent = choice.programs_per_sm > 0 and not masked
@@ -549,14 +542,22 @@ def resident_table(
     return pairs if pairs is not None and pairs.values.numel() >= min(least) else None
 
 
+def resident_plan(
+    x: Tensor, block: int, levels: Levels, flags: dict, fake_only: bool, choice: FusedChoice
+) -> cuda_pairs.ResidentPlan | None:
+    """The resident CUDA kernel's launch for flat `x` (`cuda_pairs.plan`; None: all on Triton)."""
+    if not x.is_cuda:
+        return None
+    pairs = resident_table(levels, flags, block, fake_only, x.dtype, choice)
+    return cuda_pairs.plan(x, block, pairs, choice.resident_streaming, choice.resident_constant_geometry)
+
+
 def resident_values(
     x: Tensor, block: int, levels: Levels, flags: dict, fake_only: bool, choice: FusedChoice
 ) -> int:
-    """Values of flat `x` the resident CUDA kernel quantizes (`cuda_pairs.plan`; 0: all on Triton)."""
-    if not x.is_cuda:
-        return 0
-    pairs = resident_table(levels, flags, block, fake_only, x.dtype, choice)
-    return cuda_pairs.plan(x, block, pairs, choice.resident_streaming, choice.resident_constant_geometry)
+    """Values of flat `x` the resident CUDA kernel quantizes (0: all on Triton)."""
+    plan = resident_plan(x, block, levels, flags, fake_only, choice)
+    return plan.n_main if plan is not None else 0
 
 
 def fused_fake_quantize(

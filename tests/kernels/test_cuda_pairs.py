@@ -39,7 +39,7 @@ def test_resident_path_is_never_planned_off_cuda() -> None:
     assert pairs is not None and pairs.values.numel() == 1024
     assert cuda_pairs.prefix_values(w.numel(), w.dtype, 64, pairs.values.numel(), w.data_ptr()) == w.numel()
     assert not cuda_pairs.runtime_available(w.device)
-    assert cuda_pairs.plan(w.view(-1), 64, pairs) == 0
+    assert cuda_pairs.plan(w.view(-1), 64, pairs) is None
     flags = _flags(w, levels, True, False, DEFAULT_CHOICE)
     assert resident_values(w.view(-1), 64, levels, flags, True, DEFAULT_CHOICE) == 0
 
