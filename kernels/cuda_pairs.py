@@ -11,7 +11,8 @@ equals the torch reference bit for bit; NaN and Inf blocks store a NaN absmax, a
 Fake quantization of bf16 weights only (the codes path and other dtypes stay on Triton), blocks of
 16-1,024 values (powers of two), whole turns of 1,024 values (`plan`, then `ResidentPlan.run`):
 `fused_fake_quantize` hands the tail to the Triton kernel. `torch.cuda._compile_kernel` (NVRTC, in
-torch's CUDA wheels) compiles it once per block size and device; where it is missing or the GPU is older than sm_80 the Triton kernel runs.
+torch's CUDA wheels) compiles it once per block size and device; where it is missing or the GPU is
+older than sm_80 the Triton kernel runs.
 Probe and figures: `benchmarks/pairs_copies_probe.py`, docs/benchmarks.md (fifteenth session).
 """
 
