@@ -34,7 +34,7 @@ sys.path.insert(0, str(_HERE.parent))
 
 from kernels import QuantSpec, scaling  # noqa: E402
 from kernels.blockwise import levels_for, reference_fake_quantize  # noqa: E402
-from kernels.buckets import mean_pairs  # noqa: E402
+from kernels.buckets import block_absmax, mean_pairs  # noqa: E402
 
 MAX_SHARED = 227 * 1024  # bytes of shared memory one H100/H200 program may use
 VALUES_A_LANE = 8  # one 16-byte load of bf16
@@ -351,7 +351,7 @@ def run_on_gpu(args: argparse.Namespace, w: torch.Tensor, configs: list, copies_
 
 def _ref_absmax(w: torch.Tensor, block: int) -> torch.Tensor:
     """Block absmax as the kernels store it: NaN for a block holding any inf or NaN."""
-    a = w.float().reshape(-1, block).abs().amax(dim=1)
+    a = block_absmax(w.reshape(-1), block)
     return torch.where(torch.isfinite(a), a, torch.full_like(a, float("nan")))
 
 
