@@ -111,6 +111,7 @@ CHOICES: dict[str, dict[str, Any]] = {  # FusedChoice fields and their values (i
     },
     "streaming": {"resident_streaming": True},  # the resident kernel's loads and stores evict-first
     "constgeo": {"resident_constant_geometry": True},  # the resident kernel compiled per bucket geometry
+    "exact": {"resident_fast": False},  # sixteenth session: the resident kernel's exact path only
     # blocks of 512 and 1024 held a warp each (no barrier for the absmax; 32 values a thread at 1024)
     "split": {"split_from_block": 512},
     # candidates: pairs from 4 bits, the int grid's computed value at 8, split blocks, wide from 7 or 8

@@ -33,6 +33,9 @@ TURN = 1024  # values a warp quantizes a turn: 32 lanes x 4 loads x 8 bf16
 THREADS = 1024
 MAX_TABLE_BYTES = 48 * 1024  # static launch limit without opting in to more shared memory
 MIN_BLOCK, MAX_BLOCK = 16, TURN
+# The fast path (`fast_exact`): blocks of absmax in [TINY_ABSMAX, FAST_MAX_ABSMAX], pair sums 0 or at least
+# FAST_MIN_SUM in magnitude (then sum * 0.5 is exact and above every subnormal xn).
+FAST_MAX_ABSMAX, FAST_MIN_SUM = 2.0**15, 2.0**-124
 
 SOURCE = r"""
 // BLOCK, TINY_ABSMAX and TINY_SCALE are defined before this text. Load u of lane l holds values
@@ -67,39 +70,114 @@ __device__ __forceinline__ void store16(unsigned short* p, uint4 v) {
 #endif
 }
 
+__device__ __forceinline__ float low_half(unsigned w) { return __uint_as_float(w << 16); }
+__device__ __forceinline__ float high_half(unsigned w) { return __uint_as_float(w & 0xFFFF0000u); }
+
+__device__ __forceinline__ unsigned abs_max2(unsigned m, unsigned w) {  // max.NaN of |two bf16| pairs
+  unsigned r;
+  asm("max.NaN.bf16x2 %0, %1, %2;" : "=r"(r) : "r"(m), "r"(w & 0x7FFF7FFFu));
+  return r;
+}
+
+// One load's 8 values quantized against its block's absmax. EXACT: the reference's arithmetic step for
+// step (`_pair_lookup`), any absmax. FAST (absmax in [TINY_ABSMAX, FAST_MAX_ABSMAX], checked for the whole
+// warp): the same bits from about three fewer instructions a value. x2 = fma(v, 2 / absmax, +0) is exactly
+// 2 xn wherever xn is a normal float, and +0 for v = -0 (as xn >= 0 holds there), so the sign bit
+// picks the side; its bits sit 1 << 23 above xn's (first2 = first + (1 << (23 - shift))); and
+// mid < xn is sum < x2, sum = lo + hi (the host checks every sum is 0 or at least FAST_MIN_SUM and
+// bucket 0's lowest float is normal: `fast_exact`). A subnormal xn (|v| / absmax < 2^-126) clamps to
+// bucket 0 either way and compares as its sign does; absmax <= 2^15 keeps every nonzero v's xn nonzero.
+template <bool FAST>
+__device__ __forceinline__ uint4 quantize8(uint4 raw, float absmax, const uint2* table, int shift, int first,
+                                           int flip) {
+  const unsigned w[4] = {raw.x, raw.y, raw.z, raw.w};
+  float y[8];
+  if (FAST) {
+    const int first2 = first + (1 << (23 - shift));
+    const float low2 = __int_as_float(first2 << shift);
+    const float inv2 = __fmul_rn(2.0f, __frcp_rn(absmax));  // exact: a power of two times 1 / absmax
+#pragma unroll
+    for (int i = 0; i < 8; ++i) {
+      const float v = (i & 1) ? high_half(w[i >> 1]) : low_half(w[i >> 1]);
+      const float x2 = __fmaf_rn(v, inv2, 0.0f);
+      const int bits = __float_as_int(fmaxf(fminf(fabsf(x2), 2.0f), low2));
+      const int bucket = ((bits >> shift) - first2) ^ ((__float_as_int(x2) >> 31) & flip);
+      const uint2 pair = table[bucket];
+      const float lo = __uint_as_float(pair.x), hi = __uint_as_float(pair.y);
+      y[i] = __fmul_rn(__fadd_rn(lo, hi) < x2 ? hi : lo, absmax);
+    }
+  } else {
+    const float low = __int_as_float(first << shift);  // bucket 0's lowest float
+    const float scale = absmax < TINY_ABSMAX ? TINY_SCALE : 1.0f;
+    const float inv = __frcp_rn(__fmul_rn(absmax > 0.0f ? absmax : 1.0f, scale));  // IEEE 1 / (.)
+#pragma unroll
+    for (int i = 0; i < 8; ++i) {
+      const float v = (i & 1) ? high_half(w[i >> 1]) : low_half(w[i >> 1]);
+      const float xn = __fmul_rn(__fmul_rn(v, scale), inv);
+      const int bits = __float_as_int(fmaxf(fminf(fabsf(xn), 1.0f), low));  // NaN -> 1.0 (fminf)
+      const int local = (bits >> shift) - first;
+      const int bucket = xn >= 0.0f ? local : (local ^ flip);  // NaN: the negative top bucket
+      const uint2 pair = table[bucket];
+      const float lo = __uint_as_float(pair.x), hi = __uint_as_float(pair.y);
+      const float value = __fmul_rn(__fadd_rn(lo, hi), 0.5f) < xn ? hi : lo;
+      y[i] = __fmul_rn(value, absmax);
+    }
+  }
+  unsigned packed[4];
+#pragma unroll
+  for (int k = 0; k < 4; ++k)  // round to nearest even, as the Triton kernel's cvt
+    asm("cvt.rn.bf16x2.f32 %0, %1, %2;" : "=r"(packed[k]) : "f"(y[2 * k + 1]), "f"(y[2 * k]));
+  return make_uint4(packed[0], packed[1], packed[2], packed[3]);
+}
+
+// A turn's stores and absmax, each load's buffer refilled with the next turn's values (next >= 0).
+template <bool FAST>
+__device__ __forceinline__ void finish_turn(
+    uint4 (&raw)[UNROLL], const float (&top)[UNROLL], const unsigned short* __restrict__ x,
+    unsigned short* __restrict__ out, float* __restrict__ absmax_out, long long base, long long next,
+    int lane, const uint2* table, int shift, int first, int flip) {
+#pragma unroll
+  for (int u = 0; u < UNROLL; ++u) {
+    store16(out + base + u * 256, quantize8<FAST>(raw[u], top[u], table, shift, first, flip));
+    const bool first_lane = BLOCK < 256 ? (lane & (LANES - 1)) == 0 : (lane == 0 && u % GROUP == 0);
+    if (first_lane)  // NaN for any non-finite block
+      absmax_out[(base + u * 256) / BLOCK] =
+          top[u] < __int_as_float(0x7F800000) ? top[u] : __int_as_float(0x7FC00000);
+    if (next >= 0) raw[u] = load16(x + next + u * 256);
+  }
+}
+
 extern "C" __global__ void __launch_bounds__(1024, 1) pairs_fake_quantize(
     const unsigned short* __restrict__ x, unsigned short* __restrict__ out, float* __restrict__ absmax_out,
     const unsigned long long* __restrict__ pairs, int n_pairs, int n_turns, int shift_arg, int first_arg,
-    int flip_arg) {
+    int flip_arg, int fast_arg) {
 #ifdef CONST_SHIFT  // the bucket geometry compiled in: the shift and subtract fuse into one LEA.HI
   const int shift = CONST_SHIFT, first = CONST_FIRST, flip = CONST_FLIP;
 #else
   const int shift = shift_arg, first = first_arg, flip = flip_arg;
 #endif
+  const int lane = threadIdx.x & 31;
+  const int warps = gridDim.x * (blockDim.x >> 5);
+  int t = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
+  uint4 raw[UNROLL];  // the first turn's loads in flight while the table is copied
+#pragma unroll
+  for (int u = 0; u < UNROLL; ++u)
+    if (t < n_turns) raw[u] = load16(x + (long long)t * (256 * UNROLL) + lane * 8 + u * 256);
   extern __shared__ uint2 table[];
   for (int i = threadIdx.x; i < n_pairs; i += blockDim.x) {
     const unsigned long long p = pairs[i];
     table[i] = make_uint2((unsigned)p, (unsigned)(p >> 32));
   }
   __syncthreads();
-  const int lane = threadIdx.x & 31;
-  const float low = __int_as_float(first << shift);  // bucket 0's lowest float
-  const int warps = gridDim.x * (blockDim.x >> 5);
-  for (int t = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5); t < n_turns; t += warps) {
+  for (; t < n_turns; t += warps) {
     const long long base = (long long)t * (256 * UNROLL) + lane * 8;
-    uint4 raw[UNROLL];
-#pragma unroll
-    for (int u = 0; u < UNROLL; ++u) raw[u] = load16(x + base + u * 256);
     float top[UNROLL];  // each block's NaN-propagating max of |v|
+    bool in_range = true;
 #pragma unroll
     for (int u = 0; u < UNROLL; ++u) {
-      const unsigned w[4] = {raw[u].x, raw[u].y, raw[u].z, raw[u].w};
-      float m = 0.0f;
-#pragma unroll
-      for (int k = 0; k < 4; ++k) {
-        m = max_nan(m, fabsf(__uint_as_float(w[k] << 16)));
-        m = max_nan(m, fabsf(__uint_as_float(w[k] & 0xFFFF0000u)));
-      }
+      const uint4 r = raw[u];
+      const unsigned m2 = abs_max2(abs_max2(r.x & 0x7FFF7FFFu, r.y), abs_max2(r.z & 0x7FFF7FFFu, r.w));
+      float m = max_nan(low_half(m2), high_half(m2));
 #pragma unroll
       for (int d = 1; d < LANES; d <<= 1) m = max_nan(m, __shfl_xor_sync(0xFFFFFFFFu, m, d));
       top[u] = m;
@@ -112,34 +190,13 @@ extern "C" __global__ void __launch_bounds__(1024, 1) pairs_fake_quantize(
       for (int g = 1; g < GROUP; ++g) top[u + g] = top[u];
     }
 #pragma unroll
-    for (int u = 0; u < UNROLL; ++u) {
-      const unsigned w[4] = {raw[u].x, raw[u].y, raw[u].z, raw[u].w};
-      const float absmax = top[u];
-      const float scale = absmax < TINY_ABSMAX ? TINY_SCALE : 1.0f;
-      const float inv = __frcp_rn(__fmul_rn(absmax > 0.0f ? absmax : 1.0f, scale));  // IEEE 1 / (.)
-      float y[8];
-#pragma unroll
-      for (int i = 0; i < 8; ++i) {
-        const float v = __uint_as_float((i & 1) ? (w[i >> 1] & 0xFFFF0000u) : (w[i >> 1] << 16));
-        const float xn = __fmul_rn(__fmul_rn(v, scale), inv);
-        const int bits = __float_as_int(fmaxf(fminf(fabsf(xn), 1.0f), low));  // NaN -> 1.0 (fminf)
-        const int local = (bits >> shift) - first;
-        const int bucket = xn >= 0.0f ? local : (local ^ flip);  // NaN: the negative top bucket
-        const uint2 pair = table[bucket];
-        const float lo = __uint_as_float(pair.x), hi = __uint_as_float(pair.y);
-        const float value = __fmul_rn(__fadd_rn(lo, hi), 0.5f) < xn ? hi : lo;
-        y[i] = __fmul_rn(value, absmax);
-      }
-      unsigned packed[4];
-#pragma unroll
-      for (int k = 0; k < 4; ++k)  // round to nearest even, as the Triton kernel's cvt
-        asm("cvt.rn.bf16x2.f32 %0, %1, %2;" : "=r"(packed[k]) : "f"(y[2 * k + 1]), "f"(y[2 * k]));
-      store16(out + base + u * 256, make_uint4(packed[0], packed[1], packed[2], packed[3]));
-      const bool first_lane = BLOCK < 256 ? (lane & (LANES - 1)) == 0 : (lane == 0 && u % GROUP == 0);
-      if (first_lane)  // NaN for any non-finite block
-        absmax_out[(base + u * 256) / BLOCK] =
-            absmax < __int_as_float(0x7F800000) ? absmax : __int_as_float(0x7FC00000);
-    }
+    for (int u = 0; u < UNROLL; ++u) in_range &= top[u] >= TINY_ABSMAX && top[u] <= FAST_MAX_ABSMAX;
+    const bool fast = fast_arg && __all_sync(0xFFFFFFFFu, in_range);  // NaN, Inf, tiny, huge: EXACT
+    const long long next = t + warps < n_turns ? base + (long long)warps * (256 * UNROLL) : -1;
+    if (fast)
+      finish_turn<true>(raw, top, x, out, absmax_out, base, next, lane, table, shift, first, flip);
+    else
+      finish_turn<false>(raw, top, x, out, absmax_out, base, next, lane, table, shift, first, flip);
   }
 }
 """
@@ -165,8 +222,24 @@ def source_for(block: int, streaming: bool = False, geometry: Geometry | None = 
         consts + f"#define BLOCK {block}\n"
         f"#define STREAMING {int(streaming)}\n"
         f"#define TINY_ABSMAX {float(scaling.TINY_ABSMAX).hex()}f\n"
-        f"#define TINY_SCALE {float(scaling.TINY_SCALE).hex()}f\n" + SOURCE
+        f"#define TINY_SCALE {float(scaling.TINY_SCALE).hex()}f\n"
+        f"#define FAST_MAX_ABSMAX {FAST_MAX_ABSMAX.hex()}f\n" + SOURCE
     )
+
+
+@functools.lru_cache(maxsize=64)
+def fast_exact(pairs: MeanPairs) -> bool:
+    """Whether the kernel's fast path computes this table's bits exactly (see `quantize8`): bucket 0's
+    lowest float is normal, and every pair's float32 sum is 0, +-inf or at least FAST_MIN_SUM in magnitude.
+    Cached per table (one device-to-host copy)."""
+    shift, first, _ = geometry_of(pairs)
+    if shift > 23 or first << shift < 1 << 23:
+        return False
+    words = pairs.values.cpu()
+    low = words.to(torch.int32).view(torch.float32)  # the low 32 bits (a truncating cast)
+    high = (words >> 32).to(torch.int32).view(torch.float32)
+    sums = (low + high).abs()
+    return bool(((sums == 0) | (sums >= FAST_MIN_SUM)).all())  # NaN: False
 
 
 def runtime_available(device: torch.device) -> bool:
@@ -198,6 +271,7 @@ class ResidentPlan:
     kernel: Any
     pairs: MeanPairs
     n_main: int
+    fast: bool = True  # the fast path where a turn's blocks allow it (`fast_exact` holds for the table)
 
     def run(self, x: Tensor, out: Tensor, absmax: Tensor) -> None:
         """Quantize the first n_main values of flat bf16 `x` into `out` and their blocks' absmax into
@@ -206,17 +280,22 @@ class ResidentPlan:
         n_turns = self.n_main // TURN
         device_index = _device_index(x.device)
         programs = min(_multiprocessors(device_index), -(-n_turns // (THREADS // 32)))
-        args = [x, out, absmax, table, table.numel(), n_turns, *geometry_of(self.pairs)]
+        args = [x, out, absmax, table, table.numel(), n_turns, *geometry_of(self.pairs), int(self.fast)]
         with torch.cuda.device(device_index):  # x's device and its current stream, whatever is current
             self.kernel(grid=(programs, 1, 1), block=(THREADS, 1, 1), args=args, shared_mem=table.numel() * 8)
 
 
 def plan(
-    x: Tensor, block: int | None, pairs: MeanPairs | None, streaming: bool = False, constant: bool = False
+    x: Tensor,
+    block: int | None,
+    pairs: MeanPairs | None,
+    streaming: bool = False,
+    constant: bool = False,
+    fast: bool = True,
 ) -> ResidentPlan | None:
     """The resident launch for flat `x` (`prefix_values` of it) where its device runs the kernel
     (`runtime_available`, and it compiles: a failure warns once and leaves every value to the Triton
-    kernel), else None."""
+    kernel), else None. `fast`: the fast path where `fast_exact` allows it (False: the exact path only)."""
     entries = pairs.values.numel() if pairs is not None else None
     n_main = prefix_values(x.numel(), x.dtype, block, entries, x.data_ptr())
     if not n_main or not runtime_available(x.device):
@@ -224,7 +303,7 @@ def plan(
     assert block is not None and pairs is not None
     geometry = geometry_of(pairs) if constant else None
     kernel = _kernel(block, streaming, geometry, _device_index(x.device))
-    return ResidentPlan(kernel, pairs, n_main) if kernel is not None else None
+    return ResidentPlan(kernel, pairs, n_main, fast and fast_exact(pairs)) if kernel is not None else None
 
 
 def _device_index(device: torch.device) -> int:

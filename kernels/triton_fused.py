@@ -172,6 +172,8 @@ class FusedChoice:
         resident_streaming: the resident kernel's loads and stores marked evict-first (.cs).
         resident_constant_geometry: the resident kernel compiled per bucket geometry (shift, first and
             flip as constants: 2 fewer integer instructions a value, `benchmarks/kernel_anatomy.py`).
+        resident_fast: the resident kernel's fast path for turns whose blocks allow it (sixteenth
+            session: the same bits; `cuda_pairs.quantize8`); False: its exact path everywhere.
     """
 
     max_chain_log2: int = 0
@@ -197,6 +199,7 @@ class FusedChoice:
     resident_grid_wide_from_buckets: int = 1024
     resident_streaming: bool = False
     resident_constant_geometry: bool = False
+    resident_fast: bool = True
 
 
 DEFAULT_CHOICE = FusedChoice()
@@ -549,7 +552,8 @@ def resident_plan(
     if not x.is_cuda:
         return None
     pairs = resident_table(levels, flags, block, fake_only, x.dtype, choice)
-    return cuda_pairs.plan(x, block, pairs, choice.resident_streaming, choice.resident_constant_geometry)
+    streaming, constant = choice.resident_streaming, choice.resident_constant_geometry
+    return cuda_pairs.plan(x, block, pairs, streaming, constant, choice.resident_fast)
 
 
 def resident_values(

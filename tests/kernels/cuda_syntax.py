@@ -27,7 +27,8 @@ STAND_INS = """
     float __shfl_xor_sync(unsigned mask, float v, int lane);
     float __int_as_float(int); int __float_as_int(float); float __uint_as_float(unsigned);
     unsigned __float_as_uint(float); float __fdiv_rn(float, float); float __fmul_rn(float, float);
-    float __fadd_rn(float, float); float __frcp_rn(float);
+    float __fadd_rn(float, float); float __frcp_rn(float); float __fmaf_rn(float, float, float);
+    int __all_sync(unsigned mask, int predicate);
     unsigned long __cvta_generic_to_shared(const void*);
 """
 

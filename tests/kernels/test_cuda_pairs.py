@@ -11,7 +11,7 @@ import torch
 
 from kernels import QuantSpec, cuda_pairs, scaling
 from kernels.blockwise import levels_for
-from kernels.buckets import mean_pairs
+from kernels.buckets import MeanPairs, mean_pairs, pair_values
 from kernels.triton_fused import DEFAULT_CHOICE, FusedChoice, _flags, resident_table, resident_values
 from tests.kernels import cuda_syntax
 
@@ -83,6 +83,58 @@ def test_source_constants_are_the_reference_scaling() -> None:
     assert "#define STREAMING 1" in cuda_pairs.source_for(256, streaming=True)
     assert float.fromhex(defines["TINY_ABSMAX"].rstrip("f")) == float(scaling.TINY_ABSMAX)
     assert float.fromhex(defines["TINY_SCALE"].rstrip("f")) == float(scaling.TINY_SCALE)
+
+
+def _bf16_grid(absmax: float) -> torch.Tensor:
+    """Every finite bfloat16 of magnitude at most absmax, as float32 (subnormals and -0 included)."""
+    every = torch.arange(-(2**15), 2**15, dtype=torch.int32).to(torch.int16).view(torch.bfloat16).float()
+    return every[every.isfinite() & (every.abs() <= absmax)]
+
+
+def _fast_values(v: torch.Tensor, inv: float, pairs: MeanPairs) -> torch.Tensor:
+    """`quantize8<true>`'s value for each float32 v, step for step: x2 = fma(v, 2 inv, +0) (the product
+    is exact in float64, then rounded once), the bucket from x2's bits, then sum < x2."""
+    shift, first, flip = cuda_pairs.geometry_of(pairs)
+    first2 = first + (1 << (23 - shift))
+    low2 = torch.tensor([first2 << shift], dtype=torch.int32).view(torch.float32)
+    x2 = (v.double() * (2.0 * inv) + 0.0).float()
+    bits = x2.abs().clamp(max=2.0).maximum(low2).view(torch.int32)
+    bucket = ((bits >> shift) - first2) ^ ((x2.view(torch.int32) >> 31) & flip)
+    pair = pairs.values.cpu()[bucket.long()]
+    lo = pair.to(torch.int32).view(torch.float32)
+    hi = (pair >> 32).to(torch.int32).view(torch.float32)
+    return torch.where(lo + hi < x2, hi, lo)
+
+
+@pytest.mark.parametrize("dtype", ["int", "fp", "nf", "quantile", "dynamic"])
+def test_fast_path_takes_the_exact_paths_value_for_every_bf16(dtype: str) -> None:
+    # The kernel's fast path (blocks of absmax in [2^-64, 2^15]) against `pair_values`, the torch mirror
+    # of the exact path (xn = v * (1 / absmax), mid = (lo + hi) * 0.5 < xn), for every bf16 a block of
+    # that absmax can hold: subnormals (xn subnormal), -0 (xn >= 0 holds), the edges of the range.
+    w = torch.randn(512, 64)
+    for bits in range(3, 9):
+        levels = levels_for(w, QuantSpec(dtype, bits, 64))
+        pairs = mean_pairs(levels, cuda_pairs.MAX_TABLE_BYTES // 8)
+        assert pairs is not None and cuda_pairs.fast_exact(pairs), (dtype, bits)
+        for absmax in (2.0**-64, 3.1e-20, 1.2e-10, 0.0123, 1.0, 3.75, 20000.0, cuda_pairs.FAST_MAX_ABSMAX):
+            top = torch.tensor([absmax]).bfloat16().float()
+            inv = float(torch.reciprocal(top))  # float32 1 / absmax, correctly rounded (as __frcp_rn)
+            v = _bf16_grid(float(top))
+            xn = (v.double() * inv).float()
+            _, exact = pair_values(xn, levels, cuda_pairs.MAX_TABLE_BYTES // 8)
+            fast = _fast_values(v, inv, pairs)
+            differ = (fast.view(torch.int32) != exact.view(torch.int32)).nonzero().flatten()
+            assert differ.numel() == 0, (dtype, bits, absmax, v[differ[:4]].tolist())
+
+
+def test_fast_path_refuses_a_table_whose_sums_are_too_small() -> None:
+    # A pair summing to a tiny nonzero float would halve inexactly: `fast_exact` leaves it to the exact path.
+    pairs = mean_pairs(levels_for(torch.randn(512, 64), QuantSpec("nf", 4, 64)))
+    assert pairs is not None and cuda_pairs.fast_exact(pairs)
+    lo, hi = torch.tensor([2.0**-126]).view(torch.int32).long(), torch.tensor([-(2.0**-127)])
+    tiny = pairs.values.clone()
+    tiny[3] = (lo & 0xFFFFFFFF) | (hi.view(torch.int32).long() << 32)
+    assert not cuda_pairs.fast_exact(MeanPairs(pairs.buckets, pairs.starts, tiny))
 
 
 @pytest.mark.skipif(not cuda_syntax.gxx_available(), reason="needs g++")

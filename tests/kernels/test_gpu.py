@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import os
+from dataclasses import replace
 
 import pytest
 import torch
@@ -261,18 +262,26 @@ def test_resident_pair_kernel_is_bit_exact(block: int) -> None:
         special = torch.zeros(4, block, device="cuda")
         special[0, 3], special[1, 0], special[2, -1] = float("nan"), float("inf"), float("-inf")
         special[3] = 1e-40  # a subnormal block
-        x = torch.cat([edge, edge * 1e-30, special.reshape(-1), w.float().reshape(-1)]).bfloat16()
+        # subnormals beside the fast path's largest absmax (xn subnormal) and past it (xn underflows)
+        sub = torch.tensor([2.0**-133, -(2.0**-133), 1e-40, -9e-41, 0.0, -0.0], device="cuda")
+        wide = torch.cat([sub.repeat(block // 8), torch.zeros(block - 6 * (block // 8), device="cuda")])
+        wide = torch.stack([wide, wide, wide])
+        wide[0, -1], wide[1, -1], wide[2, -1] = 2.0**15, 2.0**15 + 256, 2.0**20
+        # absmax 1, tiny (the 2^64 path), small, near and past the fast path's largest (2^15)
+        scaled = [edge * f for f in (1.0, 1e-30, 1e-10, 16384.0, 2.0**20)]
+        x = torch.cat([*scaled, wide.reshape(-1), special.reshape(-1), w.float().reshape(-1)]).bfloat16()
         flags = _flags(x, levels, True, False, resident)
         n_resident = resident_values(x, block, levels, flags, True, resident)
         # a quantile codebook of small blocks repeats +-1 (no pair table): all on Triton, still checked
         assert n_resident >= x.numel() - 1024 or (dtype == "quantile" and n_resident == 0), spec
         taken.append(n_resident > 0)
-        out, _, absmax = _launch(x, spec, levels, True, None, resident)
         base, _, base_absmax = _launch(x, spec, levels, True, None, triton_only)
-        assert out is not None and base is not None
-        assert torch.equal(out.view(torch.int16), base.view(torch.int16)), f"seed={SEED} {spec}"
-        torch.testing.assert_close(absmax, base_absmax, rtol=0, atol=0, equal_nan=True)
         ref = reference_fake_quantize(x, spec, levels, check_finite=False)
-        finite = torch.isfinite(absmax).repeat_interleave(block)[: x.numel()]  # NaN and Inf blocks: Triton's
-        torch.testing.assert_close(out[finite], ref[finite], rtol=0, atol=0, msg=f"seed={SEED} {spec}")
+        for fast in (True, False):  # the fast path where a turn allows it; the exact path only
+            out, _, absmax = _launch(x, spec, levels, True, None, replace(resident, resident_fast=fast))
+            assert out is not None and base is not None
+            assert torch.equal(out.view(torch.int16), base.view(torch.int16)), f"seed={SEED} {spec} {fast}"
+            torch.testing.assert_close(absmax, base_absmax, rtol=0, atol=0, equal_nan=True)
+            finite = torch.isfinite(absmax).repeat_interleave(block)[: x.numel()]  # NaN/Inf blocks: Triton's
+            torch.testing.assert_close(out[finite], ref[finite], rtol=0, atol=0, msg=f"seed={SEED} {spec}")
     assert sum(taken) >= len(taken) - 1, taken
