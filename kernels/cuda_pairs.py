@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import functools
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -130,12 +130,12 @@ __device__ __forceinline__ uint4 quantize8(uint4 raw, float absmax, const uint2*
   return make_uint4(packed[0], packed[1], packed[2], packed[3]);
 }
 
-// A turn's stores and absmax, each load's buffer refilled with the next turn's values (next >= 0).
+// A turn's stores and absmax.
 template <bool FAST>
-__device__ __forceinline__ void finish_turn(
-    uint4 (&raw)[UNROLL], const float (&top)[UNROLL], const unsigned short* __restrict__ x,
-    unsigned short* __restrict__ out, float* __restrict__ absmax_out, long long base, long long next,
-    int lane, const uint2* table, int shift, int first, int flip) {
+__device__ __forceinline__ void finish_turn(const uint4 (&raw)[UNROLL], const float (&top)[UNROLL],
+                                            unsigned short* __restrict__ out, float* __restrict__ absmax_out,
+                                            long long base, int lane, const uint2* table, int shift,
+                                            int first, int flip) {
 #pragma unroll
   for (int u = 0; u < UNROLL; ++u) {
     store16(out + base + u * 256, quantize8<FAST>(raw[u], top[u], table, shift, first, flip));
@@ -143,11 +143,20 @@ __device__ __forceinline__ void finish_turn(
     if (first_lane)  // NaN for any non-finite block
       absmax_out[(base + u * 256) / BLOCK] =
           top[u] < __int_as_float(0x7F800000) ? top[u] : __int_as_float(0x7FC00000);
-    if (next >= 0) raw[u] = load16(x + next + u * 256);
   }
 }
 
-extern "C" __global__ void __launch_bounds__(1024, 1) pairs_fake_quantize(
+__device__ __forceinline__ void load_turn(uint4 (&raw)[UNROLL], const unsigned short* __restrict__ x, int t,
+                                          int n_turns, int lane) {
+  if (t < n_turns) {
+#pragma unroll
+    for (int u = 0; u < UNROLL; ++u) raw[u] = load16(x + (long long)t * (256 * UNROLL) + lane * 8 + u * 256);
+  }
+}
+
+// THREADS threads a program, PROGRAMS programs a multiprocessor (the launch's grid). PIPELINE: each warp
+// loads its next turn before quantizing this one (twice the bytes in flight, twice the registers).
+extern "C" __global__ void __launch_bounds__(THREADS, PROGRAMS) pairs_fake_quantize(
     const unsigned short* __restrict__ x, unsigned short* __restrict__ out, float* __restrict__ absmax_out,
     const unsigned long long* __restrict__ pairs, int n_pairs, int n_turns, int shift_arg, int first_arg,
     int flip_arg, int fast_arg) {
@@ -157,25 +166,26 @@ extern "C" __global__ void __launch_bounds__(1024, 1) pairs_fake_quantize(
   const int shift = shift_arg, first = first_arg, flip = flip_arg;
 #endif
   const int lane = threadIdx.x & 31;
-  const int warps = gridDim.x * (blockDim.x >> 5);
-  int t = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
-  uint4 raw[UNROLL];  // the first turn's loads in flight while the table is copied
-#pragma unroll
-  for (int u = 0; u < UNROLL; ++u)
-    if (t < n_turns) raw[u] = load16(x + (long long)t * (256 * UNROLL) + lane * 8 + u * 256);
+  const int warps = gridDim.x * (THREADS / 32);
+  int t = blockIdx.x * (THREADS / 32) + (threadIdx.x >> 5);
+  uint4 raw[UNROLL];
+  load_turn(raw, x, t, n_turns, lane);  // the first turn's loads in flight while the table is copied
   extern __shared__ uint2 table[];
-  for (int i = threadIdx.x; i < n_pairs; i += blockDim.x) {
+  for (int i = threadIdx.x; i < n_pairs; i += THREADS) {
     const unsigned long long p = pairs[i];
     table[i] = make_uint2((unsigned)p, (unsigned)(p >> 32));
   }
   __syncthreads();
   for (; t < n_turns; t += warps) {
     const long long base = (long long)t * (256 * UNROLL) + lane * 8;
+    uint4 cur[UNROLL];
+#pragma unroll
+    for (int u = 0; u < UNROLL; ++u) cur[u] = raw[u];
+    if (PIPELINE) load_turn(raw, x, t + warps, n_turns, lane);
     float top[UNROLL];  // each block's NaN-propagating max of |v|
-    bool in_range = true;
 #pragma unroll
     for (int u = 0; u < UNROLL; ++u) {
-      const uint4 r = raw[u];
+      const uint4 r = cur[u];
       const unsigned m2 = abs_max2(abs_max2(r.x & 0x7FFF7FFFu, r.y), abs_max2(r.z & 0x7FFF7FFFu, r.w));
       float m = max_nan(low_half(m2), high_half(m2));
 #pragma unroll
@@ -189,14 +199,14 @@ extern "C" __global__ void __launch_bounds__(1024, 1) pairs_fake_quantize(
 #pragma unroll
       for (int g = 1; g < GROUP; ++g) top[u + g] = top[u];
     }
+    bool in_range = true;
 #pragma unroll
     for (int u = 0; u < UNROLL; ++u) in_range &= top[u] >= TINY_ABSMAX && top[u] <= FAST_MAX_ABSMAX;
-    const bool fast = fast_arg && __all_sync(0xFFFFFFFFu, in_range);  // NaN, Inf, tiny, huge: EXACT
-    const long long next = t + warps < n_turns ? base + (long long)warps * (256 * UNROLL) : -1;
-    if (fast)
-      finish_turn<true>(raw, top, x, out, absmax_out, base, next, lane, table, shift, first, flip);
+    if (fast_arg && __all_sync(0xFFFFFFFFu, in_range))  // NaN, Inf, tiny, huge: EXACT
+      finish_turn<true>(cur, top, out, absmax_out, base, lane, table, shift, first, flip);
     else
-      finish_turn<false>(raw, top, x, out, absmax_out, base, next, lane, table, shift, first, flip);
+      finish_turn<false>(cur, top, out, absmax_out, base, lane, table, shift, first, flip);
+    if (!PIPELINE) load_turn(raw, x, t + warps, n_turns, lane);
   }
 }
 """
@@ -210,17 +220,37 @@ def geometry_of(pairs: MeanPairs) -> Geometry:
     return b.shift, b.first, (2 << b.log2_buckets) - 1
 
 
-def source_for(block: int, streaming: bool = False, geometry: Geometry | None = None) -> str:
-    """The kernel's source for one block size (the constants the Triton kernel uses, as hex floats);
-    `streaming`: loads and stores marked evict-first (.cs); `geometry`: the bucket geometry compiled in
-    (one kernel a geometry) instead of read from the arguments."""
+@dataclass(frozen=True)
+class Variant:
+    """How the kernel is compiled and launched (`FusedChoice.resident_*`; every variant, the same bits).
+
+    streaming: loads and stores marked evict-first (.cs). constant: the bucket geometry compiled in (one
+    kernel a geometry) instead of read from the arguments. threads: a program's; per_sm: programs a
+    multiprocessor (each copies the table). pipeline: each warp's next turn loaded before this one is
+    quantized (twice the bytes in flight and the registers). fast: the fast path where `fast_exact` holds
+    for the table and a turn's blocks allow it (`quantize8`)."""
+
+    streaming: bool = False
+    constant: bool = False
+    threads: int = THREADS
+    per_sm: int = 1
+    pipeline: bool = False
+    fast: bool = True
+
+
+def source_for(block: int, variant: Variant = Variant(), geometry: Geometry | None = None) -> str:
+    """The kernel's source for one block size and variant (the constants the Triton kernel uses, as hex
+    floats); `geometry`: compiled in where given (`Variant.constant`)."""
     consts = ""
     if geometry is not None:
         names = ("SHIFT", "FIRST", "FLIP")
         consts = "".join(f"#define CONST_{k} {v}\n" for k, v in zip(names, geometry, strict=True))
     return (
         consts + f"#define BLOCK {block}\n"
-        f"#define STREAMING {int(streaming)}\n"
+        f"#define THREADS {variant.threads}\n"
+        f"#define PROGRAMS {variant.per_sm}\n"
+        f"#define PIPELINE {int(variant.pipeline)}\n"
+        f"#define STREAMING {int(variant.streaming)}\n"
         f"#define TINY_ABSMAX {float(scaling.TINY_ABSMAX).hex()}f\n"
         f"#define TINY_SCALE {float(scaling.TINY_SCALE).hex()}f\n"
         f"#define FAST_MAX_ABSMAX {FAST_MAX_ABSMAX.hex()}f\n" + SOURCE
@@ -266,12 +296,12 @@ def prefix_values(
 
 @dataclass(frozen=True)
 class ResidentPlan:
-    """A launch `plan` settled: the compiled kernel, its table, and the n_main values it quantizes."""
+    """A launch `plan` settled: the compiled kernel, its table, the n_main values it quantizes, and how."""
 
     kernel: Any
     pairs: MeanPairs
     n_main: int
-    fast: bool = True  # the fast path where a turn's blocks allow it (`fast_exact` holds for the table)
+    variant: Variant = Variant()
 
     def run(self, x: Tensor, out: Tensor, absmax: Tensor) -> None:
         """Quantize the first n_main values of flat bf16 `x` into `out` and their blocks' absmax into
@@ -279,31 +309,30 @@ class ResidentPlan:
         table = self.pairs.values.to(x.device)
         n_turns = self.n_main // TURN
         device_index = _device_index(x.device)
-        programs = min(_multiprocessors(device_index), -(-n_turns // (THREADS // 32)))
-        args = [x, out, absmax, table, table.numel(), n_turns, *geometry_of(self.pairs), int(self.fast)]
+        threads, fast = self.variant.threads, self.variant.fast
+        programs = min(_multiprocessors(device_index) * self.variant.per_sm, -(-n_turns // (threads // 32)))
+        args = [x, out, absmax, table, table.numel(), n_turns, *geometry_of(self.pairs), int(fast)]
         with torch.cuda.device(device_index):  # x's device and its current stream, whatever is current
-            self.kernel(grid=(programs, 1, 1), block=(THREADS, 1, 1), args=args, shared_mem=table.numel() * 8)
+            self.kernel(grid=(programs, 1, 1), block=(threads, 1, 1), args=args, shared_mem=table.numel() * 8)
 
 
 def plan(
-    x: Tensor,
-    block: int | None,
-    pairs: MeanPairs | None,
-    streaming: bool = False,
-    constant: bool = False,
-    fast: bool = True,
+    x: Tensor, block: int | None, pairs: MeanPairs | None, variant: Variant = Variant()
 ) -> ResidentPlan | None:
     """The resident launch for flat `x` (`prefix_values` of it) where its device runs the kernel
     (`runtime_available`, and it compiles: a failure warns once and leaves every value to the Triton
-    kernel), else None. `fast`: the fast path where `fast_exact` allows it (False: the exact path only)."""
+    kernel), else None. The fast path only where `fast_exact` holds for the table."""
     entries = pairs.values.numel() if pairs is not None else None
     n_main = prefix_values(x.numel(), x.dtype, block, entries, x.data_ptr())
     if not n_main or not runtime_available(x.device):
         return None
     assert block is not None and pairs is not None
-    geometry = geometry_of(pairs) if constant else None
-    kernel = _kernel(block, streaming, geometry, _device_index(x.device))
-    return ResidentPlan(kernel, pairs, n_main, fast and fast_exact(pairs)) if kernel is not None else None
+    geometry = geometry_of(pairs) if variant.constant else None
+    compiled = replace(variant, fast=True)  # the fast path is a launch argument: one kernel for both
+    kernel = _kernel(block, compiled, geometry, _device_index(x.device))
+    if kernel is None:
+        return None
+    return ResidentPlan(kernel, pairs, n_main, replace(variant, fast=variant.fast and fast_exact(pairs)))
 
 
 def _device_index(device: torch.device) -> int:
@@ -311,11 +340,11 @@ def _device_index(device: torch.device) -> int:
 
 
 @functools.cache
-def _kernel(block: int, streaming: bool, geometry: Geometry | None, device_index: int) -> Any:
+def _kernel(block: int, variant: Variant, geometry: Geometry | None, device_index: int) -> Any:
     """The compiled kernel, or None (warned once) where NVRTC fails: the Triton kernel runs instead."""
     try:
         with torch.cuda.device(device_index):
-            return torch.cuda._compile_kernel(source_for(block, streaming, geometry), "pairs_fake_quantize")
+            return torch.cuda._compile_kernel(source_for(block, variant, geometry), "pairs_fake_quantize")
     except Exception as e:  # a missing libnvrtc, a torch whose private API changed: not the user's error
         warnings.warn(
             f"kernels.cuda_pairs: the resident pair kernel did not compile for block {block} ({e!r}); "

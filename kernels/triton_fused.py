@@ -174,6 +174,9 @@ class FusedChoice:
             flip as constants: 2 fewer integer instructions a value, `benchmarks/kernel_anatomy.py`).
         resident_fast: the resident kernel's fast path for turns whose blocks allow it (sixteenth
             session: the same bits; `cuda_pairs.quantize8`); False: its exact path everywhere.
+        resident_threads, resident_per_sm, resident_pipeline: the resident kernel's program size,
+            programs a multiprocessor, and loads of a warp's next turn issued before this one is
+            quantized (`cuda_pairs.Variant`).
     """
 
     max_chain_log2: int = 0
@@ -200,6 +203,9 @@ class FusedChoice:
     resident_streaming: bool = False
     resident_constant_geometry: bool = False
     resident_fast: bool = True
+    resident_threads: int = 1024
+    resident_per_sm: int = 1
+    resident_pipeline: bool = False
 
 
 DEFAULT_CHOICE = FusedChoice()
@@ -552,8 +558,15 @@ def resident_plan(
     if not x.is_cuda:
         return None
     pairs = resident_table(levels, flags, block, fake_only, x.dtype, choice)
-    streaming, constant = choice.resident_streaming, choice.resident_constant_geometry
-    return cuda_pairs.plan(x, block, pairs, streaming, constant, choice.resident_fast)
+    variant = cuda_pairs.Variant(
+        choice.resident_streaming,
+        choice.resident_constant_geometry,
+        choice.resident_threads,
+        choice.resident_per_sm,
+        choice.resident_pipeline,
+        choice.resident_fast,
+    )
+    return cuda_pairs.plan(x, block, pairs, variant)
 
 
 def resident_values(

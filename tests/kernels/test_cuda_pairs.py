@@ -80,7 +80,7 @@ def test_source_constants_are_the_reference_scaling() -> None:
     text = cuda_pairs.source_for(256)
     defines = dict(line.split()[1:3] for line in text.splitlines() if line.startswith("#define "))
     assert defines["BLOCK"] == "256" and defines["STREAMING"] == "0"
-    assert "#define STREAMING 1" in cuda_pairs.source_for(256, streaming=True)
+    assert "#define STREAMING 1" in cuda_pairs.source_for(256, cuda_pairs.Variant(streaming=True))
     assert float.fromhex(defines["TINY_ABSMAX"].rstrip("f")) == float(scaling.TINY_ABSMAX)
     assert float.fromhex(defines["TINY_SCALE"].rstrip("f")) == float(scaling.TINY_SCALE)
 
@@ -137,18 +137,29 @@ def test_fast_path_refuses_a_table_whose_sums_are_too_small() -> None:
     assert not cuda_pairs.fast_exact(MeanPairs(pairs.buckets, pairs.starts, tiny))
 
 
+GEOMETRY = (15, 30680, 2047)
+V = cuda_pairs.Variant
+
+
 @pytest.mark.skipif(not cuda_syntax.gxx_available(), reason="needs g++")
 @pytest.mark.parametrize(
-    ("block", "streaming", "geometry"),
-    [(16, False, None), (64, True, (15, 30680, 2047)), (512, False, (15, 30680, 2047)), (1024, True, None)],
+    ("block", "variant"),
+    [
+        (16, V()),
+        (64, V(streaming=True, constant=True)),
+        (512, V(constant=True, pipeline=True, threads=512)),
+        (1024, V(streaming=True, pipeline=True, threads=512, per_sm=2)),
+    ],
 )
-def test_source_parses_as_cpp(
-    block: int, streaming: bool, geometry: tuple[int, int, int] | None, tmp_path: Path
-) -> None:
+def test_source_parses_as_cpp(block: int, variant: cuda_pairs.Variant, tmp_path: Path) -> None:
     # NVRTC compiles it on the GPU; here it must at least parse as C++ for every shape of block (the
-    # lane and load groupings differ below and above 256), both kinds of loads, geometry compiled in or not.
-    text = cuda_pairs.source_for(block, streaming, geometry)
-    assert ("#define CONST_SHIFT 15" in text) == (geometry is not None)
+    # lane and load groupings differ below and above 256), both kinds of loads, geometry compiled in or
+    # not, pipelined or not.
+    text = cuda_pairs.source_for(block, variant, GEOMETRY if variant.constant else None)
+    assert ("#define CONST_SHIFT 15" in text) == variant.constant
+    assert (
+        f"#define THREADS {variant.threads}" in text and f"#define PIPELINE {int(variant.pipeline)}" in text
+    )
     cuda_syntax.check_parses(text, tmp_path)
 
 
@@ -157,4 +168,4 @@ def test_a_kernel_that_cannot_compile_warns_and_leaves_the_weights_to_triton() -
     # Here NVRTC has no GPU (a CPU build of torch): the compile fails for real, warns once per block size
     # and returns None, which `plan` turns into 0 values (the Triton kernel quantizes all of them).
     with pytest.warns(RuntimeWarning, match="did not compile for block 64"):
-        assert cuda_pairs._kernel.__wrapped__(64, False, None, 0) is None
+        assert cuda_pairs._kernel.__wrapped__(64, cuda_pairs.Variant(), None, 0) is None
