@@ -112,12 +112,14 @@ CHOICES: dict[str, dict[str, Any]] = {  # FusedChoice fields and their values (i
     "streaming": {"resident_streaming": True},  # the resident kernel's loads and stores evict-first
     "constgeo": {"resident_constant_geometry": True},  # the resident kernel compiled per bucket geometry
     "exact": {"resident_fast": False},  # sixteenth session: the resident kernel's exact path only
-    # the resident kernel's next turn loaded before this one is quantized; other program shapes
-    "pipe": {"resident_pipeline": True},
-    "pipe+stream": {"resident_pipeline": True, "resident_streaming": True},
-    "pipe512": {"resident_pipeline": True, "resident_threads": 512},
-    "pipe512x2": {"resident_pipeline": True, "resident_threads": 512, "resident_per_sm": 2},
-    "t512x2": {"resident_threads": 512, "resident_per_sm": 2},
+    # sixteenth session: the resident kernel's program shapes (the default: 512 threads, two programs a
+    # multiprocessor, each warp's next turn loaded before this one is quantized)
+    "t1024": {"resident_threads": 1024, "resident_per_sm": 1, "resident_pipeline": False},  # the 15th's
+    "pipe1024": {"resident_threads": 1024, "resident_per_sm": 1},
+    "pipe512": {"resident_per_sm": 1},
+    "t512x2": {"resident_pipeline": False},
+    "pipe256x4": {"resident_threads": 256, "resident_per_sm": 4},
+    "grid1024": {"resident_grid_max_block": 1024},  # the int grid resident at blocks of 1,024 too
     # blocks of 512 and 1024 held a warp each (no barrier for the absmax; 32 values a thread at 1024)
     "split": {"split_from_block": 512},
     # candidates: pairs from 4 bits, the int grid's computed value at 8, split blocks, wide from 7 or 8

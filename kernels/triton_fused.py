@@ -203,9 +203,10 @@ class FusedChoice:
     resident_streaming: bool = False
     resident_constant_geometry: bool = False
     resident_fast: bool = True
-    resident_threads: int = 1024
-    resident_per_sm: int = 1
-    resident_pipeline: bool = False
+    resident_grid_max_block: int = 512
+    resident_threads: int = 512
+    resident_per_sm: int = 2
+    resident_pipeline: bool = True
 
 
 DEFAULT_CHOICE = FusedChoice()
@@ -543,7 +544,8 @@ def resident_table(
         return None
     wide = block >= choice.resident_wide_block
     if grid:
-        least = [choice.resident_grid_wide_from_buckets] if wide else []
+        take = wide and block <= choice.resident_grid_max_block
+        least = [choice.resident_grid_wide_from_buckets] if take else []
     else:
         least = [choice.resident_from_buckets] + ([choice.resident_wide_from_buckets] if wide else [])
     least = [b for b in least if b > 0]

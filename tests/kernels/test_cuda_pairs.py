@@ -59,6 +59,7 @@ def test_resident_rule_by_table_size_and_block() -> None:
     assert not wants("fp", 7, 64) and not wants("nf", 6, 64)
     assert wants("nf", 6, 1024) and wants("fp", 7, 512) and not wants("fp", 6, 1024)
     assert wants("int", 8, 512) and not wants("int", 8, 256) and not wants("int", 7, 1024)
+    assert not wants("int", 8, 1024)  # resident_grid_max_block
     assert not wants("nf", 8, 64, fake_only=False)
     levels = levels_for(w, QuantSpec("nf", 8, 64))
     flags = _flags(w, levels, True, False, choice)
