@@ -112,13 +112,16 @@ CHOICES: dict[str, dict[str, Any]] = {  # FusedChoice fields and their values (i
     "streaming": {"resident_streaming": True},  # the resident kernel's loads and stores evict-first
     "constgeo": {"resident_constant_geometry": True},  # the resident kernel compiled per bucket geometry
     "exact": {"resident_fast": False},  # sixteenth session: the resident kernel's exact path only
-    # sixteenth session: the resident kernel's program shapes (the default: 512 threads, two programs a
+    # sixteenth session: the resident kernel's program shapes (the default: 256 threads, four programs a
     # multiprocessor, each warp's next turn loaded before this one is quantized)
     "t1024": {"resident_threads": 1024, "resident_per_sm": 1, "resident_pipeline": False},  # the 15th's
     "pipe1024": {"resident_threads": 1024, "resident_per_sm": 1},
-    "pipe512": {"resident_per_sm": 1},
-    "t512x2": {"resident_pipeline": False},
+    "pipe512": {"resident_threads": 512, "resident_per_sm": 1},
+    "t512x2": {"resident_threads": 512, "resident_per_sm": 2, "resident_pipeline": False},
+    "pipe512x2": {"resident_threads": 512, "resident_per_sm": 2},
+    "pipe256x2": {"resident_threads": 256, "resident_per_sm": 2},  # half the warps, 128 registers
     "pipe256x4": {"resident_threads": 256, "resident_per_sm": 4},
+    "pipe128x8": {"resident_threads": 128, "resident_per_sm": 8},
     "grid1024": {"resident_grid_max_block": 1024},  # the int grid resident at blocks of 1,024 too
     # blocks of 512 and 1024 held a warp each (no barrier for the absmax; 32 values a thread at 1024)
     "split": {"split_from_block": 512},

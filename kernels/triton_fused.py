@@ -204,8 +204,8 @@ class FusedChoice:
     resident_constant_geometry: bool = False
     resident_fast: bool = True
     resident_grid_max_block: int = 512
-    resident_threads: int = 512
-    resident_per_sm: int = 2
+    resident_threads: int = 256
+    resident_per_sm: int = 4
     resident_pipeline: bool = True
 
 
