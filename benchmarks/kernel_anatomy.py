@@ -11,8 +11,9 @@ For the search each codebook gets by default (`triton_fused._flags`) it reports:
               instead of 1 (a 64-bit one ~6 instead of 2).
   sass        if Triton's ptxas is installed: the default kernel compiled for sm_90a (block 64), its
               SASS instructions per value, shared loads per value and registers per thread.
-  resident    if nvcc is installed: the same for the resident CUDA kernel (`kernels/cuda_pairs.py`) at
-              blocks 64 and 1024, its bucket geometry read from the arguments or compiled in.
+  resident    if nvcc is installed: the same for the resident CUDA kernel (`kernels/cuda_pairs.py`, its
+              default variant, its exact and its fast path each compiled alone) at blocks 64 and 1024,
+              its bucket geometry read from the arguments or compiled in.
 
 A program's table reads share the SM's shared-memory/L1 data path (one wavefront a clock) with its
 weight loads and stores; its instructions share four issue slots a clock. docs/benchmarks.md relates
@@ -178,10 +179,10 @@ def sass_stats(flags: dict, values_per_thread: int, ptxas: Path, workdir: Path) 
     return {"sass_per_value": n / per_thread, "lds_per_value": lds / per_thread, "registers": registers}
 
 
-def resident_sass(block: int, geometry: tuple[int, int, int] | None, workdir: Path) -> dict | None:
-    """The resident CUDA kernel (`kernels.cuda_pairs`) compiled by nvcc for sm_90a: its SASS instructions
-    over the 32 values a lane quantizes a turn (the whole kernel: an upper bound on its loop) and its
-    registers; None without nvcc and cuobjdump."""
+def resident_sass(block: int, geometry: tuple[int, int, int] | None, path: str, workdir: Path) -> dict | None:
+    """The resident CUDA kernel (`kernels.cuda_pairs`, its default variant) compiled by nvcc for sm_90a
+    with one of its paths ("exact" or "fast"): SASS instructions over the 32 values a lane quantizes a
+    turn (the whole kernel: an upper bound on its loop) and registers; None without nvcc and cuobjdump."""
     import shutil
 
     from kernels import cuda_pairs
@@ -192,7 +193,8 @@ def resident_sass(block: int, geometry: tuple[int, int, int] | None, workdir: Pa
     if nvcc is None or cuobjdump is None:
         return None
     source = workdir / f"pairs{block}.cu"
-    source.write_text(cuda_pairs.source_for(block, geometry=geometry))
+    paths = {"exact": 1, "fast": 2}[path]
+    source.write_text(f"#define PATHS {paths}\n" + cuda_pairs.source_for(block, geometry=geometry))
     cubin = source.with_suffix(".cubin")
     command = [nvcc, "-arch=sm_90a", "-cubin", "-O3", "-Xptxas", "-v", str(source), "-o", str(cubin)]
     run = subprocess.run(command, capture_output=True, text=True, check=True)
@@ -200,7 +202,7 @@ def resident_sass(block: int, geometry: tuple[int, int, int] | None, workdir: Pa
     dump = subprocess.run([cuobjdump, "-sass", str(cubin)], capture_output=True, text=True, check=True).stdout
     ops = [line for line in dump.splitlines() if re.match(r"\s+/\*[0-9a-f]{4}\*/", line)]
     per_turn = cuda_pairs.TURN // 32
-    return {"block": block, "geometry": "constant" if geometry else "arguments",
+    return {"block": block, "geometry": "constant" if geometry else "arguments", "path": path,
             "sass_per_value": len(ops) / per_turn, "registers": registers}  # fmt: skip
 
 
@@ -244,16 +246,18 @@ def main() -> None:
 
     nf8 = mean_pairs(levels_for(torch.randn(256, 64), QuantSpec("nf", 8, 64)), 4096)
     assert nf8 is not None
-    resident = [resident_sass(block, geometry, workdir) for block in (64, 1024)
-                for geometry in (None, cuda_pairs.geometry_of(nf8))]  # fmt: skip
+    geometries = (None, cuda_pairs.geometry_of(nf8))
+    resident = [resident_sass(block, geometry, path, workdir) for block in (64, 1024)
+                for geometry in geometries for path in ("exact", "fast")]  # fmt: skip
     if all(r is not None for r in resident):
         print(
             "\nThe resident CUDA kernel (kernels/cuda_pairs.py, nvcc, sm_90a; nf 8's geometry compiled in):"
         )
-        print("| block | bucket geometry | SASS/value | registers |\n|---|---|---|---|")
+        print("| block | bucket geometry | path | SASS/value | registers |\n|---|---|---|---|---|")
         for r in resident:
             assert r is not None
-            print(f"| {r['block']} | {r['geometry']} | {r['sass_per_value']:.1f} | {r['registers']} |")
+            cells = f"{r['path']} | {r['sass_per_value']:.1f} | {r['registers']}"
+            print(f"| {r['block']} | {r['geometry']} | {cells} |")
     if args.out:
         args.out.write_text(json.dumps({"ptxas": str(ptxas) if ptxas else None, "rows": rows,
                                         "resident": resident}, indent=1))  # fmt: skip

@@ -2,18 +2,21 @@
 
 The Triton kernel (`triton_fused`) copies its table into shared memory in every program (`tl.gather`
 stores its source at each call), which at 7-8 bits costs as much as the weights a program quantizes.
-Here one persistent program a multiprocessor (1,024 threads) copies the pair table (`buckets.mean_pairs`,
-up to 4,096 buckets, 32 KB) once and loops over the weight: each warp quantizes 1,024 values a turn, its
-32 lanes reading four 16-byte bf16 words each before any arithmetic. The arithmetic is the Triton
-kernel's step for step (`triton_fused._quantize_rows`, `triton_search._pair_lookup`), so the output
-equals the torch reference bit for bit; NaN and Inf blocks store a NaN absmax, as there.
+Here a few persistent programs a multiprocessor (by default four of 256 threads, `Variant`) each copy
+the pair table (`buckets.mean_pairs`, up to 4,096 buckets, 32 KB) once and loop over the weight: each
+warp quantizes 1,024 values a turn, its 32 lanes reading four 16-byte bf16 words each, and issues its
+next turn's loads before quantizing this one. The arithmetic is the Triton kernel's step for step
+(`triton_fused._quantize_rows`, `triton_search._pair_lookup`), or, where a turn's blocks allow it, a
+shorter path proven to give the same bits (`quantize8`, `fast_exact`), so the output equals the torch
+reference bit for bit; NaN and Inf blocks store a NaN absmax, as there.
 
 Fake quantization of bf16 weights only (the codes path and other dtypes stay on Triton), blocks of
 16-1,024 values (powers of two), whole turns of 1,024 values (`plan`, then `ResidentPlan.run`):
 `fused_fake_quantize` hands the tail to the Triton kernel. `torch.cuda._compile_kernel` (NVRTC, in
 torch's CUDA wheels) compiles it once per block size and device; where it is missing or the GPU is
 older than sm_80 the Triton kernel runs.
-Probe and figures: `benchmarks/pairs_copies_probe.py`, docs/benchmarks.md (fifteenth session).
+Probe and figures: `benchmarks/pairs_copies_probe.py`, docs/benchmarks.md (fifteenth and sixteenth
+sessions).
 """
 
 from __future__ import annotations
@@ -30,7 +33,6 @@ from kernels import scaling
 from kernels.buckets import MeanPairs
 
 TURN = 1024  # values a warp quantizes a turn: 32 lanes x 4 loads x 8 bf16
-THREADS = 1024
 MAX_TABLE_BYTES = 48 * 1024  # static launch limit without opting in to more shared memory
 MIN_BLOCK, MAX_BLOCK = 16, TURN
 # The fast path (`fast_exact`): blocks of absmax in [TINY_ABSMAX, FAST_MAX_ABSMAX], pair sums 0 or at least
@@ -154,6 +156,10 @@ __device__ __forceinline__ void load_turn(uint4 (&raw)[UNROLL], const unsigned s
   }
 }
 
+#ifndef PATHS  // 1: the exact path only, 2: the fast one only (`kernel_anatomy` counts each), 3: both
+#define PATHS 3
+#endif
+
 // THREADS threads a program, PROGRAMS programs a multiprocessor (the launch's grid). PIPELINE: each warp
 // loads its next turn before quantizing this one (twice the bytes in flight, twice the registers).
 extern "C" __global__ void __launch_bounds__(THREADS, PROGRAMS) pairs_fake_quantize(
@@ -202,9 +208,9 @@ extern "C" __global__ void __launch_bounds__(THREADS, PROGRAMS) pairs_fake_quant
     bool in_range = true;
 #pragma unroll
     for (int u = 0; u < UNROLL; ++u) in_range &= top[u] >= TINY_ABSMAX && top[u] <= FAST_MAX_ABSMAX;
-    if (fast_arg && __all_sync(0xFFFFFFFFu, in_range))  // NaN, Inf, tiny, huge: EXACT
+    if ((PATHS & 2) && fast_arg && __all_sync(0xFFFFFFFFu, in_range))  // NaN, Inf, tiny, huge: EXACT
       finish_turn<true>(cur, top, out, absmax_out, base, lane, table, shift, first, flip);
-    else
+    else if (PATHS & 1)
       finish_turn<false>(cur, top, out, absmax_out, base, lane, table, shift, first, flip);
     if (!PIPELINE) load_turn(raw, x, t + warps, n_turns, lane);
   }
@@ -232,9 +238,9 @@ class Variant:
 
     streaming: bool = False
     constant: bool = False
-    threads: int = THREADS
-    per_sm: int = 1
-    pipeline: bool = False
+    threads: int = 256
+    per_sm: int = 4
+    pipeline: bool = True
     fast: bool = True
 
 

@@ -560,7 +560,12 @@ def resident_plan(
     if not x.is_cuda:
         return None
     pairs = resident_table(levels, flags, block, fake_only, x.dtype, choice)
-    variant = cuda_pairs.Variant(
+    return cuda_pairs.plan(x, block, pairs, resident_variant(choice))
+
+
+def resident_variant(choice: FusedChoice) -> cuda_pairs.Variant:
+    """How the resident kernel is compiled and launched under `choice` (its resident_* fields)."""
+    return cuda_pairs.Variant(
         choice.resident_streaming,
         choice.resident_constant_geometry,
         choice.resident_threads,
@@ -568,7 +573,6 @@ def resident_plan(
         choice.resident_pipeline,
         choice.resident_fast,
     )
-    return cuda_pairs.plan(x, block, pairs, variant)
 
 
 def resident_values(

@@ -12,7 +12,14 @@ import torch
 from kernels import QuantSpec, cuda_pairs, scaling
 from kernels.blockwise import levels_for
 from kernels.buckets import MeanPairs, mean_pairs, pair_values
-from kernels.triton_fused import DEFAULT_CHOICE, FusedChoice, _flags, resident_table, resident_values
+from kernels.triton_fused import (
+    DEFAULT_CHOICE,
+    FusedChoice,
+    _flags,
+    resident_table,
+    resident_values,
+    resident_variant,
+)
 from tests.kernels import cuda_syntax
 
 
@@ -75,6 +82,12 @@ def test_eight_bit_tables_fit(dtype: str) -> None:
     levels = levels_for(torch.randn(256, 64), QuantSpec(dtype, 8, 64))
     pairs = mean_pairs(levels, cuda_pairs.MAX_TABLE_BYTES // 8)
     assert pairs is not None and pairs.values.numel() * 8 <= cuda_pairs.MAX_TABLE_BYTES
+
+
+def test_the_default_choice_launches_the_default_variant() -> None:
+    # One set of defaults: FusedChoice's resident_* fields and cuda_pairs.Variant (kernel_anatomy counts it).
+    assert resident_variant(DEFAULT_CHOICE) == cuda_pairs.Variant()
+    assert resident_variant(FusedChoice(resident_threads=1024, resident_per_sm=1)).threads == 1024
 
 
 def test_source_constants_are_the_reference_scaling() -> None:
