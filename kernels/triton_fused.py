@@ -166,17 +166,23 @@ class FusedChoice:
             (0.84-0.94 against 0.81-0.83) and at 512 lost little by it (fp 8 0.87 -> 0.82, dynamic 6
             0.84 -> 0.82, both over 0.80).
         resident_grid_wide_from_buckets: the int grid goes resident only at blocks of at least
-            resident_wide_block values and from this many buckets (int 8 at block 512 was 0.77-0.78 on
-            Triton, da5b0b1; resident not yet timed there); elsewhere its own search beat the resident
-            kernel (int 6-7 at blocks 64 and 1024: 0.87-0.94 against 0.81-0.87, d7dd413).
-        resident_streaming: the resident kernel's loads and stores marked evict-first (.cs).
+            resident_wide_block values and at most resident_grid_max_block, from this many buckets:
+            int 8 at block 512 0.78-0.79 on Triton, 0.83-0.84 resident; at 1,024 Triton led (0.83
+            against 0.80, sixteenth session, e2bedca `--choices grid1024`), and at blocks 64 and 1024
+            its own search beat the fifteenth session's resident kernel (int 6-7: 0.87-0.94 against
+            0.81-0.87, d7dd413).
+        resident_streaming: the resident kernel's loads and stores marked evict-first (.cs): 0.96-1.03x
+            (e2bedca), not taken.
         resident_constant_geometry: the resident kernel compiled per bucket geometry (shift, first and
-            flip as constants: 2 fewer integer instructions a value, `benchmarks/kernel_anatomy.py`).
-        resident_fast: the resident kernel's fast path for turns whose blocks allow it (sixteenth
-            session: the same bits; `cuda_pairs.quantize8`); False: its exact path everywhere.
+            flip as constants: 1.5 fewer SASS a value, `benchmarks/kernel_anatomy.py`): 0.98-1.03x, not
+            taken.
+        resident_fast: the resident kernel's fast path for turns whose blocks allow it (the same bits;
+            `cuda_pairs.quantize8`): 1.03x median on the resident rows (b678a9d); False: the exact path.
         resident_threads, resident_per_sm, resident_pipeline: the resident kernel's program size,
-            programs a multiprocessor, and loads of a warp's next turn issued before this one is
-            quantized (`cuda_pairs.Variant`).
+            programs a multiprocessor, and each warp's next turn loaded before this one is quantized
+            (`cuda_pairs.Variant`). 256 x 4 pipelined (sixteenth session, H200, two shapes, 300 rows):
+            rows under 0.80 of copy 58 at the fifteenth session's 1,024 x 1 unpipelined, 24 pipelined,
+            2 at 512 x 2 pipelined (669b6d6), 0 at 256 x 4 (e2bedca, b678a9d twice: min 0.816).
     """
 
     max_chain_log2: int = 0
