@@ -243,6 +243,15 @@ class Variant:
     pipeline: bool = True
     fast: bool = True
 
+    def __post_init__(self) -> None:
+        if not (32 <= self.threads <= 1024 and self.threads % 32 == 0):
+            raise ValueError(f"Variant.threads={self.threads}: a multiple of 32 from 32 to 1,024")
+        if not (self.per_sm >= 1 and self.threads * self.per_sm <= 2048):
+            raise ValueError(
+                f"Variant.per_sm={self.per_sm}: at least 1, and threads x per_sm at most 2,048 "
+                f"(a multiprocessor's threads); threads={self.threads}"
+            )
+
 
 def source_for(block: int, variant: Variant = Variant(), geometry: Geometry | None = None) -> str:
     """The kernel's source for one block size and variant (the constants the Triton kernel uses, as hex

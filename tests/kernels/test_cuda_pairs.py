@@ -90,6 +90,13 @@ def test_the_default_choice_launches_the_default_variant() -> None:
     assert resident_variant(FusedChoice(resident_threads=1024, resident_per_sm=1)).threads == 1024
 
 
+def test_a_variant_names_what_it_refuses() -> None:
+    with pytest.raises(ValueError, match="threads=100: a multiple of 32"):
+        cuda_pairs.Variant(threads=100)
+    with pytest.raises(ValueError, match="per_sm=4: at least 1, and threads x per_sm at most 2,048"):
+        cuda_pairs.Variant(threads=1024, per_sm=4)
+
+
 def test_source_constants_are_the_reference_scaling() -> None:
     text = cuda_pairs.source_for(256)
     defines = dict(line.split()[1:3] for line in text.splitlines() if line.startswith("#define "))
