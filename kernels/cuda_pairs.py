@@ -325,7 +325,9 @@ class ResidentPlan:
         n_turns = self.n_main // TURN
         device_index = _device_index(x.device)
         threads, fast = self.variant.threads, self.variant.fast
-        programs = min(_multiprocessors(device_index) * self.variant.per_sm, -(-n_turns // (threads // 32)))
+        sms, smem, most_threads = _multiprocessor(device_index)
+        per_sm = programs_per_sm(self.variant.per_sm, threads, table.numel() * 8, smem, most_threads)
+        programs = min(sms * per_sm, -(-n_turns // (threads // 32)))
         args = [x, out, absmax, table, table.numel(), n_turns, *geometry_of(self.pairs), int(fast)]
         with torch.cuda.device(device_index):  # x's device and its current stream, whatever is current
             self.kernel(grid=(programs, 1, 1), block=(threads, 1, 1), args=args, shared_mem=table.numel() * 8)
@@ -370,6 +372,23 @@ def _kernel(block: int, variant: Variant, geometry: Geometry | None, device_inde
         return None
 
 
+def programs_per_sm(
+    per_sm: int, threads: int, table_bytes: int, smem: int | None, most_threads: int | None
+) -> int:
+    """Programs a multiprocessor runs at once: `per_sm`, fewer where its shared memory (`smem` bytes,
+    each program's table plus the 1 KB the runtime reserves a program) or its threads do not hold that
+    many (a program that waits for another to finish would run its turns after the others), at least 1."""
+    fit = per_sm
+    if smem:
+        fit = min(fit, smem // (table_bytes + 1024))
+    if most_threads:
+        fit = min(fit, most_threads // threads)
+    return max(fit, 1)
+
+
 @functools.cache
-def _multiprocessors(device_index: int) -> int:
-    return torch.cuda.get_device_properties(device_index).multi_processor_count
+def _multiprocessor(device_index: int) -> tuple[int, int | None, int | None]:
+    """(multiprocessors, shared memory bytes and threads a multiprocessor; None where torch lacks them)."""
+    props = torch.cuda.get_device_properties(device_index)
+    smem = getattr(props, "shared_memory_per_multiprocessor", None)
+    return props.multi_processor_count, smem, getattr(props, "max_threads_per_multi_processor", None)

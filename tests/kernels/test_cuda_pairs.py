@@ -90,6 +90,15 @@ def test_the_default_choice_launches_the_default_variant() -> None:
     assert resident_variant(FusedChoice(resident_threads=1024, resident_per_sm=1)).threads == 1024
 
 
+def test_programs_a_multiprocessor_holds() -> None:
+    # H200 (228 KB, 2,048 threads): four programs of 256 threads, each with 8-bit dynamic's 32 KB table.
+    assert cuda_pairs.programs_per_sm(4, 256, 32768, 233472, 2048) == 4
+    assert cuda_pairs.programs_per_sm(4, 256, 32768, 102400, 1536) == 3  # sm_86: 100 KB a multiprocessor
+    assert cuda_pairs.programs_per_sm(4, 512, 2048, 233472, 1536) == 3  # threads bound it
+    assert cuda_pairs.programs_per_sm(2, 256, 49152, 40000, None) == 1  # never 0
+    assert cuda_pairs.programs_per_sm(4, 256, 32768, None, None) == 4  # a torch without the properties
+
+
 def test_a_variant_names_what_it_refuses() -> None:
     with pytest.raises(ValueError, match="threads=100: a multiple of 32"):
         cuda_pairs.Variant(threads=100)
