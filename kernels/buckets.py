@@ -191,6 +191,12 @@ def _float_bits(v: Tensor) -> Tensor:
     return v.contiguous().view(torch.int32).to(torch.int64) & 0xFFFFFFFF
 
 
+def pair_floats(words: Tensor) -> tuple[Tensor, Tensor]:
+    """(low, high) float32 of int64 pair words (`_value_pairs`: values[start] in the low 32 bits)."""
+    low = words.to(torch.int32).view(torch.float32)  # the low 32 bits (a truncating cast)
+    return low, (words >> 32).to(torch.int32).view(torch.float32)
+
+
 @functools.lru_cache(maxsize=64)
 def bucket_pairs(levels: Levels) -> BucketPairs | None:
     """The independent lookup's tables for these levels; None where `bucket_table` has none, its window
@@ -262,9 +268,7 @@ def pair_values(xn: Tensor, levels: Levels, max_buckets: int = MAX_PAIR_BUCKETS)
     table = mean_pairs(levels, max_buckets)
     assert table is not None
     bucket = bucket_index(xn, table.buckets)
-    pair = table.values.cpu()[bucket]
-    low = pair.to(torch.int32).view(torch.float32)  # the low 32 bits (a truncating cast)
-    high = (pair >> 32).to(torch.int32).view(torch.float32)
+    low, high = pair_floats(table.values.cpu()[bucket])
     above = (low + high) * 0.5 < xn
     return table.starts.cpu().long()[bucket] + above.long(), torch.where(above, high, low)
 

@@ -30,7 +30,7 @@ import torch
 from torch import Tensor
 
 from kernels import scaling
-from kernels.buckets import MeanPairs
+from kernels.buckets import MeanPairs, pair_floats
 
 TURN = 1024  # values a warp quantizes a turn: 32 lanes x 4 loads x 8 bf16
 MAX_TABLE_BYTES = 48 * 1024  # static launch limit without opting in to more shared memory
@@ -280,9 +280,7 @@ def fast_exact(pairs: MeanPairs) -> bool:
     shift, first, _ = geometry_of(pairs)
     if shift > 23 or first << shift < 1 << 23:
         return False
-    words = pairs.values.cpu()
-    low = words.to(torch.int32).view(torch.float32)  # the low 32 bits (a truncating cast)
-    high = (words >> 32).to(torch.int32).view(torch.float32)
+    low, high = pair_floats(pairs.values.cpu())
     sums = (low + high).abs()
     return bool(((sums == 0) | (sums >= FAST_MIN_SUM)).all())  # NaN: False
 

@@ -11,7 +11,7 @@ import torch
 
 from kernels import QuantSpec, cuda_pairs, scaling
 from kernels.blockwise import levels_for
-from kernels.buckets import MeanPairs, mean_pairs, pair_values
+from kernels.buckets import MeanPairs, mean_pairs, pair_floats, pair_values
 from kernels.triton_fused import (
     DEFAULT_CHOICE,
     FusedChoice,
@@ -130,9 +130,7 @@ def _fast_values(v: torch.Tensor, inv: float, pairs: MeanPairs) -> torch.Tensor:
     x2 = (v.double() * (2.0 * inv) + 0.0).float()
     bits = x2.abs().clamp(max=2.0).maximum(low2).view(torch.int32)
     bucket = ((bits >> shift) - first2) ^ ((x2.view(torch.int32) >> 31) & flip)
-    pair = pairs.values.cpu()[bucket.long()]
-    lo = pair.to(torch.int32).view(torch.float32)
-    hi = (pair >> 32).to(torch.int32).view(torch.float32)
+    lo, hi = pair_floats(pairs.values.cpu()[bucket.long()])
     return torch.where(lo + hi < x2, hi, lo)
 
 
